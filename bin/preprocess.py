@@ -1,0 +1,56 @@
+"""Write seed-style label files (and optionally a preprocessed-image cache) for a dataset:
+python bin/preprocess.py --dataset=drive --data_dir=data/DRIVE --out_dir=data/drive_prep
+"""
+
+import _bootstrap  # noqa: F401
+from absl import app, flags
+
+from retina_tf import flags as rflags
+
+rflags.define_train_flags()
+rflags.define_predict_flags()
+flags.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go.")
+flags.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
+FLAGS = rflags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not (FLAGS.dataset and FLAGS.data_dir and FLAGS.out_dir):
+        raise app.UsageError("--dataset, --data_dir and --out_dir are required")
+    from pathlib import Path
+
+    import numpy as np
+
+    from retina_tf.data.io import read_image
+    from retina_tf.data.labelfile import export_label_files, read_label_file
+    from retina_tf.data.pipeline import preprocess_cached
+    from retina_tf.data.preprocess import Preprocessor
+    from retina_tf.visualize import save_png
+
+    out = Path(FLAGS.out_dir)
+    files = export_label_files(FLAGS.dataset, FLAGS.data_dir, out)
+    for split, path in files.items():
+        print(f"{split}: {path} ({len(read_label_file(path))} samples)")
+    train = read_label_file(files["training"])
+    pre = Preprocessor.from_steps(FLAGS.preprocess, channel=FLAGS.channel)
+    images = [read_image(s.image) for s in train]
+    if pre.standardize:
+        pre.fit(images)
+    pre.save(out / "preprocessor.json")
+    print(f"preprocessing {pre.steps} fitted on {len(train)} training images: "
+          f"mean {pre.mean}, std {pre.std} -> {out / 'preprocessor.json'}")
+    for sample, image in list(zip(train, images))[:FLAGS.previews]:
+        x = pre(image)
+        x = x[..., 0] if x.shape[-1] == 1 else x
+        save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
+    if FLAGS.cache_dir:
+        for split, path in files.items():
+            for sample in read_label_file(path):
+                preprocess_cached(sample, read_image(sample.image), pre, FLAGS.cache_dir)
+        print(f"cached preprocessed images in {FLAGS.cache_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

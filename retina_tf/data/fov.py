@@ -1,0 +1,86 @@
+"""Field-of-view (FOV) estimation for fundus photographs that ship without a mask.
+
+STARE and CHASE_DB1 come without FOV masks. The camera aperture is a bright disc on a dark
+frame, so thresholding the red channel (the channel with the most contrast between retina and
+frame) finds it reliably; the threshold sits just above the frame's dark level so that the dim
+rim of the disc stays inside. Against the 40 official DRIVE masks the default settings reach a
+Dice of at least 0.987 (mean 0.990; see ``tests/data/test_fov.py``).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Where the threshold sits between the frame's and the retina's typical red level. Low, because
+# the disc darkens towards its rim (vignetting); the opening below removes the frame noise that
+# a low threshold lets through (STARE frames reach red 30).
+_EDGE_FRACTION = 0.1
+# Below this red-level gap between "frame" and "retina" there is no dark frame to find (e.g. a
+# crop inside the FOV): the whole image is the field of view.
+_MIN_CONTRAST = 10
+
+
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def estimate_fov(image: np.ndarray, erode: int = 3) -> np.ndarray:
+    """Estimates the circular field of view of a fundus image.
+
+    Steps: median-filter the red channel; split it into frame and retina with Otsu's threshold
+    and take the median red level of each; threshold at 10 % of the way from the frame level to
+    the retina level; open with a 5x5 disc to drop noise; keep the largest component with its
+    holes filled (dark lesions and the fovea stay inside); erode by ``erode`` pixels so that the
+    dim, blurred rim is left out, as the official DRIVE masks do.
+
+    Args:
+        image: ``HxWx3`` uint8 RGB fundus image (or an ``HxW`` uint8 red channel).
+        erode: radius in pixels of the final erosion; 0 keeps the thresholded edge.
+
+    Returns:
+        ``HxW`` bool mask, True inside the field of view.
+
+    Raises:
+        ValueError: for an image that is not ``HxW`` or ``HxWx3`` uint8, or a negative erode.
+
+    Example:
+        >>> image = np.zeros((64, 64, 3), np.uint8)
+        >>> _ = cv2.circle(image, (32, 32), 25, (180, 90, 40), -1)
+        >>> fov = estimate_fov(image, erode=0)
+        >>> bool(fov[32, 32]), bool(fov[0, 0])
+        (True, False)
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
+                                                                and image.shape[-1] != 3):
+        raise ValueError(f"estimate_fov needs an HxWx3 (or HxW) uint8 image, got shape "
+                         f"{image.shape} dtype {image.dtype}")
+    if erode < 0:
+        raise ValueError(f"erode must be >= 0, got {erode}")
+    red = np.ascontiguousarray(image[..., 0] if image.ndim == 3 else image)
+    red = cv2.medianBlur(red, 5)
+
+    otsu, _ = cv2.threshold(red, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    split = int(otsu)
+    cumulative = np.cumsum(np.bincount(red.ravel(), minlength=256))
+    below, total = cumulative[split], cumulative[-1]
+    if below == 0 or below == total:
+        return np.ones(red.shape, bool)
+    frame_level = int(np.searchsorted(cumulative, below / 2))
+    retina_level = int(np.searchsorted(cumulative, below + (total - below) / 2))
+    if retina_level - frame_level < _MIN_CONTRAST:
+        return np.ones(red.shape, bool)
+    threshold = frame_level + _EDGE_FRACTION * (retina_level - frame_level)
+
+    mask = (red > threshold).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(2))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return np.ones(red.shape, bool)
+    # Filling the largest outer contour keeps one component and fills its holes in one step.
+    fov = np.zeros_like(mask)
+    cv2.drawContours(fov, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
+    if erode:
+        fov = cv2.erode(fov, _disc(erode))
+    return fov.astype(bool)

@@ -1,0 +1,326 @@
+"""Reading and writing the image, label and mask files of the public fundus datasets.
+
+``tf.io.decode_image`` reads neither TIFF (DRIVE, HRF) nor PPM (STARE) and returns GIFs (DRIVE
+labels and masks) as frame stacks, so files are decoded with OpenCV, GIFs with Pillow, and
+``.gz`` files (STARE) are decompressed in memory first. Every problem with a file surfaces as a
+:class:`DatasetError` that names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from retina_tf.data import av as av_lib
+from retina_tf.data.fov import estimate_fov
+
+if TYPE_CHECKING:
+    from retina_tf.data.catalog import Sample
+
+PathLike = str | os.PathLike
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unreadable or inconsistent; the message says which."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DatasetError(f"{path} {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path} cannot be read: {err}") from err
+    if path.name.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DatasetError(f"{path} is not a complete gzip file: {err}") from err
+    if not data:
+        raise DatasetError(f"{path} is empty")
+    return data
+
+
+def _looks_truncated(data: bytes) -> bool:
+    """Catches truncated JPEG and PNG files that some OpenCV versions decode partially."""
+    if data[:3] == b"\xff\xd8\xff":
+        # Entropy-coded JPEG data never holds FF D9 (FF is byte-stuffed), so a file whose tail
+        # lacks the end-of-image marker was cut short.
+        return b"\xff\xd9" not in data[-4096:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def _decode(path: PathLike) -> np.ndarray:
+    """Decodes a file as stored: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise, uint8.
+
+    Grayscale files stay 2-D so that index maps (HRF-AV) keep their values; RGB files whose
+    three channels are equal (HRF masks) are returned as given, callers collapse them.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        try:
+            with Image.open(io.BytesIO(data)) as gif:
+                gif.seek(0)
+                frame = gif.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DatasetError(f"{path} is not a readable GIF: {err}") from err
+        array = np.asarray(frame)
+        # Gray GIFs (DRIVE labels and masks) come back with three equal channels.
+        if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+            return np.ascontiguousarray(array[..., 0])
+        return array
+    if _looks_truncated(data):
+        raise DatasetError(f"{path} is truncated (no end-of-image marker)")
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
+                           "truncated)")
+    if array.dtype == np.uint16:
+        # 16-bit TIFF/PNG: keep the top byte so that 65535 maps to 255.
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise DatasetError(f"{path} has unsupported pixel type {array.dtype}")
+    if array.ndim == 3:
+        if array.shape[-1] == 1:
+            return array[..., 0]
+        if array.shape[-1] == 4:
+            array = array[..., :3]  # drop alpha
+        if array.shape[-1] != 3:
+            raise DatasetError(f"{path} has {array.shape[-1]} channels, expected 1, 3 or 4")
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return array
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Reads a fundus image as uint8 RGB.
+
+    Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE). GIFs are read
+    with Pillow (first frame); grayscale files are replicated to three channels; 16-bit files are
+    scaled to 8 bit.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``HxWx3`` uint8 RGB array.
+
+    Raises:
+        DatasetError: when the file is missing, unreadable, truncated or of an unknown format.
+    """
+    array = _decode(path)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array
+
+
+def _gray_levels(path: Path, array: np.ndarray) -> np.ndarray:
+    """Collapses a mask file to one channel; a coloured mask counts every non-black pixel."""
+    if array.ndim == 2:
+        return array
+    if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+        return array[..., 0]
+    return array.max(axis=-1)
+
+
+def read_mask(path: PathLike, what: str = "label") -> np.ndarray:
+    """Reads a binary mask (vessel label or FOV mask) as bool.
+
+    Accepts 0/255 and 0/1 files, 1-bit PNGs (CHASE_DB1), palette GIFs (DRIVE ``2nd_manual``
+    stores 4/252) and RGB masks with equal channels (HRF ``mask/*.tif``): with two gray levels
+    the brighter one is foreground; a file of one level is all foreground when that level is
+    above 127 (or is 1), else all background.
+
+    Args:
+        path: the mask file.
+        what: what the mask is, for messages; ``"fov"`` also accepts masks with a few
+            compression-noise levels and thresholds them at > 127.
+
+    Returns:
+        ``HxW`` bool array.
+
+    Raises:
+        DatasetError: when the file cannot be read or a label has more than two gray levels.
+    """
+    path = Path(path)
+    gray = _gray_levels(path, _decode(path))
+    counts = np.bincount(gray.ravel(), minlength=256)
+    levels = np.flatnonzero(counts)
+    if len(levels) > 2:
+        if what == "fov":
+            return gray > 127
+        raise DatasetError(f"{path}: {what} is not binary: found {len(levels)} distinct values "
+                           f"(e.g. {levels[:6].tolist()})")
+    if len(levels) == 2:
+        return gray == levels[1]
+    level = int(levels[0])
+    return np.full(gray.shape, level > 127 or level == 1)
+
+
+def read_av(path: PathLike, av_format: str) -> np.ndarray:
+    """Reads an artery/vein label file as ``HxWx3`` bool (artery, vein, vessel).
+
+    Args:
+        path: the A/V file.
+        av_format: ``"rgb"`` (RITE, LES-AV, synthetic: red artery, blue vein, green crossing,
+            white uncertain) or ``"index"`` (HRF-AV: 0 background, 1 artery, 2 vein,
+            3 crossing or uncertain); see :mod:`retina_tf.data.av`.
+
+    Raises:
+        DatasetError: when the file is unreadable or does not match the format.
+    """
+    path = Path(path)
+    array = _decode(path)
+    try:
+        if av_format == "rgb":
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=-1)
+            return av_lib.decode_av_rgb(array)
+        if av_format == "index":
+            if array.ndim == 3:
+                array = _gray_levels(path, array)
+            return av_lib.decode_av_index(array)
+    except ValueError as err:
+        raise DatasetError(f"{path}: {err}") from err
+    raise DatasetError(f"{path}: unknown A/V format {av_format!r}; expected 'rgb' or 'index'")
+
+
+def _encode(path: Path, array: np.ndarray) -> bytes:
+    name = path.name.lower()
+    compress = name.endswith(".gz")
+    if compress:
+        name = name[:-3]
+    ext = os.path.splitext(name)[1]
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3
+                                                                and array.shape[-1] != 3):
+        raise DatasetError(f"{path}: can only write HxW or HxWx3 uint8/bool arrays, got shape "
+                           f"{array.shape} dtype {array.dtype}")
+    if ext == ".gif":
+        buffer = io.BytesIO()
+        # A gray array keeps its exact levels in a GIF (Pillow writes a grayscale palette).
+        Image.fromarray(array).save(buffer, format="GIF")
+        data = buffer.getvalue()
+    else:
+        if array.ndim == 2 and ext == ".ppm":
+            array = np.repeat(array[..., None], 3, axis=-1)  # PPM is always three-channel
+        bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+        ok, encoded = cv2.imencode(ext or ".png", bgr)
+        if not ok:
+            raise DatasetError(f"{path}: OpenCV cannot encode the extension {ext!r}")
+        data = encoded.tobytes()
+    return gzip.compress(data, mtime=0) if compress else data
+
+
+def write_image_atomic(path: PathLike, array: np.ndarray) -> None:
+    """Writes an image or mask so that readers never see a half-written file.
+
+    The file is encoded in memory (format from the extension; ``.gif`` via Pillow, ``.gz``
+    compressed), written to a temporary name in the same folder and moved into place with
+    ``os.replace``. Bool masks are written as 0/255; missing parent folders are created.
+
+    Args:
+        path: the destination file.
+        array: ``HxW`` or ``HxWx3`` (RGB) uint8 or bool array.
+
+    Raises:
+        DatasetError: for an array or extension that cannot be written.
+    """
+    path = Path(path)
+    data = _encode(path, array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            tmp.write(data)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+@dataclasses.dataclass
+class SampleData:
+    """One decoded sample.
+
+    Attributes:
+        name: the sample name (e.g. ``"21_training"``).
+        image: ``HxWx3`` uint8 RGB.
+        vessel: ``HxW`` bool vessel label, or None when the dataset has none.
+        fov: ``HxW`` bool field of view (official mask, the user's, or estimated).
+        av: ``HxWx3`` bool (artery, vein, vessel), or None when the dataset has no A/V label.
+        fov_estimated: True when ``fov`` came from :func:`retina_tf.data.fov.estimate_fov`.
+    """
+
+    name: str
+    image: np.ndarray
+    vessel: np.ndarray | None
+    fov: np.ndarray
+    av: np.ndarray | None
+    fov_estimated: bool
+
+
+def _check_size(image_path: Path, image: np.ndarray, other_path: Path, other: np.ndarray,
+                what: str) -> None:
+    if other.shape[:2] != image.shape[:2]:
+        raise DatasetError(f"{what} {other_path} is {other.shape[0]}x{other.shape[1]} (HxW) but "
+                           f"image {image_path} is {image.shape[0]}x{image.shape[1]}")
+
+
+def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
+    """Reads a catalog sample: image, vessel label, field of view and A/V label.
+
+    The FOV comes from ``fov_path`` when given, else from the dataset's mask, else it is
+    estimated. Datasets with only an A/V map (HRF-AV) get their vessel label from it.
+
+    Args:
+        sample: a record from :func:`retina_tf.data.catalog.list_samples`.
+        fov_path: optional FOV mask that overrides the dataset's own (or the estimate).
+
+    Returns:
+        :class:`SampleData`.
+
+    Raises:
+        DatasetError: when a file is unreadable, a label is not binary, or a label, mask or A/V
+            map differs in size from the image (the message names both files and sizes).
+    """
+    image_path = Path(sample.image)
+    image = read_image(image_path)
+
+    vessel = None
+    if sample.label is not None:
+        vessel = read_mask(sample.label, "vessel label")
+        _check_size(image_path, image, Path(sample.label), vessel, "vessel label")
+
+    av = None
+    if sample.av is not None:
+        av = read_av(sample.av, sample.av_format or "rgb")
+        _check_size(image_path, image, Path(sample.av), av, "A/V label")
+        if vessel is None:
+            vessel = av[..., 2].copy()
+
+    mask_path = Path(fov_path) if fov_path is not None else sample.fov
+    if mask_path is not None:
+        fov = read_mask(mask_path, "fov")
+        _check_size(image_path, image, Path(mask_path), fov, "FOV mask")
+        fov_estimated = False
+    else:
+        fov = estimate_fov(image)
+        fov_estimated = True
+    return SampleData(name=sample.name, image=image, vessel=vessel, fov=fov, av=av,
+                      fov_estimated=fov_estimated)

@@ -1,0 +1,115 @@
+"""Seed-style label files (WILeroy/retina_unet): one line of folders, then one line per sample.
+
+    images,1st_manual,mask
+    21_training.tif,21_manual1.gif,21_training_mask.gif
+    ...
+
+The first line names the image, label and FOV-mask folders, absolute or relative to the label
+file's own folder; every following line names the three files inside them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from retina_tf.data.catalog import Sample
+from retina_tf.data.io import DatasetError
+
+
+def _stem(name: str) -> str:
+    for suffix in (".ppm.gz", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)].rsplit(".", 1)[0]
+    return Path(name).stem
+
+
+def read_label_file(path: str | os.PathLike) -> list[Sample]:
+    """Reads a label file into :class:`Sample` records; every named file must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: label file not found")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise DatasetError(f"{path}: label file is empty")
+    folders = [f.strip() for f in lines[0].split(",")]
+    if len(folders) != 3:
+        raise DatasetError(f"{path}:1: expected 'image_dir,label_dir,mask_dir', got {lines[0]!r}")
+    dirs = [Path(f) if os.path.isabs(f) else path.parent / f for f in folders]
+    samples = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            raise DatasetError(f"{path}:{lineno}: expected 'image,label,mask', got {line!r}")
+        files = [d / p if p else None for d, p in zip(dirs, parts)]
+        if files[0] is None:
+            raise DatasetError(f"{path}:{lineno}: the image name is empty")
+        for f in files:
+            if f is not None and not f.is_file():
+                raise DatasetError(f"{path}:{lineno}: file not found: {f}")
+        samples.append(Sample(dataset="labelfile", name=_stem(parts[0]), image=files[0],
+                              label=files[1], fov=files[2]))
+    if not samples:
+        raise DatasetError(f"{path}: label file lists no samples (empty split)")
+    return samples
+
+
+def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
+                     fov_files: Sequence[Path] | None = None) -> Path:
+    """Writes ``samples`` as a label file; ``fov_files`` replaces missing FOV masks.
+
+    Each of the three columns must come from a single folder (true of every official layout);
+    the file is written under a temporary name and renamed.
+    """
+    path = Path(path)
+    if not samples:
+        raise DatasetError(f"{path}: refusing to write a label file with no samples")
+    fovs = list(fov_files) if fov_files is not None else [s.fov for s in samples]
+    columns = [[s.image for s in samples], [s.label for s in samples], fovs]
+    folders = []
+    for title, col in zip(("image", "label", "mask"), columns):
+        if any(f is None for f in col):
+            raise DatasetError(f"{path}: some samples have no {title} file")
+        parents = {Path(f).resolve().parent for f in col}
+        if len(parents) != 1:
+            raise DatasetError(f"{path}: {title} files come from several folders: {sorted(parents)}")
+        folders.append(parents.pop())
+    rel = [os.path.relpath(d, path.parent.resolve()) for d in folders]
+    lines = [",".join(rel)] + [",".join(Path(f).name for f in row) for row in zip(*columns)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       splits: Sequence[str] = ("training", "test")) -> dict[str, Path]:
+    """Writes ``<out_dir>/<split>.txt`` for each split of an official dataset folder.
+
+    Datasets shipped without FOV masks (CHASE_DB1, STARE) get estimated masks written to
+    ``<out_dir>/fov/<name>_fov.png`` so that every line names three files.
+    """
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.fov import estimate_fov
+    from retina_tf.data.io import read_image, write_image_atomic
+
+    out_dir = Path(out_dir)
+    written = {}
+    for split in splits:
+        samples = list_samples(dataset, data_dir, split)
+        fov_files = []
+        for s in samples:
+            if s.fov is not None:
+                fov_files.append(Path(s.fov))
+                continue
+            fov_path = out_dir / "fov" / f"{s.name}_fov.png"
+            if not fov_path.is_file():
+                fov_path.parent.mkdir(parents=True, exist_ok=True)
+                write_image_atomic(fov_path, estimate_fov(read_image(s.image)).astype("uint8") * 255)
+            fov_files.append(fov_path)
+        written[split] = write_label_file(out_dir / f"{split}.txt", samples, fov_files)
+    return written

@@ -1,0 +1,309 @@
+"""tf.data pipelines: random patches or whole padded images, augmented, FOV as a loss weight.
+
+Images are decoded and preprocessed once and held in memory as one padded tensor; patch centres,
+crops and augmentations are TensorFlow ops driven by stateless seeds drawn from
+``tf.data.Dataset.random(seed)``, so there is no Python in the hot loop and the same ``--seed``
+gives the same batches. Every element is ``(x, y, w)``: image (H, W, C), target (H, W, K) and the
+FOV weight (H, W, 1), which Keras passes to the loss as ``sample_weight`` so pixels outside the
+field of view (and padding) never count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from retina_tf.data.catalog import Sample, list_samples
+from retina_tf.data.io import DatasetError, SampleData, read_sample
+from retina_tf.data.preprocess import Preprocessor
+
+TASKS = ("vessel", "av")
+
+
+@dataclasses.dataclass
+class SegmentationSet:
+    """Preprocessed images with their targets and FOV masks, all in memory."""
+
+    names: list[str]
+    images: list[np.ndarray]   # float32 (H, W, C) in [0, 1]
+    targets: list[np.ndarray]  # float32 (H, W, K) in {0, 1}
+    fovs: list[np.ndarray]     # bool (H, W)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, indices: Sequence[int]) -> "SegmentationSet":
+        return SegmentationSet(*[[getattr(self, f)[i] for i in indices]
+                                 for f in ("names", "images", "targets", "fovs")])
+
+
+@dataclasses.dataclass
+class Augment:
+    """Augmentations applied identically to image, target and FOV (intensity: image only).
+
+    Args:
+        flip: random horizontal and vertical flips.
+        rot90: random multiples of 90 degrees.
+        rotate_degrees: uniform free rotation in [-d, d] degrees (0 = off).
+        brightness: additive shift in [-b, b].
+        contrast: multiplicative factor around the mean in [1 - c, 1 + c].
+        gamma: exponent exp(u), u in [-g, g].
+    """
+
+    flip: bool = True
+    rot90: bool = True
+    rotate_degrees: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+
+    @classmethod
+    def none(cls) -> "Augment":
+        return cls(flip=False, rot90=False)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def resolve_samples(dataset: str | None = None, data_dir: str | os.PathLike | None = None,
+                    split: str = "training", label_file: str | os.PathLike | None = None
+                    ) -> list[Sample]:
+    """Samples from a seed-style label file, or from a dataset name and its folder."""
+    if label_file:
+        from retina_tf.data.labelfile import read_label_file
+        return read_label_file(label_file)
+    if not dataset or not data_dir:
+        raise DatasetError("give either a label file or both a dataset name and its data_dir")
+    return list_samples(dataset, data_dir, split)
+
+
+def target_of(data: SampleData, task: str) -> np.ndarray:
+    """The float32 (H, W, K) target: vessel (K=1) or artery/vein/vessel (K=3)."""
+    if task == "vessel":
+        if data.vessel is None:
+            raise DatasetError(f"{data.name}: no vessel label")
+        return data.vessel[..., None].astype(np.float32)
+    if task == "av":
+        if data.av is None:
+            raise DatasetError(f"{data.name}: no artery/vein label (task 'av' needs an A/V dataset)")
+        return data.av.astype(np.float32)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _cache_key(sample: Sample, pre: Preprocessor) -> str:
+    blob = json.dumps([str(Path(sample.image).resolve()), pre.get_config()], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def preprocess_cached(sample: Sample, image: np.ndarray, pre: Preprocessor,
+                      cache_dir: str | os.PathLike | None) -> np.ndarray:
+    """Preprocesses ``image``, reading/writing ``cache_dir/<name>-<key>.npy`` when given.
+
+    The key hashes the image path and the full preprocessor config (fitted statistics included),
+    so a cache made with other statistics is never reused.
+    """
+    if cache_dir is None:
+        return pre(image)
+    path = Path(cache_dir) / f"{sample.name}-{_cache_key(sample, pre)}.npy"
+    if path.is_file():
+        return np.load(path)
+    out = pre(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, out)
+    os.replace(tmp, path)
+    return out
+
+
+def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vessel",
+              samples: Sequence[Sample] | None = None,
+              cache_dir: str | os.PathLike | None = None) -> SegmentationSet:
+    """Preprocesses read samples into a :class:`SegmentationSet`."""
+    if not datas:
+        raise DatasetError("no samples to build a dataset from (empty split)")
+    images = []
+    for i, d in enumerate(datas):
+        if samples is not None and cache_dir is not None:
+            images.append(preprocess_cached(samples[i], d.image, pre, cache_dir))
+        else:
+            images.append(pre(d.image))
+    return SegmentationSet(names=[d.name for d in datas], images=images,
+                           targets=[target_of(d, task) for d in datas],
+                           fovs=[d.fov.astype(bool) for d in datas])
+
+
+def _stack(seg: SegmentationSet, height: int, width: int, offset: int = 0) -> np.ndarray:
+    """Stacks image | target | fov channels into (N, height, width, C+K+1), zero-padded."""
+    c = seg.images[0].shape[-1] + seg.targets[0].shape[-1] + 1
+    out = np.zeros((len(seg), height, width, c), np.float32)
+    for i, (im, t, f) in enumerate(zip(seg.images, seg.targets, seg.fovs)):
+        h, w = im.shape[:2]
+        out[i, offset:offset + h, offset:offset + w] = np.concatenate(
+            [im, t, f[..., None].astype(np.float32)], axis=-1)
+    return out
+
+
+# --- augmentation (stateless, graph-only) ----------------------------------------------------
+
+def _rotation_transform(angle: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """Projective transform (output -> input coordinates) rotating by ``angle`` about the centre."""
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    x_off = cx - (cos * cx - sin * cy)
+    y_off = cy - (sin * cx + cos * cy)
+    return tf.stack([cos, -sin, x_off, sin, cos, y_off, 0.0, 0.0])[None]
+
+
+def _rotate(stack: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
+    h, w = stack.shape[0], stack.shape[1]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=stack[None], transforms=_rotation_transform(angle, h, w),
+        output_shape=tf.constant([h, w]), fill_value=0.0, interpolation="BILINEAR",
+        fill_mode="CONSTANT")
+    return out[0]
+
+
+def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
+    """``n`` independent stateless seed pairs from a scalar seed or a seed pair."""
+    seed = tf.cast(seed, tf.int64)
+    pair = seed if seed.shape.rank == 1 else tf.stack([seed, seed // 7919 + 17])
+    return tf.unstack(tf.random.experimental.stateless_split(pair, n))
+
+
+def augment_stack(stack: tf.Tensor, channels: int, aug: Augment, seed: tf.Tensor,
+                  crop: int | None = None) -> tf.Tensor:
+    """Augments a (H, W, C+K+1) stack; ``crop`` centre-crops after a free rotation."""
+    s = _seeds(seed, 8)
+    if aug.rotate_degrees > 0:
+        angle = tf.random.stateless_uniform([], s[0], -aug.rotate_degrees, aug.rotate_degrees)
+        stack = _rotate(stack, angle * math.pi / 180.0)
+    if crop is not None and (stack.shape[0] != crop or stack.shape[1] != crop):
+        top, left = (stack.shape[0] - crop) // 2, (stack.shape[1] - crop) // 2
+        stack = stack[top:top + crop, left:left + crop]
+    if aug.flip:
+        stack = tf.cond(tf.random.stateless_uniform([], s[1]) < 0.5,
+                        lambda: tf.reverse(stack, [1]), lambda: stack)
+        stack = tf.cond(tf.random.stateless_uniform([], s[2]) < 0.5,
+                        lambda: tf.reverse(stack, [0]), lambda: stack)
+    if aug.rot90 and stack.shape[0] == stack.shape[1]:
+        k = tf.random.stateless_uniform([], s[3], 0, 4, dtype=tf.int32)
+        stack = tf.image.rot90(stack, k)
+    image, rest = stack[..., :channels], stack[..., channels:]
+    if aug.rotate_degrees > 0:
+        rest = tf.cast(rest > 0.5, tf.float32)  # labels and FOV stay binary after interpolation
+    if aug.brightness > 0:
+        image = image + tf.random.stateless_uniform([], s[4], -aug.brightness, aug.brightness)
+    if aug.contrast > 0:
+        mean = tf.reduce_mean(image)
+        image = (image - mean) * tf.random.stateless_uniform(
+            [], s[5], 1 - aug.contrast, 1 + aug.contrast) + mean
+    if aug.gamma > 0:
+        image = tf.clip_by_value(image, 0.0, 1.0) ** tf.exp(
+            tf.random.stateless_uniform([], s[6], -aug.gamma, aug.gamma))
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    return tf.concat([image, rest], axis=-1)
+
+
+def _split(stack: tf.Tensor, channels: int):
+    return stack[..., :channels], stack[..., channels:-1], stack[..., -1:]
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 32,
+                  vessel_probability: float = 0.5, augment: Augment | None = None,
+                  seed: int = 0) -> tf.data.Dataset:
+    """Endless batches of random patches ``(x, y, w)``.
+
+    Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
+    vessel pixels (any target channel), so thin vessels are seen often enough.
+    """
+    if not 0.0 <= vessel_probability <= 1.0:
+        raise ValueError(f"vessel_probability must be in [0, 1], got {vessel_probability}")
+    augment = augment or Augment()
+    channels = seg.images[0].shape[-1]
+    crop = patch_size
+    if augment.rotate_degrees > 0:  # crop larger so the rotated corners stay inside the image
+        crop = int(math.ceil(patch_size * (abs(math.cos(math.radians(augment.rotate_degrees))) +
+                                           abs(math.sin(math.radians(augment.rotate_degrees)))))) + 2
+    margin = crop // 2 + 1
+    hmax = max(im.shape[0] for im in seg.images)
+    wmax = max(im.shape[1] for im in seg.images)
+    stack = tf.constant(_stack(seg, hmax + 2 * margin, wmax + 2 * margin, offset=margin))
+
+    def flat_indices(masks):
+        out = [i * hmax * wmax + (np.flatnonzero(m) // m.shape[1]) * wmax
+               + np.flatnonzero(m) % m.shape[1] for i, m in enumerate(masks)]
+        return np.concatenate(out).astype(np.int64)
+
+    fov_pool = flat_indices(seg.fovs)
+    vessel_pool = flat_indices([(t.max(axis=-1) > 0) & f for t, f in zip(seg.targets, seg.fovs)])
+    if fov_pool.size == 0:
+        raise DatasetError("no FOV pixels to sample patches from")
+    if vessel_pool.size == 0:
+        vessel_pool, vessel_probability = fov_pool, 0.0
+    fov_pool, vessel_pool = tf.constant(fov_pool), tf.constant(vessel_pool)
+
+    def sample(seed_scalar):
+        s = _seeds(seed_scalar, 3)
+        on_vessel = tf.random.stateless_uniform([], s[0]) < vessel_probability
+        pool = tf.cond(on_vessel, lambda: vessel_pool, lambda: fov_pool)
+        j = tf.random.stateless_uniform([], s[1], 0, tf.shape(pool, out_type=tf.int64)[0],
+                                        dtype=tf.int64)
+        flat = pool[j]
+        n = flat // (hmax * wmax)
+        y = (flat // wmax) % hmax
+        x = flat % wmax
+        begin = tf.stack([n, y + margin - crop // 2, x + margin - crop // 2, tf.constant(0, tf.int64)])
+        patch = tf.slice(stack, begin, [1, crop, crop, stack.shape[-1]])[0]
+        patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
+        patch = augment_stack(patch, channels, augment, s[2], crop=patch_size)
+        return _split(patch, channels)
+
+    ds = tf.data.Dataset.random(seed=seed).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def padded_size(seg: SegmentationSet, multiple: int, square: bool = False) -> tuple[int, int]:
+    h = max(im.shape[0] for im in seg.images)
+    w = max(im.shape[1] for im in seg.images)
+    if square:
+        h = w = max(h, w)
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int = 16,
+                        augment: Augment | None = None, seed: int = 0, shuffle: bool = True,
+                        repeat: bool = True) -> tf.data.Dataset:
+    """Batches of whole images zero-padded (bottom/right) to a multiple of ``multiple``.
+
+    With rot90 augmentation the padding is square so every rotation keeps the shape. Padding
+    has FOV weight 0.
+    """
+    augment = augment if augment is not None else Augment()
+    channels = seg.images[0].shape[-1]
+    h, w = padded_size(seg, multiple, square=augment.rot90)
+    stack = tf.constant(_stack(seg, h, w))
+    ds = tf.data.Dataset.from_tensor_slices(tf.range(len(seg), dtype=tf.int64))
+    if shuffle:
+        ds = ds.shuffle(len(seg), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1)))
+
+    def load(i, seed_scalar):
+        item = tf.gather(stack, i)
+        if augment != Augment.none():
+            item = augment_stack(item, channels, augment, seed_scalar)
+        return _split(item, channels)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,37 @@
+"""Model registry: ``build_model(name, **config)`` and ``model_names()``.
+
+Adding an architecture is one file in this package and one line in ``_REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+
+# name -> "module:Class" (imported lazily so that building a U-Net does not import every model)
+_REGISTRY: dict[str, str] = {
+    "unet": "retina_tf.models.unet:UNet",
+}
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(name: str, **config) -> keras.Model:
+    """Builds a registered model; ``config`` are its constructor arguments."""
+    return model_class(name)(**config)
+
+
+def load_all() -> None:
+    """Imports every registered model so ``keras.saving`` can deserialize any of them."""
+    for name in _REGISTRY:
+        model_class(name)

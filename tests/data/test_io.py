@@ -1,0 +1,262 @@
+"""Tests for retina_tf.data.io: every file format of the public datasets, and bad files."""
+
+import gzip
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from retina_tf.data.catalog import Sample
+from retina_tf.data.io import (DatasetError, SampleData, read_av, read_image, read_mask,
+                               read_sample, write_image_atomic)
+
+
+def _parse_ppm(data: bytes) -> np.ndarray:
+    """A plain P6 reader, independent of OpenCV, for a known answer."""
+    fields, pos = [], 0
+    while len(fields) < 4:
+        while data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos)
+            continue
+        end = pos
+        while not data[end:end + 1].isspace():
+            end += 1
+        fields.append(data[pos:end])
+        pos = end
+    assert fields[0] == b"P6" and fields[3] == b"255"
+    width, height = int(fields[1]), int(fields[2])
+    return np.frombuffer(data[pos + 1:pos + 1 + width * height * 3], np.uint8).reshape(
+        height, width, 3)
+
+
+# ----------------------------------------------------------------------------- read_image
+
+@pytest.mark.parametrize("relative,shape", [
+    ("DRIVE/training/images/21_training.tif", (584, 565, 3)),
+    ("samples/CHASE_DB1/Image_01L.jpg", (960, 999, 3)),
+    ("samples/HRF/images/01_dr.JPG", (2336, 3504, 3)),
+    ("samples/LES-AV/images/12.png", (1444, 1620, 3)),
+    ("DRIVE/training/mask/21_training_mask.gif", (584, 565, 3)),
+    ("STARE/stare-images/im0001.ppm.gz", (605, 700, 3)),
+])
+def test_read_image_formats(shared_data: Path, relative: str, shape: tuple):
+    image = read_image(shared_data / relative)
+    assert image.dtype == np.uint8 and image.shape == shape
+    # Fundus images are red-dominant; the mask GIF is gray.
+    if "mask" in relative:
+        assert (image[..., 0] == image[..., 2]).all()
+    else:
+        assert image[..., 0].mean() > image[..., 2].mean()
+
+
+def test_read_image_matches_independent_decoders(shared_data: Path):
+    tif = shared_data / "DRIVE" / "training" / "images" / "21_training.tif"
+    np.testing.assert_array_equal(read_image(tif), np.asarray(Image.open(tif).convert("RGB")))
+    ppm = shared_data / "STARE" / "stare-images" / "im0001.ppm.gz"
+    np.testing.assert_array_equal(read_image(ppm), _parse_ppm(gzip.decompress(ppm.read_bytes())))
+
+
+def test_read_image_gray_and_16_bit(tmp_path: Path):
+    gray16 = np.array([[0, 257 * 100], [65535, 257 * 7]], np.uint16)
+    cv2.imwrite(str(tmp_path / "g16.png"), gray16)
+    image = read_image(tmp_path / "g16.png")
+    assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
+    np.testing.assert_array_equal(image[..., 1], [[0, 100], [255, 7]])
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_read_image_drops_alpha_and_keeps_rgb_order(tmp_path: Path):
+    bgra = np.zeros((3, 4, 4), np.uint8)
+    bgra[..., 2] = 200  # red in OpenCV's BGR order
+    bgra[..., 3] = 17
+    cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
+    image = read_image(tmp_path / "rgba.png")
+    assert image.shape == (3, 4, 3)
+    assert (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- read_mask
+
+@pytest.mark.parametrize("relative,count", [
+    ("DRIVE/training/1st_manual/21_manual1.gif", 24658),
+    ("DRIVE/training/mask/21_training_mask.gif", 225600),
+    ("samples/CHASE_DB1/Image_01L_1stHO.png", 66885),      # 1-bit PNG
+    ("samples/HRF/mask/01_dr_mask.tif", 6912991),          # RGB mask
+    ("samples/HRF/manual1/01_dr.tif", 416282),
+    ("STARE/labels-ah/im0001.ah.ppm.gz", 33799),
+    ("samples/LES-AV/masks/12_mask.gif", 1637039),         # palette GIF
+])
+def test_read_mask_formats(shared_data: Path, relative: str, count: int):
+    mask = read_mask(shared_data / relative)
+    assert mask.dtype == bool and mask.ndim == 2
+    assert mask.sum() == count
+
+
+def test_read_mask_palette_gif_with_odd_levels(shared_data: Path):
+    """DRIVE 2nd_manual GIFs use palette levels 4/252 instead of 0/255."""
+    path = shared_data / "DRIVE" / "test" / "2nd_manual" / "01_manual2.gif"
+    levels = np.asarray(Image.open(path).convert("RGB"))[..., 0]
+    assert set(np.unique(levels).tolist()) == {4, 252}
+    np.testing.assert_array_equal(read_mask(path), levels == 252)
+
+
+def test_read_mask_zero_one_and_constant(tmp_path: Path):
+    cv2.imwrite(str(tmp_path / "01.png"), np.array([[0, 1], [1, 0]], np.uint8))
+    np.testing.assert_array_equal(read_mask(tmp_path / "01.png"), [[False, True], [True, False]])
+    cv2.imwrite(str(tmp_path / "full.png"), np.full((2, 2), 255, np.uint8))
+    assert read_mask(tmp_path / "full.png").all()
+    cv2.imwrite(str(tmp_path / "empty.png"), np.zeros((2, 2), np.uint8))
+    assert not read_mask(tmp_path / "empty.png").any()
+
+
+def test_read_mask_rejects_gray_gradient(tmp_path: Path):
+    gradient = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))  # 16 gray levels
+    path = tmp_path / "gradient.png"
+    cv2.imwrite(str(path), gradient)
+    with pytest.raises(DatasetError, match=r"gradient\.png.*not binary: found 16 distinct values"):
+        read_mask(path, "vessel label")
+    # An FOV mask with compression noise is thresholded instead.
+    np.testing.assert_array_equal(read_mask(path, "fov"), gradient > 127)
+
+
+# ----------------------------------------------------------------------------- read_av
+
+def test_read_av_formats(shared_data: Path, tmp_path: Path):
+    rgb = read_av(shared_data / "RITE" / "training" / "av" / "21_training.png", "rgb")
+    assert rgb.shape == (584, 565, 3) and rgb.dtype == bool
+    # Counted in the file: 10041 red + 1062 green artery pixels, 12628 blue + 1062 green veins.
+    assert rgb[..., 0].sum() == 10041 + 1062 and rgb[..., 1].sum() == 12628 + 1062
+    index = read_av(shared_data / "samples" / "HRF-AV" / "training" / "1st_manual" /
+                    "01_h_AVmanual.png", "index")
+    assert index[..., 0].sum() == 398478 and index[..., 1].sum() == 415603
+    cv2.imwrite(str(tmp_path / "bad_index.png"), np.array([[0, 5]], np.uint8))
+    with pytest.raises(DatasetError, match="bad_index.png"):
+        read_av(tmp_path / "bad_index.png", "index")
+    with pytest.raises(DatasetError, match="unknown A/V format"):
+        read_av(tmp_path / "bad_index.png", "palette")
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(DatasetError, match=r"nothing\.tif does not exist"):
+        read_image(tmp_path / "nothing.tif")
+    with pytest.raises(DatasetError, match="is a folder"):
+        read_mask(tmp_path)
+
+
+@pytest.mark.parametrize("relative", [
+    "DRIVE/training/images/21_training.tif",
+    "samples/CHASE_DB1/Image_01L.jpg",
+    "samples/LES-AV/images/12.png",
+    "samples/CHASE_DB1/Image_01L_1stHO.png",
+    "DRIVE/training/mask/21_training_mask.gif",
+    "STARE/stare-images/im0001.ppm.gz",
+])
+def test_truncated_copies_are_rejected(shared_data: Path, tmp_path: Path, relative: str):
+    source = shared_data / relative
+    data = source.read_bytes()
+    truncated = tmp_path / source.name
+    truncated.write_bytes(data[: int(len(data) * 0.9)])
+    reader = read_mask if "manual" in relative or "mask" in relative or "HO" in relative \
+        else read_image
+    with pytest.raises(DatasetError, match=str(truncated).replace(".", r"\.")):
+        reader(truncated)
+
+
+def test_not_an_image(tmp_path: Path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    with pytest.raises(DatasetError, match=r"notes\.png"):
+        read_image(path)
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"empty\.tif is empty"):
+        read_image(tmp_path / "empty.tif")
+
+
+# ----------------------------------------------------------------------------- writing
+
+@pytest.mark.parametrize("name", ["m.png", "m.tif", "m.gif", "m.ppm.gz"])
+def test_write_mask_round_trip(tmp_path: Path, name: str):
+    rng = np.random.default_rng(1)
+    mask = rng.random((23, 31)) < 0.3
+    write_image_atomic(tmp_path / "sub" / name, mask)
+    np.testing.assert_array_equal(read_mask(tmp_path / "sub" / name), mask)
+    assert sorted(os.listdir(tmp_path / "sub")) == [name]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["rgb.png", "rgb.tif"])
+def test_write_rgb_round_trip_and_overwrite(tmp_path: Path, name: str):
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (17, 13, 3), dtype=np.uint8)
+    write_image_atomic(tmp_path / name, np.zeros_like(image))
+    write_image_atomic(tmp_path / name, image)
+    np.testing.assert_array_equal(read_image(tmp_path / name), image)
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_write_rejects_bad_arrays(tmp_path: Path):
+    with pytest.raises(DatasetError, match="uint8"):
+        write_image_atomic(tmp_path / "x.png", np.zeros((4, 4), np.float32))
+    with pytest.raises(DatasetError):
+        write_image_atomic(tmp_path / "x.png", np.zeros((4, 4, 2), np.uint8))
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- read_sample
+
+def _tiny_sample(tmp_path: Path, label_shape=(20, 24), fov: bool = True) -> Sample:
+    image = np.zeros((20, 24, 3), np.uint8)
+    cv2.circle(image, (12, 10), 8, (180, 90, 40), -1)
+    label = np.zeros(label_shape, bool)
+    label[10, 4:20] = True
+    write_image_atomic(tmp_path / "img.tif", image)
+    write_image_atomic(tmp_path / "label.gif", label)
+    if fov:
+        write_image_atomic(tmp_path / "fov.gif", image[..., 0] > 0)
+    return Sample("drive", "img", tmp_path / "img.tif", tmp_path / "label.gif",
+                  tmp_path / "fov.gif" if fov else None)
+
+
+def test_read_sample_small(tmp_path: Path):
+    data = read_sample(_tiny_sample(tmp_path))
+    assert isinstance(data, SampleData) and data.name == "img"
+    assert data.image.shape == (20, 24, 3) and data.vessel.sum() == 16
+    assert data.av is None and not data.fov_estimated
+    assert data.fov.sum() == (data.image[..., 0] > 0).sum()
+
+
+def test_read_sample_estimates_or_overrides_fov(tmp_path: Path):
+    sample = _tiny_sample(tmp_path, fov=False)
+    estimated = read_sample(sample)
+    assert estimated.fov_estimated and estimated.fov[10, 12] and not estimated.fov[0, 0]
+    override = tmp_path / "override.png"
+    write_image_atomic(override, np.ones((20, 24), bool))
+    given = read_sample(sample, fov_path=override)
+    assert not given.fov_estimated and given.fov.all()
+
+
+def test_read_sample_size_mismatch_names_both_files(tmp_path: Path):
+    sample = _tiny_sample(tmp_path, label_shape=(20, 25))
+    with pytest.raises(DatasetError, match=r"label\.gif is 20x25 .*img\.tif is 20x24"):
+        read_sample(sample)
+    sample = _tiny_sample(tmp_path)
+    write_image_atomic(tmp_path / "small_fov.png", np.ones((10, 24), bool))
+    with pytest.raises(DatasetError, match=r"small_fov\.png is 10x24 .*img\.tif is 20x24"):
+        read_sample(sample, fov_path=tmp_path / "small_fov.png")
+
+
+def test_read_sample_vessel_from_index_av(shared_data: Path):
+    """HRF-AV has no vessel file: the vessel label is everything its A/V map marks."""
+    root = shared_data / "samples" / "HRF-AV" / "training"
+    sample = Sample("hrf_av", "01_h", root / "images" / "01_h.jpg", None,
+                    root / "mask" / "01_h_mask.tif", root / "1st_manual" / "01_h_AVmanual.png",
+                    "index")
+    data = read_sample(sample)
+    np.testing.assert_array_equal(data.vessel, data.av[..., 2])
+    assert data.vessel.sum() == 833890

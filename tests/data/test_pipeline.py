@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset, whole_image_dataset
+
+
+def _set(n=3, shape=(60, 50), channels=1, seed=0):
+    """Images whose pixel values equal the label, so geometry errors show up as mismatches."""
+    rng = np.random.default_rng(seed)
+    images, targets, fovs = [], [], []
+    for _ in range(n):
+        label = rng.random(shape) < 0.2
+        fov = np.zeros(shape, bool)
+        fov[5:-5, 5:-5] = True
+        label &= fov
+        images.append(np.repeat(label[..., None], channels, -1).astype(np.float32))
+        targets.append(label[..., None].astype(np.float32))
+        fovs.append(fov)
+    return SegmentationSet([f"im{i}" for i in range(n)], images, targets, fovs)
+
+
+def _first(ds, n=1):
+    return [tuple(t.numpy() for t in b) for b in ds.take(n)]
+
+
+def test_patch_batches_have_the_promised_shapes_and_ranges():
+    (x, y, w), = _first(patch_dataset(_set(channels=3), patch_size=16, batch_size=8))
+    assert x.shape == (8, 16, 16, 3) and y.shape == (8, 16, 16, 1) and w.shape == (8, 16, 16, 1)
+    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert set(np.unique(y)) <= {0.0, 1.0} and set(np.unique(w)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("aug", [Augment.none(), Augment(),
+                                 Augment(rotate_degrees=20)])
+def test_geometric_augmentation_moves_image_label_and_fov_together(aug):
+    seg = _set()
+    (x, y, w), = _first(patch_dataset(seg, patch_size=16, batch_size=32, augment=aug, seed=3))
+    np.testing.assert_array_equal(x > 0.5, y > 0.5)
+    assert np.all(y <= w)  # labels never leave the FOV
+
+
+def test_centres_lie_on_vessels_when_asked():
+    (x, y, w), = _first(patch_dataset(_set(), patch_size=15, batch_size=64,
+                                      vessel_probability=1.0, augment=Augment.none()))
+    assert y[:, 7, 7, 0].min() == 1.0
+    (x, y, w), = _first(patch_dataset(_set(), patch_size=15, batch_size=64,
+                                      vessel_probability=0.0, augment=Augment.none()))
+    assert w[:, 7, 7, 0].min() == 1.0  # centres inside the FOV
+    assert 0.0 < y[:, 7, 7, 0].mean() < 0.6
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    seg = _set()
+    aug = Augment(rotate_degrees=10, brightness=0.1, contrast=0.1, gamma=0.1)
+    a = _first(patch_dataset(seg, 16, 8, augment=aug, seed=5), 3)
+    b = _first(patch_dataset(seg, 16, 8, augment=aug, seed=5), 3)
+    c = _first(patch_dataset(seg, 16, 8, augment=aug, seed=6), 3)
+    for (xa, ya, _), (xb, yb, _) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(a[0][0], c[0][0])
+
+
+def test_intensity_jitter_changes_the_image_only():
+    seg = _set()
+    seg.images = [np.full_like(im, 0.5) for im in seg.images]
+    aug = Augment(flip=False, rot90=False, brightness=0.2, contrast=0.2, gamma=0.3)
+    (x, y, w), = _first(patch_dataset(seg, 16, 16, augment=aug))
+    assert x.std() > 0.01  # each patch gets its own jitter
+    (x0, y0, _), = _first(patch_dataset(seg, 16, 16, augment=Augment.none()))
+    np.testing.assert_array_equal(y, y0)
+
+
+def test_whole_images_are_padded_to_the_multiple_with_zero_weight():
+    seg = _set(n=2, shape=(60, 50))
+    ds = whole_image_dataset(seg, batch_size=2, multiple=16, augment=Augment.none(),
+                             shuffle=False, repeat=False)
+    (x, y, w), = _first(ds)
+    assert x.shape == (2, 64, 64, 1)
+    assert w[:, 60:].max() == 0 and w[:, :, 50:].max() == 0
+    np.testing.assert_array_equal(x[0, :60, :50], seg.images[0])
+    # square padding lets rot90 keep the shape
+    (x, y, w), = _first(whole_image_dataset(seg, batch_size=2, multiple=16, seed=1))
+    assert x.shape == (2, 64, 64, 1)
+    np.testing.assert_array_equal(x > 0.5, y > 0.5)
