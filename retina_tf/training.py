@@ -255,7 +255,11 @@ def flags_text(cfg) -> str:
 
 
 def run_dir_of(cfg) -> Path:
-    name = cfg.run_name or f"{cfg.model}_{cfg.dataset or Path(cfg.label_file_path).stem}"
+    if cfg.run_name:
+        return Path(cfg.logdir) / cfg.run_name
+    source = cfg.dataset or (Path(cfg.label_file_path).parent.name if cfg.label_file_path
+                             else "data")
+    name = f"{cfg.model}_{source}"
     return Path(cfg.logdir) / name
 
 
@@ -288,8 +292,11 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
     return train_set, val_set, pre
 
 
-def train(cfg) -> Path:
-    """Trains ``cfg.model`` as the flags say and returns the run folder."""
+def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
+    """Trains ``cfg.model`` as the flags say and returns the run folder.
+
+    ``extra_callbacks`` run after the built-in ones (after the resume backup of each epoch).
+    """
     keras.utils.set_random_seed(cfg.seed)
     if cfg.logical_cpus:
         configure_logical_cpus(cfg.logical_cpus)
@@ -365,6 +372,7 @@ def train(cfg) -> Path:
         # Restores model, optimizer and epoch after an interruption; deleted when fit completes.
         callbacks.insert(0, keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
 
+    callbacks += list(extra_callbacks or [])
     start = time.monotonic()
     history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=callbacks,
                         verbose=1 if sys.stdout.isatty() else 2)
@@ -375,7 +383,7 @@ def train(cfg) -> Path:
     atomic_save_model(model, run_dir / "model.keras")
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2),
                                "epochs_run": len(history.history.get("loss", [])),
-                               "final_loss": (history.history.get("loss") or [None])[-1]}
+                               "loss_history": history.history.get("loss", [])}
     if val_set is not None:
         segmenter = Segmenter(model, pre, multiple, "whole")
         val_result, _ = evaluate_set(segmenter, val_set, cfg.task)

@@ -1,0 +1,96 @@
+"""Seed-style label files: round trip, estimated FOV masks, bad input, and the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_tf.data.catalog import list_samples
+from retina_tf.data.io import DatasetError, read_mask, read_sample
+from retina_tf.data.labelfile import export_label_files, read_label_file, write_label_file
+from retina_tf.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=4, seed=1,
+                                   size=(96, 96))
+
+
+def test_written_file_has_the_seed_layout_and_reads_back(synthetic_dir, tmp_path):
+    samples = list_samples("synthetic", synthetic_dir, "training")
+    path = write_label_file(tmp_path / "training.txt", samples)
+    lines = path.read_text().splitlines()
+    assert [Path(p).name for p in lines[0].split(",")] == ["images", "1st_manual", "mask"]
+    assert lines[1] == f"{samples[0].image.name},{samples[0].label.name},{samples[0].fov.name}"
+    back = read_label_file(path)
+    assert [s.image.resolve() for s in back] == [s.image.resolve() for s in samples]
+    assert [s.name for s in back] == [s.name for s in samples]
+    a, b = read_sample(back[0]), read_sample(samples[0])
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.vessel, b.vessel)
+    np.testing.assert_array_equal(a.fov, b.fov)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
+    files = export_label_files("stare", shared_data / "STARE", tmp_path)
+    train = read_label_file(files["training"])
+    assert len(train) == 10 and len(read_label_file(files["test"])) == 10
+    assert all(s.fov.parent == tmp_path / "fov" for s in train)
+    fov = read_mask(train[0].fov, what="fov")
+    assert fov.shape == (605, 700) and 0.5 < fov.mean() < 0.95
+
+
+def test_bad_label_files_name_the_file_and_line(tmp_path, synthetic_dir):
+    missing = tmp_path / "nothere.txt"
+    with pytest.raises(DatasetError, match="nothere.txt"):
+        read_label_file(missing)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="empty"):
+        read_label_file(empty)
+    only_header = tmp_path / "header.txt"
+    only_header.write_text("a,b,c\n")
+    with pytest.raises(DatasetError, match="no samples"):
+        read_label_file(only_header)
+    train = synthetic_dir / "training"
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text(f"{train}/images,{train}/1st_manual,{train}/mask\nx.tif,y.gif\n")
+    with pytest.raises(DatasetError, match=r"wrong.txt:2: expected 'image,label,mask'"):
+        read_label_file(wrong)
+    gone = tmp_path / "gone.txt"
+    gone.write_text(f"{train}/images,{train}/1st_manual,{train}/mask\n"
+                    "99_training.tif,99_manual1.gif,99_training_mask.gif\n")
+    with pytest.raises(DatasetError, match="99_training.tif"):
+        read_label_file(gone)
+
+
+def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path):
+    out = tmp_path / "prep"
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "preprocess.py"), "--dataset=synthetic",
+         f"--data_dir={synthetic_dir}", f"--out_dir={out}", f"--cache_dir={cache}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training:" in proc.stdout and "test:" in proc.stdout
+    assert len(read_label_file(out / "training.txt")) == 2
+    assert len(read_label_file(out / "test.txt")) == 2
+    assert (out / "preprocessor.json").is_file()
+    assert len(list((out / "preview").glob("*.png"))) == 2
+    assert len(list(cache.glob("*.npy"))) == 4
+
+
+def test_preprocess_cli_reports_a_wrong_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "preprocess.py"), "--dataset=drive",
+         f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert str(tmp_path) in proc.stderr and "training" in proc.stderr
+    assert not (tmp_path / "out" / "training.txt").exists()

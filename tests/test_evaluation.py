@@ -1,0 +1,110 @@
+"""Evaluate and predict CLIs on tiny synthetic data, and the inference helpers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retina_tf.data.io import read_image
+from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
+from retina_tf.flags import parse_flags
+from retina_tf.inference import Segmenter, resolve_run_dir, sliding_window_predict
+from retina_tf.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = write_synthetic_dataset(root / "syn", num_images=6, num_test=2, seed=5, size=(96, 96))
+    cfg = parse_flags([
+        "--dataset=synthetic", f"--data_dir={data}", f"--logdir={root / 'logs'}",
+        "--run_name=tiny", "--depth=3", "--base_filters=8", "--patch_size=32",
+        "--batch_size=8", "--patches_per_epoch=128", "--epochs=3", "--val_images=1",
+        "--learning_rate=0.005"])
+    return data, train(cfg)
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / script), *args],
+                          capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def test_sliding_window_of_an_identity_model_returns_the_image():
+    x = np.random.default_rng(0).random((50, 70, 1)).astype(np.float32)
+    out = sliding_window_predict(tf.function(lambda t: t), x, window=16, stride=5, batch_size=7)
+    np.testing.assert_allclose(out, x, rtol=1e-6)
+
+
+def test_whole_and_sliding_inference_agree_inside_the_image(trained):
+    _, run = trained
+    whole = Segmenter.from_run(run, inference="whole")
+    sliding = Segmenter.from_run(run, inference="sliding", window=64, stride=16)
+    image = generate_fundus(11, (96, 96)).image
+    a, b = whole.probability(image), sliding.probability(image)
+    assert a.shape == b.shape == (96, 96, 1)
+    # same network, different borders: the maps agree closely, not exactly
+    assert np.mean(np.abs(a - b)) < 0.05
+
+
+def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_path):
+    data, run = trained
+    proc = _run("evaluate.py", f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
+                "--visualize", f"--output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for word in ("Confusion matrix", "F1 (Dice)", "AUC-ROC", "mIoU"):
+        assert word in proc.stdout
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    m = report["metrics"]
+    assert report["images"] == 2 and report["counting"] == "fov"
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n_pixels"]
+    assert 0.5 < m["auc_roc"] <= 1.0
+    for name in ("01_test_prob.png", "01_test_mask.png", "01_test_overlay.png",
+                 "roc_curve.png", "pr_curve.png"):
+        assert (tmp_path / name).is_file(), name
+    overlay = read_image(tmp_path / "01_test_overlay.png")
+    assert overlay.shape == (96, 96, 3)
+    assert (overlay[..., 1] == 255).any()  # some true positives drawn green
+    # evaluation results are also merged into the run's metrics.json
+    assert "test_synthetic_test" in json.loads((run / "metrics.json").read_text())
+    whole = _run("evaluate.py", f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
+                 "--whole_image_metrics", f"--output_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    mw = json.loads((tmp_path / "whole" / "metrics.json").read_text())["metrics"]
+    assert mw["n_pixels"] == 2 * 96 * 96 > m["n_pixels"]
+
+
+def test_predict_writes_probability_and_mask_of_the_input_size(trained, tmp_path):
+    _, run = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "a.jpg"), generate_fundus(21, (96, 96)).image[..., ::-1])
+    cv2.imwrite(str(inputs / "b.png"), generate_fundus(22, (120, 110)).image[..., ::-1])
+    out = tmp_path / "out"
+    proc = _run("predict.py", f"--model={run}", f"--input={inputs}", f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = cv2.imread(str(out / "a_prob.png"), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(str(out / "b_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert a.shape == (96, 96) and a.dtype == np.uint8 and a.max() > 0
+    assert b.shape == (120, 110) and set(np.unique(b)) <= {0, 255}
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png",
+                                                     "b_mask.png", "b_prob.png"]
+
+
+def test_predict_names_a_missing_input(trained, tmp_path):
+    _, run = trained
+    proc = _run("predict.py", f"--model={run}", f"--input={tmp_path / 'nope.jpg'}",
+                f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode != 0 and "nope.jpg" in proc.stderr
+
+
+def test_unknown_model_lists_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unet_nowhere"):
+        resolve_run_dir("unet_nowhere")

@@ -1,0 +1,120 @@
+"""Training end to end on tiny synthetic data: loss goes down, run folder, resume, strategies."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.flags import parse_flags
+from retina_tf.training import WarmupDecay, make_strategy, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
+                                   seed=3, size=(96, 96))
+
+
+def tiny_flags(data_dir, logdir, *extra):
+    return parse_flags([
+        "--dataset=synthetic", f"--data_dir={data_dir}", f"--logdir={logdir}", "--run_name=tiny",
+        "--depth=3", "--base_filters=8", "--patch_size=32", "--batch_size=8",
+        "--patches_per_epoch=64", "--epochs=4", "--val_images=1", "--learning_rate=0.005",
+        "--image_summary_every=2", *extra])
+
+
+def test_schedules_known_values():
+    cos = WarmupDecay(1.0, 100, "cosine")
+    assert float(cos(0)) == pytest.approx(1.0)
+    assert float(cos(50)) == pytest.approx(0.5)
+    assert float(cos(100)) == pytest.approx(0.0, abs=1e-6)
+    assert float(WarmupDecay(1.0, 100, "linear")(25)) == pytest.approx(0.75)
+    assert float(WarmupDecay(1.0, 100, "poly")(50)) == pytest.approx(0.5**0.9)
+    assert float(WarmupDecay(1.0, 100, "constant", warmup_steps=10)(4)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="'exp'"):
+        WarmupDecay(1.0, 100, "exp")
+
+
+def test_auto_strategy_on_a_cpu_machine_is_the_default_one():
+    assert not tf.config.list_physical_devices("GPU")
+    assert make_strategy("auto") is tf.distribute.get_strategy()
+    assert isinstance(make_strategy("one_device"), tf.distribute.OneDeviceStrategy)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        make_strategy("multi_worker")
+
+
+def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tmp_path):
+    cfg = tiny_flags(synthetic, tmp_path)
+    run = train(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = metrics["loss_history"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    for name in ("model.keras", "preprocessor.json", "flags.txt", "run.json",
+                 "checkpoints/best.weights.h5"):
+        assert (run / name).is_file(), name
+    assert list((run / "train").glob("events.out.tfevents.*"))
+    assert list((run / "validation").glob("events.out.tfevents.*"))
+    assert 0.0 <= metrics["validation"]["f1"] <= 1.0
+    assert not (run / "backup").exists()  # removed once training completes
+    # flags.txt is a flagfile that reproduces the run's settings
+    again = parse_flags([f"--flagfile={run / 'flags.txt'}"])
+    assert again.base_filters == 8 and again.patch_size == 32 and again.dataset == "synthetic"
+    info = json.loads((run / "run.json").read_text())
+    assert info["model"] == "unet" and info["size_multiple"] == 4
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    assert model.count_params() == info["parameters"]
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(synthetic, tmp_path):
+    cfg = tiny_flags(synthetic, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, extra_callbacks=[_Interrupt()])
+    assert (tmp_path / "tiny" / "backup").is_dir()
+    run = train(tiny_flags(synthetic, tmp_path))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2  # epochs 3 and 4 only
+
+
+def test_same_seed_same_model(synthetic, tmp_path):
+    a = train(tiny_flags(synthetic, tmp_path / "a", "--epochs=1", "--noresume"))
+    b = train(tiny_flags(synthetic, tmp_path / "b", "--epochs=1", "--noresume"))
+    la = json.loads((a / "metrics.json").read_text())["loss_history"]
+    lb = json.loads((b / "metrics.json").read_text())["loss_history"]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_whole_image_mode_trains(synthetic, tmp_path):
+    run = train(tiny_flags(synthetic, tmp_path, "--mode=whole", "--batch_size=2", "--epochs=3",
+                           "--steps_per_epoch=4"))
+    losses = json.loads((run / "metrics.json").read_text())["loss_history"]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(synthetic, tmp_path):
+    # Logical devices must be configured before TensorFlow starts, hence a fresh process.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "train.py"), "--dataset=synthetic",
+         f"--data_dir={synthetic}", f"--logdir={tmp_path}", "--run_name=mirrored",
+         "--logical_cpus=2", "--strategy=mirrored", "--depth=3", "--base_filters=8",
+         "--patch_size=32", "--batch_size=8", "--patches_per_epoch=64", "--epochs=2",
+         "--val_images=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s)" in proc.stdout
+    losses = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())["loss_history"]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    assert (tmp_path / "mirrored" / "model.keras").is_file()
