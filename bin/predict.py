@@ -2,22 +2,9 @@
 python bin/predict.py --model=unet_drive --input=photos/ --output_dir=out/
 """
 
-import _bootstrap  # noqa: F401
-from absl import app
+import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from retina_tf import flags as rflags
-
-rflags.define_train_flags()
-rflags.define_predict_flags()
-FLAGS = rflags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from retina_tf.evaluation import predict
-    predict(FLAGS)
-
+from retina_tf.flags import run_script
 
 if __name__ == "__main__":
-    app.run(main)
+    run_script("retina_tf.evaluation:predict")

@@ -23,7 +23,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bm
 
 def load_segmenter(cfg) -> Segmenter:
     return Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
-                              inference=cfg.inference, window=cfg.window, stride=cfg.stride)
+                              inference=cfg.inference, window=cfg.window, stride=cfg.stride,
+                              tta=cfg.tta, scales=cfg.eval_scales)
 
 
 def _is_shipped(run_dir: Path) -> bool:
@@ -58,17 +59,18 @@ def evaluate(cfg) -> dict:
     vessel = VesselMetrics(threshold=cfg.threshold, whole_image=cfg.whole_image_metrics)
     av = AVMetrics() if task == "av" else None
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-          f"({seg.inference} inference; counting "
+          f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:
         data = read_sample(sample)
         target = target_of(data, task) > 0.5
-        prob = seg.probability(data.image)
+        # Outside the FOV the prediction is background, as in the shipped masks and papers.
+        prob = seg.probability(data.image) * data.fov[..., None]
         vessel.update(prob[..., -1], target[..., -1], data.fov)
         if av is not None:
             av.update(prob, target, data.fov)
         if cfg.visualize:
-            p = prob[..., -1] * data.fov
+            p = prob[..., -1]
             pred = p >= cfg.threshold
             visualize.save_png(out_dir / f"{data.name}_prob.png", visualize.probability_image(p))
             visualize.save_png(out_dir / f"{data.name}_mask.png", visualize.mask_image(pred))
@@ -90,7 +92,7 @@ def evaluate(cfg) -> dict:
                               title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
-              "inference": seg.inference, "metrics": result}
+              "inference": seg.inference, "tta": seg.tta, "metrics": result}
     atomic_write_text(out_dir / "metrics.json", to_json(report))
     if not _is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})

@@ -161,6 +161,9 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_enum("inference", "auto", ["auto", "whole", "sliding"],
                       "Whole image (fully convolutional models) or sliding window.")
     d.DEFINE_integer("stride", 16, "Sliding-window stride.")
+    d.DEFINE_list("eval_scales", None, "Multi-scale models (hmsa): inference scales, e.g. "
+                  "0.5,1.0,2.0 (default: the training scales).")
+    d.DEFINE_boolean("tta", False, "Test-time augmentation: average over flips (about 4x slower).")
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
     d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")
@@ -173,3 +176,22 @@ def define_predict_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_string("input", None, "predict: an image file or a folder of images.")
     d.DEFINE_string("fov", None, "predict: FOV mask file or folder (<stem>*.png/gif/tif); "
                     "estimated when absent.")
+
+
+def run_script(entry: str) -> None:
+    """Runs a bin/ script: defines every retina_tf flag (so one flagfile serves train, evaluate
+    and predict), parses argv with absl, then calls ``entry`` ("module:function") with FLAGS."""
+    import importlib
+
+    from absl import app
+
+    define_train_flags()
+    define_predict_flags()
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        module, function = entry.split(":")
+        getattr(importlib.import_module(module), function)(FLAGS)
+
+    app.run(main)

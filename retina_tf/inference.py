@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import keras
@@ -67,6 +68,10 @@ class Segmenter:
         inference: "whole", "sliding", or "auto" (whole when the model is fully convolutional).
         window, stride: sliding-window size and stride.
         batch_size: windows per forward pass.
+        scales: inference scales for multi-scale models (those with ``with_scales``, e.g.
+            HMSA); None keeps the training scales.
+        tta: test-time augmentation: average the predictions of the image and its horizontal,
+            vertical and double flips (flips undone before averaging); about 4x the time.
 
     Example:
         >>> seg = Segmenter.from_run("unet_drive")
@@ -76,19 +81,24 @@ class Segmenter:
     def __init__(self, model: keras.Model, preprocessor: Preprocessor, size_multiple: int = 16,
                  inference: str = "auto", window: int = 48, stride: int = 16,
                  batch_size: int = 64, fully_convolutional: bool = True,
-                 run_info: dict | None = None):
+                 run_info: dict | None = None, tta: bool = False,
+                 scales: Sequence[float] | None = None):
         if inference not in ("auto", "whole", "sliding"):
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
             inference = "whole" if fully_convolutional else "sliding"
+        if scales and hasattr(model, "with_scales"):
+            model = model.with_scales([float(s) for s in scales])
         self.model = model
         self.preprocessor = preprocessor
-        self.size_multiple = int(size_multiple)
+        # the model knows its own constraint best (it changes with the inference scales)
+        self.size_multiple = int(getattr(model, "size_multiple", size_multiple))
         self.inference = inference
         self.window = int(window)
         self.stride = int(stride)
         self.batch_size = int(batch_size)
         self.run_info = run_info or {}
+        self.tta = bool(tta)
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.model(x, training=False))),
             reduce_retracing=True)
@@ -117,6 +127,13 @@ class Segmenter:
 
     def probability_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(H, W, C) preprocessed float image -> (H, W, K) probabilities."""
+        if not self.tta:
+            return self._probability(x)
+        flips = [(), (1,), (0,), (0, 1)]
+        outs = [np.flip(self._probability(np.flip(x, f)), f) for f in flips]
+        return np.mean(outs, axis=0)
+
+    def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
         if self.inference == "whole":
             padded = pad_to_multiple(x, self.size_multiple)
@@ -165,3 +182,24 @@ def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
     outs = [forward(tf.constant(patches[i:i + batch_size])).numpy()
             for i in range(0, len(patches), batch_size)]
     return recompose_patches(np.concatenate(outs), positions, x.shape[:2])
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Copies what inference needs from a run folder, without optimizer state (3x smaller):
+    ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt``, ``metrics.json``."""
+    import shutil
+
+    from retina_tf.models import load_all
+    load_all()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    bare = model.__class__.from_config(model.get_config())
+    bare.set_weights(model.get_weights())
+    tmp = out_dir / f".model.{os.getpid()}.tmp.keras"
+    bare.save(tmp)
+    os.replace(tmp, out_dir / "model.keras")
+    for name in ("preprocessor.json", "run.json", "flags.txt", "metrics.json"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out_dir / name)
+    return out_dir

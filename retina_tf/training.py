@@ -163,7 +163,7 @@ def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel
     av = AVMetrics() if task == "av" else None
     probs = []
     for image, target, fov in zip(seg.images, seg.targets, seg.fovs):
-        prob = segmenter.probability_preprocessed(image)
+        prob = segmenter.probability_preprocessed(image) * fov[..., None]
         probs.append(prob)
         vessel.update(prob[..., -1], target[..., -1] > 0.5, fov)
         if av is not None:
@@ -188,8 +188,11 @@ class WholeImageValidation(keras.callbacks.Callback):
     """
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
-                 task: str, log_dir: Path, every: int = 1, image_every: int = 1):
+                 task: str, log_dir: Path, every: int = 1, image_every: int = 1,
+                 scales: list[float] | None = None):
         super().__init__()
+        self.scales = scales
+        self._segmenter = None
         self.seg = seg
         self.preprocessor = preprocessor
         self.size_multiple = size_multiple
@@ -203,8 +206,10 @@ class WholeImageValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or (epoch + 1) % self.every:
             return
-        segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple, "whole")
-        result, probs = evaluate_set(segmenter, self.seg, self.task)
+        if self._segmenter is None:  # built once: the traced forward pass is reused each epoch
+            self._segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple,
+                                        "whole", scales=self.scales)
+        result, probs = evaluate_set(self._segmenter, self.seg, self.task)
         for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc"):
             if key in result:
                 logs[f"val_{key}"] = float(result[key])
@@ -337,6 +342,8 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
                       # weighted_metrics: only these receive the FOV map as sample_weight
                       loss=loss, weighted_metrics=[SegmentationF1(name="f1")],
                       jit_compile=bool(cfg.jit_compile) and loss.supports_jit)
+        # Building the optimizer now saves a second trace of the train step inside fit.
+        model.optimizer.build(model.trainable_variables)
 
     run_info = {"model": cfg.model, "model_config": model.get_config(), "task": cfg.task,
                 "size_multiple": multiple, "patch_size": cfg.patch_size, "mode": cfg.mode,
@@ -354,7 +361,8 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if val_set is not None:
         validation = WholeImageValidation(val_set, pre, multiple, cfg.task, run_dir / "validation",
-                                          cfg.validate_every, cfg.image_summary_every)
+                                          cfg.validate_every, cfg.image_summary_every,
+                                          cfg.eval_scales)
         callbacks.append(validation)
         monitor, mode = "val_f1", "max"
     else:
@@ -375,6 +383,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     callbacks += list(extra_callbacks or [])
     start = time.monotonic()
     history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=callbacks,
+                        shuffle=False,  # the tf.data pipeline already samples at random
                         verbose=1 if sys.stdout.isatty() else 2)
     minutes = (time.monotonic() - start) / 60.0
 
@@ -385,7 +394,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
                                "epochs_run": len(history.history.get("loss", [])),
                                "loss_history": history.history.get("loss", [])}
     if val_set is not None:
-        segmenter = Segmenter(model, pre, multiple, "whole")
+        segmenter = Segmenter(model, pre, multiple, "whole", scales=cfg.eval_scales)
         val_result, _ = evaluate_set(segmenter, val_set, cfg.task)
         metrics["validation"] = {k: v for k, v in val_result.items()}
     update_metrics_json(run_dir, metrics)

@@ -108,3 +108,13 @@ def test_predict_names_a_missing_input(trained, tmp_path):
 def test_unknown_model_lists_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="unet_nowhere"):
         resolve_run_dir("unet_nowhere")
+
+
+def test_flip_tta_of_an_identity_model_returns_the_image():
+    from retina_tf.data.preprocess import Preprocessor
+    import keras
+    identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
+    seg = Segmenter(identity, Preprocessor(), size_multiple=8, inference="whole", tta=True)
+    seg._forward = tf.function(lambda t: t)  # probabilities = the input itself
+    x = np.random.default_rng(2).random((21, 30, 1)).astype(np.float32)
+    np.testing.assert_allclose(seg.probability_preprocessed(x), x, rtol=1e-6)

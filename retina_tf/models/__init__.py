@@ -12,6 +12,9 @@ import keras
 # name -> "module:Class" (imported lazily so that building a U-Net does not import every model)
 _REGISTRY: dict[str, str] = {
     "unet": "retina_tf.models.unet:UNet",
+    "ddrnet": "retina_tf.models.ddrnet:DDRNet",
+    "hrnet_ocr": "retina_tf.models.hrnet_ocr:HRNetOCR",
+    "hmsa": "retina_tf.models.hmsa:HMSA",
 }
 
 

@@ -29,3 +29,56 @@ def upsample(x, filters: int, transpose_conv: bool, name: str = ""):
         return layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_tconv")(x)
     x = layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_nearest")(x)
     return layers.Conv2D(filters, 1, padding="same", name=f"{name}_1x1")(x)
+
+
+# --- ResNet residual blocks (He et al., https://arxiv.org/abs/1512.03385) -----------------------
+# PyTorch-style: BN momentum 0.1 (Keras 0.9) and epsilon 1e-5; a strided 3x3 conv pads one pixel on
+# every side, like PyTorch's padding=1, so it samples the same pixels as the strided 1x1 shortcut.
+
+def resnet_conv_bn(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
+    """Conv (no bias) + batch norm, no activation; a strided conv pads kernel_size // 2 per side."""
+    if strides > 1 and kernel_size > 1:
+        x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+
+
+def _residual_shortcut(x, filters: int, strides: int, name: str):
+    """Identity, or a strided 1x1 conv + BN when the resolution or the channel count changes."""
+    if strides == 1 and x.shape[-1] == filters:
+        return x
+    return resnet_conv_bn(x, filters, 1, strides, name=f"{name}_down")
+
+
+def basic_block(x, filters: int, strides: int = 1, final_relu: bool = True, name: str = ""):
+    """ResNet BasicBlock: [3x3 conv, BN, ReLU, 3x3 conv, BN] + shortcut, then ReLU.
+
+    Output ``filters`` channels at ``1 / strides`` of the input size. ``final_relu=False`` returns
+    the sum before the ReLU (DDRNet's ``no_relu``: the last block of a stage feeds a fusion).
+    """
+    shortcut = _residual_shortcut(x, filters, strides, name)
+    y = resnet_conv_bn(x, filters, 3, strides, name=f"{name}_1")
+    y = layers.ReLU(name=f"{name}_1_relu")(y)
+    y = resnet_conv_bn(y, filters, 3, 1, name=f"{name}_2")
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(y) if final_relu else y
+
+
+def bottleneck_block(x, filters: int, strides: int = 1, expansion: int = 4,
+                     final_relu: bool = True, name: str = ""):
+    """ResNet Bottleneck: [1x1, BN, ReLU, 3x3 (strided), BN, ReLU, 1x1 to filters * expansion, BN]
+    + shortcut, then ReLU (skipped when ``final_relu=False``).
+
+    Output ``filters * expansion`` channels (ResNet 4; DDRNet 2) at ``1 / strides`` of the input.
+    """
+    out = filters * expansion
+    shortcut = _residual_shortcut(x, out, strides, name)
+    y = layers.ReLU(name=f"{name}_1_relu")(resnet_conv_bn(x, filters, 1, 1, name=f"{name}_1"))
+    y = layers.ReLU(name=f"{name}_2_relu")(resnet_conv_bn(y, filters, 3, strides, name=f"{name}_2"))
+    y = resnet_conv_bn(y, out, 1, 1, name=f"{name}_3")
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(y) if final_relu else y
