@@ -47,7 +47,7 @@ def evaluate(cfg) -> dict:
     with ``--visualize``, per-image PNGs and ROC / PR curves."""
     seg = load_segmenter(cfg)
     samples = _test_samples(cfg)
-    name = cfg.dataset or "labelfile"
+    name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     if cfg.output_dir:
         out_dir = Path(cfg.output_dir)
     elif _is_shipped(seg.run_dir):

@@ -118,3 +118,32 @@ def test_flip_tta_of_an_identity_model_returns_the_image():
     seg._forward = tf.function(lambda t: t)  # probabilities = the input itself
     x = np.random.default_rng(2).random((21, 30, 1)).astype(np.float32)
     np.testing.assert_allclose(seg.probability_preprocessed(x), x, rtol=1e-6)
+
+
+def test_shipped_drive_model_segments_a_real_drive_test_image(shared_data):
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.metrics import VesselMetrics
+
+    seg = Segmenter.from_run("unet_drive")
+    data = read_sample(list_samples("drive", shared_data / "DRIVE", "test")[0])
+    prob, mask = seg.segment(data.image, data.fov)
+    assert prob.shape == (584, 565, 1) and mask.dtype == bool
+    metrics = VesselMetrics()
+    metrics.update(prob[..., 0], data.vessel, data.fov)
+    result = metrics.result()
+    assert result["f1"] > 0.78 and result["auc_roc"] > 0.97
+
+
+def test_shipped_model_on_a_stare_photograph_of_another_size(shared_data):
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.metrics import VesselMetrics
+
+    seg = Segmenter.from_run("unet_drive")
+    data = read_sample(list_samples("stare", shared_data / "STARE", "test")[0])
+    prob, _ = seg.segment(data.image)  # FOV estimated
+    assert prob.shape == data.image.shape[:2] + (1,)
+    metrics = VesselMetrics()
+    metrics.update(prob[..., 0], data.vessel, data.fov)
+    assert metrics.result()["auc_roc"] > 0.9  # a DRIVE model transfers, if imperfectly

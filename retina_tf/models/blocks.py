@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import keras
-from keras import layers
+import tensorflow as tf
+from keras import layers, ops
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int = 3, batch_norm: bool = True, name: str = ""):
@@ -82,3 +83,44 @@ def bottleneck_block(x, filters: int, strides: int = 1, expansion: int = 4,
     y = resnet_conv_bn(y, out, 1, 1, name=f"{name}_3")
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.ReLU(name=f"{name}_relu")(y) if final_relu else y
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class ResizeToMatch(layers.Layer):
+    """Bilinear resize of ``inputs[0]`` to the height and width of ``inputs[1]``.
+
+    Half-pixel centres (PyTorch's ``align_corners=False``); the size is read at run time.
+    Resizing to the same size is the identity.
+    """
+
+    def call(self, inputs):
+        x, reference = inputs
+        resized = tf.image.resize(x, tf.shape(reference)[1:3], method="bilinear")
+        return ops.cast(resized, x.dtype)
+
+    def compute_output_shape(self, input_shapes):
+        x_shape, ref_shape = input_shapes
+        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
+
+
+def weighted_output_loss(model: keras.Model, y, y_pred: dict, weights: dict, sample_weight=None):
+    """``sum_k weights[k] * model.loss(y, y_pred[k], sample_weight)`` plus the model's own
+    losses (regularizers, ``add_loss``); ``model.loss`` is the loss given to ``compile``."""
+    if model.loss is None:
+        raise ValueError(f"{model.name}: compile the model with a loss first")
+    total = None
+    for key, weight in weights.items():
+        if weight:
+            term = weight * model.loss(y, y_pred[key], sample_weight)
+            total = term if total is None else total + term
+    for extra in model.losses:
+        total = total + ops.sum(ops.cast(extra, total.dtype))
+    return total
+
+class LogitsMetricsMixin:
+    """For models returning a dict: compiled metrics see only the final ``"logits"``."""
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, dict):
+            y_pred = y_pred["logits"]
+        return super().compute_metrics(x, y, y_pred, sample_weight)

@@ -8,31 +8,14 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from retina_tf.models.blocks import basic_block, bottleneck_block, resnet_conv_bn
+from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,
+                                     bottleneck_block, resnet_conv_bn, weighted_output_loss)
 
 # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5), as in the DDRNet code.
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 # DAPPM's average pools (kernel, stride) in the paper; a fifth, global, scale follows them.
 _DAPPM_POOLS = ((5, 2), (9, 4), (17, 8))
 _AUX_WEIGHT = 0.4
-
-
-@keras.saving.register_keras_serializable(package="retina_tf")
-class ResizeLike(layers.Layer):
-    """Bilinear resize of ``inputs[0]`` to the height and width of ``inputs[1]``.
-
-    Half-pixel centres, i.e. PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``.
-    The target size is read at run time, so any input size works (pooled maps of odd size too).
-    """
-
-    def call(self, inputs):
-        x, reference = inputs
-        size = tf.shape(reference)[1:3]
-        return tf.cast(tf.image.resize(x, size, method="bilinear"), x.dtype)
-
-    def compute_output_shape(self, input_shapes):
-        x_shape, ref_shape = input_shapes
-        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
 
 
 def bn_relu_conv(x, filters: int, kernel_size: int, name: str, use_bias: bool = False):
@@ -67,7 +50,7 @@ def dappm(x, branch_planes: int, out_planes: int, name: str = "dappm"):
             pooled = layers.AveragePooling2D(kernel, stride, padding="valid",
                                              name=f"{name}_pool{i}")(pooled)
         y = bn_relu_conv(pooled, branch_planes, 1, name=f"{name}_scale{i}")
-        y = ResizeLike(name=f"{name}_up{i}")([y, x])
+        y = ResizeToMatch(name=f"{name}_up{i}")([y, x])
         y = layers.Add(name=f"{name}_add{i}")([y, previous])
         previous = bn_relu_conv(y, branch_planes, 3, name=f"{name}_process{i}")
         scales.append(previous)
@@ -101,7 +84,7 @@ def _relu(x, name: str):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class DDRNet(keras.Model):
+class DDRNet(LogitsMetricsMixin, keras.Model):
     """DDRNet-23-slim, full-resolution variant, for fundus vessel segmentation.
 
     Paper: Hong, Pan, Sun, Jia, "Deep Dual-resolution Networks for Real-time and Accurate Semantic
@@ -170,7 +153,7 @@ class DDRNet(keras.Model):
         up = resnet_conv_bn(_relu(low, "compression3_relu"), high, 1, name="compression3")
         low = keras.layers.Add(name="fuse3_low")([low, down])
         hi = keras.layers.Add(name="fuse3_high")(
-            [hi, ResizeLike(name="compression3_up")([up, hi])])
+            [hi, ResizeToMatch(name="compression3_up")([up, hi])])
         aux_features = hi
 
         # Layer 4: low branch to 1/4, then the bilateral fusion (two strided convs down).
@@ -183,7 +166,7 @@ class DDRNet(keras.Model):
         up = resnet_conv_bn(_relu(low, "compression4_relu"), high, 1, name="compression4")
         low = keras.layers.Add(name="fuse4_low")([low, down])
         hi = keras.layers.Add(name="fuse4_high")(
-            [hi, ResizeLike(name="compression4_up")([up, hi])])
+            [hi, ResizeToMatch(name="compression4_up")([up, hi])])
 
         # Layer 5: one Bottleneck per branch (low to 1/8), DAPPM, upsample, add, head.
         hi = residual_stage(_relu(hi, "layer5_high_relu"), "bottleneck", high, 1,
@@ -191,7 +174,7 @@ class DDRNet(keras.Model):
         low = residual_stage(_relu(low, "layer5_low_relu"), "bottleneck", planes * 8, 1, 2,
                              name="layer5_low")
         low = dappm(low, spp_planes, planes * 4, name="dappm")
-        x = keras.layers.Add(name="fuse5")([hi, ResizeLike(name="dappm_up")([low, hi])])
+        x = keras.layers.Add(name="fuse5")([hi, ResizeToMatch(name="dappm_up")([low, hi])])
         logits = keras.layers.Identity(name="logits")(
             segmentation_head(x, head_planes, num_classes, name="head"))
         if aux_head:
@@ -224,17 +207,8 @@ class DDRNet(keras.Model):
         """
         if not self.aux_head:
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        total = (self.loss(y, y_pred["logits"], sample_weight)
-                 + _AUX_WEIGHT * self.loss(y, y_pred["aux"], sample_weight))
-        for extra in self.losses:  # regularizers, add_loss
-            total = total + keras.ops.sum(keras.ops.cast(extra, total.dtype))
-        return total
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Metrics of the prediction ("logits") only."""
-        if isinstance(y_pred, dict):
-            y_pred = y_pred["logits"]
-        return super().compute_metrics(x, y, y_pred, sample_weight)
+        return weighted_output_loss(self, y, y_pred, {"logits": 1.0, "aux": _AUX_WEIGHT},
+                                    sample_weight)
 
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable,

@@ -9,9 +9,9 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, HRNetOCR, ResizeByScale, ResizeToMatch,
-                                        check_positive_ints, normalize_modules,
-                                        weighted_output_loss)
+from retina_tf.models.blocks import LogitsMetricsMixin, ResizeToMatch, weighted_output_loss
+from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, HRNetOCR, ResizeByScale,
+                                        check_positive_ints, normalize_modules)
 
 # Supervision of each scale's own prediction (NVIDIA's SUPERVISED_MSCALE_WT).
 SCALE_LOSS_WEIGHT = 0.05
@@ -148,7 +148,7 @@ def _check_scales(scales) -> tuple[float, ...]:
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class HMSA(keras.Model):
+class HMSA(LogitsMetricsMixin, keras.Model):
     """HRNetV2-OCR with hierarchical multi-scale attention, for fundus vessel segmentation.
 
     Paper: Tao, Sapra, Catanzaro, "Hierarchical Multi-Scale Attention for Semantic
@@ -262,12 +262,6 @@ class HMSA(keras.Model):
         weights = {"logits": 1.0, "aux": self.aux_loss_weight}
         weights.update({scale_key("logits", s): self.scale_loss_weight for s in self.scales})
         return weighted_output_loss(self, y, y_pred, weights, sample_weight)
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Metrics of the joint prediction (``"logits"``) only."""
-        if isinstance(y_pred, dict):
-            y_pred = y_pred["logits"]
-        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable,

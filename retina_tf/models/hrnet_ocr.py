@@ -8,7 +8,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.blocks import basic_block, bottleneck_block, resnet_conv_bn
+from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,
+                                     bottleneck_block, resnet_conv_bn, weighted_output_loss)
 
 # Weight of the auxiliary (soft object region) loss, OCR's and HMSA's 0.4.
 AUX_LOSS_WEIGHT = 0.4
@@ -18,24 +19,6 @@ _STEM_STRIDES = {1: (1, 1), 2: (2, 1), 4: (2, 2)}
 
 
 # --- layers ----------------------------------------------------------------------------------
-
-@keras.saving.register_keras_serializable(package="retina_tf")
-class ResizeToMatch(layers.Layer):
-    """Bilinear resize of ``inputs[0]`` to the height and width of ``inputs[1]``.
-
-    Half-pixel centres (PyTorch's ``align_corners=False``); the size is read at run time.
-    Resizing to the same size is the identity.
-    """
-
-    def call(self, inputs):
-        x, reference = inputs
-        resized = tf.image.resize(x, tf.shape(reference)[1:3], method="bilinear")
-        return ops.cast(resized, x.dtype)
-
-    def compute_output_shape(self, input_shapes):
-        x_shape, ref_shape = input_shapes
-        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
-
 
 @keras.saving.register_keras_serializable(package="retina_tf")
 class ResizeByScale(layers.Layer):
@@ -216,21 +199,6 @@ def ocr_head(features, num_classes: int, mid_channels: int, key_channels: int, n
 
 # --- losses shared with HMSA ---------------------------------------------------------------------
 
-def weighted_output_loss(model: keras.Model, y, y_pred: dict, weights: dict, sample_weight=None):
-    """``sum_k weights[k] * model.loss(y, y_pred[k], sample_weight)`` plus the model's own
-    losses (regularizers, ``add_loss``); ``model.loss`` is the loss given to ``compile``."""
-    if model.loss is None:
-        raise ValueError(f"{model.name}: compile the model with a loss first")
-    total = None
-    for key, weight in weights.items():
-        if weight:
-            term = weight * model.loss(y, y_pred[key], sample_weight)
-            total = term if total is None else total + term
-    for extra in model.losses:
-        total = total + ops.sum(ops.cast(extra, total.dtype))
-    return total
-
-
 def check_positive_ints(**values) -> None:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -250,7 +218,7 @@ def normalize_modules(num_modules: int | Sequence[int]) -> list[int]:
 # --- the model ---------------------------------------------------------------------------------
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class HRNetOCR(keras.Model):
+class HRNetOCR(LogitsMetricsMixin, keras.Model):
     """HRNetV2 backbone with an object-contextual representations (OCR) head.
 
     Papers: Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition",
@@ -339,12 +307,6 @@ class HRNetOCR(keras.Model):
         """``loss(logits) + aux_loss_weight * loss(aux)`` with the compiled loss (OCR's 0.4)."""
         return weighted_output_loss(self, y, y_pred,
                                     {"logits": 1.0, "aux": self.aux_loss_weight}, sample_weight)
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Metrics of the prediction (``"logits"``) only."""
-        if isinstance(y_pred, dict):
-            y_pred = y_pred["logits"]
-        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable,
