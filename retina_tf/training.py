@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.data.io import read_sample
+from retina_tf.data.io import atomic_write_bytes, read_sample
 from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, patch_dataset,
                                      resolve_samples, whole_image_dataset)
 from retina_tf.data.preprocess import Preprocessor
@@ -228,11 +227,7 @@ class WholeImageValidation(keras.callbacks.Callback):
 # --- run folder ------------------------------------------------------------------------------
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_save_model(model: keras.Model, path: Path) -> None:

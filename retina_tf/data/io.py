@@ -242,10 +242,20 @@ def write_image_atomic(path: PathLike, array: np.ndarray) -> None:
         DatasetError: for an array or extension that cannot be written.
     """
     path = Path(path)
-    data = _encode(path, array)
+    atomic_write_bytes(path, _encode(path, array))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes ``data`` to a temporary name beside ``path``, then renames it into place, so an
+    interrupted run never leaves a half-written file; the file gets the usual permissions
+    (0666 less the umask) rather than mkstemp's private 0600."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
         os.replace(tmp_name, path)

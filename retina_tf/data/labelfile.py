@@ -11,12 +11,11 @@ file's own folder; every following line names the three files inside them.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from retina_tf.data.catalog import Sample
-from retina_tf.data.io import DatasetError
+from retina_tf.data.io import DatasetError, atomic_write_bytes
 
 
 def _stem(name: str) -> str:
@@ -78,11 +77,7 @@ def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
         folders.append(parents.pop())
     rel = [os.path.relpath(d, path.parent.resolve()) for d in folders]
     lines = [",".join(rel)] + [",".join(Path(f).name for f in row) for row in zip(*columns)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 

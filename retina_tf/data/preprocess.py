@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -145,12 +144,8 @@ class Preprocessor:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes JSON atomically (temporary name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.get_config(), f, indent=2)
-        os.replace(tmp, path)
+        from retina_tf.data.io import atomic_write_bytes
+        atomic_write_bytes(path, json.dumps(self.get_config(), indent=2).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Preprocessor":

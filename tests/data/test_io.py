@@ -260,3 +260,17 @@ def test_read_sample_vessel_from_index_av(shared_data: Path):
     data = read_sample(sample)
     np.testing.assert_array_equal(data.vessel, data.av[..., 2])
     assert data.vessel.sum() == 833890
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from retina_tf.data.io import atomic_write_bytes
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_bytes(tmp_path / "a.txt", b"x")
+    write_image_atomic(tmp_path / "b.png", np.zeros((4, 4), np.uint8))
+    for name in ("a.txt", "b.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.png"]
