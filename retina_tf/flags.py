@@ -13,15 +13,15 @@ from retina_tf.data.catalog import DATASETS
 from retina_tf.data.preprocess import STEPS
 
 FLAGS = flags.FLAGS
-_DEFINED: set[tuple[int, str]] = set()
+# The first flag of each group: a group is defined once per FlagValues (tested by its presence,
+# since ids of discarded FlagValues objects can be reused).
+_GROUP_SENTINEL = {"data": "dataset", "model": "model", "run": "logdir", "train": "mode",
+                   "eval": "eval_split", "predict": "input"}
 OWN_FLAGS: set[str] = set()  # names of retina_tf's flags (written to flags.txt)
 
 
 def _once(group: str, fv: flags.FlagValues) -> bool:
-    if (id(fv), group) in _DEFINED:
-        return False
-    _DEFINED.add((id(fv), group))
-    return True
+    return _GROUP_SENTINEL[group] not in fv
 
 
 class _Definer:

@@ -1,0 +1,28 @@
+"""Every shipped flagfile parses, states its budget, and builds its model."""
+
+from pathlib import Path
+
+import pytest
+
+from retina_tf.flags import parse_flags
+from retina_tf.models import build_model
+from retina_tf.training import model_kwargs
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.cfg"))
+
+
+def test_the_expected_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", "drive_unet", "drive_unet_fast", "chase_unet", "stare_unet",
+            "hrf_unet"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_states_its_budget_and_builds(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # nested --flagfile paths are relative to the repo
+    text = path.read_text()
+    assert "budget" in text.lower(), f"{path.name} must state its training budget"
+    cfg = parse_flags([f"--flagfile={path}"])
+    assert cfg.time_budget_minutes > 0
+    model = build_model(cfg.model, **model_kwargs(cfg, input_channels=1, num_classes=1))
+    assert model.count_params() > 0
