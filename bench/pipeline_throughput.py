@@ -23,8 +23,6 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-    import keras
-
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import Augment, build_set, patch_dataset

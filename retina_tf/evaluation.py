@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from retina_tf.data.io import DatasetError, read_image, read_mask, read_sample
+from retina_tf.data.io import DatasetError, file_stem, read_image, read_mask, read_sample
 from retina_tf.data.pipeline import resolve_samples, target_of
 from retina_tf.inference import PRETRAINED_DIR, Segmenter
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
@@ -114,19 +112,12 @@ def _list_inputs(path: Path) -> list[Path]:
     raise DatasetError(f"{path}: no such file or folder")
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    return name.rsplit(".", 1)[0]
-
-
 def _fov_for(image_path: Path, fov_arg: str | None) -> np.ndarray | None:
     if not fov_arg:
         return None
     fov_path = Path(fov_arg)
     if fov_path.is_dir():
-        matches = sorted(p for p in fov_path.iterdir() if p.name.startswith(_stem(image_path)))
+        matches = sorted(p for p in fov_path.iterdir() if p.name.startswith(file_stem(image_path)))
         if not matches:
             return None
         fov_path = matches[0]
@@ -149,7 +140,7 @@ def predict(cfg) -> list[Path]:
             raise DatasetError(f"FOV mask for {path} has size {fov.shape[::-1]}, the image "
                                f"{image.shape[1::-1]}")
         prob, mask = seg.segment(image, fov, cfg.threshold)
-        stem = _stem(path)
+        stem = file_stem(path)
         written.append(visualize.save_png(out_dir / f"{stem}_prob.png",
                                           visualize.probability_image(prob[..., -1])))
         written.append(visualize.save_png(out_dir / f"{stem}_mask.png",

@@ -184,6 +184,13 @@ def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
     return recompose_patches(np.concatenate(outs), positions, x.shape[:2])
 
 
+def atomic_save_model(model: keras.Model, path: Path) -> None:
+    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Copies what inference needs from a run folder, without optimizer state (3x smaller):
     ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt``, ``metrics.json``."""
@@ -196,9 +203,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     bare = model.__class__.from_config(model.get_config())
     bare.set_weights(model.get_weights())
-    tmp = out_dir / f".model.{os.getpid()}.tmp.keras"
-    bare.save(tmp)
-    os.replace(tmp, out_dir / "model.keras")
+    atomic_save_model(bare, out_dir / "model.keras")
     for name in ("preprocessor.json", "run.json", "flags.txt", "metrics.json"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out_dir / name)

@@ -25,7 +25,7 @@ from retina_tf.data.io import atomic_write_bytes, read_sample
 from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, patch_dataset,
                                      resolve_samples, whole_image_dataset)
 from retina_tf.data.preprocess import Preprocessor
-from retina_tf.inference import Segmenter, fov_diameter
+from retina_tf.inference import Segmenter, atomic_save_model, fov_diameter
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import AVMetrics, SegmentationF1, VesselMetrics
 from retina_tf.models import build_model, model_class
@@ -202,13 +202,17 @@ class WholeImageValidation(keras.callbacks.Callback):
         self._writer = None
         self.best: dict[str, Any] | None = None
 
+    def segmenter(self) -> Segmenter:
+        """Built once: its traced forward pass serves every epoch and the final evaluation."""
+        if self._segmenter is None:
+            self._segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple,
+                                        "whole", scales=self.scales)
+        return self._segmenter
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or (epoch + 1) % self.every:
             return
-        if self._segmenter is None:  # built once: the traced forward pass is reused each epoch
-            self._segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple,
-                                        "whole", scales=self.scales)
-        result, probs = evaluate_set(self._segmenter, self.seg, self.task)
+        result, probs = evaluate_set(self.segmenter(), self.seg, self.task)
         for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc"):
             if key in result:
                 logs[f"val_{key}"] = float(result[key])
@@ -228,12 +232,6 @@ class WholeImageValidation(keras.callbacks.Callback):
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_model(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def flags_text(cfg) -> str:
@@ -388,9 +386,8 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2),
                                "epochs_run": len(history.history.get("loss", [])),
                                "loss_history": history.history.get("loss", [])}
-    if val_set is not None:
-        segmenter = Segmenter(model, pre, multiple, "whole", scales=cfg.eval_scales)
-        val_result, _ = evaluate_set(segmenter, val_set, cfg.task)
+    if validation is not None:  # the callback's segmenter runs the best weights loaded above
+        val_result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
         metrics["validation"] = {k: v for k, v in val_result.items()}
     update_metrics_json(run_dir, metrics)
     print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min"

@@ -5,12 +5,13 @@ Pure functions return uint8 arrays; ``save_*`` functions write PNGs atomically.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from retina_tf.data.io import write_image_atomic
+from retina_tf.data.io import atomic_write_bytes, write_image_atomic
 
 TP_COLOUR = (0, 255, 0)    # green: vessel found
 FP_COLOUR = (255, 0, 0)    # red: false alarm
@@ -112,10 +113,9 @@ def save_curves(scores: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLi
         ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1.01), title=title or name[:-4])
         ax.legend(loc="lower right" if name == "roc_curve.png" else "lower left")
         ax.grid(alpha=0.3)
-        path = out_dir / name
-        tmp = out_dir / f".{name}.{os.getpid()}.tmp.png"
-        fig.savefig(tmp, bbox_inches="tight")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        atomic_write_bytes(out_dir / name, buffer.getvalue())
+        written.append(out_dir / name)
     return written[0], written[1]

@@ -245,6 +245,15 @@ def write_image_atomic(path: PathLike, array: np.ndarray) -> None:
     atomic_write_bytes(path, _encode(path, array))
 
 
+def file_stem(path: PathLike) -> str:
+    """The file name without its image extension, a ``.gz`` counted with it
+    (``im0001.ppm.gz`` -> ``im0001``)."""
+    name = Path(path).name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    return name.rsplit(".", 1)[0]
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Writes ``data`` to a temporary name beside ``path``, then renames it into place, so an
     interrupted run never leaves a half-written file; the file gets the usual permissions

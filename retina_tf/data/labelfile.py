@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from retina_tf.data.catalog import Sample
-from retina_tf.data.io import DatasetError, atomic_write_bytes
-
-
-def _stem(name: str) -> str:
-    for suffix in (".ppm.gz", ".gz"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)].rsplit(".", 1)[0]
-    return Path(name).stem
+from retina_tf.data.io import DatasetError, atomic_write_bytes, file_stem
 
 
 def read_label_file(path: str | os.PathLike) -> list[Sample]:
@@ -48,7 +41,7 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
         for f in files:
             if f is not None and not f.is_file():
                 raise DatasetError(f"{path}:{lineno}: file not found: {f}")
-        samples.append(Sample(dataset="labelfile", name=_stem(parts[0]), image=files[0],
+        samples.append(Sample(dataset="labelfile", name=file_stem(parts[0]), image=files[0],
                               label=files[1], fov=files[2]))
     if not samples:
         raise DatasetError(f"{path}: label file lists no samples (empty split)")

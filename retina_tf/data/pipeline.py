@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf.data.catalog import Sample, list_samples
-from retina_tf.data.io import DatasetError, SampleData, read_sample
+from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
 from retina_tf.data.preprocess import Preprocessor
 
 TASKS = ("vessel", "av")
@@ -115,11 +116,9 @@ def preprocess_cached(sample: Sample, image: np.ndarray, pre: Preprocessor,
     if path.is_file():
         return np.load(path)
     out = pre(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, out)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, out)
+    atomic_write_bytes(path, buffer.getvalue())
     return out
 
 

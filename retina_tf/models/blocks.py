@@ -117,6 +117,7 @@ def weighted_output_loss(model: keras.Model, y, y_pred: dict, weights: dict, sam
         total = total + ops.sum(ops.cast(extra, total.dtype))
     return total
 
+
 class LogitsMetricsMixin:
     """For models returning a dict: compiled metrics see only the final ``"logits"``."""
 

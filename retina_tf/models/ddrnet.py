@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 from keras import layers
 
 from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,

@@ -225,17 +225,9 @@ class HMSA(LogitsMetricsMixin, keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
         # === Config ===
+        # The HRNetOCR arguments live in (and are read back from) self.network's config.
         self.network = network
         self.scale_attention = attention_head
-        self.input_channels = input_channels
-        self.num_classes = num_classes
-        self.width = width
-        self.stem_stride = stem_stride
-        self.stem_channels = stem_channels
-        self.num_blocks = num_blocks
-        self.num_modules = num_modules if isinstance(num_modules, int) else list(num_modules)
-        self.ocr_mid_channels = ocr_mid_channels
-        self.ocr_key_channels = ocr_key_channels
         self.attention_channels = attention_channels
         self.scales = list(scale_values)
         self.aux_loss_weight = float(aux_loss_weight)
@@ -264,12 +256,9 @@ class HMSA(LogitsMetricsMixin, keras.Model):
         return weighted_output_loss(self, y, y_pred, weights, sample_weight)
 
     def get_config(self) -> dict:
-        return {"name": self.name, "trainable": self.trainable,
-                "input_channels": self.input_channels, "num_classes": self.num_classes,
-                "width": self.width, "stem_stride": self.stem_stride,
-                "stem_channels": self.stem_channels, "num_blocks": self.num_blocks,
-                "num_modules": self.num_modules, "ocr_mid_channels": self.ocr_mid_channels,
-                "ocr_key_channels": self.ocr_key_channels,
+        network = {k: v for k, v in self.network.get_config().items()
+                   if k not in ("name", "trainable")}
+        return {"name": self.name, "trainable": self.trainable, **network,
                 "attention_channels": self.attention_channels, "scales": list(self.scales),
                 "aux_loss_weight": self.aux_loss_weight,
                 "scale_loss_weight": self.scale_loss_weight}

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,
+from retina_tf.models.blocks import (LogitsMetricsMixin, basic_block,
                                      bottleneck_block, resnet_conv_bn, weighted_output_loss)
 
 # Weight of the auxiliary (soft object region) loss, OCR's and HMSA's 0.4.

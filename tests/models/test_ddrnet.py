@@ -6,12 +6,12 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.ddrnet import DDRNet, dappm
+from tests.models.helpers import assert_reload_identical, fit_toy
 
 TINY = dict(planes=4, spp_planes=8, head_planes=8)
 
@@ -108,11 +108,9 @@ def test_a_few_training_steps_lower_the_loss():
     keras.utils.set_random_seed(0)
     model = tiny(aux_head=True, layers=(1, 1, 1, 1))
     # SGD: tracing Adam's update of this many variables costs ~15 s more CPU (same loss path).
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                  loss=SegmentationLoss("bce_dice"),
-                  weighted_metrics=[SegmentationF1(name="f1")], jit_compile=False)
-    data = tf.data.Dataset.from_tensors(vessel_batch(batch=4)).repeat()
-    history = model.fit(data, epochs=15, steps_per_epoch=1, verbose=0).history
+    x, y, w = vessel_batch(batch=4)
+    history = fit_toy(model, x, y, keras.optimizers.SGD(0.05, momentum=0.9), epochs=15,
+                      steps_per_epoch=1, fov=w)
     assert history["loss"][-1] < 0.9 * history["loss"][0]
     assert "f1" in history and len(history["f1"]) == 15
 
@@ -121,12 +119,7 @@ def test_a_few_training_steps_lower_the_loss():
 def test_save_and_reload_give_identical_predictions(tmp_path, aux_head):
     model = tiny(aux_head=aux_head, num_classes=3, layers=(1, 2, 1, 1))
     x = np.random.default_rng(1).random((1, 40, 48, 1)).astype("float32")
-    before = keras.tree.map_structure(keras.ops.convert_to_numpy, model(x, training=False))
-    model.save(tmp_path / "m.keras")
-    again = keras.saving.load_model(tmp_path / "m.keras")
-    assert isinstance(again, DDRNet) and again.get_config() == model.get_config()
-    after = keras.tree.map_structure(keras.ops.convert_to_numpy, again(x, training=False))
-    keras.tree.map_structure(np.testing.assert_array_equal, after, before)
+    assert isinstance(assert_reload_identical(model, x, tmp_path), DDRNet)
 
 
 def test_get_config_round_trip():

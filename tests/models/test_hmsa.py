@@ -4,10 +4,10 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.losses import SegmentationLoss
-from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.hmsa import HMSA, scales_size_multiple
 from retina_tf.models.hrnet_ocr import HRNetOCR
+from tests.models.helpers import assert_reload_identical, fit_toy
 
 # A tiny network so a test builds in seconds on a shared CPU.
 NET = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8)
@@ -129,12 +129,7 @@ def test_a_few_training_steps_lower_the_loss():
     rng = np.random.default_rng(5)
     y = (rng.random((2, 32, 32, 1)) > 0.85).astype("float32")
     x = (0.6 * y + 0.4 * rng.random((2, 32, 32, 1))).astype("float32")
-    data = tf.data.Dataset.from_tensors((x, y, np.ones_like(y))).repeat()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=SegmentationLoss("bce_dice"),
-                  weighted_metrics=[SegmentationF1()], jit_compile=False)
-    # Built up front, the optimizer's variables do not make fit trace the step twice.
-    model.optimizer.build(model.trainable_variables)
-    history = model.fit(data, epochs=4, steps_per_epoch=3, verbose=0).history
+    history = fit_toy(model, x, y, keras.optimizers.Adam(3e-3), epochs=4, steps_per_epoch=3)
     assert history["loss"][-1] < history["loss"][0]
     assert "f1" in history
 
@@ -145,14 +140,7 @@ def test_save_and_reload_give_identical_predictions(tmp_path):
     multi = model.with_scales([0.5, 1.0, 2.0])
     x = _image(32, 64, seed=6)
     for i, m in enumerate((model, multi)):
-        before = m(x, training=False)
-        m.save(tmp_path / f"m{i}.keras")
-        again = keras.saving.load_model(tmp_path / f"m{i}.keras")
-        assert isinstance(again, HMSA) and again.get_config() == m.get_config()
-        after = again(x, training=False)
-        assert set(after) == set(before)
-        for key in before:
-            np.testing.assert_array_equal(_np(after[key]), _np(before[key]))
+        assert_reload_identical(m, x, tmp_path / str(i))
 
 
 def test_get_config_round_trip(tiny):

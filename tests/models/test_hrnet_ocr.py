@@ -1,13 +1,12 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from retina_tf.losses import SegmentationLoss
-from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.hrnet_ocr import (HRNetOCR, ObjectAttention, SpatialGather,
                                         spatial_gather_weights)
+from tests.models.helpers import assert_reload_identical, fit_toy
 
 # A tiny network so a test builds in seconds on a shared CPU.
 TINY = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8)
@@ -107,13 +106,7 @@ def test_a_few_training_steps_lower_the_loss():
     rng = np.random.default_rng(4)
     y = (rng.random((2, 32, 32, 1)) > 0.85).astype("float32")
     x = (0.6 * y + 0.4 * rng.random((2, 32, 32, 1))).astype("float32")
-    fov = np.ones_like(y)
-    data = tf.data.Dataset.from_tensors((x, y, fov)).repeat()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=SegmentationLoss("bce_dice"),
-                  weighted_metrics=[SegmentationF1()], jit_compile=False)
-    # Built up front, the optimizer's variables do not make fit trace the step twice.
-    model.optimizer.build(model.trainable_variables)
-    history = model.fit(data, epochs=4, steps_per_epoch=3, verbose=0).history
+    history = fit_toy(model, x, y, keras.optimizers.Adam(3e-3), epochs=4, steps_per_epoch=3)
     assert history["loss"][-1] < history["loss"][0]
     assert "f1" in history
 
@@ -121,13 +114,7 @@ def test_a_few_training_steps_lower_the_loss():
 def test_save_and_reload_give_identical_predictions(tmp_path):
     model = HRNetOCR(num_classes=3, num_modules=[1, 2, 1], aux_loss_weight=0.2, **TINY)
     x = np.random.default_rng(5).random((1, 32, 48, 1)).astype("float32")
-    before = model(x, training=False)
-    model.save(tmp_path / "m.keras")
-    again = keras.saving.load_model(tmp_path / "m.keras")
-    assert isinstance(again, HRNetOCR) and again.get_config() == model.get_config()
-    after = again(x, training=False)
-    for key in before:
-        np.testing.assert_array_equal(_np(after[key]), _np(before[key]))
+    assert_reload_identical(model, x, tmp_path)
 
 
 def test_get_config_round_trip(tiny):

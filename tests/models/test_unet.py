@@ -4,6 +4,7 @@ import pytest
 
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.unet import UNet
+from tests.models.helpers import assert_reload_identical
 
 
 def test_registry_lists_and_builds_unet():
@@ -49,8 +50,4 @@ def test_invalid_arguments_are_quoted():
 def test_save_and_reload_give_identical_predictions(tmp_path):
     model = UNet(depth=3, base_filters=4, transpose_conv=True, dropout=0.1, num_classes=3)
     x = np.random.default_rng(1).random((1, 32, 32, 1)).astype("float32")
-    before = keras.ops.convert_to_numpy(model(x, training=False))
-    model.save(tmp_path / "m.keras")
-    again = keras.saving.load_model(tmp_path / "m.keras")
-    assert isinstance(again, UNet) and again.get_config() == model.get_config()
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(x, training=False)), before)
+    assert isinstance(assert_reload_identical(model, x, tmp_path), UNet)
