@@ -77,9 +77,12 @@ def curves(scores: np.ndarray, labels: np.ndarray, points: int = 1024
     bins = np.clip((scores * (points - 1)).astype(np.int64), 0, points - 1)
     pos = np.bincount(bins[labels], minlength=points)[::-1].cumsum()
     neg = np.bincount(bins[~labels], minlength=points)[::-1].cumsum()
+    # Thresholds above every score select nothing: no curve point (precision is undefined).
+    keep = pos + neg > 0
+    pos, neg = pos[keep], neg[keep]
     tpr = np.concatenate([[0.0], pos / max(pos[-1], 1)])
     fpr = np.concatenate([[0.0], neg / max(neg[-1], 1)])
-    precision = np.concatenate([[1.0], pos / np.maximum(pos + neg, 1)])
+    precision = np.concatenate([[1.0], pos / (pos + neg)])
     return fpr, tpr, tpr, precision
 
 
