@@ -147,6 +147,20 @@ def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_integer("image_summary_every", 1,
                          "TensorBoard image summaries every N epochs (0 = never).")
     d.DEFINE_boolean("resume", True, "Resume an interrupted run (BackupAndRestore).")
+    d.DEFINE_string("pretrained", None,
+                    "Start from the weights of this run folder (a path, or a run name under "
+                    "--logdir): e.g. ear_net from its stage-1 hmsa run.")
+    d.DEFINE_integer("freeze_encoder_epochs", 0,
+                     "Fine-tuning (vit_seg): keep the pre-trained encoder frozen this many epochs.")
+    d.DEFINE_list("pretrain_dirs", [],
+                  "pretrain_mae: folders of unlabelled fundus images (labels ignored, FOV "
+                  "estimated); never the test images of the dataset you evaluate on.")
+    d.DEFINE_float("mask_ratio", 0.75, "pretrain_mae: share of patches masked.")
+    d.DEFINE_boolean("norm_pix_loss", True,
+                     "pretrain_mae: regress per-patch normalized pixels (MAE's better variant).")
+    d.DEFINE_string("error_maps", None,
+                    "ear_net: folder of the stage-1 error maps <image name>.png written by "
+                    "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
 
 
 def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:

@@ -25,6 +25,7 @@ from retina_tf.data.io import atomic_write_bytes, read_sample
 from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, patch_dataset,
                                      resolve_samples, whole_image_dataset)
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps, resolve_pretrained
 from retina_tf.inference import Segmenter, atomic_save_model, fov_diameter
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import AVMetrics, SegmentationF1, VesselMetrics
@@ -188,9 +189,10 @@ class WholeImageValidation(keras.callbacks.Callback):
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
                  task: str, log_dir: Path, every: int = 1, image_every: int = 1,
-                 scales: list[float] | None = None):
+                 scales: list[float] | None = None, stride: int = 16):
         super().__init__()
         self.scales = scales
+        self.stride = stride
         self._segmenter = None
         self.seg = seg
         self.preprocessor = preprocessor
@@ -205,8 +207,11 @@ class WholeImageValidation(keras.callbacks.Callback):
     def segmenter(self) -> Segmenter:
         """Built once: its traced forward pass serves every epoch and the final evaluation."""
         if self._segmenter is None:
+            # whole images unless the model needs fixed-size windows (e.g. vit_seg)
+            full = bool(getattr(self.model, "fully_convolutional", True))
             self._segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple,
-                                        "whole", scales=self.scales)
+                                        "auto", window=self.size_multiple, stride=self.stride,
+                                        fully_convolutional=full, scales=self.scales)
         return self._segmenter
 
     def on_epoch_end(self, epoch, logs=None):
@@ -262,11 +267,17 @@ def run_dir_of(cfg) -> Path:
 
 
 def model_kwargs(cfg, input_channels: int, num_classes: int) -> dict[str, Any]:
-    """Constructor arguments of ``cfg.model`` taken from the flags of the same name."""
-    params = inspect.signature(model_class(cfg.model).__init__).parameters
-    kwargs = {name: getattr(cfg, name) for name in params
-              if name not in ("self", "kwargs", "input_channels", "num_classes") and name in cfg}
-    kwargs.update(input_channels=input_channels, num_classes=num_classes)
+    """Constructor arguments of ``cfg.model``: the flags its class lists in ``flag_arguments``
+    (the U-Net's --depth, --base_filters, ...), then ``--model_config`` on top. Only listed flags:
+    a flag that happens to share a constructor argument's name (--patch_size vs. a ViT's
+    patch_size) must not leak into another architecture."""
+    cls = model_class(cfg.model)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {name: getattr(cfg, name) for name in getattr(cls, "flag_arguments", ())
+              if name in params and name in cfg}
+    kwargs.update(input_channels=input_channels)
+    if "num_classes" in params:  # not for pre-training models (MAE)
+        kwargs["num_classes"] = num_classes
     if cfg.model_config:
         kwargs.update(json.loads(cfg.model_config))
     return kwargs
@@ -288,6 +299,92 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
     val_set = build_set([datas[i] for i in val_idx], pre, cfg.task,
                         [samples[i] for i in val_idx], cfg.cache_dir) if val_idx else None
     return train_set, val_set, pre
+
+
+def load_pretrained(model: keras.Model, run_dir: Path) -> None:
+    """Initializes ``model`` from the model saved in ``run_dir``: by the model's own
+    ``load_pretrained(source)`` when it has one (e.g. EAR-Net from its HMSA stage 1), else all
+    weights when both models have the same architecture."""
+    from retina_tf.models import load_all
+    load_all()
+    source = keras.saving.load_model(Path(run_dir) / "model.keras", compile=False)
+    if hasattr(model, "load_pretrained"):
+        model.load_pretrained(source)
+        return
+    mine, theirs = model.get_weights(), source.get_weights()
+    if type(source) is not type(model) or [w.shape for w in mine] != [w.shape for w in theirs]:
+        raise ValueError(f"--pretrained={run_dir}: its {type(source).__name__} does not match "
+                         f"this {type(model).__name__} (architecture or size differs)")
+    model.set_weights(theirs)
+
+
+def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained: Path | None,
+                      model_name: str) -> SegmentationSet:
+    """The training set with each image's stage-1 error map appended to its target."""
+    if folder is None:
+        if pretrained is None:
+            raise ValueError(f"{model_name} trains on stage-1 error maps: give --pretrained=<stage-1 "
+                             "run> (after bin/make_error_maps.py) or --error_maps=<folder>")
+        folder = pretrained / ERROR_MAPS_DIR
+    maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images])
+    share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])
+    print(f"error maps from {folder}: {share:.2%} of the FOV pixels wrong in stage 1", flush=True)
+    return train_set.with_extras(maps)
+
+
+class FreezeEncoder(keras.callbacks.Callback):
+    """Keeps ``model.encoder`` frozen for the first ``epochs`` epochs of fine-tuning (so a new
+    decoder settles before it can disturb pre-trained weights), then trains everything."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = int(epochs)
+
+    def _set(self, trainable: bool):
+        if self.model.encoder.trainable != trainable:
+            self.model.encoder.trainable = trainable
+            # the traced train step captured the old trainable set: trace it again
+            self.model.make_train_function(force=True)
+
+    def on_train_begin(self, logs=None):
+        self._set(False)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._set(epoch >= self.epochs)
+
+
+def fit_run(model: keras.Model, dataset: tf.data.Dataset, steps: int, pixels_per_step: int,
+            cfg, run_dir: Path, validation: keras.callbacks.Callback | None = None,
+            extra_callbacks: list[keras.callbacks.Callback] | None = None
+            ) -> tuple[keras.callbacks.History, float, Path]:
+    """``model.fit`` with the run folder's callbacks: learning rate and speed, validation (the
+    best checkpoint by its ``val_f1``, else by loss), time budget, checkpoints, TensorBoard and
+    resume. Returns the history, the minutes it took and the best checkpoint's path."""
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    best_path = run_dir / "checkpoints" / "best.weights.h5"
+    callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
+    monitor, mode = "loss", "min"
+    if validation is not None:
+        callbacks.append(validation)
+        monitor, mode = "val_f1", "max"
+    callbacks += [
+        TimeBudget(cfg.time_budget_minutes),
+        keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode=mode,
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(run_dir / "checkpoints" / "last.weights.h5",
+                                        save_weights_only=True),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir), write_graph=False,
+                                    write_steps_per_second=False),
+    ]
+    if cfg.resume:
+        # Restores model, optimizer and epoch after an interruption; deleted when fit completes.
+        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
+    callbacks += list(extra_callbacks or [])
+    start = time.monotonic()
+    history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=callbacks,
+                        shuffle=False,  # the tf.data pipeline already samples at random
+                        verbose=1 if sys.stdout.isatty() else 2)
+    return history, (time.monotonic() - start) / 60.0, best_path
 
 
 def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
@@ -312,11 +409,20 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
 
     with strategy.scope():
         model = build_model(cfg.model, **model_kwargs(cfg, pre.channels, num_classes))
+    pretrained = resolve_pretrained(cfg.pretrained, cfg.logdir) if cfg.pretrained else None
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+        print(f"started from the weights of {pretrained}", flush=True)
+    if getattr(model, "needs_error_maps", False):
+        train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
     multiple = getattr(model, "size_multiple", 16)
     if cfg.mode == "patch":
         if cfg.patch_size % multiple:
             raise ValueError(f"--patch_size={cfg.patch_size} must be a multiple of {multiple} "
                              f"for {cfg.model}")
+        if not getattr(model, "fully_convolutional", True) and cfg.patch_size != multiple:
+            raise ValueError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
+                             f"exactly {multiple} px (its image_size)")
         dataset = patch_dataset(train_set, cfg.patch_size, cfg.batch_size,
                                 cfg.vessel_probability, augment, cfg.seed)
         steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
@@ -343,43 +449,23 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
                 "fully_convolutional": bool(getattr(model, "fully_convolutional", True)),
                 "dataset": cfg.dataset, "input_channels": pre.channels,
                 "num_classes": num_classes, "parameters": int(model.count_params()),
+                "pretrained": str(pretrained) if pretrained else None,
                 "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))}
     atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
     atomic_write_text(run_dir / "flags.txt", flags_text(cfg))
     pre.save(run_dir / "preprocessor.json")
 
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    best_path = run_dir / "checkpoints" / "best.weights.h5"
     validation = None
-    callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if val_set is not None:
         validation = WholeImageValidation(val_set, pre, multiple, cfg.task, run_dir / "validation",
                                           cfg.validate_every, cfg.image_summary_every,
-                                          cfg.eval_scales)
-        callbacks.append(validation)
-        monitor, mode = "val_f1", "max"
-    else:
-        monitor, mode = "loss", "min"
-    callbacks += [
-        TimeBudget(cfg.time_budget_minutes),
-        keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode=mode,
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(run_dir / "checkpoints" / "last.weights.h5",
-                                        save_weights_only=True),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir), write_graph=False,
-                                    write_steps_per_second=False),
-    ]
-    if cfg.resume:
-        # Restores model, optimizer and epoch after an interruption; deleted when fit completes.
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
-
-    callbacks += list(extra_callbacks or [])
-    start = time.monotonic()
-    history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=callbacks,
-                        shuffle=False,  # the tf.data pipeline already samples at random
-                        verbose=1 if sys.stdout.isatty() else 2)
-    minutes = (time.monotonic() - start) / 60.0
-
+                                          cfg.eval_scales, cfg.stride)
+    if cfg.freeze_encoder_epochs:
+        if not hasattr(model, "encoder"):
+            raise ValueError(f"--freeze_encoder_epochs: {cfg.model} has no encoder to freeze")
+        extra_callbacks = [FreezeEncoder(cfg.freeze_encoder_epochs)] + list(extra_callbacks or [])
+    history, minutes, best_path = fit_run(model, dataset, steps, pixels_per_step, cfg, run_dir,
+                                          validation, extra_callbacks)
     if best_path.is_file():
         model.load_weights(best_path)
     atomic_save_model(model, run_dir / "model.keras")

@@ -37,13 +37,29 @@ class SegmentationSet:
     images: list[np.ndarray]   # float32 (H, W, C) in [0, 1]
     targets: list[np.ndarray]  # float32 (H, W, K) in {0, 1}
     fovs: list[np.ndarray]     # bool (H, W)
+    # Extra per-pixel training targets appended after ``targets`` in ``y`` (e.g. EAR-Net's error
+    # maps): float32 (H, W, E); augmented like the labels, never used to pick patch centres.
+    extras: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
     def subset(self, indices: Sequence[int]) -> "SegmentationSet":
-        return SegmentationSet(*[[getattr(self, f)[i] for i in indices]
-                                 for f in ("names", "images", "targets", "fovs")])
+        fields = ("names", "images", "targets", "fovs")
+        picked = [[getattr(self, f)[i] for i in indices] for f in fields]
+        extras = None if self.extras is None else [self.extras[i] for i in indices]
+        return SegmentationSet(*picked, extras=extras)
+
+    def with_extras(self, extras: Sequence[np.ndarray]) -> "SegmentationSet":
+        """A copy whose ``y`` carries ``extras`` (one (H, W) or (H, W, E) map per image)."""
+        maps = [e[..., None] if e.ndim == 2 else e for e in extras]
+        if len(maps) != len(self):
+            raise ValueError(f"{len(maps)} extra target maps for {len(self)} images")
+        for name, image, extra in zip(self.names, self.images, maps):
+            if extra.shape[:2] != image.shape[:2]:
+                raise DatasetError(f"{name}: extra target map is {extra.shape[1::-1]}, the image "
+                                   f"{image.shape[1::-1]}")
+        return dataclasses.replace(self, extras=[m.astype(np.float32) for m in maps])
 
 
 @dataclasses.dataclass
@@ -140,13 +156,15 @@ def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vesse
 
 
 def _stack(seg: SegmentationSet, height: int, width: int, offset: int = 0) -> np.ndarray:
-    """Stacks image | target | fov channels into (N, height, width, C+K+1), zero-padded."""
-    c = seg.images[0].shape[-1] + seg.targets[0].shape[-1] + 1
+    """Stacks image | target | extras | fov channels into (N, height, width, C+K+E+1),
+    zero-padded."""
+    extras = seg.extras or [np.zeros(im.shape[:2] + (0,), np.float32) for im in seg.images]
+    c = seg.images[0].shape[-1] + seg.targets[0].shape[-1] + extras[0].shape[-1] + 1
     out = np.zeros((len(seg), height, width, c), np.float32)
-    for i, (im, t, f) in enumerate(zip(seg.images, seg.targets, seg.fovs)):
+    for i, (im, t, e, f) in enumerate(zip(seg.images, seg.targets, extras, seg.fovs)):
         h, w = im.shape[:2]
         out[i, offset:offset + h, offset:offset + w] = np.concatenate(
-            [im, t, f[..., None].astype(np.float32)], axis=-1)
+            [im, t, e, f[..., None].astype(np.float32)], axis=-1)
     return out
 
 
@@ -179,7 +197,7 @@ def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
 
 def augment_stack(stack: tf.Tensor, channels: int, aug: Augment, seed: tf.Tensor,
                   crop: int | None = None) -> tf.Tensor:
-    """Augments a (H, W, C+K+1) stack; ``crop`` centre-crops after a free rotation."""
+    """Augments a (H, W, C+K+E+1) stack; ``crop`` centre-crops after a free rotation."""
     s = _seeds(seed, 8)
     if aug.rotate_degrees > 0:
         angle = tf.random.stateless_uniform([], s[0], -aug.rotate_degrees, aug.rotate_degrees)

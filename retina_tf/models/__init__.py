@@ -15,6 +15,9 @@ _REGISTRY: dict[str, str] = {
     "ddrnet": "retina_tf.models.ddrnet:DDRNet",
     "hrnet_ocr": "retina_tf.models.hrnet_ocr:HRNetOCR",
     "hmsa": "retina_tf.models.hmsa:HMSA",
+    "ear_net": "retina_tf.models.ear_net:EARNet",
+    "mae": "retina_tf.models.vit_mae:MAE",
+    "vit_seg": "retina_tf.models.vit_mae:ViTSeg",
 }
 
 
@@ -30,8 +33,14 @@ def model_class(name: str) -> type:
 
 
 def build_model(name: str, **config) -> keras.Model:
-    """Builds a registered model; ``config`` are its constructor arguments."""
-    return model_class(name)(**config)
+    """Builds a registered model; ``config`` are its constructor arguments (ViT models also
+    take ``"preset"``, e.g. ``{"preset": "cpu_small"}``)."""
+    cls = model_class(name)
+    if "preset" in config:
+        if not hasattr(cls, "from_preset_config"):
+            raise ValueError(f"model {name!r} has no presets")
+        config = cls.from_preset_config(config)
+    return cls(**config)
 
 
 def load_all() -> None:

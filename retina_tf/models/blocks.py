@@ -125,3 +125,17 @@ class LogitsMetricsMixin:
         if isinstance(y_pred, dict):
             y_pred = y_pred["logits"]
         return super().compute_metrics(x, y, y_pred, sample_weight)
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> None:
+    """Sets the moving-average momentum of every BatchNormalization layer inside ``model``.
+
+    The PyTorch-parity 0.9 (PyTorch's 0.1) averages the statistics of the last ~10 batches; with
+    CPU-sized batches of 8 patches the eval-mode statistics then swing from epoch to epoch
+    (measured: validation F1 0.80 -> 0.04 -> 0.81 for HMSA at batch 8). 0.99 averages ~100.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {momentum!r}")
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(momentum)

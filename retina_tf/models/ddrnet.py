@@ -8,7 +8,8 @@ import keras
 from keras import layers
 
 from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,
-                                     bottleneck_block, resnet_conv_bn, weighted_output_loss)
+                                     bottleneck_block, resnet_conv_bn, set_bn_momentum,
+                                     weighted_output_loss)
 
 # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5), as in the DDRNet code.
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
@@ -109,6 +110,8 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
             both branches (DDRNet-23's code fixes 2 on the high branch). Default (2, 2, 2, 2).
         aux_head: bool, add DDRNet's auxiliary head on the high branch after layer 3 (its loss
             weighs 0.4; see ``compute_loss``). Default False.
+        bn_momentum: float, BatchNormalization moving-average momentum. Default 0.9 (the
+            code's PyTorch 0.1); 0.99 keeps eval-mode statistics steady at small batches.
 
     Input (B, H, W, input_channels) float32, H and W multiples of ``size_multiple`` (8). Output
     (B, H, W, num_classes) logits, or with ``aux_head`` a dict ``{"logits", "aux"}`` of two such
@@ -122,7 +125,8 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
 
     def __init__(self, input_channels: int = 1, num_classes: int = 1, planes: int = 32,
                  spp_planes: int = 128, head_planes: int = 64,
-                 layers: Sequence[int] = (2, 2, 2, 2), aux_head: bool = False, **kwargs):
+                 layers: Sequence[int] = (2, 2, 2, 2), aux_head: bool = False,
+                 bn_momentum: float = 0.9, **kwargs):
         # `layers` (DDRNet's name) shadows the keras.layers module here: use keras.layers.X.
         if isinstance(layers, str) or len(layers) != 4 or any(
                 not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in layers):
@@ -184,8 +188,10 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
             outputs = logits
         kwargs.setdefault("name", "ddrnet")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        set_bn_momentum(self, bn_momentum)
 
         # === Config ===
+        self.bn_momentum = float(bn_momentum)
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.planes = planes
@@ -214,7 +220,7 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
                 "input_channels": self.input_channels, "num_classes": self.num_classes,
                 "planes": self.planes, "spp_planes": self.spp_planes,
                 "head_planes": self.head_planes, "layers": list(self.stage_blocks),
-                "aux_head": self.aux_head}
+                "aux_head": self.aux_head, "bn_momentum": self.bn_momentum}
 
     @classmethod
     def from_config(cls, config: dict) -> "DDRNet":

@@ -9,7 +9,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.blocks import LogitsMetricsMixin, ResizeToMatch, weighted_output_loss
+from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, set_bn_momentum,
+                                     weighted_output_loss)
 from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, HRNetOCR, ResizeByScale,
                                         check_positive_ints, normalize_modules)
 
@@ -84,7 +85,8 @@ def scale_key(prefix: str, scale: float) -> str:
 
 
 def hierarchical_multiscale(inputs, network: keras.Model, attention_head: layers.Layer,
-                            scales: Sequence[float], stem_stride: int) -> dict:
+                            scales: Sequence[float], stem_stride: int,
+                            return_features: bool = False) -> dict:
     """Runs ``network`` on ``inputs`` resized by each scale and combines the logits.
 
     As NVIDIA's ``nscale_forward`` (Tao et al. 2020): from the highest scale down, the running
@@ -97,7 +99,9 @@ def hierarchical_multiscale(inputs, network: keras.Model, attention_head: layers
     combined with the same attention. 1.0 must be one of the scales (the output size).
 
     Returns a dict: ``"logits"``, ``"aux"`` (joint), and per scale ``"logits_<s>"`` and, except
-    for the highest scale, ``"attention_<s>"``, all resized to the input size.
+    for the highest scale, ``"attention_<s>"``, all resized to the input size; with
+    ``return_features`` also ``"features"``, the OCR features of the 1.0 pass (at
+    ``1 / stem_stride`` of the input size).
     """
     outputs = {}
     pred = aux = None
@@ -106,6 +110,8 @@ def hierarchical_multiscale(inputs, network: keras.Model, attention_head: layers
         x = inputs if s == 1.0 else ResizeByScale(s, name=f"input_x{tag}")(inputs)
         out = network(x)
         logits, aux_s = out["logits"], out["aux"]
+        if return_features and s == 1.0:
+            outputs["features"] = out["features"]
         outputs[scale_key("logits", s)] = (
             logits if s == 1.0 else ResizeToMatch(name=f"logits_x{tag}_to_input")([logits, inputs]))
         if pred is None:
@@ -136,7 +142,41 @@ def scales_size_multiple(base: int, scales: Sequence[float]) -> int:
     return m
 
 
-def _check_scales(scales) -> tuple[float, ...]:
+def hmsa_layers(attention_channels: int, **network_kwargs) -> tuple[HRNetOCR, ScaleAttentionHead]:
+    """The :class:`HRNetOCR` network and the scale-attention head of an HMSA model."""
+    network = HRNetOCR(**network_kwargs, name="hrnet_ocr")
+    attention_head = ScaleAttentionHead(attention_channels, name="scale_attention")
+    # Built now so its weights exist (and save) even when one scale never calls it.
+    attention_head.build((None, None, None, network.ocr_mid_channels))
+    return network, attention_head
+
+
+def check_nonnegative(**values: float) -> None:
+    for key, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+
+
+def hmsa_loss_weights(model) -> dict[str, float]:
+    """Output name -> loss weight: joint logits 1, joint aux ``aux_loss_weight``, each scale's
+    logits ``scale_loss_weight``."""
+    weights = {"logits": 1.0, "aux": model.aux_loss_weight}
+    weights.update({scale_key("logits", s): model.scale_loss_weight for s in model.scales})
+    return weights
+
+
+def hmsa_config(model) -> dict:
+    """The config of an HMSA-based model: the HRNetOCR arguments read from its network, the
+    attention width, scales and loss weights."""
+    network = {k: v for k, v in model.network.get_config().items()
+               if k not in ("name", "trainable")}
+    return {"name": model.name, "trainable": model.trainable, **network,
+            "attention_channels": model.attention_channels, "scales": list(model.scales),
+            "aux_loss_weight": model.aux_loss_weight,
+            "scale_loss_weight": model.scale_loss_weight, "bn_momentum": model.bn_momentum}
+
+
+def check_scales(scales) -> tuple[float, ...]:
     try:
         values = tuple(float(s) for s in scales)
     except (TypeError, ValueError):
@@ -172,6 +212,9 @@ class HMSA(LogitsMetricsMixin, keras.Model):
             Default (0.5, 1.0), the paper's training scales.
         aux_loss_weight: float, weight of the joint auxiliary logits' loss. Default 0.4.
         scale_loss_weight: float, weight of each scale's own logits' loss. Default 0.05.
+        bn_momentum: float, BatchNormalization moving-average momentum of every layer. Default
+            0.9 (PyTorch's 0.1, as NVIDIA's code); 0.99 keeps eval-mode statistics steady with
+            CPU-sized batches of 8.
 
     Input ``(B, H, W, input_channels)``, ``H``, ``W`` multiples of ``size_multiple``. Output dict
     of ``(B, H, W, ...)`` maps: ``"logits"`` (joint, ``num_classes``), ``"aux"`` (joint auxiliary
@@ -193,27 +236,22 @@ class HMSA(LogitsMetricsMixin, keras.Model):
                  num_modules: int | Sequence[int] = 1, ocr_mid_channels: int = 128,
                  ocr_key_channels: int = 64, attention_channels: int = 64,
                  scales: Sequence[float] = (0.5, 1.0), aux_loss_weight: float = AUX_LOSS_WEIGHT,
-                 scale_loss_weight: float = SCALE_LOSS_WEIGHT, **kwargs):
+                 scale_loss_weight: float = SCALE_LOSS_WEIGHT, bn_momentum: float = 0.9,
+                 **kwargs):
         shared = kwargs.pop("_shared_layers", None)  # only from with_scales()
-        scale_values = _check_scales(scales)
+        scale_values = check_scales(scales)
         check_positive_ints(attention_channels=attention_channels)
         normalize_modules(num_modules)
-        for key, value in (("aux_loss_weight", aux_loss_weight),
-                           ("scale_loss_weight", scale_loss_weight)):
-            if not value >= 0:
-                raise ValueError(f"{key} must be >= 0, got {value!r}")
+        check_nonnegative(aux_loss_weight=aux_loss_weight, scale_loss_weight=scale_loss_weight)
 
         # === Layers ===
         if shared is None:
-            network = HRNetOCR(
+            network, attention_head = hmsa_layers(
                 input_channels=input_channels, num_classes=num_classes, width=width,
                 stem_stride=stem_stride, stem_channels=stem_channels, num_blocks=num_blocks,
                 num_modules=num_modules, ocr_mid_channels=ocr_mid_channels,
                 ocr_key_channels=ocr_key_channels, aux_loss_weight=aux_loss_weight,
-                name="hrnet_ocr")
-            attention_head = ScaleAttentionHead(attention_channels, name="scale_attention")
-            # Built now so its weights exist (and save) even when one scale never calls it.
-            attention_head.build((None, None, None, ocr_mid_channels))
+                attention_channels=attention_channels)
         else:
             network, attention_head = shared
 
@@ -223,6 +261,8 @@ class HMSA(LogitsMetricsMixin, keras.Model):
                                           stem_stride)
         kwargs.setdefault("name", "hmsa")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        set_bn_momentum(self, bn_momentum)
+        self.bn_momentum = float(bn_momentum)
 
         # === Config ===
         # The HRNetOCR arguments live in (and are read back from) self.network's config.
@@ -251,17 +291,10 @@ class HMSA(LogitsMetricsMixin, keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """``loss(logits) + aux_loss_weight * loss(aux) + scale_loss_weight * sum_s
         loss(logits_<s>)`` with the compiled loss."""
-        weights = {"logits": 1.0, "aux": self.aux_loss_weight}
-        weights.update({scale_key("logits", s): self.scale_loss_weight for s in self.scales})
-        return weighted_output_loss(self, y, y_pred, weights, sample_weight)
+        return weighted_output_loss(self, y, y_pred, hmsa_loss_weights(self), sample_weight)
 
     def get_config(self) -> dict:
-        network = {k: v for k, v in self.network.get_config().items()
-                   if k not in ("name", "trainable")}
-        return {"name": self.name, "trainable": self.trainable, **network,
-                "attention_channels": self.attention_channels, "scales": list(self.scales),
-                "aux_loss_weight": self.aux_loss_weight,
-                "scale_loss_weight": self.scale_loss_weight}
+        return hmsa_config(self)
 
     @classmethod
     def from_config(cls, config: dict) -> "HMSA":

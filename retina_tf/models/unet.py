@@ -38,6 +38,9 @@ class UNet(keras.Model):
         TensorShape([1, 48, 48, 1])
     """
 
+    # Constructor arguments bin/train.py takes from flags of the same name.
+    flag_arguments = ("depth", "base_filters", "transpose_conv", "batch_norm", "dropout")
+
     def __init__(self, input_channels: int = 1, num_classes: int = 1, depth: int = 4,
                  base_filters: int = 32, transpose_conv: bool = False, batch_norm: bool = True,
                  dropout: float = 0.0, **kwargs):

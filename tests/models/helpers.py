@@ -37,4 +37,5 @@ def fit_toy(model: keras.Model, x: np.ndarray, y: np.ndarray, optimizer, epochs:
                   weighted_metrics=[SegmentationF1(name="f1")], jit_compile=False)
     # Built up front, the optimizer's variables do not make fit trace the step twice.
     model.optimizer.build(model.trainable_variables)
-    return model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0).history
+    return model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+                     shuffle=False).history

@@ -1,0 +1,136 @@
+import keras
+import numpy as np
+import pytest
+
+from retina_tf.models import build_model, model_class
+from retina_tf.models.ear_net import EARNet, ErrorAttentionModulation, masked_mse
+from retina_tf.models.hmsa import HMSA
+from tests.models.helpers import assert_reload_identical, fit_toy
+
+TINY = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8,
+            attention_channels=8)
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _image(h=32, w=32, seed=0, n=1):
+    return np.random.default_rng(seed).random((n, h, w, 1)).astype("float32")
+
+
+def _force_error_attention(model: EARNet, value: float):
+    """Makes the error-attention head output ``value`` (0 or 1) everywhere."""
+    out = model.error_attention.out
+    out.kernel.assign(np.zeros(out.kernel.shape, "float32"))
+    out.bias.assign(np.full(out.bias.shape, -1e4 if value == 0 else 1e4, "float32"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    keras.utils.set_random_seed(0)
+    return EARNet(**TINY)
+
+
+def test_registry_and_outputs(tiny):
+    assert model_class("ear_net") is EARNet
+    assert build_model("ear_net", num_classes=3, **TINY).output["logits"].shape[-1] == 3
+    out = tiny(np.zeros((2, 64, 96, 1), "float32"), training=False)
+    assert set(out) == {"logits", "stage1_logits", "error_attention", "aux", "logits_0.5",
+                        "logits_1.0", "attention_0.5"}
+    for key, value in out.items():
+        assert value.shape == (2, 64, 96, 1), key
+    att = _np(out["error_attention"])
+    assert (att >= 0).all() and (att <= 1).all()
+
+
+def test_modulation_layer_formula():
+    logits = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
+    att = np.random.default_rng(2).random((2, 8, 8, 1)).astype("float32")
+    got = _np(ErrorAttentionModulation(0.5)([logits, att]))
+    np.testing.assert_allclose(got, 0.5 * logits + 0.5 * att * logits, rtol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        ErrorAttentionModulation(1.5)
+
+
+@pytest.mark.parametrize("value,factor", [(0.0, 0.5), (1.0, 1.0)])
+def test_zero_attention_gives_half_the_logits(value, factor):
+    # (1 - w) * p + w * att * p: att = 0 -> (1 - w) * p; att = 1 -> p (w = 0.5)
+    keras.utils.set_random_seed(3)
+    model = EARNet(**TINY)
+    _force_error_attention(model, value)
+    out = model(_image(32, 64, seed=4), training=False)
+    np.testing.assert_allclose(_np(out["logits"]), factor * _np(out["stage1_logits"]),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_stage1_logits_are_the_hmsa_output_after_load_pretrained():
+    keras.utils.set_random_seed(5)
+    hmsa = HMSA(**TINY)
+    ear = EARNet(**TINY)
+    ear.load_pretrained(hmsa)
+    x = _image(64, 64, seed=6)
+    np.testing.assert_allclose(_np(ear(x, training=False)["stage1_logits"]),
+                               _np(hmsa(x, training=False)["logits"]), rtol=1e-5, atol=1e-6)
+    # the sign of the logits (the binary mask) is what stage 1 predicted
+    assert np.array_equal(_np(ear(x, training=False)["logits"]) > 0,
+                          _np(hmsa(x, training=False)["logits"]) > 0)
+
+
+def test_load_pretrained_refuses_another_architecture():
+    with pytest.raises(ValueError, match="differ in shape"):
+        EARNet(**TINY).load_pretrained(HMSA(**dict(TINY, width=6)))
+    with pytest.raises(ValueError, match="hmsa run"):
+        EARNet(**TINY).load_pretrained(keras.Sequential([keras.layers.Dense(1)], name="other"))
+
+
+def test_masked_mse_counts_only_the_fov():
+    pred = np.array([[0.0, 1.0], [0.5, 0.5]], "float32")[None, ..., None]
+    target = np.array([[1.0, 1.0], [0.0, 0.0]], "float32")[None, ..., None]
+    fov = np.array([[0.0, 1.0], [1.0, 1.0]], "float32")[None, ..., None]
+    # inside the FOV: (0, 0.25, 0.25) -> 1/6; the masked-out pixel (error 1) does not count
+    assert float(masked_mse(pred, target, fov)) == pytest.approx(1 / 6)
+    assert float(masked_mse(pred, target)) == pytest.approx((1 + 0 + 0.25 + 0.25) / 4)
+
+
+def test_loss_adds_the_error_term_only_with_an_error_channel():
+    keras.utils.set_random_seed(7)
+    model = EARNet(**TINY)
+    model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    x = _image(32, 32, seed=8)
+    y = (np.random.default_rng(9).random((1, 32, 32, 1)) > 0.8).astype("float32")
+    err = (np.random.default_rng(10).random((1, 32, 32, 1)) > 0.9).astype("float32")
+    pred = model(x, training=False)
+    seg_only = float(model.compute_loss(x, y, pred))
+    with_error = float(model.compute_loss(x, np.concatenate([y, err], -1), pred))
+    expected = float(masked_mse(pred["error_attention"], err))
+    assert with_error - seg_only == pytest.approx(expected, rel=1e-4)
+
+
+def test_fit_lowers_both_losses(tmp_path):
+    keras.utils.set_random_seed(11)
+    model = EARNet(**TINY)
+    x = _image(32, 32, seed=12, n=2)
+    vessel = (x > 0.6).astype("float32")
+    error = np.zeros_like(vessel)
+    error[:, 8:16] = 1.0
+    y = np.concatenate([vessel, error], -1)
+    fov = np.ones_like(vessel)
+
+    def error_loss():
+        return float(masked_mse(model(x, training=False)["error_attention"], error))
+
+    before = error_loss()
+    history = fit_toy(model, x, y, keras.optimizers.Adam(3e-3), epochs=4, steps_per_epoch=5,
+                      fov=fov)
+    assert history["loss"][-1] < history["loss"][0]
+    assert "f1" in history  # metrics see the segmentation channel only
+    assert error_loss() < before
+
+
+def test_with_scales_shares_weights_and_reload(tiny, tmp_path):
+    three = tiny.with_scales([0.5, 1.0, 2.0])
+    assert three.error_attention is tiny.error_attention and three.size_multiple == 32
+    out = three(_image(64, 64), training=False)
+    assert out["logits"].shape == (1, 64, 64, 1) and "attention_1.0" in out
+    assert_reload_identical(tiny, _image(64, 32, seed=13), tmp_path)

@@ -1,0 +1,131 @@
+"""EAR-Net's two stages end to end on tiny synthetic data: stage-1 hmsa run, bin/make_error_maps.py,
+stage-2 ear_net training from the stage-1 run, evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_tf.data.io import DatasetError, read_mask, read_sample
+from retina_tf.data.pipeline import (Augment, SegmentationSet, patch_dataset, resolve_samples,
+                                     whole_image_dataset)
+from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.error_maps import error_map, read_error_maps
+from retina_tf.evaluation import evaluate
+from retina_tf.flags import parse_flags
+from retina_tf.inference import Segmenter
+from retina_tf.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_HMSA = ('{"width": 4, "stem_channels": 8, "num_blocks": 1, "ocr_mid_channels": 16, '
+             '"ocr_key_channels": 8, "attention_channels": 8}')
+
+
+def test_error_map_marks_false_positives_and_negatives_inside_the_fov():
+    prob = np.array([[0.9, 0.2, 0.7], [0.1, 0.6, 0.4]])
+    target = np.array([[1, 1, 0], [0, 1, 1]], bool)
+    fov = np.array([[1, 1, 1], [1, 1, 0]], bool)
+    expected = np.array([[0, 1, 1], [0, 0, 0]], bool)  # FN, FP; the FN at (1, 2) is outside
+    np.testing.assert_array_equal(error_map(prob, target, fov), expected)
+
+
+def _toy_set(seed=0, n=2, size=40):
+    rng = np.random.default_rng(seed)
+    images = [rng.random((size, size, 1)).astype("float32") for _ in range(n)]
+    targets = [(rng.random((size, size, 1)) > 0.7).astype("float32") for _ in range(n)]
+    fovs = [np.ones((size, size), bool) for _ in range(n)]
+    return SegmentationSet([f"im{i}" for i in range(n)], images, targets, fovs)
+
+
+def test_extra_targets_follow_the_labels_through_augmentation():
+    seg = _toy_set()
+    # extras equal to the labels must stay equal to them after flips and free rotations
+    with_copy = seg.with_extras([t[..., 0] for t in seg.targets])
+    aug = Augment(flip=True, rot90=True, rotate_degrees=20)
+    x, y, w = next(iter(patch_dataset(with_copy, 16, 8, 0.5, aug, seed=1)))
+    assert x.shape == (8, 16, 16, 1) and y.shape == (8, 16, 16, 2) and w.shape == (8, 16, 16, 1)
+    np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy())
+    x, y, w = next(iter(whole_image_dataset(with_copy, 2, 16, aug, seed=2)))
+    assert y.shape == (2, 48, 48, 2)
+    np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy())
+    assert with_copy.subset([1]).extras[0].shape == (40, 40, 1)
+    with pytest.raises(DatasetError, match="im0: extra target map"):
+        seg.with_extras([np.zeros((8, 8)), np.zeros((40, 40))])
+
+
+def test_patch_centres_ignore_the_extra_targets():
+    seg = _toy_set()
+    seg.targets = [np.zeros_like(t) for t in seg.targets]
+    seg.targets[0][20, 20] = 1.0  # one vessel pixel; the extras are everywhere
+    seg = seg.with_extras([np.ones((40, 40)), np.ones((40, 40))])
+    _, y, _ = next(iter(patch_dataset(seg, 8, 16, 1.0, Augment.none(), seed=3)))
+    assert (y[:, 4, 4, 0].numpy() == 1).all()  # every patch centred on the vessel pixel
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=5, num_test=2,
+                                   seed=4, size=(96, 96))
+    logdir = tmp_path_factory.mktemp("runs")
+    common = ["--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}",
+              "--patch_size=32", "--batch_size=4", "--patches_per_epoch=16", "--epochs=2",
+              "--val_images=1", "--learning_rate=0.005", "--image_summary_every=0",
+              f"--model_config={TINY_HMSA}"]
+    run = train(parse_flags(common + ["--model=hmsa", "--run_name=stage1"]))
+    return data, logdir, run, common
+
+
+@pytest.mark.slow
+def test_make_error_maps_writes_the_stage1_errors(stage1):
+    data, logdir, run, _ = stage1
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "make_error_maps.py"), "--dataset=synthetic",
+         f"--data_dir={data}", f"--model={run}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = resolve_samples("synthetic", data, "training")
+    folder = run / "error_maps"
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(s.name for s in samples)
+    # each map is exactly the stage-1 model's thresholded errors inside the FOV
+    seg = Segmenter.from_run(run)
+    d = read_sample(samples[0])
+    prob = seg.probability(d.image)[..., -1] * d.fov
+    np.testing.assert_array_equal(read_mask(folder / f"{d.name}.png", what="error map"),
+                                  error_map(prob, d.vessel, d.fov))
+    summary = json.loads((folder / "error_maps.json").read_text())
+    assert set(summary["error_share_in_fov"]) == {s.name for s in samples}
+    assert 0 <= summary["mean_error_share_in_fov"] <= 1
+
+
+@pytest.mark.slow
+def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
+    data, logdir, run, common = stage1
+    if not (run / "error_maps").is_dir():  # independent of the test above
+        subprocess.run([sys.executable, str(REPO / "bin" / "make_error_maps.py"),
+                        "--dataset=synthetic", f"--data_dir={data}", f"--model={run}"],
+                       check=True, capture_output=True, timeout=300)
+    cfg = parse_flags(common + ["--model=ear_net", "--run_name=stage2",
+                                f"--pretrained={run.name}"])  # a run name under --logdir
+    stage2 = train(cfg)
+    info = json.loads((stage2 / "run.json").read_text())
+    assert info["model"] == "ear_net" and info["pretrained"] == str(run)
+    losses = json.loads((stage2 / "metrics.json").read_text())["loss_history"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    report = evaluate(parse_flags(common + ["--model=ear_net", "--run_name=stage2",
+                                            "--visualize"]))
+    assert 0.0 <= report["metrics"]["f1"] <= 1.0
+    assert (stage2 / "eval_synthetic_test" / "roc_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_stage2_without_error_maps_says_what_to_run(stage1, tmp_path):
+    _, _, run, common = stage1
+    with pytest.raises(ValueError, match="--pretrained=<stage-1 run>"):
+        train(parse_flags(common + ["--model=ear_net", f"--logdir={tmp_path}"]))
+    with pytest.raises(DatasetError, match="make_error_maps"):
+        read_error_maps(tmp_path / "nowhere", ["a"], [(4, 4)])
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(DatasetError, match=r"a\.png: missing error map"):
+        read_error_maps(tmp_path / "maps", ["a"], [(4, 4)])

@@ -1,0 +1,86 @@
+"""MAE pre-training end to end on tiny synthetic data (bin/pretrain_mae.py), then fine-tuning a
+ViT segmentation model from the run folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from retina_tf.data.io import DatasetError
+from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.flags import parse_flags
+from retina_tf.models import build_model
+from retina_tf.pretraining import pretraining_images
+from retina_tf.training import load_pretrained, train
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER = '"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "num_heads": 2'
+MAE_CONFIG = "{" + ENCODER + ', "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}'
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
+                                   seed=5, size=(96, 96))
+    logdir = tmp_path_factory.mktemp("runs")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "pretrain_mae.py"), "--dataset=synthetic",
+         f"--data_dir={data}", f"--pretrain_dirs={data / 'training' / 'images'}",
+         f"--logdir={logdir}", "--run_name=mae", f"--model_config={MAE_CONFIG}", "--epochs=3",
+         "--patches_per_epoch=64", "--batch_size=8", "--learning_rate=0.003",
+         "--image_summary_every=1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, logdir, logdir / "mae", proc.stdout
+
+
+@pytest.mark.slow
+def test_pretraining_writes_a_run_folder_and_lowers_the_loss(pretrained):
+    _, _, run, stdout = pretrained
+    assert "pre-training on 4 unlabelled images" in stdout
+    for name in ("model.keras", "preprocessor.json", "run.json", "flags.txt", "metrics.json",
+                 "reconstruction.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "images").glob("events.out.tfevents.*")), "no reconstruction summaries"
+    losses = json.loads((run / "metrics.json").read_text())["loss_history"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    info = json.loads((run / "run.json").read_text())
+    assert info["model"] == "mae" and info["model_config"]["mask_ratio"] == 0.75
+
+
+@pytest.mark.slow
+def test_encoder_transfers_from_the_run_folder_and_fine_tunes(pretrained, tmp_path):
+    data, logdir, run, _ = pretrained
+    seg = build_model("vit_seg", input_channels=1, num_classes=1,
+                      **json.loads("{" + ENCODER + "}"))
+    load_pretrained(seg, run)
+    mae = keras.saving.load_model(run / "model.keras")
+    for a, b in zip(seg.encoder.get_weights(), mae.encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    cfg = parse_flags([
+        "--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}", "--run_name=vit",
+        "--model=vit_seg", "--model_config={" + ENCODER + "}", "--pretrained=mae",
+        "--freeze_encoder_epochs=1", "--patch_size=32", "--batch_size=4",
+        "--patches_per_epoch=32", "--epochs=2", "--val_images=1", "--stride=16",
+        "--loss=seed_vit", "--image_summary_every=0"])
+    out = train(cfg)
+    info = json.loads((out / "run.json").read_text())
+    assert info["pretrained"] == str(run) and info["fully_convolutional"] is False
+    assert len(json.loads((out / "metrics.json").read_text())["loss_history"]) == 2
+    with pytest.raises(ValueError, match="exactly 32 px"):
+        train(parse_flags([f"--flagfile={out / 'flags.txt'}", "--patch_size=64",
+                           "--run_name=bad"]))
+
+
+def test_test_images_of_the_evaluation_dataset_are_refused(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=1, seed=6,
+                                   size=(64, 64))
+    with pytest.raises(DatasetError, match="test image of the evaluation dataset"):
+        pretraining_images([str(data / "test" / "images")], {"01_test", "03_test"})
+    files, images = pretraining_images([str(data / "training" / "images")], {"03_test"})
+    assert len(files) == len(images) == 2 and images[0].shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="pretrain_dirs"):
+        pretraining_images([], set())
