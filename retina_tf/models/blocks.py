@@ -130,9 +130,10 @@ class LogitsMetricsMixin:
 def set_bn_momentum(model: keras.Model, momentum: float) -> None:
     """Sets the moving-average momentum of every BatchNormalization layer inside ``model``.
 
-    The PyTorch-parity 0.9 (PyTorch's 0.1) averages the statistics of the last ~10 batches; with
-    CPU-sized batches of 8 patches the eval-mode statistics then swing from epoch to epoch
-    (measured: validation F1 0.80 -> 0.04 -> 0.81 for HMSA at batch 8). 0.99 averages ~100.
+    The PyTorch-parity 0.9 (PyTorch's 0.1) averages the statistics of the last ~10 batches,
+    noisy with CPU-sized batches of 8 patches; 0.99 averages ~100. DDRNet trained with 0.99 gave
+    a steady validation F1; HMSA's validation F1 swung between epochs with either value, so
+    there the cause is not only the BN statistics.
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"bn_momentum must be in [0, 1), got {momentum!r}")

@@ -111,7 +111,8 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
         aux_head: bool, add DDRNet's auxiliary head on the high branch after layer 3 (its loss
             weighs 0.4; see ``compute_loss``). Default False.
         bn_momentum: float, BatchNormalization moving-average momentum. Default 0.9 (the
-            code's PyTorch 0.1); 0.99 keeps eval-mode statistics steady at small batches.
+            code's PyTorch 0.1); 0.99 averages the eval-mode statistics over more of the small
+            CPU batches (see ``set_bn_momentum``).
 
     Input (B, H, W, input_channels) float32, H and W multiples of ``size_multiple`` (8). Output
     (B, H, W, num_classes) logits, or with ``aux_head`` a dict ``{"logits", "aux"}`` of two such

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import keras
 from keras import layers, ops
 
-from retina_tf.models.blocks import set_bn_momentum, weighted_output_loss
+from retina_tf.models.blocks import weighted_output_loss
 from retina_tf.models.hmsa import (SCALE_LOSS_WEIGHT, ScaleAttentionHead, check_nonnegative,
                                    check_scales, hierarchical_multiscale, hmsa_config,
-                                   hmsa_layers, hmsa_loss_weights, scales_size_multiple)
+                                   hmsa_layers, hmsa_loss_weights, scales_size_multiple,
+                                   store_hmsa_attributes)
 from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, ResizeByScale, check_positive_ints,
                                         normalize_modules)
 
@@ -132,18 +133,12 @@ class EARNet(keras.Model):
             [outputs["logits"], attention])
         kwargs.setdefault("name", "ear_net")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-        set_bn_momentum(self, bn_momentum)
-        self.bn_momentum = float(bn_momentum)
 
         # === Config ===
-        self.network = network
-        self.scale_attention = attention_head
+        store_hmsa_attributes(self, network, attention_head, attention_channels, scale_values,
+                              aux_loss_weight, scale_loss_weight, bn_momentum)
         self.error_attention = error_head
-        self.attention_channels = attention_channels
         self.error_attention_channels = error_attention_channels
-        self.scales = list(scale_values)
-        self.aux_loss_weight = float(aux_loss_weight)
-        self.scale_loss_weight = float(scale_loss_weight)
         self.error_weight = float(error_weight)
         self.error_loss_weight = float(error_loss_weight)
         self.num_classes = num_classes

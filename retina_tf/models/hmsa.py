@@ -165,6 +165,22 @@ def hmsa_loss_weights(model) -> dict[str, float]:
     return weights
 
 
+def store_hmsa_attributes(model: keras.Model, network: HRNetOCR, attention_head: layers.Layer,
+                          attention_channels: int, scales: Sequence[float],
+                          aux_loss_weight: float, scale_loss_weight: float,
+                          bn_momentum: float) -> None:
+    """Sets an HMSA-based model's BN momentum and the attributes :func:`hmsa_config` reads
+    (the HRNetOCR arguments live in, and are read back from, ``model.network``'s config)."""
+    set_bn_momentum(model, bn_momentum)
+    model.bn_momentum = float(bn_momentum)
+    model.network = network
+    model.scale_attention = attention_head
+    model.attention_channels = attention_channels
+    model.scales = list(scales)
+    model.aux_loss_weight = float(aux_loss_weight)
+    model.scale_loss_weight = float(scale_loss_weight)
+
+
 def hmsa_config(model) -> dict:
     """The config of an HMSA-based model: the HRNetOCR arguments read from its network, the
     attention width, scales and loss weights."""
@@ -213,8 +229,8 @@ class HMSA(LogitsMetricsMixin, keras.Model):
         aux_loss_weight: float, weight of the joint auxiliary logits' loss. Default 0.4.
         scale_loss_weight: float, weight of each scale's own logits' loss. Default 0.05.
         bn_momentum: float, BatchNormalization moving-average momentum of every layer. Default
-            0.9 (PyTorch's 0.1, as NVIDIA's code); 0.99 keeps eval-mode statistics steady with
-            CPU-sized batches of 8.
+            0.9 (PyTorch's 0.1, as NVIDIA's code); 0.99 averages the eval-mode statistics over
+            more of the small CPU batches (see ``set_bn_momentum``).
 
     Input ``(B, H, W, input_channels)``, ``H``, ``W`` multiples of ``size_multiple``. Output dict
     of ``(B, H, W, ...)`` maps: ``"logits"`` (joint, ``num_classes``), ``"aux"`` (joint auxiliary
@@ -261,17 +277,10 @@ class HMSA(LogitsMetricsMixin, keras.Model):
                                           stem_stride)
         kwargs.setdefault("name", "hmsa")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-        set_bn_momentum(self, bn_momentum)
-        self.bn_momentum = float(bn_momentum)
 
         # === Config ===
-        # The HRNetOCR arguments live in (and are read back from) self.network's config.
-        self.network = network
-        self.scale_attention = attention_head
-        self.attention_channels = attention_channels
-        self.scales = list(scale_values)
-        self.aux_loss_weight = float(aux_loss_weight)
-        self.scale_loss_weight = float(scale_loss_weight)
+        store_hmsa_attributes(self, network, attention_head, attention_channels, scale_values,
+                              aux_loss_weight, scale_loss_weight, bn_momentum)
 
     @property
     def size_multiple(self) -> int:

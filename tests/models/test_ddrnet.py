@@ -143,3 +143,13 @@ def test_default_is_ddrnet_23_slim_size():
 def test_invalid_arguments_are_quoted(kwargs, quoted):
     with pytest.raises(ValueError, match=re.escape(quoted)):
         DDRNet(**kwargs)
+
+
+def test_bn_momentum_sets_every_batch_norm():
+    def momenta(model):
+        return {layer.momentum for layer in model._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta(tiny()) == {0.9}  # PyTorch's BatchNorm2d(momentum=0.1), as DDRNet's code
+    model = tiny(bn_momentum=0.99)
+    assert momenta(model) == {0.99}
+    assert momenta(DDRNet.from_config(model.get_config())) == {0.99}

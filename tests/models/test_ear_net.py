@@ -134,3 +134,18 @@ def test_with_scales_shares_weights_and_reload(tiny, tmp_path):
     out = three(_image(64, 64), training=False)
     assert out["logits"].shape == (1, 64, 64, 1) and "attention_1.0" in out
     assert_reload_identical(tiny, _image(64, 32, seed=13), tmp_path)
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_survives_reload(tmp_path):
+    model = EARNet(**TINY, bn_momentum=0.99)
+    norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) > 10 and {n.momentum for n in norms} == {0.99}
+    path = tmp_path / "ear.keras"
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert again.bn_momentum == 0.99 and again.network.layers  # rebuilt from the config
+    assert {n.momentum for n in again._flatten_layers(include_self=False, recursive=True)
+            if isinstance(n, keras.layers.BatchNormalization)} == {0.99}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        EARNet(**TINY, bn_momentum=1.0)
