@@ -150,7 +150,7 @@ def test_get_config_round_trip(tiny):
     assert set(config) - {"name", "trainable"} == {
         "input_channels", "num_classes", "width", "stem_stride", "stem_channels", "num_blocks",
         "num_modules", "ocr_mid_channels", "ocr_key_channels", "attention_channels", "scales",
-        "aux_loss_weight", "scale_loss_weight"}
+        "aux_loss_weight", "scale_loss_weight", "bn_momentum"}
 
 
 @pytest.mark.parametrize("kwargs,quoted", [
