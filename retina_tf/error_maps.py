@@ -53,7 +53,7 @@ def write_error_maps(cfg) -> Path:
     for sample in samples:
         data = read_sample(sample)
         target = target_of(data, seg.task)[..., -1]
-        prob = seg.probability(data.image)[..., -1] * data.fov
+        prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only
         errors = error_map(prob, target, data.fov, cfg.threshold)
         visualize.save_png(out_dir / f"{data.name}.png", visualize.mask_image(errors))
         shares[data.name] = float(errors.sum() / max(data.fov.sum(), 1))

@@ -27,8 +27,9 @@ from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.training import (atomic_write_text, fit_run, flags_text, make_optimizer,
                                 make_strategy, run_dir_of, update_metrics_json, WarmupDecay)
 
-# Label files that official layouts keep beside the photographs (CHASE_DB1's flat folder).
-_LABEL_STEMS = ("_1stHO", "_2ndHO", "_manual", "_mask", "_AVmanual")
+# Label files that official layouts keep beside the photographs (CHASE_DB1's flat folder);
+# _list_inputs already skips "_mask" files.
+_LABEL_STEMS = ("_1stHO", "_2ndHO", "_manual", "_AVmanual")
 
 
 def _image_files(folder: Path) -> list[Path]:
