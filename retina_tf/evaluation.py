@@ -84,6 +84,10 @@ def evaluate(cfg) -> dict:
         result.update({f"av_{k}": v for k, v in av.result().items()})
     print()
     print(format_table(result), flush=True)
+    if av is not None:
+        print("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
+              "Se: arteries right, Sp: veins right)")
+        print(format_table(av.result(), class_names=("vein", "artery")), flush=True)
     if cfg.visualize:
         scores, labels = vessel.scores_and_labels()
         visualize.save_curves(scores, labels, out_dir, result["auc_roc"], result["auc_pr"],

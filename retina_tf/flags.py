@@ -45,6 +45,7 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     define_train_flags(fv)
     define_predict_flags(fv)
+    define_rip_flags(fv)
     fv(["retina_tf"] + list(argv))
     return fv
 
@@ -163,6 +164,30 @@ def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
 
 
+def define_rip_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """RIP-AV's representative-instance patches (bin/generate_rip_patches.py), with the data
+    flags they read (--dataset, --data_dir, --seed)."""
+    define_data_flags(fv)
+    if "rip_sizes" in fv:  # defined once per FlagValues, like the groups above
+        return
+    d = _Definer(fv)
+    d.DEFINE_string("rip_patches", None,
+                    "Folder of RIP patches: generate_rip_patches writes patches.csv, patches.npz "
+                    "and preview.png there; pretrain_rip trains on them.")
+    d.DEFINE_list("rip_sizes", ["48", "96", "144"],
+                  "RIP patch sides in pixels before resizing, centred on vessel skeleton points.")
+    d.DEFINE_integer("rip_out_size", 96, "RIP: side every patch is resized to.")
+    d.DEFINE_integer("rip_per_class", 400,
+                     "RIP: the most patches per (label, size), labels artery / vein / both.")
+    d.DEFINE_float("rip_min_fraction", 0.02,
+                   "RIP: share of a patch's pixels a class (artery, vein) needs to count as "
+                   "present.")
+    d.DEFINE_float("rip_absent_fraction", 0.0,
+                   "RIP: a class counts as absent only at or below this share (0 = not one "
+                   "pixel, as in RIP-AV's code), patches in between are dropped; empty: absent "
+                   "whenever not present (more patches, some labels noisy).")
+
+
 def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     if not _once("eval", fv):
         return
@@ -201,6 +226,7 @@ def run_script(entry: str) -> None:
 
     define_train_flags()
     define_predict_flags()
+    define_rip_flags()
 
     def main(argv):
         if len(argv) > 1:

@@ -135,10 +135,18 @@ class Segmenter:
 
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
+        forward = self._forward
+        if getattr(self.model, "context_fusion", False):
+            # RIP-AV: every window (or the padded image) sees the whole image as its context
+            context = self.model.context_of(tf.constant(x[None]))
+
+            def forward(batch):
+                return self._forward({"image": batch, "context": tf.repeat(
+                    context, tf.shape(batch)[0], axis=0)})
         if self.inference == "whole":
             padded = pad_to_multiple(x, self.size_multiple)
-            return self._forward(tf.constant(padded[None]))[0, :h, :w].numpy()
-        return sliding_window_predict(self._forward, x, self.window, self.stride, self.batch_size)
+            return forward(tf.constant(padded[None]))[0, :h, :w].numpy()
+        return sliding_window_predict(forward, x, self.window, self.stride, self.batch_size)
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities."""

@@ -1,4 +1,5 @@
-"""Masked-autoencoder pre-training on unlabelled fundus images (``bin/pretrain_mae.py``).
+"""Pre-training: masked autoencoders on unlabelled fundus images (``bin/pretrain_mae.py``) and
+RIP-AV's representative-instance pre-training (``bin/pretrain_rip.py``).
 
 ``pretrain_mae(cfg)`` reads every image in ``--pretrain_dirs`` (labels ignored, FOV estimated),
 refuses the test images of the dataset named by ``--dataset`` / ``--data_dir`` (the one the
@@ -39,13 +40,16 @@ def _image_files(folder: Path) -> list[Path]:
 
 def held_out_names(dataset: str | None, data_dir: str | None) -> set[str]:
     """File stems of the test images of the evaluation dataset. Stems, not paths: RITE's test
-    photographs are DRIVE's under the same names, so either copy is caught."""
+    photographs are DRIVE's under the same names, so either copy is caught. A dataset that
+    cannot be listed is an error: the guard must not switch itself off over a wrong path."""
     if not dataset or not data_dir:
         return set()
     try:
         samples: list[Sample] = list_samples(dataset, data_dir, "test")
-    except DatasetError:
-        return set()
+    except DatasetError as e:
+        raise DatasetError(f"cannot list the test images of --dataset={dataset} in "
+                           f"--data_dir={data_dir}, which pre-training must keep out ({e}); fix "
+                           "the path, or pass --dataset= to pre-train with no such guard") from e
     return {s.name for s in samples}
 
 
@@ -167,4 +171,128 @@ def pretrain_mae(cfg) -> Path:
     print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; reconstruction loss "
           f"{losses[0]:.4f} -> {losses[-1]:.4f}; pictures in {run_dir / 'reconstruction.png'}",
           flush=True)
+    return run_dir
+
+
+# --- RIP-AV: representative-instance pre-training -------------------------------------------
+
+def read_rip_records(folder: str | Path) -> tuple[list, dict]:
+    """The patch records of ``bin/generate_rip_patches.py``'s ``patches.npz`` and its settings."""
+    from retina_tf.data.rip import PATCHES_NPZ, RipPatch
+    path = Path(folder) / PATCHES_NPZ
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist: run bin/generate_rip_patches.py "
+                           f"--rip_patches={folder} (same --dataset / --data_dir) first")
+    with np.load(path) as z:
+        names, rows, cols, sizes, labels = (z[k] for k in ("names", "rows", "cols", "sizes",
+                                                          "label"))
+        fa, fv = z["artery_fraction"], z["vein_fraction"]
+        settings = json.loads(str(z["config"]))
+    records = [RipPatch(-1, str(n), int(r), int(c), int(s), float(a), float(v), str(lab))
+               for n, r, c, s, a, v, lab in zip(names, rows, cols, sizes, fa, fv, labels)]
+    return records, settings
+
+
+def rip_patch_set(cfg) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]:
+    """Preprocessed RIP patches ``(N, S, S, C)``, their ``(N, 2)`` labels, the preprocessor and
+    the image names used. The preprocessor is fitted as bin/train.py fits it (training images
+    without the last ``--val_images``), whole images are preprocessed and then cut, exactly as
+    the fine-tuning sees them; patches of the held-out validation images are dropped."""
+    import dataclasses
+
+    from retina_tf.data.io import read_sample
+    from retina_tf.data.rip import cut_patches, rip_labels
+    records, settings = read_rip_records(cfg.rip_patches)
+    samples = list_samples(cfg.dataset, cfg.data_dir, "training")
+    if {r.name for r in records} - {s.name for s in samples}:
+        raise DatasetError(f"{cfg.rip_patches}: its patches come from {settings.get('dataset')} "
+                           f"in {settings.get('data_dir')}, not from the training images of "
+                           f"--dataset={cfg.dataset} in {cfg.data_dir}")
+    n_val = min(cfg.val_images, len(samples) - 1) if cfg.val_images > 0 else 0
+    train = samples[:len(samples) - n_val]
+    index = {s.name: i for i, s in enumerate(train)}
+    records = [dataclasses.replace(r, image_index=index[r.name]) for r in records
+               if r.name in index]
+    if not records:
+        raise DatasetError(f"{cfg.rip_patches}: no patch left outside the {n_val} validation "
+                           "images")
+    pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
+    datas = [read_sample(s) for s in train]
+    if pre.standardize:
+        pre.fit(d.image for d in datas)
+    images = {i: pre(d.image) for i, d in enumerate(datas)}
+    return (cut_patches(images, records, settings["out_size"]), rip_labels(records), pre,
+            [s.name for s in train])
+
+
+def pretrain_rip(cfg) -> Path:
+    """RIP pre-training (Dai et al., "RIP-AV", MICCAI 2024): trains :class:`RIPClassifier`'s
+    encoder to tell artery-only, vein-only and two-class patches apart (two sigmoid outputs)
+    and returns the run folder; ``bin/train.py --model=rip_av --pretrained=<run>`` fine-tunes
+    from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
+    from retina_tf.models.rip_av import RIPClassifier
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = make_strategy(cfg.strategy)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    x, y, pre, names = rip_patch_set(cfg)
+    order = np.random.default_rng(cfg.seed).permutation(len(x))
+    n_held = max(len(x) // 10, 1)
+    held, train_idx = order[:n_held], order[n_held:]
+    print(f"RIP pre-training on {len(train_idx)} patches ({int(y[train_idx, 0].sum())} with "
+          f"artery, {int(y[train_idx, 1].sum())} with vein) from {len(names)} training images, "
+          f"{n_held} held out; run folder {run_dir}", flush=True)
+
+    config = json.loads(cfg.model_config) if cfg.model_config else {}
+    config.update(input_channels=pre.channels)
+    for key in [k for k in config if k not in ("input_channels", "encoder", "widths", "depths",
+                                               "layer_scale_init", "dropout")]:
+        config.pop(key)  # the rip_av config's other keys (context, heads) may be shared
+    with strategy.scope():
+        model = RIPClassifier(**config)
+    steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
+
+    def augment(patch, label):
+        patch = tf.image.random_flip_left_right(tf.image.random_flip_up_down(patch))
+        k = tf.random.uniform([], 0, 4, tf.int32)
+        return tf.image.rot90(patch, k), label
+
+    dataset = (tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
+               .shuffle(len(train_idx), seed=cfg.seed).repeat()
+               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    with strategy.scope():
+        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
+                               cfg.warmup_steps)
+        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
+                      jit_compile=bool(cfg.jit_compile))
+        model.optimizer.build(model.trainable_variables)
+    run_info: dict[str, Any] = {
+        "model": "rip_classifier", "model_config": model.get_config(), "task": "pretrain",
+        "input_channels": pre.channels, "parameters": int(model.count_params()),
+        "encoder_parameters": int(model.encoder.count_params()), "patches": int(len(x)),
+        "rip_patches": str(cfg.rip_patches), "images": names}
+    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
+    atomic_write_text(run_dir / "flags.txt", flags_text(cfg))
+    pre.save(run_dir / "preprocessor.json")
+    size = x.shape[1]
+    history, minutes, best_path = fit_run(model, dataset, steps, cfg.batch_size * size * size,
+                                          cfg, run_dir)
+    if best_path.is_file():
+        model.load_weights(best_path)
+    atomic_save_model(model, run_dir / "model.keras")
+    logits = model.predict(tf.data.Dataset.from_tensor_slices(x[held]).batch(64), verbose=0)
+    correct = (logits > 0) == (y[held] > 0.5)
+    held_out = {"accuracy": float(correct.mean()), "exact_match": float(correct.all(1).mean()),
+                "artery_accuracy": float(correct[:, 0].mean()),
+                "vein_accuracy": float(correct[:, 1].mean()), "patches": int(n_held)}
+    losses = history.history.get("loss", [])
+    update_metrics_json(run_dir, {"training_minutes": round(minutes, 2),
+                                  "epochs_run": len(losses), "loss_history": losses,
+                                  "held_out": held_out})
+    print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f}; held-out patches: accuracy {held_out['accuracy']:.3f}, both labels "
+          f"right {held_out['exact_match']:.3f}", flush=True)
     return run_dir

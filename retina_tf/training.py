@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from retina_tf.data.io import atomic_write_bytes, read_sample
 from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, patch_dataset,
-                                     resolve_samples, whole_image_dataset)
+                                     resolve_samples, whole_image_dataset, with_context)
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps, resolve_pretrained
 from retina_tf.inference import Segmenter, atomic_save_model, fov_diameter
@@ -399,6 +399,13 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    script = getattr(model_class(cfg.model), "pretraining_script", None)
+    if script:
+        raise ValueError(f"--model={cfg.model} is a pre-training model: run {script} (then "
+                         "bin/train.py fine-tunes from its run folder with --pretrained)")
+    model_task = getattr(model_class(cfg.model), "task", None)
+    if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
+        cfg.task = model_task
     train_set, val_set, pre = load_training_sets(cfg)
     print(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
           f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
@@ -415,6 +422,9 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         print(f"started from the weights of {pretrained}", flush=True)
     if getattr(model, "needs_error_maps", False):
         train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
+    extras = model.training_extras(train_set.targets) if hasattr(model, "training_extras") else None
+    if extras is not None:  # targets the model derives from the labels (RIP-AV's distance maps)
+        train_set = train_set.with_extras(extras)
     multiple = getattr(model, "size_multiple", 16)
     if cfg.mode == "patch":
         if cfg.patch_size % multiple:
@@ -423,8 +433,14 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         if not getattr(model, "fully_convolutional", True) and cfg.patch_size != multiple:
             raise ValueError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
                              f"exactly {multiple} px (its image_size)")
-        dataset = patch_dataset(train_set, cfg.patch_size, cfg.batch_size,
-                                cfg.vessel_probability, augment, cfg.seed)
+        if getattr(model, "context_fusion", False):  # wide crops, split into patch + context
+            dataset = with_context(
+                patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
+                              cfg.vessel_probability, augment, cfg.seed),
+                cfg.patch_size, model.context_size)
+        else:
+            dataset = patch_dataset(train_set, cfg.patch_size, cfg.batch_size,
+                                    cfg.vessel_probability, augment, cfg.seed)
         steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
         pixels_per_step = cfg.batch_size * cfg.patch_size**2
     else:

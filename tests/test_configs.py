@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.cfg")
 def test_the_expected_configs_exist():
     names = {p.stem for p in CONFIGS}
     assert {"demo", "drive_unet", "drive_unet_fast", "chase_unet", "stare_unet",
-            "hrf_unet"} <= names
+            "hrf_unet", "rite_ripav", "lesav_ripav", "hrfav_ripav", "rite_rip_pretrain"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -24,5 +24,6 @@ def test_config_parses_states_its_budget_and_builds(path, monkeypatch):
     assert "budget" in text.lower(), f"{path.name} must state its training budget"
     cfg = parse_flags([f"--flagfile={path}"])
     assert cfg.time_budget_minutes > 0
-    model = build_model(cfg.model, **model_kwargs(cfg, input_channels=1, num_classes=1))
+    classes = 3 if cfg.task == "av" else 1
+    model = build_model(cfg.model, **model_kwargs(cfg, input_channels=1, num_classes=classes))
     assert model.count_params() > 0

@@ -47,9 +47,14 @@ def test_extra_targets_follow_the_labels_through_augmentation():
     aug = Augment(flip=True, rot90=True, rotate_degrees=20)
     x, y, w = next(iter(patch_dataset(with_copy, 16, 8, 0.5, aug, seed=1)))
     assert x.shape == (8, 16, 16, 1) and y.shape == (8, 16, 16, 2) and w.shape == (8, 16, 16, 1)
-    np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy())
+    # labels are thresholded after the free rotation, extras keep interpolated values
+    np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy() > 0.5)
+    assert ((y[..., 1] > 0) & (y[..., 1] < 1)).numpy().any()
     x, y, w = next(iter(whole_image_dataset(with_copy, 2, 16, aug, seed=2)))
     assert y.shape == (2, 48, 48, 2)
+    np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy() > 0.5)
+    rigid = Augment(flip=True, rot90=True)  # without free rotation: exactly the labels
+    x, y, w = next(iter(patch_dataset(with_copy, 16, 8, 0.5, rigid, seed=3)))
     np.testing.assert_array_equal(y[..., 0].numpy(), y[..., 1].numpy())
     assert with_copy.subset([1]).extras[0].shape == (40, 40, 1)
     with pytest.raises(DatasetError, match="im0: extra target map"):

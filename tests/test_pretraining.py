@@ -14,7 +14,7 @@ from retina_tf.data.io import DatasetError
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.flags import parse_flags
 from retina_tf.models import build_model
-from retina_tf.pretraining import pretraining_images
+from retina_tf.pretraining import held_out_names, pretraining_images
 from retina_tf.training import load_pretrained, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +84,12 @@ def test_test_images_of_the_evaluation_dataset_are_refused(tmp_path):
     assert len(files) == len(images) == 2 and images[0].shape == (64, 64, 3)
     with pytest.raises(ValueError, match="pretrain_dirs"):
         pretraining_images([], set())
+
+
+def test_held_out_names_lists_the_test_images_or_says_why_not(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=2, seed=6,
+                                   size=(64, 64))
+    assert held_out_names("synthetic", str(data)) == {"01_test", "02_test"}
+    assert held_out_names(None, str(data)) == set()
+    with pytest.raises(DatasetError, match="--data_dir=.*nowhere.*--dataset="):
+        held_out_names("synthetic", str(tmp_path / "nowhere"))

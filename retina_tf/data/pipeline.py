@@ -37,8 +37,9 @@ class SegmentationSet:
     images: list[np.ndarray]   # float32 (H, W, C) in [0, 1]
     targets: list[np.ndarray]  # float32 (H, W, K) in {0, 1}
     fovs: list[np.ndarray]     # bool (H, W)
-    # Extra per-pixel training targets appended after ``targets`` in ``y`` (e.g. EAR-Net's error
-    # maps): float32 (H, W, E); augmented like the labels, never used to pick patch centres.
+    # Extra per-pixel training targets appended after ``targets`` in ``y`` (EAR-Net's error maps,
+    # RIP-AV's distance maps): float32 (H, W, E); moved with the labels by every geometric
+    # augmentation but not thresholded; never used to pick patch centres.
     extras: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -196,8 +197,12 @@ def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
 
 
 def augment_stack(stack: tf.Tensor, channels: int, aug: Augment, seed: tf.Tensor,
-                  crop: int | None = None) -> tf.Tensor:
-    """Augments a (H, W, C+K+E+1) stack; ``crop`` centre-crops after a free rotation."""
+                  crop: int | None = None, extras: int = 0) -> tf.Tensor:
+    """Augments a (H, W, C+K+E+1) stack; ``crop`` centre-crops after a free rotation.
+
+    After a free rotation the K labels and the FOV are thresholded back to binary; the E
+    ``extras`` channels keep their interpolated values (RIP-AV's distance maps are continuous).
+    """
     s = _seeds(seed, 8)
     if aug.rotate_degrees > 0:
         angle = tf.random.stateless_uniform([], s[0], -aug.rotate_degrees, aug.rotate_degrees)
@@ -214,8 +219,12 @@ def augment_stack(stack: tf.Tensor, channels: int, aug: Augment, seed: tf.Tensor
         k = tf.random.stateless_uniform([], s[3], 0, 4, dtype=tf.int32)
         stack = tf.image.rot90(stack, k)
     image, rest = stack[..., :channels], stack[..., channels:]
-    if aug.rotate_degrees > 0:
-        rest = tf.cast(rest > 0.5, tf.float32)  # labels and FOV stay binary after interpolation
+    if aug.rotate_degrees > 0:  # labels and FOV stay binary after interpolation
+        binary = tf.cast(rest > 0.5, tf.float32)
+        if extras:
+            k = rest.shape[-1] - 1 - extras
+            binary = tf.concat([binary[..., :k], rest[..., k:k + extras], binary[..., -1:]], -1)
+        rest = binary
     if aug.brightness > 0:
         image = image + tf.random.stateless_uniform([], s[4], -aug.brightness, aug.brightness)
     if aug.contrast > 0:
@@ -247,6 +256,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         raise ValueError(f"vessel_probability must be in [0, 1], got {vessel_probability}")
     augment = augment or Augment()
     channels = seg.images[0].shape[-1]
+    n_extras = seg.extras[0].shape[-1] if seg.extras else 0
     crop = patch_size
     if augment.rotate_degrees > 0:  # crop larger so the rotated corners stay inside the image
         crop = int(math.ceil(patch_size * (abs(math.cos(math.radians(augment.rotate_degrees))) +
@@ -282,7 +292,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         begin = tf.stack([n, y + margin - crop // 2, x + margin - crop // 2, tf.constant(0, tf.int64)])
         patch = tf.slice(stack, begin, [1, crop, crop, stack.shape[-1]])[0]
         patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
-        patch = augment_stack(patch, channels, augment, s[2], crop=patch_size)
+        patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)
         return _split(patch, channels)
 
     ds = tf.data.Dataset.random(seed=seed).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
@@ -307,6 +317,7 @@ def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int
     """
     augment = augment if augment is not None else Augment()
     channels = seg.images[0].shape[-1]
+    n_extras = seg.extras[0].shape[-1] if seg.extras else 0
     h, w = padded_size(seg, multiple, square=augment.rot90)
     stack = tf.constant(_stack(seg, h, w))
     ds = tf.data.Dataset.from_tensor_slices(tf.range(len(seg), dtype=tf.int64))
@@ -319,8 +330,25 @@ def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int
     def load(i, seed_scalar):
         item = tf.gather(stack, i)
         if augment != Augment.none():
-            item = augment_stack(item, channels, augment, seed_scalar)
+            item = augment_stack(item, channels, augment, seed_scalar, extras=n_extras)
         return _split(item, channels)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
+
+
+def with_context(dataset: tf.data.Dataset, patch_size: int, context_size: int) -> tf.data.Dataset:
+    """Turns batches of wide crops ``(x, y, w)`` into ``({"image", "context"}, y, w)``: the
+    centre ``patch_size`` crop, and the whole wide crop resized to ``context_size`` as its
+    context (RIP-AV's Patch Context Fusion in training; Dai et al., MICCAI 2024)."""
+
+    def split(x, y, w):
+        offset = (tf.shape(x)[1] - patch_size) // 2
+
+        def centre(t):
+            return t[:, offset:offset + patch_size, offset:offset + patch_size]
+
+        context = tf.image.resize(x, (context_size, context_size), method="area")
+        return {"image": centre(x), "context": tf.cast(context, x.dtype)}, centre(y), centre(w)
+
+    return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE)

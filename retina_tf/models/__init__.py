@@ -18,6 +18,8 @@ _REGISTRY: dict[str, str] = {
     "ear_net": "retina_tf.models.ear_net:EARNet",
     "mae": "retina_tf.models.vit_mae:MAE",
     "vit_seg": "retina_tf.models.vit_mae:ViTSeg",
+    "rip_classifier": "retina_tf.models.rip_av:RIPClassifier",
+    "rip_av": "retina_tf.models.rip_av:RIPAV",
 }
 
 

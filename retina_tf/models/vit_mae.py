@@ -211,6 +211,8 @@ class MAE(keras.Model):
     ``(B, N)`` 1 for masked patches. ``call(images, noise=...)`` takes fixed ``(B, N)`` noise.
     """
 
+    pretraining_script = "bin/pretrain_mae.py"
+
     def __init__(self, input_channels: int = 1, image_size: int = 96, patch_size: int = 8,
                  dim: int = 192, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,

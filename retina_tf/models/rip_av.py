@@ -1,0 +1,472 @@
+"""RIP-AV: artery/vein segmentation with representative-instance pre-training (RIP), Patch Context
+Fusion (PCF) and a Distance Aware (DA) head.
+
+Paper: Dai et al., "RIP-AV: Joint Representative Instance Pre-training with Context
+Aware Network for Retinal Artery/Vein Segmentation", 2024.
+
+* :func:`build_encoder`: the encoder both stages share; ConvNeXt-style stages (the seed's choice,
+  Liu et al., "A ConvNet for the 2020s", CVPR 2022) or plain U-Net conv stages. It keeps a
+  full-resolution stem so 1-2 px vessels never have to pass through strided features.
+* :class:`RIPClassifier`: the encoder + global pooling + two sigmoid logits (artery present, vein
+  present), trained on the representative patches of ``bin/generate_rip_patches.py``.
+* :class:`RIPAV`: encoder-decoder with three sigmoid outputs (artery, vein, vessel), PCF at the
+  bottleneck and the DA head; it starts from a RIP run's encoder (``--pretrained``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from retina_tf.losses import bce_loss, dice_loss
+
+ENCODER_KINDS = ("convnext", "conv")
+ENCODER_KEYS = ("input_channels", "encoder", "widths", "depths", "layer_scale_init")
+
+
+def _check(**values) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class LayerScale(layers.Layer):
+    """Per-channel learned scale of a residual branch (ConvNeXt's layer scale, CaiT 2021)."""
+
+    def __init__(self, init_value: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), name="gamma",
+                                     initializer=keras.initializers.Constant(self.init_value))
+
+    def call(self, x):
+        return x * ops.cast(self.gamma, x.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "init_value": self.init_value}
+
+
+def _conv_bn_relu(x, filters: int, name: str):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def convnext_block(x, layer_scale_init: float, name: str):
+    """7x7 depthwise conv, LayerNorm, 1x1 to 4C, GELU, 1x1 back to C, layer scale, residual."""
+    dim = x.shape[-1]
+    y = layers.DepthwiseConv2D(7, padding="same", name=f"{name}_dw")(x)
+    y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(y)
+    y = layers.Dense(4 * dim, name=f"{name}_pw1")(y)
+    y = layers.Activation("gelu", name=f"{name}_gelu")(y)
+    y = layers.Dense(dim, name=f"{name}_pw2")(y)
+    y = LayerScale(layer_scale_init, name=f"{name}_scale")(y)
+    return layers.Add(name=f"{name}_add")([x, y])
+
+
+def build_encoder(input_channels: int = 3, encoder: str = "convnext",
+                  widths: Sequence[int] = (16, 32, 64, 128, 192),
+                  depths: Sequence[int] = (1, 1, 2, 1), layer_scale_init: float = 1e-6,
+                  name: str = "encoder") -> keras.Model:
+    """The shared encoder: a functional model image -> features at 1, 1/2, ... 1/2**len(depths).
+
+    ``widths[0]`` is the full-resolution stem (two 3x3 conv-BN-ReLU); stage ``i`` halves the
+    resolution and has ``widths[i]`` channels: ConvNeXt (LayerNorm + 2x2 stride-2 conv, then
+    ``depths[i-1]`` ConvNeXt blocks) or conv (max-pool, then ``depths[i-1]`` pairs of 3x3
+    conv-BN-ReLU, the U-Net level).
+    """
+    if encoder not in ENCODER_KINDS:
+        raise ValueError(f"encoder must be one of {ENCODER_KINDS}, got {encoder!r}")
+    if len(widths) != len(depths) + 1:
+        raise ValueError(f"widths needs one entry more than depths (the stem), got widths "
+                         f"{list(widths)} and depths {list(depths)}")
+    _check(input_channels=input_channels, **{f"width{i}": w for i, w in enumerate(widths)},
+           **{f"depth{i}": d for i, d in enumerate(depths)})
+    inputs = keras.Input((None, None, input_channels), name="image")
+    x = _conv_bn_relu(inputs, widths[0], "stem1")
+    x = _conv_bn_relu(x, widths[0], "stem2")
+    features = [x]
+    for i, (width, depth) in enumerate(zip(widths[1:], depths), start=1):
+        if encoder == "convnext":
+            x = layers.LayerNormalization(epsilon=1e-6, name=f"down{i}_ln")(x)
+            x = layers.Conv2D(width, 2, strides=2, name=f"down{i}")(x)
+            for j in range(depth):
+                x = convnext_block(x, layer_scale_init, name=f"stage{i}_block{j}")
+        else:
+            x = layers.MaxPooling2D(2, name=f"down{i}")(x)
+            for j in range(depth):
+                x = _conv_bn_relu(x, width, f"stage{i}_block{j}a")
+                x = _conv_bn_relu(x, width, f"stage{i}_block{j}b")
+        features.append(x)
+    return keras.Model(inputs, features, name=name)
+
+
+def _encoder_config(model) -> dict:
+    return {"input_channels": model.input_channels, "encoder": model.encoder_kind,
+            "widths": list(model.widths), "depths": list(model.depths),
+            "layer_scale_init": model.layer_scale_init}
+
+
+def _store_encoder_config(model, input_channels, encoder, widths, depths, layer_scale_init):
+    model.input_channels = int(input_channels)
+    model.encoder_kind = encoder
+    model.widths = tuple(int(w) for w in widths)
+    model.depths = tuple(int(d) for d in depths)
+    model.layer_scale_init = float(layer_scale_init)
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class RIPClassifier(keras.Model):
+    """RIP pre-training model: the encoder, global average pooling of its deepest features and
+    two logits, artery present and vein present (multi-label, sigmoid).
+
+    Paper: RIP-AV (Dai et al., MICCAI 2024), representative instance pre-training. Here it replaces the
+    ImageNet weights the seed starts from (they cannot be downloaded on this machine).
+
+    Input ``(B, S, S, input_channels)`` patches; output ``(B, 2)`` logits.
+    """
+
+    pretraining_script = "bin/pretrain_rip.py"
+
+    def __init__(self, input_channels: int = 3, encoder: str = "convnext",
+                 widths: Sequence[int] = (16, 32, 64, 128, 192),
+                 depths: Sequence[int] = (1, 1, 2, 1), layer_scale_init: float = 1e-6,
+                 dropout: float = 0.1, **kwargs):
+        net = build_encoder(input_channels, encoder, widths, depths, layer_scale_init)
+        inputs = keras.Input((None, None, input_channels), name="patch")
+        x = layers.GlobalAveragePooling2D(name="pool")(net(inputs)[-1])
+        x = layers.LayerNormalization(epsilon=1e-6, name="pool_ln")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name="dropout")(x)
+        outputs = layers.Dense(2, name="artery_vein_logits")(x)
+        kwargs.setdefault("name", "rip_classifier")
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.encoder = net
+        self.dropout = float(dropout)
+        _store_encoder_config(self, input_channels, encoder, widths, depths, layer_scale_init)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "trainable": self.trainable, **_encoder_config(self),
+                "dropout": self.dropout}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RIPClassifier":
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class PatchContextFusion(layers.Layer):
+    """Patch Context Fusion (RIP-AV, Dai et al. 2024): channel attention between the features of
+    a patch and of its wider context, fused with learned gates.
+
+    ``p`` and ``c`` are the global averages of the patch features ``fp`` (B, h, w, C) and of the
+    context features ``fc`` (B, h', w', C; any size: in training the crop around the patch, at
+    inference the whole image resized). From ``[p, c]`` a bottleneck MLP predicts a channel
+    attention ``a`` (sigmoid) and, per channel, two gates ``(g_patch, g_context)`` (softmax, so
+    they sum to one). The output keeps ``fp``'s shape::
+
+        out = g_patch * fp + g_context * (a * fp + W c)
+
+    where ``W c`` is a learned projection of the context vector broadcast over the patch.
+    """
+
+    def __init__(self, reduction: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.reduction = int(reduction)
+        _check(reduction=self.reduction)
+
+    def build(self, input_shape):
+        channels = input_shape[0][-1]
+        hidden = max(channels // self.reduction, 8)
+        self.squeeze = layers.Dense(hidden, activation="relu", name="squeeze")
+        self.attention = layers.Dense(channels, activation="sigmoid", name="attention")
+        self.gate = layers.Dense(2 * channels, name="gate")
+        self.context_proj = layers.Dense(channels, name="context_proj")
+        self.squeeze.build((None, 2 * channels))
+        self.attention.build((None, hidden))
+        self.gate.build((None, hidden))
+        self.context_proj.build((None, channels))
+
+    def _descriptors(self, inputs):
+        fp, fc = inputs
+        p, c = ops.mean(fp, axis=(1, 2)), ops.mean(fc, axis=(1, 2))
+        hidden = self.squeeze(ops.concatenate([p, c], axis=-1))
+        gates = ops.softmax(ops.reshape(self.gate(hidden), (-1, fp.shape[-1], 2)), axis=-1)
+        return c, hidden, gates
+
+    def gates(self, inputs):
+        """(B, C, 2) gates (patch, context) per channel; they sum to one."""
+        return self._descriptors(inputs)[2]
+
+    def call(self, inputs):
+        fp, _ = inputs
+        c, hidden, gates = self._descriptors(inputs)
+        attention = self.attention(hidden)[:, None, None, :]
+        context = self.context_proj(c)[:, None, None, :]
+        g_patch, g_context = gates[:, None, None, :, 0], gates[:, None, None, :, 1]
+        return g_patch * fp + g_context * (attention * fp + context)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "reduction": self.reduction}
+
+
+def patch_gan(input_channels: int, width: int = 32, name: str = "discriminator") -> keras.Model:
+    """PatchGAN discriminator (Isola et al., "pix2pix", CVPR 2017): three stride-2 4x4 convs and a
+    1x1 conv to one real/fake logit per receptive-field patch, on (image, A/V maps) pairs."""
+    inputs = keras.Input((None, None, input_channels), name="image_and_maps")
+    x = inputs
+    for i in range(3):
+        x = layers.Conv2D(width * 2**i, 4, strides=2, padding="same", name=f"d{i}")(x)
+        x = layers.LeakyReLU(0.2, name=f"d{i}_lrelu")(x)
+    return keras.Model(inputs, layers.Conv2D(1, 1, name="patch_logits")(x), name=name)
+
+
+def smooth_l1(y_true, y_pred, mask, beta: float = 1.0):
+    """Mean smooth-L1 (Huber) over the pixels where ``mask`` is set (channels broadcast)."""
+    diff = ops.abs(ops.cast(y_pred, "float32") - ops.cast(y_true, "float32"))
+    loss = ops.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    mask = ops.broadcast_to(ops.cast(mask, "float32"), ops.shape(loss))
+    return ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class RIPAV(keras.Model):
+    """The RIP-AV artery/vein network.
+
+    Paper: Dai et al., "RIP-AV: Joint Representative Instance Pre-training with Context Aware
+    Network for Retinal Artery/Vein Segmentation", 2024.
+
+    The encoder of :func:`build_encoder` runs on the image and, with the same weights, on its
+    context (resized to ``context_size``); :class:`PatchContextFusion` joins them at the
+    bottleneck; a U-Net decoder (nearest x2, concat the skip, two 3x3 conv-BN-ReLU) returns to
+    full resolution, where a 1x1 conv gives the three logits artery, vein, vessel. The Distance
+    Aware head (3x3 conv-BN-ReLU, 1x1) on the early, full-resolution features (the encoder stem
+    joined with the decoder's last level) regresses the per-class normalized distance maps
+    (:func:`retina_tf.data.rip.distance_targets`).
+
+    Loss (:meth:`compute_loss`): ``seg_weight * sum_k w_k (BCE_k + Dice_k)`` with ``w`` =
+    artery:vein:vessel = 3:3:2 normalized to sum to one, ``+ distance_weight * smooth-L1`` of the
+    distance maps on vessel pixels, ``+ adversarial_weight *`` the PatchGAN generator term when
+    that weight is set (a discriminator on (image, maps) pairs is then trained alongside).
+
+    Args:
+        input_channels: channels of the preprocessed image (3: colour tells arteries from veins).
+        num_classes: 3 (artery, vein, vessel).
+        encoder, widths, depths, layer_scale_init: :func:`build_encoder`.
+        context_fusion: use PCF; off, the context is not computed at all.
+        context_size: side of the context input; training crops ``context_factor`` x the patch
+            around it, inference resizes the whole image. Must be a multiple of ``size_multiple``.
+        context_factor: training context crop side / patch side.
+        distance_head: add the DA head and its loss.
+        seg_weight, distance_weight, adversarial_weight: loss weights (5, 1, 0; the seed's
+            optional adversarial weight is 0.01).
+        class_weights: artery, vein, vessel weights of the segmentation loss.
+
+    Inputs: ``(B, H, W, C)`` images (the context is then the image resized), or a dict
+    ``{"image": ..., "context": (B, context_size, context_size, C)}``. H and W must be
+    multiples of ``size_multiple``. Output: ``{"logits": (B, H, W, 3)}`` and, with the DA head,
+    ``"distance"`` (B, H, W, 3) logits of the normalized distances.
+    """
+
+    task = "av"
+    fully_convolutional = True
+
+    def __init__(self, input_channels: int = 3, num_classes: int = 3, encoder: str = "convnext",
+                 widths: Sequence[int] = (16, 32, 64, 128, 192),
+                 depths: Sequence[int] = (1, 1, 2, 1), layer_scale_init: float = 1e-6,
+                 context_fusion: bool = True, context_size: int = 96, context_factor: int = 2,
+                 distance_head: bool = True, seg_weight: float = 5.0, distance_weight: float = 1.0,
+                 adversarial_weight: float = 0.0,
+                 class_weights: Sequence[float] = (3.0, 3.0, 2.0), **kwargs):
+        super().__init__(**{"name": "rip_av", **kwargs})
+        _check(num_classes=num_classes, context_size=context_size, context_factor=context_factor)
+        if len(class_weights) != num_classes or min(class_weights) < 0 or sum(class_weights) <= 0:
+            raise ValueError(f"class_weights needs {num_classes} non-negative weights, got "
+                             f"{list(class_weights)}")
+        self.encoder = build_encoder(input_channels, encoder, widths, depths, layer_scale_init)
+        _store_encoder_config(self, input_channels, encoder, widths, depths, layer_scale_init)
+        if context_size % self.size_multiple:
+            raise ValueError(f"context_size={context_size} must be a multiple of "
+                             f"{self.size_multiple}")
+        self.num_classes = int(num_classes)
+        self.context_fusion = bool(context_fusion)
+        self.context_size = int(context_size)
+        self.context_factor = int(context_factor)
+        self.distance_head = bool(distance_head)
+        self.seg_weight = float(seg_weight)
+        self.distance_weight = float(distance_weight)
+        self.adversarial_weight = float(adversarial_weight)
+        self.class_weights = tuple(float(w) for w in class_weights)
+        self.decoder = self._build_decoder()
+        self.discriminator = None
+        if self.adversarial_weight:
+            self.discriminator = patch_gan(input_channels + num_classes)
+            self.d_optimizer = keras.optimizers.Adam(2e-4, beta_1=0.5)
+            self.d_optimizer.build(self.discriminator.trainable_variables)
+            self.d_loss_tracker = keras.metrics.Mean(name="discriminator_loss")
+        self.build()
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** len(self.depths)
+
+    def _build_decoder(self) -> keras.Model:
+        """Functional decoder: encoder features (+ context bottleneck) -> logits (+ distance)."""
+        widths = self.widths
+        feats = [keras.Input((None, None, w), name=f"feature{i}") for i, w in enumerate(widths)]
+        inputs = list(feats)
+        x = feats[-1]
+        if self.context_fusion:
+            context = keras.Input((None, None, widths[-1]), name="context_feature")
+            inputs.append(context)
+            x = PatchContextFusion(name="pcf")([x, context])
+        for level in range(len(widths) - 2, -1, -1):
+            x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
+            x = layers.Concatenate(name=f"skip{level}")([x, feats[level]])
+            x = _conv_bn_relu(x, widths[level], f"dec{level}_1")
+            x = _conv_bn_relu(x, widths[level], f"dec{level}_2")
+        outputs = {"logits": layers.Conv2D(self.num_classes, 1, name="logits")(x)}
+        if self.distance_head:
+            early = layers.Concatenate(name="distance_in")([feats[0], x])
+            d = _conv_bn_relu(early, widths[0], "distance")
+            outputs["distance"] = layers.Conv2D(self.num_classes, 1, name="distance_logits")(d)
+        return keras.Model(inputs, outputs, name="decoder")
+
+    def build(self, input_shape=None):
+        # encoder, decoder (and discriminator) are functional models, built on construction
+        self.built = True
+
+    def context_of(self, images):
+        """The inference context: the whole (batch of) image(s) resized to ``context_size``."""
+        size = (self.context_size, self.context_size)
+        return ops.cast(tf.image.resize(images, size, method="area"), images.dtype)
+
+    def call(self, inputs, training=None):
+        if isinstance(inputs, dict):
+            images, context = inputs["image"], inputs.get("context")
+        else:
+            images, context = inputs, None
+        feats = self.encoder(images, training=training)
+        decoder_inputs = list(feats)
+        if self.context_fusion:
+            if context is None:
+                context = self.context_of(images)
+            decoder_inputs.append(self.encoder(context, training=training)[-1])
+        return self.decoder(decoder_inputs, training=training)
+
+    # --- training ----------------------------------------------------------------------------
+    def _split_target(self, y):
+        """A/V targets and, when appended (training extras), the distance maps."""
+        k = self.num_classes
+        y = ops.cast(y, "float32")
+        return y[..., :k], (y[..., k:2 * k] if y.shape[-1] >= 2 * k else None)
+
+    def segmentation_loss(self, y_av, logits, sample_weight=None):
+        """``sum_k w_k (BCE_k + Dice_k)`` with the class weights normalized to sum to one."""
+        total = 0.0
+        norm = sum(self.class_weights)
+        for k, weight in enumerate(self.class_weights):
+            if weight:
+                yk, lk = y_av[..., k:k + 1], logits[..., k:k + 1]
+                total = total + (weight / norm) * (bce_loss(yk, lk, sample_weight)
+                                                   + dice_loss(yk, lk, sample_weight))
+        return total
+
+    def distance_loss(self, y_av, distance, distance_logits, sample_weight=None):
+        """Smooth-L1 of the predicted normalized distances on vessel pixels (inside the FOV)."""
+        mask = y_av[..., -1:]
+        if sample_weight is not None:
+            mask = mask * ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask))
+        return smooth_l1(distance, ops.sigmoid(distance_logits), mask)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        y_av, distance = self._split_target(y)
+        total = self.seg_weight * self.segmentation_loss(y_av, y_pred["logits"], sample_weight)
+        if self.distance_head and distance is not None and self.distance_weight:
+            total = total + self.distance_weight * self.distance_loss(
+                y_av, distance, y_pred["distance"], sample_weight)
+        for extra in self.losses:
+            total = total + ops.sum(ops.cast(extra, total.dtype))
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        y_av, _ = self._split_target(y)
+        return super().compute_metrics(x, y_av, y_pred["logits"], sample_weight)
+
+    def _pairs(self, x, maps):
+        images = x["image"] if isinstance(x, dict) else x
+        return ops.concatenate([ops.cast(images, "float32"), maps], axis=-1)
+
+    def train_step(self, data):
+        """Keras' step, plus the PatchGAN update when ``adversarial_weight`` is set: the
+        generator loss adds ``adversarial_weight * BCE(D(image, sigmoid(logits)), real)``, then
+        the discriminator learns ground-truth pairs as real and predicted pairs as fake."""
+        if not self.adversarial_weight:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        disc = self.discriminator
+        disc_vars = {id(v) for v in disc.trainable_variables}
+        gen_vars = [v for v in self.trainable_variables if id(v) not in disc_vars]
+        bce = keras.losses.BinaryCrossentropy(from_logits=True)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            fake = disc(self._pairs(x, ops.sigmoid(y_pred["logits"])), training=False)
+            loss = loss + self.adversarial_weight * bce(ops.ones_like(fake), fake)
+        self.optimizer.apply(tape.gradient(loss, gen_vars), gen_vars)
+        y_av, _ = self._split_target(y)
+        with tf.GradientTape() as tape:
+            real = disc(self._pairs(x, y_av), training=True)
+            fake = disc(self._pairs(x, ops.stop_gradient(ops.sigmoid(y_pred["logits"]))),
+                        training=True)
+            d_loss = bce(ops.ones_like(real), real) + bce(ops.zeros_like(fake), fake)
+        self.d_optimizer.apply(tape.gradient(d_loss, disc.trainable_variables),
+                               disc.trainable_variables)
+        self._loss_tracker.update_state(loss, sample_weight=ops.shape(y)[0])
+        self.d_loss_tracker.update_state(d_loss)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    # --- pre-training, extras, config --------------------------------------------------------
+    def training_extras(self, targets):
+        """Extra training targets appended after the A/V channels: the distance maps."""
+        if not self.distance_head:
+            return None
+        from retina_tf.data.rip import distance_targets
+        return [distance_targets(t > 0.5) for t in targets]
+
+    def load_pretrained(self, source: keras.Model) -> None:
+        """Copies the encoder of a RIP pre-training run (or of another RIP-AV run); the encoder
+        configuration must match."""
+        other = getattr(source, "encoder", None)
+        if not isinstance(source, (RIPClassifier, RIPAV)) or other is None:
+            raise ValueError(f"cannot start {self.name} from {source.name}: give a RIP "
+                             "pre-training run folder (bin/pretrain_rip.py) or a rip_av run")
+        mine, theirs = self.encoder.get_weights(), other.get_weights()
+        if [w.shape for w in mine] != [w.shape for w in theirs]:
+            raise ValueError(f"cannot start {self.name} from {source.name}: the encoders differ; "
+                             f"give --model_config the pre-training encoder "
+                             f"{_encoder_config(source)}")
+        self.encoder.set_weights(theirs)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "trainable": self.trainable, **_encoder_config(self),
+                "num_classes": self.num_classes, "context_fusion": self.context_fusion,
+                "context_size": self.context_size, "context_factor": self.context_factor,
+                "distance_head": self.distance_head, "seg_weight": self.seg_weight,
+                "distance_weight": self.distance_weight,
+                "adversarial_weight": self.adversarial_weight,
+                "class_weights": list(self.class_weights)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RIPAV":
+        return cls(**config)

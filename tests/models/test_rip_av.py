@@ -1,0 +1,165 @@
+"""RIP-AV model: encoder, Patch Context Fusion, Distance Aware head, losses, pre-training
+transfer, adversarial option, save/reload."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retina_tf.losses import bce_loss, dice_loss
+from retina_tf.models import build_model, model_class
+from retina_tf.models.rip_av import (RIPAV, PatchContextFusion, RIPClassifier, build_encoder,
+                                     smooth_l1)
+from tests.models.helpers import assert_reload_identical
+
+TINY = dict(widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1), context_size=32)
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _batch(n=2, h=32, w=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, h, w, 3)).astype("float32")
+    av = rng.random((n, h, w, 3)) > 0.7
+    av[..., 2] |= av[..., 0] | av[..., 1]
+    return x, av.astype("float32")
+
+
+@pytest.mark.parametrize("kind", ["convnext", "conv"])
+def test_encoder_features_halve_the_resolution(kind):
+    enc = build_encoder(3, kind, widths=(4, 8, 12), depths=(1, 2))
+    feats = enc(np.zeros((1, 32, 48, 3), "float32"))
+    assert [tuple(f.shape) for f in feats] == [(1, 32, 48, 4), (1, 16, 24, 8), (1, 8, 12, 12)]
+    with pytest.raises(ValueError, match="one entry more"):
+        build_encoder(3, kind, widths=(4, 8), depths=(1, 2))
+    with pytest.raises(ValueError, match="encoder must be"):
+        build_encoder(3, "resnet")
+
+
+def test_outputs_registry_and_context_input():
+    keras.utils.set_random_seed(0)
+    assert model_class("rip_av") is RIPAV and RIPAV.task == "av"
+    model = build_model("rip_av", **TINY)
+    x, _ = _batch(h=48, w=32)
+    out = model(x)
+    assert set(out) == {"logits", "distance"}
+    assert out["logits"].shape == out["distance"].shape == (2, 48, 32, 3)
+    # no context given = the image itself resized: the same as passing that explicitly
+    explicit = model({"image": x, "context": model.context_of(x)})
+    np.testing.assert_allclose(_np(explicit["logits"]), _np(out["logits"]), atol=1e-5)
+    # the context changes the prediction, through PCF only
+    other = model({"image": x, "context": np.ones((2, 32, 32, 3), "float32")})
+    assert np.abs(_np(other["logits"]) - _np(out["logits"])).max() > 1e-4
+    plain = RIPAV(context_fusion=False, distance_head=False, **TINY)
+    assert set(plain(x)) == {"logits"}
+    assert plain.count_params() < model.count_params()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        RIPAV(**{**TINY, "context_size": 40})
+
+
+def test_patch_context_fusion_keeps_shapes_and_gates_sum_to_one():
+    pcf = PatchContextFusion(reduction=2)
+    rng = np.random.default_rng(1)
+    fp = rng.normal(size=(3, 5, 7, 16)).astype("float32")
+    fc = rng.normal(size=(3, 2, 2, 16)).astype("float32")
+    out = pcf([fp, fc])
+    assert out.shape == fp.shape
+    gates = _np(pcf.gates([fp, fc]))
+    assert gates.shape == (3, 16, 2) and (gates > 0).all()
+    np.testing.assert_allclose(gates.sum(-1), 1.0, atol=1e-6)
+    # the formula: g_p * fp + g_c * (a * fp + W c)
+    c = fc.mean(axis=(1, 2))
+    hidden = _np(pcf.squeeze(np.concatenate([fp.mean(axis=(1, 2)), c], -1)))
+    att = _np(pcf.attention(hidden))[:, None, None]
+    ctx = _np(pcf.context_proj(c))[:, None, None]
+    want = (gates[:, None, None, :, 0] * fp
+            + gates[:, None, None, :, 1] * (att * fp + ctx))
+    np.testing.assert_allclose(_np(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_losses_match_hand_computed_terms():
+    keras.utils.set_random_seed(2)
+    model = RIPAV(**TINY)
+    x, av = _batch(seed=3)
+    rng = np.random.default_rng(4)
+    dist = (rng.random(av.shape) * av[..., 2:3]).astype("float32")
+    logits = rng.normal(size=av.shape).astype("float32")
+    dlogits = rng.normal(size=av.shape).astype("float32")
+    fov = np.ones(av.shape[:3] + (1,), "float32")
+    fov[:, :4] = 0
+    seg = sum(w / 8.0 * (_np(bce_loss(av[..., k:k + 1], logits[..., k:k + 1], fov))
+                         + _np(dice_loss(av[..., k:k + 1], logits[..., k:k + 1], fov)))
+              for k, w in enumerate((3, 3, 2)))
+    diff = np.abs(1 / (1 + np.exp(-dlogits)) - dist)
+    huber = np.where(diff < 1, 0.5 * diff**2, diff - 0.5)
+    mask = np.broadcast_to(av[..., 2:3] * fov, huber.shape)
+    distance = (huber * mask).sum() / mask.sum()
+    got = model.compute_loss(x, np.concatenate([av, dist], -1),
+                             {"logits": logits, "distance": dlogits}, fov)
+    np.testing.assert_allclose(_np(got), 5 * seg + distance, rtol=1e-5)
+    # without appended distance maps only the segmentation term counts
+    got = model.compute_loss(x, av, {"logits": logits, "distance": dlogits}, fov)
+    np.testing.assert_allclose(_np(got), 5 * seg, rtol=1e-5)
+    assert float(_np(smooth_l1(np.zeros((1, 2, 2, 1)), np.full((1, 2, 2, 1), 3.0),
+                               np.ones((1, 2, 2, 1))))) == pytest.approx(2.5)
+
+
+def _fit(model, x, y, steps=6):
+    data = tf.data.Dataset.from_tensors((x, y, np.ones(y.shape[:3] + (1,), "float32"))).repeat()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
+    return model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0).history
+
+
+def test_a_few_steps_lower_both_losses():
+    keras.utils.set_random_seed(5)
+    model = RIPAV(**TINY)
+    x, av = _batch(seed=6)
+    from retina_tf.data.rip import distance_targets
+    dist = np.stack([distance_targets(a > 0.5) for a in av])
+    y = np.concatenate([av, dist], -1)
+    before_seg = float(_np(model.segmentation_loss(av, model(x)["logits"])))
+    before_dist = float(_np(model.distance_loss(av, dist, model(x)["distance"])))
+    history = _fit(model, {"image": x, "context": np.resize(x, (2, 32, 32, 3))}, y)
+    assert history["loss"][-1] < history["loss"][0]
+    out = model(x, training=False)
+    assert float(_np(model.segmentation_loss(av, out["logits"]))) < before_seg
+    assert float(_np(model.distance_loss(av, dist, out["distance"]))) < before_dist
+
+
+def test_adversarial_option_trains_a_discriminator():
+    keras.utils.set_random_seed(7)
+    model = RIPAV(adversarial_weight=0.01, **TINY)
+    assert model.discriminator is not None
+    x, av = _batch(seed=8)
+    before = [w.copy() for w in model.discriminator.get_weights()]
+    history = _fit(model, x, av, steps=3)
+    assert "discriminator_loss" in history and np.isfinite(history["discriminator_loss"]).all()
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(before, model.discriminator.get_weights()))
+    assert RIPAV(**TINY).discriminator is None
+
+
+def test_encoder_transfers_from_a_rip_classifier():
+    keras.utils.set_random_seed(9)
+    enc = {k: TINY[k] for k in ("widths", "depths")}
+    source = RIPClassifier(**enc)
+    assert source(np.zeros((4, 24, 24, 3), "float32")).shape == (4, 2)
+    model = RIPAV(**TINY)
+    model.load_pretrained(source)
+    for a, b in zip(model.encoder.get_weights(), source.encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="encoders differ"):
+        model.load_pretrained(RIPClassifier(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="RIP pre-training run"):
+        model.load_pretrained(build_model("unet", depth=2, base_filters=4))
+
+
+def test_save_and_reload_give_identical_outputs(tmp_path):
+    keras.utils.set_random_seed(10)
+    x, _ = _batch(n=1, seed=11)
+    assert_reload_identical(RIPAV(**TINY), x, tmp_path / "a")
+    assert_reload_identical(RIPAV(encoder="conv", context_fusion=False, **{
+        k: v for k, v in TINY.items() if k != "context_size"}), x, tmp_path / "b")
+    assert_reload_identical(RIPClassifier(widths=(8, 8, 16), depths=(1, 1)), x, tmp_path / "c")

@@ -1,0 +1,128 @@
+"""RIP-AV end to end on tiny synthetic A/V data: bin/generate_rip_patches.py, bin/pretrain_rip.py,
+rip_av training from the RIP run (task inferred, distance targets, context crops), sliding-window
+evaluation with A/V metrics and pictures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retina_tf.data.io import DatasetError
+from retina_tf.data.pipeline import with_context
+from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.evaluation import evaluate
+from retina_tf.flags import parse_flags
+from retina_tf.inference import Segmenter
+from retina_tf.models.rip_av import RIPAV
+from retina_tf.pretraining import read_rip_records
+from retina_tf.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODER = '"widths": [8, 8, 16, 16], "depths": [1, 1, 1]'
+
+
+def test_with_context_splits_wide_crops_into_centre_and_context():
+    x = tf.reshape(tf.range(2 * 8 * 8, dtype=tf.float32), (2, 8, 8, 1))
+    y, w = x + 1000, tf.ones_like(x)
+    (inputs, y2, w2), = with_context(tf.data.Dataset.from_tensors((x, y, w)), 4, 2).take(1)
+    np.testing.assert_array_equal(inputs["image"], x[:, 2:6, 2:6])
+    np.testing.assert_array_equal(y2, y[:, 2:6, 2:6])
+    assert w2.shape == (2, 4, 4, 1)
+    # area resize of the whole 8x8 crop to 2x2: the mean of each 4x4 quarter
+    np.testing.assert_allclose(inputs["context"][0, 0, 0, 0], np.mean(x[0, :4, :4, 0]))
+
+
+@pytest.fixture(scope="module")
+def rip_run(tmp_path_factory):
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
+                                   seed=4, size=(96, 96))
+    logdir = tmp_path_factory.mktemp("runs")
+    patches = logdir / "rip_patches"
+    common = ["--dataset=synthetic", f"--data_dir={data}", f"--rip_patches={patches}",
+              "--preprocess=standardize,clahe,gamma", "--val_images=1", "--rip_sizes=24,48",
+              "--rip_out_size=32", "--rip_per_class=20", "--rip_min_fraction=0.02"]
+    for script, extra in (("generate_rip_patches.py", []),
+                          ("pretrain_rip.py", [f"--logdir={logdir}", "--run_name=rip",
+                                               "--model_config={" + ENCODER + "}",
+                                               "--epochs=2", "--patches_per_epoch=64",
+                                               "--batch_size=16", "--learning_rate=0.003"])):
+        proc = subprocess.run([sys.executable, str(REPO / "bin" / script), *common, *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, logdir, proc.stdout
+
+
+@pytest.mark.slow
+def test_rip_pretraining_writes_a_run_folder(rip_run):
+    data, logdir, stdout = rip_run
+    run = logdir / "rip"
+    for name in ("model.keras", "preprocessor.json", "run.json", "flags.txt", "metrics.json"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["model"] == "rip_classifier" and info["input_channels"] == 3
+    # patches of the validation image (the last training image) are left out
+    records, _ = read_rip_records(logdir / "rip_patches")
+    assert info["patches"] < len(records) and "06_training" not in info["images"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["loss_history"]) == 2 and 0 <= metrics["held_out"]["accuracy"] <= 1
+    assert "held-out patches: accuracy" in stdout
+
+
+@pytest.mark.slow
+def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
+    data, logdir, _ = rip_run
+    cfg = parse_flags([
+        "--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}", "--run_name=ripav",
+        "--model=rip_av", "--model_config={" + ENCODER + ', "context_size": 32}',
+        "--pretrained=rip", "--preprocess=standardize,clahe,gamma", "--patch_size=32",
+        "--batch_size=4", "--patches_per_epoch=16", "--epochs=2", "--val_images=1",
+        "--inference=sliding", "--stride=16", "--image_summary_every=0"])
+    assert cfg.task == "vessel"  # not given: rip_av makes it av
+    run = train(cfg)
+    info = json.loads((run / "run.json").read_text())
+    assert info["task"] == "av" and info["num_classes"] == 3
+    assert info["pretrained"] == str(logdir / "rip")
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    assert isinstance(model, RIPAV) and model.distance_head and model.context_fusion
+
+    # every sliding window gets the whole image as context: a window equal to the image gives
+    # the whole-image result
+    seg = Segmenter.from_run(run)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    whole = Segmenter.from_run(run, inference="whole").probability(image)
+    sliding = Segmenter.from_run(run, inference="sliding", window=64, stride=64).probability(image)
+    np.testing.assert_allclose(sliding, whole, atol=1e-5)
+    assert seg.probability(image).shape == (64, 64, 3)
+
+    out = tmp_path / "eval"
+    result = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}",
+                                   "--visualize"]))["metrics"]
+    for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert (out / "01_test_av.png").is_file() and (out / "01_test_av_truth.png").is_file()
+
+
+def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
+    from retina_tf.pretraining import pretrain_rip
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=1, seed=6,
+                                   size=(64, 64))
+    cfg = parse_flags(["--dataset=synthetic", f"--data_dir={data}",
+                       f"--rip_patches={tmp_path / 'none'}", f"--logdir={tmp_path}"])
+    with pytest.raises(DatasetError, match="run bin/generate_rip_patches.py"):
+        pretrain_rip(cfg)
+
+
+@pytest.mark.parametrize("model,script", [("rip_classifier", "pretrain_rip.py"),
+                                          ("mae", "pretrain_mae.py")])
+def test_train_refuses_pre_training_models(model, script, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=2, num_test=1, seed=6,
+                                   size=(32, 32))
+    cfg = parse_flags(["--dataset=synthetic", f"--data_dir={data}", f"--model={model}",
+                       f"--logdir={tmp_path}"])
+    with pytest.raises(ValueError, match=f"pre-training model: run bin/{script}"):
+        train(cfg)
