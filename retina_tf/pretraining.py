@@ -25,8 +25,9 @@ from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.inference import atomic_save_model
 from retina_tf.models.vit_mae import MAE, apply_preset
-from retina_tf.training import (atomic_write_text, fit_run, flags_text, make_optimizer,
-                                make_strategy, run_dir_of, update_metrics_json, WarmupDecay)
+from retina_tf.training import (atomic_write_text, fit_run, flags_text, load_training_sets,
+                                make_optimizer, make_strategy, run_dir_of, update_metrics_json,
+                                WarmupDecay)
 
 # Label files that official layouts keep beside the photographs (CHASE_DB1's flat folder);
 # _list_inputs already skips "_mask" files.
@@ -195,34 +196,27 @@ def read_rip_records(folder: str | Path) -> tuple[list, dict]:
 
 def rip_patch_set(cfg) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]:
     """Preprocessed RIP patches ``(N, S, S, C)``, their ``(N, 2)`` labels, the preprocessor and
-    the image names used. The preprocessor is fitted as bin/train.py fits it (training images
-    without the last ``--val_images``), whole images are preprocessed and then cut, exactly as
-    the fine-tuning sees them; patches of the held-out validation images are dropped."""
+    the image names used. The training images are read and preprocessed by bin/train.py's own
+    :func:`load_training_sets` (same held-out validation images, same fitted preprocessor), then
+    cut, exactly as the fine-tuning sees them; patches of the validation images are dropped."""
     import dataclasses
 
-    from retina_tf.data.io import read_sample
     from retina_tf.data.rip import cut_patches, rip_labels
     records, settings = read_rip_records(cfg.rip_patches)
-    samples = list_samples(cfg.dataset, cfg.data_dir, "training")
-    if {r.name for r in records} - {s.name for s in samples}:
+    train_set, val_set, pre = load_training_sets(cfg)
+    known = set(train_set.names) | set(val_set.names if val_set else [])
+    if {r.name for r in records} - known:
         raise DatasetError(f"{cfg.rip_patches}: its patches come from {settings.get('dataset')} "
                            f"in {settings.get('data_dir')}, not from the training images of "
                            f"--dataset={cfg.dataset} in {cfg.data_dir}")
-    n_val = min(cfg.val_images, len(samples) - 1) if cfg.val_images > 0 else 0
-    train = samples[:len(samples) - n_val]
-    index = {s.name: i for i, s in enumerate(train)}
+    index = {name: i for i, name in enumerate(train_set.names)}
     records = [dataclasses.replace(r, image_index=index[r.name]) for r in records
                if r.name in index]
     if not records:
-        raise DatasetError(f"{cfg.rip_patches}: no patch left outside the {n_val} validation "
-                           "images")
-    pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
-    datas = [read_sample(s) for s in train]
-    if pre.standardize:
-        pre.fit(d.image for d in datas)
-    images = {i: pre(d.image) for i, d in enumerate(datas)}
-    return (cut_patches(images, records, settings["out_size"]), rip_labels(records), pre,
-            [s.name for s in train])
+        raise DatasetError(f"{cfg.rip_patches}: no patch left outside the "
+                           f"{len(val_set) if val_set else 0} validation images")
+    return (cut_patches(train_set.images, records, settings["out_size"]), rip_labels(records),
+            pre, list(train_set.names))
 
 
 def pretrain_rip(cfg) -> Path:

@@ -399,11 +399,12 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    script = getattr(model_class(cfg.model), "pretraining_script", None)
+    cls = model_class(cfg.model)
+    script = getattr(cls, "pretraining_script", None)
     if script:
         raise ValueError(f"--model={cfg.model} is a pre-training model: run {script} (then "
                          "bin/train.py fine-tunes from its run folder with --pretrained)")
-    model_task = getattr(model_class(cfg.model), "task", None)
+    model_task = getattr(cls, "task", None)
     if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
         cfg.task = model_task
     train_set, val_set, pre = load_training_sets(cfg)

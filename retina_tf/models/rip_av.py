@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from retina_tf.losses import bce_loss, dice_loss
+from retina_tf.models.blocks import conv_bn_relu
 
 ENCODER_KINDS = ("convnext", "conv")
 ENCODER_KEYS = ("input_channels", "encoder", "widths", "depths", "layer_scale_init")
@@ -50,13 +51,6 @@ class LayerScale(layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "init_value": self.init_value}
-
-
-def _conv_bn_relu(x, filters: int, name: str):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
-                      name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
 
 
 def convnext_block(x, layer_scale_init: float, name: str):
@@ -90,8 +84,8 @@ def build_encoder(input_channels: int = 3, encoder: str = "convnext",
     _check(input_channels=input_channels, **{f"width{i}": w for i, w in enumerate(widths)},
            **{f"depth{i}": d for i, d in enumerate(depths)})
     inputs = keras.Input((None, None, input_channels), name="image")
-    x = _conv_bn_relu(inputs, widths[0], "stem1")
-    x = _conv_bn_relu(x, widths[0], "stem2")
+    x = conv_bn_relu(inputs, widths[0], name="stem1")
+    x = conv_bn_relu(x, widths[0], name="stem2")
     features = [x]
     for i, (width, depth) in enumerate(zip(widths[1:], depths), start=1):
         if encoder == "convnext":
@@ -102,8 +96,8 @@ def build_encoder(input_channels: int = 3, encoder: str = "convnext",
         else:
             x = layers.MaxPooling2D(2, name=f"down{i}")(x)
             for j in range(depth):
-                x = _conv_bn_relu(x, width, f"stage{i}_block{j}a")
-                x = _conv_bn_relu(x, width, f"stage{i}_block{j}b")
+                x = conv_bn_relu(x, width, name=f"stage{i}_block{j}a")
+                x = conv_bn_relu(x, width, name=f"stage{i}_block{j}b")
         features.append(x)
     return keras.Model(inputs, features, name=name)
 
@@ -333,12 +327,12 @@ class RIPAV(keras.Model):
         for level in range(len(widths) - 2, -1, -1):
             x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
             x = layers.Concatenate(name=f"skip{level}")([x, feats[level]])
-            x = _conv_bn_relu(x, widths[level], f"dec{level}_1")
-            x = _conv_bn_relu(x, widths[level], f"dec{level}_2")
+            x = conv_bn_relu(x, widths[level], name=f"dec{level}_1")
+            x = conv_bn_relu(x, widths[level], name=f"dec{level}_2")
         outputs = {"logits": layers.Conv2D(self.num_classes, 1, name="logits")(x)}
         if self.distance_head:
             early = layers.Concatenate(name="distance_in")([feats[0], x])
-            d = _conv_bn_relu(early, widths[0], "distance")
+            d = conv_bn_relu(early, widths[0], name="distance")
             outputs["distance"] = layers.Conv2D(self.num_classes, 1, name="distance_logits")(d)
         return keras.Model(inputs, outputs, name="decoder")
 

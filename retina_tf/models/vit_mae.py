@@ -16,6 +16,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from retina_tf.models.blocks import conv_bn_relu
+
 # The seed's configuration (512 px, patch 16, dim 768, depth 8, 8 heads, decoder 512 x 4).
 PRESETS: dict[str, dict] = {
     "seed": dict(image_size=512, patch_size=16, dim=768, depth=8, num_heads=8,
@@ -335,17 +337,10 @@ class MAE(keras.Model):
         return apply_preset(config)
 
 
-def _conv_bn_relu(x, filters: int, name: str):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                      kernel_initializer="he_normal", name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
-
-
 def _up2(x, filters: int, name: str):
     """x2 transposed conv then [3x3 conv, BN, ReLU]."""
     x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_tconv")(x)
-    return _conv_bn_relu(x, filters, name)
+    return conv_bn_relu(x, filters, name=name)
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
@@ -399,7 +394,7 @@ class ViTSeg(keras.Model):
         def channels(k):
             return min(decoder_channels * 2**k, 256)
 
-        x = _conv_bn_relu(grid(final), channels(levels), name=f"level{levels}")
+        x = conv_bn_relu(grid(final), channels(levels), name=f"level{levels}")
         for k in range(levels - 1, -1, -1):
             x = layers.Conv2DTranspose(channels(k), 2, strides=2, name=f"up{k}")(x)
             if k > 0:
@@ -407,11 +402,11 @@ class ViTSeg(keras.Model):
                 for j in range(levels - k):
                     skip = _up2(skip, channels(k), name=f"tap{k}_up{j}")
             else:
-                skip = _conv_bn_relu(inputs, channels(0), name="stem1")
-                skip = _conv_bn_relu(skip, channels(0), name="stem2")
+                skip = conv_bn_relu(inputs, channels(0), name="stem1")
+                skip = conv_bn_relu(skip, channels(0), name="stem2")
             x = layers.Concatenate(name=f"join{k}")([x, skip])
-            x = _conv_bn_relu(x, channels(k), name=f"dec{k}_1")
-            x = _conv_bn_relu(x, channels(k), name=f"dec{k}_2")
+            x = conv_bn_relu(x, channels(k), name=f"dec{k}_1")
+            x = conv_bn_relu(x, channels(k), name=f"dec{k}_2")
         outputs = layers.Conv2D(num_classes, 1, name="logits")(x)
         kwargs.setdefault("name", "vit_seg")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
