@@ -12,9 +12,14 @@ import numpy as np
 from retina_tf.data.io import DatasetError, file_stem, read_image, read_mask, read_sample
 from retina_tf.data.pipeline import resolve_samples, target_of
 from retina_tf.inference import PRETRAINED_DIR, Segmenter
+from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
 from retina_tf.training import atomic_write_text, run_dir_of, to_json, update_metrics_json
 from retina_tf import visualize
+
+# A/V accuracy is also split at this vessel width (px, as vessel_width_map measures it: a 3 px
+# wide vessel measures 4), because thin vessels are where A/V classification fails first.
+THIN_AV_WIDTH = 4.0
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".gz")
 
@@ -56,6 +61,7 @@ def evaluate(cfg) -> dict:
     task = seg.task
     vessel = VesselMetrics(threshold=cfg.threshold, whole_image=cfg.whole_image_metrics)
     av = AVMetrics() if task == "av" else None
+    av_thin, av_thick = AVMetrics(), AVMetrics()
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
           f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
@@ -67,6 +73,10 @@ def evaluate(cfg) -> dict:
         vessel.update(prob[..., -1], target[..., -1], data.fov)
         if av is not None:
             av.update(prob, target, data.fov)
+            thin = vessel_width_map(target[..., -1]) <= THIN_AV_WIDTH
+            fov = data.fov.astype(bool)
+            av_thin.update(prob, target, fov & thin)
+            av_thick.update(prob, target, fov & ~thin)
         if cfg.visualize:
             p = prob[..., -1]
             pred = p >= cfg.threshold
@@ -82,12 +92,18 @@ def evaluate(cfg) -> dict:
     result = vessel.result()
     if av is not None:
         result.update({f"av_{k}": v for k, v in av.result().items()})
+        for part, metrics in (("thin", av_thin), ("thick", av_thick)):
+            r = metrics.result()
+            result.update({f"av_{part}_acc": r["acc"], f"av_{part}_pixels": r["n_pixels"]})
     print()
     print(format_table(result), flush=True)
     if av is not None:
         print("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
               "Se: arteries right, Sp: veins right)")
         print(format_table(av.result(), class_names=("vein", "artery")), flush=True)
+        print(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
+              f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
+              f"({result['av_thick_pixels']} px)", flush=True)
     if cfg.visualize:
         scores, labels = vessel.scores_and_labels()
         visualize.save_curves(scores, labels, out_dir, result["auc_roc"], result["auc_pr"],

@@ -105,6 +105,11 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc"):
         assert 0.0 <= result[key] <= 1.0, key
     assert (out / "01_test_av.png").is_file() and (out / "01_test_av_truth.png").is_file()
+    # The thin / thick split partitions the counted pixels, and its accuracies average back.
+    thin, thick = result["av_thin_pixels"], result["av_thick_pixels"]
+    assert thin > 0 and thick > 0 and thin + thick == result["av_n_pixels"]
+    np.testing.assert_allclose(result["av_thin_acc"] * thin + result["av_thick_acc"] * thick,
+                               result["av_acc"] * (thin + thick), rtol=1e-9)
 
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
