@@ -39,6 +39,7 @@ def main(_):
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import target_of
     from retina_tf.data.preprocess import Preprocessor
+    from retina_tf.metrics import counted_av_pixels
 
     train = [read_sample(s) for s in list_samples(FLAGS.dataset, FLAGS.data_dir, "training")]
     test = [read_sample(s) for s in list_samples(FLAGS.dataset, FLAGS.data_dir, "test")]
@@ -49,7 +50,7 @@ def main(_):
         for d in datas:
             t = target_of(d, "av") > 0.5
             fov = d.fov.astype(bool)
-            counted = (t[..., 0] ^ t[..., 1]) & fov
+            counted = counted_av_pixels(t, fov)
             if mode == "preprocessed":
                 im = pre(d.image)
             else:  # RGB divided by the image's mean colour in the FOV (illumination varies)

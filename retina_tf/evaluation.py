@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bm
 def load_segmenter(cfg) -> Segmenter:
     return Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
                               inference=cfg.inference, window=cfg.window, stride=cfg.stride,
-                              tta=cfg.tta, scales=cfg.eval_scales)
+                              tta=cfg.tta, scales=cfg.eval_scales, av_vote=cfg.av_vote)
 
 
 def _is_shipped(run_dir: Path) -> bool:
@@ -61,9 +61,11 @@ def evaluate(cfg) -> dict:
     task = seg.task
     vessel = VesselMetrics(threshold=cfg.threshold, whole_image=cfg.whole_image_metrics)
     av = AVMetrics() if task == "av" else None
-    av_thin, av_thick = AVMetrics(), AVMetrics()
+    if av is not None:
+        av_thin, av_thick = AVMetrics(), AVMetrics()
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-          f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}; counting "
+          f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}"
+          f"{', one A/V decision per vessel segment' if seg.av_vote else ''}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:
         data = read_sample(sample)
@@ -110,7 +112,8 @@ def evaluate(cfg) -> dict:
                               title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
-              "inference": seg.inference, "tta": seg.tta, "metrics": result}
+              "inference": seg.inference, "tta": seg.tta, "av_vote": seg.av_vote,
+              "metrics": result}
     atomic_write_text(out_dir / "metrics.json", to_json(report))
     if not _is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})

@@ -203,6 +203,8 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_list("eval_scales", None, "Multi-scale models (hmsa): inference scales, e.g. "
                   "0.5,1.0,2.0 (default: the training scales).")
     d.DEFINE_boolean("tta", False, "Test-time augmentation: average over flips (about 4x slower).")
+    d.DEFINE_boolean("av_vote", False, "A/V models: one artery/vein decision per vessel segment "
+                     "between junctions of the predicted vessel map (retina_tf.postprocess).")
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
     d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")

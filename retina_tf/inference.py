@@ -22,6 +22,7 @@ import tensorflow as tf
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.postprocess import vote_av_segments
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
@@ -72,6 +73,8 @@ class Segmenter:
             HMSA); None keeps the training scales.
         tta: test-time augmentation: average the predictions of the image and its horizontal,
             vertical and double flips (flips undone before averaging); about 4x the time.
+        av_vote: A/V models: one artery/vein decision per vessel segment between junctions
+            (:func:`retina_tf.postprocess.vote_av_segments`), after TTA.
 
     Example:
         >>> seg = Segmenter.from_run("unet_drive")
@@ -82,7 +85,7 @@ class Segmenter:
                  inference: str = "auto", window: int = 48, stride: int = 16,
                  batch_size: int = 64, fully_convolutional: bool = True,
                  run_info: dict | None = None, tta: bool = False,
-                 scales: Sequence[float] | None = None):
+                 scales: Sequence[float] | None = None, av_vote: bool = False):
         if inference not in ("auto", "whole", "sliding"):
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
@@ -99,6 +102,7 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self.run_info = run_info or {}
         self.tta = bool(tta)
+        self.av_vote = bool(av_vote)
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.model(x, training=False))),
             reduce_retracing=True)
@@ -128,10 +132,16 @@ class Segmenter:
     def probability_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(H, W, C) preprocessed float image -> (H, W, K) probabilities."""
         if not self.tta:
-            return self._probability(x)
-        flips = [(), (1,), (0,), (0, 1)]
-        outs = [np.flip(self._probability(np.flip(x, f)), f) for f in flips]
-        return np.mean(outs, axis=0)
+            prob = self._probability(x)
+        else:
+            flips = [(), (1,), (0,), (0, 1)]
+            prob = np.mean([np.flip(self._probability(np.flip(x, f)), f) for f in flips], axis=0)
+        if self.av_vote:
+            if prob.shape[-1] != 3:
+                raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
+                                 f"{prob.shape[-1]} channel(s)")
+            prob = vote_av_segments(prob)
+        return prob
 
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]

@@ -204,6 +204,19 @@ class VesselMetrics(ConfusionMatrix):
         return out
 
 
+def counted_av_pixels(target_av: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
+    """The pixels A/V metrics count: ground-truth vessel pixels that are artery XOR vein (no
+    crossings, no uncertain ones), inside the FOV when one is given. ``target_av`` HxWx3 bool."""
+    artery, vein, vessel = target_av[..., 0], target_av[..., 1], target_av[..., 2]
+    counted = (artery ^ vein) & vessel
+    if fov is not None:
+        fov = np.asarray(fov).astype(bool)
+        if fov.shape != counted.shape:
+            raise ValueError(f"FOV mask shape {fov.shape} differs from A/V map size {counted.shape}")
+        counted &= fov
+    return counted
+
+
 class AVMetrics:
     """Streaming artery/vein classification metrics on ground-truth vessel pixels (DESIGN s. 5).
 
@@ -228,15 +241,9 @@ class AVMetrics:
                 or pred_av.shape[:2] != target_av.shape[:2]:
             raise ValueError(f"expected HxWx3 predictions and HxWx3 (artery, vein, vessel) targets of "
                              f"the same size, got {pred_av.shape} and {target_av.shape}")
-        artery, vein, vessel = target_av[..., 0], target_av[..., 1], target_av[..., 2]
-        counted = (artery ^ vein) & vessel
-        if fov is not None:
-            fov = np.asarray(fov).astype(bool)
-            if fov.shape != counted.shape:
-                raise ValueError(f"FOV mask shape {fov.shape} differs from A/V map size {counted.shape}")
-            counted &= fov
+        counted = counted_av_pixels(target_av, fov)
         called_artery = pred_av[..., 0] >= pred_av[..., 1]
-        is_artery = artery[counted]
+        is_artery = target_av[..., 0][counted]
         called = called_artery[counted]
         tp = int(np.count_nonzero(is_artery & called))
         fn = int(np.count_nonzero(is_artery)) - tp

@@ -183,7 +183,8 @@ def _to_uint8_image(x: np.ndarray) -> np.ndarray:
 
 class WholeImageValidation(keras.callbacks.Callback):
     """Segments the held-out training images whole and adds ``val_f1``, ``val_auc_roc``, ... to
-    the epoch logs, so ModelCheckpoint can keep the best model by validation F1 and TensorBoard
+    the epoch logs, so ModelCheckpoint can keep the best model (by validation F1, or A/V accuracy for
+    A/V models) and TensorBoard
     plots them; writes input / label / prediction image summaries every ``image_every`` epochs.
     """
 
@@ -358,7 +359,7 @@ def fit_run(model: keras.Model, dataset: tf.data.Dataset, steps: int, pixels_per
             extra_callbacks: list[keras.callbacks.Callback] | None = None
             ) -> tuple[keras.callbacks.History, float, Path]:
     """``model.fit`` with the run folder's callbacks: learning rate and speed, validation (the
-    best checkpoint by its ``val_f1``, else by loss), time budget, checkpoints, TensorBoard and
+    best checkpoint by its ``val_f1``, ``val_av_acc`` for A/V models, else by loss), time budget, checkpoints, TensorBoard and
     resume. Returns the history, the minutes it took and the best checkpoint's path."""
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     best_path = run_dir / "checkpoints" / "best.weights.h5"
@@ -366,7 +367,9 @@ def fit_run(model: keras.Model, dataset: tf.data.Dataset, steps: int, pixels_per
     monitor, mode = "loss", "min"
     if validation is not None:
         callbacks.append(validation)
-        monitor, mode = "val_f1", "max"
+        # an A/V model is chosen by what it is for: artery/vein accuracy
+        monitor = "val_av_acc" if getattr(validation, "task", "vessel") == "av" else "val_f1"
+        mode = "max"
     callbacks += [
         TimeBudget(cfg.time_budget_minutes),
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode=mode,

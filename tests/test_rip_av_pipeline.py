@@ -78,7 +78,7 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     data, logdir, _ = rip_run
     cfg = parse_flags([
         "--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}", "--run_name=ripav",
-        "--model=rip_av", "--model_config={" + ENCODER + ', "context_size": 32}',
+        "--model=rip_av", "--model_config={" + ENCODER + ', "context_size": 32, "av_weight": 1.0}',
         "--pretrained=rip", "--preprocess=standardize,clahe,gamma", "--patch_size=32",
         "--batch_size=4", "--patches_per_epoch=16", "--epochs=2", "--val_images=1",
         "--inference=sliding", "--stride=16", "--image_summary_every=0"])
@@ -89,6 +89,7 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert info["pretrained"] == str(logdir / "rip")
     model = keras.saving.load_model(run / "model.keras", compile=False)
     assert isinstance(model, RIPAV) and model.distance_head and model.context_fusion
+    assert model.av_weight == 1.0
 
     # every sliding window gets the whole image as context: a window equal to the image gives
     # the whole-image result
@@ -110,6 +111,13 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert thin > 0 and thick > 0 and thin + thick == result["av_n_pixels"]
     np.testing.assert_allclose(result["av_thin_acc"] * thin + result["av_thick_acc"] * thick,
                                result["av_acc"] * (thin + thick), rtol=1e-9)
+    # one decision per vessel segment changes the A/V decisions only, never the vessel map
+    voted = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}_vote",
+                                  "--av_vote"]))
+    assert voted["av_vote"] is True
+    for key in ("f1", "auc_roc", "tp", "fp"):
+        assert voted["metrics"][key] == result[key], key
+    assert voted["metrics"]["av_n_pixels"] == result["av_n_pixels"]
 
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):

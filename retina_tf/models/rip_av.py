@@ -251,7 +251,8 @@ class RIPAV(keras.Model):
     Loss (:meth:`compute_loss`): ``seg_weight * sum_k w_k (BCE_k + Dice_k)`` with ``w`` =
     artery:vein:vessel = 3:3:2 normalized to sum to one, ``+ distance_weight * smooth-L1`` of the
     distance maps on vessel pixels, ``+ adversarial_weight *`` the PatchGAN generator term when
-    that weight is set (a discriminator on (image, maps) pairs is then trained alongside).
+    that weight is set (a discriminator on (image, maps) pairs is then trained alongside),
+    ``+ av_weight *`` :meth:`av_decision_loss` when that weight is set (not in the seed).
 
     Args:
         input_channels: channels of the preprocessed image (3: colour tells arteries from veins).
@@ -265,6 +266,7 @@ class RIPAV(keras.Model):
         seg_weight, distance_weight, adversarial_weight: loss weights (5, 1, 0; the seed's
             optional adversarial weight is 0.01).
         class_weights: artery, vein, vessel weights of the segmentation loss.
+        av_weight: weight of :meth:`av_decision_loss` (0: off, as in the seed).
 
     Inputs: ``(B, H, W, C)`` images (the context is then the image resized), or a dict
     ``{"image": ..., "context": (B, context_size, context_size, C)}``. H and W must be
@@ -281,7 +283,8 @@ class RIPAV(keras.Model):
                  context_fusion: bool = True, context_size: int = 96, context_factor: int = 2,
                  distance_head: bool = True, seg_weight: float = 5.0, distance_weight: float = 1.0,
                  adversarial_weight: float = 0.0,
-                 class_weights: Sequence[float] = (3.0, 3.0, 2.0), **kwargs):
+                 class_weights: Sequence[float] = (3.0, 3.0, 2.0), av_weight: float = 0.0,
+                 **kwargs):
         super().__init__(**{"name": "rip_av", **kwargs})
         _check(num_classes=num_classes, context_size=context_size, context_factor=context_factor)
         if len(class_weights) != num_classes or min(class_weights) < 0 or sum(class_weights) <= 0:
@@ -301,6 +304,9 @@ class RIPAV(keras.Model):
         self.distance_weight = float(distance_weight)
         self.adversarial_weight = float(adversarial_weight)
         self.class_weights = tuple(float(w) for w in class_weights)
+        if av_weight < 0:
+            raise ValueError(f"av_weight must be >= 0, got {av_weight!r}")
+        self.av_weight = float(av_weight)
         self.decoder = self._build_decoder()
         self.discriminator = None
         if self.adversarial_weight:
@@ -383,9 +389,29 @@ class RIPAV(keras.Model):
             mask = mask * ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask))
         return smooth_l1(distance, ops.sigmoid(distance_logits), mask)
 
+    def av_decision_loss(self, y_av, logits, sample_weight=None):
+        """BCE of ``sigmoid(logit_artery - logit_vein)`` against "artery" on the pixels that A/V
+        accuracy counts (artery XOR vein; crossings and uncertain pixels excluded).
+
+        A/V accuracy calls a pixel artery when ``p_artery >= p_vein``, i.e. when the logit
+        difference is >= 0. The per-class BCE + Dice trains that difference only indirectly,
+        and on thin vessels, where both probabilities are small, hardly at all; this term trains
+        the decision itself. It is this library's addition, not part of RIP-AV.
+        """
+        artery, vein = y_av[..., 0:1], y_av[..., 1:2]
+        counted = artery * (1.0 - vein) + vein * (1.0 - artery)
+        if sample_weight is not None:
+            counted = counted * ops.reshape(ops.cast(sample_weight, "float32"),
+                                            ops.shape(counted))
+        diff = logits[..., 0:1] - logits[..., 1:2]
+        return bce_loss(artery, diff, counted)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         y_av, distance = self._split_target(y)
         total = self.seg_weight * self.segmentation_loss(y_av, y_pred["logits"], sample_weight)
+        if self.av_weight:
+            total = total + self.av_weight * self.av_decision_loss(
+                y_av, y_pred["logits"], sample_weight)
         if self.distance_head and distance is not None and self.distance_weight:
             total = total + self.distance_weight * self.distance_loss(
                 y_av, distance, y_pred["distance"], sample_weight)
@@ -459,7 +485,7 @@ class RIPAV(keras.Model):
                 "distance_head": self.distance_head, "seg_weight": self.seg_weight,
                 "distance_weight": self.distance_weight,
                 "adversarial_weight": self.adversarial_weight,
-                "class_weights": list(self.class_weights)}
+                "class_weights": list(self.class_weights), "av_weight": self.av_weight}
 
     @classmethod
     def from_config(cls, config: dict) -> "RIPAV":

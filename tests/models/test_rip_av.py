@@ -102,6 +102,20 @@ def test_losses_match_hand_computed_terms():
     # without appended distance maps only the segmentation term counts
     got = model.compute_loss(x, av, {"logits": logits, "distance": dlogits}, fov)
     np.testing.assert_allclose(_np(got), 5 * seg, rtol=1e-5)
+    # the A/V decision term: BCE of sigmoid(l_a - l_v) on artery-xor-vein pixels in the FOV
+    counted = (av[..., 0:1] != av[..., 1:2]) * fov
+    d = logits[..., 0:1] - logits[..., 1:2]
+    bce = np.maximum(d, 0) - d * av[..., 0:1] + np.log1p(np.exp(-np.abs(d)))
+    decision = (bce * counted).sum() / counted.sum()
+    weighted = RIPAV(av_weight=2.0, **TINY)
+    got = weighted.compute_loss(x, av, {"logits": logits, "distance": dlogits}, fov)
+    np.testing.assert_allclose(_np(got), 5 * seg + 2 * decision, rtol=1e-5)
+    # a pixel-perfect decision (l_a - l_v = +-20 on the counted pixels) costs nothing
+    sure = np.where(av[..., 0:1] > 0, 10.0, -10.0) * np.ones_like(logits)
+    sure[..., 1:2] *= -1
+    assert float(_np(weighted.av_decision_loss(av, sure, fov))) < 1e-6
+    with pytest.raises(ValueError, match="av_weight"):
+        RIPAV(av_weight=-1.0, **TINY)
     assert float(_np(smooth_l1(np.zeros((1, 2, 2, 1)), np.full((1, 2, 2, 1), 3.0),
                                np.ones((1, 2, 2, 1))))) == pytest.approx(2.5)
 
@@ -112,20 +126,22 @@ def _fit(model, x, y, steps=6):
     return model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0).history
 
 
-def test_a_few_steps_lower_both_losses():
+def test_a_few_steps_lower_each_loss():
     keras.utils.set_random_seed(5)
-    model = RIPAV(**TINY)
+    model = RIPAV(av_weight=1.0, **TINY)
     x, av = _batch(seed=6)
     from retina_tf.data.rip import distance_targets
     dist = np.stack([distance_targets(a > 0.5) for a in av])
     y = np.concatenate([av, dist], -1)
     before_seg = float(_np(model.segmentation_loss(av, model(x)["logits"])))
     before_dist = float(_np(model.distance_loss(av, dist, model(x)["distance"])))
+    before_av = float(_np(model.av_decision_loss(av, model(x)["logits"])))
     history = _fit(model, {"image": x, "context": np.resize(x, (2, 32, 32, 3))}, y)
     assert history["loss"][-1] < history["loss"][0]
     out = model(x, training=False)
     assert float(_np(model.segmentation_loss(av, out["logits"]))) < before_seg
     assert float(_np(model.distance_loss(av, dist, out["distance"]))) < before_dist
+    assert float(_np(model.av_decision_loss(av, out["logits"]))) < before_av
 
 
 def test_adversarial_option_trains_a_discriminator():
@@ -159,7 +175,7 @@ def test_encoder_transfers_from_a_rip_classifier():
 def test_save_and_reload_give_identical_outputs(tmp_path):
     keras.utils.set_random_seed(10)
     x, _ = _batch(n=1, seed=11)
-    assert_reload_identical(RIPAV(**TINY), x, tmp_path / "a")
+    assert_reload_identical(RIPAV(av_weight=1.0, **TINY), x, tmp_path / "a")
     assert_reload_identical(RIPAV(encoder="conv", context_fusion=False, **{
         k: v for k, v in TINY.items() if k != "context_size"}), x, tmp_path / "b")
     assert_reload_identical(RIPClassifier(widths=(8, 8, 16), depths=(1, 1)), x, tmp_path / "c")

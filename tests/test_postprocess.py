@@ -1,0 +1,105 @@
+"""A/V post-processing: skeleton segments cut at junctions, one decision per segment."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from retina_tf.data.preprocess import Preprocessor
+from retina_tf.inference import Segmenter
+from retina_tf.metrics import AVMetrics
+from retina_tf.postprocess import skeleton_segments, vote_av_segments
+
+
+def _crossing(size=64, half_width=2):
+    """An artery (horizontal bar) crossing a vein (vertical bar): (artery, vein, vessel)."""
+    artery = np.zeros((size, size), bool)
+    vein = np.zeros((size, size), bool)
+    mid = size // 2
+    artery[mid - half_width:mid + half_width + 1, 4:-4] = True
+    vein[4:-4, mid - half_width:mid + half_width + 1] = True
+    return np.stack([artery, vein, artery | vein], -1)
+
+
+def _noisy(target, flip_share, seed):
+    """Probabilities that are right (0.7 / 0.3) except on ``flip_share`` of the pixels."""
+    flip = np.random.default_rng(seed).random(target.shape[:2]) < flip_share
+    pa = np.where(target[..., 0] ^ flip, 0.7, 0.3)
+    pv = np.where(target[..., 1] ^ flip, 0.7, 0.3)
+    return np.stack([pa, pv, target[..., 2].astype(float)], -1).astype(np.float32)
+
+
+def _acc(prob, target, fov=None):
+    m = AVMetrics()
+    m.update(prob, target, fov)
+    return m.result()["acc"]
+
+
+def test_a_crossing_is_cut_into_four_segments():
+    target = _crossing()
+    labels = skeleton_segments(target[..., 2])
+    assert labels.max() == 4
+    mid = target.shape[0] // 2
+    # nothing of the skeleton is left within the junction radius of the crossing
+    assert not labels[mid - 2:mid + 3, mid - 2:mid + 3].any()
+    # without a junction there is one segment
+    assert skeleton_segments(target[..., 0]).max() == 1
+    assert skeleton_segments(np.zeros((8, 8), bool)).max() == 0
+
+
+def test_voting_makes_every_segment_one_class_and_keeps_the_vessel_channel():
+    target = _crossing()
+    prob = _noisy(target, 0.3, seed=0)
+    out = vote_av_segments(prob)
+    np.testing.assert_array_equal(out[..., 2], prob[..., 2])
+    assert _acc(prob, target) < 0.8
+    assert _acc(out, target) == 1.0
+    # the artery/vein logit mean (the vessel evidence) is kept where the decision moved
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    np.testing.assert_allclose(logit(out[..., 0]) + logit(out[..., 1]),
+                               logit(prob[..., 0]) + logit(prob[..., 1]), atol=1e-3)
+    # far from every vessel nothing changes
+    np.testing.assert_array_equal(out[:3, :3], prob[:3, :3])
+
+
+def test_pixels_just_outside_the_vessel_map_follow_their_segment():
+    target = _crossing()
+    prob = _noisy(target, 0.3, seed=1)
+    # a pixel 2 px above the artery bar, called vein on its own
+    row, col = target.shape[0] // 2 - 4, 12
+    prob[row, col] = (0.2, 0.4, 0.1)
+    out = vote_av_segments(prob, reach=3)
+    assert out[row, col, 0] > out[row, col, 1]
+    assert out[row, col, 2] == pytest.approx(0.1)
+    np.testing.assert_allclose(vote_av_segments(prob, reach=1)[row, col], (0.2, 0.4, 0.1))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        vote_av_segments(np.zeros((8, 8, 1), np.float32))
+
+
+def test_voting_on_a_real_rite_label_fixes_scattered_errors(shared_data):
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.data.pipeline import target_of
+
+    data = read_sample(list_samples("rite", shared_data / "RITE", "test")[0])
+    target = target_of(data, "av") > 0.5
+    prob = _noisy(target, 0.3, seed=2)
+    before, after = _acc(prob, target, data.fov), _acc(vote_av_segments(prob), target, data.fov)
+    assert before < 0.75 and after > 0.95, (before, after)
+
+
+def test_segmenter_applies_the_vote_after_its_forward_pass():
+    identity = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Identity()])
+    prob = _noisy(_crossing(), 0.3, seed=3)
+    seg = Segmenter(identity, Preprocessor(), size_multiple=8, inference="whole", av_vote=True)
+    seg._forward = tf.function(lambda t: t)  # probabilities = the input itself
+    np.testing.assert_allclose(seg.probability_preprocessed(prob), vote_av_segments(prob),
+                               rtol=1e-6)
+    seg.tta = True
+    np.testing.assert_allclose(seg.probability_preprocessed(prob), vote_av_segments(prob),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="artery/vein/vessel"):
+        seg.probability_preprocessed(prob[..., :1])
