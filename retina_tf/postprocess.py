@@ -19,7 +19,7 @@ from skimage.morphology import skeletonize
 # Logit differences are clipped before averaging so that a few saturated pixels cannot outvote
 # the rest of a segment.
 _CLIP = 8.0
-_EIGHT = np.ones((3, 3), bool)
+_EIGHT = np.ones((3, 3), np.uint8)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -35,8 +35,7 @@ def skeleton_segments(vessel: np.ndarray, junction_radius: int = 2) -> np.ndarra
     labelled by 8-connected component.
     """
     skel = skeletonize(np.asarray(vessel, bool))
-    neighbours = ndimage.convolve(skel.astype(np.uint8), _EIGHT.astype(np.uint8),
-                                  mode="constant") - skel
+    neighbours = ndimage.convolve(skel.astype(np.uint8), _EIGHT, mode="constant") - skel
     junctions = skel & (neighbours >= 3)
     if junctions.any() and junction_radius > 0:
         near = ndimage.distance_transform_edt(~junctions) <= junction_radius
@@ -72,18 +71,17 @@ def vote_av_segments(prob: np.ndarray, threshold: float = 0.5, reach: float = 3.
         return out
     la, lv = _logit(prob[..., 0]), _logit(prob[..., 1])
     diff = np.clip(la - lv, -_CLIP, _CLIP)
-    # every pixel's nearest segment pixel
+    # every pixel's nearest segment pixel (there is one: segments is not empty)
     rows, cols = ndimage.distance_transform_edt(segments == 0, return_distances=False,
                                                 return_indices=True)
     owner = segments[rows, cols]
     # a segment's evidence: its vessel pixels (those nearer to it than to any other segment)
-    in_vessel = vessel & (owner > 0)
     n = segments.max() + 1
-    total = np.bincount(owner[in_vessel], weights=diff[in_vessel], minlength=n)
-    count = np.bincount(owner[in_vessel], minlength=n)
+    total = np.bincount(owner[vessel], weights=diff[vessel], minlength=n)
+    count = np.bincount(owner[vessel], minlength=n)
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     outside = ndimage.distance_transform_edt(~vessel)
-    assigned = (owner > 0) & (count[owner] > 0) & (outside <= reach)
+    assigned = (count[owner] > 0) & (outside <= reach)
     centre = 0.5 * (la + lv)
     d = mean[owner]
     out[..., 0] = np.where(assigned, 1 / (1 + np.exp(-(centre + d / 2))), prob[..., 0])

@@ -233,6 +233,13 @@ def smooth_l1(y_true, y_pred, mask, beta: float = 1.0):
     return ops.sum(loss * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
+def _times_sample_weight(mask, sample_weight):
+    """A per-pixel (B, H, W, 1) loss mask times the per-pixel sample weight (the FOV), if any."""
+    if sample_weight is None:
+        return mask
+    return mask * ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask))
+
+
 @keras.saving.register_keras_serializable(package="retina_tf")
 class RIPAV(keras.Model):
     """The RIP-AV artery/vein network.
@@ -384,9 +391,7 @@ class RIPAV(keras.Model):
 
     def distance_loss(self, y_av, distance, distance_logits, sample_weight=None):
         """Smooth-L1 of the predicted normalized distances on vessel pixels (inside the FOV)."""
-        mask = y_av[..., -1:]
-        if sample_weight is not None:
-            mask = mask * ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask))
+        mask = _times_sample_weight(y_av[..., -1:], sample_weight)
         return smooth_l1(distance, ops.sigmoid(distance_logits), mask)
 
     def av_decision_loss(self, y_av, logits, sample_weight=None):
@@ -399,10 +404,8 @@ class RIPAV(keras.Model):
         the decision itself. It is this library's addition, not part of RIP-AV.
         """
         artery, vein = y_av[..., 0:1], y_av[..., 1:2]
-        counted = artery * (1.0 - vein) + vein * (1.0 - artery)
-        if sample_weight is not None:
-            counted = counted * ops.reshape(ops.cast(sample_weight, "float32"),
-                                            ops.shape(counted))
+        counted = _times_sample_weight(artery * (1.0 - vein) + vein * (1.0 - artery),
+                                       sample_weight)
         diff = logits[..., 0:1] - logits[..., 1:2]
         return bce_loss(artery, diff, counted)
 
