@@ -27,7 +27,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bm
 def load_segmenter(cfg) -> Segmenter:
     return Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
                               inference=cfg.inference, window=cfg.window, stride=cfg.stride,
-                              tta=cfg.tta, scales=cfg.eval_scales, av_vote=cfg.av_vote)
+                              tta=cfg.tta, scales=cfg.eval_scales, av_vote=cfg.av_vote,
+                              av_link=cfg.av_link)
 
 
 def _is_shipped(run_dir: Path) -> bool:
@@ -43,6 +44,13 @@ def _test_samples(cfg):
             test_file = Path(cfg.label_file_path)
         return resolve_samples(label_file=test_file)
     return resolve_samples(cfg.dataset, cfg.data_dir, cfg.eval_split)
+
+
+def _vote_words(seg: Segmenter) -> str:
+    if not seg.av_vote:
+        return ""
+    linked = f", linked across junctions (strength {seg.av_link:g})" if seg.av_link else ""
+    return f", one A/V decision per vessel segment{linked}"
 
 
 def evaluate(cfg) -> dict:
@@ -65,7 +73,7 @@ def evaluate(cfg) -> dict:
         av_thin, av_thick = AVMetrics(), AVMetrics()
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
           f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}"
-          f"{', one A/V decision per vessel segment' if seg.av_vote else ''}; counting "
+          f"{_vote_words(seg)}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:
         data = read_sample(sample)
@@ -113,6 +121,7 @@ def evaluate(cfg) -> dict:
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
               "inference": seg.inference, "tta": seg.tta, "av_vote": seg.av_vote,
+              "av_link": seg.av_link if seg.av_vote else None,
               "metrics": result}
     atomic_write_text(out_dir / "metrics.json", to_json(report))
     if not _is_shipped(seg.run_dir):

@@ -205,6 +205,9 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_boolean("tta", False, "Test-time augmentation: average over flips (about 4x slower).")
     d.DEFINE_boolean("av_vote", False, "A/V models: one artery/vein decision per vessel segment "
                      "between junctions of the predicted vessel map (retina_tf.postprocess).")
+    d.DEFINE_float("av_link", 1.0, "With --av_vote: strength of the links that make vessel "
+                   "segments share a class across branchings and, pairwise, through crossings "
+                   "(0: every segment decides alone).", lower_bound=0.0)
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
     d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")

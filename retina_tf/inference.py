@@ -75,6 +75,8 @@ class Segmenter:
             vertical and double flips (flips undone before averaging); about 4x the time.
         av_vote: A/V models: one artery/vein decision per vessel segment between junctions
             (:func:`retina_tf.postprocess.vote_av_segments`), after TTA.
+        av_link: with ``av_vote``, the strength of the links between segments across
+            junctions (0: every segment decides alone).
 
     Example:
         >>> seg = Segmenter.from_run("unet_drive")
@@ -85,7 +87,8 @@ class Segmenter:
                  inference: str = "auto", window: int = 48, stride: int = 16,
                  batch_size: int = 64, fully_convolutional: bool = True,
                  run_info: dict | None = None, tta: bool = False,
-                 scales: Sequence[float] | None = None, av_vote: bool = False):
+                 scales: Sequence[float] | None = None, av_vote: bool = False,
+                 av_link: float = 1.0):
         if inference not in ("auto", "whole", "sliding"):
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
@@ -103,6 +106,9 @@ class Segmenter:
         self.run_info = run_info or {}
         self.tta = bool(tta)
         self.av_vote = bool(av_vote)
+        if av_link < 0:
+            raise ValueError(f"av_link must be >= 0, got {av_link}")
+        self.av_link = float(av_link)
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.model(x, training=False))),
             reduce_retracing=True)
@@ -120,7 +126,8 @@ class Segmenter:
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
                       fully_convolutional=info.get("fully_convolutional", True), run_info=info)
-        kwargs.update({k: v for k, v in overrides.items() if v})
+        # a falsy override means "the default", except where 0 is a setting of its own
+        kwargs.update({k: v for k, v in overrides.items() if v or (k == "av_link" and v == 0)})
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
         return seg
@@ -140,7 +147,7 @@ class Segmenter:
             if prob.shape[-1] != 3:
                 raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
                                  f"{prob.shape[-1]} channel(s)")
-            prob = vote_av_segments(prob)
+            prob = vote_av_segments(prob, link=self.av_link)
         return prob
 
     def _probability(self, x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""A/V post-processing: skeleton segments cut at junctions, one decision per segment."""
+"""A/V post-processing: skeleton segments cut at junctions, one decision per segment, links
+across junctions."""
 
 import keras
 import numpy as np
@@ -8,7 +9,7 @@ import tensorflow as tf
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.inference import Segmenter
 from retina_tf.metrics import AVMetrics
-from retina_tf.postprocess import skeleton_segments, vote_av_segments
+from retina_tf.postprocess import segment_links, skeleton_segments, vote_av_segments
 
 
 def _crossing(size=64, half_width=2):
@@ -19,6 +20,26 @@ def _crossing(size=64, half_width=2):
     artery[mid - half_width:mid + half_width + 1, 4:-4] = True
     vein[4:-4, mid - half_width:mid + half_width + 1] = True
     return np.stack([artery, vein, artery | vein], -1)
+
+
+def _branching(size=64):
+    """A horizontal trunk (5 px wide) and a 3 px branch leaving its middle at 45 degrees
+    downwards to the right: (trunk, branch) bool masks."""
+    trunk = np.zeros((size, size), bool)
+    trunk[30:35, 4:-4] = True
+    branch = np.zeros((size, size), bool)
+    for i in range(2, 26):
+        branch[32 + i - 1:32 + i + 2, 32 + i - 1:32 + i + 2] = True
+    return trunk, branch & ~trunk
+
+
+def _evidence(parts, size=64):
+    """Probabilities (artery, vein, vessel) from (mask, p_artery, p_vein) parts."""
+    prob = np.zeros((size, size, 3), np.float32)
+    prob[..., :2] = 0.01
+    for mask, pa, pv in parts:
+        prob[mask] = (pa, pv, 0.99)
+    return prob
 
 
 def _noisy(target, flip_share, seed):
@@ -103,3 +124,52 @@ def test_segmenter_applies_the_vote_after_its_forward_pass():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="artery/vein/vessel"):
         seg.probability_preprocessed(prob[..., :1])
+    seg.av_link = 0.0  # segments decide alone
+    np.testing.assert_allclose(seg.probability_preprocessed(prob), vote_av_segments(prob, link=0),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="av_link"):
+        Segmenter(identity, Preprocessor(), av_vote=True, av_link=-1.0)
+
+
+def test_links_join_a_branch_to_its_parent_and_pair_the_arms_of_a_crossing():
+    trunk, branch = _branching()
+    segments, links = segment_links(trunk | branch)
+    assert segments.max() == 3
+    left, right, down = (segments[32, 10], segments[32, 55], segments[50, 50])
+    linked = {frozenset(pair) for pair in links}
+    # the parent (left) with both children; not the two children that leave side by side
+    assert linked == {frozenset((left, right)), frozenset((left, down))}
+    target = _crossing()
+    segments, links = segment_links(target[..., 2])
+    mid = target.shape[0] // 2
+    west, east = segments[mid, 8], segments[mid, -9]
+    north, south = segments[8, mid], segments[-9, mid]
+    assert {frozenset(pair) for pair in links} == {frozenset((west, east)),
+                                                   frozenset((north, south))}
+
+
+def test_a_weak_branch_follows_its_parent_and_a_strong_one_keeps_its_class():
+    trunk, branch = _branching()
+    weak = _evidence([(trunk, 0.95, 0.05), (branch, 0.45, 0.55)])
+    # (a few pixels right at the fork are nearer the other vessel's skeleton: left out)
+    away = np.hypot(*np.mgrid[:64, :64] - 32.0) > 8
+    alone = vote_av_segments(weak, link=0)
+    assert (alone[branch & away, 0] < alone[branch & away, 1]).all()  # alone it says vein
+    linked = vote_av_segments(weak)
+    assert (linked[branch | trunk, 0] > linked[branch | trunk, 1]).all()
+    strong = vote_av_segments(_evidence([(trunk, 0.95, 0.05), (branch, 0.05, 0.95)]))
+    assert (strong[branch & away, 0] < strong[branch & away, 1]).all()
+    assert (strong[trunk & away, 0] > strong[trunk & away, 1]).all()
+
+
+def test_a_crossing_keeps_each_vessel_continuous_and_the_two_apart():
+    target = _crossing()
+    artery, vein = target[..., 0] & ~target[..., 1], target[..., 1] & ~target[..., 0]
+    mid = target.shape[0] // 2
+    south = vein & (np.arange(target.shape[0])[:, None] > mid + 4)
+    # the artery and the north vein arm are sure; the south vein arm leans the wrong way
+    prob = _evidence([(artery, 0.95, 0.05), (vein & ~south, 0.05, 0.95), (south, 0.55, 0.45)])
+    # scored away from the crossing's own few pixels (short bridge segments, linked to nothing)
+    away = np.hypot(*np.mgrid[:64, :64] - float(mid)) > 6
+    assert _acc(vote_av_segments(prob, link=0), target, away) < 0.8
+    assert _acc(vote_av_segments(prob), target, away) == 1.0

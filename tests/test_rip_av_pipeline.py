@@ -99,6 +99,8 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     sliding = Segmenter.from_run(run, inference="sliding", window=64, stride=64).probability(image)
     np.testing.assert_allclose(sliding, whole, atol=1e-5)
     assert seg.probability(image).shape == (64, 64, 3)
+    # a zero override is a setting of its own here, not "the default"
+    assert seg.av_link == 1.0 and Segmenter.from_run(run, av_link=0.0).av_link == 0.0
 
     out = tmp_path / "eval"
     result = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}",
@@ -114,7 +116,7 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     # one decision per vessel segment changes the A/V decisions only, never the vessel map
     voted = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}_vote",
                                   "--av_vote"]))
-    assert voted["av_vote"] is True
+    assert voted["av_vote"] is True and voted["av_link"] == 1.0
     for key in ("f1", "auc_roc", "tp", "fp"):
         assert voted["metrics"][key] == result[key], key
     assert voted["metrics"]["av_n_pixels"] == result["av_n_pixels"]
