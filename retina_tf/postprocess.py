@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import csr_array
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 from skimage.morphology import skeletonize
 
@@ -83,7 +83,7 @@ def segment_links(vessel: np.ndarray, junction_radius: int = 2, bridge: int = 6,
     side are not, they are the likelier pair to belong to a vessel merely touching). Four, a
     crossing: arms are paired, most opposite directions first, while at least 120 degrees apart;
     each pair continues one vessel and the two vessels are not linked. Five or more: not linked
-    (on the RITE training labels, 44 % of such pairings joined an artery to a vein). An arm's
+    (on the RITE training labels, 43 % of such pairings joined an artery to a vein). An arm's
     direction points from the node centre to the mean of the segment's pixels within ``arm`` px.
 
     Returns ``(segments, links)``: the labels of :func:`skeleton_segments` and the linked pairs
@@ -173,7 +173,8 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     caps = np.concatenate([unary[favours], -unary[against], weights, weights])
     # maximum_flow wants integer capacities: 1/100 px resolution
     caps = np.round(caps * 100).astype(np.int32)
-    graph = csr_array((caps, (rows, cols)), shape=(n + 2, n + 2))
+    # csr_matrix, not csr_array: maximum_flow of older SciPy accepts only the former
+    graph = csr_matrix((caps, (rows, cols)), shape=(n + 2, n + 2))
     graph.sum_duplicates()
     residual = (graph - maximum_flow(graph, source, sink).flow).tocsr()
     residual.data = (residual.data > 0).astype(np.int8)

@@ -183,9 +183,9 @@ def _to_uint8_image(x: np.ndarray) -> np.ndarray:
 
 class WholeImageValidation(keras.callbacks.Callback):
     """Segments the held-out training images whole and adds ``val_f1``, ``val_auc_roc``, ... to
-    the epoch logs, so ModelCheckpoint can keep the best model (by validation F1, or A/V accuracy for
-    A/V models) and TensorBoard
-    plots them; writes input / label / prediction image summaries every ``image_every`` epochs.
+    the epoch logs, so ModelCheckpoint can keep the best model (by validation F1, or A/V accuracy
+    for A/V models) and TensorBoard plots them; writes input / label / prediction image summaries
+    every ``image_every`` epochs.
     """
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
@@ -203,7 +203,6 @@ class WholeImageValidation(keras.callbacks.Callback):
         self.image_every = image_every
         self.log_dir = Path(log_dir)
         self._writer = None
-        self.best: dict[str, Any] | None = None
 
     def segmenter(self) -> Segmenter:
         """Built once: its traced forward pass serves every epoch and the final evaluation."""
@@ -222,8 +221,6 @@ class WholeImageValidation(keras.callbacks.Callback):
         for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc"):
             if key in result:
                 logs[f"val_{key}"] = float(result[key])
-        if self.best is None or result["f1"] > self.best["f1"]:
-            self.best = dict(result, epoch=epoch + 1)
         if self.image_every and (epoch + 1) % self.image_every == 0:
             if self._writer is None:
                 self._writer = tf.summary.create_file_writer(str(self.log_dir / "images"))
