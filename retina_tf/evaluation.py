@@ -26,7 +26,9 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bm
 
 def load_segmenter(cfg) -> Segmenter:
     return Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
-                              inference=cfg.inference, window=cfg.window, stride=cfg.stride,
+                              # --window=0 means the training patch size
+                              inference=cfg.inference, window=cfg.window or None,
+                              stride=cfg.stride,
                               tta=cfg.tta, scales=cfg.eval_scales, av_vote=cfg.av_vote,
                               av_link=cfg.av_link)
 

@@ -126,8 +126,8 @@ class Segmenter:
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
                       fully_convolutional=info.get("fully_convolutional", True), run_info=info)
-        # a falsy override means "the default", except where 0 is a setting of its own
-        kwargs.update({k: v for k, v in overrides.items() if v or (k == "av_link" and v == 0)})
+        # None keeps the run's value (or the default); anything else, 0 and False included, is set
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
         return seg

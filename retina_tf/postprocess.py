@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+from scipy.sparse.csgraph import breadth_first_order, connected_components, maximum_flow
 from skimage.morphology import skeletonize
 
 # Logit differences are clipped before averaging so that a few saturated pixels cannot outvote
@@ -102,19 +102,12 @@ def segment_links(vessel: np.ndarray, junction_radius: int = 2, bridge: int = 6,
     for seg, node in contacts:
         ends.setdefault(seg, set()).add(node)
     bridges = {seg for seg, at in ends.items() if len(at) == 2 and sizes[seg] <= bridge}
-    # union-find over nodes; `root` then maps every node to its merged node
-    root = np.arange(nodes.max() + 1)
-
-    def find(k: int) -> int:
-        while root[k] != k:
-            root[k] = root[root[k]]
-            k = root[k]
-        return k
-
-    for seg in bridges:
-        a, b = ends[seg]
-        root[find(a)] = find(b)
-    root = np.array([find(k) for k in range(len(root))])
+    # nodes joined by a bridge are one node: `root` maps every node to its merged node
+    n_nodes = nodes.max() + 1
+    pairs = np.array([sorted(ends[seg]) for seg in bridges], np.int64).reshape(-1, 2)
+    joined = csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                        shape=(n_nodes, n_nodes))
+    root = connected_components(joined, directed=False)[1]
     ys, xs = np.nonzero(nodes)
     merged = root[nodes[ys, xs]]
     count = np.maximum(np.bincount(merged, minlength=len(root)), 1)
