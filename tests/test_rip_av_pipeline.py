@@ -121,6 +121,21 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
         assert voted["metrics"][key] == result[key], key
     assert voted["metrics"]["av_n_pixels"] == result["av_n_pixels"]
 
+    # the error-source benchmark runs on such a run; true A/V evidence is its ceiling row
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_error_sources.py"),
+                           f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
+                           "--stride=16", "--notta"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:46].strip(): [float(v) for v in line[46:].split()]
+            for line in proc.stdout.splitlines()[-4:]}
+    assert list(rows) == ["network alone", "+ segment vote (av_link 1)",
+                          "the vote on the ground-truth vessel map",
+                          "true A/V evidence on the predicted segments"]
+    assert all(0.0 <= v <= 1.0 for values in rows.values() for v in values)
+    # its network row is what evaluate counts
+    assert rows["network alone"][0] == pytest.approx(result["av_acc"], abs=5e-4)
+    assert rows["true A/V evidence on the predicted segments"][0] > rows["network alone"][0]
+
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
     from retina_tf.pretraining import pretrain_rip

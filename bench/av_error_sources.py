@@ -1,0 +1,90 @@
+"""Where does an A/V model's error come from: the network's artery/vein evidence, the predicted
+vessel map, or the segment vote? Scores one trained A/V run on a test split four ways:
+
+- the network alone (sliding windows, with or without flip TTA);
+- plus the segment vote (``--av_vote``, linked with ``--av_link``): the flagfile's evaluation;
+- the same vote on the ground-truth vessel map instead of the predicted one (what a perfect vessel
+  map would add);
+- the true A/V classes as evidence, voted on the predicted vessel map's segments, unlinked (the
+  most the vote can reach with the predicted map: a perfect A/V network's ceiling).
+
+A/V accuracy is counted as ``bin/evaluate.py`` counts it (ground-truth artery or vein pixels
+inside the FOV, crossings excluded).
+
+    .venv/bin/python bench/av_error_sources.py --model=logs/ripav_rite --data_dir=../shared/data/RITE
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("model", None, "A/V run folder (bin/train.py with --task=av).")
+flags.DEFINE_string("dataset", "rite", "A/V dataset.")
+flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
+flags.DEFINE_string("split", "test", "Split to score.")
+flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
+flags.DEFINE_boolean("tta", True, "Flip test-time augmentation.")
+flags.DEFINE_float("av_link", 1.0, "Link strength of the vote (bin/evaluate.py --av_link).")
+flags.DEFINE_integer("limit", 0, "Score only the first N images (0: all).")
+flags.mark_flag_as_required("model")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import numpy as np
+
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.data.pipeline import target_of
+    from retina_tf.inference import Segmenter
+    from retina_tf.metrics import AVMetrics
+    from retina_tf.postprocess import vote_av_segments
+
+    seg = Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
+                             tta=FLAGS.tta, av_vote=False)
+    if seg.task != "av":
+        raise SystemExit(f"{FLAGS.model} is a {seg.task} model; give an artery/vein run")
+    samples = list_samples(FLAGS.dataset, FLAGS.data_dir, FLAGS.split)
+    samples = samples[:FLAGS.limit] if FLAGS.limit else samples
+
+    def vote(p):
+        return vote_av_segments(p, link=FLAGS.av_link)
+
+    def on_true_vessels(p, truth):
+        p = p.copy()
+        p[..., 2] = np.where(truth[..., 2], 1.0, 0.0)
+        return vote(p)
+
+    def true_evidence(p, truth):
+        # certain evidence on ground-truth artery or vein pixels, none elsewhere
+        p = p.copy()
+        only_a, only_v = truth[..., 0] & ~truth[..., 1], truth[..., 1] & ~truth[..., 0]
+        p[..., 0] = np.where(only_a, 0.99, np.where(only_v, 0.01, 0.5))
+        p[..., 1] = np.where(only_v, 0.99, np.where(only_a, 0.01, 0.5))
+        return vote_av_segments(p, link=0.0)
+
+    rows = {"network alone" + (" (flip TTA)" if FLAGS.tta else ""): lambda p, t: p,
+            f"+ segment vote (av_link {FLAGS.av_link:g})": lambda p, t: vote(p),
+            "the vote on the ground-truth vessel map": on_true_vessels,
+            "true A/V evidence on the predicted segments": true_evidence}
+    scores = {name: AVMetrics() for name in rows}
+    for sample in samples:
+        data = read_sample(sample)
+        truth = target_of(data, "av") > 0.5
+        prob = seg.probability(data.image) * data.fov[..., None]
+        for name, fn in rows.items():
+            scores[name].update(fn(prob, truth), truth, data.fov)
+        print(f"scored {data.name}", flush=True)
+    print(f"\n{FLAGS.model} on {len(samples)} {FLAGS.dataset} {FLAGS.split} images")
+    print(f"{'':46s} {'A/V acc':>8s} {'arteries right':>15s} {'veins right':>12s}")
+    for name, m in scores.items():
+        r = m.result()
+        print(f"{name:46s} {r['acc']:8.3f} {r['se']:15.3f} {r['sp']:12.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
