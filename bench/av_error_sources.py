@@ -56,7 +56,7 @@ def main(_):
 
     def on_true_vessels(p, truth):
         p = p.copy()
-        p[..., 2] = np.where(truth[..., 2], 1.0, 0.0)
+        p[..., 2] = truth[..., 2]
         return vote(p)
 
     def true_evidence(p, truth):
@@ -75,9 +75,10 @@ def main(_):
     for sample in samples:
         data = read_sample(sample)
         truth = target_of(data, "av") > 0.5
-        prob = seg.probability(data.image) * data.fov[..., None]
+        # as bin/evaluate.py: vote on the whole image, then mask by the FOV
+        prob = seg.probability(data.image)
         for name, fn in rows.items():
-            scores[name].update(fn(prob, truth), truth, data.fov)
+            scores[name].update(fn(prob, truth) * data.fov[..., None], truth, data.fov)
         print(f"scored {data.name}", flush=True)
     print(f"\n{FLAGS.model} on {len(samples)} {FLAGS.dataset} {FLAGS.split} images")
     print(f"{'':46s} {'A/V acc':>8s} {'arteries right':>15s} {'veins right':>12s}")
