@@ -147,3 +147,26 @@ def test_shipped_model_on_a_stare_photograph_of_another_size(shared_data):
     metrics = VesselMetrics()
     metrics.update(prob[..., 0], data.vessel, data.fov)
     assert metrics.result()["auc_roc"] > 0.9  # a DRIVE model transfers, if imperfectly
+
+
+def test_readme_python_snippets_run_in_a_fresh_interpreter(tmp_path):
+    # a fresh process: Keras cannot load a model.keras before load_all registers the classes
+    image = generate_fundus(seed=2, size=(120, 128)).image
+    photo = tmp_path / "my_photo.png"
+    cv2.imwrite(str(photo), image[..., ::-1])
+    code = f"""
+import keras
+from retina_tf.models import load_all
+from retina_tf.inference import resolve_run_dir
+load_all()
+net = keras.saving.load_model(resolve_run_dir("unet_drive") / "model.keras", compile=False)
+from retina_tf.data.io import read_image
+from retina_tf.inference import Segmenter
+prob, mask = Segmenter.from_run("unet_drive").segment(read_image({str(photo)!r}))
+print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.max()) <= 1.0,
+      type(net).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == "(120, 128, 1) float32 bool True True UNet"
