@@ -28,6 +28,7 @@ flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
 flags.DEFINE_string("split", "test", "Split to score.")
 flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
 flags.DEFINE_boolean("tta", True, "Flip test-time augmentation.")
+flags.DEFINE_boolean("tta_transpose", False, "With --tta, also the transposed image's flips.")
 flags.DEFINE_float("av_link", 1.0, "Link strength of the vote (bin/evaluate.py --av_link).")
 flags.DEFINE_integer("limit", 0, "Score only the first N images (0: all).")
 flags.mark_flag_as_required("model")
@@ -45,7 +46,7 @@ def main(_):
     from retina_tf.postprocess import vote_av_segments
 
     seg = Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
-                             tta=FLAGS.tta, av_vote=False)
+                             tta=FLAGS.tta, tta_transpose=FLAGS.tta_transpose, av_vote=False)
     if seg.task != "av":
         raise SystemExit(f"{FLAGS.model} is a {seg.task} model; give an artery/vein run")
     samples = list_samples(FLAGS.dataset, FLAGS.data_dir, FLAGS.split)
@@ -67,7 +68,10 @@ def main(_):
         p[..., 1] = np.where(only_v, 0.99, np.where(only_a, 0.01, 0.5))
         return vote_av_segments(p, link=0.0)
 
-    rows = {"network alone" + (" (flip TTA)" if FLAGS.tta else ""): lambda p, t: p,
+    tta = ""
+    if FLAGS.tta:
+        tta = " (flip and transpose TTA)" if FLAGS.tta_transpose else " (flip TTA)"
+    rows = {"network alone" + tta: lambda p, t: p,
             f"+ segment vote (av_link {FLAGS.av_link:g})": lambda p, t: vote(p),
             "the vote on the ground-truth vessel map": on_true_vessels,
             "true A/V evidence on the predicted segments": true_evidence}

@@ -29,8 +29,14 @@ def load_segmenter(cfg) -> Segmenter:
                               # --window=0 means the training patch size
                               inference=cfg.inference, window=cfg.window or None,
                               stride=cfg.stride,
-                              tta=cfg.tta, scales=cfg.eval_scales, av_vote=cfg.av_vote,
-                              av_link=cfg.av_link)
+                              tta=cfg.tta, tta_transpose=cfg.tta_transpose,
+                              scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link)
+
+
+def _tta_words(seg: Segmenter) -> str:
+    if not seg.tta:
+        return ""
+    return " with flip and transpose TTA" if seg.tta_transpose else " with flip TTA"
 
 
 def _is_shipped(run_dir: Path) -> bool:
@@ -74,7 +80,7 @@ def evaluate(cfg) -> dict:
     if av is not None:
         av_thin, av_thick = AVMetrics(), AVMetrics()
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-          f"({seg.inference} inference{' with flip TTA' if seg.tta else ''}"
+          f"({seg.inference} inference{_tta_words(seg)}"
           f"{_vote_words(seg)}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:
@@ -122,7 +128,8 @@ def evaluate(cfg) -> dict:
                               title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
-              "inference": seg.inference, "tta": seg.tta, "av_vote": seg.av_vote,
+              "inference": seg.inference, "tta": seg.tta,
+              "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
               "av_link": seg.av_link if seg.av_vote else None,
               "metrics": result}
     atomic_write_text(out_dir / "metrics.json", to_json(report))

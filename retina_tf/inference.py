@@ -73,6 +73,9 @@ class Segmenter:
             HMSA); None keeps the training scales.
         tta: test-time augmentation: average the predictions of the image and its horizontal,
             vertical and double flips (flips undone before averaging); about 4x the time.
+        tta_transpose: with ``tta``, also average the four flips of the transposed image (all
+            eight symmetries of the square; about 8x the time). Only for models trained with
+            90-degree rotations (``--rot90``): a transposed fundus is otherwise unseen.
         av_vote: A/V models: one artery/vein decision per vessel segment between junctions
             (:func:`retina_tf.postprocess.vote_av_segments`), after TTA.
         av_link: with ``av_vote``, the strength of the links between segments across
@@ -88,7 +91,7 @@ class Segmenter:
                  batch_size: int = 64, fully_convolutional: bool = True,
                  run_info: dict | None = None, tta: bool = False,
                  scales: Sequence[float] | None = None, av_vote: bool = False,
-                 av_link: float = 1.0):
+                 av_link: float = 1.0, tta_transpose: bool = False):
         if inference not in ("auto", "whole", "sliding"):
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
@@ -105,6 +108,7 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self.run_info = run_info or {}
         self.tta = bool(tta)
+        self.tta_transpose = bool(tta_transpose)
         self.av_vote = bool(av_vote)
         if av_link < 0:
             raise ValueError(f"av_link must be >= 0, got {av_link}")
@@ -141,14 +145,22 @@ class Segmenter:
         if not self.tta:
             prob = self._probability(x)
         else:
-            flips = [(), (1,), (0,), (0, 1)]
-            prob = np.mean([np.flip(self._probability(np.flip(x, f)), f) for f in flips], axis=0)
+            views = [(f, t) for t in ((False, True) if self.tta_transpose else (False,))
+                     for f in ((), (1,), (0,), (0, 1))]
+            prob = np.mean([self._view_probability(x, f, t) for f, t in views], axis=0)
         if self.av_vote:
             if prob.shape[-1] != 3:
                 raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
                                  f"{prob.shape[-1]} channel(s)")
             prob = vote_av_segments(prob, link=self.av_link)
         return prob
+
+    def _view_probability(self, x: np.ndarray, flip: tuple, transpose: bool) -> np.ndarray:
+        """Probabilities of a flipped (and transposed) view, mapped back to ``x``'s frame."""
+        if transpose:
+            x = x.transpose(1, 0, 2)
+        prob = np.flip(self._probability(np.flip(x, flip)), flip)
+        return prob.transpose(1, 0, 2) if transpose else prob
 
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]

@@ -120,6 +120,26 @@ def test_flip_tta_of_an_identity_model_returns_the_image():
     np.testing.assert_allclose(seg.probability_preprocessed(x), x, rtol=1e-6)
 
 
+def test_transpose_tta_averages_the_eight_views_in_the_image_frame():
+    from retina_tf.data.preprocess import Preprocessor
+    import keras
+    identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
+    x = np.random.default_rng(3).random((21, 30, 1)).astype(np.float32)
+    seg = Segmenter(identity, Preprocessor(), size_multiple=8, inference="whole", tta=True,
+                    tta_transpose=True)
+    seg._forward = tf.function(lambda t: t)
+    np.testing.assert_allclose(seg.probability_preprocessed(x), x, rtol=1e-6)
+    # a "model" that answers each pixel's column number (1..width of what it is shown): the four
+    # flips average to the middle column; the transposed views see rows as columns
+    seg._forward = tf.function(lambda t: tf.cumsum(tf.ones_like(t), axis=2))
+    # (padding to a multiple of 8 is cropped off before a flip is undone)
+    h, w = x.shape[:2]
+    np.testing.assert_allclose(seg.probability_preprocessed(x), ((w + 1) / 2 + (h + 1) / 2) / 2,
+                               rtol=1e-6)
+    seg.tta_transpose = False
+    np.testing.assert_allclose(seg.probability_preprocessed(x), (w + 1) / 2, rtol=1e-6)
+
+
 def test_shipped_drive_model_segments_a_real_drive_test_image(shared_data):
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
