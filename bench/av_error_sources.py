@@ -31,6 +31,8 @@ flags.DEFINE_boolean("tta", True, "Flip test-time augmentation.")
 flags.DEFINE_boolean("tta_transpose", False, "With --tta, also the transposed image's flips.")
 flags.DEFINE_float("av_link", 1.0, "Link strength of the vote (bin/evaluate.py --av_link).")
 flags.DEFINE_integer("limit", 0, "Score only the first N images (0: all).")
+flags.DEFINE_integer("held_out", 0, "Score only the last N images: with --split=training, the "
+                     "validation images bin/train.py --val_images=N held out (0: all).")
 flags.mark_flag_as_required("model")
 FLAGS = flags.FLAGS
 
@@ -50,6 +52,7 @@ def main(_):
     if seg.task != "av":
         raise SystemExit(f"{FLAGS.model} is a {seg.task} model; give an artery/vein run")
     samples = list_samples(FLAGS.dataset, FLAGS.data_dir, FLAGS.split)
+    samples = samples[-FLAGS.held_out:] if FLAGS.held_out else samples
     samples = samples[:FLAGS.limit] if FLAGS.limit else samples
 
     def vote(p):
@@ -68,10 +71,7 @@ def main(_):
         p[..., 1] = np.where(only_v, 0.99, np.where(only_a, 0.01, 0.5))
         return vote_av_segments(p, link=0.0)
 
-    tta = ""
-    if FLAGS.tta:
-        tta = " (flip and transpose TTA)" if FLAGS.tta_transpose else " (flip TTA)"
-    rows = {"network alone" + tta: lambda p, t: p,
+    rows = {"network alone" + (f" ({seg.tta_name})" if seg.tta else ""): lambda p, t: p,
             f"+ segment vote (av_link {FLAGS.av_link:g})": lambda p, t: vote(p),
             "the vote on the ground-truth vessel map": on_true_vessels,
             "true A/V evidence on the predicted segments": true_evidence}

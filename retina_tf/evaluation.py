@@ -33,12 +33,6 @@ def load_segmenter(cfg) -> Segmenter:
                               scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link)
 
 
-def _tta_words(seg: Segmenter) -> str:
-    if not seg.tta:
-        return ""
-    return " with flip and transpose TTA" if seg.tta_transpose else " with flip TTA"
-
-
 def _is_shipped(run_dir: Path) -> bool:
     return PRETRAINED_DIR in Path(run_dir).resolve().parents
 
@@ -80,7 +74,7 @@ def evaluate(cfg) -> dict:
     if av is not None:
         av_thin, av_thick = AVMetrics(), AVMetrics()
     print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-          f"({seg.inference} inference{_tta_words(seg)}"
+          f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
           f"{_vote_words(seg)}; counting "
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:

@@ -140,6 +140,13 @@ class Segmenter:
     def task(self) -> str:
         return self.run_info.get("task", "vessel")
 
+    @property
+    def tta_name(self) -> str:
+        """What TTA averages over, for reports ("" without TTA)."""
+        if not self.tta:
+            return ""
+        return "flip and transpose TTA" if self.tta_transpose else "flip TTA"
+
     def probability_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(H, W, C) preprocessed float image -> (H, W, K) probabilities."""
         if not self.tta:
