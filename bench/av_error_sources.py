@@ -9,7 +9,9 @@ vessel map, or the segment vote? Scores one trained A/V run on a test split four
   most the vote can reach with the predicted map: a perfect A/V network's ceiling).
 
 A/V accuracy is counted as ``bin/evaluate.py`` counts it (ground-truth artery or vein pixels
-inside the FOV, crossings excluded).
+inside the FOV, crossings excluded). Several runs (``--model=a,b``) are scored as an ensemble: the
+mean of their probabilities takes the network's place, to see whether more trained networks (more
+training time, spent in parallel) would close the gap.
 
     .venv/bin/python bench/av_error_sources.py --model=logs/ripav_rite --data_dir=../shared/data/RITE
 """
@@ -22,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("model", None, "A/V run folder (bin/train.py with --task=av).")
+flags.DEFINE_list("model", None, "A/V run folder (bin/train.py with --task=av), or several, "
+                  "comma-separated: their mean probabilities are scored.")
 flags.DEFINE_string("dataset", "rite", "A/V dataset.")
 flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
 flags.DEFINE_string("split", "test", "Split to score.")
@@ -47,10 +50,13 @@ def main(_):
     from retina_tf.metrics import AVMetrics
     from retina_tf.postprocess import vote_av_segments
 
-    seg = Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
-                             tta=FLAGS.tta, tta_transpose=FLAGS.tta_transpose, av_vote=False)
-    if seg.task != "av":
-        raise SystemExit(f"{FLAGS.model} is a {seg.task} model; give an artery/vein run")
+    segs = [Segmenter.from_run(run, inference="sliding", stride=FLAGS.stride, tta=FLAGS.tta,
+                               tta_transpose=FLAGS.tta_transpose, av_vote=False)
+            for run in FLAGS.model]
+    for run, seg in zip(FLAGS.model, segs):
+        if seg.task != "av":
+            raise SystemExit(f"{run} is a {seg.task} model; give an artery/vein run")
+    seg = segs[0]
     samples = list_samples(FLAGS.dataset, FLAGS.data_dir, FLAGS.split)
     samples = samples[-FLAGS.held_out:] if FLAGS.held_out else samples
     samples = samples[:FLAGS.limit] if FLAGS.limit else samples
@@ -80,11 +86,13 @@ def main(_):
         data = read_sample(sample)
         truth = target_of(data, "av") > 0.5
         # as bin/evaluate.py: vote on the whole image, then mask by the FOV
-        prob = seg.probability(data.image)
+        prob = np.mean([s.probability(data.image) for s in segs], axis=0)
         for name, fn in rows.items():
             scores[name].update(fn(prob, truth) * data.fov[..., None], truth, data.fov)
         print(f"scored {data.name}", flush=True)
-    print(f"\n{FLAGS.model} on {len(samples)} {FLAGS.dataset} {FLAGS.split} images")
+    models = FLAGS.model[0] if len(segs) == 1 else \
+        f"the mean of {len(segs)} runs ({', '.join(FLAGS.model)})"
+    print(f"\n{models} on {len(samples)} {FLAGS.dataset} {FLAGS.split} images")
     print(f"{'':46s} {'A/V acc':>8s} {'arteries right':>15s} {'veins right':>12s}")
     for name, m in scores.items():
         r = m.result()

@@ -122,12 +122,17 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert voted["metrics"]["av_n_pixels"] == result["av_n_pixels"]
 
     # the error-source benchmark runs on such a run; true A/V evidence is its ceiling row
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_error_sources.py"),
-                           f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
-                           "--stride=16", "--notta"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line[:46].strip(): [float(v) for v in line[46:].split()]
-            for line in proc.stdout.splitlines()[-4:]}
+    def error_sources(models):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_error_sources.py"),
+                               f"--model={models}", "--dataset=synthetic", f"--data_dir={data}",
+                               "--stride=16", "--notta"], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        return lines[-6], {line[:46].strip(): [float(v) for v in line[46:].split()]
+                           for line in lines[-4:]}
+
+    _, rows = error_sources(str(run))
     assert list(rows) == ["network alone", "+ segment vote (av_link 1)",
                           "the vote on the ground-truth vessel map",
                           "true A/V evidence on the predicted segments"]
@@ -135,6 +140,9 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     # its network row is what evaluate counts
     assert rows["network alone"][0] == pytest.approx(result["av_acc"], abs=5e-4)
     assert rows["true A/V evidence on the predicted segments"][0] > rows["network alone"][0]
+    # an ensemble scores the mean of its runs' probabilities: a run twice scores as the run
+    title, twice = error_sources(f"{run},{run}")
+    assert title.startswith("the mean of 2 runs") and twice == rows
 
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
