@@ -103,6 +103,10 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
                          "Split the CPU into this many logical devices (to try mirrored "
                          "training without GPUs); 0 = leave as is.")
     d.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+    d.DEFINE_boolean("overwrite", False,
+                     "train: start a finished (or interrupted) run folder again from scratch; "
+                     "evaluate/predict: replace existing files in --output_dir.")
+    d.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.")
 
 
 def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:

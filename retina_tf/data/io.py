@@ -23,15 +23,15 @@ from PIL import Image
 
 from retina_tf.data import av as av_lib
 from retina_tf.data.fov import estimate_fov
+from retina_tf.errors import DatasetError, OutputError
+
+__all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
+           "read_image", "read_mask", "read_sample", "write_image_atomic"]
 
 if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
 
 PathLike = str | os.PathLike
-
-
-class DatasetError(ValueError):
-    """A dataset file or folder is missing, unreadable or inconsistent; the message says which."""
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -254,22 +254,51 @@ def file_stem(path: PathLike) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def fsync_dir(folder: PathLike) -> None:
+    """Makes a rename in ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes ``data`` to a temporary name beside ``path``, then renames it into place, so an
-    interrupted run never leaves a half-written file; the file gets the usual permissions
-    (0666 less the umask) rather than mkstemp's private 0600."""
+    """Writes ``data`` durably and atomically: to a temporary name beside ``path``, flushed to
+    disk (fsync), then renamed into place, so a kill or power loss leaves either the old file or
+    the new one, never a half-written file. The file gets the usual permissions (0666 less the
+    umask) rather than mkstemp's private 0600.
+
+    Raises:
+        OutputError: when the folder cannot be written (no space, no permission); it names
+            ``path``, and the old file, if any, is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                            dir=path.parent)
+    except OSError as err:
+        raise OutputError(err.errno, err.strerror, str(path)) from err
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(err.errno, err.strerror, str(path)) from err
         raise
 
 
