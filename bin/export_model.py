@@ -3,7 +3,9 @@ python bin/export_model.py --run_dir=logs/unet_drive --out_dir=retina_tf/pretrai
 """
 
 import _bootstrap  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from retina_tf.flags import run_app
 
 flags.DEFINE_string("run_dir", None, "Run folder to export.", required=True)
 flags.DEFINE_string("out_dir", None, "Destination folder.", required=True)
@@ -17,4 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

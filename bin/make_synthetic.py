@@ -11,7 +11,10 @@ except ImportError:
     # Running from a clone without `pip install -e .`: use the package next to bin/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags
+from absl import flags
+
+from retina_tf.errors import ConfigError
+from retina_tf.flags import run_app
 
 flags.DEFINE_string("out_dir", None, "Dataset root to write (training/ and test/ go under it).")
 flags.DEFINE_integer("num_images", 20, "Total number of images, test and training together.")
@@ -24,8 +27,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from retina_tf.data.synthetic import write_synthetic_dataset
 
     try:
@@ -33,7 +34,7 @@ def main(argv):
                                        seed=FLAGS.seed, size=(FLAGS.height, FLAGS.width),
                                        num_test=FLAGS.num_test)
     except ValueError as err:  # bad counts or size: a usage problem, not a crash
-        raise app.UsageError(str(err)) from err
+        raise ConfigError(f"{err}: check --num_images, --num_test, --height and --width") from err
     for split in ("test", "training"):
         images = sorted((root / split / "images").glob("*.tif"))
         if images:
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

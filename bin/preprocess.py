@@ -3,9 +3,10 @@ python bin/preprocess.py --dataset=drive --data_dir=data/DRIVE --out_dir=data/dr
 """
 
 import _bootstrap  # noqa: F401
-from absl import app, flags
+from absl import flags
 
 from retina_tf import flags as rflags
+from retina_tf.errors import ConfigError
 
 rflags.define_train_flags()
 rflags.define_predict_flags()
@@ -15,10 +16,12 @@ FLAGS = rflags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not (FLAGS.dataset and FLAGS.data_dir and FLAGS.out_dir):
-        raise app.UsageError("--dataset, --data_dir and --out_dir are required")
+    missing = [f"--{name}" for name in ("dataset", "data_dir", "out_dir") if not FLAGS[name].value]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "required: bin/preprocess.py writes the label files of a dataset in "
+                          "its official layout (e.g. --dataset=drive --data_dir=data/DRIVE "
+                          "--out_dir=data/drive_labels)")
     from pathlib import Path
 
     import numpy as np
@@ -53,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    rflags.run_app(main)

@@ -15,6 +15,8 @@ import numpy as np
 
 from retina_tf.data.io import DatasetError, read_mask, read_sample
 from retina_tf.data.pipeline import resolve_samples, target_of
+from retina_tf.errors import ModelFileError
+from retina_tf.run_folder import atomic_write_text, to_json, update_metrics_json
 
 ERROR_MAPS_DIR = "error_maps"
 
@@ -31,8 +33,8 @@ def resolve_pretrained(pretrained: str | os.PathLike, logdir: str | None = None)
     for candidate in (Path(pretrained), Path(logdir or ".") / str(pretrained)):
         if (candidate / "model.keras").is_file():
             return candidate
-    raise FileNotFoundError(f"--pretrained={pretrained}: no model.keras in {pretrained} or in "
-                            f"{Path(logdir or '.') / str(pretrained)}; train that run first")
+    raise ModelFileError(f"--pretrained={pretrained}: no model.keras in {pretrained} or in "
+                         f"{Path(logdir or '.') / str(pretrained)}; train that run first")
 
 
 def write_error_maps(cfg) -> Path:
@@ -41,7 +43,6 @@ def write_error_maps(cfg) -> Path:
     ``error_maps.json`` with the share of erroneous FOV pixels per image."""
     from retina_tf import visualize
     from retina_tf.evaluation import load_segmenter
-    from retina_tf.training import atomic_write_text, to_json, update_metrics_json
 
     seg = load_segmenter(cfg)
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)

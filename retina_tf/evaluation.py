@@ -5,16 +5,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from retina_tf.data.io import DatasetError, file_stem, read_image, read_mask, read_sample
+from retina_tf.data.fov import estimate_fov, fov_coverage_warning
+from retina_tf.data.io import (DatasetError, atomic_write_bytes, file_stem, read_image,
+                               read_mask, read_sample)
 from retina_tf.data.pipeline import resolve_samples, target_of
-from retina_tf.inference import PRETRAINED_DIR, Segmenter
+from retina_tf.errors import ConfigError, RetinaTFError
+from retina_tf.inference import PRETRAINED_DIR, Segmenter, check_threshold
 from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
-from retina_tf.training import atomic_write_text, run_dir_of, to_json, update_metrics_json
+from retina_tf.run_folder import to_json, update_metrics_json
+from retina_tf.training import run_dir_of
 from retina_tf import visualize
 
 # A/V accuracy is also split at this vessel width (px, as vessel_width_map measures it: a 3 px
@@ -22,6 +30,81 @@ from retina_tf import visualize
 THIN_AV_WIDTH = 4.0
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".gz")
+
+# Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
+# anything else is the user's (kept unless --overwrite) and never taken for an input image.
+MANIFEST_NAME = ".retina_tf_outputs.json"
+CURVE_FILES = ("roc_curve.png", "pr_curve.png")
+
+
+def read_manifest(folder: str | os.PathLike) -> set[str]:
+    """Names of the files retina_tf wrote in ``folder`` (empty when it has no readable
+    manifest: then every file there counts as the user's)."""
+    try:
+        names = json.loads((Path(folder) / MANIFEST_NAME).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str)}
+
+
+class OutputFolder:
+    """An output folder that may also hold the user's files.
+
+    A file is written only when it does not exist yet, was written there by retina_tf before
+    (it is in the manifest), or ``overwrite`` is set. Each name enters the manifest (written
+    atomically) before its file is written, so a crash never leaves an unlisted retina_tf file.
+    The folder is created with the first file: an early failure leaves no empty folder behind.
+
+    Args:
+        path: the folder.
+        overwrite: ``--overwrite``: replace anybody's files.
+        owned: the folder is retina_tf's own (a default evaluation folder): replace anything.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, owned: bool = False):
+        self.path = Path(path)
+        self.overwrite = bool(overwrite) or owned
+        self._listed = read_manifest(self.path)
+
+    def check(self, names) -> None:
+        """Raises ConfigError for the first name that is a file retina_tf must not replace."""
+        for name in names:
+            target = self.path / name
+            if not self.overwrite and name not in self._listed and target.exists():
+                raise ConfigError(f"{target} already exists and was not written by retina_tf; "
+                                  "move it away, choose another --output_dir, or pass "
+                                  "--overwrite to replace it")
+
+    def claim(self, names) -> None:
+        """Lists ``names`` in the manifest before their files are written (one atomic write for
+        all of them, none when they are listed already).
+
+        Raises:
+            ConfigError: as :meth:`check`.
+        """
+        self.check(names)
+        new = set(names) - self._listed
+        if new:
+            self._listed |= new
+            text = json.dumps({"written_by": "retina_tf", "files": sorted(self._listed)},
+                              indent=1)
+            atomic_write_bytes(self.path / MANIFEST_NAME, text.encode())
+
+    def save_png(self, name: str, image: np.ndarray) -> Path:
+        """Writes ``image`` atomically as ``name``; returns its path."""
+        self.claim([name])
+        return visualize.save_png(self.path / name, image)
+
+    def write_text(self, name: str, text: str) -> Path:
+        self.claim([name])
+        atomic_write_bytes(self.path / name, text.encode())
+        return self.path / name
+
+    def save_curves(self, scores: np.ndarray, labels: np.ndarray, auc_roc: float,
+                    auc_pr: float, title: str = "") -> tuple[Path, Path]:
+        """:func:`retina_tf.visualize.save_curves` into this folder."""
+        self.claim(CURVE_FILES)
+        return visualize.save_curves(scores, labels, self.path, auc_roc, auc_pr, title=title)
 
 
 def load_segmenter(cfg) -> Segmenter:
@@ -57,7 +140,19 @@ def _vote_words(seg: Segmenter) -> str:
 
 def evaluate(cfg) -> dict:
     """Segments the test split, prints confusion matrix and metrics, writes metrics.json and,
-    with ``--visualize``, per-image PNGs and ROC / PR curves."""
+    with ``--visualize``, per-image PNGs and ROC / PR curves.
+
+    Stops at the first bad image (the metrics need every one). The output folder is created
+    with its first file; in a ``--output_dir`` only files retina_tf wrote there are replaced,
+    others need ``--overwrite`` (see :class:`OutputFolder`).
+
+    Raises:
+        ConfigError: a bad --threshold, or an output that would replace a file retina_tf did
+            not write.
+        DatasetError: a missing or bad test image, label or mask, or an image too small.
+        ModelFileError: the model cannot be loaded.
+    """
+    check_threshold(cfg.threshold)
     seg = load_segmenter(cfg)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
@@ -67,8 +162,10 @@ def evaluate(cfg) -> dict:
         out_dir = Path(cfg.logdir) / f"{seg.run_dir.name}_eval_{name}_{cfg.eval_split}"
     else:
         out_dir = seg.run_dir / f"eval_{name}_{cfg.eval_split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # The default folders are retina_tf's own; a --output_dir may hold the user's files.
+    out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
+    out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
     vessel = VesselMetrics(threshold=cfg.threshold, whole_image=cfg.whole_image_metrics)
     av = AVMetrics() if task == "av" else None
     if av is not None:
@@ -79,6 +176,9 @@ def evaluate(cfg) -> dict:
           f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
     for sample in samples:
         data = read_sample(sample)
+        seg.check_image_size(data.image, sample.image)
+        if data.fov_estimated:
+            _warn(fov_coverage_warning(data.fov, str(sample.image)))
         target = target_of(data, task) > 0.5
         # Outside the FOV the prediction is background, as in the shipped masks and papers.
         prob = seg.probability(data.image) * data.fov[..., None]
@@ -90,17 +190,17 @@ def evaluate(cfg) -> dict:
             av_thin.update(prob, target, fov & thin)
             av_thick.update(prob, target, fov & ~thin)
         if cfg.visualize:
+            out.claim(_picture_names(data.name, task))
             p = prob[..., -1]
             pred = p >= cfg.threshold
-            visualize.save_png(out_dir / f"{data.name}_prob.png", visualize.probability_image(p))
-            visualize.save_png(out_dir / f"{data.name}_mask.png", visualize.mask_image(pred))
-            visualize.save_png(out_dir / f"{data.name}_overlay.png",
-                               visualize.overlay(pred, target[..., -1], data.fov))
+            out.save_png(f"{data.name}_prob.png", visualize.probability_image(p))
+            out.save_png(f"{data.name}_mask.png", visualize.mask_image(pred))
+            out.save_png(f"{data.name}_overlay.png",
+                         visualize.overlay(pred, target[..., -1], data.fov))
             if av is not None:
-                visualize.save_png(out_dir / f"{data.name}_av.png",
-                                   visualize.av_error_image(prob, target))
-                visualize.save_png(out_dir / f"{data.name}_av_truth.png",
-                                   visualize.av_image(target.astype(np.float32)))
+                out.save_png(f"{data.name}_av.png", visualize.av_error_image(prob, target))
+                out.save_png(f"{data.name}_av_truth.png",
+                             visualize.av_image(target.astype(np.float32)))
     result = vessel.result()
     if av is not None:
         result.update({f"av_{k}": v for k, v in av.result().items()})
@@ -118,15 +218,15 @@ def evaluate(cfg) -> dict:
               f"({result['av_thick_pixels']} px)", flush=True)
     if cfg.visualize:
         scores, labels = vessel.scores_and_labels()
-        visualize.save_curves(scores, labels, out_dir, result["auc_roc"], result["auc_pr"],
-                              title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
+        out.save_curves(scores, labels, result["auc_roc"], result["auc_pr"],
+                        title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
               "inference": seg.inference, "tta": seg.tta,
               "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
               "av_link": seg.av_link if seg.av_vote else None,
               "metrics": result}
-    atomic_write_text(out_dir / "metrics.json", to_json(report))
+    out.write_text("metrics.json", to_json(report))
     if not _is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
     print(f"\nwrote {out_dir / 'metrics.json'}" +
@@ -135,54 +235,209 @@ def evaluate(cfg) -> dict:
     return report
 
 
+def _picture_names(name: str, task: str) -> list[str]:
+    """The pictures ``evaluate --visualize`` writes for the image ``name``."""
+    suffixes = ["_prob.png", "_mask.png", "_overlay.png"]
+    if task == "av":
+        suffixes += ["_av.png", "_av_truth.png"]
+    return [name + s for s in suffixes]
+
+
+def _evaluation_outputs(names: list[str], task: str, pictures: bool) -> list[str]:
+    """The files evaluate writes: metrics.json and, with pictures, per-image PNGs and curves."""
+    if not pictures:
+        return ["metrics.json"]
+    return ["metrics.json", *CURVE_FILES] + [f for n in names for f in _picture_names(n, task)]
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (by extension), hidden files left out."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _list_inputs(path: Path) -> list[Path]:
+    """The images to segment: ``path`` itself, or the image files of the folder ``path`` less
+    FOV masks (``_mask`` in the name) and the files retina_tf wrote there (its manifest).
+
+    Raises:
+        DatasetError: when ``path`` does not exist or the folder yields no image; the message
+            says what the folder's image files were taken for.
+    """
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
-        if not files:
-            raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-        return files
-    raise DatasetError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such file or folder")
+    files = _image_files(path)
+    ours = read_manifest(path)
+    inputs = [p for p in files if p.name not in ours and "_mask" not in p.stem]
+    if inputs:
+        return inputs
+    if not files:
+        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    masks = sum(p.name not in ours for p in files)
+    kinds = [f"{masks} have '_mask' in their name (taken for FOV masks)"] if masks else []
+    if len(files) > masks:
+        kinds.append(f"{len(files) - masks} are retina_tf outputs (listed in {MANIFEST_NAME})")
+    raise DatasetError(f"{path}: no images to segment: of its {len(files)} image files, "
+                       f"{' and '.join(kinds)}; put the photographs there, or rename any whose "
+                       "name contains '_mask'")
 
 
-def _fov_for(image_path: Path, fov_arg: str | None) -> np.ndarray | None:
+def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:
+    """The FOV mask of ``image_path`` among ``candidates`` (the files of the ``--fov`` folder):
+    the one whose stem is the image's stem or the stem + ``_mask`` (DRIVE: ``01_test.tif`` ->
+    ``01_test_mask.gif``). Exact stems only: image ``1.png`` never takes ``10_mask.png``.
+
+    Raises:
+        DatasetError: when no candidate matches, or several do (both are named).
+    """
+    stem = file_stem(image_path)
+    wanted = {stem, stem + "_mask"}
+    matches = [p for p in candidates if file_stem(p) in wanted
+               and p.resolve() != image_path.resolve()]
+    folder = candidates[0].parent if candidates else "the --fov folder"
+    if len(matches) > 1:
+        raise DatasetError(f"{image_path}: several FOV masks match in {folder}: "
+                           f"{', '.join(p.name for p in matches)}; keep one, or give the mask "
+                           "file itself with --fov")
+    if not matches:
+        raise DatasetError(f"{image_path}: no FOV mask for it in {folder} (looked for "
+                           f"{stem}.<ext> and {stem}_mask.<ext>); add it, or leave out --fov "
+                           "to have the FOV estimated")
+    return matches[0]
+
+
+def _fov_source(fov_arg: str | None) -> Path | list[Path] | None:
+    """``--fov`` as one mask file for every image, or the image files of a folder."""
     if not fov_arg:
         return None
     fov_path = Path(fov_arg)
     if fov_path.is_dir():
-        matches = sorted(p for p in fov_path.iterdir() if p.name.startswith(file_stem(image_path)))
-        if not matches:
-            return None
-        fov_path = matches[0]
-    return read_mask(fov_path, what="fov")
+        files = _image_files(fov_path)
+        if not files:
+            raise DatasetError(f"--fov={fov_arg}: the folder holds no image files "
+                               f"({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not fov_path.is_file():
+        raise DatasetError(f"--fov={fov_arg}: no such file or folder")
+    return fov_path
+
+
+def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | None
+             ) -> np.ndarray:
+    """The FOV of one image: the given mask, the matching mask of the ``--fov`` folder, or an
+    estimate (with a warning on stderr when the estimate looks wrong)."""
+    if source is None:
+        fov = estimate_fov(image)
+        _warn(fov_coverage_warning(fov, str(image_path)))
+        return fov
+    mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
+    fov = read_mask(mask_path, what="fov")
+    if fov.shape != image.shape[:2]:
+        raise DatasetError(f"{image_path}: its FOV mask {mask_path} is {fov.shape[1]}x"
+                           f"{fov.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
+    return fov
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """The base name of each input's outputs: its stem, or its whole file name where stems
+    clash (``a.png`` and ``a.jpg`` write ``a.png_prob.png`` and ``a.jpg_prob.png``)."""
+    bases = {p: file_stem(p) for p in paths}
+    while True:
+        counts = Counter(bases.values())
+        clashing = [p for p, base in bases.items() if counts[base] > 1 and base != p.name]
+        if not clashing:
+            return bases
+        for p in clashing:  # file names are unique in a folder, so this ends
+            bases[p] = p.name
+
+
+def _one_line(path: Path, err: Exception) -> str:
+    """An error as one line that names the file."""
+    text = " ".join(str(err).split())
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def _prediction_suffixes(seg: Segmenter) -> list[str]:
+    return ["_prob.png", "_mask.png"] + (["_av.png"] if seg.task == "av" else [])
+
+
+def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
+                 out: OutputFolder) -> list[Path]:
+    image = read_image(path)
+    seg.check_image_size(image, path)
+    fov = _fov_for(path, image, fov_source)
+    prob, mask = seg.segment(image, fov, cfg.threshold, source=path)
+    out.claim([base + s for s in _prediction_suffixes(seg)])
+    written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
+               out.save_png(f"{base}_mask.png", visualize.mask_image(mask[..., -1]))]
+    if seg.task == "av":
+        written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob)))
+    print(f"{path} -> {out.path / base}_{{prob,mask}}.png "
+          f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)", flush=True)
+    return written
+
+
+def _report(done: int, failed: dict[Path, str], out_dir: Path) -> None:
+    """The closing summary: how many images were written and each failure with its reason."""
+    if not failed:
+        print(f"done: {done} image(s) segmented, outputs in {out_dir}", flush=True)
+        return
+    lines = [f"done: {done} image(s) segmented, outputs in {out_dir}; {len(failed)} failed:"]
+    lines += [f"  {reason}" for reason in failed.values()]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
+    names = ", ".join(p.name for p in list(failed)[:5])
+    more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+    return RetinaTFError(f"{len(failed)} of {total} images failed ({names}{more}; reasons "
+                         f"above); the others were written to {out_dir}")
 
 
 def predict(cfg) -> list[Path]:
     """Writes ``<stem>_prob.png`` (8-bit probability) and ``<stem>_mask.png`` per input image,
-    the size of the input; A/V models also write ``<stem>_av.png``."""
+    the size of the input; A/V models also write ``<stem>_av.png``.
+
+    Every image of a folder is tried: a bad one is reported and skipped, and after the others
+    are written the run fails with the list. Outputs never collide (see :func:`output_names`),
+    files in ``--output_dir`` that retina_tf did not write are replaced only with
+    ``--overwrite``, and retina_tf's own outputs in ``--input`` are never taken for images.
+
+    Raises:
+        ConfigError: missing --input / --output_dir, a bad --threshold, or an output that would
+            replace a file retina_tf did not write.
+        DatasetError: the input is missing, yields no image, or its one image is bad.
+        ModelFileError: the model cannot be loaded.
+        RetinaTFError: some images of a folder failed (the others were written).
+    """
     if not cfg.input or not cfg.output_dir:
-        raise ValueError("predict needs --input (file or folder) and --output_dir")
+        raise ConfigError("predict needs --input (an image file or a folder of images) and "
+                          "--output_dir")
+    check_threshold(cfg.threshold)
+    inputs = _list_inputs(Path(cfg.input))
+    fov_source = _fov_source(cfg.fov)
     seg = load_segmenter(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in _list_inputs(Path(cfg.input)):
-        image = read_image(path)
-        fov = _fov_for(path, cfg.fov)
-        if fov is not None and fov.shape != image.shape[:2]:
-            raise DatasetError(f"FOV mask for {path} has size {fov.shape[::-1]}, the image "
-                               f"{image.shape[1::-1]}")
-        prob, mask = seg.segment(image, fov, cfg.threshold)
-        stem = file_stem(path)
-        written.append(visualize.save_png(out_dir / f"{stem}_prob.png",
-                                          visualize.probability_image(prob[..., -1])))
-        written.append(visualize.save_png(out_dir / f"{stem}_mask.png",
-                                          visualize.mask_image(mask[..., -1])))
-        if seg.task == "av":
-            written.append(visualize.save_png(out_dir / f"{stem}_av.png",
-                                              visualize.av_image(prob)))
-        print(f"{path} -> {out_dir / stem}_{{prob,mask}}.png "
-              f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)", flush=True)
+    out = OutputFolder(cfg.output_dir, cfg.overwrite)
+    bases = output_names(inputs)
+    out.check([bases[p] + s for p in inputs for s in _prediction_suffixes(seg)])
+    written: list[Path] = []
+    failed: dict[Path, str] = {}
+    for path in inputs:
+        try:
+            written += _predict_one(seg, path, bases[path], cfg, fov_source, out)
+        except DatasetError as err:
+            if len(inputs) == 1:
+                raise
+            failed[path] = _one_line(path, err)
+            print(f"skipped: {failed[path]}", file=sys.stderr, flush=True)
+    _report(len(inputs) - len(failed), failed, out.path)
+    if failed:
+        raise _failure_error(failed, len(inputs), out.path)
     return written

@@ -2,10 +2,21 @@
 
 Scripts call the ``define_*`` groups they need; a flagfile written for ``bin/train.py`` also works
 for ``bin/evaluate.py`` (flags a script does not define would be an error, so every script that
-reads run settings defines the same groups).
+reads run settings defines the same groups). Bad values and conflicting data sources are
+rejected at parse time by validators on the FlagValues, so :func:`parse_flags` rejects them too.
+
+:func:`run_script` / :func:`run_app` run a bin/ script under :func:`report_errors`: a user's
+error is one or two lines on stderr and exit status 2 (usage) or 1, the traceback only with
+``--verbose``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import traceback
 
 from absl import flags
 
@@ -39,6 +50,22 @@ class _Definer:
         return defined
 
 
+class _EmptyIsNoneEnumParser(flags.EnumParser):
+    """An enum parser for which an empty value means "not set" (None)."""
+
+    def parse(self, argument):
+        if argument is None or argument == "":
+            return None
+        return super().parse(argument)
+
+
+def _check(fv: flags.FlagValues, name: str, ok, rule: str) -> None:
+    """Rejects a bad value of --name at parse time (also from :func:`parse_flags`): absl's
+    message reads ``flag --name=value: <rule>``."""
+    flags.register_validator(name, lambda value: value is None or ok(value), rule,
+                             flag_values=fv)
+
+
 def parse_flags(argv: list[str]) -> flags.FlagValues:
     """Parses ``argv`` (flags only, ``--flagfile`` allowed) into a fresh FlagValues with every
     flag defined; for tests and notebooks that call the library without absl.app."""
@@ -55,11 +82,18 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
     if not _once("data", fv):
         return
     d = _Definer(fv)
-    d.DEFINE_enum("dataset", None, list(DATASETS), "Dataset name (official layout).")
-    d.DEFINE_string("data_dir", None, "Folder of the dataset in its official layout.")
+    # An enum that also takes an empty value (--dataset=, as None) to drop a flagfile's dataset.
+    dataset = flags.EnumFlag("dataset", None, "Dataset name (official layout); empty: none.",
+                             list(DATASETS))
+    dataset.parser = _EmptyIsNoneEnumParser(list(DATASETS))
+    OWN_FLAGS.add("dataset")
+    flags.DEFINE_flag(dataset, fv)
+    d.DEFINE_string("data_dir", None, "Folder of the dataset in its official layout; empty: "
+                    "none.")
     d.DEFINE_string("label_file_path", None,
                         "Seed-style label file of the training split (bin/preprocess.py writes "
-                        "training.txt / test.txt); replaces --dataset/--data_dir.")
+                        "training.txt / test.txt), instead of --dataset/--data_dir (giving "
+                        "both is an error; an empty --label_file_path= drops a flagfile's).")
     d.DEFINE_string("test_label_file_path", None,
                         "Label file of the test split for evaluation (default: test.txt beside "
                         "--label_file_path).")
@@ -68,8 +102,20 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
                       f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'.")
     d.DEFINE_enum("channel", "luminance", ["luminance", "green"],
                       "Grayscale conversion: luminance (0.299R+0.587G+0.114B) or green channel.")
+    _check(fv, "preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps),
+           f"steps must be among {', '.join(STEPS)}, or 'none'")
     d.DEFINE_string("cache_dir", None, "Cache of preprocessed images (bin/preprocess.py).")
     d.DEFINE_integer("seed", 0, "Seed for data sampling, augmentation and initialization.")
+    # A label file and a dataset both choose the images: with a flagfile naming one and the
+    # command line the other, one would silently win, so both together are a usage error.
+    for label, source in (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
+                          ("test_label_file_path", "dataset"),
+                          ("test_label_file_path", "data_dir")):
+        flags.register_multi_flags_validator(
+            [label, source], lambda v, label=label, source=source: not (v[label] and v[source]),
+            f"--{label} and --{source} both say which images to use; keep one: pass an "
+            f"empty --{label}= to drop the label file (e.g. a flagfile's), or an empty "
+            "--dataset= --data_dir= to drop the dataset", flag_values=fv)
 
 
 def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -166,6 +212,16 @@ def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_string("error_maps", None,
                     "ear_net: folder of the stage-1 error maps <image name>.png written by "
                     "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
+    _check(fv, "patch_size", lambda v: v >= 1, "must be >= 1 (pixels)")
+    _check(fv, "patches_per_epoch", lambda v: v >= 1, "must be >= 1")
+    _check(fv, "vessel_probability", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    _check(fv, "val_images", lambda v: v >= 0, "must be >= 0 (0 = no validation images)")
+    _check(fv, "batch_size", lambda v: v >= 1, "must be >= 1")
+    _check(fv, "epochs", lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)")
+    _check(fv, "steps_per_epoch", lambda v: v >= 0,
+           "must be >= 0 (0 = from --patches_per_epoch)")
+    _check(fv, "learning_rate", lambda v: v > 0.0, "must be > 0")
+    _check(fv, "validate_every", lambda v: v >= 1, "must be >= 1 (epochs)")
 
 
 def define_rip_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -217,6 +273,10 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
     d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")
+    _check(fv, "stride", lambda v: v >= 1, "must be >= 1 (pixels)")
+    _check(fv, "window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
+    _check(fv, "threshold", lambda v: 0.0 < v < 1.0,
+           "must be between 0 and 1, both excluded (a probability threshold)")
 
 
 def define_predict_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -228,21 +288,134 @@ def define_predict_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "estimated when absent.")
 
 
+# --- command-line errors ---------------------------------------------------------------------
+
+USAGE_EXIT = 2  # bad or conflicting flags
+INTERRUPT_EXIT = 130  # Ctrl-C, as a shell reports SIGINT
+
+# What to do about an OSError, by errno (the message already names the file).
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write to another folder",
+    errno.EDQUOT: "the disk quota is used up: free some space or write to another folder",
+    errno.EROFS: "that file system is read-only: write to another folder",
+    errno.EACCES: "no permission: fix the permissions or use another path",
+    errno.EPERM: "no permission: fix the permissions or use another path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: use another path",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "that is a folder: give a file",
+}
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "retina_tf"
+
+
+def _verbose(fv: flags.FlagValues) -> bool:
+    """--verbose as parsed, or, when parsing failed before it was read, as on the command line."""
+    if "verbose" in fv and fv.is_parsed():
+        return bool(fv["verbose"].value)
+    verbose = False
+    for arg in sys.argv[1:]:
+        if arg == "--":
+            break
+        name, _, value = arg.lstrip("-").partition("=")
+        if name == "verbose":
+            verbose = value.lower() not in ("false", "f", "0", "no", "n") if value else True
+        elif name == "noverbose":
+            verbose = False
+    return verbose
+
+
+def _one_line(text: object) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines) or "(no message)"
+
+
+def _os_error_message(err: OSError) -> tuple[str, str]:
+    """(message naming the file, what to do) of an OSError."""
+    if err.filename is None:
+        return _one_line(err), _OS_HINTS.get(err.errno, "--verbose shows the traceback")
+    name = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else err.filename
+    return f"{name}: {err.strerror or err}", _OS_HINTS.get(
+        err.errno, "check that path and the disk (--verbose shows the traceback)")
+
+
+@contextlib.contextmanager
+def report_errors(fv: flags.FlagValues = FLAGS):
+    """Turns a user's error into one or two lines on stderr and an exit status.
+
+    Usage errors (absl flag errors, ``app.UsageError``, :class:`~retina_tf.errors.ConfigError`)
+    exit 2; other :class:`~retina_tf.errors.RetinaTFError` and OSError (a missing input, an
+    unwritable or full output folder: the message names the file) exit 1; a remaining
+    ValueError exits 1 with a hint; Ctrl-C exits 130. ``--verbose`` adds the traceback. Any
+    other exception is a bug in retina_tf and goes through with its traceback.
+    """
+    from absl import app
+
+    from retina_tf.errors import RetinaTFError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{_prog()}: interrupted\n")
+        raise SystemExit(INTERRUPT_EXIT) from None
+    except Exception as err:  # noqa: BLE001  (sorted below; bugs are re-raised)
+        if isinstance(err, (flags.Error, app.UsageError)):
+            lines, status = [_one_line(err), "--helpfull lists every flag"], USAGE_EXIT
+        elif isinstance(err, RetinaTFError):
+            lines, status = [_one_line(err)], err.exit_code
+            if isinstance(err, OSError) and err.errno in _OS_HINTS:  # OutputError
+                lines.append(_OS_HINTS[err.errno])
+        elif isinstance(err, OSError):
+            lines, status = list(_os_error_message(err)), 1
+        elif isinstance(err, ValueError):
+            lines, status = [_one_line(err), "--verbose shows the traceback"], 1
+        else:
+            raise
+        if _verbose(fv):
+            traceback.print_exc()
+        sys.stderr.write(f"{_prog()}: error: {lines[0]}\n")
+        for line in lines[1:]:
+            sys.stderr.write(f"{_prog()}: {line}\n")
+        sys.stderr.flush()
+        raise SystemExit(status) from None
+
+
+def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
+    """``absl.app.run(main)`` with :func:`report_errors` around both the flag parsing and
+    ``main``; defines ``--verbose`` when the script has not."""
+    from absl import app
+
+    if "verbose" not in fv:
+        flags.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.",
+                             flag_values=fv)
+
+    def parse(argv):
+        with report_errors(fv):
+            return fv(argv)
+
+    def guarded_main(argv):
+        with report_errors(fv):
+            if len(argv) > 1:
+                raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags take "
+                                     "the form --name=value)")
+            return main(argv)
+
+    app.run(guarded_main, flags_parser=parse)
+
+
 def run_script(entry: str) -> None:
     """Runs a bin/ script: defines every retina_tf flag (so one flagfile serves train, evaluate
-    and predict), parses argv with absl, then calls ``entry`` ("module:function") with FLAGS."""
+    and predict), parses argv with absl, then calls ``entry`` ("module:function") with FLAGS;
+    user errors are reported by :func:`report_errors`."""
     import importlib
-
-    from absl import app
 
     define_train_flags()
     define_predict_flags()
     define_rip_flags()
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         module, function = entry.split(":")
         getattr(importlib.import_module(module), function)(FLAGS)
 
-    app.run(main)
+    run_app(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +21,16 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf.data.fov import estimate_fov
+from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError
 from retina_tf.postprocess import vote_av_segments
+from retina_tf.run_folder import save_model_file
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# What a run folder needs for inference (export_run copies these).
+RUN_FILES = ("model.keras", "run.json", "preprocessor.json")
 
 
 def shipped_models() -> list[str]:
@@ -35,7 +41,12 @@ def shipped_models() -> list[str]:
 
 
 def resolve_run_dir(model: str, logdir: str | None = None, run_name: str | None = None) -> Path:
-    """A run folder from a path, a shipped model name, or an architecture + logdir/run_name."""
+    """A run folder from a path, a shipped model name, or an architecture + logdir/run_name.
+
+    Raises:
+        ModelFileError: when no candidate holds ``model.keras``; a folder given by path that
+            lacks it is named with the run files it lacks.
+    """
     path = Path(model)
     if (path / "model.keras").is_file():
         return path
@@ -43,11 +54,64 @@ def resolve_run_dir(model: str, logdir: str | None = None, run_name: str | None 
         return PRETRAINED_DIR / model
     if logdir and run_name and (Path(logdir) / run_name / "model.keras").is_file():
         return Path(logdir) / run_name
+    if path.is_dir():
+        missing = [name for name in RUN_FILES if not (path / name).is_file()]
+        raise ModelFileError(f"--model={model}: the folder {path} is not a complete run: it "
+                             f"lacks {', '.join(missing)}; point --model at a run folder that "
+                             "training finished (or one written by bin/export_model.py)")
     tried = [str(path), f"shipped {shipped_models()}"]
     if logdir and run_name:
         tried.append(str(Path(logdir) / run_name))
-    raise FileNotFoundError(f"no trained model found for --model={model!r}; looked for "
-                            f"model.keras in: {', '.join(tried)}")
+    raise ModelFileError(f"no trained model found for --model={model!r}; looked for "
+                         f"model.keras in: {', '.join(tried)}")
+
+
+def load_keras_model(path: str | os.PathLike) -> keras.Model:
+    """Loads a ``.keras`` file for inference (no optimizer), with retina_tf's models registered.
+
+    Keras reports any unreadable file as "File not found"; this names what is wrong instead.
+
+    Raises:
+        ModelFileError: when the file is missing, truncated, or not a Keras model file.
+    """
+    from retina_tf.models import load_all
+    load_all()
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a model file" if path.is_dir() else "does not exist"
+        raise ModelFileError(f"{path} {what}")
+    # A .keras file is a zip archive; a truncated copy loses the archive's closing directory.
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is corrupt or not a Keras model file (not a complete "
+                             ".keras archive: truncated or another format); copy or export "
+                             "it again")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many types for damaged archives; a bug chains too
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{path} is corrupt or not a Keras model file ({first_line}); "
+                             "copy or export it again") from err
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} cannot be read as the run's settings ({err}); the run "
+                             "folder is damaged: export or train it again") from err
+    if not isinstance(info, dict):
+        raise ModelFileError(f"{path} is not a JSON object of run settings")
+    return info
+
+
+def check_threshold(threshold: float) -> float:
+    """Raises ConfigError unless ``0 < threshold < 1`` (0 or 1 would make every pixel, or
+    none, a vessel)."""
+    if not 0.0 < float(threshold) < 1.0:
+        raise ConfigError(f"--threshold={threshold} must lie strictly between 0 and 1 "
+                          "(e.g. 0.5)")
+    return float(threshold)
 
 
 def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
@@ -120,13 +184,24 @@ class Segmenter:
     @classmethod
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
                  run_name: str | None = None, **overrides) -> "Segmenter":
-        """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder."""
-        from retina_tf.models import load_all
-        load_all()
+        """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder.
+
+        Raises:
+            ModelFileError: when the run folder is not found, lacks one of those files, or one
+                of them is corrupt (the message names it).
+        """
         run_dir = resolve_run_dir(str(model), logdir, run_name)
-        info = json.loads((run_dir / "run.json").read_text())
-        net = keras.saving.load_model(run_dir / "model.keras", compile=False)
-        pre = Preprocessor.load(run_dir / "preprocessor.json")
+        missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+        if missing:
+            raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "
+                                 "incomplete: export or train it again")
+        info = _read_run_json(run_dir)
+        net = load_keras_model(run_dir / "model.keras")
+        try:
+            pre = Preprocessor.load(run_dir / "preprocessor.json")
+        except (ValueError, TypeError) as err:
+            raise ModelFileError(f"{err}; the run folder is damaged: export or train it "
+                                 "again") from err
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
                       fully_convolutional=info.get("fully_convolutional", True), run_info=info)
@@ -188,14 +263,45 @@ class Segmenter:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities."""
         return self.probability_preprocessed(self.preprocessor(image))
 
+    @property
+    def min_image_size(self) -> int:
+        """The shortest image side this model can meaningfully segment, in pixels.
+
+        One training patch (run.json ``patch_size``), and at least one size multiple: the model
+        never learned from less context than a patch. A whole fundus photograph that small is
+        also beyond rescuing by the FOV rescale in :meth:`segment`: DRIVE's 540 px FOV in 96 px
+        is a 5.6x enlargement that leaves the thin vessels under a pixel wide in the source.
+        """
+        return max(int(self.run_info.get("patch_size") or 0), self.size_multiple, 1)
+
+    def check_image_size(self, image: np.ndarray, source: str | os.PathLike = "the image"
+                         ) -> None:
+        """Raises DatasetError naming ``source`` when ``image`` is below :attr:`min_image_size`
+        (a 32x32 image would otherwise come back as 0 % vessel, in silence)."""
+        h, w = image.shape[:2]
+        if min(h, w) < self.min_image_size:
+            raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
+                               f"needs at least {self.min_image_size}x{self.min_image_size} "
+                               "(its training patch size)")
+
     def segment(self, image: np.ndarray, fov: np.ndarray | None = None, threshold: float = 0.5,
-                match_scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                match_scale: bool = True, source: str | os.PathLike = "the image"
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV.
 
         With ``match_scale``, a photograph whose FOV diameter differs from the training images'
         by more than 20 % is resized to the training scale for inference (vessel widths in
         pixels are what the model learned) and the probabilities are resized back.
+
+        Args:
+            source: where the image came from (a file name), for messages.
+
+        Raises:
+            ConfigError: for a threshold outside (0, 1).
+            DatasetError: for an image smaller than :attr:`min_image_size`.
         """
+        check_threshold(threshold)
+        self.check_image_size(image, source)
         if fov is None:
             fov = estimate_fov(image)
         h, w = image.shape[:2]
@@ -229,26 +335,19 @@ def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
 
 
 def atomic_save_model(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    """``model.save`` written durably: staged in memory, then temporary name, fsync, rename."""
+    save_model_file(model, Path(path))
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Copies what inference needs from a run folder, without optimizer state (3x smaller):
     ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt``, ``metrics.json``."""
-    import shutil
-
-    from retina_tf.models import load_all
-    load_all()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    model = load_keras_model(run_dir / "model.keras")
     bare = model.__class__.from_config(model.get_config())
     bare.set_weights(model.get_weights())
     atomic_save_model(bare, out_dir / "model.keras")
     for name in ("preprocessor.json", "run.json", "flags.txt", "metrics.json"):
         if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, out_dir / name)
+            atomic_write_bytes(out_dir / name, (run_dir / name).read_bytes())
     return out_dir

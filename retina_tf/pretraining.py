@@ -23,9 +23,12 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
 from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.errors import ConfigError
 from retina_tf.inference import atomic_save_model
 from retina_tf.models.vit_mae import MAE, apply_preset
-from retina_tf.training import (atomic_write_text, fit_run, flags_text, load_training_sets,
+from retina_tf.run_folder import finish_run
+from retina_tf.training import (already_trained, atomic_write_text, fit_run, flags_text,
+                                load_training_sets, open_run_folder,
                                 make_optimizer, make_strategy, run_dir_of, update_metrics_json,
                                 WarmupDecay)
 
@@ -57,7 +60,8 @@ def held_out_names(dataset: str | None, data_dir: str | None) -> set[str]:
 def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[Path], list[np.ndarray]]:
     """The image files of ``dirs`` and their RGB arrays; an excluded (test) image is an error."""
     if not dirs:
-        raise ValueError("--pretrain_dirs names no folder of images to pre-train on")
+        raise ConfigError("--pretrain_dirs names no folder of images to pre-train on: give "
+                          "folders of unlabelled fundus images, e.g. --pretrain_dirs=data/a,data/b")
     files: list[Path] = []
     for d in dirs:
         found = _image_files(Path(d))
@@ -109,9 +113,10 @@ def pretrain_mae(cfg) -> Path:
     """Pre-trains an MAE as the flags say and returns the run folder."""
     from retina_tf import visualize
     keras.utils.set_random_seed(cfg.seed)
-    strategy = make_strategy(cfg.strategy)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if already_trained(cfg, run_dir):
+        return run_dir
+    strategy = make_strategy(cfg.strategy)
 
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
     files, images = pretraining_images(cfg.pretrain_dirs, exclude)
@@ -133,9 +138,11 @@ def pretrain_mae(cfg) -> Path:
     size = model.encoder.image_size
     augment = Augment(flip=cfg.flip, rot90=cfg.rot90, rotate_degrees=cfg.rotate_degrees,
                       brightness=cfg.brightness, contrast=cfg.contrast, gamma=cfg.gamma_jitter)
-    dataset = patch_dataset(seg, size, cfg.batch_size, 0.0, augment, cfg.seed).map(
-        lambda x, y, w: x)
     steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
+
+    def dataset(start_epoch: int) -> tf.data.Dataset:  # a resumed run continues the stream
+        return patch_dataset(seg, size, cfg.batch_size, 0.0, augment, cfg.seed,
+                             start=start_epoch * steps * cfg.batch_size).map(lambda x, y, w: x)
 
     with strategy.scope():
         schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
@@ -146,6 +153,7 @@ def pretrain_mae(cfg) -> Path:
 
     # A fixed batch with fixed masking shows the reconstructions improve epoch after epoch.
     crops = next(iter(patch_dataset(seg, size, 6, 0.0, Augment.none(), cfg.seed + 1)))[0].numpy()
+    open_run_folder(cfg, run_dir)
     noise = np.random.default_rng(cfg.seed).random((len(crops), model.encoder.num_patches))
     run_info: dict[str, Any] = {
         "model": "mae", "model_config": model.get_config(), "task": "pretrain",
@@ -169,6 +177,7 @@ def pretrain_mae(cfg) -> Path:
     losses = history.history.get("loss", [])
     update_metrics_json(run_dir, {"training_minutes": round(minutes, 2),
                                   "epochs_run": len(losses), "loss_history": losses})
+    finish_run(run_dir)
     print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; reconstruction loss "
           f"{losses[0]:.4f} -> {losses[-1]:.4f}; pictures in {run_dir / 'reconstruction.png'}",
           flush=True)
@@ -226,9 +235,10 @@ def pretrain_rip(cfg) -> Path:
     from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
     from retina_tf.models.rip_av import RIPClassifier
     keras.utils.set_random_seed(cfg.seed)
-    strategy = make_strategy(cfg.strategy)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if already_trained(cfg, run_dir):
+        return run_dir
+    strategy = make_strategy(cfg.strategy)
     x, y, pre, names = rip_patch_set(cfg)
     order = np.random.default_rng(cfg.seed).permutation(len(x))
     n_held = max(len(x) // 10, 1)
@@ -263,6 +273,7 @@ def pretrain_rip(cfg) -> Path:
                       metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
                       jit_compile=bool(cfg.jit_compile))
         model.optimizer.build(model.trainable_variables)
+    open_run_folder(cfg, run_dir)
     run_info: dict[str, Any] = {
         "model": "rip_classifier", "model_config": model.get_config(), "task": "pretrain",
         "input_channels": pre.channels, "parameters": int(model.count_params()),
@@ -286,6 +297,7 @@ def pretrain_rip(cfg) -> Path:
     update_metrics_json(run_dir, {"training_minutes": round(minutes, 2),
                                   "epochs_run": len(losses), "loss_history": losses,
                                   "held_out": held_out})
+    finish_run(run_dir)
     print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; loss {losses[0]:.4f} -> "
           f"{losses[-1]:.4f}; held-out patches: accuracy {held_out['accuracy']:.3f}, both labels "
           f"right {held_out['exact_match']:.3f}", flush=True)

@@ -3,7 +3,8 @@
 ``train(cfg)`` is what ``bin/train.py`` runs; ``cfg`` is an absl FlagValues (``FLAGS`` or
 ``retina_tf.flags.parse_flags([...])``). The run folder ``<logdir>/<run_name>/`` holds
 TensorBoard events (``train/``, ``validation/``), ``checkpoints/``, ``backup/`` (resume state),
-``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt`` and ``metrics.json``.
+``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt`` and ``metrics.json``; how it
+survives a kill is :mod:`retina_tf.run_folder`'s part.
 """
 
 from __future__ import annotations
@@ -21,15 +22,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.data.io import atomic_write_bytes, read_sample
-from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, patch_dataset,
-                                     resolve_samples, whole_image_dataset, with_context)
+from retina_tf.data.io import read_sample
+from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, padded_size,
+                                     patch_dataset, resolve_samples, whole_image_dataset,
+                                     with_context)
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps, resolve_pretrained
-from retina_tf.inference import Segmenter, atomic_save_model, fov_diameter
+from retina_tf.errors import ConfigError
+from retina_tf.inference import Segmenter, fov_diameter, load_keras_model
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import AVMetrics, SegmentationF1, VesselMetrics
 from retina_tf.models import build_model, model_class
+from retina_tf.run_folder import (BEST_WEIGHTS, LAST_WEIGHTS, BestCheckpoint, LastCheckpoint,
+                                  RunBackup, TrainingState, atomic_write_text,
+                                  best_checkpoint_score, check_run_folder, clear_run_folder,
+                                  finish_run, read_weights_attrs, remove_stray_temporaries,
+                                  restore_training, save_model_file, to_json,
+                                  update_metrics_json)
+
+__all__ = ["train", "fit_run", "already_trained", "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay", "evaluate_set",
+           "run_dir_of", "flags_text", "atomic_write_text", "to_json", "update_metrics_json"]
 
 # --- distribution ----------------------------------------------------------------------------
 
@@ -62,10 +74,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                             "(cluster and task of this worker)")
+            raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                              "(cluster and task of this worker)")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {name!r}")
+    raise ConfigError(f"--strategy={name}: unknown strategy")
 
 
 # --- optimization ----------------------------------------------------------------------------
@@ -139,14 +151,16 @@ class LearningRateAndSpeed(keras.callbacks.Callback):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training at the end of the epoch in which ``minutes`` of wall time are used up."""
+    """Stops training at the end of the epoch in which ``minutes`` of wall time are used up,
+    counting ``elapsed_seconds`` spent before a restart."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, elapsed_seconds: float = 0.0):
         super().__init__()
         self.seconds = minutes * 60.0
+        self.elapsed_seconds = elapsed_seconds
 
     def on_train_begin(self, logs=None):
-        self._start = time.monotonic()
+        self._start = time.monotonic() - self.elapsed_seconds
 
     def on_epoch_end(self, epoch, logs=None):
         if self.seconds > 0 and time.monotonic() - self._start >= self.seconds:
@@ -233,10 +247,6 @@ class WholeImageValidation(keras.callbacks.Callback):
 
 # --- run folder ------------------------------------------------------------------------------
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def flags_text(cfg) -> str:
     """The run's flags as a flagfile (only retina_tf's own flags)."""
     from retina_tf.flags import OWN_FLAGS
@@ -303,16 +313,14 @@ def load_pretrained(model: keras.Model, run_dir: Path) -> None:
     """Initializes ``model`` from the model saved in ``run_dir``: by the model's own
     ``load_pretrained(source)`` when it has one (e.g. EAR-Net from its HMSA stage 1), else all
     weights when both models have the same architecture."""
-    from retina_tf.models import load_all
-    load_all()
-    source = keras.saving.load_model(Path(run_dir) / "model.keras", compile=False)
+    source = load_keras_model(Path(run_dir) / "model.keras")
     if hasattr(model, "load_pretrained"):
         model.load_pretrained(source)
         return
     mine, theirs = model.get_weights(), source.get_weights()
     if type(source) is not type(model) or [w.shape for w in mine] != [w.shape for w in theirs]:
-        raise ValueError(f"--pretrained={run_dir}: its {type(source).__name__} does not match "
-                         f"this {type(model).__name__} (architecture or size differs)")
+        raise ConfigError(f"--pretrained={run_dir}: its {type(source).__name__} does not match "
+                          f"this {type(model).__name__} (architecture or size differs)")
     model.set_weights(theirs)
 
 
@@ -321,8 +329,8 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
     """The training set with each image's stage-1 error map appended to its target."""
     if folder is None:
         if pretrained is None:
-            raise ValueError(f"{model_name} trains on stage-1 error maps: give --pretrained=<stage-1 "
-                             "run> (after bin/make_error_maps.py) or --error_maps=<folder>")
+            raise ConfigError(f"{model_name} trains on stage-1 error maps: give --pretrained=<stage-1 "
+                              "run> (after bin/make_error_maps.py) or --error_maps=<folder>")
         folder = pretrained / ERROR_MAPS_DIR
     maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images])
     share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])
@@ -351,62 +359,146 @@ class FreezeEncoder(keras.callbacks.Callback):
         self._set(epoch >= self.epochs)
 
 
-def fit_run(model: keras.Model, dataset: tf.data.Dataset, steps: int, pixels_per_step: int,
-            cfg, run_dir: Path, validation: keras.callbacks.Callback | None = None,
+def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, run_dir: Path,
+            validation: keras.callbacks.Callback | None = None,
             extra_callbacks: list[keras.callbacks.Callback] | None = None
-            ) -> tuple[keras.callbacks.History, float, Path]:
+            ) -> tuple[TrainingState, float, Path]:
     """``model.fit`` with the run folder's callbacks: learning rate and speed, validation (the
-    best checkpoint by its ``val_f1``, ``val_av_acc`` for A/V models, else by loss), time budget, checkpoints, TensorBoard and
-    resume. Returns the history, the minutes it took and the best checkpoint's path."""
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    best_path = run_dir / "checkpoints" / "best.weights.h5"
-    callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
+    best checkpoint by its ``val_f1``, ``val_av_acc`` for A/V models, else by loss), time budget,
+    checkpoints, TensorBoard and, with ``cfg.resume``, a backup after every epoch.
+
+    With ``cfg.resume`` an interrupted run first restores its newest complete backup: weights,
+    optimizer state (so the learning-rate schedule goes on), the epoch, the per-epoch history,
+    the wall time used and the best checkpoint's score. ``dataset`` is a ``tf.data.Dataset``, or
+    a function ``start_epoch -> Dataset`` that continues the data stream where the restored
+    epoch ended. The backup stays until :func:`retina_tf.run_folder.finish_run`.
+
+    Returns the state (``.history``: every epoch's logs, restored ones included; ``.epoch``),
+    the minutes of training over all restarts and the best checkpoint's path.
+    """
+    run_dir = Path(run_dir)
+    best_path, last_path = run_dir / BEST_WEIGHTS, run_dir / LAST_WEIGHTS
+    best_path.parent.mkdir(parents=True, exist_ok=True)
     monitor, mode = "loss", "min"
     if validation is not None:
-        callbacks.append(validation)
         # an A/V model is chosen by what it is for: artery/vein accuracy
         monitor = "val_av_acc" if getattr(validation, "task", "vessel") == "av" else "val_f1"
         mode = "max"
+    state = restore_training(model, run_dir) if cfg.resume else None
+    if state is None:  # a fresh start: checkpoints of an attempt killed in its first epoch go
+        best_path.unlink(missing_ok=True)
+        last_path.unlink(missing_ok=True)
+        state = TrainingState()
+    else:
+        print(f"resuming {run_dir} after epoch {state.epoch} "
+              f"({state.elapsed_seconds / 60:.1f} min of training so far)", flush=True)
+    callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
+    if validation is not None:
+        callbacks.append(validation)
+    # Order matters: the backup records whether the time budget stopped training, and is
+    # written after the checkpoints of the same epoch.
     callbacks += [
-        TimeBudget(cfg.time_budget_minutes),
-        keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode=mode,
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(run_dir / "checkpoints" / "last.weights.h5",
-                                        save_weights_only=True),
+        TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds),
+        BestCheckpoint(best_path, monitor, mode, best_checkpoint_score(run_dir, monitor)
+                       if state.epoch else None),
+        LastCheckpoint(last_path),
         keras.callbacks.TensorBoard(log_dir=str(run_dir), write_graph=False,
                                     write_steps_per_second=False),
+        RunBackup(run_dir, state, write=bool(cfg.resume)),
     ]
-    if cfg.resume:
-        # Restores model, optimizer and epoch after an interruption; deleted when fit completes.
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
     callbacks += list(extra_callbacks or [])
-    start = time.monotonic()
-    history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=callbacks,
-                        shuffle=False,  # the tf.data pipeline already samples at random
-                        verbose=1 if sys.stdout.isatty() else 2)
-    return history, (time.monotonic() - start) / 60.0, best_path
+    if state.epoch < cfg.epochs and not state.stopped:
+        data = dataset(state.epoch) if callable(dataset) else dataset
+        model.fit(data, epochs=cfg.epochs, initial_epoch=state.epoch, steps_per_epoch=steps,
+                  callbacks=callbacks,
+                  shuffle=False,  # the tf.data pipeline already samples at random
+                  verbose=1 if sys.stdout.isatty() else 2)
+    return state, state.elapsed_seconds / 60.0, best_path
+
+
+def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augment: Augment,
+                     steps: int, start_epoch: int = 0) -> tf.data.Dataset:
+    """The training stream (patches, patch + context windows, or whole images), started after
+    ``start_epoch`` epochs of ``steps`` batches have been drawn."""
+    start = start_epoch * steps * cfg.batch_size
+    multiple = getattr(model, "size_multiple", 16)
+    if cfg.mode == "whole":
+        return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
+                                   start=start)
+    if getattr(model, "context_fusion", False):  # wide crops, split into patch + context
+        return with_context(
+            patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
+                          cfg.vessel_probability, augment, cfg.seed, start=start),
+            cfg.patch_size, model.context_size)
+    return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
+                         augment, cfg.seed, start=start)
+
+
+def _check_patch_size(cfg, model: keras.Model) -> None:
+    multiple = getattr(model, "size_multiple", 16)
+    if cfg.patch_size % multiple:
+        raise ConfigError(f"--patch_size={cfg.patch_size} must be a multiple of {multiple} "
+                          f"for {cfg.model}")
+    if not getattr(model, "fully_convolutional", True) and cfg.patch_size != multiple:
+        raise ConfigError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
+                          f"exactly {multiple} px (its image_size)")
+
+
+def already_trained(cfg, run_dir: Path) -> bool:
+    """True (and says so) when ``run_dir`` holds a finished run with these training flags;
+    raises ConfigError for a run there with other flags (see
+    :func:`retina_tf.run_folder.check_run_folder`). Reads only: nothing is written."""
+    if check_run_folder(run_dir, flags_text(cfg), cfg.overwrite, cfg.resume) != "finished":
+        return False
+    print(f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'}); "
+          "nothing to do. --overwrite trains it again from scratch, another --run_name "
+          "trains a new run beside it.", flush=True)
+    return True
+
+
+def open_run_folder(cfg, run_dir: Path) -> None:
+    """Creates the run folder, empties it of an old run with ``--overwrite`` and removes the
+    temporary files a killed run left; call once the data are read and the model is built, so
+    an early failure leaves no folder behind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        clear_run_folder(run_dir)
+    for path in remove_stray_temporaries(run_dir):
+        print(f"removed {path}, left by a killed run", flush=True)
+
+
+def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
+                ) -> dict[str, Any]:
+    """What training actually read, for run.json."""
+    return {"dataset": cfg.dataset or None, "data_dir": cfg.data_dir or None,
+            "label_file_path": cfg.label_file_path or None,
+            "training_images": list(train_set.names),
+            "validation_images": list(val_set.names) if val_set is not None else []}
 
 
 def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
     """Trains ``cfg.model`` as the flags say and returns the run folder.
 
-    ``extra_callbacks`` run after the built-in ones (after the resume backup of each epoch).
+    A run folder that holds an interrupted run with the same training flags is resumed; one
+    that holds a finished run with the same flags is left as it is; other flags there are an
+    error unless ``cfg.overwrite``. ``extra_callbacks`` run after the built-in ones (after the
+    resume backup of each epoch).
     """
     keras.utils.set_random_seed(cfg.seed)
     if cfg.logical_cpus:
         configure_logical_cpus(cfg.logical_cpus)
-    strategy = make_strategy(cfg.strategy)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     cls = model_class(cfg.model)
     script = getattr(cls, "pretraining_script", None)
     if script:
-        raise ValueError(f"--model={cfg.model} is a pre-training model: run {script} (then "
-                         "bin/train.py fine-tunes from its run folder with --pretrained)")
+        raise ConfigError(f"--model={cfg.model} is a pre-training model: run {script} (then "
+                          "bin/train.py fine-tunes from its run folder with --pretrained)")
     model_task = getattr(cls, "task", None)
     if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
         cfg.task = model_task
+    if already_trained(cfg, run_dir):
+        return run_dir
+    strategy = make_strategy(cfg.strategy)
     train_set, val_set, pre = load_training_sets(cfg)
     print(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
           f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
@@ -428,27 +520,17 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         train_set = train_set.with_extras(extras)
     multiple = getattr(model, "size_multiple", 16)
     if cfg.mode == "patch":
-        if cfg.patch_size % multiple:
-            raise ValueError(f"--patch_size={cfg.patch_size} must be a multiple of {multiple} "
-                             f"for {cfg.model}")
-        if not getattr(model, "fully_convolutional", True) and cfg.patch_size != multiple:
-            raise ValueError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
-                             f"exactly {multiple} px (its image_size)")
-        if getattr(model, "context_fusion", False):  # wide crops, split into patch + context
-            dataset = with_context(
-                patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
-                              cfg.vessel_probability, augment, cfg.seed),
-                cfg.patch_size, model.context_size)
-        else:
-            dataset = patch_dataset(train_set, cfg.patch_size, cfg.batch_size,
-                                    cfg.vessel_probability, augment, cfg.seed)
+        _check_patch_size(cfg, model)
         steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
         pixels_per_step = cfg.batch_size * cfg.patch_size**2
     else:
-        dataset = whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed)
         steps = cfg.steps_per_epoch or max(len(train_set) // cfg.batch_size, 1)
-        h, w = dataset.element_spec[0].shape[1:3]
+        h, w = padded_size(train_set, multiple, square=augment.rot90)
         pixels_per_step = cfg.batch_size * h * w
+    if cfg.freeze_encoder_epochs:
+        if not hasattr(model, "encoder"):
+            raise ConfigError(f"--freeze_encoder_epochs: {cfg.model} has no encoder to freeze")
+        extra_callbacks = [FreezeEncoder(cfg.freeze_encoder_epochs)] + list(extra_callbacks or [])
 
     with strategy.scope():
         schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
@@ -458,13 +540,17 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
                       # weighted_metrics: only these receive the FOV map as sample_weight
                       loss=loss, weighted_metrics=[SegmentationF1(name="f1")],
                       jit_compile=bool(cfg.jit_compile) and loss.supports_jit)
-        # Building the optimizer now saves a second trace of the train step inside fit.
+        # Building the optimizer now saves a second trace of the train step inside fit (and
+        # gives a resumed run's optimizer state somewhere to go).
         model.optimizer.build(model.trainable_variables)
 
+    # Only now, with the data read and the model built, does the run folder get written.
+    open_run_folder(cfg, run_dir)
     run_info = {"model": cfg.model, "model_config": model.get_config(), "task": cfg.task,
                 "size_multiple": multiple, "patch_size": cfg.patch_size, "mode": cfg.mode,
                 "fully_convolutional": bool(getattr(model, "fully_convolutional", True)),
-                "dataset": cfg.dataset, "input_channels": pre.channels,
+                "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
+                "input_channels": pre.channels,
                 "num_classes": num_classes, "parameters": int(model.count_params()),
                 "pretrained": str(pretrained) if pretrained else None,
                 "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))}
@@ -477,49 +563,31 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         validation = WholeImageValidation(val_set, pre, multiple, cfg.task, run_dir / "validation",
                                           cfg.validate_every, cfg.image_summary_every,
                                           cfg.eval_scales, cfg.stride)
-    if cfg.freeze_encoder_epochs:
-        if not hasattr(model, "encoder"):
-            raise ValueError(f"--freeze_encoder_epochs: {cfg.model} has no encoder to freeze")
-        extra_callbacks = [FreezeEncoder(cfg.freeze_encoder_epochs)] + list(extra_callbacks or [])
-    history, minutes, best_path = fit_run(model, dataset, steps, pixels_per_step, cfg, run_dir,
-                                          validation, extra_callbacks)
+    state, minutes, best_path = fit_run(
+        model, lambda start_epoch: training_dataset(cfg, model, train_set, augment, steps,
+                                                    start_epoch),
+        steps, pixels_per_step, cfg, run_dir, validation, extra_callbacks)
     if best_path.is_file():
         model.load_weights(best_path)
-    atomic_save_model(model, run_dir / "model.keras")
-    metrics: dict[str, Any] = {"training_minutes": round(minutes, 2),
-                               "epochs_run": len(history.history.get("loss", [])),
-                               "loss_history": history.history.get("loss", [])}
+    save_model_file(model, run_dir / "model.keras")
+    metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
+                               "loss_history": state.history.get("loss", []),
+                               "history": state.history,
+                               "best_checkpoint": read_best_epoch(best_path)}
     if validation is not None:  # the callback's segmenter runs the best weights loaded above
+        validation.set_model(model)  # also when a resumed run had no epoch left to fit
         val_result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
         metrics["validation"] = {k: v for k, v in val_result.items()}
     update_metrics_json(run_dir, metrics)
+    finish_run(run_dir)
     print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min"
           + (f"; validation F1 {metrics['validation']['f1']:.4f} AUC-ROC "
              f"{metrics['validation']['auc_roc']:.4f}" if val_set is not None else ""), flush=True)
     return run_dir
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None  # strict JSON has no NaN
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def to_json(data) -> str:
-    """JSON text with NaN / inf written as null and numpy scalars as numbers."""
-    return json.dumps(_json_safe(data), indent=2)
-
-
-def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]:
-    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically)."""
-    path = Path(run_dir) / "metrics.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(update)
-    atomic_write_text(path, to_json(data))
-    return data
+def read_best_epoch(best_path: Path) -> dict[str, Any] | None:
+    """The epoch and score stored with the best checkpoint (None without one)."""
+    attrs = read_weights_attrs(best_path) if best_path.is_file() else None
+    return ({"epoch": int(attrs["epoch"]), "monitor": attrs.get("monitor"),
+             "value": attrs.get("value")} if attrs and "epoch" in attrs else None)

@@ -87,8 +87,12 @@ def curves(scores: np.ndarray, labels: np.ndarray, points: int = 1024
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Writes ``image`` as a PNG atomically (the folder is created with it); returns the path.
+
+    Raises:
+        OutputError: when the file cannot be written (it names the path).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_image_atomic(path, image)
     return path
 
@@ -100,8 +104,7 @@ def save_curves(scores: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first atomic write, not before the plots exist
     fpr, tpr, recall, precision = curves(scores, labels)
     written = []
     for name, x, y, xl, yl, label in (

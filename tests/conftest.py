@@ -23,3 +23,20 @@ def shared_data() -> Path:
             pytest.fail(reason + " (RETINA_TF_REQUIRE_SHARED=1)")
         pytest.skip(reason)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """Six 96 x 96 synthetic fundus images (four training, two test) for training tests."""
+    from retina_tf.data.synthetic import write_synthetic_dataset
+    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
+                                   seed=3, size=(96, 96))
+
+
+def tiny_train_args(data_dir, logdir, *extra) -> list[str]:
+    """Flags of a training run that takes seconds: a 3-level U-Net of width 8 on 32 px patches,
+    four epochs of 8 steps, one validation image; ``extra`` flags override them."""
+    return ["--dataset=synthetic", f"--data_dir={data_dir}", f"--logdir={logdir}",
+            "--run_name=tiny", "--depth=3", "--base_filters=8", "--patch_size=32",
+            "--batch_size=8", "--patches_per_epoch=64", "--epochs=4", "--val_images=1",
+            "--learning_rate=0.005", *extra]

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from retina_tf.data.io import read_image
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
+from retina_tf.errors import ModelFileError
 from retina_tf.flags import parse_flags
 from retina_tf.inference import Segmenter, resolve_run_dir, sliding_window_predict
 from retina_tf.training import train
@@ -94,8 +95,9 @@ def test_predict_writes_probability_and_mask_of_the_input_size(trained, tmp_path
     b = cv2.imread(str(out / "b_mask.png"), cv2.IMREAD_UNCHANGED)
     assert a.shape == (96, 96) and a.dtype == np.uint8 and a.max() > 0
     assert b.shape == (120, 110) and set(np.unique(b)) <= {0, 255}
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png",
-                                                     "b_mask.png", "b_prob.png"]
+    # plus the manifest of what retina_tf wrote there (so re-runs may replace those files)
+    assert sorted(p.name for p in out.iterdir()) == [".retina_tf_outputs.json", "a_mask.png",
+                                                     "a_prob.png", "b_mask.png", "b_prob.png"]
 
 
 def test_predict_names_a_missing_input(trained, tmp_path):
@@ -106,7 +108,7 @@ def test_predict_names_a_missing_input(trained, tmp_path):
 
 
 def test_unknown_model_lists_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="unet_nowhere"):
+    with pytest.raises(ModelFileError, match="unet_nowhere"):
         resolve_run_dir("unet_nowhere")
 
 

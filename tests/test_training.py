@@ -10,25 +10,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.flags import parse_flags
 from retina_tf.training import WarmupDecay, make_strategy, train
+from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
-                                   seed=3, size=(96, 96))
+@pytest.fixture
+def synthetic(tiny_synthetic) -> Path:
+    return tiny_synthetic
 
 
 def tiny_flags(data_dir, logdir, *extra):
-    return parse_flags([
-        "--dataset=synthetic", f"--data_dir={data_dir}", f"--logdir={logdir}", "--run_name=tiny",
-        "--depth=3", "--base_filters=8", "--patch_size=32", "--batch_size=8",
-        "--patches_per_epoch=64", "--epochs=4", "--val_images=1", "--learning_rate=0.005",
-        "--image_summary_every=2", *extra])
+    return parse_flags(tiny_train_args(data_dir, logdir, "--image_summary_every=2", *extra))
 
 
 def test_schedules_known_values():
@@ -83,10 +78,14 @@ def test_an_interrupted_run_resumes_where_it_stopped(synthetic, tmp_path):
     cfg = tiny_flags(synthetic, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, extra_callbacks=[_Interrupt()])
-    assert (tmp_path / "tiny" / "backup").is_dir()
+    assert sorted(p.name for p in (tmp_path / "tiny" / "backup").glob("*.json")) == [
+        "epoch-0001.json", "epoch-0002.json"]  # the previous complete backup is kept
     run = train(tiny_flags(synthetic, tmp_path))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 2  # epochs 3 and 4 only
+    # the history before the interruption is kept, and only epochs 3 and 4 ran again
+    assert metrics["epochs_run"] == 4 and len(metrics["loss_history"]) == 4
+    assert len(metrics["history"]["val_f1"]) == 4
+    assert not (run / "backup").exists()
 
 
 def test_same_seed_same_model(synthetic, tmp_path):

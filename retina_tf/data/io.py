@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from retina_tf.data import av as av_lib
@@ -63,6 +64,53 @@ def _looks_truncated(data: bytes) -> bool:
     return False
 
 
+def _check_jpeg(path: Path, data: bytes) -> None:
+    """Rejects a JPEG whose entropy-coded data is corrupt.
+
+    libjpeg treats damaged scan data as a recoverable error: it prints "Corrupt JPEG data: ..."
+    on stderr and OpenCV returns the garbled picture. simplejpeg wraps the same libjpeg-turbo
+    and raises on those warnings with ``strict=True``. A file that simplejpeg cannot decode even
+    leniently (CMYK, 12-bit JPEG) is not a warning: OpenCV decides on it as before.
+
+    Raises:
+        DatasetError: naming the file and libjpeg's complaint.
+    """
+    try:
+        simplejpeg.decode_jpeg(data, strict=True)
+    except (ValueError, RuntimeError) as strict_err:
+        try:
+            simplejpeg.decode_jpeg(data, strict=False)
+        except (ValueError, RuntimeError):
+            return
+        raise DatasetError(f"{path} is a corrupt JPEG (the decoder says: {strict_err}); "
+                           "copy or export the file again") from strict_err
+
+
+def bit_depth(max_value: int) -> int:
+    """The bit depth of 16-bit-stored data, inferred from its largest value: 8, 10, 12, 14 or 16.
+
+    Cameras and converters store 10-, 12- and 14-bit data in 16-bit files without saying so;
+    the largest value is the only evidence (a 12-bit image with no value above 1023 reads as
+    10-bit, i.e. brighter).
+    """
+    for bits in (8, 10, 12, 14):
+        if max_value < 2 ** bits:
+            return bits
+    return 16
+
+
+def _to_uint8(path: Path, array: np.ndarray) -> np.ndarray:
+    """Maps the data's full scale (``2**bits - 1``, see :func:`bit_depth`) to 255: a fixed
+    scale per bit depth, not a per-image contrast stretch."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype != np.uint16:
+        raise DatasetError(f"{path} has unsupported pixel type {array.dtype}")
+    bits = bit_depth(int(array.max()))
+    scale = np.float32(255.0 / (2 ** bits - 1))
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+
+
 def _decode(path: PathLike) -> np.ndarray:
     """Decodes a file as stored: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise, uint8.
 
@@ -85,24 +133,21 @@ def _decode(path: PathLike) -> np.ndarray:
         return array
     if _looks_truncated(data):
         raise DatasetError(f"{path} is truncated (no end-of-image marker)")
+    if data[:3] == b"\xff\xd8\xff":
+        _check_jpeg(path, data)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None:
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
                            "truncated)")
-    if array.dtype == np.uint16:
-        # 16-bit TIFF/PNG: keep the top byte so that 65535 maps to 255.
-        array = (array >> 8).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise DatasetError(f"{path} has unsupported pixel type {array.dtype}")
     if array.ndim == 3:
         if array.shape[-1] == 1:
-            return array[..., 0]
+            return _to_uint8(path, array[..., 0])
         if array.shape[-1] == 4:
-            array = array[..., :3]  # drop alpha
+            array = array[..., :3]  # drop alpha (before the bit depth is read from the maximum)
         if array.shape[-1] != 3:
             raise DatasetError(f"{path} has {array.shape[-1]} channels, expected 1, 3 or 4")
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-    return array
+        return cv2.cvtColor(_to_uint8(path, array), cv2.COLOR_BGR2RGB)
+    return _to_uint8(path, array)
 
 
 def read_image(path: PathLike) -> np.ndarray:
@@ -110,7 +155,8 @@ def read_image(path: PathLike) -> np.ndarray:
 
     Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE). GIFs are read
     with Pillow (first frame); grayscale files are replicated to three channels; 16-bit files are
-    scaled to 8 bit.
+    scaled to 8 bit by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a
+    16-bit PNG maps 4095 to 255).
 
     Args:
         path: the image file.
@@ -119,7 +165,8 @@ def read_image(path: PathLike) -> np.ndarray:
         ``HxWx3`` uint8 RGB array.
 
     Raises:
-        DatasetError: when the file is missing, unreadable, truncated or of an unknown format.
+        DatasetError: when the file is missing, unreadable, truncated, corrupt (a JPEG whose
+            decoder warns) or of an unknown format.
     """
     array = _decode(path)
     if array.ndim == 2:

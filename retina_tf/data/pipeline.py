@@ -25,6 +25,7 @@ import tensorflow as tf
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.errors import ConfigError
 
 TASKS = ("vessel", "av")
 
@@ -98,7 +99,8 @@ def resolve_samples(dataset: str | None = None, data_dir: str | os.PathLike | No
         from retina_tf.data.labelfile import read_label_file
         return read_label_file(label_file)
     if not dataset or not data_dir:
-        raise DatasetError("give either a label file or both a dataset name and its data_dir")
+        raise ConfigError("no images to use: give --label_file_path (a label file from "
+                          "bin/preprocess.py), or --dataset and --data_dir")
     return list_samples(dataset, data_dir, split)
 
 
@@ -246,14 +248,15 @@ def _split(stack: tf.Tensor, channels: int):
 
 def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 32,
                   vessel_probability: float = 0.5, augment: Augment | None = None,
-                  seed: int = 0) -> tf.data.Dataset:
+                  seed: int = 0, start: int = 0) -> tf.data.Dataset:
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
-    vessel pixels (any target channel), so thin vessels are seen often enough.
+    vessel pixels (any target channel), so thin vessels are seen often enough. ``start`` skips
+    that many patches of the stream (a resumed run continues where it stopped).
     """
     if not 0.0 <= vessel_probability <= 1.0:
-        raise ValueError(f"vessel_probability must be in [0, 1], got {vessel_probability}")
+        raise ConfigError(f"--vessel_probability={vessel_probability}: must be in [0, 1]")
     augment = augment or Augment()
     channels = seg.images[0].shape[-1]
     n_extras = seg.extras[0].shape[-1] if seg.extras else 0
@@ -295,7 +298,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)
         return _split(patch, channels)
 
-    ds = tf.data.Dataset.random(seed=seed).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.random(seed=seed).skip(start).map(
+        sample, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
@@ -309,11 +313,11 @@ def padded_size(seg: SegmentationSet, multiple: int, square: bool = False) -> tu
 
 def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int = 16,
                         augment: Augment | None = None, seed: int = 0, shuffle: bool = True,
-                        repeat: bool = True) -> tf.data.Dataset:
+                        repeat: bool = True, start: int = 0) -> tf.data.Dataset:
     """Batches of whole images zero-padded (bottom/right) to a multiple of ``multiple``.
 
     With rot90 augmentation the padding is square so every rotation keeps the shape. Padding
-    has FOV weight 0.
+    has FOV weight 0. ``start`` skips that many images of the (shuffled, repeated) stream.
     """
     augment = augment if augment is not None else Augment()
     channels = seg.images[0].shape[-1]
@@ -325,7 +329,7 @@ def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int
         ds = ds.shuffle(len(seg), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1)))
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1))).skip(start)
 
     def load(i, seed_scalar):
         item = tf.gather(stack, i)

@@ -40,6 +40,7 @@ from skimage.morphology import skeletonize
 
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.io import DatasetError, atomic_write_bytes
+from retina_tf.errors import ConfigError
 
 RIP_LABELS = ("artery", "vein", "both")
 DEFAULT_SIZES = (48, 96, 144)
@@ -442,7 +443,7 @@ def _sizes_flag(values: Sequence[str]) -> tuple[int, ...]:
     try:
         return _check_sizes([int(str(v).strip()) for v in values])
     except ValueError as err:
-        raise ValueError(f"--rip_sizes={','.join(map(str, values))}: {err}") from err
+        raise ConfigError(f"--rip_sizes={','.join(map(str, values))}: {err}") from err
 
 
 def _csv_text(records: Sequence[RipPatch]) -> str:
@@ -483,9 +484,10 @@ def write_rip_patches(cfg) -> Path:
         The output folder.
 
     Raises:
-        DatasetError: for a label file instead of a dataset, a dataset without A/V labels, a
-            missing folder, or no patch passing ``--rip_min_fraction``.
-        ValueError: for bad ``--rip_*`` values or a missing ``--rip_patches``.
+        ConfigError: for a label file instead of a dataset, no dataset, bad ``--rip_*`` values
+            or a missing ``--rip_patches``.
+        DatasetError: for a dataset without A/V labels, a missing folder, or no patch passing
+            ``--rip_min_fraction``.
     """
     from retina_tf import visualize
     from retina_tf.data.catalog import list_samples, normalize_dataset_name
@@ -493,26 +495,26 @@ def write_rip_patches(cfg) -> Path:
 
     started = time.time()
     if getattr(cfg, "label_file_path", None):
-        raise DatasetError(f"--label_file_path={cfg.label_file_path}: label files carry no "
-                           "artery/vein labels; give --dataset and --data_dir of an A/V dataset "
-                           f"({', '.join(AV_DATASETS)})")
+        raise ConfigError(f"--label_file_path={cfg.label_file_path}: label files carry no "
+                          "artery/vein labels; give --dataset and --data_dir of an A/V dataset "
+                          f"({', '.join(AV_DATASETS)})")
     if not cfg.dataset or not cfg.data_dir:
-        raise DatasetError("give --dataset and --data_dir of an A/V dataset "
-                           f"({', '.join(AV_DATASETS)})")
+        raise ConfigError("give --dataset and --data_dir of an A/V dataset "
+                          f"({', '.join(AV_DATASETS)})")
     if not cfg.rip_patches:
-        raise ValueError("--rip_patches is required: the folder for patches.csv, patches.npz and "
-                         "preview.png")
+        raise ConfigError("--rip_patches is required: the folder for patches.csv, patches.npz and "
+                          "preview.png")
     sizes = _sizes_flag(cfg.rip_sizes)
     if cfg.rip_out_size < 1 or cfg.rip_per_class < 1:
-        raise ValueError(f"--rip_out_size={cfg.rip_out_size} and --rip_per_class="
-                         f"{cfg.rip_per_class} must be >= 1")
+        raise ConfigError(f"--rip_out_size={cfg.rip_out_size} and --rip_per_class="
+                          f"{cfg.rip_per_class} must be >= 1")
     if not 0.0 < cfg.rip_min_fraction <= 1.0:
-        raise ValueError(f"--rip_min_fraction={cfg.rip_min_fraction} must be in (0, 1]")
+        raise ConfigError(f"--rip_min_fraction={cfg.rip_min_fraction} must be in (0, 1]")
     absent = getattr(cfg, "rip_absent_fraction", None)
     try:
         _check_absent(absent, cfg.rip_min_fraction)
     except ValueError as err:
-        raise ValueError(f"--rip_absent_fraction={absent}: {err}") from err
+        raise ConfigError(f"--rip_absent_fraction={absent}: {err}") from err
     dataset = normalize_dataset_name(cfg.dataset)
     # Never the test split: see the docstring.
     samples = list_samples(dataset, cfg.data_dir, "training")

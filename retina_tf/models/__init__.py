@@ -9,6 +9,8 @@ import importlib
 
 import keras
 
+from retina_tf.errors import ConfigError
+
 # name -> "module:Class" (imported lazily so that building a U-Net does not import every model)
 _REGISTRY: dict[str, str] = {
     "unet": "retina_tf.models.unet:UNet",
@@ -29,7 +31,8 @@ def model_names() -> list[str]:
 
 def model_class(name: str) -> type:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+        raise ConfigError(f"unknown model {name!r} (--model): choose one of "
+                          f"{', '.join(model_names())}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -40,7 +43,8 @@ def build_model(name: str, **config) -> keras.Model:
     cls = model_class(name)
     if "preset" in config:
         if not hasattr(cls, "from_preset_config"):
-            raise ValueError(f"model {name!r} has no presets")
+            raise ConfigError(f"model {name!r} has no presets: drop \"preset\" from "
+                              "--model_config")
         config = cls.from_preset_config(config)
     return cls(**config)
 

@@ -19,6 +19,7 @@ from retina_tf.data.rip import (RIP_LABELS, RipPatch, cut_patches, distance_targ
                                 normalized_distance, rip_labels, select_rip_patches,
                                 write_rip_patches)
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
+from retina_tf.errors import ConfigError
 from retina_tf.flags import define_rip_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -265,7 +266,7 @@ def test_cli_fails_clearly_without_av_labels(tiny_av_dataset, tmp_path):
         write_rip_patches(cfg)
     assert str(tiny_av_dataset) in str(err.value)
     cfg = _cfg("--label_file_path=x.txt", f"--rip_patches={tmp_path}")
-    with pytest.raises(DatasetError, match="--label_file_path"):
+    with pytest.raises(ConfigError, match="--label_file_path"):
         write_rip_patches(cfg)
     assert not list(tmp_path.iterdir())
 

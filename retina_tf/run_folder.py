@@ -1,0 +1,464 @@
+"""Run folders: durable files, resumable training state and the checks before a run starts.
+
+A run folder ``<logdir>/<run_name>/`` is written so that a kill at any moment loses at most the
+epoch in progress:
+
+- every file is written to a temporary name in its folder, flushed to disk (fsync) and renamed
+  (:func:`retina_tf.data.io.atomic_write_bytes`); Keras writes HDF5 and ``.keras`` files into a
+  staging folder in memory first, so a full disk raises an error naming the file instead of
+  crashing inside HDF5;
+- ``backup/epoch-NNNN.weights.h5`` (model and optimizer) and ``backup/epoch-NNNN.json`` (the
+  epoch, the per-epoch history, the wall time used, whether training had stopped) are written at
+  the end of every epoch, the JSON last: it marks the backup complete. The previous complete
+  backup is kept until the next one is whole;
+- ``checkpoints/best.weights.h5`` carries its epoch and score as HDF5 attributes, so the best
+  score survives a restart with the file it belongs to;
+- ``backup/`` is removed only after ``model.keras`` and ``metrics.json`` are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import keras
+import numpy as np
+
+from retina_tf.data.io import atomic_write_bytes
+from retina_tf.errors import ConfigError
+
+BACKUP_DIR = "backup"
+UNREADABLE_DIR = "unreadable"
+BEST_WEIGHTS = Path("checkpoints") / "best.weights.h5"
+LAST_WEIGHTS = Path("checkpoints") / "last.weights.h5"
+# What a finished run folder has; training writes model.keras, then metrics.json, then removes
+# backup/, so a folder with model.keras and no backup is finished.
+MODEL_FILE = "model.keras"
+# Flags that change what is printed or where, not the trained weights: they may differ when an
+# interrupted run is resumed or a finished one is run again.
+FLAGS_NOT_IN_TRAINING = frozenset({
+    "logdir", "run_name", "resume", "overwrite", "verbose", "strategy", "logical_cpus",
+    "time_budget_minutes", "image_summary_every", "cache_dir", "jit_compile",
+    "eval_split", "visualize", "whole_image_metrics", "inference", "tta", "tta_transpose",
+    "av_vote", "av_link", "window", "threshold", "output_dir", "input", "fov",
+    "test_label_file_path"})
+
+
+# --- durable files ---------------------------------------------------------------------------
+
+def _kill_point(path: Path) -> None:
+    """Test hook of the kill harness (tests/test_kill_harness.py): ``RETINA_TF_KILL_AT=<name>``
+    or ``<name>#<n>`` SIGKILLs this process while the n-th (default first) file of that name is
+    being written: its temporary file exists and is half full."""
+    spec = os.environ.get("RETINA_TF_KILL_AT")
+    if not spec:
+        return
+    name, _, nth = spec.partition("#")
+    if path.name != name:
+        return
+    _kill_point.counts[name] = _kill_point.counts.get(name, 0) + 1  # type: ignore[attr-defined]
+    if _kill_point.counts[name] == int(nth or 1):  # type: ignore[attr-defined]
+        tmp = path.with_name(f".{path.name}.killed.tmp")
+        tmp.write_bytes(b"\0" * 1024)  # what a kill in the middle of a write leaves
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_kill_point.counts = {}  # type: ignore[attr-defined]
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """:func:`atomic_write_bytes` with the kill harness's hook."""
+    _kill_point(Path(path))
+    atomic_write_bytes(path, data)
+
+
+def _staging_dir() -> str | None:
+    """A folder in memory (Linux /dev/shm) where Keras can write HDF5 without touching the
+    run's disk; None (the system's temporary folder) elsewhere."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def save_weights_file(model: keras.Model, path: Path, attrs: dict[str, Any] | None = None
+                      ) -> None:
+    """``model.save_weights`` (model and optimizer variables) written durably to ``path``,
+    with ``attrs`` stored as HDF5 attributes of the file."""
+    with tempfile.TemporaryDirectory(dir=_staging_dir()) as tmp:
+        staged = Path(tmp) / "staged.weights.h5"
+        model.save_weights(staged)
+        if attrs:
+            with h5py.File(staged, "a") as f:
+                f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        data = staged.read_bytes()
+    write_durably(Path(path), data)
+
+
+def save_model_file(model: keras.Model, path: Path) -> None:
+    """``model.save`` (a ``.keras`` file) written durably to ``path``."""
+    with tempfile.TemporaryDirectory(dir=_staging_dir()) as tmp:
+        staged = Path(tmp) / "staged.keras"
+        model.save(staged)
+        data = staged.read_bytes()
+    write_durably(Path(path), data)
+
+
+def read_weights_attrs(path: Path) -> dict[str, Any] | None:
+    """The attributes of a weights file, or None when it is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except (OSError, ValueError):
+        return None
+
+
+def weights_file_is_whole(path: Path) -> bool:
+    """True when ``path`` is an HDF5 file every dataset of which can be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            datasets = []
+            f.visititems(lambda _, obj: datasets.append(obj)
+                         if isinstance(obj, h5py.Dataset) else None)
+            for d in datasets:
+                d[()]
+        return True
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return False
+
+
+def remove_stray_temporaries(run_dir: Path) -> list[Path]:
+    """Deletes temporary files a killed process left in the run folder (``.<name>.*.tmp`` and
+    the ``.model.<pid>.tmp.keras`` of earlier versions); returns them."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / BACKUP_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None  # strict JSON has no NaN
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def to_json(data) -> str:
+    """JSON text with NaN / inf written as null and numpy scalars as numbers."""
+    return json.dumps(_json_safe(data), indent=2)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    write_durably(Path(path), text.encode())
+
+
+def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]:
+    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically)."""
+    path = Path(run_dir) / "metrics.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(update)
+    atomic_write_text(path, to_json(data))
+    return data
+
+
+# --- training state --------------------------------------------------------------------------
+
+def seed_generators(model: keras.Model) -> list[keras.random.SeedGenerator]:
+    """The model's random-number generators (dropout, MAE masking), in a fixed order. Keras
+    does not save their state with the weights."""
+    found: list[keras.random.SeedGenerator] = []
+    seen: set[int] = set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, keras.random.SeedGenerator):
+            found.append(obj)
+        elif isinstance(obj, keras.layers.Layer):
+            for value in vars(obj).values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(item, (keras.layers.Layer, keras.random.SeedGenerator)):
+                        walk(item)
+
+    walk(model)
+    return found
+
+
+class TrainingState:
+    """What a resumed run restores besides the weights: epochs done, the per-epoch history,
+    the wall time used, whether training had already stopped (time budget) and the state of
+    the model's random-number generators."""
+
+    def __init__(self, epoch: int = 0, history: dict[str, list] | None = None,
+                 elapsed_seconds: float = 0.0, stopped: bool = False,
+                 weights: Path | None = None, seed_states: list | None = None):
+        self.epoch = int(epoch)
+        self.history = history or {}
+        self.elapsed_seconds = float(elapsed_seconds)
+        self.stopped = bool(stopped)
+        self.weights = weights
+        self.seed_states = seed_states or []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history,
+                "elapsed_seconds": self.elapsed_seconds, "stopped": self.stopped,
+                "seed_states": self.seed_states}
+
+
+def _backup_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def _backups(backup_dir: Path) -> list[tuple[int, Path]]:
+    """Complete-looking backups (their JSON exists), newest first."""
+    found = []
+    for p in backup_dir.glob("epoch-*.json"):
+        try:
+            found.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(found, reverse=True)
+
+
+def _move_aside(backup_dir: Path, paths: list[Path]) -> Path:
+    aside = backup_dir / UNREADABLE_DIR
+    aside.mkdir(exist_ok=True)
+    for p in paths:
+        if p.exists():
+            os.replace(p, aside / p.name)
+    return aside
+
+
+def has_backup(run_dir: Path) -> bool:
+    backup = Path(run_dir) / BACKUP_DIR
+    return bool(_backups(backup)) or (backup / "training_metadata.json").is_file()
+
+
+def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
+    """Loads the newest complete backup of ``run_dir`` into ``model`` (weights and optimizer)
+    and returns its state; None when there is none. A backup that cannot be read is reported by
+    path, moved to ``backup/unreadable/`` and the next older one is tried."""
+    backup_dir = Path(run_dir) / BACKUP_DIR
+    for epoch, meta in _backups(backup_dir):
+        weights = meta.with_suffix(".weights.h5")
+        try:
+            state = json.loads(meta.read_text())
+            ok = weights_file_is_whole(weights)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            aside = _move_aside(backup_dir, [meta, weights])
+            print(f"warning: backup {weights} cannot be read (incomplete or corrupt); moved to "
+                  f"{aside} and resuming from an older state", flush=True)
+            continue
+        model.load_weights(weights)
+        generators = seed_generators(model)
+        seed_states = state.get("seed_states") or []
+        if len(seed_states) == len(generators):
+            for generator, value in zip(generators, seed_states):
+                generator.state.assign(np.asarray(value, generator.state.dtype))
+        return TrainingState(epoch, state.get("history"), state.get("elapsed_seconds", 0.0),
+                             state.get("stopped", False), weights, seed_states)
+    # Keras's own BackupAndRestore layout, written by earlier retina_tf versions.
+    legacy_meta, legacy = backup_dir / "training_metadata.json", backup_dir / "latest.weights.h5"
+    if legacy_meta.is_file():
+        try:
+            epoch = int(json.loads(legacy_meta.read_text())["epoch"])
+            ok = weights_file_is_whole(legacy)
+        except (OSError, ValueError, KeyError):
+            ok = False
+        if ok:
+            model.load_weights(legacy)
+            return TrainingState(epoch, weights=legacy)
+        aside = _move_aside(backup_dir, [legacy_meta, legacy])
+        print(f"warning: backup {legacy} cannot be read (incomplete or corrupt); moved to "
+              f"{aside}; training starts from epoch 1", flush=True)
+    return None
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Keeps the training state and writes it to ``backup/`` at the end of every epoch (after
+    the checkpoints and the time budget have run, so it records whether training stops here).
+    Keeps the previous complete backup until the new one is whole, and no older ones. With
+    ``write=False`` (``--noresume``) it only records the history."""
+
+    def __init__(self, run_dir: Path, state: TrainingState | None = None, write: bool = True):
+        super().__init__()
+        self.backup_dir = Path(run_dir) / BACKUP_DIR
+        self.state = state or TrainingState()
+        self.write = write
+
+    def on_train_begin(self, logs=None):
+        self._start = time.monotonic()
+        self._elapsed_before = self.state.elapsed_seconds
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.state.history.setdefault(key, []).append(_json_safe(float(value)))
+        self.state.epoch = epoch + 1
+        self.state.elapsed_seconds = self._elapsed_before + time.monotonic() - self._start
+        self.state.stopped = bool(self.model.stop_training)
+        self.state.seed_states = [np.asarray(keras.ops.convert_to_numpy(g.state)).tolist()
+                                  for g in seed_generators(self.model)]
+        if not self.write:
+            return
+        name = _backup_name(epoch + 1)
+        save_weights_file(self.model, self.backup_dir / f"{name}.weights.h5")
+        atomic_write_text(self.backup_dir / f"{name}.json", to_json(self.state.to_dict()))
+        for _, meta in _backups(self.backup_dir)[2:]:
+            meta.unlink(missing_ok=True)
+            meta.with_suffix(".weights.h5").unlink(missing_ok=True)
+        for legacy in ("training_metadata.json", "latest.weights.h5"):
+            (self.backup_dir / legacy).unlink(missing_ok=True)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch by ``monitor`` in ``path``, written durably with
+    its epoch and score as attributes; ``best`` continues a resumed run's comparison."""
+
+    def __init__(self, path: Path, monitor: str = "val_f1", mode: str = "max",
+                 best: float | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.best = best
+
+    def _better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:  # e.g. an epoch without validation (--validate_every)
+            return
+        value = float(value)
+        if self._better(value):
+            save_weights_file(self.model, self.path,
+                              {"epoch": epoch + 1, "monitor": self.monitor, "value": value})
+            self.best = value
+
+
+class LastCheckpoint(keras.callbacks.Callback):
+    """The weights of the last completed epoch, written durably."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_weights_file(self.model, self.path, {"epoch": epoch + 1})
+
+
+def best_checkpoint_score(run_dir: Path, monitor: str) -> float | None:
+    """The score stored with ``checkpoints/best.weights.h5`` when it was chosen by ``monitor``."""
+    attrs = read_weights_attrs(Path(run_dir) / BEST_WEIGHTS)
+    if attrs and attrs.get("monitor") == monitor and "value" in attrs:
+        return float(attrs["value"])
+    return None
+
+
+def finish_run(run_dir: Path) -> None:
+    """Removes the resume state; call only once ``model.keras`` and ``metrics.json`` are on
+    disk, so that a kill at any earlier moment still resumes."""
+    shutil.rmtree(Path(run_dir) / BACKUP_DIR, ignore_errors=True)
+
+
+# --- before a run starts ---------------------------------------------------------------------
+
+def parse_flag_lines(text: str) -> dict[str, str]:
+    """The ``--name=value`` / ``--name`` / ``--noname`` lines of a flagfile as {name: value}
+    (a bare ``--name`` is "true")."""
+    flags = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("--"):
+            name, eq, value = line[2:].partition("=")
+            flags[name] = value if eq else "true"
+    return flags
+
+
+def flag_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Training flags whose values differ, as ``--name: old -> new`` (``--noflip`` and
+    ``--flip`` compare as flip false / true)."""
+    names = old.keys() | new.keys()
+
+    def normal(flags: dict[str, str]) -> dict[str, str]:
+        return {(n[2:] if n.startswith("no") and v == "true" and n[2:] in names else n):
+                ("false" if n.startswith("no") and v == "true" and n[2:] in names else v)
+                for n, v in flags.items()}
+
+    old, new = normal(old), normal(new)
+    return [f"--{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
+            for name in sorted(old.keys() | new.keys())
+            if name not in FLAGS_NOT_IN_TRAINING and not name.startswith("rip_")
+            and old.get(name) != new.get(name)]
+
+
+def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bool) -> str:
+    """Decides what training does with an existing run folder before anything is written.
+
+    Returns ``"new"`` (no run there, or ``overwrite``), ``"resume"`` (an interrupted run with
+    the same training flags) or ``"finished"`` (a finished run with the same training flags:
+    nothing to do).
+
+    Raises:
+        ConfigError: a finished or interrupted run with other training flags (or ``--noresume``
+            on an interrupted run), unless ``overwrite``; the message names the differences
+            and the ways out.
+    """
+    run_dir = Path(run_dir)
+    if overwrite or not run_dir.is_dir():
+        return "new"
+    finished = (run_dir / MODEL_FILE).is_file() and not has_backup(run_dir)
+    interrupted = has_backup(run_dir)
+    if not (finished or interrupted):
+        return "new"
+    old_flags = run_dir / "flags.txt"
+    diffs = (flag_differences(parse_flag_lines(old_flags.read_text()),
+                              parse_flag_lines(flags_text))
+             if old_flags.is_file() else ["(its flags.txt is missing)"])
+    what = "a finished run" if finished else "an interrupted run"
+    ways = "add --overwrite to train it again from scratch, or give another --run_name to keep it"
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ConfigError(f"{run_dir} holds {what} with other training flags ({shown}): {ways}")
+    if interrupted and not resume:
+        raise ConfigError(f"{run_dir} holds an interrupted run and --noresume was given: run "
+                          f"without --noresume to continue it, or {ways}")
+    return "finished" if finished else "resume"
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """Removes what a previous run wrote (``--overwrite``), leaving files retina_tf does not
+    write untouched."""
+    run_dir = Path(run_dir)
+    for name in (MODEL_FILE, "metrics.json", "run.json", "flags.txt", "preprocessor.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", BACKUP_DIR, "train", "validation", "images"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for p in run_dir.glob("eval_*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)

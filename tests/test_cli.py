@@ -1,0 +1,272 @@
+"""The command line: flag validation at parse time, conflicting data sources, and errors a
+person can read (one or two lines on stderr, exit 2 for usage errors and 1 otherwise, the
+traceback only with --verbose).
+
+Flag checks run in-process with ``parse_flags``; a handful of cases run the real bin/ scripts
+(about 5 s each for the TensorFlow import).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError
+from retina_tf.flags import parse_flags, report_errors
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.cfg"
+DRIVE_UNET = REPO / "configs" / "drive_unet.cfg"
+
+
+def _run(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "bin" / script), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(stderr: str, script: str) -> list[str]:
+    """retina_tf's own lines (TensorFlow's C++ start-up log may precede them)."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{script}: ")]
+
+
+# --- flag values, at parse time ----------------------------------------------------------------
+
+@pytest.mark.parametrize("arg, shown", [
+    ("--threshold=1.5", "--threshold=1.5"),
+    ("--threshold=1", "--threshold=1.0"),
+    ("--threshold=0", "--threshold=0.0"),
+    ("--epochs=0", "--epochs=0"),
+    ("--batch_size=0", "--batch_size=0"),
+    ("--patch_size=0", "--patch_size=0"),
+    ("--patches_per_epoch=0", "--patches_per_epoch=0"),
+    ("--steps_per_epoch=-1", "--steps_per_epoch=-1"),
+    ("--val_images=-1", "--val_images=-1"),
+    ("--learning_rate=0", "--learning_rate=0.0"),
+    ("--learning_rate=-0.1", "--learning_rate=-0.1"),
+    ("--stride=0", "--stride=0"),
+    ("--window=-1", "--window=-1"),
+    ("--validate_every=0", "--validate_every=0"),
+    ("--vessel_probability=1.5", "--vessel_probability=1.5"),
+    ("--preprocess=grayscale,sharpen", "--preprocess=['grayscale', 'sharpen']"),
+])
+def test_a_bad_flag_value_is_rejected_at_parse_time_naming_flag_and_value(arg, shown):
+    with pytest.raises(flags.IllegalFlagValueError, match="must be") as err:
+        parse_flags([arg])
+    assert shown in str(err.value)
+
+
+def test_the_edge_values_that_make_sense_still_parse():
+    cfg = parse_flags(["--threshold=0.01", "--epochs=1", "--batch_size=1", "--patch_size=1",
+                       "--patches_per_epoch=1", "--steps_per_epoch=0", "--val_images=0",
+                       "--learning_rate=1e-6", "--stride=1", "--window=0", "--validate_every=1",
+                       "--vessel_probability=0"])
+    assert cfg.threshold == 0.01 and cfg.epochs == 1 and cfg.window == 0
+    assert parse_flags(["--threshold=0.99"]).threshold == 0.99
+
+
+def test_several_bad_values_are_all_named():
+    with pytest.raises(flags.IllegalFlagValueError) as err:
+        parse_flags(["--epochs=0", "--batch_size=0"])
+    assert "--epochs=0" in str(err.value) and "--batch_size=0" in str(err.value)
+
+
+# --- conflicting data sources ------------------------------------------------------------------
+
+def test_a_flagfile_label_file_and_a_command_line_dataset_conflict(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(flags.IllegalFlagValueError) as err:
+        parse_flags([f"--flagfile={DEMO}", "--dataset=drive", "--data_dir=data/DRIVE"])
+    message = str(err.value)
+    assert "label_file_path=data/synthetic_labels/training.txt" in message
+    assert "dataset=drive" in message
+    assert "--label_file_path=" in message and "--dataset= --data_dir=" in message
+    with pytest.raises(flags.IllegalFlagValueError, match="data_dir=data/DRIVE"):
+        parse_flags([f"--flagfile={DEMO}", "--data_dir=data/DRIVE"])
+
+
+def test_an_empty_label_file_drops_the_flagfiles_one(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = parse_flags([f"--flagfile={DEMO}", "--label_file_path=", "--dataset=drive",
+                       "--data_dir=data/DRIVE"])
+    assert cfg.label_file_path == "" and cfg.dataset == "drive"
+    assert cfg.run_name == "demo"  # the rest of the flagfile still applies
+
+
+def test_an_empty_dataset_drops_the_flagfiles_one(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(flags.IllegalFlagValueError, match="test_label_file_path=t.txt"):
+        parse_flags([f"--flagfile={DRIVE_UNET}", "--test_label_file_path=t.txt"])
+    cfg = parse_flags([f"--flagfile={DRIVE_UNET}", "--dataset=", "--data_dir=",
+                       "--label_file_path=l.txt"])
+    assert cfg.dataset is None and cfg.data_dir == "" and cfg.label_file_path == "l.txt"
+    with pytest.raises(flags.IllegalFlagValueError, match="--dataset=nowhere"):
+        parse_flags(["--dataset=nowhere"])
+
+
+def test_empty_data_flags_count_as_not_given():
+    from retina_tf.data.pipeline import resolve_samples
+    cfg = parse_flags(["--dataset=", "--data_dir=", "--label_file_path="])
+    with pytest.raises(ConfigError, match="--label_file_path.*--dataset and --data_dir"):
+        resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
+
+
+# --- library errors a user can act on ----------------------------------------------------------
+
+def test_user_input_errors_of_the_library_are_retina_tf_errors(tmp_path):
+    from retina_tf.error_maps import resolve_pretrained
+    from retina_tf.models import build_model
+    from retina_tf.pretraining import pretraining_images
+
+    with pytest.raises(ConfigError, match=r"'segnet' \(--model\)"):
+        build_model("segnet")
+    with pytest.raises(ConfigError, match="--pretrain_dirs"):
+        pretraining_images([], set())
+    with pytest.raises(ModelFileError, match=f"--pretrained={tmp_path / 'nowhere'}"):
+        resolve_pretrained(tmp_path / "nowhere", str(tmp_path))
+
+
+# --- report_errors: status and lines, in-process -----------------------------------------------
+
+def _report(exc: BaseException, capsys, verbose: bool = False) -> tuple[int, list[str]]:
+    fv = parse_flags(["--verbose"] if verbose else [])
+    with pytest.raises(SystemExit) as exit_info:
+        with report_errors(fv):
+            raise exc
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+def test_report_errors_sorts_errors_into_exit_statuses(tmp_path, capsys):
+    status, lines = _report(ConfigError("--foo=1: must be 2"), capsys)
+    assert status == 2 and len(lines) == 1 and lines[0].endswith("error: --foo=1: must be 2")
+    status, lines = _report(DatasetError(f"{tmp_path}/x.txt: label file not found"), capsys)
+    assert status == 1 and len(lines) == 1 and f"{tmp_path}/x.txt" in lines[0]
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out.png"))
+    status, lines = _report(full, capsys)
+    assert status == 1 and len(lines) == 2
+    assert f"{tmp_path / 'out.png'}: No space left on device" in lines[0]
+    assert "disk is full" in lines[1]
+    status, lines = _report(OutputError(errno.ENOSPC, "No space left on device",
+                                        str(tmp_path / "a.png")), capsys)
+    assert status == 1 and lines[0].endswith(f"cannot write {tmp_path / 'a.png'}: "
+                                              "No space left on device")
+    assert len(lines) == 2 and "disk is full" in lines[1]
+    status, lines = _report(ValueError("something odd"), capsys)
+    assert status == 1 and len(lines) == 2 and "--verbose" in lines[1]
+    status, lines = _report(KeyboardInterrupt(), capsys)
+    assert status == 130 and len(lines) == 1 and "interrupted" in lines[0]
+    status, lines = _report(flags.IllegalFlagValueError("flag --x=0: must be >= 1"), capsys)
+    assert status == 2 and len(lines) == 2
+
+
+def test_report_errors_shows_the_traceback_only_with_verbose(capsys):
+    _, lines = _report(ConfigError("bad"), capsys)
+    assert not any("Traceback" in line for line in lines)
+    status, lines = _report(ConfigError("bad"), capsys, verbose=True)
+    assert status == 2 and lines[0].startswith("Traceback") and lines[-1].endswith("error: bad")
+
+
+def test_report_errors_lets_a_bug_through():
+    with pytest.raises(ZeroDivisionError):
+        with report_errors(parse_flags([])):
+            1 / 0
+
+
+# --- the real scripts --------------------------------------------------------------------------
+
+def test_a_bad_flag_value_exits_2_in_two_lines_without_traceback():
+    proc = _run("train.py", "--threshold=1.5")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()  # rejected before TensorFlow is imported
+    assert len(lines) <= 2, proc.stderr
+    assert "--threshold=1.5" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_verbose_adds_the_traceback():
+    proc = _run("train.py", "--threshold=1.5", "--verbose")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "--threshold=1.5" in proc.stderr.splitlines()[-2]
+
+
+def test_conflicting_data_sources_from_a_flagfile_exit_2_naming_both():
+    # The issue's reproduction; it fails on the flags, before any data is read.
+    proc = _run("train.py", "--flagfile=configs/demo.cfg", "--dataset=drive",
+                "--data_dir=data/DRIVE")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) <= 2 and "Traceback" not in proc.stderr
+    assert "label_file_path=data/synthetic_labels/training.txt" in lines[0]
+    assert "dataset=drive" in lines[0] and "--label_file_path=" in lines[0]
+
+
+def test_other_scripts_report_usage_errors_the_same_way(tmp_path):
+    proc = _run("make_synthetic.py", f"--out_dir={tmp_path / 'syn'}", "--num_images=0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert _error_lines(proc.stderr, "make_synthetic.py")[0].startswith(
+        "make_synthetic.py: error: num_images must be >= 1")
+    proc = _run("preprocess.py", "--dataset=drive")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--data_dir and --out_dir are required" in proc.stderr
+
+
+def test_predict_names_a_missing_input_and_exits_1(tmp_path):
+    proc = _run("predict.py", "--model=unet_drive", "--input=/nonexistent.png",
+                f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = _error_lines(proc.stderr, "predict.py")
+    assert 1 <= len(lines) <= 2 and "/nonexistent.png" in lines[0]
+
+
+def _predict_fails_naming(shared_data, out: Path) -> list[str]:
+    """Runs predict on a DRIVE image into ``out``; asserts exit 1 with one or two lines naming
+    ``out``, and returns those lines."""
+    proc = _run("predict.py", "--model=unet_drive",
+                f"--input={shared_data / 'DRIVE' / 'test' / 'images' / '01_test.tif'}",
+                f"--output_dir={out}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = _error_lines(proc.stderr, "predict.py")
+    assert 1 <= len(lines) <= 2 and str(out) in lines[0], proc.stderr[-2000:]
+    return lines
+
+
+def test_predict_names_an_output_folder_it_cannot_create(shared_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _predict_fails_naming(shared_data, blocker / "out")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs filled to the last byte (needs root, as in CI; skipped otherwise)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (mount / "out").mkdir()
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_predict_names_the_file_it_cannot_write_on_a_full_disk(shared_data, full_disk):
+    lines = _predict_fails_naming(shared_data, full_disk / "out")
+    assert "No space left on device" in lines[0] and "disk is full" in lines[1]

@@ -1,0 +1,306 @@
+"""Bad, odd and clashing inputs and outputs of predict / evaluate: each fails or warns clearly,
+naming the file, instead of giving a silent wrong answer (reproductions of the issue's cases)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from retina_tf.data.fov import estimate_fov
+from retina_tf.data.io import DatasetError, bit_depth, read_image, read_mask, write_image_atomic
+from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
+from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
+from retina_tf.evaluation import (MANIFEST_NAME, evaluate, find_fov_mask, output_names,
+                                  predict, read_manifest)
+from retina_tf.flags import parse_flags
+from retina_tf.inference import PRETRAINED_DIR, Segmenter, load_keras_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = PRETRAINED_DIR / "unet_drive"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Segmenter:
+    return Segmenter.from_run("unet_drive")
+
+
+def _fundus(path: Path, seed: int, size=(128, 128)) -> Path:
+    write_image_atomic(path, generate_fundus(seed, size).image)
+    return path
+
+
+def _predict(inputs: Path, out: Path, *extra: str):
+    cfg = parse_flags(["--model=unet_drive", f"--input={inputs}", f"--output_dir={out}", *extra])
+    return predict(cfg)
+
+
+def _corrupt_middle(data: bytes, n: int = 300, fill: bytes | None = None) -> bytes:
+    """Overwrites ``n`` bytes in the middle of a JPEG's entropy-coded data; the end marker and
+    every header stay intact."""
+    start = data.index(b"\xff\xda")  # start of scan
+    middle = (start + len(data)) // 2
+    fill = bytes(n) if fill is None else fill
+    return data[:middle] + fill + data[middle + n:]
+
+
+# ----------------------------------------------------------------------- 1: --fov=<folder>
+
+def test_fov_folder_takes_the_exact_stem_not_a_prefix(tmp_path: Path):
+    inputs, masks = tmp_path / "in", tmp_path / "masks"
+    _fundus(inputs / "1.png", 1)
+    half = np.zeros((128, 128), bool)
+    half[:, :64] = True
+    # "10_mask.png" sorts before "1_mask.png": the old prefix rule took it for image 1.png.
+    write_image_atomic(masks / "10_mask.png", np.ones((128, 128), bool))
+    write_image_atomic(masks / "1_mask.png", half)
+    _predict(inputs, tmp_path / "out", f"--fov={masks}")
+    prob = cv2.imread(str(tmp_path / "out" / "1_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert prob[:, 64:].max() == 0 and prob[:, :64].max() > 0  # 1_mask.png's left half
+
+
+def test_fov_folder_finds_drive_masks(shared_data: Path):
+    masks = sorted((shared_data / "DRIVE" / "test" / "mask").iterdir())
+    image = shared_data / "DRIVE" / "test" / "images" / "01_test.tif"
+    assert find_fov_mask(image, masks).name == "01_test_mask.gif"
+
+
+def test_fov_folder_with_two_or_no_matching_masks_fails_naming_them(tmp_path: Path):
+    image = _fundus(tmp_path / "in" / "1.png", 1)
+    write_image_atomic(tmp_path / "two" / "1.gif", np.ones((128, 128), bool))
+    write_image_atomic(tmp_path / "two" / "1_mask.png", np.ones((128, 128), bool))
+    with pytest.raises(DatasetError, match=r"1\.gif, 1_mask\.png"):
+        find_fov_mask(image, sorted((tmp_path / "two").iterdir()))
+    write_image_atomic(tmp_path / "none" / "10_mask.png", np.ones((128, 128), bool))
+    with pytest.raises(DatasetError, match=r"no FOV mask .*1_mask"):
+        find_fov_mask(image, sorted((tmp_path / "none").iterdir()))
+    # the image itself is no candidate when masks sit beside the images
+    write_image_atomic(tmp_path / "in" / "1_mask.png", np.ones((128, 128), bool))
+    assert find_fov_mask(image, sorted((tmp_path / "in").iterdir())).name == "1_mask.png"
+
+
+# ---------------------------------------------------------------- 2: corrupt JPEG data
+
+@pytest.mark.parametrize("fill", ["zeros", "random"])
+def test_jpeg_corrupt_in_the_middle_is_rejected(shared_data: Path, tmp_path: Path, fill: str):
+    data = (shared_data / "samples" / "CHASE_DB1" / "Image_01L.jpg").read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    bad = tmp_path / "Image_01L.jpg"
+    bad.write_bytes(_corrupt_middle(data, fill=noise if fill == "random" else None))
+    assert bad.read_bytes()[-2:] == b"\xff\xd9"  # OpenCV decodes it with a warning only
+    assert cv2.imdecode(np.frombuffer(bad.read_bytes(), np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(DatasetError, match=r"Image_01L\.jpg is a corrupt JPEG"):
+        read_image(bad)
+
+
+def test_valid_jpegs_decode_as_before(shared_data: Path):
+    for path in sorted((shared_data / "samples").rglob("*")):
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            expected = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+            np.testing.assert_array_equal(read_image(path), expected, err_msg=str(path))
+
+
+# -------------------------------------------------------------------- 3: 10-16 bit PNGs
+
+def test_bit_depth_is_inferred_from_the_largest_value():
+    assert [bit_depth(v) for v in (0, 255, 256, 1023, 1024, 4095, 4096, 16383, 16384, 65535)] \
+        == [8, 8, 10, 10, 12, 12, 14, 14, 16, 16]
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_12_and_16_bit_pngs_decode_like_the_8_bit_original(shared_data: Path, tmp_path: Path,
+                                                           bits: int):
+    source = shared_data / "DRIVE" / "test" / "images" / "01_test.tif"
+    original = read_image(source)
+    assert original.max() == 255  # so the 12-bit copy reaches 4095 and reads as 12-bit
+    deep = np.rint(original.astype(np.float64) * (2 ** bits - 1) / 255).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep[..., ::-1])
+    decoded = read_image(tmp_path / "deep.png")
+    assert np.abs(decoded.astype(int) - original).max() <= 1
+    official = read_mask(shared_data / "DRIVE" / "test" / "mask" / "01_test_mask.gif", "fov")
+    fov = estimate_fov(decoded)
+    dice = 2 * (fov & official).sum() / (fov.sum() + official.sum())
+    assert dice > 0.98 and fov.mean() < 0.8  # not the whole frame
+
+
+# ------------------------------------------------------------- 4: a folder with bad files
+
+def test_predict_folder_writes_every_good_file_then_fails_with_a_summary(
+        shared_data: Path, tmp_path: Path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _fundus(inputs / "a.png", 1)
+    jpeg = (shared_data / "samples" / "CHASE_DB1" / "Image_01L.jpg").read_bytes()
+    (inputs / "b_broken.jpg").write_bytes(_corrupt_middle(jpeg))
+    write_image_atomic(inputs / "c_tiny.png", np.full((32, 32, 3), 120, np.uint8))
+    _fundus(inputs / "d.png", 2)
+    with pytest.raises(RetinaTFError, match=r"2 of 4 images failed \(b_broken\.jpg, c_tiny"):
+        _predict(inputs, out)
+    err = capsys.readouterr().err
+    assert "2 image(s) segmented" in err and "b_broken.jpg is a corrupt JPEG" in err
+    assert "c_tiny.png is 32x32 pixels" in err
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "a_mask.png", "a_prob.png",
+                                                     "d_mask.png", "d_prob.png"]
+
+
+@pytest.mark.slow
+def test_predict_cli_reports_the_bad_file_and_exits_non_zero(shared_data: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    _fundus(inputs / "a.png", 1)
+    jpeg = (shared_data / "samples" / "CHASE_DB1" / "Image_01L.jpg").read_bytes()
+    (inputs / "broken.jpg").write_bytes(_corrupt_middle(jpeg))
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "predict.py"), "--model=unet_drive",
+                           f"--input={inputs}", f"--output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "broken.jpg" in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "a_prob.png").is_file()
+
+
+# ------------------------------------------------------------------------- 5: output names
+
+def test_stems_that_clash_keep_their_extension_in_output_names(tmp_path: Path):
+    _fundus(tmp_path / "in" / "a.png", 1)
+    _fundus(tmp_path / "in" / "a.jpg", 2)
+    _predict(tmp_path / "in", tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [MANIFEST_NAME, "a.jpg_mask.png", "a.jpg_prob.png", "a.png_mask.png",
+                     "a.png_prob.png"]
+    a_png = cv2.imread(str(tmp_path / "out" / "a.png_prob.png"))
+    a_jpg = cv2.imread(str(tmp_path / "out" / "a.jpg_prob.png"))
+    assert not np.array_equal(a_png, a_jpg)  # two images, two results
+    # a whole name that equals another stem falls back too
+    clash = output_names([Path("x.png"), Path("x.jpg"), Path("x.png.jpg")])
+    assert sorted(clash.values()) == ["x.jpg", "x.png", "x.png.jpg"]
+
+
+def test_predict_into_its_input_folder_twice_skips_its_own_outputs(tmp_path: Path, capsys):
+    folder = tmp_path / "photos"
+    _fundus(folder / "a.png", 1)
+    _predict(folder, folder)
+    first = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    _predict(folder, folder)  # no --overwrite needed to replace its own outputs
+    assert sorted(p.name for p in folder.iterdir()) == first
+    assert "1 image(s) segmented" in capsys.readouterr().out
+    assert read_manifest(folder) == {"a_prob.png", "a_mask.png"}
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(tmp_path: Path):
+    _fundus(tmp_path / "in" / "a.png", 1)
+    _fundus(tmp_path / "in" / "b.png", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_mask.png").write_bytes(b"the user's own file")
+    with pytest.raises(ConfigError, match=r"b_mask\.png .*--overwrite"):
+        _predict(tmp_path / "in", out)
+    assert sorted(p.name for p in out.iterdir()) == ["b_mask.png"]  # nothing written at all
+    _predict(tmp_path / "in", out, "--overwrite")
+    assert read_image(out / "b_mask.png").shape == (128, 128, 3)
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_evaluate_visualize_never_replaces_the_users_files(tmp_path: Path):
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=1, seed=3,
+                                   size=(96, 96))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": true}')
+    argv = ["--model=unet_drive", "--dataset=synthetic", f"--data_dir={data}", "--visualize",
+            f"--output_dir={out}", f"--logdir={tmp_path / 'logs'}"]
+    with pytest.raises(ConfigError, match=r"metrics\.json .*--overwrite"):
+        evaluate(parse_flags(argv))
+    assert json.loads((out / "metrics.json").read_text()) == {"mine": True}
+    evaluate(parse_flags(argv + ["--overwrite"]))
+    evaluate(parse_flags(argv))  # its own files now: a re-run needs no --overwrite
+    assert "roc_curve.png" in read_manifest(out) and (out / "01_test_overlay.png").is_file()
+
+
+# -------------------------------------------------------- 6: inputs without a good answer
+
+@pytest.mark.parametrize("size", [32, 1])
+def test_images_smaller_than_a_training_patch_are_rejected(shipped: Segmenter, tmp_path: Path,
+                                                           size: int):
+    path = tmp_path / f"tiny{size}.png"
+    write_image_atomic(path, np.full((size, size, 3), 120, np.uint8))
+    with pytest.raises(DatasetError, match=rf"tiny{size}\.png is {size}x{size} .* at least 96x96"):
+        _predict(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # 8: an early failure leaves no folder behind
+    with pytest.raises(DatasetError, match="at least 96x96"):
+        shipped.segment(read_image(path))
+
+
+def test_estimated_fov_of_a_crop_warns_but_whole_photographs_do_not(shared_data: Path,
+                                                                     tmp_path: Path, capsys):
+    image = read_image(shared_data / "DRIVE" / "test" / "images" / "02_test.tif")
+    write_image_atomic(tmp_path / "in" / "crop.png", image[200:400, 180:380])
+    write_image_atomic(tmp_path / "in" / "whole.png", image)
+    _predict(tmp_path / "in", tmp_path / "out")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "crop.png" in warnings[0] and "--fov" in warnings[0]
+
+
+def test_a_folder_of_masks_and_outputs_only_says_so(tmp_path: Path):
+    folder = tmp_path / "in"
+    write_image_atomic(folder / "01_mask.gif", np.ones((128, 128), bool))
+    with pytest.raises(DatasetError, match=r"1 have '_mask' in their name"):
+        _predict(folder, tmp_path / "out")
+    _fundus(folder / "a.png", 1)
+    _predict(folder, folder)
+    (folder / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"2 are retina_tf outputs"):
+        _predict(folder, tmp_path / "out")
+
+
+def test_threshold_outside_zero_one_is_a_config_error(shipped: Segmenter):
+    image = generate_fundus(1, (128, 128)).image
+    for threshold in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="threshold"):
+            shipped.segment(image, threshold=threshold)
+
+
+# ------------------------------------------------------------ 7: damaged model and run folder
+
+def test_truncated_or_foreign_model_file_is_named_corrupt(tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(SHIPPED, run)
+    data = (SHIPPED / "model.keras").read_bytes()
+    (run / "model.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=r"model\.keras is corrupt or not a Keras model"):
+        Segmenter.from_run(run)
+    (run / "model.keras").write_text("not a model")
+    with pytest.raises(ModelFileError, match="is corrupt or not a Keras model file"):
+        load_keras_model(run / "model.keras")
+    # a zip archive that is not a Keras model
+    shutil.make_archive(str(tmp_path / "other"), "zip", SHIPPED, "run.json")
+    with pytest.raises(ModelFileError, match="is corrupt or not a Keras model file"):
+        load_keras_model(tmp_path / "other.zip")
+
+
+def test_run_folder_names_the_files_it_lacks(tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(SHIPPED, run)
+    (run / "run.json").unlink()
+    (run / "preprocessor.json").unlink()
+    with pytest.raises(ModelFileError, match=r"lacks run\.json, preprocessor\.json"):
+        Segmenter.from_run(run)
+    (run / "model.keras").unlink()
+    with pytest.raises(ModelFileError, match=r"lacks model\.keras, run\.json"):
+        Segmenter.from_run(run)
+
+
+# ------------------------------------------------------------------ 8: no empty output folder
+
+def test_early_failures_leave_no_output_folder(tmp_path: Path):
+    bad = tmp_path / "in" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_text("not an image")
+    with pytest.raises(DatasetError, match=r"bad\.png"):
+        _predict(bad, tmp_path / "out")
+    with pytest.raises(DatasetError):
+        evaluate(parse_flags(["--model=unet_drive", "--dataset=synthetic",
+                              f"--data_dir={tmp_path / 'nowhere'}",
+                              f"--output_dir={tmp_path / 'eval'}"]))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()

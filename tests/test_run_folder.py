@@ -1,0 +1,206 @@
+"""Run folders that survive kills, full disks and reruns (retina_tf.run_folder via train())."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from retina_tf.errors import ConfigError, DatasetError
+from retina_tf.flags import parse_flags
+from retina_tf.inference import load_keras_model
+from retina_tf.run_folder import (flag_differences, parse_flag_lines, remove_stray_temporaries,
+                                  save_weights_file, weights_file_is_whole)
+from retina_tf.training import train
+from tests.conftest import tiny_train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def synthetic(tiny_synthetic) -> Path:
+    return tiny_synthetic
+
+
+def tiny_args(data_dir, logdir, *extra):
+    return tiny_train_args(data_dir, logdir, "--image_summary_every=0", *extra)
+
+
+def tiny_flags(data_dir, logdir, *extra):
+    return parse_flags(tiny_args(data_dir, logdir, *extra))
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stands in for a kill after the backup of ``after_epoch`` (1-based) is written."""
+
+    def __init__(self, after_epoch: int):
+        super().__init__()
+        self.after_epoch = after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after_epoch:
+            raise KeyboardInterrupt(f"simulated kill after epoch {self.after_epoch}")
+
+
+def _interrupted(synthetic, logdir, after_epoch=2, *extra) -> Path:
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_flags(synthetic, logdir, *extra), extra_callbacks=[_Interrupt(after_epoch)])
+    return Path(logdir) / "tiny"
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path):
+    # dropout: the random generators' state is restored too (Keras does not save it)
+    whole = train(tiny_flags(synthetic, tmp_path / "whole", "--dropout=0.2"))
+    run = _interrupted(synthetic, tmp_path / "killed", 2, "--dropout=0.2")
+    train(tiny_flags(synthetic, tmp_path / "killed", "--dropout=0.2"))
+    a, b = _metrics(whole), _metrics(run)
+    # data order, optimizer state and schedule continue: the same losses and scores per epoch
+    assert b["loss_history"] == pytest.approx(a["loss_history"], rel=1e-4)
+    assert b["history"]["val_f1"] == pytest.approx(a["history"]["val_f1"], abs=1e-4)
+    # the best score was restored, so the same epoch is chosen (not the first after restart)
+    assert b["best_checkpoint"]["epoch"] == a["best_checkpoint"]["epoch"]
+    assert b["training_minutes"] >= 0 and b["epochs_run"] == 4
+    wa = load_keras_model(whole / "model.keras").get_weights()
+    wb = load_keras_model(run / "model.keras").get_weights()
+    assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))
+
+
+def test_an_unreadable_backup_is_moved_aside_and_the_previous_one_used(synthetic, tmp_path,
+                                                                         capsys):
+    run = _interrupted(synthetic, tmp_path)
+    newest = run / "backup" / "epoch-0002.weights.h5"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a partial file
+    train(tiny_flags(synthetic, tmp_path))
+    out = capsys.readouterr().out
+    assert f"backup {newest} cannot be read" in out
+    assert "resuming" in out and "after epoch 1" in out
+    m = _metrics(run)
+    assert m["epochs_run"] == 4 and len(m["loss_history"]) == 4
+    assert not (run / "backup").exists()  # removed, with unreadable/, once the run is done
+
+
+def test_a_zero_byte_backup_of_keras_layout_does_not_block_the_run(synthetic, tmp_path, capsys):
+    # What a kill during Keras's own BackupAndRestore write left (earlier retina_tf versions).
+    run = _interrupted(synthetic, tmp_path, 1, "--epochs=2")
+    shutil.rmtree(run / "backup")
+    (run / "backup").mkdir()
+    (run / "backup" / "latest.weights.h5").write_bytes(b"")
+    (run / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
+    assert "latest.weights.h5 cannot be read" in capsys.readouterr().out
+    assert _metrics(run)["epochs_run"] == 2
+
+
+def test_stray_temporaries_of_a_killed_save_are_removed(synthetic, tmp_path):
+    run = _interrupted(synthetic, tmp_path, 1, "--epochs=2")
+    stray = [run / ".model.4242.tmp.keras", run / "checkpoints" / ".best.weights.h5.x1.tmp",
+             run / "backup" / ".epoch-0002.json.abc.tmp"]
+    for p in stray:
+        p.write_bytes(b"")
+    train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
+    assert not any(p.exists() for p in stray)
+    assert remove_stray_temporaries(run) == []
+
+
+def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+    stamp = (run / "model.keras").stat().st_mtime_ns
+    # the same flags: nothing to do (a rerun of a finished command is harmless)
+    train(tiny_flags(synthetic, tmp_path, "--epochs=1", "--visualize"))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
+    # other training flags: refused, naming the flag and the ways out
+    with pytest.raises(ConfigError, match=r"--epochs: 1 -> 2.*--overwrite.*--run_name"):
+        train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
+    # --overwrite retrains and drops the old run's test metrics
+    from retina_tf.run_folder import update_metrics_json
+    update_metrics_json(run, {"test_drive_test": {"f1": 0.5}})
+    train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
+    m = _metrics(run)
+    assert m["epochs_run"] == 2 and "test_drive_test" not in m
+
+
+def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, tmp_path):
+    _interrupted(synthetic, tmp_path, 1)
+    with pytest.raises(ConfigError, match="interrupted run with other training flags"):
+        train(tiny_flags(synthetic, tmp_path, "--base_filters=4"))
+    with pytest.raises(ConfigError, match="--noresume"):
+        train(tiny_flags(synthetic, tmp_path, "--noresume"))
+
+
+def test_an_early_failure_leaves_no_run_folder(tmp_path):
+    with pytest.raises(DatasetError):
+        train(parse_flags(["--dataset=synthetic", f"--data_dir={tmp_path / 'missing'}",
+                           f"--logdir={tmp_path / 'logs'}", "--epochs=1"]))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_run_json_records_what_was_read(synthetic, tmp_path):
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+    data = json.loads((run / "run.json").read_text())["data"]
+    assert data["dataset"] == "synthetic" and data["data_dir"] == str(synthetic)
+    assert data["label_file_path"] is None
+    assert len(data["training_images"]) == 3 and len(data["validation_images"]) == 1
+
+
+def test_weights_files_are_written_whole_with_their_attributes(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "best.weights.h5"
+    save_weights_file(model, path, {"epoch": 3, "value": 0.5})
+    assert weights_file_is_whole(path)
+    with h5py.File(path) as f:
+        assert f.attrs["epoch"] == 3 and f.attrs["value"] == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["best.weights.h5"]  # no temporaries
+    path.write_bytes(path.read_bytes()[:-100])
+    assert not weights_file_is_whole(path)
+
+
+def test_flag_differences_ignore_output_flags_and_read_booleans():
+    old = parse_flag_lines("--epochs=2\n--flip\n--visualize\n--logdir=a\n")
+    new = parse_flag_lines("--epochs=2\n--noflip\n--novisualize\n--logdir=b\n")
+    assert flag_differences(old, new) == ["--flip: true -> false"]
+    assert flag_differences(old, old) == []
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_a_clear_error_and_the_run_resumes_after(synthetic, tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1400k"):
+        if os.environ.get("RETINA_TF_REQUIRE_SHARED"):
+            pytest.fail("cannot mount a small tmpfs (CI runs as root and must)")
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        cmd = [sys.executable, str(REPO / "bin" / "train.py"),
+               *tiny_args(synthetic, disk, "--epochs=6")]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert full.returncode == 1, full.stderr[-2000:]  # not a segfault (139)
+        assert "No space left on device" in full.stderr and str(disk) in full.stderr
+        assert "Traceback" not in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert again.returncode == 0, again.stderr[-2000:]
+        m = _metrics(disk / "tiny")
+        assert m["epochs_run"] == 6 and len(m["loss_history"]) == 6
+        assert "resuming" in again.stdout or m["history"]  # resumed if any epoch completed
+        assert load_keras_model(disk / "tiny" / "model.keras").count_params() > 0
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+        shutil.rmtree(disk, ignore_errors=True)
