@@ -28,7 +28,7 @@ from retina_tf.inference import atomic_save_model
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.run_folder import finish_run
 from retina_tf.training import (already_trained, atomic_write_text, fit_run, flags_text,
-                                load_training_sets, open_run_folder,
+                                load_best_weights, load_training_sets, open_run_folder,
                                 make_optimizer, make_strategy, run_dir_of, update_metrics_json,
                                 WarmupDecay)
 
@@ -170,8 +170,7 @@ def pretrain_mae(cfg) -> Path:
                                               cfg.image_summary_every))
     history, minutes, best_path = fit_run(model, dataset, steps, cfg.batch_size * size * size,
                                           cfg, run_dir, extra_callbacks=callbacks)
-    if best_path.is_file():
-        model.load_weights(best_path)
+    load_best_weights(model, best_path)
     atomic_save_model(model, run_dir / "model.keras")
     visualize.save_png(run_dir / "reconstruction.png", reconstruction_grid(model, crops, noise))
     losses = history.history.get("loss", [])
@@ -285,8 +284,7 @@ def pretrain_rip(cfg) -> Path:
     size = x.shape[1]
     history, minutes, best_path = fit_run(model, dataset, steps, cfg.batch_size * size * size,
                                           cfg, run_dir)
-    if best_path.is_file():
-        model.load_weights(best_path)
+    load_best_weights(model, best_path)
     atomic_save_model(model, run_dir / "model.keras")
     logits = model.predict(tf.data.Dataset.from_tensor_slices(x[held]).batch(64), verbose=0)
     correct = (logits > 0) == (y[held] > 0.5)

@@ -38,7 +38,7 @@ from retina_tf.run_folder import (BEST_WEIGHTS, LAST_WEIGHTS, BestCheckpoint, La
                                   best_checkpoint_score, check_run_folder, clear_run_folder,
                                   finish_run, read_weights_attrs, remove_stray_temporaries,
                                   restore_training, save_model_file, to_json,
-                                  update_metrics_json)
+                                  update_metrics_json, weights_file_is_whole)
 
 __all__ = ["train", "fit_run", "already_trained", "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay", "evaluate_set",
            "run_dir_of", "flags_text", "atomic_write_text", "to_json", "update_metrics_json"]
@@ -567,8 +567,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         model, lambda start_epoch: training_dataset(cfg, model, train_set, augment, steps,
                                                     start_epoch),
         steps, pixels_per_step, cfg, run_dir, validation, extra_callbacks)
-    if best_path.is_file():
-        model.load_weights(best_path)
+    load_best_weights(model, best_path)
     save_model_file(model, run_dir / "model.keras")
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
                                "loss_history": state.history.get("loss", []),
@@ -584,6 +583,18 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
           + (f"; validation F1 {metrics['validation']['f1']:.4f} AUC-ROC "
              f"{metrics['validation']['auc_roc']:.4f}" if val_set is not None else ""), flush=True)
     return run_dir
+
+
+def load_best_weights(model: keras.Model, best_path: Path) -> None:
+    """Loads the best checkpoint into ``model``; one that cannot be read (damaged after it was
+    written) is reported, and the model keeps the last epoch's weights."""
+    if not best_path.is_file():
+        return
+    if weights_file_is_whole(best_path):
+        model.load_weights(best_path)
+    else:
+        print(f"warning: the best checkpoint {best_path} cannot be read; model.keras gets the "
+              "last epoch's weights", file=sys.stderr, flush=True)
 
 
 def read_best_epoch(best_path: Path) -> dict[str, Any] | None:

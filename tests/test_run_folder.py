@@ -101,6 +101,18 @@ def test_a_zero_byte_backup_of_keras_layout_does_not_block_the_run(synthetic, tm
     assert _metrics(run)["epochs_run"] == 2
 
 
+def test_a_damaged_best_checkpoint_falls_back_to_the_last_weights(synthetic, tmp_path, capsys):
+    run = _interrupted(synthetic, tmp_path, 2, "--epochs=2")  # both epochs done, not saved
+    best = run / "checkpoints" / "best.weights.h5"
+    best.write_bytes(best.read_bytes()[:500])
+    train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
+    assert f"the best checkpoint {best} cannot be read" in capsys.readouterr().err
+    last = load_keras_model(run / "model.keras")
+    ref = keras.models.clone_model(last)
+    ref.load_weights(run / "checkpoints" / "last.weights.h5")
+    assert all(np.array_equal(a, b) for a, b in zip(last.get_weights(), ref.get_weights()))
+
+
 def test_stray_temporaries_of_a_killed_save_are_removed(synthetic, tmp_path):
     run = _interrupted(synthetic, tmp_path, 1, "--epochs=2")
     stray = [run / ".model.4242.tmp.keras", run / "checkpoints" / ".best.weights.h5.x1.tmp",
