@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ demo: $(STAMP)
 	$(PY) bin/train.py --flagfile=configs/demo.cfg
 	$(PY) bin/evaluate.py --flagfile=configs/demo.cfg --visualize
 
-test: $(STAMP)
+# ruff's rules are in pyproject.toml; pytest also runs the docstrings' >>> examples.
+lint: $(STAMP)
+	$(PY) -m ruff check retina_tf bin tests bench
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

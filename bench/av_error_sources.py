@@ -13,7 +13,8 @@ inside the FOV, crossings excluded). Several runs (``--model=a,b``) are scored a
 mean of their probabilities takes the network's place, to see whether more trained networks (more
 training time, spent in parallel) would close the gap.
 
-    .venv/bin/python bench/av_error_sources.py --model=logs/ripav_rite --data_dir=../shared/data/RITE
+    .venv/bin/python bench/av_error_sources.py --model=logs/ripav_rite
+        --data_dir=../shared/data/RITE
 """
 
 import os

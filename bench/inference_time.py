@@ -32,7 +32,8 @@ def main(_):
     if FLAGS.data_dir:
         files = [s.image for s in list_samples("drive", FLAGS.data_dir, "test")]
     else:
-        root = write_synthetic_dataset(tempfile.mkdtemp(), FLAGS.images, seed=0, num_test=FLAGS.images)
+        root = write_synthetic_dataset(tempfile.mkdtemp(), FLAGS.images, seed=0,
+                                       num_test=FLAGS.images)
         files = [s.image for s in list_samples("synthetic", root, "test")]
     images = [read_image(f) for f in files[:FLAGS.images]]
     modes = [("whole", {})]

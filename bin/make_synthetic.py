@@ -2,15 +2,7 @@
 python bin/make_synthetic.py --out_dir=data/synthetic --num_images=20
 """
 
-import sys
-from pathlib import Path
-
-try:
-    import retina_tf  # noqa: F401
-except ImportError:
-    # Running from a clone without `pip install -e .`: use the package next to bin/.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import _bootstrap  # noqa: F401  (repo root on sys.path)
 from absl import flags
 
 from retina_tf.errors import ConfigError

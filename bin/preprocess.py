@@ -49,7 +49,7 @@ def main(argv):
         x = x[..., 0] if x.shape[-1] == 1 else x
         save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
     if FLAGS.cache_dir:
-        for split, path in files.items():
+        for path in files.values():
             for sample in read_label_file(path):
                 preprocess_cached(sample, read_image(sample.image), pre, FLAGS.cache_dir)
         print(f"cached preprocessed images in {FLAGS.cache_dir}")

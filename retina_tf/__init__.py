@@ -1,3 +1,26 @@
-"""retina_tf: retinal fundus vessel and artery/vein segmentation with Keras 3."""
+"""retina_tf: retinal fundus vessel and artery/vein segmentation with Keras 3.
+
+Importing the package registers every retina_tf model, layer, loss, metric and learning-rate
+schedule with Keras, so ``keras.saving.load_model("<run>/model.keras")`` works with nothing else
+imported.
+
+Example:
+    >>> import retina_tf
+    >>> "unet" in retina_tf.model_names() and "unet_drive" in retina_tf.shipped_models()
+    True
+"""
 
 __version__ = "0.1.0"
+
+from retina_tf import losses, metrics  # noqa: F401  (registers the loss and metrics)
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError, RetinaTFError
+from retina_tf.evaluation import evaluate, predict
+from retina_tf.inference import Segmenter, load_keras_model, shipped_models
+from retina_tf.models import build_model, load_all, model_names
+from retina_tf.training import WarmupDecay, train
+
+load_all()
+
+__all__ = ["ConfigError", "DatasetError", "ModelFileError", "OutputError", "RetinaTFError",
+           "Segmenter", "WarmupDecay", "build_model", "evaluate", "load_keras_model",
+           "model_names", "predict", "shipped_models", "train"]

@@ -8,8 +8,8 @@ maps back with ``read_error_maps`` when the model is ``ear_net``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

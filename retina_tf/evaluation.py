@@ -13,9 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from retina_tf import visualize
 from retina_tf.data.fov import estimate_fov, fov_coverage_warning
-from retina_tf.data.io import (DatasetError, atomic_write_bytes, file_stem, read_image,
-                               read_mask, read_sample)
+from retina_tf.data.io import (
+    DatasetError,
+    atomic_write_bytes,
+    file_stem,
+    read_image,
+    read_mask,
+    read_sample,
+)
 from retina_tf.data.pipeline import resolve_samples, target_of
 from retina_tf.errors import ConfigError, RetinaTFError
 from retina_tf.inference import PRETRAINED_DIR, Segmenter, check_threshold
@@ -23,7 +30,6 @@ from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
 from retina_tf.run_folder import to_json, update_metrics_json
 from retina_tf.training import run_dir_of
-from retina_tf import visualize
 
 # A/V accuracy is also split at this vessel width (px, as vessel_width_map measures it: a 3 px
 # wide vessel measures 4), because thin vessels are where A/V classification fails first.

@@ -264,7 +264,8 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
                   "0.5,1.0,2.0 (default: the training scales).")
     d.DEFINE_boolean("tta", False, "Test-time augmentation: average over flips (about 4x slower).")
     d.DEFINE_boolean("tta_transpose", False, "With --tta, also average over the flips of the "
-                     "transposed image (8 views, about 8x slower); for models trained with --rot90.")
+                     "transposed image (8 views, about 8x slower); for models trained with "
+                     "--rot90.")
     d.DEFINE_boolean("av_vote", False, "A/V models: one artery/vein decision per vessel segment "
                      "between junctions of the predicted vessel map (retina_tf.postprocess).")
     d.DEFINE_float("av_link", 1.0, "With --av_vote: strength of the links that make vessel "

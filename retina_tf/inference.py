@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import keras
@@ -146,8 +146,12 @@ class Segmenter:
             junctions (0: every segment decides alone).
 
     Example:
+        >>> from retina_tf.data.synthetic import generate_fundus
+        >>> image = generate_fundus(0, size=(128, 128)).image      # any uint8 RGB photograph
         >>> seg = Segmenter.from_run("unet_drive")
         >>> prob = seg.probability(image)       # (H, W, K) float32 in [0, 1]
+        >>> prob.shape, prob.dtype
+        ((128, 128, 1), dtype('float32'))
     """
 
     def __init__(self, model: keras.Model, preprocessor: Preprocessor, size_multiple: int = 16,
@@ -183,7 +187,7 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
-                 run_name: str | None = None, **overrides) -> "Segmenter":
+                 run_name: str | None = None, **overrides) -> Segmenter:
         """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder.
 
         Raises:
@@ -210,6 +214,19 @@ class Segmenter:
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
         return seg
+
+    @classmethod
+    def from_pretrained(cls, name: str, **overrides) -> Segmenter:
+        """A model shipped with the package (:func:`shipped_models`, e.g. ``"unet_drive"``);
+        ``overrides`` as in :meth:`from_run`.
+
+        Raises:
+            ModelFileError: when no shipped model has that name.
+        """
+        if name not in shipped_models():
+            raise ModelFileError(f"no shipped model named {name!r}; shipped: "
+                                 f"{', '.join(shipped_models()) or 'none'}")
+        return cls.from_run(PRETRAINED_DIR / name, **overrides)
 
     @property
     def task(self) -> str:

@@ -21,8 +21,8 @@ compile with ``jit_compile=loss.supports_jit`` (Keras turns XLA on by default on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -84,7 +84,8 @@ def _soft_counts(y_true: Any, logits: Any, weight: Any) -> tuple[Any, Any, Any]:
 # Loss terms
 
 
-def bce_loss(y_true: Any, logits: Any, weight: Any = None, pos_weight: float | list[float] = 1.0) -> Any:
+def bce_loss(y_true: Any, logits: Any, weight: Any = None,
+             pos_weight: float | list[float] = 1.0) -> Any:
     """Binary cross-entropy from logits, FOV-weighted mean over pixels and channels.
 
     ``pos_weight`` multiplies the loss of vessel (label 1) pixels, the usual remedy for the
@@ -112,8 +113,8 @@ def dice_loss(y_true: Any, logits: Any, weight: Any = None, smooth: float = 1.0)
     return 1.0 - ops.mean(dice)
 
 
-def tversky_loss(y_true: Any, logits: Any, weight: Any = None, alpha: float = 0.2, beta: float = 0.8,
-                 smooth: float = 1.0) -> Any:
+def tversky_loss(y_true: Any, logits: Any, weight: Any = None, alpha: float = 0.2,
+                 beta: float = 0.8, smooth: float = 1.0) -> Any:
     """Tversky loss ``1 - mean_c (TP + s) / (TP + alpha FP + beta FN + s)`` (Salehi et al., 2017).
 
     ``alpha`` weighs false positives and ``beta`` false negatives; the ViT-MAE seed's 0.2 / 0.8
@@ -322,19 +323,26 @@ class SegmentationLoss(keras.losses.Loss):
         smooth: smoothing constant of ``dice`` and ``tversky``.
 
     Example:
-        >>> loss = SegmentationLoss("seed_vit")
-        >>> model.compile(optimizer="adam", loss=loss, jit_compile=loss.supports_jit)
-        >>> model.fit(dataset_of_x_y_fov_weight, epochs=10)
+        >>> import numpy as np
+        >>> loss = SegmentationLoss("bce_dice")
+        >>> y = np.zeros((1, 8, 8, 1), "float32")
+        >>> y[:, 2:4] = 1.0
+        >>> perfect = float(loss(y, 20.0 * (2.0 * y - 1.0)))  # logits, FOV weight optional
+        >>> wrong = float(loss(y, -20.0 * (2.0 * y - 1.0)))
+        >>> perfect < 0.01 < 1.0 < wrong
+        True
     """
 
-    def __init__(self, terms: str | Mapping[str, float] = "bce_dice", pos_weight: float | list[float] = 1.0,
-                 tversky_alpha: float = 0.2, tversky_beta: float = 0.8, focal_gamma: float = 2.0,
-                 focal_alpha: float | None = None, thin_factor: float = 4.0, thin_width: float = 3.0,
-                 smooth: float = 1.0, name: str = "segmentation_loss",
+    def __init__(self, terms: str | Mapping[str, float] = "bce_dice",
+                 pos_weight: float | list[float] = 1.0, tversky_alpha: float = 0.2,
+                 tversky_beta: float = 0.8, focal_gamma: float = 2.0,
+                 focal_alpha: float | None = None, thin_factor: float = 4.0,
+                 thin_width: float = 3.0, smooth: float = 1.0, name: str = "segmentation_loss",
                  reduction: str | None = "sum_over_batch_size", dtype: Any = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.terms = parse_loss_spec(terms)
-        self.pos_weight = list(pos_weight) if isinstance(pos_weight, (list, tuple)) else float(pos_weight)
+        self.pos_weight = (list(pos_weight) if isinstance(pos_weight, (list, tuple))
+                           else float(pos_weight))
         self.tversky_alpha = float(tversky_alpha)
         self.tversky_beta = float(tversky_beta)
         self.focal_gamma = float(focal_gamma)
@@ -352,7 +360,8 @@ class SegmentationLoss(keras.losses.Loss):
         return {
             "bce": {"pos_weight": self.pos_weight},
             "dice": {"smooth": self.smooth},
-            "tversky": {"alpha": self.tversky_alpha, "beta": self.tversky_beta, "smooth": self.smooth},
+            "tversky": {"alpha": self.tversky_alpha, "beta": self.tversky_beta,
+                        "smooth": self.smooth},
             "focal": {"gamma": self.focal_gamma, "alpha": self.focal_alpha},
             "thin_bce": {"thin_factor": self.thin_factor, "thin_width": self.thin_width},
         }[name]

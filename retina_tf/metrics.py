@@ -29,7 +29,8 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else float("nan")
 
 
-def _validate(prob: np.ndarray, label: np.ndarray, fov: np.ndarray | None) -> tuple[np.ndarray, ...]:
+def _validate(prob: np.ndarray, label: np.ndarray,
+              fov: np.ndarray | None) -> tuple[np.ndarray, ...]:
     prob = np.asarray(prob)
     label = np.asarray(label)
     if prob.ndim != 2 or prob.shape != label.shape:
@@ -38,11 +39,13 @@ def _validate(prob: np.ndarray, label: np.ndarray, fov: np.ndarray | None) -> tu
     if fov is not None:
         fov = np.asarray(fov)
         if fov.shape != prob.shape:
-            raise ValueError(f"FOV mask shape {fov.shape} differs from probability map shape {prob.shape}")
+            raise ValueError(f"FOV mask shape {fov.shape} differs from probability map shape "
+                             f"{prob.shape}")
         fov = fov.astype(bool)
     prob = prob.astype(np.float32, copy=False)
     if not np.all((prob >= 0.0) & (prob <= 1.0)):  # also catches NaN
-        raise ValueError(f"probabilities must lie in [0, 1], found values in [{prob.min()}, {prob.max()}] "
+        raise ValueError("probabilities must lie in [0, 1], found values in "
+                         f"[{prob.min()}, {prob.max()}] "
                          f"(NaN: {bool(np.isnan(prob).any())}); apply a sigmoid to logits first")
     return prob, label.astype(bool), fov
 
@@ -112,10 +115,11 @@ class ConfusionMatrix:
     given.
 
     Example:
+        >>> import numpy as np
         >>> cm = ConfusionMatrix()
-        >>> for prob, label, fov in test_set:
-        ...     cm.update(prob, label, fov)
-        >>> print(format_table(cm.result()))
+        >>> cm.update(np.array([[0.9, 0.6], [0.2, 0.1]]), np.array([[1, 0], [1, 0]], bool))
+        >>> cm.tp, cm.fp, cm.fn, cm.tn
+        (1, 1, 1, 1)
     """
 
     def __init__(self, threshold: float = 0.5, whole_image: bool = False) -> None:
@@ -212,7 +216,8 @@ def counted_av_pixels(target_av: np.ndarray, fov: np.ndarray | None = None) -> n
     if fov is not None:
         fov = np.asarray(fov).astype(bool)
         if fov.shape != counted.shape:
-            raise ValueError(f"FOV mask shape {fov.shape} differs from A/V map size {counted.shape}")
+            raise ValueError(f"FOV mask shape {fov.shape} differs from A/V map size "
+                             f"{counted.shape}")
         counted &= fov
     return counted
 
@@ -233,14 +238,15 @@ class AVMetrics:
     def reset(self) -> None:
         self.tp = self.fp = self.tn = self.fn = 0
 
-    def update(self, pred_av: np.ndarray, target_av: np.ndarray, fov: np.ndarray | None = None) -> None:
+    def update(self, pred_av: np.ndarray, target_av: np.ndarray,
+               fov: np.ndarray | None = None) -> None:
         """``pred_av`` HxWx3 probabilities (artery, vein, vessel), ``target_av`` HxWx3 bool."""
         pred_av = np.asarray(pred_av)
         target_av = np.asarray(target_av).astype(bool)
-        if pred_av.ndim != 3 or pred_av.shape[-1] < 2 or target_av.ndim != 3 or target_av.shape[-1] < 3 \
-                or pred_av.shape[:2] != target_av.shape[:2]:
-            raise ValueError(f"expected HxWx3 predictions and HxWx3 (artery, vein, vessel) targets of "
-                             f"the same size, got {pred_av.shape} and {target_av.shape}")
+        if pred_av.ndim != 3 or pred_av.shape[-1] < 2 or target_av.ndim != 3 \
+                or target_av.shape[-1] < 3 or pred_av.shape[:2] != target_av.shape[:2]:
+            raise ValueError("expected HxWx3 predictions and HxWx3 (artery, vein, vessel) targets "
+                             f"of the same size, got {pred_av.shape} and {target_av.shape}")
         counted = counted_av_pixels(target_av, fov)
         called_artery = pred_av[..., 0] >= pred_av[..., 1]
         is_artery = target_av[..., 0][counted]
@@ -277,7 +283,8 @@ _METRIC_NAMES = {
 }
 
 
-def format_table(result: dict[str, Any], class_names: tuple[str, str] = ("background", "vessel")) -> str:
+def format_table(result: dict[str, Any],
+                 class_names: tuple[str, str] = ("background", "vessel")) -> str:
     """The confusion matrix and the metric table as text, as the lineage printed after evaluation.
 
     Works for :class:`ConfusionMatrix`, :class:`VesselMetrics` and :class:`AVMetrics` results
@@ -291,8 +298,10 @@ def format_table(result: dict[str, Any], class_names: tuple[str, str] = ("backgr
         label_width = max(len(neg), len(pos)) + 5
         lines.append("Confusion matrix (rows: ground truth, columns: prediction)")
         lines.append(" " * label_width + f"  {'pred ' + neg:>{width}}  {'pred ' + pos:>{width}}")
-        lines.append(f"{'true ' + neg:<{label_width}}  {result['tn']:>{width}}  {result['fp']:>{width}}")
-        lines.append(f"{'true ' + pos:<{label_width}}  {result['fn']:>{width}}  {result['tp']:>{width}}")
+        lines.append(f"{'true ' + neg:<{label_width}}  "
+                     f"{result['tn']:>{width}}  {result['fp']:>{width}}")
+        lines.append(f"{'true ' + pos:<{label_width}}  "
+                     f"{result['fn']:>{width}}  {result['tp']:>{width}}")
         lines.append("")
     lines.append(f"{'Metric':<18}  Value")
     for key, title in _METRIC_NAMES.items():
@@ -333,8 +342,11 @@ class SegmentationF1(keras.metrics.Metric):
         channel: count only this output channel (e.g. 0 = artery); ``None`` pools all channels.
 
     Example:
-        >>> model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"),
-        ...               weighted_metrics=[SegmentationF1(), vessel_auc()])
+        >>> import numpy as np
+        >>> f1 = SegmentationF1(from_logits=False)
+        >>> f1.update_state(np.array([[1.0, 0.0, 1.0]]), np.array([[0.9, 0.8, 0.1]]))
+        >>> round(float(f1.result()), 3)  # TP 1, FP 1, FN 1
+        0.5
     """
 
     def __init__(self, threshold: float = 0.5, from_logits: bool = True, channel: int | None = None,
@@ -344,8 +356,10 @@ class SegmentationF1(keras.metrics.Metric):
         self.from_logits = bool(from_logits)
         self.channel = None if channel is None else int(channel)
         self.true_positives = self.add_variable((), initializer="zeros", dtype="float64", name="tp")
-        self.false_positives = self.add_variable((), initializer="zeros", dtype="float64", name="fp")
-        self.false_negatives = self.add_variable((), initializer="zeros", dtype="float64", name="fn")
+        self.false_positives = self.add_variable((), initializer="zeros", dtype="float64",
+                                                 name="fp")
+        self.false_negatives = self.add_variable((), initializer="zeros", dtype="float64",
+                                                 name="fn")
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         y_pred = ops.cast(y_pred, "float32")
@@ -408,4 +422,5 @@ def vessel_auc(curve: str = "ROC", num_thresholds: int = 200, from_logits: bool 
         raise ValueError(f"curve must be 'ROC' or 'PR', got {curve!r}")
     if name is None:
         name = "auc" if curve == "ROC" else "auc_pr"
-    return SegmentationAUC(num_thresholds=num_thresholds, curve=curve, from_logits=from_logits, name=name)
+    return SegmentationAUC(num_thresholds=num_thresholds, curve=curve, from_logits=from_logits,
+                           name=name)

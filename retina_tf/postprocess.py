@@ -159,8 +159,8 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     source, sink = n, n + 1
     favours = np.flatnonzero(unary > 0)
     against = np.flatnonzero(unary < 0)
-    a = np.array([l[0] for l in links], np.int64)
-    b = np.array([l[1] for l in links], np.int64)
+    a = np.array([link[0] for link in links], np.int64)
+    b = np.array([link[1] for link in links], np.int64)
     rows = np.concatenate([np.full(len(favours), source), against, a, b])
     cols = np.concatenate([favours, np.full(len(against), sink), b, a])
     caps = np.concatenate([unary[favours], -unary[against], weights, weights])

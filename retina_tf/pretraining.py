@@ -27,10 +27,20 @@ from retina_tf.errors import ConfigError
 from retina_tf.inference import atomic_save_model
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.run_folder import finish_run
-from retina_tf.training import (already_trained, atomic_write_text, fit_run, flags_text,
-                                load_best_weights, load_training_sets, open_run_folder,
-                                make_optimizer, make_strategy, run_dir_of, update_metrics_json,
-                                WarmupDecay)
+from retina_tf.training import (
+    WarmupDecay,
+    already_trained,
+    atomic_write_text,
+    fit_run,
+    flags_text,
+    load_best_weights,
+    load_training_sets,
+    make_optimizer,
+    make_strategy,
+    open_run_folder,
+    run_dir_of,
+    update_metrics_json,
+)
 
 # Label files that official layouts keep beside the photographs (CHASE_DB1's flat folder);
 # _list_inputs already skips "_mask" files.

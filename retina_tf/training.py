@@ -23,9 +23,16 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf.data.io import read_sample
-from retina_tf.data.pipeline import (Augment, SegmentationSet, build_set, padded_size,
-                                     patch_dataset, resolve_samples, whole_image_dataset,
-                                     with_context)
+from retina_tf.data.pipeline import (
+    Augment,
+    SegmentationSet,
+    build_set,
+    padded_size,
+    patch_dataset,
+    resolve_samples,
+    whole_image_dataset,
+    with_context,
+)
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps, resolve_pretrained
 from retina_tf.errors import ConfigError
@@ -33,14 +40,29 @@ from retina_tf.inference import Segmenter, fov_diameter, load_keras_model
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import AVMetrics, SegmentationF1, VesselMetrics
 from retina_tf.models import build_model, model_class
-from retina_tf.run_folder import (BEST_WEIGHTS, LAST_WEIGHTS, BestCheckpoint, LastCheckpoint,
-                                  RunBackup, TrainingState, atomic_write_text,
-                                  best_checkpoint_score, check_run_folder, clear_run_folder,
-                                  finish_run, read_weights_attrs, remove_stray_temporaries,
-                                  restore_training, save_model_file, to_json,
-                                  update_metrics_json, weights_file_is_whole)
+from retina_tf.run_folder import (
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    BestCheckpoint,
+    LastCheckpoint,
+    RunBackup,
+    TrainingState,
+    atomic_write_text,
+    best_checkpoint_score,
+    check_run_folder,
+    clear_run_folder,
+    finish_run,
+    read_weights_attrs,
+    remove_stray_temporaries,
+    restore_training,
+    save_model_file,
+    to_json,
+    update_metrics_json,
+    weights_file_is_whole,
+)
 
-__all__ = ["train", "fit_run", "already_trained", "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay", "evaluate_set",
+__all__ = ["train", "fit_run", "already_trained", "open_run_folder", "make_strategy",
+           "make_optimizer", "WarmupDecay", "evaluate_set",
            "run_dir_of", "flags_text", "atomic_write_text", "to_json", "update_metrics_json"]
 
 # --- distribution ----------------------------------------------------------------------------
@@ -329,8 +351,9 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
     """The training set with each image's stage-1 error map appended to its target."""
     if folder is None:
         if pretrained is None:
-            raise ConfigError(f"{model_name} trains on stage-1 error maps: give --pretrained=<stage-1 "
-                              "run> (after bin/make_error_maps.py) or --error_maps=<folder>")
+            raise ConfigError(f"{model_name} trains on stage-1 error maps: give "
+                              "--pretrained=<stage-1 run> (after bin/make_error_maps.py) or "
+                              "--error_maps=<folder>")
         folder = pretrained / ERROR_MAPS_DIR
     maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images])
     share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])

@@ -175,7 +175,7 @@ def test_report_errors_shows_the_traceback_only_with_verbose(capsys):
 def test_report_errors_lets_a_bug_through():
     with pytest.raises(ZeroDivisionError):
         with report_errors(parse_flags([])):
-            1 / 0
+            _ = 1 / 0
 
 
 # --- the real scripts --------------------------------------------------------------------------

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 
 from retina_tf.data.io import DatasetError, read_mask, read_sample
-from retina_tf.data.pipeline import (Augment, SegmentationSet, patch_dataset, resolve_samples,
-                                     whole_image_dataset)
+from retina_tf.data.pipeline import (
+    Augment,
+    SegmentationSet,
+    patch_dataset,
+    resolve_samples,
+    whole_image_dataset,
+)
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.error_maps import error_map, read_error_maps
 from retina_tf.evaluation import evaluate

@@ -113,8 +113,9 @@ def test_unknown_model_lists_where_it_looked(tmp_path):
 
 
 def test_flip_tta_of_an_identity_model_returns_the_image():
-    from retina_tf.data.preprocess import Preprocessor
     import keras
+
+    from retina_tf.data.preprocess import Preprocessor
     identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
     seg = Segmenter(identity, Preprocessor(), size_multiple=8, inference="whole", tta=True)
     seg._forward = tf.function(lambda t: t)  # probabilities = the input itself
@@ -123,8 +124,9 @@ def test_flip_tta_of_an_identity_model_returns_the_image():
 
 
 def test_transpose_tta_averages_the_eight_views_in_the_image_frame():
-    from retina_tf.data.preprocess import Preprocessor
     import keras
+
+    from retina_tf.data.preprocess import Preprocessor
     identity = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Identity()])
     x = np.random.default_rng(3).random((21, 30, 1)).astype(np.float32)
     seg = Segmenter(identity, Preprocessor(), size_multiple=8, inference="whole", tta=True,

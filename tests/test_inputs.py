@@ -15,8 +15,14 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, bit_depth, read_image, read_mask, write_image_atomic
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
-from retina_tf.evaluation import (MANIFEST_NAME, evaluate, find_fov_mask, output_names,
-                                  predict, read_manifest)
+from retina_tf.evaluation import (
+    MANIFEST_NAME,
+    evaluate,
+    find_fov_mask,
+    output_names,
+    predict,
+    read_manifest,
+)
 from retina_tf.flags import parse_flags
 from retina_tf.inference import PRETRAINED_DIR, Segmenter, load_keras_model
 

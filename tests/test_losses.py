@@ -8,9 +8,18 @@ import pytest
 import tensorflow as tf
 
 from retina_tf import losses
-from retina_tf.losses import (LOSS_MIXES, SegmentationLoss, bce_loss, dice_loss, focal_loss,
-                              parse_loss_spec, thin_bce_loss, thin_vessel_weight_map, tversky_loss,
-                              vessel_width_map)
+from retina_tf.losses import (
+    LOSS_MIXES,
+    SegmentationLoss,
+    bce_loss,
+    dice_loss,
+    focal_loss,
+    parse_loss_spec,
+    thin_bce_loss,
+    thin_vessel_weight_map,
+    tversky_loss,
+    vessel_width_map,
+)
 
 LOG2 = math.log(2.0)
 
@@ -63,7 +72,8 @@ def test_bce_is_fov_weighted_mean_with_pos_weight(batch) -> None:
     expected = (per_pixel * w).sum() / (w.sum() * y.shape[-1])
     assert float(bce_loss(y, z, w, pos_weight=pos_weight)) == pytest.approx(expected, rel=1e-5)
     # A (B, H, W) FOV map means the same as (B, H, W, 1); None means all ones.
-    assert float(bce_loss(y, z, w[..., 0], pos_weight=pos_weight)) == pytest.approx(expected, rel=1e-5)
+    assert float(bce_loss(y, z, w[..., 0], pos_weight=pos_weight)) == pytest.approx(
+        expected, rel=1e-5)
     assert float(bce_loss(y, z)) == pytest.approx(_bce(y, z).mean(), rel=1e-5)
     # One factor per channel.
     per_channel = _bce(y, z) * np.where(y == 1, np.array([2.0, 5.0]), 1.0)
@@ -80,8 +90,10 @@ def test_dice_and_tversky_pool_the_batch_per_channel(batch) -> None:
     dice = (2 * tp + 1) / (2 * tp + fp + fn + 1)
     assert float(dice_loss(y, z, w)) == pytest.approx(1 - dice.mean(), rel=1e-5)
     tversky = (tp + 1) / (tp + 0.3 * fp + 0.7 * fn + 1)
-    assert float(tversky_loss(y, z, w, alpha=0.3, beta=0.7)) == pytest.approx(1 - tversky.mean(), rel=1e-5)
-    # alpha = beta = 0.5 is Dice (with half the smoothing constant: numerator and denominator halve).
+    assert float(tversky_loss(y, z, w, alpha=0.3, beta=0.7)) == pytest.approx(
+        1 - tversky.mean(), rel=1e-5)
+    # alpha = beta = 0.5 is Dice (with half the smoothing constant: numerator and denominator
+    # halve).
     assert float(tversky_loss(y, z, w, alpha=0.5, beta=0.5, smooth=0.5)) == pytest.approx(
         float(dice_loss(y, z, w, smooth=1.0)), rel=1e-5)
 
@@ -137,7 +149,8 @@ def test_thin_bce_hand_value() -> None:
     z = np.zeros_like(y)
     n_thin = 30 * 3  # the 1-px and 2-px lines
     expected = LOG2 * (4.0 * n_thin + (label.size - n_thin)) / label.size
-    assert float(thin_bce_loss(y, z, thin_factor=4.0, thin_width=3.0)) == pytest.approx(expected, rel=1e-5)
+    assert float(thin_bce_loss(y, z, thin_factor=4.0, thin_width=3.0)) == pytest.approx(
+        expected, rel=1e-5)
     # Inside tf.function with an unknown batch size (as in model.fit).
     fn = tf.function(lambda a, b: thin_bce_loss(a, b),
                      input_signature=[tf.TensorSpec((None, 40, 30, 1))] * 2)
@@ -238,7 +251,8 @@ def _toy_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _tiny_model() -> keras.Model:
     keras.utils.set_random_seed(1)
-    return keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(1, 3, padding="same")])
+    return keras.Sequential([keras.Input((None, None, 3)),
+                             keras.layers.Conv2D(1, 3, padding="same")])
 
 
 def test_fit_with_fov_weights_lowers_the_loss() -> None:
@@ -259,7 +273,8 @@ def test_fit_with_fov_weights_lowers_the_loss() -> None:
     x2[:, :, :3] = 7.0
     y2[:, :, :3] = 1.0 - y2[:, :, :3]
     ref = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0)
-    assert model.evaluate(x2, y2, sample_weight=w, batch_size=16, verbose=0) == pytest.approx(ref, rel=1e-6)
+    assert model.evaluate(x2, y2, sample_weight=w, batch_size=16, verbose=0) == pytest.approx(
+        ref, rel=1e-6)
     # With all-ones weights the outside does count.
     ones = np.ones_like(w)
     assert model.evaluate(x2, y2, sample_weight=ones, batch_size=16, verbose=0) != pytest.approx(
@@ -273,6 +288,8 @@ def test_seed_mix_trains_under_a_distribution_strategy() -> None:
     with strategy.scope():
         model = _tiny_model()
         loss = SegmentationLoss("seed_vit")
-        model.compile(optimizer=keras.optimizers.Adam(0.05), loss=loss, jit_compile=loss.supports_jit)
-    history = model.fit(dataset, steps_per_epoch=10, epochs=2, shuffle=False, verbose=0).history["loss"]
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss=loss,
+                      jit_compile=loss.supports_jit)
+    history = model.fit(dataset, steps_per_epoch=10, epochs=2, shuffle=False,
+                        verbose=0).history["loss"]
     assert np.all(np.isfinite(history)) and history[-1] < history[0]

@@ -6,8 +6,16 @@ import keras
 import numpy as np
 import pytest
 
-from retina_tf.metrics import (AVMetrics, ConfusionMatrix, SegmentationAUC, SegmentationF1, VesselMetrics,
-                               format_table, roc_pr_auc, vessel_auc)
+from retina_tf.metrics import (
+    AVMetrics,
+    ConfusionMatrix,
+    SegmentationAUC,
+    SegmentationF1,
+    VesselMetrics,
+    format_table,
+    roc_pr_auc,
+    vessel_auc,
+)
 
 # A 3x3 hand case. Predicted vessel (prob >= 0.5):   truth:      FOV:
 #   1 0 1                                             1 0 0       1 0 1
@@ -59,7 +67,8 @@ def test_threshold_is_configurable() -> None:
     metrics = ConfusionMatrix(threshold=0.65)
     metrics.update(PROB, LABEL)
     # Vessel now: 0.9, 0.7, 0.8 -> all true vessels; 0.4 missed.
-    assert metrics.result()["tp"] == 3 and metrics.result()["fp"] == 0 and metrics.result()["fn"] == 1
+    assert (metrics.result()["tp"] == 3 and metrics.result()["fp"] == 0
+            and metrics.result()["fn"] == 1)
 
 
 def test_pixels_outside_the_fov_do_not_matter() -> None:
@@ -111,7 +120,8 @@ def _average_precision_by_thresholds(scores: np.ndarray, labels: np.ndarray) -> 
 def test_auc_agrees_with_references_on_tied_random_data() -> None:
     rng = np.random.default_rng(42)
     labels = rng.random(1500) > 0.8
-    scores = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2).astype(np.float32)  # ties
+    # rounded to two decimals: ties
+    scores = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2).astype(np.float32)
     auc_roc, auc_pr = roc_pr_auc(scores, labels)
     assert auc_roc == pytest.approx(_mann_whitney_auc(scores, labels), abs=1e-12)
     assert auc_pr == pytest.approx(_average_precision_by_thresholds(scores, labels), abs=1e-12)
@@ -123,8 +133,8 @@ def test_streaming_over_images_equals_one_big_image() -> None:
     labels = [rng.random((16, 12)) > 0.75 for _ in range(4)]
     fovs = [rng.random((16, 12)) > 0.2 for _ in range(4)]
     streamed = VesselMetrics()
-    for p, l, f in zip(probs, labels, fovs):
-        streamed.update(p, l, f)
+    for p, label, f in zip(probs, labels, fovs):
+        streamed.update(p, label, f)
     big = VesselMetrics()
     big.update(np.concatenate(probs), np.concatenate(labels), np.concatenate(fovs))
     a, b = streamed.result(), big.result()
@@ -136,7 +146,7 @@ def test_streaming_over_images_equals_one_big_image() -> None:
     scores, kept = streamed.scores_and_labels()
     assert scores.dtype == np.float32 and scores.size == a["n_pixels"] == kept.size
     assert np.array_equal(scores, np.concatenate([p[f] for p, f in zip(probs, fovs)]))
-    assert np.array_equal(kept, np.concatenate([l[f] for l, f in zip(labels, fovs)]))
+    assert np.array_equal(kept, np.concatenate([label[f] for label, f in zip(labels, fovs)]))
     streamed.reset()
     assert streamed.scores_and_labels()[0].size == 0
     assert streamed.result()["n_pixels"] == 0 and math.isnan(streamed.result()["auc_roc"])
@@ -271,5 +281,5 @@ def test_metrics_work_in_compile_and_evaluate(logit_batch) -> None:
     expected = _numpy_metrics(y, logits, w)
     assert result["f1"] == pytest.approx(expected["f1"], rel=1e-6)
     assert result["auc"] == pytest.approx(expected["auc_roc"], abs=0.01)
-    assert result["f1_whole_image"] == pytest.approx(_numpy_metrics(y, logits, np.ones_like(w))["f1"],
-                                                     rel=1e-6)
+    assert result["f1_whole_image"] == pytest.approx(
+        _numpy_metrics(y, logits, np.ones_like(w))["f1"], rel=1e-6)

@@ -76,7 +76,9 @@ def test_voting_makes_every_segment_one_class_and_keeps_the_vessel_channel():
     assert _acc(prob, target) < 0.8
     assert _acc(out, target) == 1.0
     # the artery/vein logit mean (the vessel evidence) is kept where the decision moved
-    logit = lambda p: np.log(p) - np.log1p(-p)
+    def logit(p):
+        return np.log(p) - np.log1p(-p)
+
     np.testing.assert_allclose(logit(out[..., 0]) + logit(out[..., 1]),
                                logit(prob[..., 0]) + logit(prob[..., 1]), atol=1e-3)
     # far from every vessel nothing changes

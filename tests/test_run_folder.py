@@ -15,8 +15,13 @@ import pytest
 from retina_tf.errors import ConfigError, DatasetError
 from retina_tf.flags import parse_flags
 from retina_tf.inference import load_keras_model
-from retina_tf.run_folder import (flag_differences, parse_flag_lines, remove_stray_temporaries,
-                                  save_weights_file, weights_file_is_whole)
+from retina_tf.run_folder import (
+    flag_differences,
+    parse_flag_lines,
+    remove_stray_temporaries,
+    save_weights_file,
+    weights_file_is_whole,
+)
 from retina_tf.training import train
 from tests.conftest import tiny_train_args
 

@@ -244,7 +244,7 @@ def list_samples(dataset: str, data_dir: PathLike, split: str = "training") -> l
             or a split with no samples.
 
     Example:
-        >>> samples = list_samples("drive", "../shared/data/DRIVE", "test")  # doctest: +SKIP
+        >>> samples = list_samples("drive", "data/DRIVE", "test")  # doctest: +SKIP
         >>> samples[0].name, samples[0].label.name  # doctest: +SKIP
         ('01_test', '01_manual1.gif')
     """

@@ -45,6 +45,8 @@ def estimate_fov(image: np.ndarray, erode: int = 3) -> np.ndarray:
         ValueError: for an image that is not ``HxW`` or ``HxWx3`` uint8, or a negative erode.
 
     Example:
+        >>> import cv2
+        >>> import numpy as np
         >>> image = np.zeros((64, 64, 3), np.uint8)
         >>> _ = cv2.circle(image, (32, 32), 25, (180, 90, 40), -1)
         >>> fov = estimate_fov(image, erode=0)

@@ -11,8 +11,8 @@ file's own folder; every following line names the three files inside them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from retina_tf.data.catalog import Sample
 from retina_tf.data.io import DatasetError, atomic_write_bytes, file_stem
@@ -66,7 +66,8 @@ def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
             raise DatasetError(f"{path}: some samples have no {title} file")
         parents = {Path(f).resolve().parent for f in col}
         if len(parents) != 1:
-            raise DatasetError(f"{path}: {title} files come from several folders: {sorted(parents)}")
+            raise DatasetError(f"{path}: {title} files come from several folders: "
+                               f"{sorted(parents)}")
         folders.append(parents.pop())
     rel = [os.path.relpath(d, path.parent.resolve()) for d in folders]
     lines = [",".join(rel)] + [",".join(Path(f).name for f in row) for row in zip(*columns)]
@@ -97,7 +98,8 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
             fov_path = out_dir / "fov" / f"{s.name}_fov.png"
             if not fov_path.is_file():
                 fov_path.parent.mkdir(parents=True, exist_ok=True)
-                write_image_atomic(fov_path, estimate_fov(read_image(s.image)).astype("uint8") * 255)
+                write_image_atomic(fov_path,
+                                   estimate_fov(read_image(s.image)).astype("uint8") * 255)
             fov_files.append(fov_path)
         written[split] = write_label_file(out_dir / f"{split}.txt", samples, fov_files)
     return written

@@ -39,8 +39,8 @@ def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     return pad_to_at_least(image, -(-h // multiple) * multiple, -(-w // multiple) * multiple)
 
 
-def extract_patches(image: np.ndarray, patch_size: int | tuple[int, int], stride: int | tuple[int, int]
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def extract_patches(image: np.ndarray, patch_size: int | tuple[int, int],
+                    stride: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Cuts an (H, W[, C]) image into overlapping windows.
 
     Returns:

@@ -16,8 +16,8 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -46,13 +46,13 @@ class SegmentationSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, indices: Sequence[int]) -> "SegmentationSet":
+    def subset(self, indices: Sequence[int]) -> SegmentationSet:
         fields = ("names", "images", "targets", "fovs")
         picked = [[getattr(self, f)[i] for i in indices] for f in fields]
         extras = None if self.extras is None else [self.extras[i] for i in indices]
         return SegmentationSet(*picked, extras=extras)
 
-    def with_extras(self, extras: Sequence[np.ndarray]) -> "SegmentationSet":
+    def with_extras(self, extras: Sequence[np.ndarray]) -> SegmentationSet:
         """A copy whose ``y`` carries ``extras`` (one (H, W) or (H, W, E) map per image)."""
         maps = [e[..., None] if e.ndim == 2 else e for e in extras]
         if len(maps) != len(self):
@@ -85,7 +85,7 @@ class Augment:
     gamma: float = 0.0
 
     @classmethod
-    def none(cls) -> "Augment":
+    def none(cls) -> Augment:
         return cls(flip=False, rot90=False)
 
 
@@ -112,7 +112,8 @@ def target_of(data: SampleData, task: str) -> np.ndarray:
         return data.vessel[..., None].astype(np.float32)
     if task == "av":
         if data.av is None:
-            raise DatasetError(f"{data.name}: no artery/vein label (task 'av' needs an A/V dataset)")
+            raise DatasetError(f"{data.name}: no artery/vein label "
+                               "(task 'av' needs an A/V dataset)")
         return data.av.astype(np.float32)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
@@ -262,8 +263,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     n_extras = seg.extras[0].shape[-1] if seg.extras else 0
     crop = patch_size
     if augment.rotate_degrees > 0:  # crop larger so the rotated corners stay inside the image
-        crop = int(math.ceil(patch_size * (abs(math.cos(math.radians(augment.rotate_degrees))) +
-                                           abs(math.sin(math.radians(augment.rotate_degrees)))))) + 2
+        radians = math.radians(augment.rotate_degrees)
+        crop = int(math.ceil(patch_size * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
     margin = crop // 2 + 1
     hmax = max(im.shape[0] for im in seg.images)
     wmax = max(im.shape[1] for im in seg.images)
@@ -292,7 +293,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         n = flat // (hmax * wmax)
         y = (flat // wmax) % hmax
         x = flat % wmax
-        begin = tf.stack([n, y + margin - crop // 2, x + margin - crop // 2, tf.constant(0, tf.int64)])
+        begin = tf.stack([n, y + margin - crop // 2, x + margin - crop // 2,
+                          tf.constant(0, tf.int64)])
         patch = tf.slice(stack, begin, [1, crop, crop, stack.shape[-1]])[0]
         patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
         patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -38,9 +38,12 @@ class Preprocessor:
     Output: float32 HxWxC in [0, 1], C = 1 with grayscale else 3.
 
     Example:
+        >>> from retina_tf.data.synthetic import generate_fundus
+        >>> train_images = [generate_fundus(i, size=(96, 96)).image for i in range(3)]
         >>> pre = Preprocessor().fit(train_images)
-        >>> x = pre(image)              # (H, W, 1) float32
-        >>> pre.save("logs/run/preprocessor.json")
+        >>> x = pre(train_images[0])
+        >>> x.shape, x.dtype
+        ((96, 96, 1), dtype('float32'))
     """
 
     grayscale: bool = True
@@ -63,7 +66,7 @@ class Preprocessor:
             raise ValueError(f"clahe_tiles must be >= 1, got {self.clahe_tiles!r}")
 
     @classmethod
-    def from_steps(cls, steps: str | Sequence[str], **kwargs) -> "Preprocessor":
+    def from_steps(cls, steps: str | Sequence[str], **kwargs) -> Preprocessor:
         """Builds from a step list such as ``"grayscale,standardize,clahe,gamma"`` or ``"none"``."""
         if isinstance(steps, str):
             steps = [s.strip() for s in steps.split(",") if s.strip()]
@@ -84,7 +87,8 @@ class Preprocessor:
     # --- fitting ---------------------------------------------------------------------------
     def _to_channels(self, image: np.ndarray) -> np.ndarray:
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} "
+                             f"{image.shape}")
         if not self.grayscale:
             return image.astype(np.float32)
         if self.channel == "green":
@@ -92,7 +96,7 @@ class Preprocessor:
         rgb = image.astype(np.float32)
         return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])[..., None]
 
-    def fit(self, images: Iterable[np.ndarray]) -> "Preprocessor":
+    def fit(self, images: Iterable[np.ndarray]) -> Preprocessor:
         """Fits mean and std over all pixels of the training images (as the lineage does)."""
         total, total_sq, count = 0.0, 0.0, 0
         for image in images:
@@ -139,7 +143,7 @@ class Preprocessor:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Preprocessor":
+    def from_config(cls, config: dict) -> Preprocessor:
         return cls(**config)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -148,7 +152,7 @@ class Preprocessor:
         atomic_write_bytes(path, json.dumps(self.get_config(), indent=2).encode())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Preprocessor":
+    def load(cls, path: str | os.PathLike) -> Preprocessor:
         path = Path(path)
         try:
             config = json.loads(path.read_text())

@@ -111,6 +111,7 @@ def distance_targets(av: np.ndarray) -> np.ndarray:
         ValueError: when ``av`` is not ``HxWx3``.
 
     Example:
+        >>> import numpy as np
         >>> bar = np.zeros((9, 20, 3), bool)
         >>> bar[2:7, :, :] = True
         >>> distance_targets(bar)[2:7, 10, 0].astype(float).round(3).tolist()
@@ -294,6 +295,7 @@ def select_rip_patches(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
         ValueError: for mismatched lengths or shapes, or a bad size, count or fraction.
 
     Example:
+        >>> import numpy as np
         >>> from retina_tf.data.synthetic import generate_fundus
         >>> f = generate_fundus(0, (128, 128))
         >>> av = np.stack([f.artery, f.vein, f.artery | f.vein], -1)

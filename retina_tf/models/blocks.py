@@ -27,7 +27,8 @@ def double_conv(x, filters: int, batch_norm: bool = True, dropout: float = 0.0, 
 def upsample(x, filters: int, transpose_conv: bool, name: str = ""):
     """x2 upsampling: transposed conv, or nearest neighbour followed by a 1x1 conv."""
     if transpose_conv:
-        return layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_tconv")(x)
+        return layers.Conv2DTranspose(filters, 2, strides=2, padding="same",
+                                      name=f"{name}_tconv")(x)
     x = layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_nearest")(x)
     return layers.Conv2D(filters, 1, padding="same", name=f"{name}_1x1")(x)
 

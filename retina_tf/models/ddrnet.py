@@ -7,9 +7,15 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, basic_block,
-                                     bottleneck_block, resnet_conv_bn, set_bn_momentum,
-                                     weighted_output_loss)
+from retina_tf.models.blocks import (
+    LogitsMetricsMixin,
+    ResizeToMatch,
+    basic_block,
+    bottleneck_block,
+    resnet_conv_bn,
+    set_bn_momentum,
+    weighted_output_loss,
+)
 
 # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5), as in the DDRNet code.
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
@@ -119,6 +125,7 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
     tensors ("logits" is the prediction).
 
     Example:
+        >>> import numpy as np
         >>> model = DDRNet(planes=8, spp_planes=16, head_planes=16)
         >>> model(np.zeros((1, 64, 64, 1), "float32")).shape
         TensorShape([1, 64, 64, 1])
@@ -224,5 +231,5 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
                 "aux_head": self.aux_head, "bn_momentum": self.bn_momentum}
 
     @classmethod
-    def from_config(cls, config: dict) -> "DDRNet":
+    def from_config(cls, config: dict) -> DDRNet:
         return cls(**config)

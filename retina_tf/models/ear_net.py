@@ -8,12 +8,24 @@ import keras
 from keras import layers, ops
 
 from retina_tf.models.blocks import weighted_output_loss
-from retina_tf.models.hmsa import (SCALE_LOSS_WEIGHT, ScaleAttentionHead, check_nonnegative,
-                                   check_scales, hierarchical_multiscale, hmsa_config,
-                                   hmsa_layers, hmsa_loss_weights, scales_size_multiple,
-                                   store_hmsa_attributes)
-from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, ResizeByScale, check_positive_ints,
-                                        normalize_modules)
+from retina_tf.models.hmsa import (
+    SCALE_LOSS_WEIGHT,
+    ScaleAttentionHead,
+    check_nonnegative,
+    check_scales,
+    hierarchical_multiscale,
+    hmsa_config,
+    hmsa_layers,
+    hmsa_loss_weights,
+    scales_size_multiple,
+    store_hmsa_attributes,
+)
+from retina_tf.models.hrnet_ocr import (
+    AUX_LOSS_WEIGHT,
+    ResizeByScale,
+    check_positive_ints,
+    normalize_modules,
+)
 
 # The method's modulation weight w in (1 - w) * p + w * att * p.
 ERROR_WEIGHT = 0.5
@@ -150,7 +162,7 @@ class EARNet(keras.Model):
     def size_multiple(self) -> int:
         return scales_size_multiple(self.network.size_multiple, self.scales)
 
-    def with_scales(self, scales: Sequence[float]) -> "EARNet":
+    def with_scales(self, scales: Sequence[float]) -> EARNet:
         """The same model evaluated at other ``scales``; shares this model's layers."""
         config = dict(self.get_config(), scales=list(scales))
         return EARNet(**config, _shared_layers=(self.network, self.scale_attention,
@@ -200,6 +212,6 @@ class EARNet(keras.Model):
                 "error_weight": self.error_weight, "error_loss_weight": self.error_loss_weight}
 
     @classmethod
-    def from_config(cls, config: dict) -> "EARNet":
+    def from_config(cls, config: dict) -> EARNet:
         return cls(**config)
 

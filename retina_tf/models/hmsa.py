@@ -9,10 +9,19 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.blocks import (LogitsMetricsMixin, ResizeToMatch, set_bn_momentum,
-                                     weighted_output_loss)
-from retina_tf.models.hrnet_ocr import (AUX_LOSS_WEIGHT, HRNetOCR, ResizeByScale,
-                                        check_positive_ints, normalize_modules)
+from retina_tf.models.blocks import (
+    LogitsMetricsMixin,
+    ResizeToMatch,
+    set_bn_momentum,
+    weighted_output_loss,
+)
+from retina_tf.models.hrnet_ocr import (
+    AUX_LOSS_WEIGHT,
+    HRNetOCR,
+    ResizeByScale,
+    check_positive_ints,
+    normalize_modules,
+)
 
 # Supervision of each scale's own prediction (NVIDIA's SUPERVISED_MSCALE_WT).
 SCALE_LOSS_WEIGHT = 0.05
@@ -239,6 +248,7 @@ class HMSA(LogitsMetricsMixin, keras.Model):
     ``loss(logits) + aux_loss_weight * loss(aux) + scale_loss_weight * sum_s loss(logits_<s>)``.
 
     Example:
+        >>> import numpy as np
         >>> model = HMSA(width=8, stem_channels=16, ocr_mid_channels=32, ocr_key_channels=16,
         ...              attention_channels=16)
         >>> model(np.zeros((1, 64, 64, 1), "float32"))["logits"].shape
@@ -288,7 +298,7 @@ class HMSA(LogitsMetricsMixin, keras.Model):
         network's ``8 * stem_stride`` (64 -> 32 for scales 0.5, 1 and stem stride 2)."""
         return scales_size_multiple(self.network.size_multiple, self.scales)
 
-    def with_scales(self, scales: Sequence[float]) -> "HMSA":
+    def with_scales(self, scales: Sequence[float]) -> HMSA:
         """The same model evaluated at other ``scales`` (e.g. [0.5, 1.0, 2.0] for inference).
 
         The returned HMSA shares this model's layers, so its weights follow this model's
@@ -306,5 +316,5 @@ class HMSA(LogitsMetricsMixin, keras.Model):
         return hmsa_config(self)
 
     @classmethod
-    def from_config(cls, config: dict) -> "HMSA":
+    def from_config(cls, config: dict) -> HMSA:
         return cls(**config)

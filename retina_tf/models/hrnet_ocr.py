@@ -8,8 +8,13 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.models.blocks import (LogitsMetricsMixin, basic_block,
-                                     bottleneck_block, resnet_conv_bn, weighted_output_loss)
+from retina_tf.models.blocks import (
+    LogitsMetricsMixin,
+    basic_block,
+    bottleneck_block,
+    resnet_conv_bn,
+    weighted_output_loss,
+)
 
 # Weight of the auxiliary (soft object region) loss, OCR's and HMSA's 0.4.
 AUX_LOSS_WEIGHT = 0.4
@@ -256,6 +261,7 @@ class HRNetOCR(LogitsMetricsMixin, keras.Model):
     ``compute_loss`` is ``loss(logits) + aux_loss_weight * loss(aux)`` with the compiled loss.
 
     Example:
+        >>> import numpy as np
         >>> model = HRNetOCR(width=8, stem_channels=16, ocr_mid_channels=32, ocr_key_channels=16)
         >>> model(np.zeros((1, 64, 64, 1), "float32"))["logits"].shape
         TensorShape([1, 64, 64, 1])
@@ -318,5 +324,5 @@ class HRNetOCR(LogitsMetricsMixin, keras.Model):
                 "aux_loss_weight": self.aux_loss_weight}
 
     @classmethod
-    def from_config(cls, config: dict) -> "HRNetOCR":
+    def from_config(cls, config: dict) -> HRNetOCR:
         return cls(**config)

@@ -15,7 +15,7 @@ Aware Network for Retinal Artery/Vein Segmentation", 2024.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -121,8 +121,9 @@ class RIPClassifier(keras.Model):
     """RIP pre-training model: the encoder, global average pooling of its deepest features and
     two logits, artery present and vein present (multi-label, sigmoid).
 
-    Paper: RIP-AV (Dai et al., MICCAI 2024), representative instance pre-training. Here it replaces the
-    ImageNet weights the seed starts from (they cannot be downloaded on this machine).
+    Paper: RIP-AV (Dai et al., MICCAI 2024), representative instance pre-training. Here it
+    replaces the ImageNet weights the seed starts from (they cannot be downloaded on this
+    machine).
 
     Input ``(B, S, S, input_channels)`` patches; output ``(B, 2)`` logits.
     """
@@ -151,7 +152,7 @@ class RIPClassifier(keras.Model):
                 "dropout": self.dropout}
 
     @classmethod
-    def from_config(cls, config: dict) -> "RIPClassifier":
+    def from_config(cls, config: dict) -> RIPClassifier:
         return cls(**config)
 
 
@@ -491,5 +492,5 @@ class RIPAV(keras.Model):
                 "class_weights": list(self.class_weights), "av_weight": self.av_weight}
 
     @classmethod
-    def from_config(cls, config: dict) -> "RIPAV":
+    def from_config(cls, config: dict) -> RIPAV:
         return cls(**config)

@@ -33,6 +33,7 @@ class UNet(keras.Model):
     Input (B, H, W, input_channels) float32 in [0, 1]; output (B, H, W, num_classes) logits.
 
     Example:
+        >>> import numpy as np
         >>> model = UNet(depth=3, base_filters=8)
         >>> model(np.zeros((1, 48, 48, 1), "float32")).shape
         TensorShape([1, 48, 48, 1])
@@ -91,5 +92,5 @@ class UNet(keras.Model):
                 "dropout": self.dropout}
 
     @classmethod
-    def from_config(cls, config: dict) -> "UNet":
+    def from_config(cls, config: dict) -> UNet:
         return cls(**config)

@@ -140,7 +140,8 @@ class ViTEncoder(layers.Layer):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of patch_size "
                              f"{patch_size}")
-        self.input_channels, self.image_size, self.patch_size = input_channels, image_size, patch_size
+        self.input_channels, self.image_size, self.patch_size = (input_channels, image_size,
+                                                                 patch_size)
         self.dim, self.depth, self.num_heads, self.mlp_ratio = dim, depth, num_heads, mlp_ratio
         self.grid = image_size // patch_size
         self.patch_embed = layers.Conv2D(dim, patch_size, strides=patch_size, name="patch_embed")
@@ -242,7 +243,8 @@ class MAE(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.decoder_dim, self.decoder_depth, self.decoder_heads = (decoder_dim, decoder_depth,
                                                                      decoder_heads)
-        self.mask_ratio, self.norm_pix_loss, self.seed = float(mask_ratio), bool(norm_pix_loss), seed
+        self.mask_ratio, self.norm_pix_loss, self.seed = (float(mask_ratio), bool(norm_pix_loss),
+                                                          seed)
         self.build()  # the input size is fixed: weights exist (count_params, load) right away
 
     def build(self, input_shape=None):
@@ -328,7 +330,7 @@ class MAE(keras.Model):
                 "norm_pix_loss": self.norm_pix_loss, "seed": self.seed}
 
     @classmethod
-    def from_config(cls, config: dict) -> "MAE":
+    def from_config(cls, config: dict) -> MAE:
         return cls(**apply_preset(config))
 
     @classmethod
@@ -442,7 +444,7 @@ class ViTSeg(keras.Model):
                 "decoder_channels": self.decoder_channels}
 
     @classmethod
-    def from_config(cls, config: dict) -> "ViTSeg":
+    def from_config(cls, config: dict) -> ViTSeg:
         return cls(**cls.from_preset_config(config))
 
     @classmethod

@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from retina_tf.data.catalog import Sample
-from retina_tf.data.io import (DatasetError, SampleData, read_av, read_image, read_mask,
-                               read_sample, write_image_atomic)
+from retina_tf.data.io import (
+    DatasetError,
+    SampleData,
+    read_av,
+    read_image,
+    read_mask,
+    read_sample,
+    write_image_atomic,
+)
 
 
 def _parse_ppm(data: bytes) -> np.ndarray:

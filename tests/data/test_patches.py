@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
-from retina_tf.data.patches import (extract_patches, pad_to_multiple, recompose_patches,
-                                    window_starts)
+from retina_tf.data.patches import (
+    extract_patches,
+    pad_to_multiple,
+    recompose_patches,
+    window_starts,
+)
 
 
 @pytest.mark.parametrize("shape,patch,stride", [

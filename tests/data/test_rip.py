@@ -15,9 +15,16 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from retina_tf.data.io import DatasetError, read_image
-from retina_tf.data.rip import (RIP_LABELS, RipPatch, cut_patches, distance_targets,
-                                normalized_distance, rip_labels, select_rip_patches,
-                                write_rip_patches)
+from retina_tf.data.rip import (
+    RIP_LABELS,
+    RipPatch,
+    cut_patches,
+    distance_targets,
+    normalized_distance,
+    rip_labels,
+    select_rip_patches,
+    write_rip_patches,
+)
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from retina_tf.flags import define_rip_flags

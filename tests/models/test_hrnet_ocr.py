@@ -4,8 +4,12 @@ import pytest
 
 from retina_tf.losses import SegmentationLoss
 from retina_tf.models import build_model, model_class, model_names
-from retina_tf.models.hrnet_ocr import (HRNetOCR, ObjectAttention, SpatialGather,
-                                        spatial_gather_weights)
+from retina_tf.models.hrnet_ocr import (
+    HRNetOCR,
+    ObjectAttention,
+    SpatialGather,
+    spatial_gather_weights,
+)
 from tests.models.helpers import assert_reload_identical, fit_toy
 
 # A tiny network so a test builds in seconds on a shared CPU.

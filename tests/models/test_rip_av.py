@@ -8,8 +8,13 @@ import tensorflow as tf
 
 from retina_tf.losses import bce_loss, dice_loss
 from retina_tf.models import build_model, model_class
-from retina_tf.models.rip_av import (RIPAV, PatchContextFusion, RIPClassifier, build_encoder,
-                                     smooth_l1)
+from retina_tf.models.rip_av import (
+    RIPAV,
+    PatchContextFusion,
+    RIPClassifier,
+    build_encoder,
+    smooth_l1,
+)
 from tests.models.helpers import assert_reload_identical
 
 TINY = dict(widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1), context_size=32)

@@ -27,8 +27,8 @@ def test_output_is_logits_of_the_input_size(depth, transpose, classes):
 
 def test_lineage_widths_and_parameter_count():
     model = UNet(depth=4, base_filters=32)
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)
-             and l.name.endswith("_conv")]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+             and layer.name.endswith("_conv")]
     assert sorted({c.filters for c in convs}) == [32, 64, 128, 256]
     # [3x3 conv, BN] x 2 per level: a known closed-form count for the nearest+1x1 variant
     small = UNet(depth=2, base_filters=2, batch_norm=False)

@@ -4,8 +4,15 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.models import build_model, model_class
-from retina_tf.models.vit_mae import (MAE, PRESETS, ViTSeg, apply_preset, patchify,
-                                      sincos_position_embedding, unpatchify)
+from retina_tf.models.vit_mae import (
+    MAE,
+    PRESETS,
+    ViTSeg,
+    apply_preset,
+    patchify,
+    sincos_position_embedding,
+    unpatchify,
+)
 from retina_tf.training import FreezeEncoder
 from tests.models.helpers import assert_reload_identical, fit_toy
 
@@ -108,7 +115,8 @@ def test_mae_fit_lowers_the_loss_and_reloads(tmp_path):
 def test_vit_seg_shapes_taps_registry_and_reload(tmp_path):
     assert model_class("vit_seg") is ViTSeg and model_class("mae") is MAE
     model = build_model("vit_seg", num_classes=3, **dict(ENC, depth=6))
-    assert model.taps == [2, 4]  # depth * k / log2(patch), k = 1, 2: shallow blocks feed fine levels
+    # depth * k / log2(patch), k = 1, 2: shallow blocks feed fine levels
+    assert model.taps == [2, 4]
     assert model(_images(2), training=False).shape == (2, 32, 32, 3)
     assert model.size_multiple == 32 and not model.fully_convolutional
     assert_reload_identical(model, _images(1, seed=4), tmp_path)
