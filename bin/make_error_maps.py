@@ -10,4 +10,4 @@ import _bootstrap  # noqa: F401  (repo root on sys.path)
 from retina_tf.flags import run_script
 
 if __name__ == "__main__":
-    run_script("retina_tf.error_maps:write_error_maps")
+    run_script("retina_tf.evaluation:write_error_maps")

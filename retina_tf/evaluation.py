@@ -24,11 +24,12 @@ from retina_tf.data.io import (
     read_sample,
 )
 from retina_tf.data.pipeline import resolve_samples, target_of
+from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
 from retina_tf.errors import ConfigError, RetinaTFError
-from retina_tf.inference import PRETRAINED_DIR, Segmenter, check_threshold
+from retina_tf.inference import Segmenter, check_threshold
 from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
-from retina_tf.run_folder import to_json, update_metrics_json
+from retina_tf.run_folder import atomic_write_text, is_shipped, to_json, update_metrics_json
 from retina_tf.training import run_dir_of
 
 # A/V accuracy is also split at this vessel width (px, as vessel_width_map measures it: a 3 px
@@ -122,10 +123,6 @@ def load_segmenter(cfg) -> Segmenter:
                               scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link)
 
 
-def _is_shipped(run_dir: Path) -> bool:
-    return PRETRAINED_DIR in Path(run_dir).resolve().parents
-
-
 def _test_samples(cfg):
     if cfg.test_label_file_path:
         return resolve_samples(label_file=cfg.test_label_file_path)
@@ -164,7 +161,7 @@ def evaluate(cfg) -> dict:
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     if cfg.output_dir:
         out_dir = Path(cfg.output_dir)
-    elif _is_shipped(seg.run_dir):
+    elif is_shipped(seg.run_dir):
         out_dir = Path(cfg.logdir) / f"{seg.run_dir.name}_eval_{name}_{cfg.eval_split}"
     else:
         out_dir = seg.run_dir / f"eval_{name}_{cfg.eval_split}"
@@ -233,7 +230,7 @@ def evaluate(cfg) -> dict:
               "av_link": seg.av_link if seg.av_vote else None,
               "metrics": result}
     out.write_text("metrics.json", to_json(report))
-    if not _is_shipped(seg.run_dir):
+    if not is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
     print(f"\nwrote {out_dir / 'metrics.json'}" +
           (f" and pictures (probability, mask, overlay: green TP, red FP, blue FN; "
@@ -267,7 +264,7 @@ def _image_files(folder: Path) -> list[Path]:
                   and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _list_inputs(path: Path) -> list[Path]:
+def list_inputs(path: Path) -> list[Path]:
     """The images to segment: ``path`` itself, or the image files of the folder ``path`` less
     FOV masks (``_mask`` in the name) and the files retina_tf wrote there (its manifest).
 
@@ -427,7 +424,7 @@ def predict(cfg) -> list[Path]:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
     check_threshold(cfg.threshold)
-    inputs = _list_inputs(Path(cfg.input))
+    inputs = list_inputs(Path(cfg.input))
     fov_source = _fov_source(cfg.fov)
     seg = load_segmenter(cfg)
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
@@ -447,3 +444,34 @@ def predict(cfg) -> list[Path]:
     if failed:
         raise _failure_error(failed, len(inputs), out.path)
     return written
+
+
+def write_error_maps(cfg) -> Path:
+    """Segments the training split with the run ``--model`` (a stage-1 hmsa run) and writes one
+    0/255 PNG error map per image to ``--output_dir`` (default ``<run>/error_maps``), plus
+    ``error_maps.json`` with the share of erroneous FOV pixels per image."""
+    seg = load_segmenter(cfg)
+    samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}",
+          flush=True)
+    shares = {}
+    for sample in samples:
+        data = read_sample(sample)
+        target = target_of(data, seg.task)[..., -1]
+        prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only
+        errors = error_map(prob, target, data.fov, cfg.threshold)
+        visualize.save_png(out_dir / f"{data.name}.png", visualize.mask_image(errors))
+        shares[data.name] = float(errors.sum() / max(data.fov.sum(), 1))
+        print(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong", flush=True)
+    summary = {"run": str(seg.run_dir), "threshold": cfg.threshold,
+               "error_share_in_fov": shares,
+               "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
+    atomic_write_text(out_dir / "error_maps.json", to_json(summary))
+    update_metrics_json(seg.run_dir, {"error_maps": {"folder": str(out_dir),
+                                                     "mean_error_share_in_fov":
+                                                     summary["mean_error_share_in_fov"]}})
+    print(f"mean error share {summary['mean_error_share_in_fov']:.2%}; wrote {out_dir}",
+          flush=True)
+    return out_dir

@@ -22,6 +22,7 @@ from absl import flags
 
 from retina_tf.data.catalog import DATASETS
 from retina_tf.data.preprocess import STEPS
+from retina_tf.errors import RetinaTFError
 
 FLAGS = flags.FLAGS
 # The first flag of each group: a group is defined once per FlagValues (tested by its presence,
@@ -353,7 +354,6 @@ def report_errors(fv: flags.FlagValues = FLAGS):
     """
     from absl import app
 
-    from retina_tf.errors import RetinaTFError
 
     try:
         yield

@@ -25,45 +25,15 @@ from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
+from retina_tf.models import load_all
 from retina_tf.postprocess import vote_av_segments
-from retina_tf.run_folder import save_model_file
-
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-# What a run folder needs for inference (export_run copies these).
-RUN_FILES = ("model.keras", "run.json", "preprocessor.json")
-
-
-def shipped_models() -> list[str]:
-    """Names of the trained models shipped with the package (``retina_tf/pretrained/``)."""
-    if not PRETRAINED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "model.keras").is_file())
-
-
-def resolve_run_dir(model: str, logdir: str | None = None, run_name: str | None = None) -> Path:
-    """A run folder from a path, a shipped model name, or an architecture + logdir/run_name.
-
-    Raises:
-        ModelFileError: when no candidate holds ``model.keras``; a folder given by path that
-            lacks it is named with the run files it lacks.
-    """
-    path = Path(model)
-    if (path / "model.keras").is_file():
-        return path
-    if (PRETRAINED_DIR / model / "model.keras").is_file():
-        return PRETRAINED_DIR / model
-    if logdir and run_name and (Path(logdir) / run_name / "model.keras").is_file():
-        return Path(logdir) / run_name
-    if path.is_dir():
-        missing = [name for name in RUN_FILES if not (path / name).is_file()]
-        raise ModelFileError(f"--model={model}: the folder {path} is not a complete run: it "
-                             f"lacks {', '.join(missing)}; point --model at a run folder that "
-                             "training finished (or one written by bin/export_model.py)")
-    tried = [str(path), f"shipped {shipped_models()}"]
-    if logdir and run_name:
-        tried.append(str(Path(logdir) / run_name))
-    raise ModelFileError(f"no trained model found for --model={model!r}; looked for "
-                         f"model.keras in: {', '.join(tried)}")
+from retina_tf.run_folder import (
+    PRETRAINED_DIR,
+    RUN_FILES,
+    find_run,
+    save_model_file,
+    shipped_models,
+)
 
 
 def load_keras_model(path: str | os.PathLike) -> keras.Model:
@@ -74,7 +44,6 @@ def load_keras_model(path: str | os.PathLike) -> keras.Model:
     Raises:
         ModelFileError: when the file is missing, truncated, or not a Keras model file.
     """
-    from retina_tf.models import load_all
     load_all()
     path = Path(path)
     if not path.is_file():
@@ -194,7 +163,7 @@ class Segmenter:
             ModelFileError: when the run folder is not found, lacks one of those files, or one
                 of them is corrupt (the message names it).
         """
-        run_dir = resolve_run_dir(str(model), logdir, run_name)
+        run_dir = find_run(model, logdir, run_name)
         missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
         if missing:
             raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "

@@ -18,13 +18,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from retina_tf import visualize
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
 from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
+from retina_tf.evaluation import list_inputs
 from retina_tf.inference import atomic_save_model
+from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.run_folder import finish_run
 from retina_tf.training import (
@@ -48,8 +52,7 @@ _LABEL_STEMS = ("_1stHO", "_2ndHO", "_manual", "_AVmanual")
 
 
 def _image_files(folder: Path) -> list[Path]:
-    from retina_tf.evaluation import _list_inputs
-    return [f for f in _list_inputs(folder) if not file_stem(f).endswith(_LABEL_STEMS)]
+    return [f for f in list_inputs(folder) if not file_stem(f).endswith(_LABEL_STEMS)]
 
 
 def held_out_names(dataset: str | None, data_dir: str | None) -> set[str]:
@@ -121,7 +124,6 @@ def reconstruction_grid(model: MAE, crops: np.ndarray, noise: np.ndarray) -> np.
 
 def pretrain_mae(cfg) -> Path:
     """Pre-trains an MAE as the flags say and returns the run folder."""
-    from retina_tf import visualize
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
     if already_trained(cfg, run_dir):
@@ -197,7 +199,6 @@ def pretrain_mae(cfg) -> Path:
 
 def read_rip_records(folder: str | Path) -> tuple[list, dict]:
     """The patch records of ``bin/generate_rip_patches.py``'s ``patches.npz`` and its settings."""
-    from retina_tf.data.rip import PATCHES_NPZ, RipPatch
     path = Path(folder) / PATCHES_NPZ
     if not path.is_file():
         raise DatasetError(f"{path} does not exist: run bin/generate_rip_patches.py "
@@ -219,7 +220,6 @@ def rip_patch_set(cfg) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]
     cut, exactly as the fine-tuning sees them; patches of the validation images are dropped."""
     import dataclasses
 
-    from retina_tf.data.rip import cut_patches, rip_labels
     records, settings = read_rip_records(cfg.rip_patches)
     train_set, val_set, pre = load_training_sets(cfg)
     known = set(train_set.names) | set(val_set.names if val_set else [])
@@ -242,7 +242,6 @@ def pretrain_rip(cfg) -> Path:
     encoder to tell artery-only, vein-only and two-class patches apart (two sigmoid outputs)
     and returns the run folder; ``bin/train.py --model=rip_av --pretrained=<run>`` fine-tunes
     from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
-    from retina_tf.models.rip_av import RIPClassifier
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
     if already_trained(cfg, run_dir):

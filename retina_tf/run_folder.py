@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 from retina_tf.data.io import atomic_write_bytes
-from retina_tf.errors import ConfigError
+from retina_tf.errors import ConfigError, ModelFileError
 
 BACKUP_DIR = "backup"
 UNREADABLE_DIR = "unreadable"
@@ -42,6 +42,9 @@ LAST_WEIGHTS = Path("checkpoints") / "last.weights.h5"
 # What a finished run folder has; training writes model.keras, then metrics.json, then removes
 # backup/, so a folder with model.keras and no backup is finished.
 MODEL_FILE = "model.keras"
+# What a run folder needs for inference (export_run copies these).
+RUN_FILES = (MODEL_FILE, "run.json", "preprocessor.json")
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # Flags that change what is printed or where, not the trained weights: they may differ when an
 # interrupted run is resumed or a finished one is run again.
 FLAGS_NOT_IN_TRAINING = frozenset({
@@ -50,6 +53,58 @@ FLAGS_NOT_IN_TRAINING = frozenset({
     "eval_split", "visualize", "whole_image_metrics", "inference", "tta", "tta_transpose",
     "av_vote", "av_link", "window", "threshold", "output_dir", "input", "fov",
     "test_label_file_path"})
+
+
+# --- finding runs ----------------------------------------------------------------------------
+
+def shipped_models() -> list[str]:
+    """Names of the trained models shipped with the package (``retina_tf/pretrained/``)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / MODEL_FILE).is_file())
+
+
+def is_shipped(run_dir: Path) -> bool:
+    return PRETRAINED_DIR in Path(run_dir).resolve().parents
+
+
+def default_run_dir(logdir: str, run_name: str | None, model: str, dataset: str | None = None,
+                    label_file_path: str | None = None) -> Path:
+    """Where training writes a run: ``<logdir>/<run_name>``, by default
+    ``<logdir>/<model>_<dataset or the label file's folder>``."""
+    if run_name:
+        return Path(logdir) / run_name
+    source = dataset or (Path(label_file_path).parent.name if label_file_path else "data")
+    return Path(logdir) / f"{model}_{source}"
+
+
+def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
+             flag: str = "--model") -> Path:
+    """A trained run folder (one with ``model.keras``) from a path, a shipped model name, a run
+    name under ``logdir``, or ``logdir/run_name``.
+
+    Raises:
+        ModelFileError: naming ``flag`` and every place looked in; a folder given by path that
+            lacks run files is named with the files it lacks.
+    """
+    path = Path(name)
+    candidates = [path, PRETRAINED_DIR / str(name)]
+    if logdir:
+        candidates.append(Path(logdir) / str(name))
+        if run_name:
+            candidates.append(Path(logdir) / run_name)
+    for candidate in candidates:
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    if path.is_dir():
+        missing = [f for f in RUN_FILES if not (path / f).is_file()]
+        raise ModelFileError(f"{flag}={name}: the folder {path} is not a complete run: it lacks "
+                             f"{', '.join(missing)}; point {flag} at a run folder that training "
+                             "finished (or one written by bin/export_model.py)")
+    tried = ", ".join(str(c) for c in candidates[:1] + candidates[2:])
+    raise ModelFileError(f"{flag}={name}: no trained model found; looked for {MODEL_FILE} in "
+                         f"{tried} and among the shipped models "
+                         f"({', '.join(shipped_models()) or 'none'}); train that run first")
 
 
 # --- durable files ---------------------------------------------------------------------------

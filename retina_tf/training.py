@@ -34,7 +34,7 @@ from retina_tf.data.pipeline import (
     with_context,
 )
 from retina_tf.data.preprocess import Preprocessor
-from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps, resolve_pretrained
+from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
 from retina_tf.errors import ConfigError
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model
 from retina_tf.losses import SegmentationLoss
@@ -51,6 +51,8 @@ from retina_tf.run_folder import (
     best_checkpoint_score,
     check_run_folder,
     clear_run_folder,
+    default_run_dir,
+    find_run,
     finish_run,
     read_weights_attrs,
     remove_stray_temporaries,
@@ -288,12 +290,7 @@ def flags_text(cfg) -> str:
 
 
 def run_dir_of(cfg) -> Path:
-    if cfg.run_name:
-        return Path(cfg.logdir) / cfg.run_name
-    source = cfg.dataset or (Path(cfg.label_file_path).parent.name if cfg.label_file_path
-                             else "data")
-    name = f"{cfg.model}_{source}"
-    return Path(cfg.logdir) / name
+    return default_run_dir(cfg.logdir, cfg.run_name, cfg.model, cfg.dataset, cfg.label_file_path)
 
 
 def model_kwargs(cfg, input_channels: int, num_classes: int) -> dict[str, Any]:
@@ -532,7 +529,8 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
 
     with strategy.scope():
         model = build_model(cfg.model, **model_kwargs(cfg, pre.channels, num_classes))
-    pretrained = resolve_pretrained(cfg.pretrained, cfg.logdir) if cfg.pretrained else None
+    pretrained = (find_run(cfg.pretrained, cfg.logdir, flag="--pretrained")
+                  if cfg.pretrained else None)
     if pretrained is not None:
         load_pretrained(model, pretrained)
         print(f"started from the weights of {pretrained}", flush=True)

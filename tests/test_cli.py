@@ -120,16 +120,16 @@ def test_empty_data_flags_count_as_not_given():
 # --- library errors a user can act on ----------------------------------------------------------
 
 def test_user_input_errors_of_the_library_are_retina_tf_errors(tmp_path):
-    from retina_tf.error_maps import resolve_pretrained
     from retina_tf.models import build_model
     from retina_tf.pretraining import pretraining_images
+    from retina_tf.run_folder import find_run
 
     with pytest.raises(ConfigError, match=r"'segnet' \(--model\)"):
         build_model("segnet")
     with pytest.raises(ConfigError, match="--pretrain_dirs"):
         pretraining_images([], set())
     with pytest.raises(ModelFileError, match=f"--pretrained={tmp_path / 'nowhere'}"):
-        resolve_pretrained(tmp_path / "nowhere", str(tmp_path))
+        find_run(tmp_path / "nowhere", str(tmp_path), flag="--pretrained")
 
 
 # --- report_errors: status and lines, in-process -----------------------------------------------

@@ -14,7 +14,8 @@ from retina_tf.data.io import read_image
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ModelFileError
 from retina_tf.flags import parse_flags
-from retina_tf.inference import Segmenter, resolve_run_dir, sliding_window_predict
+from retina_tf.inference import Segmenter, sliding_window_predict
+from retina_tf.run_folder import find_run
 from retina_tf.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +109,9 @@ def test_predict_names_a_missing_input(trained, tmp_path):
 
 
 def test_unknown_model_lists_where_it_looked(tmp_path):
-    with pytest.raises(ModelFileError, match="unet_nowhere"):
-        resolve_run_dir("unet_nowhere")
+    looked = r"--model=unet_nowhere.*logs/unet_nowhere.*unet_drive"  # where, and what is shipped
+    with pytest.raises(ModelFileError, match=looked):
+        find_run("unet_nowhere", "logs")
 
 
 def test_flip_tta_of_an_identity_model_returns_the_image():
@@ -180,13 +182,12 @@ def test_readme_python_snippets_run_in_a_fresh_interpreter(tmp_path):
     cv2.imwrite(str(photo), image[..., ::-1])
     code = f"""
 import keras
-from retina_tf.models import load_all
-from retina_tf.inference import resolve_run_dir
-load_all()
-net = keras.saving.load_model(resolve_run_dir("unet_drive") / "model.keras", compile=False)
+import retina_tf
+from retina_tf.run_folder import find_run
+net = keras.saving.load_model(find_run("unet_drive") / "model.keras")
 from retina_tf.data.io import read_image
 from retina_tf.inference import Segmenter
-prob, mask = Segmenter.from_run("unet_drive").segment(read_image({str(photo)!r}))
+prob, mask = Segmenter.from_pretrained("unet_drive").segment(read_image({str(photo)!r}))
 print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.max()) <= 1.0,
       type(net).__name__)
 """

@@ -24,7 +24,8 @@ from retina_tf.evaluation import (
     read_manifest,
 )
 from retina_tf.flags import parse_flags
-from retina_tf.inference import PRETRAINED_DIR, Segmenter, load_keras_model
+from retina_tf.inference import Segmenter, load_keras_model
+from retina_tf.run_folder import PRETRAINED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = PRETRAINED_DIR / "unet_drive"

@@ -14,8 +14,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from retina_tf.data.catalog import Sample
-from retina_tf.data.io import DatasetError, atomic_write_bytes, file_stem
+from retina_tf.data.catalog import Sample, list_samples
+from retina_tf.data.fov import estimate_fov
+from retina_tf.data.io import (
+    DatasetError,
+    atomic_write_bytes,
+    file_stem,
+    read_image,
+    write_image_atomic,
+)
 
 
 def read_label_file(path: str | os.PathLike) -> list[Sample]:
@@ -82,9 +89,6 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     Datasets shipped without FOV masks (CHASE_DB1, STARE) get estimated masks written to
     ``<out_dir>/fov/<name>_fov.png`` so that every line names three files.
     """
-    from retina_tf.data.catalog import list_samples
-    from retina_tf.data.fov import estimate_fov
-    from retina_tf.data.io import read_image, write_image_atomic
 
     out_dir = Path(out_dir)
     written = {}

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
+from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError
 
@@ -96,7 +97,6 @@ def resolve_samples(dataset: str | None = None, data_dir: str | os.PathLike | No
                     ) -> list[Sample]:
     """Samples from a seed-style label file, or from a dataset name and its folder."""
     if label_file:
-        from retina_tf.data.labelfile import read_label_file
         return read_label_file(label_file)
     if not dataset or not data_dir:
         raise ConfigError("no images to use: give --label_file_path (a label file from "

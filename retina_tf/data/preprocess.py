@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from retina_tf.data.io import atomic_write_bytes
+
 STEPS = ("grayscale", "standardize", "clahe", "gamma")
 
 
@@ -148,7 +150,6 @@ class Preprocessor:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes JSON atomically (temporary name, then rename)."""
-        from retina_tf.data.io import atomic_write_bytes
         atomic_write_bytes(path, json.dumps(self.get_config(), indent=2).encode())
 
     @classmethod

@@ -38,8 +38,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from retina_tf import visualize
 from retina_tf.data.av import encode_av_rgb
-from retina_tf.data.io import DatasetError, atomic_write_bytes
+from retina_tf.data.catalog import list_samples, normalize_dataset_name
+from retina_tf.data.io import DatasetError, atomic_write_bytes, read_sample
 from retina_tf.errors import ConfigError
 
 RIP_LABELS = ("artery", "vein", "both")
@@ -491,9 +493,6 @@ def write_rip_patches(cfg) -> Path:
         DatasetError: for a dataset without A/V labels, a missing folder, or no patch passing
             ``--rip_min_fraction``.
     """
-    from retina_tf import visualize
-    from retina_tf.data.catalog import list_samples, normalize_dataset_name
-    from retina_tf.data.io import read_sample
 
     started = time.time()
     if getattr(cfg, "label_file_path", None):

@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from retina_tf.data.rip import distance_targets
 from retina_tf.losses import bce_loss, dice_loss
 from retina_tf.models.blocks import conv_bn_relu
 
@@ -465,7 +466,6 @@ class RIPAV(keras.Model):
         """Extra training targets appended after the A/V channels: the distance maps."""
         if not self.distance_head:
             return None
-        from retina_tf.data.rip import distance_targets
         return [distance_targets(t > 0.5) for t in targets]
 
     def load_pretrained(self, source: keras.Model) -> None:

@@ -1,0 +1,64 @@
+"""The package's import graph: layers import downwards only, with no cycles and no imports
+hidden inside functions to dodge one."""
+
+import ast
+from pathlib import Path
+
+import retina_tf
+
+PACKAGE = Path(retina_tf.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(tree: ast.Module, module: str, top_level: bool) -> set[str]:
+    """retina_tf modules imported by ``tree``: at module level, or inside functions."""
+    nodes = tree.body if top_level else [n for f in ast.walk(tree)
+                                         if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                         for n in ast.walk(f)]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "retina_tf":  # from retina_tf import visualize
+                found |= {f"retina_tf.{a.name}" for a in node.names}
+            elif node.module.startswith("retina_tf."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("retina_tf.")}
+    return found - {module}
+
+
+def _graph(top_level: bool = True) -> dict[str, set[str]]:
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        graph[module] = _imports(ast.parse(path.read_text()), module, top_level)
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    graph.pop("retina_tf")  # the package imports its public API on top of everything
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import cycle: " + " -> ".join(path + [module])
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            if dep in graph:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_retina_tf_imports_hide_inside_functions():
+    # flags: the CLI layer, read lazily by training until configs replace absl (issue 20)
+    hidden = {m: deps for m, deps in _graph(top_level=False).items() if deps}
+    assert hidden == {"retina_tf.training": {"retina_tf.flags"}}
