@@ -26,6 +26,7 @@ from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_p
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
 from retina_tf.models import load_all
+from retina_tf.models.base import SegmentationModel
 from retina_tf.postprocess import vote_av_segments
 from retina_tf.run_folder import (
     PRETRAINED_DIR,
@@ -133,12 +134,16 @@ class Segmenter:
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
             inference = "whole" if fully_convolutional else "sliding"
-        if scales and hasattr(model, "with_scales"):
+        contract = isinstance(model, SegmentationModel)  # a plain Keras model gets the defaults
+        if scales:
+            if not contract:
+                raise ConfigError(f"{type(model).__name__} has no inference scales: drop "
+                                  "--eval_scales")
             model = model.with_scales([float(s) for s in scales])
         self.model = model
         self.preprocessor = preprocessor
         # the model knows its own constraint best (it changes with the inference scales)
-        self.size_multiple = int(getattr(model, "size_multiple", size_multiple))
+        self.size_multiple = int(model.size_multiple if contract else size_multiple)
         self.inference = inference
         self.window = int(window)
         self.stride = int(stride)
@@ -233,7 +238,7 @@ class Segmenter:
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
         forward = self._forward
-        if getattr(self.model, "context_fusion", False):
+        if isinstance(self.model, SegmentationModel) and self.model.context_fusion:
             # RIP-AV: every window (or the padded image) sees the whole image as its context
             context = self.model.context_of(tf.constant(x[None]))
 

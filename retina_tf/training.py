@@ -246,7 +246,7 @@ class WholeImageValidation(keras.callbacks.Callback):
         """Built once: its traced forward pass serves every epoch and the final evaluation."""
         if self._segmenter is None:
             # whole images unless the model needs fixed-size windows (e.g. vit_seg)
-            full = bool(getattr(self.model, "fully_convolutional", True))
+            full = self.model.fully_convolutional
             self._segmenter = Segmenter(self.model, self.preprocessor, self.size_multiple,
                                         "auto", window=self.size_multiple, stride=self.stride,
                                         fully_convolutional=full, scales=self.scales)
@@ -300,7 +300,7 @@ def model_kwargs(cfg, input_channels: int, num_classes: int) -> dict[str, Any]:
     patch_size) must not leak into another architecture."""
     cls = model_class(cfg.model)
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {name: getattr(cfg, name) for name in getattr(cls, "flag_arguments", ())
+    kwargs = {name: getattr(cfg, name) for name in cls.flag_arguments
               if name in params and name in cfg}
     kwargs.update(input_channels=input_channels)
     if "num_classes" in params:  # not for pre-training models (MAE)
@@ -332,15 +332,7 @@ def load_pretrained(model: keras.Model, run_dir: Path) -> None:
     """Initializes ``model`` from the model saved in ``run_dir``: by the model's own
     ``load_pretrained(source)`` when it has one (e.g. EAR-Net from its HMSA stage 1), else all
     weights when both models have the same architecture."""
-    source = load_keras_model(Path(run_dir) / "model.keras")
-    if hasattr(model, "load_pretrained"):
-        model.load_pretrained(source)
-        return
-    mine, theirs = model.get_weights(), source.get_weights()
-    if type(source) is not type(model) or [w.shape for w in mine] != [w.shape for w in theirs]:
-        raise ConfigError(f"--pretrained={run_dir}: its {type(source).__name__} does not match "
-                          f"this {type(model).__name__} (architecture or size differs)")
-    model.set_weights(theirs)
+    model.load_pretrained(load_keras_model(Path(run_dir) / "model.keras"))
 
 
 def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained: Path | None,
@@ -359,16 +351,18 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
 
 
 class FreezeEncoder(keras.callbacks.Callback):
-    """Keeps ``model.encoder`` frozen for the first ``epochs`` epochs of fine-tuning (so a new
-    decoder settles before it can disturb pre-trained weights), then trains everything."""
+    """Keeps ``model.freezable_encoder()`` frozen for the first ``epochs`` epochs of fine-tuning
+    (so a new decoder settles before it can disturb pre-trained weights), then trains
+    everything."""
 
     def __init__(self, epochs: int):
         super().__init__()
         self.epochs = int(epochs)
 
     def _set(self, trainable: bool):
-        if self.model.encoder.trainable != trainable:
-            self.model.encoder.trainable = trainable
+        encoder = self.model.freezable_encoder()
+        if encoder.trainable != trainable:
+            encoder.trainable = trainable
             # the traced train step captured the old trainable set: trace it again
             self.model.make_train_function(force=True)
 
@@ -402,7 +396,7 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     monitor, mode = "loss", "min"
     if validation is not None:
         # an A/V model is chosen by what it is for: artery/vein accuracy
-        monitor = "val_av_acc" if getattr(validation, "task", "vessel") == "av" else "val_f1"
+        monitor = "val_av_acc" if validation.task == "av" else "val_f1"
         mode = "max"
     state = restore_training(model, run_dir) if cfg.resume else None
     if state is None:  # a fresh start: checkpoints of an attempt killed in its first epoch go
@@ -441,11 +435,11 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
     """The training stream (patches, patch + context windows, or whole images), started after
     ``start_epoch`` epochs of ``steps`` batches have been drawn."""
     start = start_epoch * steps * cfg.batch_size
-    multiple = getattr(model, "size_multiple", 16)
+    multiple = model.size_multiple
     if cfg.mode == "whole":
         return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
                                    start=start)
-    if getattr(model, "context_fusion", False):  # wide crops, split into patch + context
+    if model.context_fusion:  # wide crops, split into patch + context
         return with_context(
             patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
                           cfg.vessel_probability, augment, cfg.seed, start=start),
@@ -455,11 +449,11 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
 
 
 def _check_patch_size(cfg, model: keras.Model) -> None:
-    multiple = getattr(model, "size_multiple", 16)
+    multiple = model.size_multiple
     if cfg.patch_size % multiple:
         raise ConfigError(f"--patch_size={cfg.patch_size} must be a multiple of {multiple} "
                           f"for {cfg.model}")
-    if not getattr(model, "fully_convolutional", True) and cfg.patch_size != multiple:
+    if not model.fully_convolutional and cfg.patch_size != multiple:
         raise ConfigError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
                           f"exactly {multiple} px (its image_size)")
 
@@ -509,11 +503,11 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         configure_logical_cpus(cfg.logical_cpus)
     run_dir = run_dir_of(cfg)
     cls = model_class(cfg.model)
-    script = getattr(cls, "pretraining_script", None)
+    script = cls.pretraining_script
     if script:
         raise ConfigError(f"--model={cfg.model} is a pre-training model: run {script} (then "
                           "bin/train.py fine-tunes from its run folder with --pretrained)")
-    model_task = getattr(cls, "task", None)
+    model_task = cls.task
     if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
         cfg.task = model_task
     if already_trained(cfg, run_dir):
@@ -534,12 +528,12 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     if pretrained is not None:
         load_pretrained(model, pretrained)
         print(f"started from the weights of {pretrained}", flush=True)
-    if getattr(model, "needs_error_maps", False):
+    if model.needs_error_maps:
         train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
-    extras = model.training_extras(train_set.targets) if hasattr(model, "training_extras") else None
+    extras = model.training_extras(train_set.targets)
     if extras is not None:  # targets the model derives from the labels (RIP-AV's distance maps)
         train_set = train_set.with_extras(extras)
-    multiple = getattr(model, "size_multiple", 16)
+    multiple = model.size_multiple
     if cfg.mode == "patch":
         _check_patch_size(cfg, model)
         steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
@@ -549,7 +543,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         h, w = padded_size(train_set, multiple, square=augment.rot90)
         pixels_per_step = cfg.batch_size * h * w
     if cfg.freeze_encoder_epochs:
-        if not hasattr(model, "encoder"):
+        if model.freezable_encoder() is None:
             raise ConfigError(f"--freeze_encoder_epochs: {cfg.model} has no encoder to freeze")
         extra_callbacks = [FreezeEncoder(cfg.freeze_encoder_epochs)] + list(extra_callbacks or [])
 
@@ -569,7 +563,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     open_run_folder(cfg, run_dir)
     run_info = {"model": cfg.model, "model_config": model.get_config(), "task": cfg.task,
                 "size_multiple": multiple, "patch_size": cfg.patch_size, "mode": cfg.mode,
-                "fully_convolutional": bool(getattr(model, "fully_convolutional", True)),
+                "fully_convolutional": model.fully_convolutional,
                 "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
                 "input_channels": pre.channels,
                 "num_classes": num_classes, "parameters": int(model.count_params()),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
     LogitsMetricsMixin,
     ResizeToMatch,
@@ -90,7 +91,7 @@ def _relu(x, name: str):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class DDRNet(LogitsMetricsMixin, keras.Model):
+class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
     """DDRNet-23-slim, full-resolution variant, for fundus vessel segmentation.
 
     Paper: Hong, Pan, Sun, Jia, "Deep Dual-resolution Networks for Real-time and Accurate Semantic
@@ -230,6 +231,3 @@ class DDRNet(LogitsMetricsMixin, keras.Model):
                 "head_planes": self.head_planes, "layers": list(self.stage_blocks),
                 "aux_head": self.aux_head, "bn_momentum": self.bn_momentum}
 
-    @classmethod
-    def from_config(cls, config: dict) -> DDRNet:
-        return cls(**config)

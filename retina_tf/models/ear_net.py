@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers, ops
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import weighted_output_loss
 from retina_tf.models.hmsa import (
     SCALE_LOSS_WEIGHT,
@@ -70,7 +71,7 @@ def masked_mse(prediction, target, sample_weight=None):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class EARNet(keras.Model):
+class EARNet(SegmentationModel, keras.Model):
     """EAR-Net stage 2: an HMSA model plus an error-attention head that modulates its logits.
 
     Paper: "EAR-Net: Error Attention Refining Network for Retinal Vessel Segmentation",
@@ -211,7 +212,4 @@ class EARNet(keras.Model):
         return {**hmsa_config(self), "error_attention_channels": self.error_attention_channels,
                 "error_weight": self.error_weight, "error_loss_weight": self.error_loss_weight}
 
-    @classmethod
-    def from_config(cls, config: dict) -> EARNet:
-        return cls(**config)
 

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
     LogitsMetricsMixin,
     ResizeToMatch,
@@ -213,7 +214,7 @@ def check_scales(scales) -> tuple[float, ...]:
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class HMSA(LogitsMetricsMixin, keras.Model):
+class HMSA(LogitsMetricsMixin, SegmentationModel, keras.Model):
     """HRNetV2-OCR with hierarchical multi-scale attention, for fundus vessel segmentation.
 
     Paper: Tao, Sapra, Catanzaro, "Hierarchical Multi-Scale Attention for Semantic
@@ -315,6 +316,3 @@ class HMSA(LogitsMetricsMixin, keras.Model):
     def get_config(self) -> dict:
         return hmsa_config(self)
 
-    @classmethod
-    def from_config(cls, config: dict) -> HMSA:
-        return cls(**config)

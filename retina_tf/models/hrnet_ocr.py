@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
     LogitsMetricsMixin,
     basic_block,
@@ -223,7 +224,7 @@ def normalize_modules(num_modules: int | Sequence[int]) -> list[int]:
 # --- the model ---------------------------------------------------------------------------------
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class HRNetOCR(LogitsMetricsMixin, keras.Model):
+class HRNetOCR(LogitsMetricsMixin, SegmentationModel, keras.Model):
     """HRNetV2 backbone with an object-contextual representations (OCR) head.
 
     Papers: Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition",
@@ -323,6 +324,3 @@ class HRNetOCR(LogitsMetricsMixin, keras.Model):
                 "ocr_key_channels": self.ocr_key_channels,
                 "aux_loss_weight": self.aux_loss_weight}
 
-    @classmethod
-    def from_config(cls, config: dict) -> HRNetOCR:
-        return cls(**config)

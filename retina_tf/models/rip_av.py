@@ -23,6 +23,7 @@ from keras import layers, ops
 
 from retina_tf.data.rip import distance_targets
 from retina_tf.losses import bce_loss, dice_loss
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
 
 ENCODER_KINDS = ("convnext", "conv")
@@ -118,7 +119,7 @@ def _store_encoder_config(model, input_channels, encoder, widths, depths, layer_
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class RIPClassifier(keras.Model):
+class RIPClassifier(SegmentationModel, keras.Model):
     """RIP pre-training model: the encoder, global average pooling of its deepest features and
     two logits, artery present and vein present (multi-label, sigmoid).
 
@@ -152,9 +153,6 @@ class RIPClassifier(keras.Model):
         return {"name": self.name, "trainable": self.trainable, **_encoder_config(self),
                 "dropout": self.dropout}
 
-    @classmethod
-    def from_config(cls, config: dict) -> RIPClassifier:
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
@@ -243,7 +241,7 @@ def _times_sample_weight(mask, sample_weight):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class RIPAV(keras.Model):
+class RIPAV(SegmentationModel, keras.Model):
     """The RIP-AV artery/vein network.
 
     Paper: Dai et al., "RIP-AV: Joint Representative Instance Pre-training with Context Aware
@@ -491,6 +489,3 @@ class RIPAV(keras.Model):
                 "adversarial_weight": self.adversarial_weight,
                 "class_weights": list(self.class_weights), "av_weight": self.av_weight}
 
-    @classmethod
-    def from_config(cls, config: dict) -> RIPAV:
-        return cls(**config)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import double_conv, upsample
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class UNet(keras.Model):
+class UNet(SegmentationModel, keras.Model):
     """U-Net for fundus vessel segmentation.
 
     Paper: Ronneberger, Fischer, Brox, "U-Net: Convolutional Networks for Biomedical Image
@@ -91,6 +92,3 @@ class UNet(keras.Model):
                 "transpose_conv": self.transpose_conv, "batch_norm": self.batch_norm,
                 "dropout": self.dropout}
 
-    @classmethod
-    def from_config(cls, config: dict) -> UNet:
-        return cls(**config)

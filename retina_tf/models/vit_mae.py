@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
 
 # The seed's configuration (512 px, patch 16, dim 768, depth 8, 8 heads, decoder 512 x 4).
@@ -189,7 +190,7 @@ class ViTEncoder(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class MAE(keras.Model):
+class MAE(SegmentationModel, keras.Model):
     """Masked autoencoder for self-supervised pre-training of a :class:`ViTEncoder`.
 
     Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
@@ -346,7 +347,7 @@ def _up2(x, filters: int, name: str):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class ViTSeg(keras.Model):
+class ViTSeg(SegmentationModel, keras.Model):
     """ViT segmentation: a :class:`ViTEncoder` (MAE-pre-trainable) and a UNETR-style decoder.
 
     Papers: the ViT encoder of :class:`MAE`; decoder after Hatamizadeh et al., "UNETR",

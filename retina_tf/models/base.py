@@ -1,0 +1,80 @@
+"""The contract between retina_tf's models and the code that trains and runs them.
+
+Training (:mod:`retina_tf.training`) and inference (:mod:`retina_tf.inference`) read a model only
+through the attributes and methods declared here, never by probing for others; a new
+architecture subclasses :class:`SegmentationModel` and overrides what differs from the defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from retina_tf.errors import ConfigError
+
+
+class SegmentationModel:
+    """Base class of every registered model, listed before ``keras.Model``:
+    ``class UNet(SegmentationModel, keras.Model)``.
+
+    A mixin rather than a ``keras.Model`` subclass: Keras turns a functional-style subclass into
+    a ``Functional`` one by rewriting the ``__bases__`` of every class between it and
+    ``keras.Model``, which would turn the subclassed models (RIP-AV) functional too.
+
+    Class attributes (override in the subclass):
+        task: ``"av"`` when the model only makes sense for artery/vein labels (``--task`` is then
+            inferred); None: the data decide.
+        pretraining_script: for pre-training models, the script that trains them (``bin/train``
+            refuses them).
+        needs_error_maps: stage-2 models trained on stage-1 error maps (EAR-Net).
+        context_fusion: the model takes ``{"image", "context"}`` inputs (RIP-AV's PCF) and
+            provides ``context_of``, ``context_size`` and ``context_factor``.
+        flag_arguments: constructor arguments that also exist as command-line flags
+            (``--depth``, ...); other models never receive those flags.
+        fully_convolutional: any input size that is a multiple of ``size_multiple`` works
+            (whole-image inference); False: fixed-size windows of ``size_multiple`` px.
+    """
+
+    task: str | None = None
+    pretraining_script: str | None = None
+    needs_error_maps: bool = False
+    context_fusion: bool = False
+    flag_arguments: tuple[str, ...] = ()
+    fully_convolutional: bool = True
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 16
+
+    def with_scales(self, scales: Sequence[float]) -> SegmentationModel:
+        """This model inferring at ``scales`` (multi-scale models, e.g. HMSA)."""
+        raise ConfigError(f"{type(self).__name__} has no inference scales: drop --eval_scales "
+                          f"({list(scales)})")
+
+    def training_extras(self, targets: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Per-pixel targets the model derives from the labels (RIP-AV's distance maps),
+        appended to ``y``; None when there are none."""
+        return None
+
+    def freezable_encoder(self) -> keras.layers.Layer | None:
+        """The pre-trained part ``--freeze_encoder_epochs`` keeps frozen; None: none."""
+        return getattr(self, "encoder", None)
+
+    def load_pretrained(self, source: keras.Model) -> None:
+        """Initializes this model from a trained one (``--pretrained``): by default all weights,
+        when ``source`` has the same class and weight shapes. Two-stage and pre-trained models
+        override it (EAR-Net from HMSA, ViT-Seg from MAE, RIP-AV from the RIP classifier)."""
+        mine, theirs = self.get_weights(), source.get_weights()
+        if type(source) is not type(self) or [w.shape for w in mine] != [
+                w.shape for w in theirs]:
+            raise ConfigError(f"--pretrained: its {type(source).__name__} does not match this "
+                              f"{type(self).__name__} (architecture or size differs)")
+        self.set_weights(theirs)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SegmentationModel:
+        return cls(**config)

@@ -1,0 +1,60 @@
+"""Every registered model keeps the model contract (retina_tf.models.base): a new model cannot
+skip this test, because it runs over ``model_names()`` and needs a tiny configuration here."""
+
+import math
+
+import numpy as np
+import pytest
+
+from retina_tf.errors import ConfigError
+from retina_tf.models import build_model, model_names
+from retina_tf.models.base import SegmentationModel
+from tests.models.helpers import assert_reload_identical
+
+HRNET = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8)
+VIT = dict(image_size=32, patch_size=8, dim=32, depth=2, num_heads=2)
+RIP = dict(widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1))
+TINY = {
+    "unet": dict(depth=2, base_filters=4),
+    "ddrnet": dict(planes=4, spp_planes=8, head_planes=8),
+    "hrnet_ocr": HRNET,
+    "hmsa": dict(HRNET, attention_channels=8),
+    "ear_net": dict(HRNET, attention_channels=8),
+    "mae": dict(VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2),
+    "vit_seg": VIT,
+    "rip_classifier": RIP,
+    "rip_av": dict(RIP, context_size=32),
+}
+
+
+def _input(model: SegmentationModel) -> np.ndarray:
+    """A batch of one image whose side is what the model takes: its size multiple for a
+    fixed-size model, else the first multiple of it from 48 px up."""
+    m = model.size_multiple
+    side = m if not model.fully_convolutional else m * math.ceil(48 / m)
+    return np.random.default_rng(0).random((1, side, side, 1)).astype("float32")
+
+
+def test_every_registered_model_has_a_tiny_configuration_here():
+    assert sorted(TINY) == model_names()
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_model_keeps_the_contract_and_reloads_identically(name, tmp_path):
+    model = build_model(name, input_channels=1, **TINY[name])
+    assert isinstance(model, SegmentationModel)
+    assert isinstance(model.size_multiple, int) and model.size_multiple > 0
+    assert model.task in (None, "vessel", "av")
+    again = type(model).from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    if model.pretraining_script is None:  # segmentation models: logits of the input's size
+        x = _input(model)
+        out = model(x, training=False)
+        logits = out["logits"] if isinstance(out, dict) else out
+        assert tuple(logits.shape[:3]) == x.shape[:3]
+        assert_reload_identical(model, x, tmp_path)
+
+
+def test_a_model_without_inference_scales_refuses_them():
+    with pytest.raises(ConfigError, match="eval_scales"):
+        build_model("unet", **TINY["unet"]).with_scales([0.5, 1.0])
