@@ -1,6 +1,6 @@
 """Vessel and artery/vein segmentation metrics: streaming numpy for evaluation, Keras for training.
 
-Evaluation (numpy) follows DESIGN section 5: one confusion matrix accumulated over all test
+Evaluation (numpy): one confusion matrix accumulated over all test
 pixels **inside the FOV** (``whole_image=True`` counts every pixel, as several peers do, which
 inflates Acc and Sp), and AUC-ROC / AUC-PR from the probabilities of all those pixels, not from
 thresholded masks. A/V metrics are counted on ground-truth vessel pixels labelled artery or vein
@@ -223,7 +223,7 @@ def counted_av_pixels(target_av: np.ndarray, fov: np.ndarray | None = None) -> n
 
 
 class AVMetrics:
-    """Streaming artery/vein classification metrics on ground-truth vessel pixels (DESIGN s. 5).
+    """Streaming artery/vein classification metrics on ground-truth vessel pixels.
 
     Counted pixels: ground-truth vessel pixels that are artery XOR vein, inside the FOV when one
     is given; crossings (artery and vein) and uncertain pixels (vessel only) are excluded. A pixel

@@ -507,6 +507,11 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     if script:
         raise ConfigError(f"--model={cfg.model} is a pre-training model: run {script} (then "
                           "bin/train.py fine-tunes from its run folder with --pretrained)")
+    changed = [f"--{n}={cfg[n].value}" for n in ("loss", "pos_weight")
+               if cfg[n].value != cfg[n].default]
+    if not cls.uses_compiled_loss and changed:
+        raise ConfigError(f"{' '.join(changed)}: {cfg.model} trains with its own loss, not the "
+                          "compiled one; drop the flag (its loss weights go in --model_config)")
     model_task = cls.task
     if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
         cfg.task = model_task

@@ -25,7 +25,7 @@ STEPS = ("grayscale", "standardize", "clahe", "gamma")
 
 @dataclasses.dataclass
 class Preprocessor:
-    """Grayscale -> standardize -> CLAHE -> gamma, each switchable (DESIGN section 4).
+    """Grayscale -> standardize -> CLAHE -> gamma, each switchable (the lineage's four steps).
 
     Args:
         grayscale: keep one luminance channel (0.299 R + 0.587 G + 0.114 B), or the green channel

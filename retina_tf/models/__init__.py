@@ -6,6 +6,7 @@ Adding an architecture is one file in this package and one line in ``_REGISTRY``
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import keras
 
@@ -37,10 +38,29 @@ def model_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+# Keras's own constructor arguments, taken by every model besides its listed ones.
+_KERAS_ARGUMENTS = {"name", "dtype", "trainable"}
+
+
+def model_arguments(name: str) -> list[str]:
+    """The constructor arguments of a registered model (``--model_config`` keys)."""
+    params = inspect.signature(model_class(name).__init__).parameters
+    return sorted(n for n, p in params.items() if n != "self" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
 def build_model(name: str, **config) -> keras.Model:
     """Builds a registered model; ``config`` are its constructor arguments (ViT models also
-    take ``"preset"``, e.g. ``{"preset": "cpu_small"}``)."""
+    take ``"preset"``, e.g. ``{"preset": "cpu_small"}``).
+
+    Raises:
+        ConfigError: for an argument the model does not take (naming it and the ones it does).
+    """
     cls = model_class(name)
+    unknown = sorted(set(config) - set(model_arguments(name)) - _KERAS_ARGUMENTS - {"preset"})
+    if unknown:
+        raise ConfigError(f"model {name!r} does not take {', '.join(unknown)} (--model_config); "
+                          f"it takes {', '.join(model_arguments(name))}")
     if "preset" in config:
         if not hasattr(cls, "from_preset_config"):
             raise ConfigError(f"model {name!r} has no presets: drop \"preset\" from "

@@ -36,6 +36,8 @@ class SegmentationModel:
             (``--depth``, ...); other models never receive those flags.
         fully_convolutional: any input size that is a multiple of ``size_multiple`` works
             (whole-image inference); False: fixed-size windows of ``size_multiple`` px.
+        uses_compiled_loss: False when ``compute_loss`` is the method's own (RIP-AV), so the
+            loss flags cannot apply.
     """
 
     task: str | None = None
@@ -44,6 +46,8 @@ class SegmentationModel:
     context_fusion: bool = False
     flag_arguments: tuple[str, ...] = ()
     fully_convolutional: bool = True
+    # False: compute_loss is the method's own and ignores the compiled loss (--loss, --pos_weight)
+    uses_compiled_loss: bool = True
 
     @property
     def size_multiple(self) -> int:

@@ -75,7 +75,7 @@ class EARNet(SegmentationModel, keras.Model):
     """EAR-Net stage 2: an HMSA model plus an error-attention head that modulates its logits.
 
     Paper: "EAR-Net: Error Attention Refining Network for Retinal Vessel Segmentation",
-    Wang et al., DICTA 2021, https://arxiv.org/abs/2107.01351 (DESIGN section 6).
+    Wang et al., DICTA 2021, https://arxiv.org/abs/2107.01351.
 
     Stage 1 is :class:`~retina_tf.models.hmsa.HMSA`; its binary prediction against the ground
     truth on the training images gives error maps (``bin/make_error_maps.py``). Stage 2 starts

@@ -283,6 +283,7 @@ class RIPAV(SegmentationModel, keras.Model):
 
     task = "av"
     fully_convolutional = True
+    uses_compiled_loss = False  # RIP-AV's weighted BCE + Dice, distance and adversarial terms
 
     def __init__(self, input_channels: int = 3, num_classes: int = 3, encoder: str = "convnext",
                  widths: Sequence[int] = (16, 32, 64, 128, 192),

@@ -5,7 +5,7 @@ https://arxiv.org/abs/2010.11929 (ViT); He et al., "Masked Autoencoders Are Scal
 Learners", CVPR 2022, https://arxiv.org/abs/2111.06377 (MAE); the segmentation decoder takes
 features from several encoder depths as in Hatamizadeh et al., "UNETR", WACV 2022,
 https://arxiv.org/abs/2103.10504, plus a full-resolution conv stem, because a decoder fed only
-the last 1/patch-resolution tokens loses thin vessels (DESIGN section 6).
+the last 1/patch-resolution tokens loses thin vessels.
 """
 
 from __future__ import annotations

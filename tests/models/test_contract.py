@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from retina_tf.errors import ConfigError
+from retina_tf.flags import parse_flags
 from retina_tf.models import build_model, model_names
 from retina_tf.models.base import SegmentationModel
+from retina_tf.training import train
 from tests.models.helpers import assert_reload_identical
 
 HRNET = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8)
@@ -58,3 +60,15 @@ def test_model_keeps_the_contract_and_reloads_identically(name, tmp_path):
 def test_a_model_without_inference_scales_refuses_them():
     with pytest.raises(ConfigError, match="eval_scales"):
         build_model("unet", **TINY["unet"]).with_scales([0.5, 1.0])
+
+
+def test_an_argument_the_model_does_not_take_is_named():
+    with pytest.raises(ConfigError, match=r"'hmsa' does not take depth .*attention_channels"):
+        build_model("hmsa", depth=3, **TINY["hmsa"])
+
+
+def test_a_loss_flag_a_model_cannot_honour_is_an_error(tmp_path):
+    cfg = parse_flags(["--model=rip_av", "--loss=bce", "--dataset=synthetic",
+                       f"--data_dir={tmp_path}", f"--logdir={tmp_path}"])
+    with pytest.raises(ConfigError, match="--loss=bce: rip_av trains with its own loss"):
+        train(cfg)
