@@ -109,6 +109,9 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
 
 # --- durable files ---------------------------------------------------------------------------
 
+_KILL_COUNTS: dict[str, int] = {}  # writes seen per file name, for RETINA_TF_KILL_AT
+
+
 def _kill_point(path: Path) -> None:
     """Test hook of the kill harness (tests/test_kill_harness.py): ``RETINA_TF_KILL_AT=<name>``
     or ``<name>#<n>`` SIGKILLs this process while the n-th (default first) file of that name is
@@ -119,14 +122,12 @@ def _kill_point(path: Path) -> None:
     name, _, nth = spec.partition("#")
     if path.name != name:
         return
-    _kill_point.counts[name] = _kill_point.counts.get(name, 0) + 1  # type: ignore[attr-defined]
-    if _kill_point.counts[name] == int(nth or 1):  # type: ignore[attr-defined]
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(nth or 1):
         tmp = path.with_name(f".{path.name}.killed.tmp")
         tmp.write_bytes(b"\0" * 1024)  # what a kill in the middle of a write leaves
         os.kill(os.getpid(), signal.SIGKILL)
 
-
-_kill_point.counts = {}  # type: ignore[attr-defined]
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -265,12 +266,11 @@ class TrainingState:
 
     def __init__(self, epoch: int = 0, history: dict[str, list] | None = None,
                  elapsed_seconds: float = 0.0, stopped: bool = False,
-                 weights: Path | None = None, seed_states: list | None = None):
+                 seed_states: list | None = None):
         self.epoch = int(epoch)
         self.history = history or {}
         self.elapsed_seconds = float(elapsed_seconds)
         self.stopped = bool(stopped)
-        self.weights = weights
         self.seed_states = seed_states or []
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,7 +332,7 @@ def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
             for generator, value in zip(generators, seed_states):
                 generator.state.assign(np.asarray(value, generator.state.dtype))
         return TrainingState(epoch, state.get("history"), state.get("elapsed_seconds", 0.0),
-                             state.get("stopped", False), weights, seed_states)
+                             state.get("stopped", False), seed_states)
     # Keras's own BackupAndRestore layout, written by earlier retina_tf versions.
     legacy_meta, legacy = backup_dir / "training_metadata.json", backup_dir / "latest.weights.h5"
     if legacy_meta.is_file():
@@ -343,7 +343,7 @@ def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
             ok = False
         if ok:
             model.load_weights(legacy)
-            return TrainingState(epoch, weights=legacy)
+            return TrainingState(epoch)
         aside = _move_aside(backup_dir, [legacy_meta, legacy])
         print(f"warning: backup {legacy} cannot be read (incomplete or corrupt); moved to "
               f"{aside}; training starts from epoch 1", flush=True)
@@ -427,11 +427,18 @@ class LastCheckpoint(keras.callbacks.Callback):
         save_weights_file(self.model, self.path, {"epoch": epoch + 1})
 
 
+def best_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The epoch, monitor and score stored with a best checkpoint (None without one)."""
+    attrs = read_weights_attrs(path)
+    return ({"epoch": int(attrs["epoch"]), "monitor": attrs.get("monitor"),
+             "value": attrs.get("value")} if attrs and "epoch" in attrs else None)
+
+
 def best_checkpoint_score(run_dir: Path, monitor: str) -> float | None:
     """The score stored with ``checkpoints/best.weights.h5`` when it was chosen by ``monitor``."""
-    attrs = read_weights_attrs(Path(run_dir) / BEST_WEIGHTS)
-    if attrs and attrs.get("monitor") == monitor and "value" in attrs:
-        return float(attrs["value"])
+    best = best_checkpoint(Path(run_dir) / BEST_WEIGHTS)
+    if best and best["monitor"] == monitor and best["value"] is not None:
+        return float(best["value"])
     return None
 
 
@@ -461,9 +468,12 @@ def flag_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
     names = old.keys() | new.keys()
 
     def normal(flags: dict[str, str]) -> dict[str, str]:
-        return {(n[2:] if n.startswith("no") and v == "true" and n[2:] in names else n):
-                ("false" if n.startswith("no") and v == "true" and n[2:] in names else v)
-                for n, v in flags.items()}
+        out = {}
+        for name, value in flags.items():
+            if name.startswith("no") and value == "true" and name[2:] in names:
+                name, value = name[2:], "false"  # --noflip
+            out[name] = value
+        return out
 
     old, new = normal(old), normal(new)
     return [f"--{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
@@ -487,8 +497,8 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
     run_dir = Path(run_dir)
     if overwrite or not run_dir.is_dir():
         return "new"
-    finished = (run_dir / MODEL_FILE).is_file() and not has_backup(run_dir)
     interrupted = has_backup(run_dir)
+    finished = (run_dir / MODEL_FILE).is_file() and not interrupted
     if not (finished or interrupted):
         return "new"
     old_flags = run_dir / "flags.txt"

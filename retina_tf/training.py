@@ -48,13 +48,13 @@ from retina_tf.run_folder import (
     RunBackup,
     TrainingState,
     atomic_write_text,
+    best_checkpoint,
     best_checkpoint_score,
     check_run_folder,
     clear_run_folder,
     default_run_dir,
     find_run,
     finish_run,
-    read_weights_attrs,
     remove_stray_temporaries,
     restore_training,
     save_model_file,
@@ -592,7 +592,7 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
                                "loss_history": state.history.get("loss", []),
                                "history": state.history,
-                               "best_checkpoint": read_best_epoch(best_path)}
+                               "best_checkpoint": best_checkpoint(best_path)}
     if validation is not None:  # the callback's segmenter runs the best weights loaded above
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
         val_result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
@@ -615,10 +615,3 @@ def load_best_weights(model: keras.Model, best_path: Path) -> None:
     else:
         print(f"warning: the best checkpoint {best_path} cannot be read; model.keras gets the "
               "last epoch's weights", file=sys.stderr, flush=True)
-
-
-def read_best_epoch(best_path: Path) -> dict[str, Any] | None:
-    """The epoch and score stored with the best checkpoint (None without one)."""
-    attrs = read_weights_attrs(best_path) if best_path.is_file() else None
-    return ({"epoch": int(attrs["epoch"]), "monitor": attrs.get("monitor"),
-             "value": attrs.get("value")} if attrs and "epoch" in attrs else None)
