@@ -2,12 +2,11 @@
 
 python bin/make_error_maps.py --flagfile=configs/drive_hmsa.cfg
     (writes logs/hmsa_drive/error_maps/<image>.png; then
-     python bin/train.py --flagfile=configs/drive_earnet.cfg)
-"""
+     python bin/train.py --flagfile=configs/drive_earnet.cfg)"""
 
-import _bootstrap  # noqa: F401  (repo root on sys.path)
+import _bootstrap  # noqa: F401  (repo root on sys.path; quiet TensorFlow start)
 
-from retina_tf.flags import run_script
+from retina_tf import cli
 
 if __name__ == "__main__":
-    run_script("retina_tf.evaluation:write_error_maps")
+    cli.make_error_maps()

@@ -1,11 +1,10 @@
 """Masked-autoencoder pre-training of a ViT encoder on unlabelled fundus images:
 python bin/pretrain_mae.py --flagfile=configs/drive_mae_pretrain.cfg
-then fine-tune: python bin/train.py --flagfile=configs/drive_vit_seg.cfg
-"""
+then fine-tune: python bin/train.py --flagfile=configs/drive_vit_seg.cfg"""
 
-import _bootstrap  # noqa: F401  (repo root on sys.path)
+import _bootstrap  # noqa: F401  (repo root on sys.path; quiet TensorFlow start)
 
-from retina_tf.flags import run_script
+from retina_tf import cli
 
 if __name__ == "__main__":
-    run_script("retina_tf.pretraining:pretrain_mae")
+    cli.pretrain_mae()

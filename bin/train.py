@@ -1,8 +1,8 @@
 """Train a segmentation model: python bin/train.py --flagfile=configs/drive_unet.cfg"""
 
-import _bootstrap  # noqa: F401  (repo root on sys.path)
+import _bootstrap  # noqa: F401  (repo root on sys.path; quiet TensorFlow start)
 
-from retina_tf.flags import run_script
+from retina_tf import cli
 
 if __name__ == "__main__":
-    run_script("retina_tf.training:train")
+    cli.train()

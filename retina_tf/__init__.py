@@ -12,15 +12,33 @@ Example:
 
 __version__ = "0.1.0"
 
+from retina_tf import _startup
+
+_startup.quiet_start_for_commands()  # before anything imports TensorFlow
+
 from retina_tf import losses, metrics  # noqa: F401  (registers the loss and metrics)
+from retina_tf.config import (
+    DataConfig,
+    ErrorMapConfig,
+    EvalConfig,
+    InferenceConfig,
+    MAEConfig,
+    PredictConfig,
+    RipPatchConfig,
+    RipPretrainConfig,
+    TrainConfig,
+)
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError, RetinaTFError
 from retina_tf.evaluation import evaluate, predict
 from retina_tf.inference import Segmenter, load_keras_model, shipped_models
 from retina_tf.models import build_model, load_all, model_names
+from retina_tf.pretraining import pretrain_mae, pretrain_rip
 from retina_tf.training import WarmupDecay, train
 
 load_all()
 
-__all__ = ["ConfigError", "DatasetError", "ModelFileError", "OutputError", "RetinaTFError",
-           "Segmenter", "WarmupDecay", "build_model", "evaluate", "load_keras_model",
-           "model_names", "predict", "shipped_models", "train"]
+__all__ = ["ConfigError", "DataConfig", "DatasetError", "ErrorMapConfig", "EvalConfig",
+           "InferenceConfig", "MAEConfig", "ModelFileError", "OutputError", "PredictConfig",
+           "RetinaTFError", "RipPatchConfig", "RipPretrainConfig", "Segmenter", "TrainConfig",
+           "WarmupDecay", "build_model", "evaluate", "load_keras_model", "model_names",
+           "predict", "pretrain_mae", "pretrain_rip", "shipped_models", "train"]

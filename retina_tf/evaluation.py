@@ -1,19 +1,22 @@
 """Evaluation of a run on a test split, and prediction on arbitrary photographs.
 
-``evaluate(cfg)`` and ``predict(cfg)`` are what ``bin/evaluate.py`` and ``bin/predict.py`` run.
+``evaluate(cfg)`` and ``predict(cfg)`` (:class:`retina_tf.config.EvalConfig` /
+:class:`~retina_tf.config.PredictConfig`) are what ``bin/evaluate.py`` and ``bin/predict.py`` run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retina_tf import visualize
+from retina_tf.config import ErrorMapConfig, EvalConfig, InferenceConfig, PredictConfig, RunRef
 from retina_tf.data.fov import estimate_fov, fov_coverage_warning
 from retina_tf.data.io import (
     DatasetError,
@@ -23,14 +26,21 @@ from retina_tf.data.io import (
     read_mask,
     read_sample,
 )
-from retina_tf.data.pipeline import resolve_samples, target_of
+from retina_tf.data.pipeline import SegmentationSet, resolve_samples, target_of
 from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
 from retina_tf.errors import ConfigError, RetinaTFError
 from retina_tf.inference import Segmenter, check_threshold
 from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
-from retina_tf.run_folder import atomic_write_text, is_shipped, to_json, update_metrics_json
-from retina_tf.training import run_dir_of
+from retina_tf.run_folder import (
+    atomic_write_text,
+    is_shipped,
+    run_dir_of,
+    to_json,
+    update_metrics_json,
+)
+
+log = logging.getLogger(__name__)
 
 # A/V accuracy is also split at this vessel width (px, as vessel_width_map measures it: a 3 px
 # wide vessel measures 4), because thin vessels are where A/V classification fails first.
@@ -114,7 +124,7 @@ class OutputFolder:
         return visualize.save_curves(scores, labels, self.path, auc_roc, auc_pr, title=title)
 
 
-def load_segmenter(cfg) -> Segmenter:
+def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
     return Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
                               # --window=0 means the training patch size
                               inference=cfg.inference, window=cfg.window or None,
@@ -123,7 +133,7 @@ def load_segmenter(cfg) -> Segmenter:
                               scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link)
 
 
-def _test_samples(cfg):
+def _test_samples(cfg: EvalConfig):
     if cfg.test_label_file_path:
         return resolve_samples(label_file=cfg.test_label_file_path)
     if cfg.label_file_path:
@@ -134,6 +144,60 @@ def _test_samples(cfg):
     return resolve_samples(cfg.dataset, cfg.data_dir, cfg.eval_split)
 
 
+class SetScores:
+    """Vessel (and, for A/V models, artery/vein) metrics accumulated image by image: the one
+    metric loop behind validation during training, :func:`evaluate` and the benchmarks.
+
+    Args:
+        task: "vessel" or "av".
+        threshold: probability threshold of the vessel mask.
+        whole_image: count every pixel instead of the FOV's only.
+        av_by_width: also split A/V accuracy at :data:`THIN_AV_WIDTH` (``av_thin_acc``,
+            ``av_thick_acc``).
+    """
+
+    def __init__(self, task: str = "vessel", threshold: float = 0.5, whole_image: bool = False,
+                 av_by_width: bool = False):
+        self.vessel = VesselMetrics(threshold=threshold, whole_image=whole_image)
+        self.av = AVMetrics() if task == "av" else None
+        self.by_width = (AVMetrics(), AVMetrics()) if task == "av" and av_by_width else None
+
+    def update(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray) -> None:
+        """``prob`` (H, W, C) with the vessel channel last, ``target`` (H, W, C) booleans."""
+        self.vessel.update(prob[..., -1], target[..., -1], fov)
+        if self.av is not None:
+            self.av.update(prob, target, fov)
+        if self.by_width is not None:
+            thin = vessel_width_map(target[..., -1]) <= THIN_AV_WIDTH
+            inside = fov.astype(bool)
+            self.by_width[0].update(prob, target, inside & thin)
+            self.by_width[1].update(prob, target, inside & ~thin)
+
+    def result(self) -> dict:
+        result = self.vessel.result()
+        if self.av is not None:
+            result.update({f"av_{k}": v for k, v in self.av.result().items()})
+        if self.by_width is not None:
+            for part, metrics in zip(("thin", "thick"), self.by_width):
+                r = metrics.result()
+                result.update({f"av_{part}_acc": r["acc"], f"av_{part}_pixels": r["n_pixels"]})
+        return result
+
+
+def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel",
+                 whole_image: bool = False, threshold: float = 0.5
+                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Metrics of a model over a preprocessed set (validation during training), and the
+    probability maps."""
+    scores = SetScores(task, threshold, whole_image)
+    probs = []
+    for image, target, fov in zip(seg.images, seg.targets, seg.fovs):
+        prob = segmenter.probability_preprocessed(image) * fov[..., None]
+        probs.append(prob)
+        scores.update(prob, target > 0.5, fov)
+    return scores.result(), probs
+
+
 def _vote_words(seg: Segmenter) -> str:
     if not seg.av_vote:
         return ""
@@ -141,7 +205,7 @@ def _vote_words(seg: Segmenter) -> str:
     return f", one A/V decision per vessel segment{linked}"
 
 
-def evaluate(cfg) -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Segments the test split, prints confusion matrix and metrics, writes metrics.json and,
     with ``--visualize``, per-image PNGs and ROC / PR curves.
 
@@ -169,14 +233,11 @@ def evaluate(cfg) -> dict:
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
-    vessel = VesselMetrics(threshold=cfg.threshold, whole_image=cfg.whole_image_metrics)
-    av = AVMetrics() if task == "av" else None
-    if av is not None:
-        av_thin, av_thick = AVMetrics(), AVMetrics()
-    print(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-          f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
-          f"{_vote_words(seg)}; counting "
-          f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})", flush=True)
+    scores = SetScores(task, cfg.threshold, cfg.whole_image_metrics, av_by_width=True)
+    log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
+             f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
+             f"{_vote_words(seg)}; counting "
+             f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
     for sample in samples:
         data = read_sample(sample)
         seg.check_image_size(data.image, sample.image)
@@ -185,13 +246,7 @@ def evaluate(cfg) -> dict:
         target = target_of(data, task) > 0.5
         # Outside the FOV the prediction is background, as in the shipped masks and papers.
         prob = seg.probability(data.image) * data.fov[..., None]
-        vessel.update(prob[..., -1], target[..., -1], data.fov)
-        if av is not None:
-            av.update(prob, target, data.fov)
-            thin = vessel_width_map(target[..., -1]) <= THIN_AV_WIDTH
-            fov = data.fov.astype(bool)
-            av_thin.update(prob, target, fov & thin)
-            av_thick.update(prob, target, fov & ~thin)
+        scores.update(prob, target, data.fov)
         if cfg.visualize:
             out.claim(_picture_names(data.name, task))
             p = prob[..., -1]
@@ -200,28 +255,23 @@ def evaluate(cfg) -> dict:
             out.save_png(f"{data.name}_mask.png", visualize.mask_image(pred))
             out.save_png(f"{data.name}_overlay.png",
                          visualize.overlay(pred, target[..., -1], data.fov))
-            if av is not None:
+            if task == "av":
                 out.save_png(f"{data.name}_av.png", visualize.av_error_image(prob, target))
                 out.save_png(f"{data.name}_av_truth.png",
                              visualize.av_image(target.astype(np.float32)))
-    result = vessel.result()
-    if av is not None:
-        result.update({f"av_{k}": v for k, v in av.result().items()})
-        for part, metrics in (("thin", av_thin), ("thick", av_thick)):
-            r = metrics.result()
-            result.update({f"av_{part}_acc": r["acc"], f"av_{part}_pixels": r["n_pixels"]})
-    print()
-    print(format_table(result), flush=True)
-    if av is not None:
-        print("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
-              "Se: arteries right, Sp: veins right)")
-        print(format_table(av.result(), class_names=("vein", "artery")), flush=True)
-        print(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
-              f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
-              f"({result['av_thick_pixels']} px)", flush=True)
+    result = scores.result()
+    log.info("")
+    log.info(format_table(result))
+    if scores.av is not None:
+        log.info("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
+                 "Se: arteries right, Sp: veins right)")
+        log.info(format_table(scores.av.result(), class_names=("vein", "artery")))
+        log.info(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
+                 f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
+                 f"({result['av_thick_pixels']} px)")
     if cfg.visualize:
-        scores, labels = vessel.scores_and_labels()
-        out.save_curves(scores, labels, result["auc_roc"], result["auc_pr"],
+        pixel_scores, labels = scores.vessel.scores_and_labels()
+        out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
                         title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
     report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
               "counting": "whole_image" if cfg.whole_image_metrics else "fov",
@@ -232,9 +282,9 @@ def evaluate(cfg) -> dict:
     out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
-    print(f"\nwrote {out_dir / 'metrics.json'}" +
-          (f" and pictures (probability, mask, overlay: green TP, red FP, blue FN; "
-           f"roc_curve.png, pr_curve.png) in {out_dir}" if cfg.visualize else ""), flush=True)
+    log.info(f"\nwrote {out_dir / 'metrics.json'}" +
+             (f" and pictures (probability, mask, overlay: green TP, red FP, blue FN; "
+              f"roc_curve.png, pr_curve.png) in {out_dir}" if cfg.visualize else ""))
     return report
 
 
@@ -255,7 +305,7 @@ def _evaluation_outputs(names: list[str], task: str, pictures: bool) -> list[str
 
 def _warn(message: str | None) -> None:
     if message:
-        print(message, file=sys.stderr, flush=True)
+        log.warning(message)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -382,19 +432,19 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
                out.save_png(f"{base}_mask.png", visualize.mask_image(mask[..., -1]))]
     if seg.task == "av":
         written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob)))
-    print(f"{path} -> {out.path / base}_{{prob,mask}}.png "
-          f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)", flush=True)
+    log.info(f"{path} -> {out.path / base}_{{prob,mask}}.png "
+             f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)")
     return written
 
 
 def _report(done: int, failed: dict[Path, str], out_dir: Path) -> None:
     """The closing summary: how many images were written and each failure with its reason."""
     if not failed:
-        print(f"done: {done} image(s) segmented, outputs in {out_dir}", flush=True)
+        log.info(f"done: {done} image(s) segmented, outputs in {out_dir}")
         return
     lines = [f"done: {done} image(s) segmented, outputs in {out_dir}; {len(failed)} failed:"]
     lines += [f"  {reason}" for reason in failed.values()]
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    log.warning("\n".join(lines))
 
 
 def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
@@ -404,7 +454,7 @@ def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> Retina
                          f"above); the others were written to {out_dir}")
 
 
-def predict(cfg) -> list[Path]:
+def predict(cfg: PredictConfig) -> list[Path]:
     """Writes ``<stem>_prob.png`` (8-bit probability) and ``<stem>_mask.png`` per input image,
     the size of the input; A/V models also write ``<stem>_av.png``.
 
@@ -439,14 +489,14 @@ def predict(cfg) -> list[Path]:
             if len(inputs) == 1:
                 raise
             failed[path] = _one_line(path, err)
-            print(f"skipped: {failed[path]}", file=sys.stderr, flush=True)
+            log.warning(f"skipped: {failed[path]}")
     _report(len(inputs) - len(failed), failed, out.path)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)
     return written
 
 
-def write_error_maps(cfg) -> Path:
+def write_error_maps(cfg: ErrorMapConfig) -> Path:
     """Segments the training split with the run ``--model`` (a stage-1 hmsa run) and writes one
     0/255 PNG error map per image to ``--output_dir`` (default ``<run>/error_maps``), plus
     ``error_maps.json`` with the share of erroneous FOV pixels per image."""
@@ -454,8 +504,7 @@ def write_error_maps(cfg) -> Path:
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}",
-          flush=True)
+    log.info(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}")
     shares = {}
     for sample in samples:
         data = read_sample(sample)
@@ -464,7 +513,7 @@ def write_error_maps(cfg) -> Path:
         errors = error_map(prob, target, data.fov, cfg.threshold)
         visualize.save_png(out_dir / f"{data.name}.png", visualize.mask_image(errors))
         shares[data.name] = float(errors.sum() / max(data.fov.sum(), 1))
-        print(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong", flush=True)
+        log.info(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong")
     summary = {"run": str(seg.run_dir), "threshold": cfg.threshold,
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
@@ -472,6 +521,5 @@ def write_error_maps(cfg) -> Path:
     update_metrics_json(seg.run_dir, {"error_maps": {"folder": str(out_dir),
                                                      "mean_error_share_in_fov":
                                                      summary["mean_error_share_in_fov"]}})
-    print(f"mean error share {summary['mean_error_share_in_fov']:.2%}; wrote {out_dir}",
-          flush=True)
+    log.info(f"mean error share {summary['mean_error_share_in_fov']:.2%}; wrote {out_dir}")
     return out_dir

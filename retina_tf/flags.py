@@ -1,9 +1,14 @@
-"""absl flags shared by every script in bin/, defined once here.
+"""The command-line layer: absl flags of the bin/ scripts, and the configs built from them.
 
-Scripts call the ``define_*`` groups they need; a flagfile written for ``bin/train.py`` also works
-for ``bin/evaluate.py`` (flags a script does not define would be an error, so every script that
-reads run settings defines the same groups). Bad values and conflicting data sources are
-rejected at parse time by validators on the FlagValues, so :func:`parse_flags` rejects them too.
+Every retina_tf flag is declared once here; each script defines only the flags of its own
+config class (:mod:`retina_tf.config`), so ``--help`` lists those. One flagfile serves several
+scripts: a flag of another retina_tf script read from a flagfile is skipped (``bin/evaluate.py
+--flagfile=configs/drive_unet.cfg`` ignores ``--epochs``), one given on the command line is a
+usage error, and an unknown flag is an error everywhere. Bad values and conflicting data
+sources are rejected at parse time by validators.
+
+The library never imports this module: :func:`script_config` turns the parsed flags into a
+config, :func:`parse_config` does the same for an argument list (tests, notebooks).
 
 :func:`run_script` / :func:`run_app` run a bin/ script under :func:`report_errors`: a user's
 error is one or two lines on stderr and exit status 2 (usage) or 1, the traceback only with
@@ -13,42 +18,86 @@ error is one or two lines on stderr and exit status 2 (usage) or 1, the tracebac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
+import importlib
+import logging
 import os
 import sys
 import traceback
+import types
+import typing
 
-from absl import flags
+from absl import app, flags
 
+from retina_tf.config import (
+    DataConfig,
+    ErrorMapConfig,
+    EvalConfig,
+    MAEConfig,
+    PredictConfig,
+    RipPatchConfig,
+    RipPretrainConfig,
+    TrainConfig,
+    field_names,
+    read_model_config,
+)
 from retina_tf.data.catalog import DATASETS
 from retina_tf.data.preprocess import STEPS
-from retina_tf.errors import RetinaTFError
+from retina_tf.errors import ConfigError, RetinaTFError
+from retina_tf.models import model_class
 
 FLAGS = flags.FLAGS
-# The first flag of each group: a group is defined once per FlagValues (tested by its presence,
-# since ids of discarded FlagValues objects can be reused).
-_GROUP_SENTINEL = {"data": "dataset", "model": "model", "run": "logdir", "train": "mode",
-                   "eval": "eval_split", "predict": "input"}
-OWN_FLAGS: set[str] = set()  # names of retina_tf's flags (written to flags.txt)
 
-
-def _once(group: str, fv: flags.FlagValues) -> bool:
-    return _GROUP_SENTINEL[group] not in fv
+# Each script: its config class and the library function it runs.
+SCRIPTS: dict[str, tuple[type, str]] = {
+    "train": (TrainConfig, "retina_tf.training:train"),
+    "evaluate": (EvalConfig, "retina_tf.evaluation:evaluate"),
+    "predict": (PredictConfig, "retina_tf.evaluation:predict"),
+    "make_error_maps": (ErrorMapConfig, "retina_tf.evaluation:write_error_maps"),
+    "pretrain_mae": (MAEConfig, "retina_tf.pretraining:pretrain_mae"),
+    "pretrain_rip": (RipPretrainConfig, "retina_tf.pretraining:pretrain_rip"),
+    "generate_rip_patches": (RipPatchConfig, "retina_tf.data.rip:write_rip_patches"),
+    "preprocess": (DataConfig, ""),
+}
+# Model arguments that are also flags of bin/train.py (the U-Net's, kept for the seed's command
+# lines and flagfiles); they reach a model whose class lists them in ``flag_arguments``.
+MODEL_FLAGS = ("depth", "base_filters", "transpose_conv", "batch_norm", "dropout")
 
 
 class _Definer:
-    """``flags.DEFINE_*`` bound to one FlagValues (the global FLAGS, or a fresh one in tests)."""
+    """``flags.DEFINE_*`` into one FlagValues, for the names in ``only`` (None: every flag)."""
 
-    def __init__(self, fv: flags.FlagValues):
+    def __init__(self, fv: flags.FlagValues, only: set[str] | None = None):
         self._fv = fv
+        self._only = only
+
+    def wanted(self, name: str) -> bool:
+        return (self._only is None or name in self._only) and name not in self._fv
 
     def __getattr__(self, name: str):
         define = getattr(flags, name)
 
         def defined(flag_name, *args, **kwargs):
-            OWN_FLAGS.add(flag_name)
-            return define(flag_name, *args, flag_values=self._fv, **kwargs)
+            if self.wanted(flag_name):
+                define(flag_name, *args, flag_values=self._fv, **kwargs)
         return defined
+
+    def add(self, flag: flags.Flag) -> None:
+        if self.wanted(flag.name):
+            flags.DEFINE_flag(flag, self._fv)
+
+    def check(self, name: str, ok, rule: str) -> None:
+        """Rejects a bad value of --name at parse time: absl's message reads
+        ``flag --name=value: <rule>``."""
+        if name in self._fv:
+            flags.register_validator(name, lambda value: value is None or ok(value), rule,
+                                     flag_values=self._fv)
+
+    def check_pair(self, a: str, b: str, ok, rule: str) -> None:
+        if a in self._fv and b in self._fv:
+            flags.register_multi_flags_validator([a, b], ok, rule, flag_values=self._fv)
 
 
 class _EmptyIsNoneEnumParser(flags.EnumParser):
@@ -60,35 +109,161 @@ class _EmptyIsNoneEnumParser(flags.EnumParser):
         return super().parse(argument)
 
 
-def _check(fv: flags.FlagValues, name: str, ok, rule: str) -> None:
-    """Rejects a bad value of --name at parse time (also from :func:`parse_flags`): absl's
-    message reads ``flag --name=value: <rule>``."""
-    flags.register_validator(name, lambda value: value is None or ok(value), rule,
-                             flag_values=fv)
+def define_all(d: _Definer) -> None:
+    for group in (define_data_flags, define_model_flags, define_run_flags, define_train_flags,
+                  define_rip_flags, define_eval_flags, define_predict_flags):
+        group(d)
 
 
-def parse_flags(argv: list[str]) -> flags.FlagValues:
-    """Parses ``argv`` (flags only, ``--flagfile`` allowed) into a fresh FlagValues with every
-    flag defined; for tests and notebooks that call the library without absl.app."""
-    fv = flags.FlagValues()
-    define_train_flags(fv)
-    define_predict_flags(fv)
-    define_rip_flags(fv)
-    fv(["retina_tf"] + list(argv))
+def script_flag_names(script: str) -> set[str]:
+    """The flags ``bin/<script>.py`` defines: its config's fields (and the U-Net flags for
+    training)."""
+    names = set(field_names(SCRIPTS[script][0]))
+    return names | set(MODEL_FLAGS) if script == "train" else names
+
+
+def define_flags(script: str, fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
+    """Defines the flags of ``bin/<script>.py`` in ``fv`` and makes them the key flags that
+    ``--help`` lists."""
+    define_all(_Definer(fv, script_flag_names(script)))
+    for name in script_flag_names(script):
+        fv.register_key_flag_for_module(sys.argv[0], fv[name])
     return fv
 
 
-def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
+@functools.cache
+def _catalog() -> dict[str, bool]:
+    """Every retina_tf flag name -> whether it is boolean (takes ``--noname``)."""
+    fv = flags.FlagValues()
+    define_all(_Definer(fv))
+    return {name: fv[name].boolean for name in fv}
+
+
+def owners(name: str) -> list[str]:
+    return [s for s in SCRIPTS if name in script_flag_names(s)]
+
+
+def _flag_name(arg: str) -> str | None:
+    """The retina_tf flag an argument sets (``--noflip`` -> flip), or None."""
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    name = arg.lstrip("-").partition("=")[0]
+    catalog = _catalog()
+    if name in catalog:
+        return name
+    if name.startswith("no") and catalog.get(name[2:]) and "=" not in arg:
+        return name[2:]
+    return None
+
+
+def keep_own_flags(argv: list[str], fv: flags.FlagValues, strict: bool = True) -> list[str]:
+    """``argv`` (program name first) with flagfiles expanded and the flags of other retina_tf
+    scripts that came from a flagfile dropped (all of them when not ``strict``).
+
+    Raises:
+        app.UsageError: with ``strict``, such a flag given on the command line itself.
+    """
+    prog = [os.path.basename(argv[0]) if argv else "retina_tf"]
+    out = argv[:1]
+    args = list(argv[1:])
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            out += [arg] + args
+            break
+        if fv._is_flag_file_directive(arg):  # noqa: SLF001  (absl's own test)
+            if arg.lstrip("-") == "flagfile" and args:  # --flagfile path
+                arg = f"--flagfile={args.pop(0)}"
+            lines = fv.read_flags_from_files([arg], force_gnu=True)
+            out += [line for line in lines if not _foreign(line, fv)]
+            continue
+        if _foreign(arg, fv) and not strict:
+            continue
+        if _foreign(arg, fv):
+            name = _flag_name(arg)
+            users = ", ".join(f"bin/{s}.py" for s in owners(name))
+            raise app.UsageError(f"--{name} is not a flag of {prog[0]} (it belongs to {users}); "
+                                 "drop it (in a flagfile it would be ignored)")
+        out.append(arg)
+    return out
+
+
+def _foreign(arg: str, fv: flags.FlagValues) -> bool:
+    name = _flag_name(arg)
+    return name is not None and name not in fv
+
+
+# --- configs from flags ----------------------------------------------------------------------
+
+def _field_value(fv: flags.FlagValues, name: str, kind) -> object:
+    value = fv[name].value
+    if name == "model_config":
+        return read_model_config(value)
+    if name == "task" and not fv[name].present:
+        return None  # the model's own task (rip_av: av), else vessel
+    if isinstance(value, list):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        item = typing.get_args(kind)[0]
+        try:
+            return tuple(item(str(v).strip()) for v in value if str(v).strip())
+        except ValueError as err:
+            raise ConfigError(f"--{name}={','.join(map(str, value))}: {err}") from err
+    return value
+
+
+def _model_config(fv: flags.FlagValues) -> dict:
+    """``--model_config`` with the U-Net flags folded in for a model that takes them; a U-Net
+    flag set away from its default for another model is an error."""
+    config = read_model_config(fv["model_config"].value)
+    takes = model_class(fv["model"].value).flag_arguments
+    for name in MODEL_FLAGS:
+        if name in takes:
+            config.setdefault(name, fv[name].value)
+        elif fv[name].value != fv[name].default:
+            raise ConfigError(f"--{name}={fv[name].value}: --model={fv['model'].value} does not "
+                              f"take it (a U-Net flag); give its arguments in --model_config")
+    return config
+
+
+def script_config(script: str, fv: flags.FlagValues = FLAGS):
+    """The config of ``bin/<script>.py`` from its parsed flags."""
+    cls = SCRIPTS[script][0]
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _field_value(fv, f.name, hints[f.name]) for f in dataclasses.fields(cls)}
+    if script == "train":
+        values["model_config"] = _model_config(fv)
+    return cls(**values)
+
+
+def new_flag_values(script: str | None = None) -> flags.FlagValues:
+    """A fresh FlagValues with the flags of ``bin/<script>.py`` (every retina_tf flag when
+    None) and ``--verbose``, with their validators; unparsed."""
+    fv = flags.FlagValues()
+    define_all(_Definer(fv, None if script is None else script_flag_names(script)))
+    flags.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.",
+                         flag_values=fv)
+    return fv
+
+
+def parse_config(script: str, argv: list[str]):
+    """The config ``bin/<script>.py`` would build from ``argv`` (flags only, ``--flagfile``
+    allowed; flags of other scripts are skipped, so one list serves train and evaluate): for
+    tests and notebooks that start from command lines or flagfiles."""
+    fv = new_flag_values(script)
+    fv(keep_own_flags(["retina_tf"] + list(argv), fv, strict=False))
+    return script_config(script, fv)
+
+
+# --- flag definitions ------------------------------------------------------------------------
+
+def define_data_flags(d: _Definer) -> None:
     """Where the images come from and how they are preprocessed."""
-    if not _once("data", fv):
-        return
-    d = _Definer(fv)
     # An enum that also takes an empty value (--dataset=, as None) to drop a flagfile's dataset.
     dataset = flags.EnumFlag("dataset", None, "Dataset name (official layout); empty: none.",
                              list(DATASETS))
     dataset.parser = _EmptyIsNoneEnumParser(list(DATASETS))
-    OWN_FLAGS.add("dataset")
-    flags.DEFINE_flag(dataset, fv)
+    d.add(dataset)
     d.DEFINE_string("data_dir", None, "Folder of the dataset in its official layout; empty: "
                     "none.")
     d.DEFINE_string("label_file_path", None,
@@ -103,7 +278,7 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
                       f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'.")
     d.DEFINE_enum("channel", "luminance", ["luminance", "green"],
                       "Grayscale conversion: luminance (0.299R+0.587G+0.114B) or green channel.")
-    _check(fv, "preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps),
+    d.check("preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps),
            f"steps must be among {', '.join(STEPS)}, or 'none'")
     d.DEFINE_string("cache_dir", None, "Cache of preprocessed images (bin/preprocess.py).")
     d.DEFINE_integer("seed", 0, "Seed for data sampling, augmentation and initialization.")
@@ -112,17 +287,14 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
     for label, source in (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
                           ("test_label_file_path", "dataset"),
                           ("test_label_file_path", "data_dir")):
-        flags.register_multi_flags_validator(
-            [label, source], lambda v, label=label, source=source: not (v[label] and v[source]),
+        d.check_pair(
+            label, source, lambda v, label=label, source=source: not (v[label] and v[source]),
             f"--{label} and --{source} both say which images to use; keep one: pass an "
             f"empty --{label}= to drop the label file (e.g. a flagfile's), or an empty "
-            "--dataset= --data_dir= to drop the dataset", flag_values=fv)
+            "--dataset= --data_dir= to drop the dataset")
 
 
-def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
-    if not _once("model", fv):
-        return
-    d = _Definer(fv)
+def define_model_flags(d: _Definer) -> None:
     d.DEFINE_string("model", "unet",
                         "train: architecture name. evaluate/predict: a run folder, a shipped "
                         "model name (e.g. unet_drive), or an architecture name meaning the run "
@@ -137,10 +309,7 @@ def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
                         "JSON dict of extra constructor arguments for the model.")
 
 
-def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
-    if not _once("run", fv):
-        return
-    d = _Definer(fv)
+def define_run_flags(d: _Definer) -> None:
     d.DEFINE_string("logdir", "logs", "Parent folder of run folders.")
     d.DEFINE_string("run_name", None, "Run folder name (default: <model>_<dataset>).")
     d.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "one_device",
@@ -153,17 +322,9 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_boolean("overwrite", False,
                      "train: start a finished (or interrupted) run folder again from scratch; "
                      "evaluate/predict: replace existing files in --output_dir.")
-    d.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.")
 
 
-def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:
-    define_data_flags(fv)
-    define_model_flags(fv)
-    define_run_flags(fv)
-    define_eval_flags(fv)
-    if not _once("train", fv):
-        return
-    d = _Definer(fv)
+def define_train_flags(d: _Definer) -> None:
     d.DEFINE_enum("mode", "patch", ["patch", "whole"], "Random patches or whole images.")
     d.DEFINE_integer("patch_size", 48, "Training patch size.")
     d.DEFINE_integer("patches_per_epoch", 20000, "Patches per epoch (patch mode).")
@@ -213,25 +374,21 @@ def define_train_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_string("error_maps", None,
                     "ear_net: folder of the stage-1 error maps <image name>.png written by "
                     "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
-    _check(fv, "patch_size", lambda v: v >= 1, "must be >= 1 (pixels)")
-    _check(fv, "patches_per_epoch", lambda v: v >= 1, "must be >= 1")
-    _check(fv, "vessel_probability", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
-    _check(fv, "val_images", lambda v: v >= 0, "must be >= 0 (0 = no validation images)")
-    _check(fv, "batch_size", lambda v: v >= 1, "must be >= 1")
-    _check(fv, "epochs", lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)")
-    _check(fv, "steps_per_epoch", lambda v: v >= 0,
+    d.check("patch_size", lambda v: v >= 1, "must be >= 1 (pixels)")
+    d.check("patches_per_epoch", lambda v: v >= 1, "must be >= 1")
+    d.check("vessel_probability", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    d.check("val_images", lambda v: v >= 0, "must be >= 0 (0 = no validation images)")
+    d.check("batch_size", lambda v: v >= 1, "must be >= 1")
+    d.check("epochs", lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)")
+    d.check("steps_per_epoch", lambda v: v >= 0,
            "must be >= 0 (0 = from --patches_per_epoch)")
-    _check(fv, "learning_rate", lambda v: v > 0.0, "must be > 0")
-    _check(fv, "validate_every", lambda v: v >= 1, "must be >= 1 (epochs)")
+    d.check("learning_rate", lambda v: v > 0.0, "must be > 0")
+    d.check("validate_every", lambda v: v >= 1, "must be >= 1 (epochs)")
 
 
-def define_rip_flags(fv: flags.FlagValues = FLAGS) -> None:
+def define_rip_flags(d: _Definer) -> None:
     """RIP-AV's representative-instance patches (bin/generate_rip_patches.py), with the data
     flags they read (--dataset, --data_dir, --seed)."""
-    define_data_flags(fv)
-    if "rip_sizes" in fv:  # defined once per FlagValues, like the groups above
-        return
-    d = _Definer(fv)
     d.DEFINE_string("rip_patches", None,
                     "Folder of RIP patches: generate_rip_patches writes patches.csv, patches.npz "
                     "and preview.png there; pretrain_rip trains on them.")
@@ -249,10 +406,7 @@ def define_rip_flags(fv: flags.FlagValues = FLAGS) -> None:
                    "whenever not present (more patches, some labels noisy).")
 
 
-def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
-    if not _once("eval", fv):
-        return
-    d = _Definer(fv)
+def define_eval_flags(d: _Definer) -> None:
     d.DEFINE_enum("eval_split", "test", ["training", "test", "all"], "Split to evaluate.")
     d.DEFINE_boolean("visualize", False,
                          "Write probability maps, masks, overlays and ROC / PR curves.")
@@ -275,16 +429,13 @@ def define_eval_flags(fv: flags.FlagValues = FLAGS) -> None:
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
     d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")
-    _check(fv, "stride", lambda v: v >= 1, "must be >= 1 (pixels)")
-    _check(fv, "window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
-    _check(fv, "threshold", lambda v: 0.0 < v < 1.0,
+    d.check("stride", lambda v: v >= 1, "must be >= 1 (pixels)")
+    d.check("window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
+    d.check("threshold", lambda v: 0.0 < v < 1.0,
            "must be between 0 and 1, both excluded (a probability threshold)")
 
 
-def define_predict_flags(fv: flags.FlagValues = FLAGS) -> None:
-    if not _once("predict", fv):
-        return
-    d = _Definer(fv)
+def define_predict_flags(d: _Definer) -> None:
     d.DEFINE_string("input", None, "predict: an image file or a folder of images.")
     d.DEFINE_string("fov", None, "predict: FOV mask file or folder (<stem>*.png/gif/tif); "
                     "estimated when absent.")
@@ -352,9 +503,6 @@ def report_errors(fv: flags.FlagValues = FLAGS):
     ValueError exits 1 with a hint; Ctrl-C exits 130. ``--verbose`` adds the traceback. Any
     other exception is a bug in retina_tf and goes through with its traceback.
     """
-    from absl import app
-
-
     try:
         yield
     except KeyboardInterrupt:
@@ -383,19 +531,26 @@ def report_errors(fv: flags.FlagValues = FLAGS):
 
 
 def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
-    """``absl.app.run(main)`` with :func:`report_errors` around both the flag parsing and
-    ``main``; defines ``--verbose`` when the script has not."""
-    from absl import app
-
+    """``absl.app.run(main)`` with :func:`report_errors` around both the flag parsing (other
+    scripts' flags from flagfiles skipped, :func:`keep_own_flags`) and ``main``; defines
+    ``--verbose``, and sends the library's log (``logging.getLogger("retina_tf")``) to stdout as
+    plain lines."""
     if "verbose" not in fv:
         flags.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.",
                              flag_values=fv)
 
     def parse(argv):
         with report_errors(fv):
-            return fv(argv)
+            try:
+                return fv(keep_own_flags(argv, fv))
+            except SystemExit as done:  # absl's --help exits 1; help that was asked for is 0
+                asked = {"-h", "-help", "--help", "-?", "--helpshort", "--helpfull"}
+                if done.code == 1 and asked & set(argv[1:]):
+                    raise SystemExit(0) from None
+                raise
 
     def guarded_main(argv):
+        configure_logging()
         with report_errors(fv):
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags take "
@@ -405,18 +560,48 @@ def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
     app.run(guarded_main, flags_parser=parse)
 
 
-def run_script(entry: str) -> None:
-    """Runs a bin/ script: defines every retina_tf flag (so one flagfile serves train, evaluate
-    and predict), parses argv with absl, then calls ``entry`` ("module:function") with FLAGS;
-    user errors are reported by :func:`report_errors`."""
-    import importlib
+class _Console(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` / ``sys.stderr`` is at the moment (pytest's capture,
+    a notebook's redirect)."""
 
-    define_train_flags()
-    define_predict_flags()
-    define_rip_flags()
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler.__init__ sets it
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The library's messages (``logging.getLogger("retina_tf")``) as plain lines: information
+    on stdout, warnings and errors on stderr (absl's handler would prefix each line with time
+    and source and send all of it to stderr)."""
+    log = logging.getLogger("retina_tf")
+    for handler in list(log.handlers):
+        if isinstance(handler, _Console):
+            log.removeHandler(handler)
+    out, err = _Console("stdout"), _Console("stderr")
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def run_script(script: str) -> None:
+    """Runs ``bin/<script>.py``: defines its flags, parses argv, builds its config
+    (:func:`script_config`) and calls the library function of :data:`SCRIPTS` with it."""
+    define_flags(script)
+    module, function = SCRIPTS[script][1].split(":")
 
     def main(argv):
-        module, function = entry.split(":")
-        getattr(importlib.import_module(module), function)(FLAGS)
+        getattr(importlib.import_module(module), function)(script_config(script))
 
     run_app(main)

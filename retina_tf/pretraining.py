@@ -1,16 +1,19 @@
 """Pre-training: masked autoencoders on unlabelled fundus images (``bin/pretrain_mae.py``) and
 RIP-AV's representative-instance pre-training (``bin/pretrain_rip.py``).
 
-``pretrain_mae(cfg)`` reads every image in ``--pretrain_dirs`` (labels ignored, FOV estimated),
-refuses the test images of the dataset named by ``--dataset`` / ``--data_dir`` (the one the
-encoder will be evaluated on), fits the preprocessor on them, and trains :class:`MAE` on random
-``image_size`` crops. The run folder has the same layout as a training run, plus
-``reconstruction.png``; ``bin/train.py --model=vit_seg --pretrained=<run>`` fine-tunes from it.
+``pretrain_mae(cfg)`` (a :class:`retina_tf.config.MAEConfig`) reads every image in
+``pretrain_dirs`` (labels ignored, FOV estimated), refuses the test images of the dataset named
+by ``--dataset`` / ``--data_dir`` (the one the encoder will be evaluated on), fits the
+preprocessor on them, and trains :class:`MAE` on random ``image_size`` crops. The run folder
+has the same layout as a training run, plus ``reconstruction.png``; ``bin/train.py
+--model=vit_seg --pretrained=<run>`` fine-tunes from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf import visualize
+from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
@@ -27,24 +31,12 @@ from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import list_inputs
-from retina_tf.inference import atomic_save_model
 from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
-from retina_tf.run_folder import finish_run
-from retina_tf.training import (
-    WarmupDecay,
-    already_trained,
-    atomic_write_text,
-    fit_run,
-    flags_text,
-    load_best_weights,
-    load_training_sets,
-    make_optimizer,
-    make_strategy,
-    open_run_folder,
-    run_dir_of,
-    update_metrics_json,
-)
+from retina_tf.run_folder import run_dir_of
+from retina_tf.training import TrainingJob, augmentation, load_training_sets, run_training
+
+log = logging.getLogger(__name__)
 
 # Label files that official layouts keep beside the photographs (CHASE_DB1's flat folder);
 # _list_inputs already skips "_mask" files.
@@ -122,14 +114,13 @@ def reconstruction_grid(model: MAE, crops: np.ndarray, noise: np.ndarray) -> np.
     return (grid * 255).round().astype(np.uint8)
 
 
-def pretrain_mae(cfg) -> Path:
-    """Pre-trains an MAE as the flags say and returns the run folder."""
-    keras.utils.set_random_seed(cfg.seed)
-    run_dir = run_dir_of(cfg)
-    if already_trained(cfg, run_dir):
-        return run_dir
-    strategy = make_strategy(cfg.strategy)
+def pretrain_mae(cfg: MAEConfig) -> Path:
+    """Pre-trains an MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR
+    2022) as ``cfg`` says and returns the run folder."""
+    return run_training(cfg, lambda strategy: _mae_job(cfg, strategy))
 
+
+def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
     files, images = pretraining_images(cfg.pretrain_dirs, exclude)
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
@@ -138,61 +129,43 @@ def pretrain_mae(cfg) -> Path:
     seg = SegmentationSet(names=[file_stem(f) for f in files], images=[pre(im) for im in images],
                           targets=[np.zeros(im.shape[:2] + (1,), np.float32) for im in images],
                           fovs=[estimate_fov(im) for im in images])
-    print(f"pre-training on {len(files)} unlabelled images from {len(cfg.pretrain_dirs)} "
-          f"folder(s) ({len(exclude)} test images of {cfg.dataset} kept out); run folder "
-          f"{run_dir}", flush=True)
-
-    config = json.loads(cfg.model_config) if cfg.model_config else {}
+    log.info(f"pre-training on {len(files)} unlabelled images from {len(cfg.pretrain_dirs)} "
+             f"folder(s) ({len(exclude)} test images of {cfg.dataset} kept out); run folder "
+             f"{run_dir_of(cfg)}")
+    config = read_model_config(cfg.model_config)
     config.update(input_channels=pre.channels, mask_ratio=cfg.mask_ratio,
                   norm_pix_loss=cfg.norm_pix_loss, seed=cfg.seed)
     with strategy.scope():
         model = MAE(**apply_preset(config))
     size = model.encoder.image_size
-    augment = Augment(flip=cfg.flip, rot90=cfg.rot90, rotate_degrees=cfg.rotate_degrees,
-                      brightness=cfg.brightness, contrast=cfg.contrast, gamma=cfg.gamma_jitter)
+    augment = augmentation(cfg)
     steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
 
     def dataset(start_epoch: int) -> tf.data.Dataset:  # a resumed run continues the stream
         return patch_dataset(seg, size, cfg.batch_size, 0.0, augment, cfg.seed,
                              start=start_epoch * steps * cfg.batch_size).map(lambda x, y, w: x)
 
-    with strategy.scope():
-        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
-                               cfg.warmup_steps)
-        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
-                      jit_compile=bool(cfg.jit_compile))
-        model.optimizer.build(model.trainable_variables)
-
     # A fixed batch with fixed masking shows the reconstructions improve epoch after epoch.
     crops = next(iter(patch_dataset(seg, size, 6, 0.0, Augment.none(), cfg.seed + 1)))[0].numpy()
-    open_run_folder(cfg, run_dir)
     noise = np.random.default_rng(cfg.seed).random((len(crops), model.encoder.num_patches))
-    run_info: dict[str, Any] = {
-        "model": "mae", "model_config": model.get_config(), "task": "pretrain",
-        "input_channels": pre.channels, "parameters": int(model.count_params()),
-        "encoder_parameters": int(model.encoder.count_params()), "images": len(files),
-        "pretrain_dirs": list(cfg.pretrain_dirs)}
-    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-    atomic_write_text(run_dir / "flags.txt", flags_text(cfg))
-    pre.save(run_dir / "preprocessor.json")
-
+    run_dir = run_dir_of(cfg)
     callbacks = []
     if cfg.image_summary_every:
         callbacks.append(ReconstructionImages(crops, noise, run_dir / "images",
                                               cfg.image_summary_every))
-    history, minutes, best_path = fit_run(model, dataset, steps, cfg.batch_size * size * size,
-                                          cfg, run_dir, extra_callbacks=callbacks)
-    load_best_weights(model, best_path)
-    atomic_save_model(model, run_dir / "model.keras")
-    visualize.save_png(run_dir / "reconstruction.png", reconstruction_grid(model, crops, noise))
-    losses = history.history.get("loss", [])
-    update_metrics_json(run_dir, {"training_minutes": round(minutes, 2),
-                                  "epochs_run": len(losses), "loss_history": losses})
-    finish_run(run_dir)
-    print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; reconstruction loss "
-          f"{losses[0]:.4f} -> {losses[-1]:.4f}; pictures in {run_dir / 'reconstruction.png'}",
-          flush=True)
-    return run_dir
+
+    def finish(model: MAE) -> tuple[dict[str, Any], str]:
+        visualize.save_png(run_dir / "reconstruction.png",
+                           reconstruction_grid(model, crops, noise))
+        return {}, f"; pictures in {run_dir / 'reconstruction.png'}"
+
+    return TrainingJob(
+        model=model, dataset=dataset, steps=steps, pixels_per_step=cfg.batch_size * size * size,
+        preprocessor=pre,
+        run_info={"model": "mae", "task": "pretrain", "input_channels": pre.channels,
+                  "encoder_parameters": int(model.encoder.count_params()),
+                  "images": len(files), "pretrain_dirs": list(cfg.pretrain_dirs)},
+        callbacks=callbacks, finish=finish)
 
 
 # --- RIP-AV: representative-instance pre-training -------------------------------------------
@@ -213,13 +186,11 @@ def read_rip_records(folder: str | Path) -> tuple[list, dict]:
     return records, settings
 
 
-def rip_patch_set(cfg) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]:
+def rip_patch_set(cfg: RipPretrainConfig) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]:
     """Preprocessed RIP patches ``(N, S, S, C)``, their ``(N, 2)`` labels, the preprocessor and
     the image names used. The training images are read and preprocessed by bin/train.py's own
     :func:`load_training_sets` (same held-out validation images, same fitted preprocessor), then
     cut, exactly as the fine-tuning sees them; patches of the validation images are dropped."""
-    import dataclasses
-
     records, settings = read_rip_records(cfg.rip_patches)
     train_set, val_set, pre = load_training_sets(cfg)
     known = set(train_set.names) | set(val_set.names if val_set else [])
@@ -237,25 +208,24 @@ def rip_patch_set(cfg) -> tuple[np.ndarray, np.ndarray, Preprocessor, list[str]]
             pre, list(train_set.names))
 
 
-def pretrain_rip(cfg) -> Path:
+def pretrain_rip(cfg: RipPretrainConfig) -> Path:
     """RIP pre-training (Dai et al., "RIP-AV", MICCAI 2024): trains :class:`RIPClassifier`'s
     encoder to tell artery-only, vein-only and two-class patches apart (two sigmoid outputs)
     and returns the run folder; ``bin/train.py --model=rip_av --pretrained=<run>`` fine-tunes
     from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
-    keras.utils.set_random_seed(cfg.seed)
-    run_dir = run_dir_of(cfg)
-    if already_trained(cfg, run_dir):
-        return run_dir
-    strategy = make_strategy(cfg.strategy)
+    cfg = dataclasses.replace(cfg, task=cfg.task or "av")  # the patches' images have A/V labels
+    return run_training(cfg, lambda strategy: _rip_job(cfg, strategy))
+
+
+def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
     x, y, pre, names = rip_patch_set(cfg)
     order = np.random.default_rng(cfg.seed).permutation(len(x))
     n_held = max(len(x) // 10, 1)
     held, train_idx = order[:n_held], order[n_held:]
-    print(f"RIP pre-training on {len(train_idx)} patches ({int(y[train_idx, 0].sum())} with "
-          f"artery, {int(y[train_idx, 1].sum())} with vein) from {len(names)} training images, "
-          f"{n_held} held out; run folder {run_dir}", flush=True)
-
-    config = json.loads(cfg.model_config) if cfg.model_config else {}
+    log.info(f"RIP pre-training on {len(train_idx)} patches ({int(y[train_idx, 0].sum())} with "
+             f"artery, {int(y[train_idx, 1].sum())} with vein) from {len(names)} training "
+             f"images, {n_held} held out; run folder {run_dir_of(cfg)}")
+    config = read_model_config(cfg.model_config)
     config.update(input_channels=pre.channels)
     for key in [k for k in config if k not in ("input_channels", "encoder", "widths", "depths",
                                                "layer_scale_init", "dropout")]:
@@ -273,39 +243,25 @@ def pretrain_rip(cfg) -> Path:
                .shuffle(len(train_idx), seed=cfg.seed).repeat()
                .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-    with strategy.scope():
-        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
-                               cfg.warmup_steps)
-        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
-                      loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                      metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
-                      jit_compile=bool(cfg.jit_compile))
-        model.optimizer.build(model.trainable_variables)
-    open_run_folder(cfg, run_dir)
-    run_info: dict[str, Any] = {
-        "model": "rip_classifier", "model_config": model.get_config(), "task": "pretrain",
-        "input_channels": pre.channels, "parameters": int(model.count_params()),
-        "encoder_parameters": int(model.encoder.count_params()), "patches": int(len(x)),
-        "rip_patches": str(cfg.rip_patches), "images": names}
-    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-    atomic_write_text(run_dir / "flags.txt", flags_text(cfg))
-    pre.save(run_dir / "preprocessor.json")
+
+    def finish(model: RIPClassifier) -> tuple[dict[str, Any], str]:
+        logits = model.predict(tf.data.Dataset.from_tensor_slices(x[held]).batch(64), verbose=0)
+        correct = (logits > 0) == (y[held] > 0.5)
+        held_out = {"accuracy": float(correct.mean()),
+                    "exact_match": float(correct.all(1).mean()),
+                    "artery_accuracy": float(correct[:, 0].mean()),
+                    "vein_accuracy": float(correct[:, 1].mean()), "patches": int(n_held)}
+        return {"held_out": held_out}, (f"; held-out patches: accuracy "
+                                        f"{held_out['accuracy']:.3f}, both labels right "
+                                        f"{held_out['exact_match']:.3f}")
+
     size = x.shape[1]
-    history, minutes, best_path = fit_run(model, dataset, steps, cfg.batch_size * size * size,
-                                          cfg, run_dir)
-    load_best_weights(model, best_path)
-    atomic_save_model(model, run_dir / "model.keras")
-    logits = model.predict(tf.data.Dataset.from_tensor_slices(x[held]).batch(64), verbose=0)
-    correct = (logits > 0) == (y[held] > 0.5)
-    held_out = {"accuracy": float(correct.mean()), "exact_match": float(correct.all(1).mean()),
-                "artery_accuracy": float(correct[:, 0].mean()),
-                "vein_accuracy": float(correct[:, 1].mean()), "patches": int(n_held)}
-    losses = history.history.get("loss", [])
-    update_metrics_json(run_dir, {"training_minutes": round(minutes, 2),
-                                  "epochs_run": len(losses), "loss_history": losses,
-                                  "held_out": held_out})
-    finish_run(run_dir)
-    print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min; loss {losses[0]:.4f} -> "
-          f"{losses[-1]:.4f}; held-out patches: accuracy {held_out['accuracy']:.3f}, both labels "
-          f"right {held_out['exact_match']:.3f}", flush=True)
-    return run_dir
+    return TrainingJob(
+        model=model, dataset=dataset, steps=steps, pixels_per_step=cfg.batch_size * size * size,
+        preprocessor=pre,
+        run_info={"model": "rip_classifier", "task": "pretrain", "input_channels": pre.channels,
+                  "encoder_parameters": int(model.encoder.count_params()),
+                  "patches": int(len(x)), "rip_patches": str(cfg.rip_patches), "images": names},
+        compile_args={"loss": keras.losses.BinaryCrossentropy(from_logits=True),
+                      "metrics": [keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")]},
+        finish=finish)

@@ -19,6 +19,7 @@ epoch in progress:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,8 +33,11 @@ import h5py
 import keras
 import numpy as np
 
+from retina_tf.config import DataConfig, RunRef
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.errors import ConfigError, ModelFileError
+
+log = logging.getLogger(__name__)
 
 BACKUP_DIR = "backup"
 UNREADABLE_DIR = "unreadable"
@@ -76,6 +80,14 @@ def default_run_dir(logdir: str, run_name: str | None, model: str, dataset: str 
         return Path(logdir) / run_name
     source = dataset or (Path(label_file_path).parent.name if label_file_path else "data")
     return Path(logdir) / f"{model}_{source}"
+
+
+def run_dir_of(cfg: RunRef) -> Path:
+    """The run folder a config names (:func:`default_run_dir` of its ``logdir``, ``run_name``,
+    ``model`` and, for configs with data, the dataset or label file)."""
+    data = cfg if isinstance(cfg, DataConfig) else DataConfig()
+    return default_run_dir(cfg.logdir, cfg.run_name, cfg.model, data.dataset,
+                           data.label_file_path)
 
 
 def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
@@ -322,8 +334,8 @@ def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
             ok = False
         if not ok:
             aside = _move_aside(backup_dir, [meta, weights])
-            print(f"warning: backup {weights} cannot be read (incomplete or corrupt); moved to "
-                  f"{aside} and resuming from an older state", flush=True)
+            log.info(f"warning: backup {weights} cannot be read (incomplete or corrupt); moved to "
+                     f"{aside} and resuming from an older state")
             continue
         model.load_weights(weights)
         generators = seed_generators(model)
@@ -345,8 +357,8 @@ def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
             model.load_weights(legacy)
             return TrainingState(epoch)
         aside = _move_aside(backup_dir, [legacy_meta, legacy])
-        print(f"warning: backup {legacy} cannot be read (incomplete or corrupt); moved to "
-              f"{aside}; training starts from epoch 1", flush=True)
+        log.info(f"warning: backup {legacy} cannot be read (incomplete or corrupt); moved to "
+                 f"{aside}; training starts from epoch 1")
     return None
 
 

@@ -1,7 +1,7 @@
 """Training: strategy selection, optimizer and schedule, callbacks and the run folder.
 
-``train(cfg)`` is what ``bin/train.py`` runs; ``cfg`` is an absl FlagValues (``FLAGS`` or
-``retina_tf.flags.parse_flags([...])``). The run folder ``<logdir>/<run_name>/`` holds
+``train(cfg)`` trains as a :class:`retina_tf.config.TrainConfig` says (``bin/train.py`` builds one
+from its flags). The run folder ``<logdir>/<run_name>/`` holds
 TensorBoard events (``train/``, ``validation/``), ``checkpoints/``, ``backup/`` (resume state),
 ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt`` and ``metrics.json``; how it
 survives a kill is :mod:`retina_tf.run_folder`'s part.
@@ -9,12 +9,14 @@ survives a kill is :mod:`retina_tf.run_folder`'s part.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from retina_tf.config import MAEConfig, TrainConfig, to_flag_lines
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import (
     Augment,
@@ -36,10 +39,11 @@ from retina_tf.data.pipeline import (
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
 from retina_tf.errors import ConfigError
+from retina_tf.evaluation import evaluate_set
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model
 from retina_tf.losses import SegmentationLoss
-from retina_tf.metrics import AVMetrics, SegmentationF1, VesselMetrics
-from retina_tf.models import build_model, model_class
+from retina_tf.metrics import SegmentationF1
+from retina_tf.models import build_model, check_arguments, model_class
 from retina_tf.run_folder import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
@@ -52,20 +56,21 @@ from retina_tf.run_folder import (
     best_checkpoint_score,
     check_run_folder,
     clear_run_folder,
-    default_run_dir,
     find_run,
     finish_run,
     remove_stray_temporaries,
     restore_training,
+    run_dir_of,
     save_model_file,
-    to_json,
     update_metrics_json,
     weights_file_is_whole,
 )
 
-__all__ = ["train", "fit_run", "already_trained", "open_run_folder", "make_strategy",
-           "make_optimizer", "WarmupDecay", "evaluate_set",
-           "run_dir_of", "flags_text", "atomic_write_text", "to_json", "update_metrics_json"]
+__all__ = ["train", "run_training", "TrainingJob", "fit_run", "already_trained",
+           "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay",
+           "load_training_sets", "load_pretrained"]
+
+log = logging.getLogger(__name__)
 
 # --- distribution ----------------------------------------------------------------------------
 
@@ -188,28 +193,8 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.seconds > 0 and time.monotonic() - self._start >= self.seconds:
-            print(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}",
-                  flush=True)
+            log.info(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}")
             self.model.stop_training = True
-
-
-def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel",
-                 whole_image: bool = False, threshold: float = 0.5
-                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Vessel (and A/V) metrics of a model over a preprocessed set, and the probability maps."""
-    vessel = VesselMetrics(threshold=threshold, whole_image=whole_image)
-    av = AVMetrics() if task == "av" else None
-    probs = []
-    for image, target, fov in zip(seg.images, seg.targets, seg.fovs):
-        prob = segmenter.probability_preprocessed(image) * fov[..., None]
-        probs.append(prob)
-        vessel.update(prob[..., -1], target[..., -1] > 0.5, fov)
-        if av is not None:
-            av.update(prob, target > 0.5, fov)
-    result = vessel.result()
-    if av is not None:
-        result.update({f"av_{k}": v for k, v in av.result().items()})
-    return result, probs
 
 
 def _to_uint8_image(x: np.ndarray) -> np.ndarray:
@@ -271,42 +256,19 @@ class WholeImageValidation(keras.callbacks.Callback):
 
 # --- run folder ------------------------------------------------------------------------------
 
-def flags_text(cfg) -> str:
-    """The run's flags as a flagfile (only retina_tf's own flags)."""
-    from retina_tf.flags import OWN_FLAGS
-    lines = []
-    for name in sorted(OWN_FLAGS):
-        if name in cfg:
-            value = cfg[name].value
-            if value is None:
-                continue
-            if isinstance(value, list):
-                value = ",".join(map(str, value))
-            elif isinstance(value, bool):
-                lines.append(f"--{name}" if value else f"--no{name}")
-                continue
-            lines.append(f"--{name}={value}")
-    return "\n".join(lines) + "\n"
+def augmentation(cfg: TrainConfig | MAEConfig) -> Augment:
+    """The training config's augmentations."""
+    return Augment(flip=cfg.flip, rot90=cfg.rot90, rotate_degrees=cfg.rotate_degrees,
+                   brightness=cfg.brightness, contrast=cfg.contrast, gamma=cfg.gamma_jitter)
 
 
-def run_dir_of(cfg) -> Path:
-    return default_run_dir(cfg.logdir, cfg.run_name, cfg.model, cfg.dataset, cfg.label_file_path)
-
-
-def model_kwargs(cfg, input_channels: int, num_classes: int) -> dict[str, Any]:
-    """Constructor arguments of ``cfg.model``: the flags its class lists in ``flag_arguments``
-    (the U-Net's --depth, --base_filters, ...), then ``--model_config`` on top. Only listed flags:
-    a flag that happens to share a constructor argument's name (--patch_size vs. a ViT's
-    patch_size) must not leak into another architecture."""
-    cls = model_class(cfg.model)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {name: getattr(cfg, name) for name in cls.flag_arguments
-              if name in params and name in cfg}
+def model_kwargs(cfg: TrainConfig, input_channels: int, num_classes: int) -> dict[str, Any]:
+    """Constructor arguments of ``cfg.model``: ``cfg.model_config`` plus the input channels and
+    (for segmentation models) the number of classes the data have."""
+    kwargs = dict(cfg.model_config)
     kwargs.update(input_channels=input_channels)
-    if "num_classes" in params:  # not for pre-training models (MAE)
+    if "num_classes" in model_class(cfg.model).constructor_arguments():  # not MAE
         kwargs["num_classes"] = num_classes
-    if cfg.model_config:
-        kwargs.update(json.loads(cfg.model_config))
     return kwargs
 
 
@@ -346,7 +308,7 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
         folder = pretrained / ERROR_MAPS_DIR
     maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images])
     share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])
-    print(f"error maps from {folder}: {share:.2%} of the FOV pixels wrong in stage 1", flush=True)
+    log.info(f"error maps from {folder}: {share:.2%} of the FOV pixels wrong in stage 1")
     return train_set.with_extras(maps)
 
 
@@ -404,8 +366,8 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
         last_path.unlink(missing_ok=True)
         state = TrainingState()
     else:
-        print(f"resuming {run_dir} after epoch {state.epoch} "
-              f"({state.elapsed_seconds / 60:.1f} min of training so far)", flush=True)
+        log.info(f"resuming {run_dir} after epoch {state.epoch} "
+                 f"({state.elapsed_seconds / 60:.1f} min of training so far)")
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if validation is not None:
         callbacks.append(validation)
@@ -462,11 +424,11 @@ def already_trained(cfg, run_dir: Path) -> bool:
     """True (and says so) when ``run_dir`` holds a finished run with these training flags;
     raises ConfigError for a run there with other flags (see
     :func:`retina_tf.run_folder.check_run_folder`). Reads only: nothing is written."""
-    if check_run_folder(run_dir, flags_text(cfg), cfg.overwrite, cfg.resume) != "finished":
+    if check_run_folder(run_dir, to_flag_lines(cfg), cfg.overwrite, cfg.resume) != "finished":
         return False
-    print(f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'}); "
-          "nothing to do. --overwrite trains it again from scratch, another --run_name "
-          "trains a new run beside it.", flush=True)
+    log.info(f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'}); "
+             "nothing to do. --overwrite trains it again from scratch, another --run_name "
+             "trains a new run beside it.")
     return True
 
 
@@ -478,7 +440,7 @@ def open_run_folder(cfg, run_dir: Path) -> None:
     if cfg.overwrite:
         clear_run_folder(run_dir)
     for path in remove_stray_temporaries(run_dir):
-        print(f"removed {path}, left by a killed run", flush=True)
+        log.info(f"removed {path}, left by a killed run")
 
 
 def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
@@ -490,49 +452,138 @@ def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
             "validation_images": list(val_set.names) if val_set is not None else []}
 
 
-def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
-    """Trains ``cfg.model`` as the flags say and returns the run folder.
+@dataclasses.dataclass
+class TrainingJob:
+    """What one kind of training (segmentation, MAE or RIP pre-training) hands the shared
+    skeleton :func:`run_training`: a model built under the strategy, its data and the rest.
 
-    A run folder that holds an interrupted run with the same training flags is resumed; one
-    that holds a finished run with the same flags is left as it is; other flags there are an
-    error unless ``cfg.overwrite``. ``extra_callbacks`` run after the built-in ones (after the
-    resume backup of each epoch).
+    Attributes:
+        model: the model (uncompiled).
+        dataset: a ``tf.data.Dataset``, or ``start_epoch -> Dataset`` that continues the data
+            stream after a resume.
+        steps: batches per epoch.
+        pixels_per_step: input pixels per batch (for the speed the logs show).
+        preprocessor: saved as ``preprocessor.json``.
+        run_info: entries of ``run.json`` beside the model's name, config and size.
+        compile_args: ``model.compile`` arguments besides the optimizer (loss, metrics).
+        jit_ok: whether ``--jit_compile`` may compile the train step (a loss may rule it out).
+        validation: the whole-image validation callback (chooses the best checkpoint).
+        callbacks: further callbacks, after the run folder's own.
+        finish: called with the trained model (best weights loaded, saved): entries for
+            ``metrics.json`` and words for the closing line.
+    """
+
+    model: keras.Model
+    dataset: Any
+    steps: int
+    pixels_per_step: int
+    preprocessor: Preprocessor
+    run_info: dict[str, Any]
+    compile_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    jit_ok: bool = True
+    validation: WholeImageValidation | None = None
+    callbacks: list[keras.callbacks.Callback] = dataclasses.field(default_factory=list)
+    finish: Callable[[keras.Model], tuple[dict[str, Any], str]] | None = None
+
+
+def run_training(cfg, prepare: Callable[[tf.distribute.Strategy], TrainingJob]) -> Path:
+    """The one training skeleton: seed, run-folder check, strategy, ``prepare`` (data and
+    model), optimizer and schedule, compile, run folder files, :func:`fit_run`, best weights,
+    ``model.keras``, ``metrics.json``, done. ``cfg`` is any training config (segmentation, MAE,
+    RIP); returns the run folder.
+
+    A run folder that holds an interrupted run with the same training settings is resumed; one
+    that holds a finished run with the same settings is left as it is; other settings there are
+    an error unless ``cfg.overwrite``.
     """
     keras.utils.set_random_seed(cfg.seed)
+    run_dir = run_dir_of(cfg)
+    if already_trained(cfg, run_dir):
+        return run_dir
+    strategy = make_strategy(cfg.strategy)
+    job = prepare(strategy)
+    model = job.model
+    with strategy.scope():
+        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * job.steps, cfg.lr_schedule,
+                               cfg.warmup_steps)
+        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
+                      jit_compile=bool(cfg.jit_compile) and job.jit_ok, **job.compile_args)
+        # Building the optimizer now saves a second trace of the train step inside fit (and
+        # gives a resumed run's optimizer state somewhere to go).
+        model.optimizer.build(model.trainable_variables)
+
+    # Only now, with the data read and the model built, does the run folder get written.
+    open_run_folder(cfg, run_dir)
+    run_info = {"model": cfg.model, "model_config": model.get_config(),
+                "parameters": int(model.count_params()), **job.run_info}
+    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
+    atomic_write_text(run_dir / "flags.txt", to_flag_lines(cfg))
+    job.preprocessor.save(run_dir / "preprocessor.json")
+
+    state, minutes, best_path = fit_run(model, job.dataset, job.steps, job.pixels_per_step, cfg,
+                                        run_dir, job.validation, job.callbacks)
+    load_best_weights(model, best_path)
+    save_model_file(model, run_dir / "model.keras")
+    losses = state.history.get("loss", [])
+    metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
+                               "loss_history": losses, "history": state.history,
+                               "best_checkpoint": best_checkpoint(best_path)}
+    words = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    if job.finish is not None:
+        extra, words = job.finish(model)
+        metrics.update(extra)
+    update_metrics_json(run_dir, metrics)
+    finish_run(run_dir)
+    log.info(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min{words}")
+    return run_dir
+
+
+def train(cfg: TrainConfig,
+          extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
+    """Trains ``cfg.model`` as ``cfg`` says and returns the run folder (see
+    :func:`run_training` for resuming and finished runs). ``extra_callbacks`` run after the
+    built-in ones (after the resume backup of each epoch).
+
+    Raises:
+        ConfigError: a pre-training model, a loss setting the model cannot honour, a patch size
+            the model cannot take, or a run folder with other settings.
+    """
     if cfg.logical_cpus:
         configure_logical_cpus(cfg.logical_cpus)
-    run_dir = run_dir_of(cfg)
     cls = model_class(cfg.model)
     script = cls.pretraining_script
     if script:
         raise ConfigError(f"--model={cfg.model} is a pre-training model: run {script} (then "
                           "bin/train.py fine-tunes from its run folder with --pretrained)")
-    changed = [f"--{n}={cfg[n].value}" for n in ("loss", "pos_weight")
-               if cfg[n].value != cfg[n].default]
+    defaults = TrainConfig()
+    changed = [f"--{n}={getattr(cfg, n)}" for n in ("loss", "pos_weight")
+               if getattr(cfg, n) != getattr(defaults, n)]
     if not cls.uses_compiled_loss and changed:
         raise ConfigError(f"{' '.join(changed)}: {cfg.model} trains with its own loss, not the "
                           "compiled one; drop the flag (its loss weights go in --model_config)")
-    model_task = cls.task
-    if model_task and not cfg["task"].present:  # --task inferred from the model (rip_av: av)
-        cfg.task = model_task
-    if already_trained(cfg, run_dir):
-        return run_dir
-    strategy = make_strategy(cfg.strategy)
-    train_set, val_set, pre = load_training_sets(cfg)
-    print(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
-          f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
-          f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}", flush=True)
-    num_classes = train_set.targets[0].shape[-1]
-    augment = Augment(flip=cfg.flip, rot90=cfg.rot90, rotate_degrees=cfg.rotate_degrees,
-                      brightness=cfg.brightness, contrast=cfg.contrast, gamma=cfg.gamma_jitter)
+    check_arguments(cfg.model, cfg.model_config)  # before any data is read
+    # task None: the model's own (rip_av: av), else vessel; the caller's config is not changed
+    cfg = dataclasses.replace(cfg, task=cfg.task or cls.task or "vessel")
+    return run_training(cfg, lambda strategy: _segmentation_job(cfg, strategy,
+                                                                 extra_callbacks or []))
 
+
+def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy,
+                      extra_callbacks: list[keras.callbacks.Callback]) -> TrainingJob:
+    run_dir = run_dir_of(cfg)
+    train_set, val_set, pre = load_training_sets(cfg)
+    log.info(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
+             f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
+             f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}")
+    num_classes = train_set.targets[0].shape[-1]
+    augment = augmentation(cfg)
     with strategy.scope():
         model = build_model(cfg.model, **model_kwargs(cfg, pre.channels, num_classes))
     pretrained = (find_run(cfg.pretrained, cfg.logdir, flag="--pretrained")
                   if cfg.pretrained else None)
     if pretrained is not None:
         load_pretrained(model, pretrained)
-        print(f"started from the weights of {pretrained}", flush=True)
+        log.info(f"started from the weights of {pretrained}")
     if model.needs_error_maps:
         train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
     extras = model.training_extras(train_set.targets)
@@ -547,62 +598,40 @@ def train(cfg, extra_callbacks: list[keras.callbacks.Callback] | None = None) ->
         steps = cfg.steps_per_epoch or max(len(train_set) // cfg.batch_size, 1)
         h, w = padded_size(train_set, multiple, square=augment.rot90)
         pixels_per_step = cfg.batch_size * h * w
+    callbacks = list(extra_callbacks)
     if cfg.freeze_encoder_epochs:
         if model.freezable_encoder() is None:
             raise ConfigError(f"--freeze_encoder_epochs: {cfg.model} has no encoder to freeze")
-        extra_callbacks = [FreezeEncoder(cfg.freeze_encoder_epochs)] + list(extra_callbacks or [])
-
-    with strategy.scope():
-        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * steps, cfg.lr_schedule,
-                               cfg.warmup_steps)
-        loss = SegmentationLoss(cfg.loss, pos_weight=cfg.pos_weight)
-        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
-                      # weighted_metrics: only these receive the FOV map as sample_weight
-                      loss=loss, weighted_metrics=[SegmentationF1(name="f1")],
-                      jit_compile=bool(cfg.jit_compile) and loss.supports_jit)
-        # Building the optimizer now saves a second trace of the train step inside fit (and
-        # gives a resumed run's optimizer state somewhere to go).
-        model.optimizer.build(model.trainable_variables)
-
-    # Only now, with the data read and the model built, does the run folder get written.
-    open_run_folder(cfg, run_dir)
-    run_info = {"model": cfg.model, "model_config": model.get_config(), "task": cfg.task,
-                "size_multiple": multiple, "patch_size": cfg.patch_size, "mode": cfg.mode,
-                "fully_convolutional": model.fully_convolutional,
-                "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
-                "input_channels": pre.channels,
-                "num_classes": num_classes, "parameters": int(model.count_params()),
-                "pretrained": str(pretrained) if pretrained else None,
-                "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))}
-    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-    atomic_write_text(run_dir / "flags.txt", flags_text(cfg))
-    pre.save(run_dir / "preprocessor.json")
-
+        callbacks.insert(0, FreezeEncoder(cfg.freeze_encoder_epochs))
+    loss = SegmentationLoss(cfg.loss, pos_weight=cfg.pos_weight)
     validation = None
     if val_set is not None:
         validation = WholeImageValidation(val_set, pre, multiple, cfg.task, run_dir / "validation",
                                           cfg.validate_every, cfg.image_summary_every,
                                           cfg.eval_scales, cfg.stride)
-    state, minutes, best_path = fit_run(
-        model, lambda start_epoch: training_dataset(cfg, model, train_set, augment, steps,
-                                                    start_epoch),
-        steps, pixels_per_step, cfg, run_dir, validation, extra_callbacks)
-    load_best_weights(model, best_path)
-    save_model_file(model, run_dir / "model.keras")
-    metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
-                               "loss_history": state.history.get("loss", []),
-                               "history": state.history,
-                               "best_checkpoint": best_checkpoint(best_path)}
-    if validation is not None:  # the callback's segmenter runs the best weights loaded above
+
+    def finish(model: keras.Model) -> tuple[dict[str, Any], str]:
+        if validation is None:
+            return {}, ""
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
-        val_result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
-        metrics["validation"] = {k: v for k, v in val_result.items()}
-    update_metrics_json(run_dir, metrics)
-    finish_run(run_dir)
-    print(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min"
-          + (f"; validation F1 {metrics['validation']['f1']:.4f} AUC-ROC "
-             f"{metrics['validation']['auc_roc']:.4f}" if val_set is not None else ""), flush=True)
-    return run_dir
+        result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
+        return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "
+                                        f"{result['auc_roc']:.4f}")
+
+    return TrainingJob(
+        model=model,
+        dataset=lambda start_epoch: training_dataset(cfg, model, train_set, augment, steps,
+                                                     start_epoch),
+        steps=steps, pixels_per_step=pixels_per_step, preprocessor=pre,
+        run_info={"task": cfg.task, "size_multiple": multiple, "patch_size": cfg.patch_size,
+                  "mode": cfg.mode, "fully_convolutional": model.fully_convolutional,
+                  "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
+                  "input_channels": pre.channels, "num_classes": num_classes,
+                  "pretrained": str(pretrained) if pretrained else None,
+                  "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))},
+        # weighted_metrics: only these receive the FOV map as sample_weight
+        compile_args={"loss": loss, "weighted_metrics": [SegmentationF1(name="f1")]},
+        jit_ok=loss.supports_jit, validation=validation, callbacks=callbacks, finish=finish)
 
 
 def load_best_weights(model: keras.Model, best_path: Path) -> None:
@@ -613,5 +642,5 @@ def load_best_weights(model: keras.Model, best_path: Path) -> None:
     if weights_file_is_whole(best_path):
         model.load_weights(best_path)
     else:
-        print(f"warning: the best checkpoint {best_path} cannot be read; model.keras gets the "
-              "last epoch's weights", file=sys.stderr, flush=True)
+        log.warning(f"warning: the best checkpoint {best_path} cannot be read; model.keras "
+                    "gets the last epoch's weights")

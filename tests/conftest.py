@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from retina_tf.flags import configure_logging
+
+# The library logs through logging; show it on stdout / stderr as the scripts do, so tests read
+# what a user sees (capsys).
+configure_logging()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RETINA_TF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

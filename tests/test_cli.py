@@ -2,8 +2,8 @@
 person can read (one or two lines on stderr, exit 2 for usage errors and 1 otherwise, the
 traceback only with --verbose).
 
-Flag checks run in-process with ``parse_flags``; a handful of cases run the real bin/ scripts
-(about 5 s each for the TensorFlow import).
+Flag checks run in-process on a FlagValues with every flag; a handful of cases run the real
+bin/ scripts (about 5 s each for the TensorFlow import).
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ import pytest
 from absl import flags
 
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError
-from retina_tf.flags import parse_flags, report_errors
+from retina_tf.flags import new_flag_values, report_errors
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.cfg"
 DRIVE_UNET = REPO / "configs" / "drive_unet.cfg"
+
+
+def parse_flags(argv: list[str]):
+    """Every retina_tf flag parsed from ``argv`` (validators included)."""
+    fv = new_flag_values()
+    fv(["retina_tf", *argv])
+    return fv
 
 
 def _run(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -181,7 +188,7 @@ def test_report_errors_lets_a_bug_through():
 # --- the real scripts --------------------------------------------------------------------------
 
 def test_a_bad_flag_value_exits_2_in_two_lines_without_traceback():
-    proc = _run("train.py", "--threshold=1.5")
+    proc = _run("evaluate.py", "--threshold=1.5")
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()  # rejected before TensorFlow is imported
     assert len(lines) <= 2, proc.stderr
@@ -189,7 +196,7 @@ def test_a_bad_flag_value_exits_2_in_two_lines_without_traceback():
 
 
 def test_verbose_adds_the_traceback():
-    proc = _run("train.py", "--threshold=1.5", "--verbose")
+    proc = _run("evaluate.py", "--threshold=1.5", "--verbose")
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "--threshold=1.5" in proc.stderr.splitlines()[-2]
 
@@ -270,3 +277,63 @@ def full_disk(tmp_path):
 def test_predict_names_the_file_it_cannot_write_on_a_full_disk(shared_data, full_disk):
     lines = _predict_fails_naming(shared_data, full_disk / "out")
     assert "No space left on device" in lines[0] and "disk is full" in lines[1]
+
+
+# --- per-script flags ----------------------------------------------------------------------------
+
+def test_each_script_lists_only_its_own_flags_in_help():
+    train = _run("train.py", "--help")
+    assert train.returncode == 0, train.stderr[-2000:]
+    for flag in ("--epochs", "--learning_rate", "--patch_size", "--model_config", "--depth"):
+        assert flag in train.stdout, flag
+    predict = _run("predict.py", "--help")
+    assert predict.returncode == 0 and "--input" in predict.stdout
+    for flag in ("--epochs", "--mask_ratio", "--learning_rate", "--rip_sizes", "--depth"):
+        assert flag not in predict.stdout, flag
+
+
+def test_a_flagfile_serves_several_scripts_but_the_command_line_is_checked(monkeypatch):
+    from retina_tf.flags import parse_config
+
+    monkeypatch.chdir(REPO)
+    cfg = parse_config("evaluate", [f"--flagfile={DRIVE_UNET}", "--tta"])
+    assert cfg.model == "unet" and cfg.run_name == "unet_drive" and cfg.tta
+    assert not hasattr(cfg, "epochs")
+    proc = _run("evaluate.py", f"--flagfile={DRIVE_UNET}", "--epochs=3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--epochs is not a flag of evaluate.py (it belongs to bin/train.py" in proc.stderr
+    proc = _run("evaluate.py", "--epochz=3")
+    assert proc.returncode == 2 and "epochz" in proc.stderr
+
+
+def test_unet_flags_reach_only_models_that_take_them(monkeypatch):
+    from retina_tf.flags import parse_config
+
+    monkeypatch.chdir(REPO)
+    unet = parse_config("train", [f"--flagfile={REPO / 'configs' / 'drive_unet_fast.cfg'}"])
+    assert unet.model_config == {"depth": 4, "base_filters": 16, "transpose_conv": False,
+                                 "batch_norm": True, "dropout": 0.0}
+    ddrnet = parse_config("train", [f"--flagfile={REPO / 'configs' / 'drive_ddrnet.cfg'}"])
+    assert "base_filters" not in ddrnet.model_config and ddrnet.model_config["planes"] == 16
+    with pytest.raises(ConfigError, match="--base_filters=16: --model=ddrnet does not take it"):
+        parse_config("train", [f"--flagfile={REPO / 'configs' / 'drive_ddrnet.cfg'}",
+                               "--base_filters=16"])
+
+
+def test_console_scripts_and_python_m_run_the_same_commands():
+    script = Path(sys.executable).parent / "retina-evaluate"
+    assert script.is_file(), "pip install -e . installs the retina-* console scripts"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--threshold" in proc.stdout and "--epochs" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "retina_tf", "train", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--epochs" in proc.stdout and "--input" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "retina_tf", "predict", "--model=nowhere",
+                           "--input=README.md", "--output_dir=out"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        proc.stderr.splitlines()[0]]  # one line: TensorFlow's start-up held back
+    assert proc.stderr.startswith("retina_tf predict: error: --model=nowhere")
+    proc = subprocess.run([sys.executable, "-m", "retina_tf"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "pretrain-mae" in proc.stderr

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.models import build_model
 from retina_tf.training import model_kwargs
 
@@ -22,7 +22,10 @@ def test_config_parses_states_its_budget_and_builds(path, monkeypatch):
     monkeypatch.chdir(path.parents[1])  # nested --flagfile paths are relative to the repo
     text = path.read_text()
     assert "budget" in text.lower(), f"{path.name} must state its training budget"
-    cfg = parse_flags([f"--flagfile={path}"])
+    cfg = parse_config("train", [f"--flagfile={path}"])
+    script = {"mae": "pretrain_mae", "rip_classifier": "pretrain_rip"}.get(cfg.model)
+    if script:  # a pre-training flagfile
+        cfg = parse_config(script, [f"--flagfile={path}"])
     assert cfg.time_budget_minutes > 0
     classes = 3 if cfg.task == "av" else 1
     model = build_model(cfg.model, **model_kwargs(cfg, input_channels=1, num_classes=classes))

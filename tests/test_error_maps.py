@@ -20,7 +20,7 @@ from retina_tf.data.pipeline import (
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.error_maps import error_map, read_error_maps
 from retina_tf.evaluation import evaluate
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.training import train
 
@@ -84,7 +84,7 @@ def stage1(tmp_path_factory):
               "--patch_size=32", "--batch_size=4", "--patches_per_epoch=16", "--epochs=2",
               "--val_images=1", "--learning_rate=0.005", "--image_summary_every=0",
               f"--model_config={TINY_HMSA}"]
-    run = train(parse_flags(common + ["--model=hmsa", "--run_name=stage1"]))
+    run = train(parse_config("train", common + ["--model=hmsa", "--run_name=stage1"]))
     return data, logdir, run, common
 
 
@@ -116,14 +116,14 @@ def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
         subprocess.run([sys.executable, str(REPO / "bin" / "make_error_maps.py"),
                         "--dataset=synthetic", f"--data_dir={data}", f"--model={run}"],
                        check=True, capture_output=True, timeout=300)
-    cfg = parse_flags(common + ["--model=ear_net", "--run_name=stage2",
+    cfg = parse_config("train", common + ["--model=ear_net", "--run_name=stage2",
                                 f"--pretrained={run.name}"])  # a run name under --logdir
     stage2 = train(cfg)
     info = json.loads((stage2 / "run.json").read_text())
     assert info["model"] == "ear_net" and info["pretrained"] == str(run)
     losses = json.loads((stage2 / "metrics.json").read_text())["loss_history"]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    report = evaluate(parse_flags(common + ["--model=ear_net", "--run_name=stage2",
+    report = evaluate(parse_config("evaluate", common + ["--model=ear_net", "--run_name=stage2",
                                             "--visualize"]))
     assert 0.0 <= report["metrics"]["f1"] <= 1.0
     assert (stage2 / "eval_synthetic_test" / "roc_curve.png").is_file()
@@ -133,7 +133,7 @@ def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
 def test_stage2_without_error_maps_says_what_to_run(stage1, tmp_path):
     _, _, run, common = stage1
     with pytest.raises(ValueError, match="--pretrained=<stage-1 run>"):
-        train(parse_flags(common + ["--model=ear_net", f"--logdir={tmp_path}"]))
+        train(parse_config("train", common + ["--model=ear_net", f"--logdir={tmp_path}"]))
     with pytest.raises(DatasetError, match="make_error_maps"):
         read_error_maps(tmp_path / "nowhere", ["a"], [(4, 4)])
     (tmp_path / "maps").mkdir()

@@ -13,7 +13,7 @@ import tensorflow as tf
 from retina_tf.data.io import read_image
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ModelFileError
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, sliding_window_predict
 from retina_tf.run_folder import find_run
 from retina_tf.training import train
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = write_synthetic_dataset(root / "syn", num_images=6, num_test=2, seed=5, size=(96, 96))
-    cfg = parse_flags([
+    cfg = parse_config("train", [
         "--dataset=synthetic", f"--data_dir={data}", f"--logdir={root / 'logs'}",
         "--run_name=tiny", "--depth=3", "--base_filters=8", "--patch_size=32",
         "--batch_size=8", "--patches_per_epoch=128", "--epochs=3", "--val_images=1",

@@ -59,6 +59,44 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_no_retina_tf_imports_hide_inside_functions():
-    # flags: the CLI layer, read lazily by training until configs replace absl (issue 20)
     hidden = {m: deps for m, deps in _graph(top_level=False).items() if deps}
-    assert hidden == {"retina_tf.training": {"retina_tf.flags"}}
+    assert hidden == {}
+
+
+# Bottom to top; a module imports only from its own layer or below.
+# Losses sit below the models: a model may own its training loss (Keras's compute_loss).
+LAYERS = [
+    ("retina_tf.errors", "retina_tf.config", "retina_tf.data", "retina_tf.visualize"),
+    ("retina_tf.losses", "retina_tf.metrics", "retina_tf.postprocess", "retina_tf.error_maps"),
+    ("retina_tf.models",),
+    ("retina_tf.run_folder", "retina_tf.inference"),
+    ("retina_tf.evaluation",),
+    ("retina_tf.training", "retina_tf.pretraining"),
+    ("retina_tf.flags", "retina_tf.cli", "retina_tf.__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def test_layers_import_downwards_only():
+    graph = _graph()
+    graph.pop("retina_tf")
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+              if d != "retina_tf" and _layer(d) > _layer(m)]
+    assert not upward
+
+
+def test_only_the_command_line_layer_uses_absl():
+    users = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n == "absl" or n.startswith("absl.") for n in names):
+                users.add(_module_name(path))
+    assert users <= {"retina_tf.flags", "retina_tf.cli"}, users

@@ -23,7 +23,7 @@ from retina_tf.evaluation import (
     predict,
     read_manifest,
 )
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import PRETRAINED_DIR
 
@@ -42,7 +42,8 @@ def _fundus(path: Path, seed: int, size=(128, 128)) -> Path:
 
 
 def _predict(inputs: Path, out: Path, *extra: str):
-    cfg = parse_flags(["--model=unet_drive", f"--input={inputs}", f"--output_dir={out}", *extra])
+    cfg = parse_config("predict", ["--model=unet_drive", f"--input={inputs}",
+                                   f"--output_dir={out}", *extra])
     return predict(cfg)
 
 
@@ -218,10 +219,10 @@ def test_evaluate_visualize_never_replaces_the_users_files(tmp_path: Path):
     argv = ["--model=unet_drive", "--dataset=synthetic", f"--data_dir={data}", "--visualize",
             f"--output_dir={out}", f"--logdir={tmp_path / 'logs'}"]
     with pytest.raises(ConfigError, match=r"metrics\.json .*--overwrite"):
-        evaluate(parse_flags(argv))
+        evaluate(parse_config("evaluate", argv))
     assert json.loads((out / "metrics.json").read_text()) == {"mine": True}
-    evaluate(parse_flags(argv + ["--overwrite"]))
-    evaluate(parse_flags(argv))  # its own files now: a re-run needs no --overwrite
+    evaluate(parse_config("evaluate", argv + ["--overwrite"]))
+    evaluate(parse_config("evaluate", argv))  # its own files now: a re-run needs no --overwrite
     assert "roc_curve.png" in read_manifest(out) and (out / "01_test_overlay.png").is_file()
 
 
@@ -307,7 +308,7 @@ def test_early_failures_leave_no_output_folder(tmp_path: Path):
     with pytest.raises(DatasetError, match=r"bad\.png"):
         _predict(bad, tmp_path / "out")
     with pytest.raises(DatasetError):
-        evaluate(parse_flags(["--model=unet_drive", "--dataset=synthetic",
+        evaluate(parse_config("evaluate", ["--model=unet_drive", "--dataset=synthetic",
                               f"--data_dir={tmp_path / 'nowhere'}",
                               f"--output_dir={tmp_path / 'eval'}"]))
     assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.training import train
 
@@ -59,7 +59,7 @@ def _run(cmd, kill_at: str | None):
 def test_killed_at_many_moments_the_run_ends_as_if_never_killed(tmp_path):
     data = write_synthetic_dataset(tmp_path / "syn", num_images=6, num_test=2, seed=3,
                                    size=(96, 96))
-    reference = train(parse_flags(_args(data, tmp_path / "reference")))
+    reference = train(parse_config("train", _args(data, tmp_path / "reference")))
     ref = json.loads((reference / "metrics.json").read_text())
 
     cmd = [sys.executable, str(REPO / "bin" / "train.py"), *_args(data, tmp_path / "killed")]

@@ -1,17 +1,22 @@
 """The package as a library: what `import retina_tf` gives a user."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
+import keras
 import pytest
+from absl import flags as absl_flags
 
 import retina_tf
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from tests.conftest import tiny_train_args
 
 
 def test_import_alone_lets_keras_load_a_trained_run(tiny_synthetic, tmp_path):
-    run = retina_tf.train(parse_flags(tiny_train_args(tiny_synthetic, tmp_path, "--epochs=1")))
+    run = retina_tf.train(parse_config("train", tiny_train_args(tiny_synthetic, tmp_path,
+                                                                "--epochs=1")))
     # a fresh interpreter, Keras's defaults (compile=True needs the loss, metric and schedule)
     code = ("import sys, keras, retina_tf; m = keras.saving.load_model(sys.argv[1]); "
             "print(type(m).__name__, type(m.loss).__name__, type(m.optimizer).__name__)")
@@ -30,3 +35,34 @@ def test_shipped_models_load_by_name():
 
 def test_public_names_exist():
     assert all(hasattr(retina_tf, name) for name in retina_tf.__all__)
+
+
+def test_train_and_evaluate_from_python_with_configs_only(tiny_synthetic, tmp_path):
+    """The demo's path with no flags at all: configs in, a run folder and metrics out."""
+    cfg = retina_tf.TrainConfig(
+        dataset="synthetic", data_dir=str(tiny_synthetic), logdir=str(tmp_path),
+        run_name="py", model="unet", model_config={"depth": 3, "base_filters": 8},
+        patch_size=32, batch_size=8, patches_per_epoch=64, epochs=2, val_images=1,
+        learning_rate=0.005, lr_schedule="cosine", image_summary_every=0)
+    run = retina_tf.train(cfg)
+    assert cfg.task is None  # the caller's config is never changed (the run's task: vessel)
+    losses = json.loads((run / "metrics.json").read_text())["loss_history"]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    report = retina_tf.evaluate(retina_tf.EvalConfig(
+        model=str(run), dataset="synthetic", data_dir=str(tiny_synthetic), visualize=True))
+    assert report["images"] == 2 and 0.3 < report["metrics"]["f1"] <= 1.0
+    assert (run / "eval_synthetic_test" / "roc_curve.png").is_file()
+    # flags.txt records the whole configuration: the run is re-created from it
+    again = retina_tf.config.from_run(run)
+    assert again == dataclasses.replace(cfg, task="vessel")
+    assert keras.saving.load_model(run / "model.keras").count_params() == \
+        json.loads((run / "run.json").read_text())["parameters"]
+    # nothing of absl was needed or touched
+    assert "epochs" not in absl_flags.FLAGS and "model" not in absl_flags.FLAGS
+
+
+def test_a_bad_config_value_is_an_error_naming_it(tmp_path):
+    with pytest.raises(retina_tf.ConfigError, match="'unet' does not take widths"):
+        retina_tf.train(retina_tf.TrainConfig(dataset="synthetic", data_dir=str(tmp_path),
+                                               logdir=str(tmp_path),
+                                               model_config={"widths": [1]}))

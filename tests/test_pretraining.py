@@ -12,7 +12,7 @@ import pytest
 
 from retina_tf.data.io import DatasetError
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.models import build_model
 from retina_tf.pretraining import held_out_names, pretraining_images
 from retina_tf.training import load_pretrained, train
@@ -60,7 +60,7 @@ def test_encoder_transfers_from_the_run_folder_and_fine_tunes(pretrained, tmp_pa
     mae = keras.saving.load_model(run / "model.keras")
     for a, b in zip(seg.encoder.get_weights(), mae.encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
-    cfg = parse_flags([
+    cfg = parse_config("train", [
         "--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}", "--run_name=vit",
         "--model=vit_seg", "--model_config={" + ENCODER + "}", "--pretrained=mae",
         "--freeze_encoder_epochs=1", "--patch_size=32", "--batch_size=4",
@@ -71,7 +71,7 @@ def test_encoder_transfers_from_the_run_folder_and_fine_tunes(pretrained, tmp_pa
     assert info["pretrained"] == str(run) and info["fully_convolutional"] is False
     assert len(json.loads((out / "metrics.json").read_text())["loss_history"]) == 2
     with pytest.raises(ValueError, match="exactly 32 px"):
-        train(parse_flags([f"--flagfile={out / 'flags.txt'}", "--patch_size=64",
+        train(parse_config("train", [f"--flagfile={out / 'flags.txt'}", "--patch_size=64",
                            "--run_name=bad"]))
 
 

@@ -16,7 +16,7 @@ from retina_tf.data.io import DatasetError
 from retina_tf.data.pipeline import with_context
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.evaluation import evaluate
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.models.rip_av import RIPAV
 from retina_tf.pretraining import read_rip_records
@@ -44,10 +44,12 @@ def rip_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
     patches = logdir / "rip_patches"
     common = ["--dataset=synthetic", f"--data_dir={data}", f"--rip_patches={patches}",
-              "--preprocess=standardize,clahe,gamma", "--val_images=1", "--rip_sizes=24,48",
-              "--rip_out_size=32", "--rip_per_class=20", "--rip_min_fraction=0.02"]
-    for script, extra in (("generate_rip_patches.py", []),
+              "--preprocess=standardize,clahe,gamma"]
+    for script, extra in (("generate_rip_patches.py", ["--rip_sizes=24,48", "--rip_out_size=32",
+                                                       "--rip_per_class=20",
+                                                       "--rip_min_fraction=0.02"]),
                           ("pretrain_rip.py", [f"--logdir={logdir}", "--run_name=rip",
+                                               "--val_images=1",
                                                "--model_config={" + ENCODER + "}",
                                                "--epochs=2", "--patches_per_epoch=64",
                                                "--batch_size=16", "--learning_rate=0.003"])):
@@ -76,13 +78,13 @@ def test_rip_pretraining_writes_a_run_folder(rip_run):
 @pytest.mark.slow
 def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     data, logdir, _ = rip_run
-    cfg = parse_flags([
+    cfg = parse_config("train", [
         "--dataset=synthetic", f"--data_dir={data}", f"--logdir={logdir}", "--run_name=ripav",
         "--model=rip_av", "--model_config={" + ENCODER + ', "context_size": 32, "av_weight": 1.0}',
         "--pretrained=rip", "--preprocess=standardize,clahe,gamma", "--patch_size=32",
         "--batch_size=4", "--patches_per_epoch=16", "--epochs=2", "--val_images=1",
         "--inference=sliding", "--stride=16", "--image_summary_every=0"])
-    assert cfg.task == "vessel"  # not given: rip_av makes it av
+    assert cfg.task is None  # not given: rip_av makes it av
     run = train(cfg)
     info = json.loads((run / "run.json").read_text())
     assert info["task"] == "av" and info["num_classes"] == 3
@@ -103,8 +105,10 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert seg.av_link == 1.0 and Segmenter.from_run(run, av_link=0.0).av_link == 0.0
 
     out = tmp_path / "eval"
-    result = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}",
-                                   "--visualize"]))["metrics"]
+    # flags.txt holds the training settings; how to evaluate is evaluate's own flags
+    result = evaluate(parse_config("evaluate", [f"--flagfile={run / 'flags.txt'}",
+                                                f"--output_dir={out}", "--visualize",
+                                                "--inference=sliding"]))["metrics"]
     for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc"):
         assert 0.0 <= result[key] <= 1.0, key
     assert (out / "01_test_av.png").is_file() and (out / "01_test_av_truth.png").is_file()
@@ -114,8 +118,9 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     np.testing.assert_allclose(result["av_thin_acc"] * thin + result["av_thick_acc"] * thick,
                                result["av_acc"] * (thin + thick), rtol=1e-9)
     # one decision per vessel segment changes the A/V decisions only, never the vessel map
-    voted = evaluate(parse_flags([f"--flagfile={run / 'flags.txt'}", f"--output_dir={out}_vote",
-                                  "--av_vote"]))
+    voted = evaluate(parse_config("evaluate", [f"--flagfile={run / 'flags.txt'}",
+                                               f"--output_dir={out}_vote", "--av_vote",
+                                               "--inference=sliding"]))
     assert voted["av_vote"] is True and voted["av_link"] == 1.0
     for key in ("f1", "auc_roc", "tp", "fp"):
         assert voted["metrics"][key] == result[key], key
@@ -149,7 +154,7 @@ def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
     from retina_tf.pretraining import pretrain_rip
     data = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=1, seed=6,
                                    size=(64, 64))
-    cfg = parse_flags(["--dataset=synthetic", f"--data_dir={data}",
+    cfg = parse_config("pretrain_rip", ["--dataset=synthetic", f"--data_dir={data}",
                        f"--rip_patches={tmp_path / 'none'}", f"--logdir={tmp_path}"])
     with pytest.raises(DatasetError, match="run bin/generate_rip_patches.py"):
         pretrain_rip(cfg)
@@ -160,7 +165,7 @@ def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
 def test_train_refuses_pre_training_models(model, script, tmp_path):
     data = write_synthetic_dataset(tmp_path / "syn", num_images=2, num_test=1, seed=6,
                                    size=(32, 32))
-    cfg = parse_flags(["--dataset=synthetic", f"--data_dir={data}", f"--model={model}",
+    cfg = parse_config("train", ["--dataset=synthetic", f"--data_dir={data}", f"--model={model}",
                        f"--logdir={tmp_path}"])
     with pytest.raises(ValueError, match=f"pre-training model: run bin/{script}"):
         train(cfg)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from retina_tf.errors import ConfigError, DatasetError
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.run_folder import (
     flag_differences,
@@ -38,7 +38,7 @@ def tiny_args(data_dir, logdir, *extra):
 
 
 def tiny_flags(data_dir, logdir, *extra):
-    return parse_flags(tiny_args(data_dir, logdir, *extra))
+    return parse_config("train", tiny_args(data_dir, logdir, *extra))
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -158,7 +158,7 @@ def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, t
 
 def test_an_early_failure_leaves_no_run_folder(tmp_path):
     with pytest.raises(DatasetError):
-        train(parse_flags(["--dataset=synthetic", f"--data_dir={tmp_path / 'missing'}",
+        train(parse_config("train", ["--dataset=synthetic", f"--data_dir={tmp_path / 'missing'}",
                            f"--logdir={tmp_path / 'logs'}", "--epochs=1"]))
     assert not (tmp_path / "logs").exists()
 

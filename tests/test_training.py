@@ -1,5 +1,6 @@
 """Training end to end on tiny synthetic data: loss goes down, run folder, resume, strategies."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.training import WarmupDecay, make_strategy, train
 from tests.conftest import tiny_train_args
 
@@ -23,7 +24,8 @@ def synthetic(tiny_synthetic) -> Path:
 
 
 def tiny_flags(data_dir, logdir, *extra):
-    return parse_flags(tiny_train_args(data_dir, logdir, "--image_summary_every=2", *extra))
+    return parse_config("train", tiny_train_args(data_dir, logdir, "--image_summary_every=2",
+                                                 *extra))
 
 
 def test_schedules_known_values():
@@ -60,8 +62,9 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
     assert 0.0 <= metrics["validation"]["f1"] <= 1.0
     assert not (run / "backup").exists()  # removed once training completes
     # flags.txt is a flagfile that reproduces the run's settings
-    again = parse_flags([f"--flagfile={run / 'flags.txt'}"])
-    assert again.base_filters == 8 and again.patch_size == 32 and again.dataset == "synthetic"
+    again = parse_config("train", [f"--flagfile={run / 'flags.txt'}"])
+    assert again == dataclasses.replace(cfg, task="vessel")  # task: the run's, resolved
+    assert again.model_config["base_filters"] == 8 and again.patch_size == 32
     info = json.loads((run / "run.json").read_text())
     assert info["model"] == "unet" and info["size_multiple"] == 4
     model = keras.saving.load_model(run / "model.keras", compile=False)

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,10 +40,13 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from retina_tf import visualize
+from retina_tf.config import RipPatchConfig
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.catalog import list_samples, normalize_dataset_name
 from retina_tf.data.io import DatasetError, atomic_write_bytes, read_sample
 from retina_tf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 RIP_LABELS = ("artery", "vein", "both")
 DEFAULT_SIZES = (48, 96, 144)
@@ -466,7 +470,7 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_rip_patches(cfg) -> Path:
+def write_rip_patches(cfg: RipPatchConfig) -> Path:
     """Selects and cuts RIP-AV pre-training patches from the training split of an A/V dataset.
 
     Reads ``--dataset``/``--data_dir`` (rite, les_av, hrf_av or synthetic), **training split
@@ -495,7 +499,7 @@ def write_rip_patches(cfg) -> Path:
     """
 
     started = time.time()
-    if getattr(cfg, "label_file_path", None):
+    if cfg.label_file_path:
         raise ConfigError(f"--label_file_path={cfg.label_file_path}: label files carry no "
                           "artery/vein labels; give --dataset and --data_dir of an A/V dataset "
                           f"({', '.join(AV_DATASETS)})")
@@ -511,7 +515,7 @@ def write_rip_patches(cfg) -> Path:
                           f"{cfg.rip_per_class} must be >= 1")
     if not 0.0 < cfg.rip_min_fraction <= 1.0:
         raise ConfigError(f"--rip_min_fraction={cfg.rip_min_fraction} must be in (0, 1]")
-    absent = getattr(cfg, "rip_absent_fraction", None)
+    absent = cfg.rip_absent_fraction
     try:
         _check_absent(absent, cfg.rip_min_fraction)
     except ValueError as err:
@@ -578,13 +582,13 @@ def write_rip_patches(cfg) -> Path:
     visualize.save_png(out_dir / PREVIEW_PNG, preview_grid(
         patches[shown], np.stack([av_shown[n] for n in shown]), [records[n] for n in shown]))
 
-    print(f"RIP patches from {len(samples)} training images of {dataset} ({cfg.data_dir}), "
-          f"resized to {out_size}x{out_size}: taken / candidates", flush=True)
-    print("  label   " + "".join(f"{s:>16}" for s in sizes) + f"{'total':>8}")
+    log.info(f"RIP patches from {len(samples)} training images of {dataset} ({cfg.data_dir}), "
+             f"resized to {out_size}x{out_size}: taken / candidates")
+    log.info("  label   " + "".join(f"{s:>16}" for s in sizes) + f"{'total':>8}")
     for label in RIP_LABELS:
         taken = [sum(r.label == label and r.size == s for r in records) for s in sizes]
         cells = "".join(f"{t:>7} / {available[label, s]:<6}" for t, s in zip(taken, sizes))
-        print(f"  {label:<8}{cells}{sum(taken):>8}")
-    print(f"{len(records)} patches; wrote {out_dir / PATCHES_CSV}, {PATCHES_NPZ} and "
-          f"{PREVIEW_PNG} in {time.time() - started:.1f} s", flush=True)
+        log.info(f"  {label:<8}{cells}{sum(taken):>8}")
+    log.info(f"{len(records)} patches; wrote {out_dir / PATCHES_CSV}, {PATCHES_NPZ} and "
+             f"{PREVIEW_PNG} in {time.time() - started:.1f} s")
     return out_dir

@@ -6,7 +6,6 @@ Adding an architecture is one file in this package and one line in ``_REGISTRY``
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import keras
 
@@ -44,9 +43,16 @@ _KERAS_ARGUMENTS = {"name", "dtype", "trainable"}
 
 def model_arguments(name: str) -> list[str]:
     """The constructor arguments of a registered model (``--model_config`` keys)."""
-    params = inspect.signature(model_class(name).__init__).parameters
-    return sorted(n for n, p in params.items() if n != "self" and p.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    return model_class(name).constructor_arguments()
+
+
+def check_arguments(name: str, config) -> None:
+    """Raises ConfigError for an argument model ``name`` does not take (naming it and the ones
+    it does)."""
+    unknown = sorted(set(config) - set(model_arguments(name)) - _KERAS_ARGUMENTS - {"preset"})
+    if unknown:
+        raise ConfigError(f"model {name!r} does not take {', '.join(unknown)} (--model_config); "
+                          f"it takes {', '.join(model_arguments(name))}")
 
 
 def build_model(name: str, **config) -> keras.Model:
@@ -57,10 +63,7 @@ def build_model(name: str, **config) -> keras.Model:
         ConfigError: for an argument the model does not take (naming it and the ones it does).
     """
     cls = model_class(name)
-    unknown = sorted(set(config) - set(model_arguments(name)) - _KERAS_ARGUMENTS - {"preset"})
-    if unknown:
-        raise ConfigError(f"model {name!r} does not take {', '.join(unknown)} (--model_config); "
-                          f"it takes {', '.join(model_arguments(name))}")
+    check_arguments(name, config)
     if "preset" in config:
         if not hasattr(cls, "from_preset_config"):
             raise ConfigError(f"model {name!r} has no presets: drop \"preset\" from "

@@ -7,6 +7,7 @@ architecture subclasses :class:`SegmentationModel` and overrides what differs fr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ class SegmentationModel:
             (whole-image inference); False: fixed-size windows of ``size_multiple`` px.
         uses_compiled_loss: False when ``compute_loss`` is the method's own (RIP-AV), so the
             loss flags cannot apply.
+        argument_sources: classes whose constructor arguments this model also takes, for a
+            part it builds from them (EAR-Net: its HMSA stage 1).
     """
 
     task: str | None = None
@@ -48,6 +51,18 @@ class SegmentationModel:
     fully_convolutional: bool = True
     # False: compute_loss is the method's own and ignores the compiled loss (--loss, --pos_weight)
     uses_compiled_loss: bool = True
+    argument_sources: tuple[type, ...] = ()
+
+    @classmethod
+    def constructor_arguments(cls) -> list[str]:
+        """Every argument the constructor takes (``--model_config`` keys), those of
+        ``argument_sources`` included."""
+        params = inspect.signature(cls.__init__).parameters
+        names = {n for n, p in params.items() if n != "self" and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        for source in cls.argument_sources:
+            names |= set(source.constructor_arguments())
+        return sorted(names)
 
     @property
     def size_multiple(self) -> int:

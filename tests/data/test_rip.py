@@ -14,6 +14,7 @@ from absl import flags
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from retina_tf.config import RipPatchConfig
 from retina_tf.data.io import DatasetError, read_image
 from retina_tf.data.rip import (
     RIP_LABELS,
@@ -27,7 +28,7 @@ from retina_tf.data.rip import (
 )
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError
-from retina_tf.flags import define_rip_flags
+from retina_tf.flags import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -259,11 +260,8 @@ def test_cli_writes_consistent_csv_npz_and_preview(tiny_av_dataset, tmp_path):
     assert f"{n} patches" in proc.stdout
 
 
-def _cfg(*args: str) -> flags.FlagValues:
-    fv = flags.FlagValues()
-    define_rip_flags(fv)
-    fv(["generate_rip_patches", *args])
-    return fv
+def _cfg(*args: str) -> RipPatchConfig:
+    return parse_config("generate_rip_patches", list(args))
 
 
 def test_cli_fails_clearly_without_av_labels(tiny_av_dataset, tmp_path):

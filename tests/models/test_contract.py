@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retina_tf.errors import ConfigError
-from retina_tf.flags import parse_flags
+from retina_tf.flags import parse_config
 from retina_tf.models import build_model, model_names
 from retina_tf.models.base import SegmentationModel
 from retina_tf.training import train
@@ -68,7 +68,7 @@ def test_an_argument_the_model_does_not_take_is_named():
 
 
 def test_a_loss_flag_a_model_cannot_honour_is_an_error(tmp_path):
-    cfg = parse_flags(["--model=rip_av", "--loss=bce", "--dataset=synthetic",
+    cfg = parse_config("train", ["--model=rip_av", "--loss=bce", "--dataset=synthetic",
                        f"--data_dir={tmp_path}", f"--logdir={tmp_path}"])
     with pytest.raises(ConfigError, match="--loss=bce: rip_av trains with its own loss"):
         train(cfg)

@@ -77,6 +77,24 @@ def test_stage1_logits_are_the_hmsa_output_after_load_pretrained():
                           _np(hmsa(x, training=False)["logits"]) > 0)
 
 
+def test_stage1_is_a_whole_hmsa_model_serialized_nested(tmp_path):
+    keras.utils.set_random_seed(7)
+    hmsa = HMSA(**TINY)
+    ear = EARNet(stage1=hmsa)
+    assert ear.stage1 is hmsa and ear.scales == hmsa.scales
+    x = _image(64, 64, seed=8)
+    np.testing.assert_allclose(_np(ear(x, training=False)["stage1_logits"]),
+                               _np(hmsa(x, training=False)["logits"]), rtol=1e-5, atol=1e-6)
+    config = ear.get_config()
+    assert config["stage1"]["class_name"] == "HMSA" and "width" not in config
+    ear.save(tmp_path / "ear.keras")
+    again = keras.saving.load_model(tmp_path / "ear.keras")
+    np.testing.assert_allclose(_np(again(x, training=False)["logits"]),
+                               _np(ear(x, training=False)["logits"]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="either stage1 or its arguments"):
+        EARNet(stage1=hmsa, width=8)
+
+
 def test_load_pretrained_refuses_another_architecture():
     with pytest.raises(ValueError, match="differ in shape"):
         EARNet(**TINY).load_pretrained(HMSA(**dict(TINY, width=6)))
@@ -144,7 +162,7 @@ def test_bn_momentum_reaches_every_batch_norm_and_survives_reload(tmp_path):
     path = tmp_path / "ear.keras"
     model.save(path)
     again = keras.saving.load_model(path)
-    assert again.bn_momentum == 0.99 and again.network.layers  # rebuilt from the config
+    assert again.bn_momentum == 0.99 and again.stage1.network.layers  # rebuilt from the config
     assert {n.momentum for n in again._flatten_layers(include_self=False, recursive=True)
             if isinstance(n, keras.layers.BatchNormalization)} == {0.99}
     with pytest.raises(ValueError, match="bn_momentum"):

@@ -1,0 +1,183 @@
+"""retina_tf's commands: ``retina-<command>`` console scripts, ``python -m retina_tf <command>``
+and ``python bin/<script>.py`` all run the functions here.
+
+    retina-train --flagfile=configs/drive_unet.cfg
+    python -m retina_tf evaluate --flagfile=configs/drive_unet.cfg --visualize
+    retina-predict --input=photos/ --output_dir=out/
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+from retina_tf.config import DataConfig
+from retina_tf.data.io import read_image
+from retina_tf.data.labelfile import export_label_files, read_label_file
+from retina_tf.data.pipeline import preprocess_cached
+from retina_tf.data.preprocess import Preprocessor
+from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.errors import ConfigError
+from retina_tf.flags import FLAGS, define_flags, run_app, run_script, script_config
+from retina_tf.inference import export_run
+from retina_tf.visualize import save_png
+
+__all__ = ["COMMANDS", "main", "train", "evaluate", "predict", "pretrain_mae", "pretrain_rip",
+           "generate_rip_patches", "make_error_maps", "preprocess", "make_synthetic",
+           "export_model"]
+
+
+def _key_flags(*names: str) -> None:
+    """Makes a command's own flags the ones ``--help`` lists."""
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+def train() -> None:
+    """Train a segmentation model."""
+    run_script("train")
+
+
+def evaluate() -> None:
+    """Evaluate a run (or a shipped model) on a labelled split: metrics, pictures, curves."""
+    run_script("evaluate")
+
+
+def predict() -> None:
+    """Segment photographs without labels: probability map and mask per image."""
+    run_script("predict")
+
+
+def pretrain_mae() -> None:
+    """Masked-autoencoder pre-training of a ViT encoder on unlabelled photographs."""
+    run_script("pretrain_mae")
+
+
+def pretrain_rip() -> None:
+    """RIP-AV's representative-instance pre-training of the A/V encoder."""
+    run_script("pretrain_rip")
+
+
+def generate_rip_patches() -> None:
+    """RIP-AV's representative-instance patches from an A/V dataset's training split."""
+    run_script("generate_rip_patches")
+
+
+def make_error_maps() -> None:
+    """EAR-Net stage 1 -> 2: error maps of a trained run on its training images."""
+    run_script("make_error_maps")
+
+
+def preprocess() -> None:
+    """Seed-style label files (and optionally a preprocessed-image cache) for a dataset."""
+    define_flags("preprocess")
+    flags.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go.")
+    flags.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
+    _key_flags("out_dir", "previews")
+    run_app(lambda argv: _preprocess(script_config("preprocess")))
+
+
+def _preprocess(cfg: DataConfig) -> None:
+    missing = [f"--{name}" for name in ("dataset", "data_dir", "out_dir")
+               if not (FLAGS.out_dir if name == "out_dir" else getattr(cfg, name))]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "required: preprocess writes the label files of a dataset in its "
+                          "official layout (e.g. --dataset=drive --data_dir=data/DRIVE "
+                          "--out_dir=data/drive_labels)")
+    out = Path(FLAGS.out_dir)
+    files = export_label_files(cfg.dataset, cfg.data_dir, out)
+    for split, path in files.items():
+        print(f"{split}: {path} ({len(read_label_file(path))} samples)")
+    train_samples = read_label_file(files["training"])
+    pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
+    images = [read_image(s.image) for s in train_samples]
+    if pre.standardize:
+        pre.fit(images)
+    pre.save(out / "preprocessor.json")
+    print(f"preprocessing {pre.steps} fitted on {len(train_samples)} training images: "
+          f"mean {pre.mean}, std {pre.std} -> {out / 'preprocessor.json'}")
+    for sample, image in list(zip(train_samples, images))[:FLAGS.previews]:
+        x = pre(image)
+        x = x[..., 0] if x.shape[-1] == 1 else x
+        save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
+    if cfg.cache_dir:
+        for path in files.values():
+            for sample in read_label_file(path):
+                preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)
+        print(f"cached preprocessed images in {cfg.cache_dir}")
+
+
+def make_synthetic() -> None:
+    """A synthetic fundus dataset in the DRIVE layout (plus RITE-style A/V labels)."""
+    flags.DEFINE_string("out_dir", None, "Dataset root to write (training/ and test/ go under "
+                        "it).")
+    flags.DEFINE_integer("num_images", 20, "Total number of images, test and training together.")
+    flags.DEFINE_integer("num_test", None, "Number of test images (default: half of "
+                         "--num_images).")
+    flags.DEFINE_integer("seed", 0, "Base seed; image i uses a seed derived from (seed, i).")
+    flags.DEFINE_integer("height", 584, "Image height in pixels (DRIVE: 584).")
+    flags.DEFINE_integer("width", 565, "Image width in pixels (DRIVE: 565).")
+    flags.mark_flag_as_required("out_dir")
+    _key_flags("out_dir", "num_images", "num_test", "seed", "height", "width")
+    run_app(lambda argv: _make_synthetic())
+
+
+def _make_synthetic() -> None:
+    try:
+        root = write_synthetic_dataset(FLAGS.out_dir, num_images=FLAGS.num_images,
+                                       seed=FLAGS.seed, size=(FLAGS.height, FLAGS.width),
+                                       num_test=FLAGS.num_test)
+    except ValueError as err:  # bad counts or size: a usage problem, not a crash
+        raise ConfigError(f"{err}: check --num_images, --num_test, --height and --width") from err
+    for split in ("test", "training"):
+        images = sorted((root / split / "images").glob("*.tif"))
+        if images:
+            names = images[0].name if len(images) == 1 else f"{images[0].name}..{images[-1].name}"
+            print(f"{root / split}: {len(images)} images ({names}) with labels in "
+                  "1st_manual/, FOV masks in mask/, A/V labels in av/")
+    print(f"wrote a synthetic DRIVE-layout dataset of {FLAGS.num_images} "
+          f"{FLAGS.height}x{FLAGS.width} images (seed {FLAGS.seed}) to {root}")
+
+
+def export_model() -> None:
+    """Copy a trained run into a small inference-only folder (no optimizer state)."""
+    flags.DEFINE_string("run_dir", None, "Run folder to export.", required=True)
+    flags.DEFINE_string("out_dir", None, "Destination folder.", required=True)
+    _key_flags("run_dir", "out_dir")
+
+    def main(argv):
+        out = export_run(FLAGS.run_dir, FLAGS.out_dir)
+        print(f"exported {FLAGS.run_dir} -> {out}")
+
+    run_app(main)
+
+
+# command name (retina-<name>, python -m retina_tf <name>) -> function
+COMMANDS = {
+    "train": train, "evaluate": evaluate, "predict": predict, "pretrain-mae": pretrain_mae,
+    "pretrain-rip": pretrain_rip, "rip-patches": generate_rip_patches,
+    "error-maps": make_error_maps, "preprocess": preprocess, "synthetic": make_synthetic,
+    "export": export_model,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m retina_tf <command> [flags]``."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {fn.__doc__.splitlines()[0]}"
+                 for name, fn in COMMANDS.items()]
+        sys.stderr.write("usage: python -m retina_tf <command> [--flags] (--help per command)"
+                         "\n\ncommands:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
+    sys.argv = [f"retina_tf {argv[1]}"] + argv[2:]
+    command = COMMANDS[argv[1]]
+    main_module = sys.modules.get("__main__")
+    if main_module is not None:  # absl's --help shows it above the flags
+        main_module.__doc__ = f"python -m retina_tf {argv[1]}: {command.__doc__}"
+    command()

@@ -1,0 +1,350 @@
+"""Typed configurations of training, evaluation and prediction.
+
+The library takes these frozen dataclasses and never changes them; the command-line scripts
+build them from their flags (:mod:`retina_tf.flags`), and a Python user builds them directly.
+Field names are the flag names, so a flagfile, a run folder's ``flags.txt`` and a config
+describe one run alike (:func:`to_flag_lines` / :func:`from_flag_lines`).
+
+Example:
+    >>> from retina_tf.config import TrainConfig, to_flag_lines, from_flag_lines
+    >>> cfg = TrainConfig(dataset="drive", data_dir="data/DRIVE", epochs=3,
+    ...                   model_config={"base_filters": 16})
+    >>> text = to_flag_lines(cfg)
+    >>> "--epochs=3" in text and '--model_config={"base_filters": 16}' in text
+    True
+    >>> from_flag_lines(TrainConfig, text) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from retina_tf.data.preprocess import STEPS
+from retina_tf.errors import ConfigError
+
+__all__ = ["DataConfig", "RunRef", "InferenceConfig", "TrainConfig", "MAEConfig",
+           "RipPatchConfig", "RipPretrainConfig", "EvalConfig", "PredictConfig",
+           "ErrorMapConfig", "to_flag_lines", "from_flag_lines", "from_run", "field_names",
+           "read_model_config"]
+
+_FROZEN = dict(frozen=True, kw_only=True)
+
+
+@dataclasses.dataclass(**_FROZEN)
+class DataConfig:
+    """Which images, and how they are preprocessed.
+
+    Attributes:
+        dataset: a dataset name of :mod:`retina_tf.data.catalog` (official layout), or None.
+        data_dir: the dataset's folder.
+        label_file_path: a seed-style label file of the training split instead of a dataset.
+        test_label_file_path: the test split's label file (default: ``test.txt`` beside
+            ``label_file_path``).
+        task: "vessel" or "av"; None takes the model's own task (rip_av: av), else vessel.
+        preprocess: preprocessing steps in order (:data:`retina_tf.data.preprocess.STEPS`).
+        channel: grayscale conversion, "luminance" or "green".
+        cache_dir: cache of preprocessed images.
+        seed: seed of sampling, augmentation and initialization.
+    """
+
+    dataset: str | None = None
+    data_dir: str | None = None
+    label_file_path: str | None = None
+    test_label_file_path: str | None = None
+    task: str | None = None
+    preprocess: tuple[str, ...] = STEPS
+    channel: str = "luminance"
+    cache_dir: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(**_FROZEN)
+class RunRef:
+    """Which run folder: ``model`` is a path, a shipped model name (``unet_drive``) or an
+    architecture name meaning ``<logdir>/<run_name or model_dataset>``."""
+
+    model: str = "unet"
+    logdir: str = "logs"
+    run_name: str | None = None
+
+
+@dataclasses.dataclass(**_FROZEN)
+class InferenceConfig:
+    """How a trained model segments a photograph (:class:`retina_tf.inference.Segmenter`).
+
+    Attributes:
+        inference: "auto", "whole" (fully convolutional) or "sliding" windows.
+        stride: sliding-window stride in pixels.
+        window: sliding-window size (0: the training patch size).
+        eval_scales: inference scales of multi-scale models (None: the training scales).
+        tta, tta_transpose: test-time augmentation over flips (and transposes).
+        av_vote, av_link: A/V models: one decision per vessel segment, linked at junctions.
+        threshold: probability threshold of the binary mask.
+    """
+
+    inference: str = "auto"
+    stride: int = 16
+    window: int = 0
+    eval_scales: tuple[float, ...] | None = None
+    tta: bool = False
+    tta_transpose: bool = False
+    av_vote: bool = False
+    av_link: float = 1.0
+    threshold: float = 0.5
+
+
+@dataclasses.dataclass(**_FROZEN)
+class _Optimization:
+    """The optimization settings every training (segmentation, MAE, RIP) shares."""
+
+    batch_size: int = 32
+    epochs: int = 10
+    steps_per_epoch: int = 0
+    patches_per_epoch: int = 20000
+    time_budget_minutes: float = 0.0
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    strategy: str = "auto"
+    logical_cpus: int = 0
+    jit_compile: bool = False
+    resume: bool = True
+    overwrite: bool = False
+    model_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(**_FROZEN)
+class _Augmentation:
+    flip: bool = True
+    rot90: bool = True
+    rotate_degrees: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma_jitter: float = 0.0
+
+
+@dataclasses.dataclass(**_FROZEN)
+class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
+    """Training of a segmentation model (``bin/train.py``; :func:`retina_tf.train`).
+
+    ``model`` is the architecture (:func:`retina_tf.model_names`) and ``model_config`` its
+    constructor arguments (e.g. ``{"depth": 4, "base_filters": 16}`` for the U-Net); the other
+    fields are the flags of ``bin/train.py --help`` of the same names. ``stride`` and
+    ``eval_scales`` are the whole-image validation's.
+    """
+
+    mode: str = "patch"
+    patch_size: int = 48
+    vessel_probability: float = 0.5
+    val_images: int = 2
+    loss: str = "bce_dice"
+    pos_weight: float = 1.0
+    validate_every: int = 1
+    image_summary_every: int = 1
+    pretrained: str | None = None
+    freeze_encoder_epochs: int = 0
+    error_maps: str | None = None
+    stride: int = 16
+    eval_scales: tuple[float, ...] | None = None
+
+
+@dataclasses.dataclass(**_FROZEN)
+class MAEConfig(DataConfig, RunRef, _Optimization, _Augmentation):
+    """Masked-autoencoder pre-training (``bin/pretrain_mae.py``): ``pretrain_dirs`` are folders
+    of unlabelled photographs; the test images of ``dataset`` / ``data_dir`` are refused."""
+
+    model: str = "mae"
+    pretrain_dirs: tuple[str, ...] = ()
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    image_summary_every: int = 1
+
+
+@dataclasses.dataclass(**_FROZEN)
+class RipPatchConfig(DataConfig):
+    """RIP-AV's representative-instance patches (``bin/generate_rip_patches.py``)."""
+
+    rip_patches: str | None = None
+    rip_sizes: tuple[int, ...] = (48, 96, 144)
+    rip_out_size: int = 96
+    rip_per_class: int = 400
+    rip_min_fraction: float = 0.02
+    rip_absent_fraction: float | None = 0.0
+
+
+@dataclasses.dataclass(**_FROZEN)
+class RipPretrainConfig(DataConfig, RunRef, _Optimization):
+    """RIP pre-training on the patches of :class:`RipPatchConfig` (``bin/pretrain_rip.py``);
+    the training images are read as for training (same ``val_images`` held out)."""
+
+    model: str = "rip_classifier"
+    rip_patches: str | None = None
+    val_images: int = 2
+
+
+@dataclasses.dataclass(**_FROZEN)
+class EvalConfig(DataConfig, RunRef, InferenceConfig):
+    """Evaluation of a run on a split with labels (``bin/evaluate.py``)."""
+
+    eval_split: str = "test"
+    visualize: bool = False
+    whole_image_metrics: bool = False
+    output_dir: str | None = None
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(**_FROZEN)
+class PredictConfig(RunRef, InferenceConfig):
+    """Segmentation of photographs without labels (``bin/predict.py``)."""
+
+    input: str | None = None
+    fov: str | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(**_FROZEN)
+class ErrorMapConfig(DataConfig, RunRef, InferenceConfig):
+    """Stage-1 error maps of the training split for EAR-Net (``bin/make_error_maps.py``)."""
+
+    output_dir: str | None = None
+
+
+# --- flag lines ------------------------------------------------------------------------------
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value), sort_keys=True)
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def to_flag_lines(cfg: Any) -> str:
+    """The config as flagfile lines (``--name=value``, ``--name`` / ``--noname`` for booleans,
+    None and an empty ``model_config`` left out), sorted by name."""
+    lines = []
+    for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name):
+        value = getattr(cfg, f.name)
+        if value is None or (isinstance(value, Mapping) and not value):
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{f.name}" if value else f"--no{f.name}")
+        else:
+            lines.append(f"--{f.name}={_flag_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _convert(name: str, text: str, kind: Any) -> Any:
+    """``text`` (a flag's value) as the field type ``kind``."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        if text == "":
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("true", "t", "1", "yes", "y", ""):
+                return True
+            if text.lower() in ("false", "f", "0", "no", "n"):
+                return False
+            raise ValueError("not a boolean")
+        if kind in (int, float, str):
+            return kind(text)
+        if origin is tuple:
+            return tuple(args[0](v.strip()) for v in text.split(",") if v.strip())
+        if origin in (Mapping, dict) or kind in (Mapping, dict):
+            return read_model_config(text, flag=f"--{name}")
+    except ValueError as err:
+        raise ConfigError(f"--{name}={text}: {err}") from err
+    raise TypeError(f"no conversion of --{name} to {kind}")
+
+
+def from_flag_lines(cls: type, text: str, ignore_unknown: bool = False) -> Any:
+    """A config of type ``cls`` from flagfile lines (the inverse of :func:`to_flag_lines`);
+    comments and blank lines are skipped, later lines win.
+
+    Raises:
+        ConfigError: a line naming no field of ``cls`` (unless ``ignore_unknown``) or a value
+            of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, eq, value = line[2:].partition("=")
+        if not eq and name not in hints and name.startswith("no") and name[2:] in hints:
+            name, value = name[2:], "false"
+        if name not in hints:
+            if ignore_unknown:
+                continue
+            raise ConfigError(f"--{name}: not a setting of {cls.__name__} (it has "
+                              f"{', '.join(sorted(hints))})")
+        values[name] = _convert(name, value, hints[name])
+    return cls(**values)
+
+
+def from_run(run_dir: str | Path, cls: type | None = None) -> Any:
+    """The configuration a run folder was trained with, from its ``flags.txt``: training it
+    again (``retina_tf.train(from_run(run, ...))`` into another run folder) re-creates it."""
+    path = Path(run_dir) / "flags.txt"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {run_dir} is not a run folder")
+    text = path.read_text()
+    if cls is None:
+        model = dict(line[2:].partition("=")[::2] for line in text.splitlines()
+                     if line.startswith("--model=")).get("model", "unet")
+        cls = {"mae": MAEConfig, "rip_classifier": RipPretrainConfig}.get(model, TrainConfig)
+    return from_flag_lines(cls, text, ignore_unknown=True)
+
+
+def read_model_config(value: str | Mapping | None, flag: str = "--model_config") -> dict:
+    """Model constructor arguments from JSON text, a ``.json`` file or a ``.yaml`` / ``.yml``
+    file (with PyYAML installed); a mapping is taken as it is.
+
+    Raises:
+        ConfigError: unreadable text or file, or something other than a mapping.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    text, source = value, "JSON text"
+    path = Path(value)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{flag}={value}: no such file")
+        text, source = path.read_text(), str(path)
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml  # optional: only YAML model configs need it
+            except ImportError as err:
+                raise ConfigError(f"{flag}={value}: reading YAML needs PyYAML (pip install "
+                                  "pyyaml), or give the arguments as JSON") from err
+            parsed = yaml.safe_load(text)
+        else:
+            parsed = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {source} is not valid: {err}") from err
+    if not isinstance(parsed, Mapping):
+        raise ConfigError(f"{flag}: {source} must be a mapping of constructor arguments, e.g. "
+                          '{"base_filters": 16}')
+    return dict(parsed)
