@@ -9,7 +9,8 @@ vessel map, or the segment vote? Scores one trained A/V run on a test split four
   most the vote can reach with the predicted map: a perfect A/V network's ceiling).
 
 A/V accuracy is counted as ``bin/evaluate.py`` counts it (ground-truth artery or vein pixels
-inside the FOV, crossings excluded). Several runs (``--model=a,b``) are scored as an ensemble: the
+inside the FOV, crossings excluded), and by RIP-AV's protocol (``retina_tf.metrics.RipavAVMetrics``)
+in the last column. Several runs (``--model=a,b``) are scored as an ensemble: the
 mean of their probabilities takes the network's place, to see whether more trained networks (more
 training time, spent in parallel) would close the gap.
 
@@ -48,7 +49,7 @@ def main(_):
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import target_of
     from retina_tf.inference import Segmenter
-    from retina_tf.metrics import AVMetrics
+    from retina_tf.metrics import AVMetrics, RipavAVMetrics
     from retina_tf.postprocess import vote_av_segments
 
     segs = [Segmenter.from_run(run, inference="sliding", stride=FLAGS.stride, tta=FLAGS.tta,
@@ -83,21 +84,26 @@ def main(_):
             "the vote on the ground-truth vessel map": on_true_vessels,
             "true A/V evidence on the predicted segments": true_evidence}
     scores = {name: AVMetrics() for name in rows}
+    seeds = {name: RipavAVMetrics() for name in rows}
     for sample in samples:
         data = read_sample(sample)
         truth = target_of(data, "av") > 0.5
         # as bin/evaluate.py: vote on the whole image, then mask by the FOV
         prob = np.mean([s.probability(data.image) for s in segs], axis=0)
         for name, fn in rows.items():
-            scores[name].update(fn(prob, truth) * data.fov[..., None], truth, data.fov)
+            voted = fn(prob, truth) * data.fov[..., None]
+            scores[name].update(voted, truth, data.fov)
+            seeds[name].update(voted, truth, data.fov)
         print(f"scored {data.name}", flush=True)
     models = FLAGS.model[0] if len(segs) == 1 else \
         f"the mean of {len(segs)} runs ({', '.join(FLAGS.model)})"
     print(f"\n{models} on {len(samples)} {FLAGS.dataset} {FLAGS.split} images")
-    print(f"{'':46s} {'A/V acc':>8s} {'arteries right':>15s} {'veins right':>12s}")
+    print(f"{'':46s} {'A/V acc':>8s} {'arteries right':>15s} {'veins right':>12s} "
+          f"{'RIP-AV protocol':>16s}")
     for name, m in scores.items():
         r = m.result()
-        print(f"{name:46s} {r['acc']:8.3f} {r['se']:15.3f} {r['sp']:12.3f}")
+        print(f"{name:46s} {r['acc']:8.3f} {r['se']:15.3f} {r['sp']:12.3f} "
+              f"{seeds[name].result()['acc']:16.3f}")
 
 
 if __name__ == "__main__":

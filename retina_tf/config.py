@@ -210,6 +210,7 @@ class PredictConfig(RunRef, InferenceConfig):
     fov: str | None = None
     output_dir: str | None = None
     overwrite: bool = False
+    save_probabilities: bool = False
 
 
 @dataclasses.dataclass(**_FROZEN)

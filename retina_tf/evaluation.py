@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
 from retina_tf.errors import ConfigError, RetinaTFError
 from retina_tf.inference import Segmenter, check_threshold
 from retina_tf.losses import vessel_width_map
-from retina_tf.metrics import AVMetrics, VesselMetrics, format_table
+from retina_tf.metrics import AVMetrics, RipavAVMetrics, VesselMetrics, format_table
 from retina_tf.run_folder import (
     atomic_write_text,
     is_shipped,
@@ -117,6 +118,14 @@ class OutputFolder:
         atomic_write_bytes(self.path / name, text.encode())
         return self.path / name
 
+    def save_npy(self, name: str, array: np.ndarray) -> Path:
+        """Writes ``array`` atomically as the ``.npy`` file ``name``; returns its path."""
+        self.claim([name])
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        atomic_write_bytes(self.path / name, buffer.getvalue())
+        return self.path / name
+
     def save_curves(self, scores: np.ndarray, labels: np.ndarray, auc_roc: float,
                     auc_pr: float, title: str = "") -> tuple[Path, Path]:
         """:func:`retina_tf.visualize.save_curves` into this folder."""
@@ -160,6 +169,7 @@ class SetScores:
                  av_by_width: bool = False):
         self.vessel = VesselMetrics(threshold=threshold, whole_image=whole_image)
         self.av = AVMetrics() if task == "av" else None
+        self.ripav = RipavAVMetrics() if task == "av" else None
         self.by_width = (AVMetrics(), AVMetrics()) if task == "av" and av_by_width else None
 
     def update(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray) -> None:
@@ -167,6 +177,7 @@ class SetScores:
         self.vessel.update(prob[..., -1], target[..., -1], fov)
         if self.av is not None:
             self.av.update(prob, target, fov)
+            self.ripav.update(prob, target, fov)
         if self.by_width is not None:
             thin = vessel_width_map(target[..., -1]) <= THIN_AV_WIDTH
             inside = fov.astype(bool)
@@ -177,6 +188,10 @@ class SetScores:
         result = self.vessel.result()
         if self.av is not None:
             result.update({f"av_{k}": v for k, v in self.av.result().items()})
+            ripav = self.ripav.result()
+            result.update({"av_acc_ripav": ripav["acc"], "av_se_ripav": ripav["se"],
+                           "av_sp_ripav": ripav["sp"], "av_auc_artery": ripav["auc_artery"],
+                           "av_auc_vein": ripav["auc_vein"]})
         if self.by_width is not None:
             for part, metrics in zip(("thin", "thick"), self.by_width):
                 r = metrics.result()
@@ -266,6 +281,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         log.info("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
                  "Se: arteries right, Sp: veins right)")
         log.info(format_table(scores.av.result(), class_names=("vein", "artery")))
+        log.info(f"RIP-AV's protocol (per image on ground-truth vessel pixels, cleaned masks, "
+                 f"unclassified pixels not counted): accuracy {result['av_acc_ripav']:.4f}, "
+                 f"Se {result['av_se_ripav']:.4f}, Sp {result['av_sp_ripav']:.4f}; AUC artery "
+                 f"{result['av_auc_artery']:.4f}, vein {result['av_auc_vein']:.4f}")
         log.info(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
                  f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
                  f"({result['av_thick_pixels']} px)")
@@ -417,8 +436,15 @@ def _one_line(path: Path, err: Exception) -> str:
     return text if str(path) in text else f"{path}: {text}"
 
 
-def _prediction_suffixes(seg: Segmenter) -> list[str]:
-    return ["_prob.png", "_mask.png"] + (["_av.png"] if seg.task == "av" else [])
+# An A/V model's per-class probability maps, beside the vessel map and mask.
+AV_CLASS_FILES = ("_artery.png", "_vein.png", "_vessel.png")
+
+
+def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False) -> list[str]:
+    suffixes = ["_prob.png", "_mask.png"]
+    if seg.task == "av":
+        suffixes += ["_av.png", *AV_CLASS_FILES]
+    return suffixes + (["_prob.npy"] if save_probabilities else [])
 
 
 def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
@@ -427,11 +453,15 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     seg.check_image_size(image, path)
     fov = _fov_for(path, image, fov_source)
     prob, mask = seg.segment(image, fov, cfg.threshold, source=path)
-    out.claim([base + s for s in _prediction_suffixes(seg)])
+    out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
                out.save_png(f"{base}_mask.png", visualize.mask_image(mask[..., -1]))]
     if seg.task == "av":
         written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob)))
+        written += [out.save_png(base + suffix, visualize.probability_image(prob[..., i]))
+                    for i, suffix in enumerate(AV_CLASS_FILES)]
+    if cfg.save_probabilities:
+        written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
     log.info(f"{path} -> {out.path / base}_{{prob,mask}}.png "
              f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)")
     return written
@@ -455,8 +485,10 @@ def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> Retina
 
 
 def predict(cfg: PredictConfig) -> list[Path]:
-    """Writes ``<stem>_prob.png`` (8-bit probability) and ``<stem>_mask.png`` per input image,
-    the size of the input; A/V models also write ``<stem>_av.png``.
+    """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` per input
+    image, the size of the input; A/V models also write ``<stem>_av.png`` (arteries red, veins
+    blue) and ``<stem>_artery.png``, ``_vein.png``, ``_vessel.png`` (8-bit probabilities);
+    ``save_probabilities`` adds ``<stem>_prob.npy`` (float32, H x W x K).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list. Outputs never collide (see :func:`output_names`),
@@ -479,7 +511,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     seg = load_segmenter(cfg)
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     bases = output_names(inputs)
-    out.check([bases[p] + s for p in inputs for s in _prediction_suffixes(seg)])
+    out.check([bases[p] + s for p in inputs
+               for s in _prediction_suffixes(seg, cfg.save_probabilities)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
     for path in inputs:

@@ -241,7 +241,7 @@ class WholeImageValidation(keras.callbacks.Callback):
         if logs is None or (epoch + 1) % self.every:
             return
         result, probs = evaluate_set(self.segmenter(), self.seg, self.task)
-        for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc"):
+        for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc", "av_acc_ripav"):
             if key in result:
                 logs[f"val_{key}"] = float(result[key])
         if self.image_every and (epoch + 1) % self.image_every == 0:
@@ -401,6 +401,9 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
     if cfg.mode == "whole":
         return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
                                    start=start)
+    if model.context_fusion and model.context_factor == 0:  # the whole image as context
+        return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
+                             augment, cfg.seed, start=start, context_size=model.context_size)
     if model.context_fusion:  # wide crops, split into patch + context
         return with_context(
             patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,

@@ -71,6 +71,17 @@ def test_fov_folder_takes_the_exact_stem_not_a_prefix(tmp_path: Path):
     assert prob[:, 64:].max() == 0 and prob[:, :64].max() > 0  # 1_mask.png's left half
 
 
+def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
+    inputs = tmp_path / "in"
+    _fundus(inputs / "a.png", 2)
+    written = _predict(inputs, tmp_path / "out", "--save_probabilities")
+    assert sorted(p.name for p in written) == ["a_mask.png", "a_prob.npy", "a_prob.png"]
+    prob = np.load(tmp_path / "out" / "a_prob.npy")
+    assert prob.dtype == np.float32 and prob.shape == (128, 128, 1)
+    png = cv2.imread(str(tmp_path / "out" / "a_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert np.abs(png / 255.0 - prob[..., 0]).max() <= 0.5 / 255 + 1e-6
+
+
 def test_fov_folder_finds_drive_masks(shared_data: Path):
     masks = sorted((shared_data / "DRIVE" / "test" / "mask").iterdir())
     image = shared_data / "DRIVE" / "test" / "images" / "01_test.tif"

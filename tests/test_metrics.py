@@ -9,10 +9,12 @@ import pytest
 from retina_tf.metrics import (
     AVMetrics,
     ConfusionMatrix,
+    RipavAVMetrics,
     SegmentationAUC,
     SegmentationF1,
     VesselMetrics,
     format_table,
+    ripav_cleanup,
     roc_pr_auc,
     vessel_auc,
 )
@@ -283,3 +285,98 @@ def test_metrics_work_in_compile_and_evaluate(logit_batch) -> None:
     assert result["auc"] == pytest.approx(expected["auc_roc"], abs=0.01)
     assert result["f1_whole_image"] == pytest.approx(
         _numpy_metrics(y, logits, np.ones_like(w))["f1"], rel=1e-6)
+
+
+# --- RIP-AV's A/V protocol -------------------------------------------------------------------
+
+def _av_scene():
+    """40 x 40: an artery bar (rows 4-13), a vein bar (rows 20-29), a 2 x 2 crossing inside the
+    artery bar and an uncertain (vessel-only) bar (rows 33-37, 150 px)."""
+    target = np.zeros((40, 40, 3), bool)
+    target[4:14, 5:35, 0] = True
+    target[20:30, 5:35, 1] = True
+    target[8:10, 20:22, 1] = True  # crossing: artery and vein
+    target[33:38, 5:35, 2] = True  # uncertain
+    target[..., 2] |= target[..., 0] | target[..., 1]
+    perfect = np.zeros((40, 40, 3), np.float32)
+    perfect[..., 0] = target[..., 0]
+    perfect[..., 1] = target[..., 1]
+    perfect[..., 2] = target[..., 2]
+    return target, perfect
+
+
+def test_ripav_protocol_known_answers():
+    target, perfect = _av_scene()
+    m = RipavAVMetrics()
+    m.update(perfect, target)
+    r = m.result()
+    assert (r["acc"], r["se"], r["sp"], r["auc_artery"], r["auc_vein"]) == (1, 1, 1, 1, 1)
+    # the vein bar called artery everywhere: 300 vein px are FP; arteries stay right
+    wrong = perfect.copy()
+    wrong[20:30, 5:35, 0], wrong[20:30, 5:35, 1] = 1.0, 0.0
+    m = RipavAVMetrics()
+    m.update(wrong, target)
+    r = m.result()
+    # TP 300 (crossing included), FP 300, FN 0, TN 0: the crossing's 4 px still called vein
+    # are a speck the clean-up removes
+    assert r["se"] == 1.0 and r["sp"] == 0.0 and r["acc"] == 0.5
+    # the uncertain bar called artery, and pixels called neither, change nothing
+    extra = perfect.copy()
+    extra[33:38, 5:35, 0] = 0.9
+    extra[20:30, 5:15, 1] = 0.2  # 100 vein px called neither: not counted
+    m = RipavAVMetrics()
+    m.update(extra, target)
+    assert m.result()["acc"] == 1.0 and m.result()["sp"] == 1.0
+    # a pixel called both counts for both: the artery bar also called vein -> FN on arteries
+    both = perfect.copy()
+    both[4:14, 5:35, 1] = 0.8
+    m = RipavAVMetrics()
+    m.update(both, target)
+    r = m.result()
+    # TP 300, TN 300 + 4, FN 300 - 4 (crossings left out of FN), FP 0
+    assert r["se"] == pytest.approx(300 / 596) and r["sp"] == 1.0
+    # the threshold is > 0.5 for arteries and >= 0.5 for veins, as in the seed's code
+    half = perfect * 0.5
+    m = RipavAVMetrics()
+    m.update(half, target)
+    r = m.result()
+    assert r["sp"] == 1.0 and np.isnan(r["se"])  # no artery called, no vein called on arteries
+    assert r["acc"] == 1.0  # TN only
+
+
+def test_ripav_protocol_means_over_images():
+    target, perfect = _av_scene()
+    wrong = perfect.copy()
+    wrong[20:30, 5:35, 0], wrong[20:30, 5:35, 1] = 1.0, 0.0
+    m = RipavAVMetrics()
+    m.update(perfect, target)
+    m.update(wrong, target)
+    assert m.result()["acc"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m.result()["images"] == 2
+
+
+def test_scattered_pixel_flips_cost_the_all_pixel_figure_not_the_seeds():
+    target, perfect = _av_scene()
+    rng = np.random.default_rng(0)
+    flipped = perfect.copy()
+    grid = np.zeros((40, 40), bool)
+    grid[::4, ::4] = True  # isolated pixels, about 6 % of the image
+    flip = grid & (rng.random((40, 40)) < 0.9)
+    flipped[flip, 0], flipped[flip, 1] = perfect[flip, 1], perfect[flip, 0]
+    ours, seeds = AVMetrics(), RipavAVMetrics()
+    ours.update(flipped, target)
+    seeds.update(flipped, target)
+    assert seeds.result()["acc"] == 1.0  # specks removed, one-pixel holes closed
+    assert ours.result()["acc"] < 0.95
+
+
+def test_ripav_cleanup_removes_specks_and_fills_small_holes():
+    mask = np.zeros((40, 40), bool)
+    mask[5:20, 5:20] = True  # 225 px
+    mask[10:12, 10:12] = False  # a 4-px hole: filled
+    mask[30, 30] = True  # a speck: removed
+    ring = np.zeros((40, 40), bool)
+    ring[22:38, 22:38] = True
+    ring[25:35, 25:35] = False  # a 100-px hole: kept
+    out = ripav_cleanup(mask | ring)
+    assert out[10:12, 10:12].all() and not out[30, 30] and not out[27:33, 27:33].any()

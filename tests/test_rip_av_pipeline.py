@@ -3,6 +3,7 @@ rip_av training from the RIP run (task inferred, distance targets, context crops
 evaluation with A/V metrics and pictures."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from retina_tf.data.io import DatasetError
+from retina_tf.data.io import DatasetError, read_image
 from retina_tf.data.pipeline import with_context
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.evaluation import evaluate
+from retina_tf.evaluation import evaluate, predict
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.models.rip_av import RIPAV
@@ -105,12 +106,28 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert seg.av_link == 1.0 and Segmenter.from_run(run, av_link=0.0).av_link == 0.0
 
     out = tmp_path / "eval"
+    # predict writes the A/V picture and each class's probability map
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((data / "test" / "images").iterdir())[0], photos / "p.tif")
+    predict(parse_config("predict", [f"--model={run}", f"--input={photos}",
+                                     f"--output_dir={tmp_path / 'pred'}", "--save_probabilities",
+                                     "--inference=sliding"]))
+    prob = np.load(tmp_path / "pred" / "p_prob.npy")
+    assert prob.shape[-1] == 3 and prob.dtype == np.float32
+    for i, name in enumerate(("artery", "vein", "vessel")):
+        png = read_image(tmp_path / "pred" / f"p_{name}.png")[..., 0]  # grey, read as RGB
+        assert np.abs(png / 255.0 - prob[..., i]).max() <= 0.5 / 255 + 1e-6, name
+    assert read_image(tmp_path / "pred" / "p_av.png").shape[-1] == 3
     # flags.txt holds the training settings; how to evaluate is evaluate's own flags
     result = evaluate(parse_config("evaluate", [f"--flagfile={run / 'flags.txt'}",
                                                 f"--output_dir={out}", "--visualize",
                                                 "--inference=sliding"]))["metrics"]
-    for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc"):
+    for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc", "av_auc_artery",
+                "av_auc_vein"):
         assert 0.0 <= result[key] <= 1.0, key
+    # RIP-AV's own protocol is reported beside the all-pixel figure (NaN only if nothing counts)
+    assert "av_acc_ripav" in result and "av_se_ripav" in result
     assert (out / "01_test_av.png").is_file() and (out / "01_test_av_truth.png").is_file()
     # The thin / thick split partitions the counted pixels, and its accuracies average back.
     thin, thick = result["av_thin_pixels"], result["av_thick_pixels"]
@@ -148,6 +165,19 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     # an ensemble scores the mean of its runs' probabilities: a run twice scores as the run
     title, twice = error_sources(f"{run},{run}")
     assert title.startswith("the mean of 2 runs") and twice == rows
+    # both protocols for every evaluation; its sliding + flip TTA row is evaluate's with --tta
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_protocols.py"),
+                           f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
+                           "--stride=16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in proc.stdout.splitlines()[-6:]}
+    assert len(table) == 6 and "sliding, 8-view TTA + linked vote" in table
+    # its plain sliding row is av_error_sources' "network alone", by both protocols
+    assert float(table["sliding windows"][2]) == pytest.approx(rows["network alone"][0],
+                                                               abs=5e-4)
+    assert float(table["sliding windows"][3]) == pytest.approx(rows["network alone"][3],
+                                                               abs=5e-4)
 
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):

@@ -249,12 +249,14 @@ def _split(stack: tf.Tensor, channels: int):
 
 def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 32,
                   vessel_probability: float = 0.5, augment: Augment | None = None,
-                  seed: int = 0, start: int = 0) -> tf.data.Dataset:
+                  seed: int = 0, start: int = 0, context_size: int = 0) -> tf.data.Dataset:
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
     vessel pixels (any target channel), so thin vessels are seen often enough. ``start`` skips
-    that many patches of the stream (a resumed run continues where it stopped).
+    that many patches of the stream (a resumed run continues where it stopped). With
+    ``context_size``, ``x`` is ``{"image": patch, "context": its whole image resized to
+    context_size}`` (RIP-AV's global representation; Dai et al., MICCAI 2024).
     """
     if not 0.0 <= vessel_probability <= 1.0:
         raise ConfigError(f"--vessel_probability={vessel_probability}: must be in [0, 1]")
@@ -282,6 +284,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     if vessel_pool.size == 0:
         vessel_pool, vessel_probability = fov_pool, 0.0
     fov_pool, vessel_pool = tf.constant(fov_pool), tf.constant(vessel_pool)
+    contexts = None
+    if context_size:  # as the model's own context_of at inference: area resize of the image
+        contexts = tf.constant(np.concatenate([
+            tf.image.resize(im[None], (context_size, context_size), method="area").numpy()
+            for im in seg.images]).astype(np.float32))
 
     def sample(seed_scalar):
         s = _seeds(seed_scalar, 3)
@@ -298,7 +305,10 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         patch = tf.slice(stack, begin, [1, crop, crop, stack.shape[-1]])[0]
         patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
         patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)
-        return _split(patch, channels)
+        x, y_, w = _split(patch, channels)
+        if contexts is None:
+            return x, y_, w
+        return {"image": x, "context": tf.gather(contexts, n)}, y_, w
 
     ds = tf.data.Dataset.random(seed=seed).skip(start).map(
         sample, num_parallel_calls=tf.data.AUTOTUNE)

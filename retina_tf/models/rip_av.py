@@ -27,6 +27,7 @@ from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
 
 ENCODER_KINDS = ("convnext", "conv")
+FUSIONS = ("pgfusion", "gate")
 ENCODER_KEYS = ("input_channels", "encoder", "widths", "depths", "layer_scale_init")
 
 
@@ -214,6 +215,80 @@ class PatchContextFusion(layers.Layer):
         return {**super().get_config(), "reduction": self.reduction}
 
 
+@keras.saving.register_keras_serializable(package="retina_tf")
+class PatchGlobalFusion(layers.Layer):
+    """Patch Context Fusion as RIP-AV builds it (``PGFusion`` in its code; Dai et al., "RIP-AV",
+    MICCAI 2024): channel self-attention of the patch features and channel cross-attention of
+    the patch against the global (whole-image) features, mixed per position and channel.
+
+    With ``fp`` (B, h, w, C) the patch features and ``fg`` the global ones (resized to h x w when
+    their size differs; the seed gives both the same size), and 1x1 projections ``q``, ``k``,
+    ``v`` (values without bias)::
+
+        self  = gamma_s * softmax(q(fp) k(fp)^T / sqrt(h w)) v(fp)      (C x C attention)
+        cross = gamma_g * softmax(q'(fp) k'(fg)^T / sqrt(h w)) v'(fg)
+        s_self, s_cross = sigmoid(fuse([self, cross]))                 (1x1 conv, 2C -> 2C)
+        w = softmax over the two branches of (s_self, s_cross)
+        out = fp + w * self + (1 - w) * cross
+
+    Initialization as the seed's: conv kernels N(0, 0.01), biases 0, ``gamma_s = gamma_g = 1``.
+    """
+
+    def build(self, input_shape):
+        channels = input_shape[0][-1]
+        init = keras.initializers.RandomNormal(0.0, 0.01)
+
+        def conv(name: str, filters: int = channels, bias: bool = True) -> layers.Conv2D:
+            layer = layers.Conv2D(filters, 1, use_bias=bias, kernel_initializer=init,
+                                  bias_initializer="zeros", name=name)
+            layer.build((None, None, None, filters if name == "fuse" else channels))
+            return layer
+
+        self.patch_query, self.patch_key = conv("patch_query"), conv("patch_key")
+        self.patch_value = conv("patch_value", bias=False)
+        self.cross_query, self.global_key = conv("cross_query"), conv("global_key")
+        self.global_value = conv("global_value", bias=False)
+        self.fuse = conv("fuse", 2 * channels)
+        self.gamma_self = self.add_weight(shape=(1,), initializer="ones", name="gamma_self")
+        self.gamma_global = self.add_weight(shape=(1,), initializer="ones", name="gamma_global")
+
+    @staticmethod
+    def _attend(query, key, value, scale):
+        """``softmax(Q^T K / scale) V^T`` over channels: (B, h, w, C) maps in, one out."""
+        shape = ops.shape(query)
+        q, k, v = (ops.reshape(t, (shape[0], -1, shape[-1])) for t in (query, key, value))
+        similarity = ops.softmax(ops.matmul(ops.transpose(q, (0, 2, 1)), k) / scale, axis=-1)
+        out = ops.matmul(similarity, ops.transpose(v, (0, 2, 1)))  # (B, C, N)
+        return ops.reshape(ops.transpose(out, (0, 2, 1)), shape)
+
+    def _branches(self, inputs):
+        fp, fg = inputs
+        size = ops.shape(fp)[1:3]
+        if fg.shape[1:3] != fp.shape[1:3] or None in fp.shape[1:3]:
+            fg = ops.cast(tf.image.resize(fg, size, method="bilinear"), fp.dtype)
+        scale = ops.sqrt(ops.cast(size[0] * size[1], fp.dtype))
+        attended_self = self.gamma_self * self._attend(
+            self.patch_query(fp), self.patch_key(fp), self.patch_value(fp), scale)
+        attended_global = self.gamma_global * self._attend(
+            self.cross_query(fp), self.global_key(fg), self.global_value(fg), scale)
+        scores = ops.sigmoid(self.fuse(ops.concatenate([attended_self, attended_global], -1)))
+        s_self, s_global = ops.split(scores, 2, axis=-1)
+        weight = ops.softmax(ops.stack([s_self, s_global], axis=0), axis=0)[0]
+        return fp, attended_self, attended_global, weight
+
+    def branch_weights(self, inputs):
+        """(B, h, w, C, 2): the weights of the self and the cross branch; they sum to one."""
+        _, _, _, weight = self._branches(inputs)
+        return ops.stack([weight, 1.0 - weight], axis=-1)
+
+    def call(self, inputs):
+        fp, attended_self, attended_global, weight = self._branches(inputs)
+        return fp + weight * attended_self + (1.0 - weight) * attended_global
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
 def patch_gan(input_channels: int, width: int = 32, name: str = "discriminator") -> keras.Model:
     """PatchGAN discriminator (Isola et al., "pix2pix", CVPR 2017): three stride-2 4x4 convs and a
     1x1 conv to one real/fake logit per receptive-field patch, on (image, A/V maps) pairs."""
@@ -248,11 +323,12 @@ class RIPAV(SegmentationModel, keras.Model):
     Network for Retinal Artery/Vein Segmentation", 2024.
 
     The encoder of :func:`build_encoder` runs on the image and, with the same weights, on its
-    context (resized to ``context_size``); :class:`PatchContextFusion` joins them at the
-    bottleneck; a U-Net decoder (nearest x2, concat the skip, two 3x3 conv-BN-ReLU) returns to
-    full resolution, where a 1x1 conv gives the three logits artery, vein, vessel. The Distance
-    Aware head (3x3 conv-BN-ReLU, 1x1) on the early, full-resolution features (the encoder stem
-    joined with the decoder's last level) regresses the per-class normalized distance maps
+    context (resized to ``context_size``); Patch Context Fusion (:class:`PatchGlobalFusion`, or
+    the :class:`PatchContextFusion` gate) joins them at the bottleneck; a U-Net decoder
+    (nearest x2, concat the skip, two 3x3 conv-BN-ReLU) returns to full resolution, where a 1x1
+    conv gives the three logits artery, vein, vessel. The Distance Aware head (3x3
+    conv-BN-ReLU, 1x1) on the early, full-resolution features (the encoder stem joined with the
+    decoder's last level) regresses the per-class normalized distance maps
     (:func:`retina_tf.data.rip.distance_targets`).
 
     Loss (:meth:`compute_loss`): ``seg_weight * sum_k w_k (BCE_k + Dice_k)`` with ``w`` =
@@ -266,9 +342,14 @@ class RIPAV(SegmentationModel, keras.Model):
         num_classes: 3 (artery, vein, vessel).
         encoder, widths, depths, layer_scale_init: :func:`build_encoder`.
         context_fusion: use PCF; off, the context is not computed at all.
-        context_size: side of the context input; training crops ``context_factor`` x the patch
-            around it, inference resizes the whole image. Must be a multiple of ``size_multiple``.
-        context_factor: training context crop side / patch side.
+        fusion: "pgfusion", the seed's module (:class:`PatchGlobalFusion`; the context features
+            get no gradient, as the seed's synchronized encoder copy), or "gate", this library's
+            channel gate (:class:`PatchContextFusion`).
+        context_size: side of the context input; inference (and training with
+            ``context_factor=0``) resizes the whole image to it. Must be a multiple of
+            ``size_multiple``.
+        context_factor: training context: a crop ``context_factor`` x the patch around it, or 0
+            for the whole image (the seed's).
         distance_head: add the DA head and its loss.
         seg_weight, distance_weight, adversarial_weight: loss weights (5, 1, 0; the seed's
             optional adversarial weight is 0.01).
@@ -288,13 +369,19 @@ class RIPAV(SegmentationModel, keras.Model):
     def __init__(self, input_channels: int = 3, num_classes: int = 3, encoder: str = "convnext",
                  widths: Sequence[int] = (16, 32, 64, 128, 192),
                  depths: Sequence[int] = (1, 1, 2, 1), layer_scale_init: float = 1e-6,
-                 context_fusion: bool = True, context_size: int = 96, context_factor: int = 2,
+                 context_fusion: bool = True, fusion: str = "pgfusion", context_size: int = 96,
+                 context_factor: int = 0,
                  distance_head: bool = True, seg_weight: float = 5.0, distance_weight: float = 1.0,
                  adversarial_weight: float = 0.0,
                  class_weights: Sequence[float] = (3.0, 3.0, 2.0), av_weight: float = 0.0,
                  **kwargs):
         super().__init__(**{"name": "rip_av", **kwargs})
-        _check(num_classes=num_classes, context_size=context_size, context_factor=context_factor)
+        _check(num_classes=num_classes, context_size=context_size)
+        if context_factor < 0:
+            raise ValueError(f"context_factor must be >= 0 (0: the whole image), got "
+                             f"{context_factor!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if len(class_weights) != num_classes or min(class_weights) < 0 or sum(class_weights) <= 0:
             raise ValueError(f"class_weights needs {num_classes} non-negative weights, got "
                              f"{list(class_weights)}")
@@ -305,6 +392,7 @@ class RIPAV(SegmentationModel, keras.Model):
                              f"{self.size_multiple}")
         self.num_classes = int(num_classes)
         self.context_fusion = bool(context_fusion)
+        self.fusion = fusion
         self.context_size = int(context_size)
         self.context_factor = int(context_factor)
         self.distance_head = bool(distance_head)
@@ -337,7 +425,8 @@ class RIPAV(SegmentationModel, keras.Model):
         if self.context_fusion:
             context = keras.Input((None, None, widths[-1]), name="context_feature")
             inputs.append(context)
-            x = PatchContextFusion(name="pcf")([x, context])
+            fusion = PatchGlobalFusion if self.fusion == "pgfusion" else PatchContextFusion
+            x = fusion(name="pcf")([x, context])
         for level in range(len(widths) - 2, -1, -1):
             x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
             x = layers.Concatenate(name=f"skip{level}")([x, feats[level]])
@@ -369,7 +458,10 @@ class RIPAV(SegmentationModel, keras.Model):
         if self.context_fusion:
             if context is None:
                 context = self.context_of(images)
-            decoder_inputs.append(self.encoder(context, training=training)[-1])
+            global_features = self.encoder(context, training=training)[-1]
+            if self.fusion == "pgfusion":  # the seed's encoder copy: same weights, no gradient
+                global_features = ops.stop_gradient(global_features)
+            decoder_inputs.append(global_features)
         return self.decoder(decoder_inputs, training=training)
 
     # --- training ----------------------------------------------------------------------------
@@ -484,7 +576,8 @@ class RIPAV(SegmentationModel, keras.Model):
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable, **_encoder_config(self),
                 "num_classes": self.num_classes, "context_fusion": self.context_fusion,
-                "context_size": self.context_size, "context_factor": self.context_factor,
+                "fusion": self.fusion, "context_size": self.context_size,
+                "context_factor": self.context_factor,
                 "distance_head": self.distance_head, "seg_weight": self.seg_weight,
                 "distance_weight": self.distance_weight,
                 "adversarial_weight": self.adversarial_weight,

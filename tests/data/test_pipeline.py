@@ -83,3 +83,20 @@ def test_whole_images_are_padded_to_the_multiple_with_zero_weight():
     (x, y, w), = _first(whole_image_dataset(seg, batch_size=2, multiple=16, seed=1))
     assert x.shape == (2, 64, 64, 1)
     np.testing.assert_array_equal(x > 0.5, y > 0.5)
+
+
+def test_patch_dataset_pairs_each_patch_with_its_whole_image_as_context():
+    # two flat images: every patch and its context must come from the same one
+    values = (0.2, 0.8)
+    images = [np.full((40, 48, 1), v, np.float32) for v in values]
+    targets = [np.zeros((40, 48, 1), np.float32) for _ in values]
+    fovs = [np.ones((40, 48), bool) for _ in values]
+    seg = SegmentationSet(["a", "b"], images, targets, fovs)
+    x, y, w = next(iter(patch_dataset(seg, 16, 8, 0.0, Augment.none(), seed=1,
+                                      context_size=32)))
+    assert x["image"].shape == (8, 16, 16, 1) and x["context"].shape == (8, 32, 32, 1)
+    patch_value = x["image"].numpy()[:, 8, 8, 0]
+    context = x["context"].numpy()
+    np.testing.assert_allclose(context, patch_value[:, None, None, None] * np.ones_like(context),
+                               atol=1e-6)
+    assert {round(float(v), 3) for v in patch_value} == set(values)  # both images drawn

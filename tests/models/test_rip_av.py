@@ -11,6 +11,7 @@ from retina_tf.models import build_model, model_class
 from retina_tf.models.rip_av import (
     RIPAV,
     PatchContextFusion,
+    PatchGlobalFusion,
     RIPClassifier,
     build_encoder,
     smooth_l1,
@@ -84,6 +85,71 @@ def test_patch_context_fusion_keeps_shapes_and_gates_sum_to_one():
     np.testing.assert_allclose(_np(out), want, rtol=1e-5, atol=1e-5)
 
 
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_seed_pcf_keeps_shapes_weights_sum_to_one_and_matches_its_formula():
+    keras.utils.set_random_seed(2)
+    pgf = PatchGlobalFusion()
+    rng = np.random.default_rng(3)
+    fp = rng.normal(size=(2, 3, 4, 8)).astype("float32")
+    fg = rng.normal(size=(2, 3, 4, 8)).astype("float32")
+    out = _np(pgf([fp, fg]))
+    assert out.shape == fp.shape
+    weights = _np(pgf.branch_weights([fp, fg]))
+    assert weights.shape == (2, 3, 4, 8, 2) and (weights > 0).all()
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    # the seed's formula, in NumPy: channel attention (C x C) scaled by sqrt(positions)
+    for layer in (pgf.patch_query, pgf.cross_query, pgf.global_key, pgf.fuse):
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+
+    def conv(layer, t):
+        return t @ _np(layer.kernel)[0, 0] + (_np(layer.bias) if layer.use_bias else 0.0)
+
+    def attend(q, k, v):
+        b, h, w, c = q.shape
+        q, k, v = (t.reshape(b, h * w, c).transpose(0, 2, 1) for t in (q, k, v))
+        sim = _softmax(q @ k.transpose(0, 2, 1) / np.sqrt(h * w))
+        return (sim @ v).transpose(0, 2, 1).reshape(b, h, w, c)
+
+    pgf.gamma_self.assign([0.7])
+    pgf.gamma_global.assign([1.3])
+    selfmap = 0.7 * attend(conv(pgf.patch_query, fp), conv(pgf.patch_key, fp),
+                           conv(pgf.patch_value, fp))
+    cross = 1.3 * attend(conv(pgf.cross_query, fp), conv(pgf.global_key, fg),
+                         conv(pgf.global_value, fg))
+    scores = 1 / (1 + np.exp(-conv(pgf.fuse, np.concatenate([selfmap, cross], -1))))
+    w = _softmax(np.stack([scores[..., :8], scores[..., 8:]]), axis=0)[0]
+    np.testing.assert_allclose(_np(pgf([fp, fg])), fp + w * selfmap + (1 - w) * cross,
+                               rtol=1e-4, atol=1e-5)
+    # a global map of another size is resized to the patch grid
+    assert pgf([fp, rng.normal(size=(2, 6, 8, 8)).astype("float32")]).shape == fp.shape
+
+
+@pytest.mark.parametrize("fusion", ["pgfusion", "gate"])
+def test_only_the_seed_pcf_stops_the_gradient_of_the_context(fusion):
+    keras.utils.set_random_seed(4)
+    model = RIPAV(fusion=fusion, distance_head=False, **TINY)
+    x, _ = _batch()
+    context = tf.constant(np.resize(x, (2, 32, 32, 3)))
+    with tf.GradientTape() as tape:
+        tape.watch(context)
+        out = model({"image": tf.constant(x), "context": context})["logits"]
+        total = tf.reduce_sum(out)
+    grad = tape.gradient(total, context)
+    if fusion == "pgfusion":  # the seed's synchronized encoder copy: no gradient
+        assert grad is None or float(tf.reduce_max(tf.abs(grad))) == 0.0
+    else:
+        assert float(tf.reduce_max(tf.abs(grad))) > 0.0
+    # the context still changes the prediction
+    other = model({"image": x, "context": np.ones((2, 32, 32, 3), "float32")})["logits"]
+    assert np.abs(_np(other) - _np(out)).max() > 0.0
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        RIPAV(fusion="attention", **TINY)
+
+
 def test_losses_match_hand_computed_terms():
     keras.utils.set_random_seed(2)
     model = RIPAV(**TINY)
@@ -131,9 +197,10 @@ def _fit(model, x, y, steps=6):
     return model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0).history
 
 
-def test_a_few_steps_lower_each_loss():
+@pytest.mark.parametrize("fusion", ["pgfusion", "gate"])
+def test_a_few_steps_lower_each_loss(fusion):
     keras.utils.set_random_seed(5)
-    model = RIPAV(av_weight=1.0, **TINY)
+    model = RIPAV(av_weight=1.0, fusion=fusion, **TINY)
     x, av = _batch(seed=6)
     from retina_tf.data.rip import distance_targets
     dist = np.stack([distance_targets(a > 0.5) for a in av])
@@ -141,7 +208,7 @@ def test_a_few_steps_lower_each_loss():
     before_seg = float(_np(model.segmentation_loss(av, model(x)["logits"])))
     before_dist = float(_np(model.distance_loss(av, dist, model(x)["distance"])))
     before_av = float(_np(model.av_decision_loss(av, model(x)["logits"])))
-    history = _fit(model, {"image": x, "context": np.resize(x, (2, 32, 32, 3))}, y)
+    history = _fit(model, {"image": x, "context": model.context_of(x)}, y, steps=16)
     assert history["loss"][-1] < history["loss"][0]
     out = model(x, training=False)
     assert float(_np(model.segmentation_loss(av, out["logits"]))) < before_seg
