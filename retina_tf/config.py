@@ -144,6 +144,7 @@ class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
 
     mode: str = "patch"
     patch_size: int = 48
+    mixed_patch_sizes: tuple[int, ...] = ()
     vessel_probability: float = 0.5
     val_images: int = 2
     loss: str = "bce_dice"

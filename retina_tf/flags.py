@@ -3,8 +3,8 @@
 Every retina_tf flag is declared once here; each script defines only the flags of its own
 config class (:mod:`retina_tf.config`), so ``--help`` lists those. One flagfile serves several
 scripts: a flag of another retina_tf script read from a flagfile is skipped (``bin/evaluate.py
---flagfile=configs/drive_unet.cfg`` ignores ``--epochs``), one given on the command line is a
-usage error, and an unknown flag is an error everywhere. Bad values and conflicting data
+--flagfile=configs/drive_unet.cfg`` ignores ``--epochs``), one given on the command line is
+skipped with a notice, and an unknown flag is an error everywhere. Bad values and conflicting data
 sources are rejected at parse time by validators.
 
 The library never imports this module: :func:`script_config` turns the parsed flags into a
@@ -156,14 +156,12 @@ def _flag_name(arg: str) -> str | None:
     return None
 
 
-def keep_own_flags(argv: list[str], fv: flags.FlagValues, strict: bool = True) -> list[str]:
+def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> list[str]:
     """``argv`` (program name first) with flagfiles expanded and the flags of other retina_tf
-    scripts that came from a flagfile dropped (all of them when not ``strict``).
-
-    Raises:
-        app.UsageError: with ``strict``, such a flag given on the command line itself.
-    """
-    prog = [os.path.basename(argv[0]) if argv else "retina_tf"]
+    scripts dropped: silently when they come from a flagfile, with a one-line notice on stderr
+    (``warn``) when given on the command line itself, where the user may expect them to act.
+    Unknown flags stay, for absl to reject."""
+    prog = os.path.basename(argv[0]) if argv else "retina_tf"
     out = argv[:1]
     args = list(argv[1:])
     while args:
@@ -177,14 +175,16 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, strict: bool = True) -
             lines = fv.read_flags_from_files([arg], force_gnu=True)
             out += [line for line in lines if not _foreign(line, fv)]
             continue
-        if _foreign(arg, fv) and not strict:
+        if not _foreign(arg, fv):
+            out.append(arg)
             continue
-        if _foreign(arg, fv):
-            name = _flag_name(arg)
+        name = _flag_name(arg)
+        if "=" not in arg and not _catalog()[name] and args and not args[0].startswith("-"):
+            args.pop(0)  # --name value
+        if warn:
             users = ", ".join(f"bin/{s}.py" for s in owners(name))
-            raise app.UsageError(f"--{name} is not a flag of {prog[0]} (it belongs to {users}); "
-                                 "drop it (in a flagfile it would be ignored)")
-        out.append(arg)
+            sys.stderr.write(f"{prog}: note: --{name} is a flag of {users}, not of {prog}; "
+                             "ignored\n")
     return out
 
 
@@ -251,7 +251,7 @@ def parse_config(script: str, argv: list[str]):
     allowed; flags of other scripts are skipped, so one list serves train and evaluate): for
     tests and notebooks that start from command lines or flagfiles."""
     fv = new_flag_values(script)
-    fv(keep_own_flags(["retina_tf"] + list(argv), fv, strict=False))
+    fv(keep_own_flags(["retina_tf"] + list(argv), fv, warn=False))
     return script_config(script, fv)
 
 
@@ -327,6 +327,10 @@ def define_run_flags(d: _Definer) -> None:
 def define_train_flags(d: _Definer) -> None:
     d.DEFINE_enum("mode", "patch", ["patch", "whole"], "Random patches or whole images.")
     d.DEFINE_integer("patch_size", 48, "Training patch size.")
+    d.DEFINE_list("mixed_patch_sizes", [], "Crop sides in px, one drawn per patch and resized to "
+                  "--patch_size (RIP-AV's mixed-size patches, e.g. 64,128,256); empty: off.")
+    d.check("mixed_patch_sizes", lambda v: all(str(x).strip().isdigit() and int(x) > 0
+                                               for x in v), "must be positive integers")
     d.DEFINE_integer("patches_per_epoch", 20000, "Patches per epoch (patch mode).")
     d.DEFINE_float("vessel_probability", 0.5,
                        "Probability that a patch is centred on a vessel pixel (else anywhere "

@@ -401,16 +401,21 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
     if cfg.mode == "whole":
         return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
                                    start=start)
+    sizes = cfg.mixed_patch_sizes
     if model.context_fusion and model.context_factor == 0:  # the whole image as context
         return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
-                             augment, cfg.seed, start=start, context_size=model.context_size)
+                             augment, cfg.seed, start=start, context_size=model.context_size,
+                             crop_sizes=sizes)
     if model.context_fusion:  # wide crops, split into patch + context
+        if sizes:
+            raise ConfigError("--mixed_patch_sizes: not with a context crop (context_factor > "
+                              "0); use \"context_factor\": 0, the whole image as context")
         return with_context(
             patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
                           cfg.vessel_probability, augment, cfg.seed, start=start),
             cfg.patch_size, model.context_size)
     return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
-                         augment, cfg.seed, start=start)
+                         augment, cfg.seed, start=start, crop_sizes=sizes)
 
 
 def _check_patch_size(cfg, model: keras.Model) -> None:

@@ -2,7 +2,12 @@
 hidden inside functions to dodge one."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import retina_tf
 
@@ -100,3 +105,31 @@ def test_only_the_command_line_layer_uses_absl():
             if any(n == "absl" or n.startswith("absl.") for n in names):
                 users.add(_module_name(path))
     assert users <= {"retina_tf.flags", "retina_tf.cli"}, users
+
+
+@pytest.mark.slow
+def test_each_module_imports_alone_in_a_fresh_process():
+    # One interpreter imports the heavy third-party packages once, then forks a child per
+    # module: each child starts with no retina_tf module loaded and imports just that one.
+    code = """
+import os, sys
+import numpy, tensorflow, keras, cv2, skimage, scipy.ndimage, absl.flags  # shared
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(name)
+            os._exit(0)
+        except BaseException as err:
+            print(name, type(err).__name__, err, flush=True)
+            os._exit(1)
+    if os.waitpid(pid, 0)[1]:
+        failed.append(name)
+print("failed:", " ".join(failed))
+"""
+    names = sorted(m for m in _graph() if m != "retina_tf.__main__")  # __main__ runs a command
+    proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1].strip() == "failed:", proc.stdout[-2000:]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 from absl import flags as absl_flags
 
@@ -66,3 +67,22 @@ def test_a_bad_config_value_is_an_error_naming_it(tmp_path):
         retina_tf.train(retina_tf.TrainConfig(dataset="synthetic", data_dir=str(tmp_path),
                                                logdir=str(tmp_path),
                                                model_config={"widths": [1]}))
+
+
+def test_the_shipped_av_model_segments_a_photograph_in_a_fresh_interpreter(tmp_path):
+    from retina_tf.data.io import write_image_atomic
+    from retina_tf.data.synthetic import generate_fundus
+
+    assert "ripav_rite" in retina_tf.shipped_models()
+    photos = tmp_path / "photos"
+    write_image_atomic(photos / "p.png", generate_fundus(1, (256, 256)).image)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "retina_tf", "predict", "--model=ripav_rite",
+                           f"--input={photos}", f"--output_dir={out}", "--save_probabilities"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("p_av.png", "p_artery.png", "p_vein.png", "p_vessel.png", "p_prob.png",
+                 "p_mask.png"):
+        assert (out / name).is_file(), name
+    prob = np.load(out / "p_prob.npy")
+    assert prob.shape == (256, 256, 3) and 0.0 <= prob.min() and prob.max() <= 1.0

@@ -241,6 +241,17 @@ def augment_stack(stack: tf.Tensor, channels: int, aug: Augment, seed: tf.Tensor
     return tf.concat([image, rest], axis=-1)
 
 
+def _resize_stack(stack: tf.Tensor, side: int, channels: int, extras: int) -> tf.Tensor:
+    """A (h, w, C+K+E+1) stack resized to ``side`` (bilinear; area when shrinking), labels and
+    FOV thresholded back to binary, the E extras kept continuous."""
+    resized = tf.image.resize(stack, (side, side), method="bilinear", antialias=True)
+    image, rest = resized[..., :channels], resized[..., channels:]
+    k = rest.shape[-1] - 1 - extras
+    binary = tf.cast(rest > 0.5, tf.float32)
+    rest = tf.concat([binary[..., :k], rest[..., k:k + extras], binary[..., -1:]], -1)
+    return tf.concat([image, rest], -1)
+
+
 def _split(stack: tf.Tensor, channels: int):
     return stack[..., :channels], stack[..., channels:-1], stack[..., -1:]
 
@@ -249,25 +260,33 @@ def _split(stack: tf.Tensor, channels: int):
 
 def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 32,
                   vessel_probability: float = 0.5, augment: Augment | None = None,
-                  seed: int = 0, start: int = 0, context_size: int = 0) -> tf.data.Dataset:
+                  seed: int = 0, start: int = 0, context_size: int = 0,
+                  crop_sizes: Sequence[int] = ()) -> tf.data.Dataset:
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
     vessel pixels (any target channel), so thin vessels are seen often enough. ``start`` skips
     that many patches of the stream (a resumed run continues where it stopped). With
     ``context_size``, ``x`` is ``{"image": patch, "context": its whole image resized to
-    context_size}`` (RIP-AV's global representation; Dai et al., MICCAI 2024).
+    context_size}`` (RIP-AV's global representation; Dai et al., MICCAI 2024). With
+    ``crop_sizes``, each patch is a crop of one of these sides (chosen uniformly) resized to
+    ``patch_size``, so vessels are seen at several scales (RIP-AV's mixed-size patches);
+    labels and FOV are thresholded back to binary after the resize.
     """
     if not 0.0 <= vessel_probability <= 1.0:
         raise ConfigError(f"--vessel_probability={vessel_probability}: must be in [0, 1]")
     augment = augment or Augment()
     channels = seg.images[0].shape[-1]
     n_extras = seg.extras[0].shape[-1] if seg.extras else 0
-    crop = patch_size
-    if augment.rotate_degrees > 0:  # crop larger so the rotated corners stay inside the image
+    def rotation_crop(side: int) -> int:  # larger, so the rotated corners stay inside
+        if augment.rotate_degrees <= 0:
+            return side
         radians = math.radians(augment.rotate_degrees)
-        crop = int(math.ceil(patch_size * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
-    margin = crop // 2 + 1
+        return int(math.ceil(side * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
+
+    crop = rotation_crop(patch_size)
+    cut_sides = tf.constant([rotation_crop(int(c)) for c in crop_sizes] or [crop], tf.int64)
+    margin = int(max(cut_sides.numpy())) // 2 + 1
     hmax = max(im.shape[0] for im in seg.images)
     wmax = max(im.shape[1] for im in seg.images)
     stack = tf.constant(_stack(seg, hmax + 2 * margin, wmax + 2 * margin, offset=margin))
@@ -300,9 +319,17 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         n = flat // (hmax * wmax)
         y = (flat // wmax) % hmax
         x = flat % wmax
-        begin = tf.stack([n, y + margin - crop // 2, x + margin - crop // 2,
+        if crop_sizes:
+            pick = tf.random.stateless_uniform([], _seeds(seed_scalar + 7919, 1)[0], 0,
+                                               len(crop_sizes), dtype=tf.int32)
+            side = tf.gather(cut_sides, pick)
+        else:
+            side = tf.constant(crop, tf.int64)
+        begin = tf.stack([n, y + margin - side // 2, x + margin - side // 2,
                           tf.constant(0, tf.int64)])
-        patch = tf.slice(stack, begin, [1, crop, crop, stack.shape[-1]])[0]
+        patch = tf.slice(stack, begin, tf.stack([1, side, side, stack.shape[-1]]))[0]
+        if crop_sizes:
+            patch = _resize_stack(patch, crop, channels, n_extras)
         patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
         patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)
         x, y_, w = _split(patch, channels)

@@ -130,6 +130,31 @@ def distance_targets(av: np.ndarray) -> np.ndarray:
     return np.stack([normalized_distance(av[..., c]) for c in range(3)], axis=-1)
 
 
+def seed_distance_targets(av: np.ndarray) -> np.ndarray:
+    """The Distance Aware targets in RIP-AV's own form (its ``generate_cmap_base_label.py``):
+    per class, the Euclidean distance transform of the class mask divided by its largest value
+    in the image (min-max normalized; the minimum is the background's 0). Unlike
+    :func:`distance_targets`, a thin vessel's centreline gets a small value, not 1.
+
+    Example:
+        >>> import numpy as np
+        >>> av = np.zeros((12, 20, 3), bool)
+        >>> av[1:8, :, :] = True; av[10, :, :] = True   # a 7-px and a 1-px vessel
+        >>> seed_distance_targets(av)[:, 10, 0].round(2).tolist()
+        [0.0, 0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.25, 0.0]
+    """
+    av = np.asarray(av)
+    if av.ndim != 3 or av.shape[-1] != 3:
+        raise ValueError(f"an A/V target must be HxWx3 (artery, vein, vessel), got shape "
+                         f"{av.shape}")
+    out = np.zeros(av.shape, np.float32)
+    for c in range(3):
+        edt = ndimage.distance_transform_edt(av[..., c] > 0.5)
+        if edt.max() > 0:
+            out[..., c] = edt / edt.max()
+    return out
+
+
 # --- representative-instance patches ---------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

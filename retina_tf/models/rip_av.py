@@ -21,13 +21,14 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from retina_tf.data.rip import distance_targets
+from retina_tf.data.rip import distance_targets, seed_distance_targets
 from retina_tf.losses import bce_loss, dice_loss
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
 
 ENCODER_KINDS = ("convnext", "conv")
 FUSIONS = ("pgfusion", "gate")
+DISTANCE_FORMS = ("centreline", "seed")
 ENCODER_KEYS = ("input_channels", "encoder", "widths", "depths", "layer_scale_init")
 
 
@@ -309,10 +310,11 @@ def smooth_l1(y_true, y_pred, mask, beta: float = 1.0):
 
 
 def _times_sample_weight(mask, sample_weight):
-    """A per-pixel (B, H, W, 1) loss mask times the per-pixel sample weight (the FOV), if any."""
+    """A per-pixel (B, H, W, K) loss mask times the per-pixel sample weight (the FOV), if any."""
     if sample_weight is None:
         return mask
-    return mask * ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask))
+    weight = ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(mask)[:3])
+    return mask * weight[..., None]
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
@@ -351,6 +353,11 @@ class RIPAV(SegmentationModel, keras.Model):
         context_factor: training context: a crop ``context_factor`` x the patch around it, or 0
             for the whole image (the seed's).
         distance_head: add the DA head and its loss.
+        distance_form: "centreline": targets normalized per vessel, 1 on every centreline
+            (:func:`~retina_tf.data.rip.distance_targets`), smooth-L1 on vessel pixels; "seed":
+            RIP-AV's own form, the distance transform min-max normalized per image
+            (:func:`~retina_tf.data.rip.seed_distance_targets`) and its loss, smooth-L1 on each
+            class's pixels divided by the target (edges weigh more).
         seg_weight, distance_weight, adversarial_weight: loss weights (5, 1, 0; the seed's
             optional adversarial weight is 0.01).
         class_weights: artery, vein, vessel weights of the segmentation loss.
@@ -371,7 +378,8 @@ class RIPAV(SegmentationModel, keras.Model):
                  depths: Sequence[int] = (1, 1, 2, 1), layer_scale_init: float = 1e-6,
                  context_fusion: bool = True, fusion: str = "pgfusion", context_size: int = 96,
                  context_factor: int = 0,
-                 distance_head: bool = True, seg_weight: float = 5.0, distance_weight: float = 1.0,
+                 distance_head: bool = True, distance_form: str = "centreline",
+                 seg_weight: float = 5.0, distance_weight: float = 1.0,
                  adversarial_weight: float = 0.0,
                  class_weights: Sequence[float] = (3.0, 3.0, 2.0), av_weight: float = 0.0,
                  **kwargs):
@@ -382,6 +390,9 @@ class RIPAV(SegmentationModel, keras.Model):
                              f"{context_factor!r}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        if distance_form not in DISTANCE_FORMS:
+            raise ValueError(f"distance_form must be one of {', '.join(DISTANCE_FORMS)}, got "
+                             f"{distance_form!r}")
         if len(class_weights) != num_classes or min(class_weights) < 0 or sum(class_weights) <= 0:
             raise ValueError(f"class_weights needs {num_classes} non-negative weights, got "
                              f"{list(class_weights)}")
@@ -396,6 +407,7 @@ class RIPAV(SegmentationModel, keras.Model):
         self.context_size = int(context_size)
         self.context_factor = int(context_factor)
         self.distance_head = bool(distance_head)
+        self.distance_form = distance_form
         self.seg_weight = float(seg_weight)
         self.distance_weight = float(distance_weight)
         self.adversarial_weight = float(adversarial_weight)
@@ -483,9 +495,16 @@ class RIPAV(SegmentationModel, keras.Model):
         return total
 
     def distance_loss(self, y_av, distance, distance_logits, sample_weight=None):
-        """Smooth-L1 of the predicted normalized distances on vessel pixels (inside the FOV)."""
-        mask = _times_sample_weight(y_av[..., -1:], sample_weight)
-        return smooth_l1(distance, ops.sigmoid(distance_logits), mask)
+        """Smooth-L1 of the predicted normalized distances on vessel pixels (inside the FOV);
+        with ``distance_form="seed"``, RIP-AV's: on each class's own pixels, each term divided
+        by its target (``centernessLoss`` in its code)."""
+        if self.distance_form == "centreline":
+            mask = _times_sample_weight(y_av[..., -1:], sample_weight)
+            return smooth_l1(distance, ops.sigmoid(distance_logits), mask)
+        mask = _times_sample_weight(y_av, sample_weight)
+        diff = ops.abs(ops.sigmoid(distance_logits) * mask - ops.cast(distance, "float32"))
+        term = ops.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5) / (distance + 1e-12)
+        return ops.sum(term * mask) / ops.maximum(ops.sum(mask), 1.0)
 
     def av_decision_loss(self, y_av, logits, sample_weight=None):
         """BCE of ``sigmoid(logit_artery - logit_vein)`` against "artery" on the pixels that A/V
@@ -557,7 +576,8 @@ class RIPAV(SegmentationModel, keras.Model):
         """Extra training targets appended after the A/V channels: the distance maps."""
         if not self.distance_head:
             return None
-        return [distance_targets(t > 0.5) for t in targets]
+        form = distance_targets if self.distance_form == "centreline" else seed_distance_targets
+        return [form(t > 0.5) for t in targets]
 
     def load_pretrained(self, source: keras.Model) -> None:
         """Copies the encoder of a RIP pre-training run (or of another RIP-AV run); the encoder
@@ -578,7 +598,8 @@ class RIPAV(SegmentationModel, keras.Model):
                 "num_classes": self.num_classes, "context_fusion": self.context_fusion,
                 "fusion": self.fusion, "context_size": self.context_size,
                 "context_factor": self.context_factor,
-                "distance_head": self.distance_head, "seg_weight": self.seg_weight,
+                "distance_head": self.distance_head, "distance_form": self.distance_form,
+                "seg_weight": self.seg_weight,
                 "distance_weight": self.distance_weight,
                 "adversarial_weight": self.adversarial_weight,
                 "class_weights": list(self.class_weights), "av_weight": self.av_weight}

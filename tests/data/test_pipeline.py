@@ -100,3 +100,25 @@ def test_patch_dataset_pairs_each_patch_with_its_whole_image_as_context():
     np.testing.assert_allclose(context, patch_value[:, None, None, None] * np.ones_like(context),
                                atol=1e-6)
     assert {round(float(v), 3) for v in patch_value} == set(values)  # both images drawn
+
+
+def test_mixed_patch_sizes_resize_crops_of_each_side_to_the_patch_size():
+    # a horizontal ramp: a crop of side s resized to 16 px spans about s / 255 of the range
+    ramp = np.tile(np.linspace(0.0, 1.0, 256, dtype=np.float32), (200, 1))[..., None]
+    target = np.zeros((200, 256, 1), np.float32)
+    target[:, ::2] = 1.0  # a fine label pattern: must stay binary after the resize
+    fov = np.zeros((200, 256), bool)
+    fov[40:160, 40:216] = True  # centres where even a 64 px crop stays inside the image
+    seg = SegmentationSet(["r"], [ramp], [target], [fov])
+    x, y, w = next(iter(patch_dataset(seg, 16, 64, 0.0, Augment.none(), seed=2,
+                                      crop_sizes=(16, 64))))
+    assert x.shape == (64, 16, 16, 1) and y.shape == (64, 16, 16, 1)
+    spans = np.round((x.numpy()[:, 8, -1, 0] - x.numpy()[:, 8, 0, 0]) * 255)
+    small, large = spans[spans < 30], spans[spans >= 30]
+    assert len(small) and len(large)  # both sides were drawn
+    assert np.all(np.abs(small - 15) <= 1) and np.all((large > 50) & (large < 64))
+    assert set(np.unique(y.numpy())) <= {0.0, 1.0} and set(np.unique(w.numpy())) <= {0.0, 1.0}
+    # without crop_sizes the stream is what it was
+    plain = next(iter(patch_dataset(seg, 16, 8, 0.0, Augment.none(), seed=2)))[0].numpy()
+    again = next(iter(patch_dataset(seg, 16, 8, 0.0, Augment.none(), seed=2)))[0].numpy()
+    np.testing.assert_array_equal(plain, again)

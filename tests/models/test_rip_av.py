@@ -251,3 +251,25 @@ def test_save_and_reload_give_identical_outputs(tmp_path):
     assert_reload_identical(RIPAV(encoder="conv", context_fusion=False, **{
         k: v for k, v in TINY.items() if k != "context_size"}), x, tmp_path / "b")
     assert_reload_identical(RIPClassifier(widths=(8, 8, 16), depths=(1, 1)), x, tmp_path / "c")
+
+
+def test_seed_distance_form_targets_and_loss():
+    from retina_tf.data.rip import seed_distance_targets
+
+    keras.utils.set_random_seed(6)
+    model = RIPAV(distance_form="seed", **TINY)
+    x, av = _batch(seed=7)
+    extras = model.training_extras(list(av))
+    np.testing.assert_allclose(extras[0], seed_distance_targets(av[0] > 0.5))
+    assert extras[0].max() == pytest.approx(1.0) and (extras[0][av[0] == 0] == 0).all()
+    # RIP-AV's loss: smooth-L1 on each class's pixels, divided by the target, mean over them
+    dist = np.stack(extras)
+    logits = np.random.default_rng(8).normal(size=av.shape).astype("float32")
+    pred = 1 / (1 + np.exp(-logits)) * av
+    diff = np.abs(pred - dist)
+    term = np.where(diff < 1, 0.5 * diff**2, diff - 0.5) / (dist + 1e-12) * av
+    fov = np.ones(av.shape[:3] + (1,), "float32")
+    got = float(_np(model.distance_loss(av, dist, logits, fov)))
+    assert got == pytest.approx(term.sum() / av.sum(), rel=1e-4)
+    with pytest.raises(ValueError, match="distance_form must be one of"):
+        RIPAV(distance_form="other", **TINY)
