@@ -259,8 +259,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if data.fov_estimated:
             _warn(fov_coverage_warning(data.fov, str(sample.image)))
         target = target_of(data, task) > 0.5
-        # Outside the FOV the prediction is background, as in the shipped masks and papers.
-        prob = seg.probability(data.image) * data.fov[..., None]
+        # Outside the FOV the prediction is background, as in the shipped masks and papers; a
+        # photograph of another scale is segmented at the training scale, as predict does.
+        prob = seg.probability_at_training_scale(data.image, data.fov) * data.fov[..., None]
         scores.update(prob, target, data.fov)
         if cfg.visualize:
             out.claim(_picture_names(data.name, task))

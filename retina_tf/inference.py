@@ -295,19 +295,26 @@ class Segmenter:
         self.check_image_size(image, source)
         if fov is None:
             fov = estimate_fov(image)
+        prob = self.probability_at_training_scale(image, fov) if match_scale else \
+            self.probability(image)
+        prob = prob * fov[..., None]
+        return prob, prob >= threshold
+
+    def probability_at_training_scale(self, image: np.ndarray, fov: np.ndarray) -> np.ndarray:
+        """:meth:`probability`, with a photograph whose FOV diameter differs from the training
+        images' by more than 20 % resized to the training scale first (vessel widths in pixels
+        are what the model learned) and the probabilities resized back; ``predict`` and
+        ``evaluate`` both segment this way."""
         h, w = image.shape[:2]
         trained = self.run_info.get("fov_diameter")
         diameter = fov_diameter(fov)
-        if match_scale and trained and diameter and abs(diameter / trained - 1.0) > 0.2:
-            scale = trained / diameter
-            size = (max(int(round(w * scale)), 1), max(int(round(h * scale)), 1))
-            small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            prob = cv2.resize(self.probability(small), (w, h), interpolation=cv2.INTER_LINEAR)
-            prob = prob.reshape(h, w, -1)
-        else:
-            prob = self.probability(image)
-        prob = prob * fov[..., None]
-        return prob, prob >= threshold
+        if not (trained and diameter and abs(diameter / trained - 1.0) > 0.2):
+            return self.probability(image)
+        scale = trained / diameter
+        size = (max(int(round(w * scale)), 1), max(int(round(h * scale)), 1))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        prob = cv2.resize(self.probability(small), (w, h), interpolation=cv2.INTER_LINEAR)
+        return prob.reshape(h, w, -1)
 
 
 def fov_diameter(fov: np.ndarray) -> float:
