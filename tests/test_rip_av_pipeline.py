@@ -158,13 +158,16 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert list(rows) == ["network alone", "+ segment vote (av_link 1)",
                           "the vote on the ground-truth vessel map",
                           "true A/V evidence on the predicted segments"]
-    assert all(0.0 <= v <= 1.0 for values in rows.values() for v in values)
+    assert all(0.0 <= v <= 1.0 for values in rows.values() for v in values[:3])
+    # RIP-AV's protocol counts nothing when the clean-up removes every (tiny) predicted vessel
+    assert all(np.isnan(v) or 0.0 <= v <= 1.0 for values in rows.values() for v in values[3:])
     # its network row is what evaluate counts
     assert rows["network alone"][0] == pytest.approx(result["av_acc"], abs=5e-4)
     assert rows["true A/V evidence on the predicted segments"][0] > rows["network alone"][0]
     # an ensemble scores the mean of its runs' probabilities: a run twice scores as the run
     title, twice = error_sources(f"{run},{run}")
-    assert title.startswith("the mean of 2 runs") and twice == rows
+    assert title.startswith("the mean of 2 runs")
+    np.testing.assert_equal(twice, rows)  # NaN (nothing counted) equals NaN here
     # both protocols for every evaluation; its sliding + flip TTA row is evaluate's with --tta
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_protocols.py"),
                            f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
@@ -177,7 +180,7 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert float(table["sliding windows"][2]) == pytest.approx(rows["network alone"][0],
                                                                abs=5e-4)
     assert float(table["sliding windows"][3]) == pytest.approx(rows["network alone"][3],
-                                                               abs=5e-4)
+                                                               abs=5e-4, nan_ok=True)
 
 
 def test_pretrain_rip_without_patches_says_what_to_run(tmp_path):
