@@ -31,7 +31,8 @@ from retina_tf.errors import ConfigError
 
 __all__ = ["DataConfig", "RunRef", "InferenceConfig", "TrainConfig", "MAEConfig",
            "RipPatchConfig", "RipPretrainConfig", "EvalConfig", "PredictConfig",
-           "ErrorMapConfig", "to_flag_lines", "from_flag_lines", "from_run", "field_names",
+           "ErrorMapConfig", "to_flag_lines", "from_flag_lines", "convert_value", "from_run",
+           "field_names",
            "read_model_config"]
 
 _FROZEN = dict(frozen=True, kw_only=True)
@@ -250,7 +251,7 @@ def to_flag_lines(cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _convert(name: str, text: str, kind: Any) -> Any:
+def convert_value(name: str, text: str, kind: Any) -> Any:
     """``text`` (a flag's value) as the field type ``kind``."""
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
@@ -299,7 +300,7 @@ def from_flag_lines(cls: type, text: str, ignore_unknown: bool = False) -> Any:
                 continue
             raise ConfigError(f"--{name}: not a setting of {cls.__name__} (it has "
                               f"{', '.join(sorted(hints))})")
-        values[name] = _convert(name, value, hints[name])
+        values[name] = convert_value(name, value, hints[name])
     return cls(**values)
 
 

@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import traceback
-import types
 import typing
 
 from absl import app, flags
@@ -40,6 +39,7 @@ from retina_tf.config import (
     RipPatchConfig,
     RipPretrainConfig,
     TrainConfig,
+    convert_value,
     field_names,
     read_model_config,
 )
@@ -201,14 +201,8 @@ def _field_value(fv: flags.FlagValues, name: str, kind) -> object:
         return read_model_config(value)
     if name == "task" and not fv[name].present:
         return None  # the model's own task (rip_av: av), else vessel
-    if isinstance(value, list):
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        item = typing.get_args(kind)[0]
-        try:
-            return tuple(item(str(v).strip()) for v in value if str(v).strip())
-        except ValueError as err:
-            raise ConfigError(f"--{name}={','.join(map(str, value))}: {err}") from err
+    if isinstance(value, list):  # as a flagfile line: one conversion for both
+        return convert_value(name, ",".join(map(str, value)), kind)
     return value
 
 
