@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install demo lint test test-fast bench docs clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,export]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,10 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# docs/cli.md, the flag reference, from the flag definitions (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m retina_tf.flags docs/cli.md
 
 bench: $(STAMP)
 	$(PY) bench/pipeline_throughput.py

@@ -3,7 +3,7 @@ on each ground-truth artery or vein pixel's colour (crossings excluded, inside t
 the training images of an A/V dataset and scored on its test images: the floor a network has to
 beat with context.
 
-    .venv/bin/python bench/av_colour_baseline.py --data_dir=../shared/data/RITE
+    .venv/bin/python bench/av_colour_baseline.py --data_dir=data/RITE
 """
 
 import os

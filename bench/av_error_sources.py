@@ -15,7 +15,7 @@ mean of their probabilities takes the network's place, to see whether more train
 training time, spent in parallel) would close the gap.
 
     .venv/bin/python bench/av_error_sources.py --model=logs/ripav_rite
-        --data_dir=../shared/data/RITE
+        --data_dir=data/RITE
 """
 
 import os

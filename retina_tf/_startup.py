@@ -1,11 +1,13 @@
-"""Keeps TensorFlow's start-up chatter off a retina_tf command's terminal.
+"""Keeps TensorFlow's C++ log off a retina_tf command's terminal.
 
-TensorFlow 2.21 logs its start-up (oneDNN, CUDA drivers, CPU features) through absl before absl
-logging is initialized, which ignores TF_CPP_MIN_LOG_LEVEL: seven lines on every run, above the
-one-line error a user should see. When retina_tf runs as a command (``bin/<script>.py``,
-``retina-<command>``, ``python -m retina_tf``) they are held back while TensorFlow starts; any
-other line written then is passed on, and ``--verbose`` shows everything. Imported as a library,
-retina_tf leaves TensorFlow's output alone.
+TensorFlow 2.21 logs its start-up (oneDNN, CUDA drivers, CPU features, the ``cuInit`` probe)
+through absl before absl logging is initialized, which ignores TF_CPP_MIN_LOG_LEVEL: seven lines
+on every run, above the one-line error a user should see. When retina_tf runs as a command
+(``bin/<script>.py``, ``retina-<command>``, ``python -m retina_tf``), TF_CPP_MIN_LOG_LEVEL
+defaults to 3 (no C++ log line once absl is up) and the start-up lines are held back while
+TensorFlow is imported and probes its devices: any other line written then is passed on.
+oneDNN stays on (turning it off halves CPU inference speed). ``--verbose`` shows everything.
+Imported as a library, retina_tf leaves TensorFlow's output alone.
 """
 
 import os
@@ -13,10 +15,11 @@ import re
 import sys
 import tempfile
 
-_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} "
-                    r"[\d:. ]+\d+ (port|cudart_stub|cuda_platform|cpu_feature_guard|cuda_dnn|"
-                    r"cuda_fft|cuda_blas|cuda_executor)\.cc:\d+\]|To enable the following "
-                    r"instructions|.*rebuild TensorFlow with the appropriate compiler flags)")
+# absl's C++ log format (I/W/E; a fatal F line is kept), and the lines that come with it.
+_NOISE = re.compile(r"^([IWE]\d{4} [\d:. ]+\d+ [\w./-]+\.(cc|h|cpp):\d+\]"
+                    r"|WARNING: All log messages before absl::InitializeLog"
+                    r"|To enable the following instructions"
+                    r"|.*rebuild TensorFlow with the appropriate compiler flags)")
 
 
 def _is_command() -> bool:
@@ -26,8 +29,24 @@ def _is_command() -> bool:
             or "_bootstrap" in sys.modules)  # bin/<script>.py
 
 
+def wants_verbose(argv: list[str]) -> bool:
+    """Whether ``argv`` (program name first) sets absl's boolean ``--verbose``, read before
+    absl parses it (``--verbose``, ``-verbose``, ``--verbose=true``; ``--noverbose``)."""
+    verbose = False
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name, _, value = arg.lstrip("-").partition("=")
+        if name == "verbose":
+            verbose = value.lower() not in ("false", "f", "0", "no", "n") if value else True
+        elif name == "noverbose":
+            verbose = False
+    return verbose
+
+
 def start_tensorflow_quietly() -> None:
-    """Imports TensorFlow with its start-up lines held back (see the module docstring)."""
+    """Imports TensorFlow and lists its devices with its start-up lines held back (see the
+    module docstring)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -46,6 +65,6 @@ def start_tensorflow_quietly() -> None:
 
 
 def quiet_start_for_commands() -> None:
-    if _is_command() and "tensorflow" not in sys.modules and "--verbose" not in sys.argv:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if _is_command() and "tensorflow" not in sys.modules and not wants_verbose(sys.argv):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         start_tensorflow_quietly()

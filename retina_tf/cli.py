@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import flags
 
 from retina_tf.config import DataConfig
 from retina_tf.data.io import read_image
@@ -22,18 +21,12 @@ from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from retina_tf.flags import FLAGS, define_flags, run_app, run_script, script_config
-from retina_tf.inference import export_run
+from retina_tf.progress import progress
 from retina_tf.visualize import save_png
 
 __all__ = ["COMMANDS", "main", "train", "evaluate", "predict", "pretrain_mae", "pretrain_rip",
            "generate_rip_patches", "make_error_maps", "preprocess", "make_synthetic",
-           "export_model"]
-
-
-def _key_flags(*names: str) -> None:
-    """Makes a command's own flags the ones ``--help`` lists."""
-    for name in names:
-        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+           "export_model", "compare"]
 
 
 def train() -> None:
@@ -49,6 +42,11 @@ def evaluate() -> None:
 def predict() -> None:
     """Segment photographs without labels: probability map and mask per image."""
     run_script("predict")
+
+
+def compare() -> None:
+    """Compare runs on one labelled split: a metric table and one image side by side."""
+    run_script("compare")
 
 
 def pretrain_mae() -> None:
@@ -74,9 +72,6 @@ def make_error_maps() -> None:
 def preprocess() -> None:
     """Seed-style label files (and optionally a preprocessed-image cache) for a dataset."""
     define_flags("preprocess")
-    flags.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go.")
-    flags.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
-    _key_flags("out_dir", "previews")
     run_app(lambda argv: _preprocess(script_config("preprocess")))
 
 
@@ -94,7 +89,8 @@ def _preprocess(cfg: DataConfig) -> None:
         print(f"{split}: {path} ({len(read_label_file(path))} samples)")
     train_samples = read_label_file(files["training"])
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
-    images = [read_image(s.image) for s in train_samples]
+    images = [read_image(s.image)
+              for s in progress(train_samples, "preprocess: reading", name=lambda s: s.name)]
     if pre.standardize:
         pre.fit(images)
     pre.save(out / "preprocessor.json")
@@ -105,24 +101,15 @@ def _preprocess(cfg: DataConfig) -> None:
         x = x[..., 0] if x.shape[-1] == 1 else x
         save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
     if cfg.cache_dir:
-        for path in files.values():
-            for sample in read_label_file(path):
-                preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)
+        samples = [sample for path in files.values() for sample in read_label_file(path)]
+        for sample in progress(samples, "preprocess: caching", name=lambda s: s.name):
+            preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)
         print(f"cached preprocessed images in {cfg.cache_dir}")
 
 
 def make_synthetic() -> None:
     """A synthetic fundus dataset in the DRIVE layout (plus RITE-style A/V labels)."""
-    flags.DEFINE_string("out_dir", None, "Dataset root to write (training/ and test/ go under "
-                        "it).")
-    flags.DEFINE_integer("num_images", 20, "Total number of images, test and training together.")
-    flags.DEFINE_integer("num_test", None, "Number of test images (default: half of "
-                         "--num_images).")
-    flags.DEFINE_integer("seed", 0, "Base seed; image i uses a seed derived from (seed, i).")
-    flags.DEFINE_integer("height", 584, "Image height in pixels (DRIVE: 584).")
-    flags.DEFINE_integer("width", 565, "Image width in pixels (DRIVE: 565).")
-    flags.mark_flag_as_required("out_dir")
-    _key_flags("out_dir", "num_images", "num_test", "seed", "height", "width")
+    define_flags("make_synthetic")
     run_app(lambda argv: _make_synthetic())
 
 
@@ -144,16 +131,8 @@ def _make_synthetic() -> None:
 
 
 def export_model() -> None:
-    """Copy a trained run into a small inference-only folder (no optimizer state)."""
-    flags.DEFINE_string("run_dir", None, "Run folder to export.", required=True)
-    flags.DEFINE_string("out_dir", None, "Destination folder.", required=True)
-    _key_flags("run_dir", "out_dir")
-
-    def main(argv):
-        out = export_run(FLAGS.run_dir, FLAGS.out_dir)
-        print(f"exported {FLAGS.run_dir} -> {out}")
-
-    run_app(main)
+    """Export a trained run: Keras copy, SavedModel, ONNX or TFLite (``--format``)."""
+    run_script("export_model")
 
 
 # command name (retina-<name>, python -m retina_tf <name>) -> function
@@ -161,7 +140,7 @@ COMMANDS = {
     "train": train, "evaluate": evaluate, "predict": predict, "pretrain-mae": pretrain_mae,
     "pretrain-rip": pretrain_rip, "rip-patches": generate_rip_patches,
     "error-maps": make_error_maps, "preprocess": preprocess, "synthetic": make_synthetic,
-    "export": export_model,
+    "export": export_model, "compare": compare,
 }
 
 

@@ -31,7 +31,8 @@ from retina_tf.errors import ConfigError
 
 __all__ = ["DataConfig", "RunRef", "InferenceConfig", "TrainConfig", "MAEConfig",
            "RipPatchConfig", "RipPretrainConfig", "EvalConfig", "PredictConfig",
-           "ErrorMapConfig", "to_flag_lines", "from_flag_lines", "convert_value", "from_run",
+           "ErrorMapConfig", "ExportConfig", "CompareConfig", "to_flag_lines",
+           "from_flag_lines", "convert_value", "from_run",
            "field_names",
            "read_model_config"]
 
@@ -213,6 +214,7 @@ class PredictConfig(RunRef, InferenceConfig):
     output_dir: str | None = None
     overwrite: bool = False
     save_probabilities: bool = False
+    visualize: bool = False
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -220,6 +222,57 @@ class ErrorMapConfig(DataConfig, RunRef, InferenceConfig):
     """Stage-1 error maps of the training split for EAR-Net (``bin/make_error_maps.py``)."""
 
     output_dir: str | None = None
+
+
+@dataclasses.dataclass(**_FROZEN)
+class CompareConfig:
+    """Several runs side by side on one labelled split (``bin/compare.py``;
+    :func:`retina_tf.compare.compare`).
+
+    Attributes:
+        runs: run folders, shipped model names or run names under ``logdir``; each segments
+            with its own inference settings (its ``flags.txt``).
+        dataset, data_dir, label_file_path, test_label_file_path, eval_split: the split, as
+            for :class:`EvalConfig`.
+        image: the picture's image: a name of the split (``01_test``) or its 0-based index
+            (None: the first).
+        output_dir: where ``compare.png`` and ``compare.md`` go.
+    """
+
+    runs: tuple[str, ...] = ()
+    logdir: str = "logs"
+    dataset: str | None = None
+    data_dir: str | None = None
+    label_file_path: str | None = None
+    test_label_file_path: str | None = None
+    eval_split: str = "test"
+    image: str | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(**_FROZEN)
+class ExportConfig:
+    """Export of a trained run for serving outside retina_tf (``bin/export_model.py``;
+    :func:`retina_tf.export.export_model`).
+
+    Attributes:
+        run: a run folder or a shipped model name (``unet_drive``).
+        format: "keras" (an inference-only copy of the run folder), "saved_model" (raw
+            photograph in, probability and mask out, preprocessing inside), "onnx" or "tflite"
+            (the network: preprocessed image in, probability out).
+        out: the folder to write.
+        input_size: TFLite's fixed input "HxW" (None: the training images' padded size).
+        threshold: the mask's probability threshold (None: the run's ``--threshold``, else 0.5).
+        overwrite: replace an existing ``out`` folder (saved_model, onnx, tflite).
+    """
+
+    run: str | None = None
+    format: str = "keras"
+    out: str | None = None
+    input_size: str | None = None
+    threshold: float | None = None
+    overwrite: bool = False
 
 
 # --- flag lines ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -32,7 +33,15 @@ from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
 from retina_tf.errors import ConfigError, RetinaTFError
 from retina_tf.inference import Segmenter, check_threshold
 from retina_tf.losses import vessel_width_map
-from retina_tf.metrics import AVMetrics, RipavAVMetrics, VesselMetrics, format_table
+from retina_tf.metrics import (
+    AVMetrics,
+    RipavAVMetrics,
+    VesselMetrics,
+    counts_metrics,
+    format_table,
+    roc_pr_auc,
+)
+from retina_tf.progress import progress
 from retina_tf.run_folder import (
     atomic_write_text,
     is_shipped,
@@ -163,17 +172,30 @@ class SetScores:
         whole_image: count every pixel instead of the FOV's only.
         av_by_width: also split A/V accuracy at :data:`THIN_AV_WIDTH` (``av_thin_acc``,
             ``av_thick_acc``).
+        per_image_auc: add each image's own AUC-ROC and AUC-PR to :attr:`per_image` (a sort
+            of its pixels: off for validation during training, on for :func:`evaluate`).
+
+    Attributes:
+        per_image: one dict per image, in update order: ``name`` and the image's own counts
+            metrics (acc, se, sp, precision, f1, iou, miou), its AUCs when asked, and for A/V
+            models ``av_acc`` and ``av_acc_ripav``; pixels counted as for the pooled figures.
     """
 
     def __init__(self, task: str = "vessel", threshold: float = 0.5, whole_image: bool = False,
-                 av_by_width: bool = False):
+                 av_by_width: bool = False, per_image_auc: bool = False):
         self.vessel = VesselMetrics(threshold=threshold, whole_image=whole_image)
         self.av = AVMetrics() if task == "av" else None
         self.ripav = RipavAVMetrics() if task == "av" else None
         self.by_width = (AVMetrics(), AVMetrics()) if task == "av" and av_by_width else None
+        self.per_image_auc = bool(per_image_auc)
+        self.per_image: list[dict[str, Any]] = []
 
-    def update(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray) -> None:
-        """``prob`` (H, W, C) with the vessel channel last, ``target`` (H, W, C) booleans."""
+    def update(self, prob: np.ndarray, target: np.ndarray, fov: np.ndarray,
+               name: str | None = None) -> None:
+        """``prob`` (H, W, C) with the vessel channel last, ``target`` (H, W, C) booleans;
+        ``name`` labels the image's row of :attr:`per_image` (default: its number)."""
+        counts = _counts(self.vessel)
+        av_counts = _counts(self.av) if self.av is not None else None
         self.vessel.update(prob[..., -1], target[..., -1], fov)
         if self.av is not None:
             self.av.update(prob, target, fov)
@@ -183,6 +205,33 @@ class SetScores:
             inside = fov.astype(bool)
             self.by_width[0].update(prob, target, inside & thin)
             self.by_width[1].update(prob, target, inside & ~thin)
+        # This image's figures: the counts it added (no second pass over its pixels).
+        row: dict[str, Any] = {"name": str(len(self.per_image)) if name is None else name}
+        row.update(counts_metrics(*np.subtract(_counts(self.vessel), counts).tolist()))
+        if self.per_image_auc:
+            p, t = prob[..., -1], target[..., -1]
+            if not self.vessel.whole_image:
+                inside = fov.astype(bool)
+                p, t = p[inside], t[inside]
+            row["auc_roc"], row["auc_pr"] = roc_pr_auc(p, t)
+        if self.av is not None:
+            tp, fp, tn, fn = np.subtract(_counts(self.av), av_counts).tolist()
+            row["av_acc"] = counts_metrics(tp, fp, tn, fn)["acc"]
+            row["av_acc_ripav"] = self.ripav.acc[-1]
+        self.per_image.append(row)
+
+    def per_image_summary(self) -> dict[str, dict[str, float]]:
+        """``{"mean": {...}, "std": {...}}`` of each per-image figure across the images
+        (population standard deviation; an image where a figure is undefined, e.g. Se without
+        vessels, is left out of that figure's)."""
+        keys = [k for k in (self.per_image[0] if self.per_image else {}) if k != "name"]
+        summary: dict[str, dict[str, float]] = {"mean": {}, "std": {}}
+        for key in keys:
+            values = np.array([row[key] for row in self.per_image], np.float64)
+            values = values[np.isfinite(values)]
+            summary["mean"][key] = float(values.mean()) if values.size else float("nan")
+            summary["std"][key] = float(values.std()) if values.size else float("nan")
+        return summary
 
     def result(self) -> dict:
         result = self.vessel.result()
@@ -199,6 +248,10 @@ class SetScores:
         return result
 
 
+def _counts(metrics) -> tuple[int, int, int, int]:
+    return metrics.tp, metrics.fp, metrics.tn, metrics.fn
+
+
 def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel",
                  whole_image: bool = False, threshold: float = 0.5
                  ) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -206,7 +259,9 @@ def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel
     probability maps."""
     scores = SetScores(task, threshold, whole_image)
     probs = []
-    for image, target, fov in zip(seg.images, seg.targets, seg.fovs):
+    # validation during training: lines only when it runs long (the heartbeat)
+    for image, target, fov in progress(zip(seg.images, seg.targets, seg.fovs), "validation",
+                                       names=seg.names, level=logging.DEBUG):
         prob = segmenter.probability_preprocessed(image) * fov[..., None]
         probs.append(prob)
         scores.update(prob, target > 0.5, fov)
@@ -221,8 +276,10 @@ def _vote_words(seg: Segmenter) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Segments the test split, prints confusion matrix and metrics, writes metrics.json and,
-    with ``--visualize``, per-image PNGs and ROC / PR curves.
+    """Segments the test split, prints confusion matrix and metrics, writes metrics.json (the
+    pooled figures, each image's and their mean and standard deviation), per_image.csv and, with
+    ``--visualize``, per-image PNGs (errors over the photograph), a contact sheet of every
+    image and ROC / PR curves.
 
     Stops at the first bad image (the metrics need every one). The output folder is created
     with its first file; in a ``--output_dir`` only files retina_tf wrote there are replaced,
@@ -248,12 +305,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
-    scores = SetScores(task, cfg.threshold, cfg.whole_image_metrics, av_by_width=True)
+    scores = SetScores(task, cfg.threshold, cfg.whole_image_metrics, av_by_width=True,
+                       per_image_auc=True)
+    sheet_rows: list = []
     log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
              f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
              f"{_vote_words(seg)}; counting "
              f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
-    for sample in samples:
+    for sample in progress(samples, "evaluate", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
         seg.check_image_size(data.image, sample.image)
         if data.fov_estimated:
@@ -262,19 +321,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         # Outside the FOV the prediction is background, as in the shipped masks and papers; a
         # photograph of another scale is segmented at the training scale, as predict does.
         prob = seg.probability_at_training_scale(data.image, data.fov) * data.fov[..., None]
-        scores.update(prob, target, data.fov)
+        scores.update(prob, target, data.fov, name=data.name)
         if cfg.visualize:
-            out.claim(_picture_names(data.name, task))
-            p = prob[..., -1]
-            pred = p >= cfg.threshold
-            out.save_png(f"{data.name}_prob.png", visualize.probability_image(p))
-            out.save_png(f"{data.name}_mask.png", visualize.mask_image(pred))
-            out.save_png(f"{data.name}_overlay.png",
-                         visualize.overlay(pred, target[..., -1], data.fov))
-            if task == "av":
-                out.save_png(f"{data.name}_av.png", visualize.av_error_image(prob, target))
-                out.save_png(f"{data.name}_av_truth.png",
-                             visualize.av_image(target.astype(np.float32)))
+            sheet_rows.append(_write_pictures(out, data, prob, target, cfg.threshold, task,
+                                              scores.per_image[-1]))
     result = scores.result()
     log.info("")
     log.info(format_table(result))
@@ -289,7 +339,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         log.info(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
                  f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
                  f"({result['av_thick_pixels']} px)")
+    per_image = scores.per_image_summary()
+    log.info(_per_image_line(per_image, len(samples), task))
+    out.write_text(PER_IMAGE_CSV, per_image_csv(scores.per_image, task))
     if cfg.visualize:
+        out.save_png(CONTACT_SHEET, visualize.contact_sheet(sheet_rows, _sheet_columns(task),
+                                                            SHEET_ROW_HEIGHT))
         pixel_scores, labels = scores.vessel.scores_and_labels()
         out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
                         title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
@@ -298,13 +353,15 @@ def evaluate(cfg: EvalConfig) -> dict:
               "inference": seg.inference, "tta": seg.tta,
               "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
               "av_link": seg.av_link if seg.av_vote else None,
-              "metrics": result}
+              "metrics": result, "per_image_mean": per_image["mean"],
+              "per_image_std": per_image["std"], "per_image": scores.per_image}
     out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
-    log.info(f"\nwrote {out_dir / 'metrics.json'}" +
-             (f" and pictures (probability, mask, overlay: green TP, red FP, blue FN; "
-              f"roc_curve.png, pr_curve.png) in {out_dir}" if cfg.visualize else ""))
+    log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
+             (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
+              f"blue FN; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"
+              if cfg.visualize else f" in {out_dir}"))
     return report
 
 
@@ -317,10 +374,83 @@ def _picture_names(name: str, task: str) -> list[str]:
 
 
 def _evaluation_outputs(names: list[str], task: str, pictures: bool) -> list[str]:
-    """The files evaluate writes: metrics.json and, with pictures, per-image PNGs and curves."""
+    """The files evaluate writes: metrics.json, per_image.csv and, with pictures, per-image
+    PNGs, the contact sheet and curves."""
     if not pictures:
-        return ["metrics.json"]
-    return ["metrics.json", *CURVE_FILES] + [f for n in names for f in _picture_names(n, task)]
+        return ["metrics.json", PER_IMAGE_CSV]
+    return ["metrics.json", PER_IMAGE_CSV, CONTACT_SHEET, *CURVE_FILES] + [
+        f for n in names for f in _picture_names(n, task)]
+
+
+# The per-image table and the contact sheet of ``evaluate``.
+PER_IMAGE_CSV = "per_image.csv"
+CONTACT_SHEET = "contact_sheet.png"
+PER_IMAGE_COLUMNS = ("f1", "auc_roc", "se", "sp", "acc")
+AV_PER_IMAGE_COLUMNS = ("av_acc", "av_acc_ripav")
+SHEET_ROW_HEIGHT = 256  # px: a DRIVE test split's sheet stays about 750 x 5800 px
+_COLUMN_TITLES = {"f1": "F1", "auc_roc": "AUC-ROC", "se": "Se", "sp": "Sp", "acc": "Acc",
+                  "av_acc": "A/V acc", "av_acc_ripav": "A/V acc (RIP-AV)"}
+
+
+def per_image_columns(task: str) -> tuple[str, ...]:
+    """The figures of ``per_image.csv`` (after ``name``) for a model of ``task``."""
+    return PER_IMAGE_COLUMNS + (AV_PER_IMAGE_COLUMNS if task == "av" else ())
+
+
+def per_image_csv(rows: list[dict[str, Any]], task: str) -> str:
+    """:attr:`SetScores.per_image` as CSV text: ``name`` and :func:`per_image_columns`, one
+    line per image (an undefined figure, e.g. Se of an image without vessels, is ``nan``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = per_image_columns(task)
+    writer.writerow(("name",) + columns)
+    for row in rows:
+        writer.writerow([row["name"]] + [f"{float(row[c]):.6f}" for c in columns])
+    return buffer.getvalue()
+
+
+def _per_image_line(summary: dict[str, dict[str, float]], images: int, task: str) -> str:
+    figures = ", ".join(f"{_COLUMN_TITLES[k]} {summary['mean'][k]:.4f} "
+                        f"(sd {summary['std'][k]:.4f})" for k in per_image_columns(task))
+    return (f"\nPer image (mean and standard deviation over {images} "
+            f"image{'' if images == 1 else 's'}): {figures}")
+
+
+def _sheet_columns(task: str) -> list:
+    errors = visualize.legend(("TP", visualize.TP_COLOUR), ("FP", visualize.FP_COLOUR),
+                              ("FN", visualize.FN_COLOUR), prefix="errors: ")
+    if task == "av":
+        return ["photograph", visualize.legend(("artery", visualize.ARTERY_COLOUR),
+                                               ("vein", visualize.VEIN_COLOUR),
+                                               prefix="predicted: "),
+                errors, visualize.legend(("wrong class", visualize.TP_COLOUR),
+                                         prefix="A/V on true vessels: ")]
+    return ["photograph", visualize.legend(("vessel", visualize.VESSEL_COLOUR),
+                                           prefix="predicted: "), errors]
+
+
+def _write_pictures(out: OutputFolder, data, prob: np.ndarray, target: np.ndarray,
+                    threshold: float, task: str, scores: dict[str, Any]) -> tuple:
+    """Writes ``evaluate --visualize``'s pictures of one image; returns its contact-sheet row
+    (title and thumbnails, kept small: the sheet is built after the last image)."""
+    out.claim(_picture_names(data.name, task))
+    p = prob[..., -1]
+    pred = p >= threshold
+    errors = visualize.overlay(pred, target[..., -1], data.fov, photo=data.image)
+    out.save_png(f"{data.name}_prob.png", visualize.probability_image(p))
+    out.save_png(f"{data.name}_mask.png", visualize.mask_image(pred))
+    out.save_png(f"{data.name}_overlay.png", errors)
+    title = f"{data.name}   F1 {scores['f1']:.4f}   AUC-ROC {scores['auc_roc']:.4f}"
+    if task == "av":
+        av_errors = visualize.av_error_image(prob, target, photo=data.image)
+        out.save_png(f"{data.name}_av.png", av_errors)
+        out.save_png(f"{data.name}_av_truth.png", visualize.av_image(target.astype(np.float32)))
+        pictures = [data.image, visualize.av_image(prob, threshold, photo=data.image), errors,
+                    av_errors]
+        title += f"   A/V acc {scores['av_acc']:.4f}"
+    else:
+        pictures = [data.image, visualize.vessel_overlay(data.image, p), errors]
+    return title, [visualize.to_height(x, SHEET_ROW_HEIGHT) for x in pictures]
 
 
 def _warn(message: str | None) -> None:
@@ -441,10 +571,18 @@ def _one_line(path: Path, err: Exception) -> str:
 AV_CLASS_FILES = ("_artery.png", "_vein.png", "_vessel.png")
 
 
-def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False) -> list[str]:
+# ``predict --visualize``: the vessel map over the photograph (A/V models: also A/V colours).
+OVERLAY_FILES = ("_overlay.png",)
+AV_OVERLAY_FILES = ("_av_overlay.png",)
+
+
+def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
+                         pictures: bool = False) -> list[str]:
     suffixes = ["_prob.png", "_mask.png"]
     if seg.task == "av":
         suffixes += ["_av.png", *AV_CLASS_FILES]
+    if pictures:
+        suffixes += [*OVERLAY_FILES, *(AV_OVERLAY_FILES if seg.task == "av" else ())]
     return suffixes + (["_prob.npy"] if save_probabilities else [])
 
 
@@ -454,16 +592,26 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     seg.check_image_size(image, path)
     fov = _fov_for(path, image, fov_source)
     prob, mask = seg.segment(image, fov, cfg.threshold, source=path)
-    out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities)])
+    out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
+                                                      cfg.visualize)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
                out.save_png(f"{base}_mask.png", visualize.mask_image(mask[..., -1]))]
     if seg.task == "av":
         written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob)))
         written += [out.save_png(base + suffix, visualize.probability_image(prob[..., i]))
                     for i, suffix in enumerate(AV_CLASS_FILES)]
+    shown = ["prob", "mask"]
+    if cfg.visualize:
+        written.append(out.save_png(f"{base}_overlay.png",
+                                    visualize.vessel_overlay(image, prob[..., -1])))
+        shown.append("overlay")
+        if seg.task == "av":
+            written.append(out.save_png(f"{base}_av_overlay.png",
+                                        visualize.av_image(prob, cfg.threshold, photo=image)))
+            shown.append("av_overlay")
     if cfg.save_probabilities:
         written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
-    log.info(f"{path} -> {out.path / base}_{{prob,mask}}.png "
+    log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
              f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)")
     return written
 
@@ -489,7 +637,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` per input
     image, the size of the input; A/V models also write ``<stem>_av.png`` (arteries red, veins
     blue) and ``<stem>_artery.png``, ``_vein.png``, ``_vessel.png`` (8-bit probabilities);
-    ``save_probabilities`` adds ``<stem>_prob.npy`` (float32, H x W x K).
+    ``save_probabilities`` adds ``<stem>_prob.npy`` (float32, H x W x K); ``visualize`` adds
+    ``<stem>_overlay.png`` (the vessel probability as a cyan tint over the photograph) and, for
+    A/V models, ``<stem>_av_overlay.png`` (arteries red, veins blue over the photograph).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list. Outputs never collide (see :func:`output_names`),
@@ -513,10 +663,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     bases = output_names(inputs)
     out.check([bases[p] + s for p in inputs
-               for s in _prediction_suffixes(seg, cfg.save_probabilities)])
+               for s in _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
-    for path in inputs:
+    for path in progress(inputs, "predict", name=lambda p: p.name):
         try:
             written += _predict_one(seg, path, bases[path], cfg, fov_source, out)
         except DatasetError as err:
@@ -540,7 +690,7 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}")
     shares = {}
-    for sample in samples:
+    for sample in progress(samples, "make_error_maps", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
         target = target_of(data, seg.task)[..., -1]
         prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only

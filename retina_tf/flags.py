@@ -24,16 +24,20 @@ import functools
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 import typing
 
 from absl import app, flags
 
+from retina_tf._startup import wants_verbose
 from retina_tf.config import (
+    CompareConfig,
     DataConfig,
     ErrorMapConfig,
     EvalConfig,
+    ExportConfig,
     MAEConfig,
     PredictConfig,
     RipPatchConfig,
@@ -44,6 +48,7 @@ from retina_tf.config import (
     read_model_config,
 )
 from retina_tf.data.catalog import DATASETS
+from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.preprocess import STEPS
 from retina_tf.errors import ConfigError, RetinaTFError
 from retina_tf.models import model_class
@@ -55,11 +60,13 @@ SCRIPTS: dict[str, tuple[type, str]] = {
     "train": (TrainConfig, "retina_tf.training:train"),
     "evaluate": (EvalConfig, "retina_tf.evaluation:evaluate"),
     "predict": (PredictConfig, "retina_tf.evaluation:predict"),
+    "compare": (CompareConfig, "retina_tf.compare:compare"),
     "make_error_maps": (ErrorMapConfig, "retina_tf.evaluation:write_error_maps"),
     "pretrain_mae": (MAEConfig, "retina_tf.pretraining:pretrain_mae"),
     "pretrain_rip": (RipPretrainConfig, "retina_tf.pretraining:pretrain_rip"),
     "generate_rip_patches": (RipPatchConfig, "retina_tf.data.rip:write_rip_patches"),
     "preprocess": (DataConfig, ""),
+    "export_model": (ExportConfig, "retina_tf.export:export_model"),
 }
 # Model arguments that are also flags of bin/train.py (the U-Net's, kept for the seed's command
 # lines and flagfiles); they reach a model whose class lists them in ``flag_arguments``.
@@ -111,21 +118,32 @@ class _EmptyIsNoneEnumParser(flags.EnumParser):
 
 def define_all(d: _Definer) -> None:
     for group in (define_data_flags, define_model_flags, define_run_flags, define_train_flags,
-                  define_rip_flags, define_eval_flags, define_predict_flags):
+                  define_rip_flags, define_eval_flags, define_predict_flags,
+                  define_export_flags, define_compare_flags):
         group(d)
 
 
 def script_flag_names(script: str) -> set[str]:
     """The flags ``bin/<script>.py`` defines: its config's fields (and the U-Net flags for
-    training)."""
-    names = set(field_names(SCRIPTS[script][0]))
+    training), and those of :data:`EXTRA_FLAGS`."""
+    names = set(field_names(SCRIPTS[script][0])) if script in SCRIPTS else set()
+    if script in EXTRA_FLAGS:
+        extra = flags.FlagValues()
+        EXTRA_FLAGS[script](_Definer(extra))
+        names |= set(extra)
     return names | set(MODEL_FLAGS) if script == "train" else names
+
+
+def _define_script(d: _Definer, script: str) -> None:
+    if script in EXTRA_FLAGS:  # first: its own --seed (make_synthetic) is not the data flag
+        EXTRA_FLAGS[script](d)
+    define_all(d)
 
 
 def define_flags(script: str, fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
     """Defines the flags of ``bin/<script>.py`` in ``fv`` and makes them the key flags that
     ``--help`` lists."""
-    define_all(_Definer(fv, script_flag_names(script)))
+    _define_script(_Definer(fv, script_flag_names(script)), script)
     for name in script_flag_names(script):
         fv.register_key_flag_for_module(sys.argv[0], fv[name])
     return fv
@@ -227,6 +245,13 @@ def script_config(script: str, fv: flags.FlagValues = FLAGS):
     values = {f.name: _field_value(fv, f.name, hints[f.name]) for f in dataclasses.fields(cls)}
     if script == "train":
         values["model_config"] = _model_config(fv)
+    if script == "export_model":
+        if not fv["threshold"].present:
+            values["threshold"] = None  # the run's own threshold
+        for name, old in (("run", "run_dir"), ("out", "out_dir")):
+            if values[name] and fv[old].value and values[name] != fv[old].value:
+                raise ConfigError(f"--{name} and --{old} (its older name) differ; give one")
+            values[name] = values[name] or fv[old].value
     return cls(**values)
 
 
@@ -234,9 +259,11 @@ def new_flag_values(script: str | None = None) -> flags.FlagValues:
     """A fresh FlagValues with the flags of ``bin/<script>.py`` (every retina_tf flag when
     None) and ``--verbose``, with their validators; unparsed."""
     fv = flags.FlagValues()
-    define_all(_Definer(fv, None if script is None else script_flag_names(script)))
-    flags.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.",
-                         flag_values=fv)
+    if script is None:
+        define_all(_Definer(fv))
+    else:
+        _define_script(_Definer(fv, script_flag_names(script)), script)
+    flags.DEFINE_boolean("verbose", False, VERBOSE_HELP, flag_values=fv)
     return fv
 
 
@@ -315,7 +342,8 @@ def define_run_flags(d: _Definer) -> None:
     d.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
     d.DEFINE_boolean("overwrite", False,
                      "train: start a finished (or interrupted) run folder again from scratch; "
-                     "evaluate/predict: replace existing files in --output_dir.")
+                     "evaluate/predict/compare: replace existing files in --output_dir; "
+                     "export_model: replace an existing --out folder.")
 
 
 def define_train_flags(d: _Definer) -> None:
@@ -407,7 +435,9 @@ def define_rip_flags(d: _Definer) -> None:
 def define_eval_flags(d: _Definer) -> None:
     d.DEFINE_enum("eval_split", "test", ["training", "test", "all"], "Split to evaluate.")
     d.DEFINE_boolean("visualize", False,
-                         "Write probability maps, masks, overlays and ROC / PR curves.")
+                     "evaluate: write probability maps, masks, error overlays on the "
+                     "photograph, contact_sheet.png and ROC / PR curves; predict: also write "
+                     "<stem>_overlay.png (and <stem>_av_overlay.png for A/V models).")
     d.DEFINE_boolean("whole_image_metrics", False,
                          "Count every pixel instead of the FOV only (inflates Acc and Sp).")
     d.DEFINE_enum("inference", "auto", ["auto", "whole", "sliding"],
@@ -425,8 +455,9 @@ def define_eval_flags(d: _Definer) -> None:
                    "segments share a class across branchings and, pairwise, through crossings "
                    "(0: every segment decides alone).", lower_bound=0.0)
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
-    d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask.")
-    d.DEFINE_string("output_dir", None, "Where evaluate/predict write their files.")
+    d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask "
+                   "(export_model: default the run's own).")
+    d.DEFINE_string("output_dir", None, "Where evaluate, predict and compare write their files.")
     d.check("stride", lambda v: v >= 1, "must be >= 1 (pixels)")
     d.check("window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
     d.check("threshold", lambda v: 0.0 < v < 1.0,
@@ -441,9 +472,136 @@ def define_predict_flags(d: _Definer) -> None:
                      "float32 probabilities (H x W x K: vessel; or artery, vein, vessel).")
 
 
+def define_compare_flags(d: _Definer) -> None:
+    d.DEFINE_list("runs", [], "compare: the runs, comma-separated: run folders, shipped model "
+                  "names (unet_drive) or run names under --logdir.")
+    d.DEFINE_string("image", None, "compare: the image of compare.png, a name of the split "
+                    "(e.g. 01_test) or its 0-based index (default: the first).")
+
+
+def _preprocess_flags(d: _Definer) -> None:
+    """Seed-style label files (``training.txt``, ``test.txt``) of a dataset in its official
+    layout, FOV masks where it ships none, previews, and optionally a cache of preprocessed
+    images."""
+    d.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go.")
+    d.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
+
+
+def _synthetic_flags(d: _Definer) -> None:
+    """A synthetic fundus dataset in the DRIVE layout, with RITE-style A/V labels
+    (:mod:`retina_tf.data.synthetic`)."""
+    d.DEFINE_string("out_dir", None, "Dataset root to write (training/ and test/ go under it).",
+                    required=True)
+    d.DEFINE_integer("num_images", 20, "Total number of images, test and training together.")
+    d.DEFINE_integer("num_test", None, "Number of test images (default: half of --num_images).")
+    d.DEFINE_integer("seed", 0, "Base seed; image i uses a seed derived from (seed, i).")
+    d.DEFINE_integer("height", 584, "Image height in pixels (DRIVE: 584).")
+    d.DEFINE_integer("width", 565, "Image width in pixels (DRIVE: 565).")
+
+
+def _export_flags(d: _Definer) -> None:
+    """A trained run exported for serving: an inference-only Keras copy of the run folder, a
+    TensorFlow SavedModel with the preprocessing inside, or the network as ONNX or TFLite
+    (:mod:`retina_tf.export`)."""
+    d.DEFINE_string("run_dir", None, "The older name of --run.")
+    d.DEFINE_string("out_dir", None, "The older name of --out.")
+
+
+# bin/<script>.py -> the definitions of its flags that are no config's fields.
+EXTRA_FLAGS = {"preprocess": _preprocess_flags, "make_synthetic": _synthetic_flags,
+               "export_model": _export_flags}
+
+
+# --- the flag reference (docs/cli.md) --------------------------------------------------------
+
+_REFERENCE_HEAD = """\
+# Command-line flags
+
+Generated from the flag definitions in `retina_tf/flags.py` by `make docs`
+(`python -m retina_tf.flags docs/cli.md`); do not edit by hand. `tests/test_docs.py` fails
+when this page is out of date.
+
+Every `bin/<script>.py` is also an installed command (`retina-train`, `retina-evaluate`, ...;
+see the [README](../README.md#commands)) and `python -m retina_tf <command>`. Each command
+lists only its own flags (`--help`); it also takes `--flagfile=FILE` (one flag per line, later
+flags override earlier ones) and `--helpfull`. A flag of another retina_tf command read from a
+flagfile is skipped, so one flagfile serves training and evaluation. A boolean flag `--name` is
+switched off with `--noname`.
+"""
+
+
+def _markdown_cell(text: str) -> str:
+    text = " ".join(str(text).split())
+    for char, escaped in (("|", "\\|"), ("<", "&lt;"), ("*", "\\*")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _flag_help(flag: flags.Flag) -> str:
+    if isinstance(flag.parser, flags.EnumParser):  # absl puts "<a|b|c>: " before an enum's help
+        return flag.help.partition(">: ")[2] or flag.help
+    return flag.help
+
+
+def _flag_type(flag: flags.Flag) -> str:
+    if isinstance(flag.parser, flags.EnumParser):
+        return "one of " + ", ".join(f"`{v}`" for v in flag.parser.enum_values)
+    kind = flag.flag_type()
+    return {"int": "integer", "bool": "boolean"}.get(
+        kind, "list" if isinstance(flag.parser, flags.ListParser) else kind)
+
+
+def _flag_default(flag: flags.Flag) -> str:
+    value = flag.default
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    if value is None or value == "":
+        return "(none)"
+    return f"`{_markdown_cell(value)}`"
+
+
+def _summary(script: str) -> str:
+    """The first paragraph of the docstring that describes ``bin/<script>.py``."""
+    doc = (EXTRA_FLAGS[script] if script in EXTRA_FLAGS else SCRIPTS[script][0]).__doc__ or ""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph.replace(":func:", "").replace(":mod:", "").replace("``", "`")
+
+
+def reference_markdown() -> str:
+    """The flag reference of every ``bin/`` script (docs/cli.md): per script, each flag with its
+    type, default and help, in definition order, from the definitions themselves."""
+    parts = [_REFERENCE_HEAD]
+    for script in [*SCRIPTS, *(s for s in EXTRA_FLAGS if s not in SCRIPTS)]:
+        fv = new_flag_values(script)
+        parts.append(f"\n## `bin/{script}.py`\n\n{_summary(script)}\n\n"
+                     "| flag | type | default | meaning |\n|---|---|---|---|\n")
+        parts.append("".join(f"| `--{name}` | {_flag_type(fv[name])} | {_flag_default(fv[name])} "
+                             f"| {_markdown_cell(_flag_help(fv[name]))} |\n" for name in fv))
+    return "".join(parts)
+
+
+def define_export_flags(d: _Definer) -> None:
+    d.DEFINE_string("run", None, "export_model: the run folder to export, or a shipped model "
+                    "name (e.g. unet_drive).")
+    d.DEFINE_enum("format", "keras", ["keras", "saved_model", "onnx", "tflite"],
+                  "export_model: keras (an inference-only copy of the run folder), saved_model "
+                  "(raw uint8 photograph in, probability and mask out, preprocessing inside), "
+                  "onnx or tflite (the network alone: preprocessed image in, probability out).")
+    d.DEFINE_string("out", None, "export_model: the folder to write.")
+    d.DEFINE_string("input_size", None, "export_model --format=tflite: the fixed input size "
+                    "HxW, e.g. 592x576 (default: the training images' padded size).")
+    d.check("input_size", lambda v: re.fullmatch(r"\d+x\d+", v.strip()) is not None,
+            "must be HEIGHTxWIDTH in pixels, e.g. 592x576")
+
+
 # --- command-line errors ---------------------------------------------------------------------
 
 USAGE_EXIT = 2  # bad or conflicting flags
+# retina_tf/_startup.py reads --verbose from the command line before TensorFlow starts.
+VERBOSE_HELP = ("Show TensorFlow's own log lines (held back by default) and retina_tf's debug "
+                "messages; on an error, print the full Python traceback.")
 INTERRUPT_EXIT = 130  # Ctrl-C, as a shell reports SIGINT
 
 # What to do about an OSError, by errno (the message already names the file).
@@ -467,16 +625,7 @@ def _verbose(fv: flags.FlagValues) -> bool:
     """--verbose as parsed, or, when parsing failed before it was read, as on the command line."""
     if "verbose" in fv and fv.is_parsed():
         return bool(fv["verbose"].value)
-    verbose = False
-    for arg in sys.argv[1:]:
-        if arg == "--":
-            break
-        name, _, value = arg.lstrip("-").partition("=")
-        if name == "verbose":
-            verbose = value.lower() not in ("false", "f", "0", "no", "n") if value else True
-        elif name == "noverbose":
-            verbose = False
-    return verbose
+    return wants_verbose(sys.argv)
 
 
 def _one_line(text: object) -> str:
@@ -536,8 +685,8 @@ def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
     ``--verbose``, and sends the library's log (``logging.getLogger("retina_tf")``) to stdout as
     plain lines."""
     if "verbose" not in fv:
-        flags.DEFINE_boolean("verbose", False, "On an error, print the full Python traceback.",
-                             flag_values=fv)
+        flags.DEFINE_boolean("verbose", False, VERBOSE_HELP, flag_values=fv)
+    fv.register_key_flag_for_module(sys.argv[0], fv["verbose"])  # listed by --help
 
     def parse(argv):
         with report_errors(fv):
@@ -550,7 +699,7 @@ def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
                 raise
 
     def guarded_main(argv):
-        configure_logging()
+        configure_logging(logging.DEBUG if _verbose(fv) else logging.INFO)
         with report_errors(fv):
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags take "
@@ -605,3 +754,10 @@ def run_script(script: str) -> None:
         getattr(importlib.import_module(module), function)(script_config(script))
 
     run_app(main)
+
+
+if __name__ == "__main__":  # python -m retina_tf.flags [docs/cli.md]: print or write the reference
+    if len(sys.argv) > 1:
+        atomic_write_bytes(sys.argv[1], reference_markdown().encode())
+    else:
+        sys.stdout.write(reference_markdown())

@@ -33,6 +33,7 @@ from retina_tf.errors import ConfigError
 from retina_tf.evaluation import list_inputs
 from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
+from retina_tf.progress import progress
 from retina_tf.run_folder import run_dir_of
 from retina_tf.training import TrainingJob, augmentation, load_training_sets, run_training
 
@@ -76,7 +77,8 @@ def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[Path], 
                                f"--pretrain_dirs ({len(leaked)} such files in {d}); pre-train on "
                                "training images and other datasets only")
         files += found
-    return files, [read_image(f) for f in files]
+    return files, [read_image(f) for f in progress(files, "pretrain_mae: reading",
+                                                   name=lambda f: f.name)]
 
 
 class ReconstructionImages(keras.callbacks.Callback):
@@ -126,9 +128,12 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(images)
-    seg = SegmentationSet(names=[file_stem(f) for f in files], images=[pre(im) for im in images],
+    names = [file_stem(f) for f in files]
+    prepared = [(pre(im), estimate_fov(im))
+                for im in progress(images, "pretrain_mae: preprocessing", names=names)]
+    seg = SegmentationSet(names=names, images=[x for x, _ in prepared],
                           targets=[np.zeros(im.shape[:2] + (1,), np.float32) for im in images],
-                          fovs=[estimate_fov(im) for im in images])
+                          fovs=[fov for _, fov in prepared])
     log.info(f"pre-training on {len(files)} unlabelled images from {len(cfg.pretrain_dirs)} "
              f"folder(s) ({len(exclude)} test images of {cfg.dataset} kept out); run folder "
              f"{run_dir_of(cfg)}")

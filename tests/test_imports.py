@@ -71,12 +71,13 @@ def test_no_retina_tf_imports_hide_inside_functions():
 # Bottom to top; a module imports only from its own layer or below.
 # Losses sit below the models: a model may own its training loss (Keras's compute_loss).
 LAYERS = [
-    ("retina_tf.errors", "retina_tf.config", "retina_tf.data", "retina_tf.visualize"),
+    ("retina_tf._startup", "retina_tf.errors", "retina_tf.config", "retina_tf.progress",
+     "retina_tf.data", "retina_tf.visualize"),
     ("retina_tf.losses", "retina_tf.metrics", "retina_tf.postprocess", "retina_tf.error_maps"),
     ("retina_tf.models",),
     ("retina_tf.run_folder", "retina_tf.inference"),
-    ("retina_tf.evaluation",),
-    ("retina_tf.training", "retina_tf.pretraining"),
+    ("retina_tf.evaluation", "retina_tf.export"),
+    ("retina_tf.training", "retina_tf.pretraining", "retina_tf.compare"),
     ("retina_tf.flags", "retina_tf.cli", "retina_tf.__main__"),
 ]
 

@@ -45,6 +45,7 @@ from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.catalog import list_samples, normalize_dataset_name
 from retina_tf.data.io import DatasetError, atomic_write_bytes, read_sample
 from retina_tf.errors import ConfigError
+from retina_tf.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -556,7 +557,7 @@ def write_rip_patches(cfg: RipPatchConfig) -> Path:
 
     # Pass 1: candidate centres and their class fractions, one image at a time.
     candidates = []
-    for sample in samples:
+    for sample in progress(samples, "rip patches: candidates", name=lambda s: s.name):
         data = read_sample(sample)
         candidates.append(_candidates(data.av, data.fov, sizes))
     names = [s.name for s in samples]
@@ -574,7 +575,7 @@ def write_rip_patches(cfg: RipPatchConfig) -> Path:
     shown = preview_indices(records)
     shown_set = set(shown)
     av_shown = {}
-    for i, sample in enumerate(samples):
+    for i, sample in enumerate(progress(samples, "rip patches: cutting", name=lambda s: s.name)):
         mine = [n for n, r in enumerate(records) if r.image_index == i]
         if not mine:
             continue

@@ -28,6 +28,7 @@ import numpy as np
 
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.io import write_image_atomic
+from retina_tf.progress import progress
 
 __all__ = ["SyntheticFundus", "generate_fundus", "write_synthetic_dataset"]
 
@@ -639,7 +640,9 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
         raise ValueError(f"num_test must be in [0, num_images={num_images}], got {num_test}")
     root = Path(out_dir)
     digits = max(2, len(str(num_images)))
-    for index in range(num_images):
+    names = [f"{i + 1:0{digits}d}_{'test' if i < num_test else 'training'}" for i in
+             range(num_images)]
+    for index in progress(range(num_images), "make_synthetic", names=names):
         split = "test" if index < num_test else "training"
         number = f"{index + 1:0{digits}d}"
         sample = generate_fundus(_image_seed(seed, index), size)

@@ -1,0 +1,753 @@
+"""Models that leave retina_tf: a trained run exported for serving without it.
+
+Four formats (``bin/export_model.py --format=...``):
+
+* ``keras``: the run folder's inference files, without optimizer state
+  (:func:`retina_tf.inference.export_run`; the shipped models are made this way). Needs
+  retina_tf to load.
+* ``saved_model``: a TensorFlow SavedModel (``tf.saved_model.save`` of a ``tf.Module``) whose
+  ``serving_default`` signature takes a raw photograph, ``image: uint8 [H, W, 3]`` of any size,
+  and returns ``probability`` and ``mask`` at the photograph's size. The run's whole default
+  inference is in the graph, as :meth:`retina_tf.inference.Segmenter.segment` does it for
+  ``predict``: FOV estimate (:func:`retina_tf.data.tf_preprocess.estimate_fov`), the rescale of
+  a photograph whose FOV diameter differs from the training images' by more than 20 %, the
+  preprocessing (:func:`retina_tf.data.tf_preprocess.preprocess`), zero padding to the model's
+  size multiple (or sliding windows), the network, cropping, the resize back, zeroing outside
+  the FOV and the threshold. TensorFlow alone loads it (``tf.saved_model.load``, TensorFlow
+  Serving).
+* ``onnx`` (tf2onnx) and ``tflite`` (built-in operators only, fixed input size): the network
+  alone, preprocessed float image in, probability out; ``export.json`` holds the preprocessing
+  constants a deployer reproduces.
+
+Every export folder also holds ``export.json`` (inputs, outputs, threshold, preprocessing, what
+is not in the export) and ``README.txt`` (the same in words), and is written under a temporary
+name and renamed into place. What no format holds (test-time augmentation, the A/V segment
+vote of :func:`retina_tf.postprocess.vote_av_segments`, other inference scales) is listed in
+both and logged as a note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from retina_tf.config import ExportConfig
+from retina_tf.data.io import fsync_dir
+from retina_tf.data.tf_preprocess import estimate_fov, preprocess
+from retina_tf.errors import ConfigError, ModelFileError, OutputError
+from retina_tf.inference import (
+    Segmenter,
+    check_threshold,
+    export_run,
+    logits_to_probability,
+    model_logits,
+)
+from retina_tf.models.base import SegmentationModel
+from retina_tf.run_folder import find_run
+
+__all__ = ["FORMATS", "export_model", "export_saved_model", "export_onnx", "export_tflite",
+           "deployer_notes", "run_threshold", "tflite_input_size"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("keras", "saved_model", "onnx", "tflite")
+EXPORT_JSON = "export.json"
+README = "README.txt"
+ONNX_FILE = "model.onnx"
+TFLITE_FILE = "model.tflite"
+# The ONNX opset (2022): onnxruntime 1.13 and later run it.
+ONNX_OPSET = 17
+
+# Native image size (height, width) of the datasets whose photographs all share one, for the
+# TFLite input size when run.json does not record it.
+DATASET_IMAGE_SIZES = {"drive": (584, 565), "rite": (584, 565), "stare": (605, 700),
+                       "chase_db1": (960, 999), "hrf": (2336, 3504), "hrf_av": (2336, 3504)}
+
+_AV_CHANNELS = ["artery", "vein", "vessel"]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def _load(run: str) -> Segmenter:
+    """The run's default inference (as ``predict`` without options), loaded once."""
+    return Segmenter.from_run(find_run(run, flag="--run"))
+
+
+def run_threshold(run_dir: Path) -> float:
+    """The run's mask threshold: ``--threshold`` of its ``flags.txt`` (the flagfile it was
+    trained and evaluated with), else 0.5 (``predict``'s default)."""
+    path = Path(run_dir) / "flags.txt"
+    text = path.read_text() if path.is_file() else ""
+    found = re.findall(r"^--threshold=(\S+)\s*$", text, flags=re.MULTILINE)
+    try:
+        return check_threshold(float(found[-1])) if found else 0.5
+    except ValueError as err:
+        raise ModelFileError(f"{path}: {err}") from err
+
+
+def _num_classes(seg: Segmenter) -> int:
+    k = seg.run_info.get("num_classes") or getattr(seg.model, "num_classes", None)
+    if not k:
+        x = np.zeros((1, seg.size_multiple, seg.size_multiple, seg.preprocessor.channels),
+                     np.float32)
+        k = int(_probability(seg, tf.constant(x)).shape[-1])
+    return int(k)
+
+
+def _context_size(seg: Segmenter) -> int | None:
+    model = seg.model
+    if isinstance(model, SegmentationModel) and model.context_fusion:
+        return int(model.context_size)
+    return None
+
+
+def _network_inputs(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None):
+    """What the model's call takes: the batch, or RIP-AV's ``{"image", "context"}``."""
+    if _context_size(seg) is None:
+        return batch
+    if context is None:
+        context = seg.model.context_of(batch)
+    return {"image": batch, "context": context}
+
+
+def _probability(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None):
+    """The network's probabilities (as ``Segmenter``'s forward pass)."""
+    outputs = seg.model(_network_inputs(seg, batch, context), training=False)
+    return logits_to_probability(model_logits(outputs))
+
+
+def _is_multiscale(seg: Segmenter) -> bool:
+    return (isinstance(seg.model, SegmentationModel)
+            and type(seg.model).with_scales is not SegmentationModel.with_scales)
+
+
+def _warm_up(seg: Segmenter) -> None:
+    """Calls the model once: Keras refuses to export (ONNX) a freshly loaded model that has
+    never been called."""
+    side = seg.window if seg.inference == "sliding" else seg.size_multiple
+    x = tf.zeros((1, side, side, seg.preprocessor.channels), tf.float32)
+    _probability(seg, x)
+
+
+# --- the SavedModel ------------------------------------------------------------------------------
+
+def _window_starts(length: tf.Tensor, window: int, stride: int) -> tf.Tensor:
+    """:func:`retina_tf.data.patches.window_starts` in TensorFlow: every ``stride`` px, and
+    one window flush with the far border."""
+    last = tf.maximum(length, window) - window
+    return tf.unique(tf.concat([tf.range(0, last + 1, stride), [last]], axis=0))[0]
+
+
+class _Serving(tf.Module):
+    """The run's default inference as TensorFlow functions (traced by ``tf.saved_model.save``).
+
+    Each step follows :class:`retina_tf.inference.Segmenter` line by line; the Python constants
+    (threshold, sizes, the preprocessor's statistics) become graph constants.
+    """
+
+    def __init__(self, seg: Segmenter, threshold: float):
+        super().__init__(name="retina_tf_export")
+        self.network = seg.model  # tracked: its variables are saved with the functions
+        self._seg = seg
+        self._threshold = float(threshold)
+        self._channels = seg.preprocessor.channels
+        self._classes = _num_classes(seg)
+        self._trained_diameter = float(seg.run_info.get("fov_diameter") or 0.0)
+        context = _context_size(seg)
+        image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
+        self.serving_default = tf.function(self._serve, input_signature=[image])
+        self.segment_with_fov = tf.function(
+            self._serve_with_fov, input_signature=[
+                image, tf.TensorSpec([None, None], tf.uint8, name="fov")])
+        self.preprocess = tf.function(self._preprocess, input_signature=[image])
+        side = seg.window if seg.inference == "sliding" else None
+        batch = [tf.TensorSpec([None, side, side, self._channels], tf.float32, name="image")]
+        if context:
+            batch.append(tf.TensorSpec([None, context, context, self._channels], tf.float32,
+                                       name="context"))
+        self.network_probability = tf.function(self._network, input_signature=batch)
+
+    # signatures
+    def _serve(self, image):
+        return self._segment(image, estimate_fov(image))
+
+    def _serve_with_fov(self, image, fov):
+        tf.debugging.assert_equal(tf.shape(fov), tf.shape(image)[:2], message=(
+            "fov must have the image's height and width"))
+        return self._segment(image, fov > 0)
+
+    def _preprocess(self, image):
+        return {"preprocessed": preprocess(image, self._seg.preprocessor),
+                "fov": tf.cast(estimate_fov(image), tf.uint8)}
+
+    def _network(self, image, context=None):
+        return {"probability": self._forward(image, context)}
+
+    # the steps
+    def _forward(self, batch, context=None):
+        return _probability(self._seg, batch, context)
+
+    def _segment(self, image, fov):
+        """:meth:`Segmenter.segment`: probability zeroed outside the FOV and its mask."""
+        shape = tf.shape(image)
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(shape[:2]), self._seg.min_image_size, message=(
+                f"the image is too small to segment: this model needs at least "
+                f"{self._seg.min_image_size}x{self._seg.min_image_size} pixels"))
+        prob = self._at_training_scale(image, fov) * tf.cast(fov, tf.float32)[..., None]
+        mask = tf.cast(prob[..., -1] >= self._threshold, tf.uint8)
+        if self._classes == 1:
+            prob = prob[..., 0]
+        return {"probability": prob, "mask": mask}
+
+    def _at_training_scale(self, image, fov):
+        """:meth:`Segmenter.probability_at_training_scale`: a photograph whose FOV diameter
+        differs from the training images' by more than 20 % is resized (area) to the training
+        scale, and the probabilities are resized back (bilinear), as OpenCV does there."""
+        if not self._trained_diameter:
+            return self._probability(image)
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        columns = tf.where(tf.reduce_any(fov, axis=0))[:, 0]
+        diameter = tf.cond(tf.size(columns) > 0,
+                           lambda: tf.cast(columns[-1] - columns[0] + 1, tf.float64),
+                           lambda: tf.constant(0.0, tf.float64))
+        trained = tf.constant(self._trained_diameter, tf.float64)
+        rescale = tf.logical_and(diameter > 0,
+                                 tf.abs(diameter / tf.maximum(trained, 1.0) - 1.0) > 0.2)
+        scale = trained / tf.maximum(diameter, 1.0)
+
+        def side(length):  # max(int(round(length * scale)), 1): round half to even, as Python
+            return tf.maximum(tf.cast(tf.round(tf.cast(length, tf.float64) * scale), tf.int32),
+                              1)
+
+        def rescaled():  # OpenCV's INTER_AREA there, both ways
+            resized = tf.image.resize(image, tf.stack([side(height), side(width)]),
+                                      method="area")
+            return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+        prob = self._probability(tf.cond(rescale, rescaled, lambda: image))
+        return tf.cond(rescale,
+                       lambda: tf.image.resize(prob, tf.stack([height, width]),
+                                               method="bilinear"),
+                       lambda: prob)
+
+    def _probability(self, image):
+        """:meth:`Segmenter.probability` without TTA: (H, W, K) probabilities."""
+        x = preprocess(image, self._seg.preprocessor)
+        context = (self._seg.model.context_of(x[None]) if _context_size(self._seg) else None)
+        if self._seg.inference == "sliding":
+            return self._sliding(x, context)
+        height, width = tf.shape(x)[0], tf.shape(x)[1]
+        multiple = self._seg.size_multiple
+        padded = tf.pad(x[None], [[0, 0], [0, (-height) % multiple],
+                                  [0, (-width) % multiple], [0, 0]])
+        return self._forward(padded, context)[0, :height, :width]
+
+    def _sliding(self, x, context):
+        """:func:`retina_tf.inference.sliding_window_predict`: windows of ``window`` px every
+        ``stride`` px (one flush with each far border), overlaps averaged."""
+        window, stride, batch = self._seg.window, self._seg.stride, self._seg.batch_size
+        height, width = tf.shape(x)[0], tf.shape(x)[1]
+        x = tf.pad(x, [[0, tf.maximum(window - height, 0)],
+                       [0, tf.maximum(window - width, 0)], [0, 0]])
+        rows = _window_starts(height, window, stride)
+        cols = _window_starts(width, window, stride)
+        offsets = tf.range(window)
+        patches = tf.gather(tf.gather(x, rows[:, None] + offsets[None], axis=0),
+                            cols[:, None] + offsets[None], axis=2)  # (r, window, c, window, C)
+        patches = tf.reshape(tf.transpose(patches, [0, 2, 1, 3, 4]),
+                             [-1, window, window, self._channels])
+        count = tf.shape(patches)[0]
+        chunks = -(-count // batch)
+        patches = tf.pad(patches, [[0, chunks * batch - count], [0, 0], [0, 0], [0, 0]])
+        patches = tf.reshape(patches, [chunks, batch, window, window, self._channels])
+        repeated = None if context is None else tf.repeat(context, batch, axis=0)
+        probs = tf.map_fn(lambda b: self._forward(b, repeated), patches,
+                          fn_output_signature=tf.TensorSpec([batch, window, window,
+                                                             self._classes], tf.float32))
+        probs = tf.reshape(probs, [-1, window, window, self._classes])[:count]
+        # window n starts at (rows[n // len(cols)], cols[n % len(cols)]), as extract_patches
+        shape = [count, window, window]
+        pixel_rows = tf.repeat(rows, tf.size(cols))[:, None, None] + offsets[None, :, None]
+        pixel_cols = tf.tile(cols, [tf.size(rows)])[:, None, None] + offsets[None, None, :]
+        pixel = tf.stack([tf.broadcast_to(pixel_rows, shape),
+                          tf.broadcast_to(pixel_cols, shape)], axis=-1)
+        size = tf.shape(x)[:2]
+        total = tf.scatter_nd(pixel, probs, tf.concat([size, [self._classes]], 0))
+        covered = tf.scatter_nd(pixel, tf.ones(shape), size)
+        return (total / covered[..., None])[:height, :width]
+
+
+def export_saved_model(seg: Segmenter, folder: Path, threshold: float) -> dict:
+    """Writes the SavedModel of ``seg`` into ``folder``; returns its signatures' description."""
+    module = _Serving(seg, threshold)
+    signatures = {"serving_default": module.serving_default.get_concrete_function(),
+                  "segment_with_fov": module.segment_with_fov.get_concrete_function(),
+                  "preprocess": module.preprocess.get_concrete_function(),
+                  "network": module.network_probability.get_concrete_function()}
+    with _quiet_loggers():
+        tf.saved_model.save(module, str(folder), signatures=signatures)
+    prob = "[H, W]" if module._classes == 1 else f"[H, W, {module._classes}]"
+    channels = seg.preprocessor.channels
+    side = f"{seg.window}, {seg.window}" if seg.inference == "sliding" else "H, W"
+    network_inputs = {"image": f"float32 [N, {side}, {channels}], preprocessed (see "
+                               "'preprocessing')"}
+    if _context_size(seg):
+        cs = _context_size(seg)
+        network_inputs["context"] = (f"float32 [N, {cs}, {cs}, {channels}]: the whole "
+                                     f"preprocessed image area-resized to {cs} x {cs}")
+    return {
+        "serving_default": {
+            "inputs": {"image": "uint8 [H, W, 3], an RGB photograph of any size"},
+            "outputs": {"probability": f"float32 {prob}, 0 outside the field of view",
+                        "mask": "uint8 [H, W], 1 where the (vessel) probability >= threshold"}},
+        "segment_with_fov": {
+            "inputs": {"image": "uint8 [H, W, 3]",
+                       "fov": "uint8 [H, W], the field of view mask (non-zero inside)"},
+            "outputs": "as serving_default"},
+        "preprocess": {
+            "inputs": {"image": "uint8 [H, W, 3]"},
+            "outputs": {"preprocessed": f"float32 [H, W, {channels}]",
+                        "fov": "uint8 [H, W], the estimated field of view (1 inside)"}},
+        "network": {"inputs": network_inputs,
+                    "outputs": {"probability": f"float32 [N, {side}, {module._classes}]"}},
+    }
+
+
+# --- the network alone: ONNX and TFLite ----------------------------------------------------------
+
+def _network_function(seg: Segmenter, specs: list[tf.TensorSpec]):
+    """The network as a ``tf.function`` of ``specs``, returning ``{"probability": ...}``."""
+    if len(specs) == 2:
+        def network(image, context):
+            return {"probability": _probability(seg, image, context)}
+    else:
+        def network(image):
+            return {"probability": _probability(seg, image)}
+    return tf.function(network, input_signature=specs)
+
+
+def _network_specs(seg: Segmenter, size: tuple[int | None, int | None],
+                   batch: int | None) -> list[tf.TensorSpec]:
+    channels = seg.preprocessor.channels
+    specs = [tf.TensorSpec([batch, *size, channels], tf.float32, name="image")]
+    cs = _context_size(seg)
+    if cs:
+        specs.append(tf.TensorSpec([batch, cs, cs, channels], tf.float32, name="context"))
+    return specs
+
+
+def export_onnx(seg: Segmenter, path: Path) -> dict:
+    """Writes the network of ``seg`` as ONNX (tf2onnx) to ``path``: ``image`` float32
+    [N, H, W, C] preprocessed (H, W multiples of the size multiple; fixed windows for a
+    sliding-window model) -> ``probability`` float32 [N, H, W, K]."""
+    try:  # optional: pip install 'retina_tf[export]'
+        import onnx
+        import tf2onnx
+    except ImportError as err:
+        raise ConfigError("--format=onnx needs tf2onnx, onnx and onnxruntime: pip install "
+                          "'retina_tf[export]' (or pip install tf2onnx onnx onnxruntime)") from err
+    _warm_up(seg)
+    side = seg.window if seg.inference == "sliding" else None
+    specs = _network_specs(seg, (side, side), None)
+    function = _network_function(seg, specs)
+    try:
+        with _quiet_loggers():
+            proto, _ = tf2onnx.convert.from_function(
+                function, input_signature=specs, opset=ONNX_OPSET,
+                custom_op_handlers={"Erfc": (_erfc_to_onnx, [])})
+        # tf2onnx only logs an op it cannot map and leaves it in: the checker refuses it
+        onnx.checker.check_model(proto)
+    except Exception as err:  # tf2onnx and onnx raise many types
+        raise ModelFileError(f"{seg.run_dir}: tf2onnx cannot convert this model's network "
+                             f"({_first_line(err)}); use --format=saved_model") from err
+    for output in proto.graph.output:  # tf2onnx names outputs after graph tensors
+        if output.name != "probability":
+            for node in proto.graph.node:
+                node.output[:] = ["probability" if o == output.name else o for o in node.output]
+            output.name = "probability"
+    path.write_bytes(proto.SerializeToString())
+    return {"inputs": {s.name: f"float32 {_shape_text(s.shape)}" for s in specs},
+            "outputs": {"probability": f"float32 [N, {_dims(side)}, {_num_classes(seg)}]"},
+            "opset": ONNX_OPSET}
+
+
+def _erfc_to_onnx(ctx, node, name, args):
+    """``Erfc`` (Keras's exact GELU: ConvNeXt, ViT) for tf2onnx, which maps only ``Erf``:
+    ``erfc(x) = 1 - erf(x)``."""
+    from tf2onnx import utils  # optional, as in export_onnx
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    erf = ctx.make_node("Erf", [node.input[0]])
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(1, dtype))
+    node.type = "Sub"
+    ctx.replace_inputs(node, [one.output[0], erf.output[0]])
+
+
+def tflite_input_size(seg: Segmenter, input_size: str | None) -> tuple[int, int]:
+    """TFLite's fixed (height, width): ``input_size`` ("HxW"), else the training images'
+    padded size (run.json ``image_size``, or the dataset's photographs); the window for a
+    sliding-window model.
+
+    Raises:
+        ConfigError: a size that is not ``HxW``, not a multiple of the model's size multiple,
+            or no default known.
+    """
+    multiple = seg.size_multiple
+    if input_size:
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", input_size)
+        if not match:
+            raise ConfigError(f"--input_size={input_size}: give HEIGHTxWIDTH in pixels, e.g. "
+                              "592x576")
+        size = (int(match[1]), int(match[2]))
+        if seg.inference == "sliding" and size != (seg.window, seg.window):
+            raise ConfigError(f"--input_size={input_size}: this model takes windows of exactly "
+                              f"{seg.window}x{seg.window}")
+        if size[0] < multiple or size[0] % multiple or size[1] % multiple or size[1] < multiple:
+            raise ConfigError(f"--input_size={input_size}: height and width must be multiples "
+                              f"of {multiple} (the model's size multiple), e.g. "
+                              f"{_pad(size[0], multiple)}x{_pad(size[1], multiple)}")
+        return size
+    if seg.inference == "sliding":
+        return seg.window, seg.window
+    size = seg.run_info.get("image_size") or DATASET_IMAGE_SIZES.get(
+        str(seg.run_info.get("dataset")))
+    if not size:
+        raise ConfigError(f"--input_size is needed: the training images' size of "
+                          f"{seg.run_dir} is not known (dataset "
+                          f"{seg.run_info.get('dataset')!r}); give e.g. --input_size=592x576")
+    return _pad(int(size[0]), multiple), _pad(int(size[1]), multiple)
+
+
+def export_tflite(seg: Segmenter, path: Path, size: tuple[int, int]) -> dict:
+    """Writes the network of ``seg`` as TFLite with built-in operators only, for one input of
+    ``size``: ``image`` float32 [1, H, W, C] preprocessed -> ``probability`` [1, H, W, K]."""
+    _warm_up(seg)
+    specs = _network_specs(seg, size, 1)
+    # Frozen first: left to the converter, Keras 3's variables stay resource variables that the
+    # TFLite interpreter reads as NaN (TensorFlow 2.21).
+    frozen = convert_variables_to_constants_v2(
+        _network_function(seg, specs).get_concrete_function())
+    # wrapped again, with a trackable, for the signature (image -> probability) freezing drops
+    function = tf.function(lambda *inputs: {"probability": frozen(*inputs)[0]},
+                           input_signature=specs).get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], tf.Module())
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        with _quiet_loggers():
+            data = converter.convert()
+    except Exception as err:  # the converter raises ConverterError and others
+        raise ModelFileError(f"{seg.run_dir}: this model's network needs operators outside "
+                             f"TFLite's built-in set ({_first_line(err)}); use "
+                             "--format=saved_model or onnx") from err
+    path.write_bytes(data)
+    return {"inputs": {s.name: f"float32 {_shape_text(s.shape)}" for s in specs},
+            "outputs": {"probability": f"float32 [1, {size[0]}, {size[1]}, "
+                                       f"{_num_classes(seg)}]"},
+            "input_size": list(size)}
+
+
+# --- what the export holds, in words -------------------------------------------------------------
+
+def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
+    """What a deployer must add to the ``fmt`` export of ``seg`` to get what retina_tf gives
+    for this model, one sentence each (empty: the export is the whole of it)."""
+    notes = []
+    network_only = fmt in ("onnx", "tflite")
+    if network_only:
+        notes.append(f"everything around the network, as {README} lists it (constants in "
+                     f"{EXPORT_JSON}): the field of view, the rescale to the training scale, "
+                     f"the preprocessing ({', '.join(seg.preprocessor.steps) or 'none'}), "
+                     + ("" if seg.inference == "sliding" else
+                        f"zero padding to multiples of {seg.size_multiple} and cropping back, ")
+                     + "zeroing outside the field of view and the threshold")
+    cs = _context_size(seg)
+    if cs and network_only:
+        notes.append(f"the second input 'context': the whole preprocessed image, unpadded, "
+                     f"area-resized to {cs}x{cs} (tf.image.resize(x, ({cs}, {cs}), "
+                     "method='area')), the same for every window of the image")
+    if seg.inference == "sliding" and network_only:
+        notes.append(f"sliding windows: the network takes {seg.window}x{seg.window} windows; "
+                     f"cut the preprocessed image into windows every {seg.stride} px plus one "
+                     "flush with the bottom and right borders, run each and average the "
+                     "overlapping probabilities")
+    if _is_multiscale(seg):
+        scales = ", ".join(f"{s:g}" for s in seg.model.scales)
+        notes.append(f"the scale fusion is exported at the training scales ({scales}) only; "
+                     "other inference scales (--eval_scales) need retina_tf")
+    if seg.task == "av":
+        notes.append("for the A/V results as measured (--tta --tta_transpose --av_vote): "
+                     "average the export's probabilities over the 8 flips and transposes of "
+                     "the photograph (each undone), then give each vessel segment one "
+                     "artery/vein decision with retina_tf.postprocess.vote_av_segments, "
+                     "Python code on SciPy and scikit-image that no graph format holds")
+    return notes
+
+
+def _note_paragraph(seg: Segmenter, fmt: str) -> str | None:
+    notes = deployer_notes(seg, fmt)
+    if not notes:
+        return None
+    items = "; ".join(f"({i}) {n}" for i, n in enumerate(notes, 1))
+    return (f"note: this {fmt} export of {seg.run_dir.name} is not the whole of retina_tf's "
+            f"inference; a deployer must add: {items}.")
+
+
+def _preprocessing(seg: Segmenter) -> dict:
+    pre = seg.preprocessor
+    return {
+        "steps": pre.steps,
+        "settings": pre.get_config(),
+        "recipe": _recipe(seg),
+        "size_multiple": seg.size_multiple,
+        "inference": seg.inference,
+        **({"window": seg.window, "stride": seg.stride} if seg.inference == "sliding" else {}),
+        "training_fov_diameter": seg.run_info.get("fov_diameter"),
+        "min_image_size": seg.min_image_size,
+    }
+
+
+def _recipe(seg: Segmenter) -> list[str]:
+    """The preprocessing as numbered steps a deployer can follow (Preprocessor.__call__)."""
+    pre = seg.preprocessor
+    steps = []
+    d = seg.run_info.get("fov_diameter")
+    if d:
+        steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
+                     f"its horizontal extent D differs from {d:g} px by more than 20 %, resize "
+                     f"the photograph by {d:g}/D (OpenCV INTER_AREA), segment, and resize the "
+                     "probabilities back (bilinear)")
+    if pre.grayscale:
+        steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
+                     else "x = G (float32)")
+    else:
+        steps.append("x = R, G, B (float32, each channel through every step)")
+    if pre.standardize:
+        steps.append(f"x = (x - {pre.mean!r}) / {pre.std!r}; then per image and channel "
+                     "x = (x - min) / max(max - min, 1e-6) * 255")
+    steps.append("x = uint8(clip(x, 0, 255)) (truncating)")
+    if pre.clahe:
+        steps.append(f"CLAHE per channel: cv2.createCLAHE(clipLimit={pre.clahe_clip:g}, "
+                     f"tileGridSize=({pre.clahe_tiles}, {pre.clahe_tiles}))")
+    if pre.gamma:
+        steps.append(f"gamma: x = LUT[x] with LUT[i] = uint8((i / 255) ** (1 / "
+                     f"{pre.gamma_value:g}) * 255)")
+    steps.append("x = float32(x) / 255, shape (H, W, C)")
+    if seg.inference == "whole":
+        steps.append(f"zero-pad at the bottom and right to multiples of {seg.size_multiple}, run "
+                     "the network, crop the probabilities back to (H, W)")
+    steps.append("zero the probabilities outside the field of view; mask = probability of the "
+                 "last channel >= threshold")
+    return steps
+
+
+def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dict:
+    k = _num_classes(seg)
+    return {
+        "format": fmt,
+        "run": seg.run_dir.name,
+        "model": seg.run_info.get("model", type(seg.model).__name__),
+        "task": seg.task,
+        "channels": _AV_CHANNELS if k == 3 and seg.task == "av" else ["vessel"] * k,
+        "threshold": threshold,
+        "retina_tf_version": _version(),
+        "tensorflow_version": tf.__version__,
+        **model,
+        "preprocessing": _preprocessing(seg),
+        "in_the_export": ("everything in 'preprocessing' and the network" if fmt == "saved_model"
+                          else "the network only: preprocessed image in, probability out"),
+        "deployer_must_add": deployer_notes(seg, fmt),
+        "never_exported": ["test-time augmentation (--tta)", "the A/V segment vote (--av_vote)",
+                           "inference scales other than the training ones (--eval_scales)"],
+    }
+
+
+def _readme(info: dict) -> str:
+    lines = [f"{info['run']} ({info['model']}, {info['task']}) exported by retina_tf "
+             f"{info['retina_tf_version']} as {info['format']} (TensorFlow "
+             f"{info['tensorflow_version']}).", ""]
+    if info["format"] == "saved_model":
+        lines += ["Signatures:"]
+        for name, sig in info["signatures"].items():
+            lines.append(f"  {name}: {json.dumps(sig['inputs'])} -> {json.dumps(sig['outputs'])}")
+        lines += ["", "In the graph: " + info["in_the_export"] + "."]
+    else:
+        lines += [f"Inputs: {json.dumps(info['inputs'])}",
+                  f"Outputs: {json.dumps(info['outputs'])}",
+                  "", "In the file: " + info["in_the_export"] + ". Reproduce the "
+                  "preprocessing below (its constants are in export.json):"]
+    lines += [f"Mask threshold: {info['threshold']:g}. Output channels: "
+              f"{', '.join(info['channels'])}.", "", "Preprocessing and inference:"]
+    lines += [f"  {i}. {step}" for i, step in enumerate(info["preprocessing"]["recipe"], 1)]
+    if info["deployer_must_add"]:
+        lines += ["", "A deployer must add:"]
+        lines += [f"  - {note}" for note in info["deployer_must_add"]]
+    lines += ["", "Never in an export: " + "; ".join(info["never_exported"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> dict:
+    """Fills a temporary folder beside ``out`` (``fill`` returns the export's description,
+    written as export.json and README.txt), then renames it to ``out``: an interrupted export
+    leaves no half-written ``out``."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
+                          "give another folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private
+    except OSError as err:
+        raise OutputError(err.errno, err.strerror, str(out)) from err
+    try:
+        info = fill(tmp)
+        (tmp / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / README).write_text(_readme(info))
+        for path in [p for p in tmp.rglob("*") if p.is_file()]:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if out.exists():  # with --overwrite: set aside until the new export is in place
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old is not None:
+                old.rename(out)
+            raise
+        fsync_dir(out.parent)
+        if old is not None and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
+        return info
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        raise OutputError(err.errno, err.strerror, str(err.filename or out)) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(cfg: ExportConfig) -> Path:
+    """Exports the run ``cfg.run`` in ``cfg.format`` to the folder ``cfg.out`` (see the module
+    docstring); logs what was written and, for a model no format holds whole, what a deployer
+    must add.
+
+    Raises:
+        ConfigError: a missing --run or --out, an unknown format, a bad --input_size or
+            --threshold, or an existing --out without --overwrite.
+        ModelFileError: the run cannot be loaded, or the network cannot be converted.
+        OutputError: the folder cannot be written.
+    """
+    missing = [f"--{name}" for name in ("run", "out") if not getattr(cfg, name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "required: export_model writes the run --run (a run folder or a "
+                          "shipped model name) to the folder --out, e.g. --run=unet_drive "
+                          "--format=saved_model --out=exports/unet_drive/1")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"--format={cfg.format}: choose one of {', '.join(FORMATS)}")
+    if cfg.threshold is not None:
+        check_threshold(cfg.threshold)
+    if cfg.input_size and cfg.format != "tflite":
+        raise ConfigError(f"--input_size is for --format=tflite only (--format={cfg.format} "
+                          "takes any size)")
+    out = Path(cfg.out)
+    if cfg.format == "keras":
+        run_dir = find_run(cfg.run, flag="--run")
+        export_run(run_dir, out)
+        log.info(f"exported {run_dir} -> {out} (keras: load with "
+                 "retina_tf.Segmenter.from_run)")
+        return out
+    if out.exists() and not cfg.overwrite:  # before the minutes of tracing
+        raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
+                          "give another folder")
+    seg = _load(cfg.run)
+    threshold = cfg.threshold if cfg.threshold is not None else run_threshold(seg.run_dir)
+    size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
+
+    def fill(folder: Path) -> dict:
+        if cfg.format == "saved_model":
+            model = {"signatures": export_saved_model(seg, folder, threshold)}
+        elif cfg.format == "onnx":
+            model = {"file": ONNX_FILE, **export_onnx(seg, folder / ONNX_FILE)}
+        else:
+            model = {"file": TFLITE_FILE, **export_tflite(seg, folder / TFLITE_FILE, size)}
+        return _description(seg, cfg.format, threshold, model)
+
+    _write_folder(out, cfg.overwrite, fill)
+    log.info(f"exported {seg.run_dir} -> {out} ({cfg.format}; {EXPORT_JSON} and {README} "
+             "describe the inputs, outputs and preprocessing)")
+    note = _note_paragraph(seg, cfg.format)
+    if note:
+        log.info(note)
+    return out
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    """TensorFlow's, absl's and tf2onnx's information lines (the temporary folder's name, every
+    conversion step) held back; their warnings and errors pass. A level for the loggers' own
+    children, and a filter too: the TFLite converter resets absl's level."""
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.WARNING))
+        logger.addFilter(_below_warning)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeFilter(_below_warning)
+            logger.setLevel(level)
+
+
+def _pad(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def _dims(side: int | None) -> str:
+    return f"{side}, {side}" if side else "H, W"
+
+
+def _shape_text(shape: tf.TensorShape) -> str:
+    names = iter("NHW")
+    dims = [str(d) if d is not None else next(names) for d in shape.as_list()]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("retina_tf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+

@@ -1,0 +1,201 @@
+"""Per-image scores, evaluate's per-image table and contact sheet, and bin/compare.py."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_tf.compare import compare
+from retina_tf.config import CompareConfig, EvalConfig
+from retina_tf.data.io import read_image
+from retina_tf.errors import ConfigError
+from retina_tf.evaluation import SHEET_ROW_HEIGHT, SetScores, evaluate, per_image_csv
+from retina_tf.flags import parse_config
+from retina_tf.training import train
+from retina_tf.visualize import BAND_HEIGHT, GAP
+from tests.conftest import tiny_train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sheet_height(rows: int) -> int:
+    return BAND_HEIGHT + rows * (GAP + BAND_HEIGHT + SHEET_ROW_HEIGHT)
+
+
+# --- per-image scores ------------------------------------------------------------------------
+
+def test_a_perfect_prediction_scores_one_on_every_image():
+    rng = np.random.default_rng(0)
+    scores = SetScores("vessel", per_image_auc=True)
+    for name in ("a", "b", "c"):
+        label = rng.random((20, 30)) < 0.2
+        fov = np.ones_like(label)
+        scores.update(label[..., None].astype(np.float32), label[..., None], fov, name=name)
+    assert [row["name"] for row in scores.per_image] == ["a", "b", "c"]
+    assert all(row["f1"] == row["acc"] == row["auc_roc"] == 1.0 for row in scores.per_image)
+    summary = scores.per_image_summary()
+    assert summary["mean"]["f1"] == 1.0 and summary["std"]["f1"] == 0.0
+    assert scores.result()["f1"] == 1.0
+
+
+def test_per_image_figures_are_each_images_own_and_average_to_the_mean():
+    fov = np.ones((1, 10), bool)
+    scores = SetScores("vessel")
+    # image 1: TP 2, FP 2, FN 0 -> F1 4/6; image 2: TP 1, FP 0, FN 3 -> F1 2/5
+    scores.update(np.array([[[1], [1], [1], [1], [0], [0], [0], [0], [0], [0]]], np.float32),
+                  np.array([[[1], [1], [0], [0], [0], [0], [0], [0], [0], [0]]], bool), fov)
+    scores.update(np.array([[[1], [0], [0], [0], [0], [0], [0], [0], [0], [0]]], np.float32),
+                  np.array([[[1], [1], [1], [1], [0], [0], [0], [0], [0], [0]]], bool), fov)
+    f1 = [row["f1"] for row in scores.per_image]
+    assert f1 == pytest.approx([4 / 6, 2 / 5])
+    assert [row["name"] for row in scores.per_image] == ["0", "1"]
+    assert "auc_roc" not in scores.per_image[0]  # only when asked: validation stays cheap
+    summary = scores.per_image_summary()
+    assert summary["mean"]["f1"] == pytest.approx((4 / 6 + 2 / 5) / 2)
+    assert summary["std"]["f1"] == pytest.approx(abs(4 / 6 - 2 / 5) / 2)
+    assert scores.result()["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 3))  # pooled counts
+    # an undefined figure (Se of an image without vessels) is left out of the mean
+    scores.update(np.zeros((1, 10, 1), np.float32), np.zeros((1, 10, 1), bool), fov)
+    assert np.isnan(scores.per_image[-1]["se"])
+    assert scores.per_image_summary()["mean"]["se"] == pytest.approx((1.0 + 0.25) / 2)
+
+
+def test_av_per_image_scores_and_csv_columns():
+    target = np.zeros((8, 8, 3), bool)
+    target[1, :, 0] = target[1, :, 2] = True   # an artery
+    target[5, :, 1] = target[5, :, 2] = True   # a vein
+    prob = target.astype(np.float32)
+    prob[5, :4, :2] = (0.9, 0.1)               # half the vein called artery
+    scores = SetScores("av", per_image_auc=True)
+    scores.update(prob, target, np.ones((8, 8), bool), name="x,1")
+    row = scores.per_image[0]
+    assert row["av_acc"] == pytest.approx(12 / 16) and row["f1"] == 1.0
+    lines = list(csv.reader(per_image_csv(scores.per_image, "av").splitlines()))
+    assert lines[0] == ["name", "f1", "auc_roc", "se", "sp", "acc", "av_acc", "av_acc_ripav"]
+    assert lines[1][0] == "x,1" and float(lines[1][6]) == pytest.approx(0.75)
+    assert per_image_csv(scores.per_image, "vessel").splitlines()[0] == \
+        "name,f1,auc_roc,se,sp,acc"
+
+
+# --- evaluate and compare on tiny runs -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def av_run(tiny_synthetic, tmp_path_factory):
+    """A tiny artery/vein U-Net (one epoch: its figures only need to exist)."""
+    logdir = tmp_path_factory.mktemp("compare_logs")
+    return train(parse_config("train", tiny_train_args(
+        tiny_synthetic, logdir, "--task=av", "--run_name=tiny_av", "--epochs=1",
+        "--image_summary_every=0")))
+
+
+def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, av_run,
+                                                                tmp_path):
+    report = evaluate(EvalConfig(model=str(av_run), dataset="synthetic",
+                                 data_dir=str(tiny_synthetic), visualize=True,
+                                 output_dir=str(tmp_path)))
+    with open(tmp_path / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted(p.name.split(".")[0] for p in (tiny_synthetic / "test" / "images").iterdir())
+    assert [r["name"] for r in rows] == names
+    assert set(rows[0]) == {"name", "f1", "auc_roc", "se", "sp", "acc", "av_acc",
+                            "av_acc_ripav"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["name"] for r in saved["per_image"]] == names == [
+        r["name"] for r in report["per_image"]]
+    for key in ("f1", "auc_roc", "av_acc"):
+        values = [float(r[key]) for r in rows]
+        assert saved["per_image_mean"][key] == pytest.approx(np.mean(values), abs=1e-6)
+        assert saved["per_image_std"][key] == pytest.approx(np.std(values), abs=1e-6)
+    # the pooled F1 lies between the images' own
+    assert min(float(r["f1"]) for r in rows) - 1e-9 <= saved["metrics"]["f1"] <= \
+        max(float(r["f1"]) for r in rows) + 1e-9
+    sheet = read_image(tmp_path / "contact_sheet.png")
+    assert sheet.shape[0] == _sheet_height(len(names))
+    assert sheet.shape[1] == 4 * SHEET_ROW_HEIGHT + 3 * GAP  # photo, A/V, errors, A/V errors
+    manifest = json.loads((tmp_path / ".retina_tf_outputs.json").read_text())["files"]
+    assert {"per_image.csv", "contact_sheet.png"} <= set(manifest)
+
+
+def test_compare_writes_the_picture_and_a_table_row_per_run(tiny_synthetic, av_run,
+                                                            tmp_path, capsys):
+    test = tiny_synthetic / "test"
+    labels = tmp_path / "one" / "test.txt"   # a one-image split keeps the shipped model quick
+    labels.parent.mkdir()
+    labels.write_text(f"{test / 'images'},{test / '1st_manual'},{test / 'mask'}\n"
+                      "02_test.tif,02_manual1.gif,02_test_mask.gif\n")
+    out = tmp_path / "out"
+    result = compare(CompareConfig(runs=("unet_drive", str(av_run)),
+                                   test_label_file_path=str(labels), image="02_test",
+                                   output_dir=str(out)))
+    assert result["task"] == "vessel" and result["image"] == "02_test"
+    assert [r["run"] for r in result["rows"]] == ["unet_drive", str(av_run)]
+    assert [r["model"] for r in result["rows"]] == ["unet", "unet"]
+    # one image: the pooled F1 is the image's own
+    assert all(r["f1"] == pytest.approx(r["image_f1"]) for r in result["rows"])
+    text = (out / "compare.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| run | model | F1 | AUC-ROC | Se | Sp | Acc |"
+    assert len(table) == 2 + 2 and table[2].startswith("| unet_drive | unet | ")
+    assert "compared on the vessel channel" in text   # a vessel and an A/V model
+    assert "| unet_drive | unet | " in capsys.readouterr().out
+    picture = read_image(out / "compare.png")
+    # photograph, ground truth and one panel per run, at the images' 96 px
+    assert picture.shape[1] == 4 * 96 + 3 * GAP and picture.shape[0] > 96
+
+
+def test_compare_of_av_runs_adds_the_av_columns(tiny_synthetic, av_run, tmp_path):
+    result = compare(CompareConfig(runs=(str(av_run), str(av_run)), dataset="synthetic",
+                                   data_dir=str(tiny_synthetic), image="1",
+                                   output_dir=str(tmp_path)))
+    assert result["task"] == "av" and set(result["rows"][0]) >= {"av_acc", "av_acc_ripav"}
+    assert result["image"] == "02_test"   # by 0-based index
+    header = (tmp_path / "compare.md").read_text().splitlines()[2]
+    assert header.endswith("| A/V acc | A/V acc (RIP-AV) |")
+    with pytest.raises(ConfigError, match="--image=7: not an image of the split"):
+        compare(CompareConfig(runs=(str(av_run),), dataset="synthetic",
+                              data_dir=str(tiny_synthetic), image="7",
+                              output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--runs"):
+        compare(CompareConfig(dataset="synthetic", data_dir=str(tiny_synthetic),
+                              output_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_compare_command_prints_the_table_and_names_a_bad_run(tiny_synthetic, av_run,
+                                                              tmp_path):
+    args = [sys.executable, str(REPO / "bin" / "compare.py"), "--dataset=synthetic",
+            f"--data_dir={tiny_synthetic}", f"--output_dir={tmp_path}"]
+    proc = subprocess.run(args + [f"--runs={av_run},{av_run}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(f"| {av_run} | unet | ") == 2
+    assert {p.name for p in tmp_path.iterdir()} >= {"compare.png", "compare.md"}
+    proc = subprocess.run(args + ["--runs=nowhere_run"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "--runs=nowhere_run" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_drive_model_per_image_on_two_real_images(shared_data, tmp_path):
+    drive = shared_data / "DRIVE" / "test"
+    labels = tmp_path / "drive2" / "test.txt"
+    labels.parent.mkdir()
+    labels.write_text(f"{drive / 'images'},{drive / '1st_manual'},{drive / 'mask'}\n"
+                      "01_test.tif,01_manual1.gif,01_test_mask.gif\n"
+                      "02_test.tif,02_manual1.gif,02_test_mask.gif\n")
+    out = tmp_path / "out"
+    report = evaluate(EvalConfig(model="unet_drive", test_label_file_path=str(labels),
+                                 visualize=True, output_dir=str(out)))
+    rows = report["per_image"]
+    assert [r["name"] for r in rows] == ["01_test", "02_test"]
+    assert all(0.78 < r["f1"] < 0.9 and 0.97 < r["auc_roc"] < 1 for r in rows)
+    assert (out / "per_image.csv").read_text().count("\n") == 3
+    assert read_image(out / "contact_sheet.png").shape[0] == _sheet_height(2)
+    # the error overlay is drawn over the photograph: inside the FOV, most pixels are gray
+    overlay = read_image(out / "01_test_overlay.png").astype(int)
+    gray = (overlay[..., 0] == overlay[..., 1]) & (overlay[..., 1] == overlay[..., 2])
+    assert gray.mean() > 0.8 and np.median(overlay[gray]) > 60

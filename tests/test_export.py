@@ -1,0 +1,337 @@
+"""Exports that leave retina_tf (retina_tf.export, bin/export_model.py): each format against
+retina_tf's own inference of the same run.
+
+The quick tests export a tiny untrained U-Net written as a run folder (an export must reproduce
+whatever the weights compute); the shipped models' exports are slow-marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from retina_tf.config import ExportConfig
+from retina_tf.data.fov import estimate_fov
+from retina_tf.data.io import read_image
+from retina_tf.data.patches import pad_to_multiple
+from retina_tf.data.preprocess import Preprocessor
+from retina_tf.data.synthetic import generate_fundus
+from retina_tf.errors import ConfigError
+from retina_tf.export import deployer_notes, export_model, run_threshold
+from retina_tf.flags import parse_config
+from retina_tf.inference import Segmenter, fov_diameter
+from retina_tf.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bin" / "export_model.py"), *args],
+                          cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _write_run(folder: Path, model: keras.Model, steps: str, info: dict) -> Path:
+    """A run folder as training leaves it (model, preprocessor fitted on synthetic
+    photographs, run.json, flags.txt with --threshold=0.4)."""
+    folder.mkdir(parents=True)
+    images = [generate_fundus(i, size=(96, 96)).image for i in range(3)]
+    Preprocessor.from_steps(steps).fit(images).save(folder / "preprocessor.json")
+    model.save(folder / "model.keras")
+    diameter = float(np.median([fov_diameter(estimate_fov(im)) for im in images]))
+    (folder / "run.json").write_text(json.dumps({
+        "size_multiple": model.size_multiple, "patch_size": 32,
+        "fully_convolutional": model.fully_convolutional, "fov_diameter": diameter, **info}))
+    (folder / "flags.txt").write_text("--threshold=0.4\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """An untrained two-level U-Net of width 4 (size multiple 2), "trained" on DRIVE."""
+    keras.utils.set_random_seed(0)
+    model = build_model("unet", depth=2, base_filters=4)
+    return _write_run(tmp_path_factory.mktemp("runs") / "tiny", model,
+                      "grayscale,standardize,clahe,gamma",
+                      {"model": "unet", "task": "vessel", "dataset": "drive", "num_classes": 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_model(tiny_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "tiny_sm"
+    export_model(ExportConfig(run=str(tiny_run), format="saved_model", out=str(out)))
+    return out
+
+
+def _tflite_interpreter(path: Path):
+    """LiteRT's interpreter where installed, else TensorFlow's (deprecated, still there)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    return Interpreter(model_path=str(path))
+
+
+def _network_output(seg: Segmenter, x: np.ndarray) -> np.ndarray:
+    return tf.sigmoid(seg.model(x, training=False)).numpy()
+
+
+def _drive_input(shared_data: Path, seg: Segmenter) -> np.ndarray:
+    """DRIVE's first test photograph preprocessed by the run and padded: the network's input."""
+    image = read_image(shared_data / "DRIVE" / "test" / "images" / "01_test.tif")
+    return pad_to_multiple(seg.preprocessor(image), seg.size_multiple)[None]
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+def test_the_flags_build_the_export_config():
+    cfg = parse_config("export_model", ["--run=unet_drive", "--format=onnx", "--out=e"])
+    assert cfg == ExportConfig(run="unet_drive", format="onnx", out="e", threshold=None)
+    # the older flag names still work; --threshold only when given
+    cfg = parse_config("export_model", ["--run_dir=logs/a", "--out_dir=b", "--threshold=0.3"])
+    assert (cfg.run, cfg.out, cfg.format, cfg.threshold) == ("logs/a", "b", "keras", 0.3)
+    with pytest.raises(ConfigError, match="--run and --run_dir"):
+        parse_config("export_model", ["--run=a", "--run_dir=b", "--out=c"])
+    with pytest.raises(flags.IllegalFlagValueError, match="HEIGHTxWIDTH"):
+        parse_config("export_model", ["--run=a", "--out=c", "--input_size=592"])
+    with pytest.raises(flags.IllegalFlagValueError, match="format"):
+        parse_config("export_model", ["--run=a", "--out=c", "--format=pb"])
+
+
+def test_missing_run_or_out_is_an_error_naming_them():
+    with pytest.raises(ConfigError, match="--run and --out are required"):
+        export_model(ExportConfig(format="onnx"))
+
+
+# --- keras: the copy the shipped models are made with ------------------------------------------
+
+def test_keras_format_with_the_older_flag_names_copies_a_loadable_run(tiny_run, tmp_path):
+    out = tmp_path / "copy"
+    proc = _run_script(f"--run_dir={tiny_run}", f"--out_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "flags.txt", "model.keras", "preprocessor.json", "run.json"]
+    image = generate_fundus(5, size=(96, 96)).image
+    np.testing.assert_array_equal(Segmenter.from_run(out).probability(image),
+                                  Segmenter.from_run(tiny_run).probability(image))
+
+
+# --- SavedModel ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_saved_model):
+    loaded = tf.saved_model.load(str(tiny_saved_model))
+    seg = Segmenter.from_run(tiny_run)
+    info = json.loads((tiny_saved_model / "export.json").read_text())
+    assert info["threshold"] == run_threshold(tiny_run) == 0.4
+    assert info["preprocessing"]["settings"] == seg.preprocessor.get_config()
+    assert "serving_default" in (tiny_saved_model / "README.txt").read_text()
+
+    sample = generate_fundus(8, size=(101, 90))  # odd sizes: padding and cropping
+    out = loaded.signatures["serving_default"](image=tf.constant(sample.image))
+    prob, mask = seg.segment(sample.image, threshold=0.4)
+    assert out["probability"].shape == sample.image.shape[:2] and out["mask"].dtype == tf.uint8
+    np.testing.assert_allclose(out["probability"].numpy(), prob[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(out["mask"].numpy(), mask[..., 0])
+
+    # a given FOV (here the synthetic one, not the estimate) is used as given
+    fov = sample.fov.astype(np.uint8) * 255
+    out = loaded.signatures["segment_with_fov"](image=tf.constant(sample.image),
+                                                fov=tf.constant(fov))
+    prob, mask = seg.segment(sample.image, sample.fov, threshold=0.4)
+    np.testing.assert_allclose(out["probability"].numpy(), prob[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(out["mask"].numpy(), mask[..., 0])
+
+    # a photograph at 1.8x the training scale is segmented at the training scale; TensorFlow's
+    # area resize differs from OpenCV's by a grey level at a few pixels
+    big = generate_fundus(9, size=(180, 170)).image
+    assert fov_diameter(estimate_fov(big)) / seg.run_info["fov_diameter"] > 1.2
+    out = loaded.signatures["serving_default"](image=tf.constant(big))
+    prob, mask = seg.segment(big, threshold=0.4)
+    diff = np.abs(out["probability"].numpy() - prob[..., 0])
+    assert diff.mean() < 5e-3, diff.mean()
+    assert np.mean(out["mask"].numpy() != mask[..., 0]) < 0.01
+    unscaled = seg.probability(big)[..., 0] * estimate_fov(big)
+    assert np.abs(out["probability"].numpy() - unscaled).mean() > 10 * diff.mean()
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="too small"):
+        loaded.signatures["serving_default"](image=tf.zeros((20, 40, 3), tf.uint8))
+
+
+def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
+    out = tmp_path / "export"
+    export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
+                              input_size="32x32"))
+    before = (out / "model.tflite").read_bytes()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
+                                  input_size="64x64"))
+    assert (out / "model.tflite").read_bytes() == before
+    export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
+                              input_size="64x64", overwrite=True))
+    assert json.loads((out / "export.json").read_text())["input_size"] == [64, 64]
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "export.json",
+                                                      "model.tflite"]
+    # no temporary or old folder is left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# --- the network alone: ONNX, TFLite ----------------------------------------------------------
+
+def test_onnx_network_matches_keras_on_a_drive_image(tiny_run, shared_data, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    export_model(ExportConfig(run=str(tiny_run), format="onnx", out=str(out)))
+    assert "a deployer must add: (1) everything around the network" in capsys.readouterr().out
+    seg = Segmenter.from_run(tiny_run)
+    # the preprocessing a deployer reproduces from export.json is the run's
+    info = json.loads((out / "export.json").read_text())
+    pre = Preprocessor.from_config(info["preprocessing"]["settings"])
+    x = _drive_input(shared_data, seg)
+    np.testing.assert_array_equal(pad_to_multiple(pre(read_image(
+        shared_data / "DRIVE" / "test" / "images" / "01_test.tif")), 2)[None], x)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    (prob,) = session.run(["probability"], {"image": x})
+    assert prob.shape == x.shape
+    assert np.abs(prob - _network_output(seg, x)).max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_tflite_network_of_builtin_ops_matches_keras_on_a_drive_image(tiny_run, shared_data,
+                                                                         tmp_path):
+    out = tmp_path / "tflite"
+    export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out)))
+    info = json.loads((out / "export.json").read_text())
+    assert info["input_size"] == [584, 566]  # DRIVE's 584 x 565, padded to the multiple 2
+    seg = Segmenter.from_run(tiny_run)
+    x = _drive_input(shared_data, seg)
+    interpreter = _tflite_interpreter(out / "model.tflite")
+    prob = interpreter.get_signature_runner()(image=x)["probability"]
+    assert prob.shape == (1, 584, 566, 1)
+    assert np.abs(prob - _network_output(seg, x)).max() <= 1e-4
+
+
+def test_a_tflite_input_size_off_the_size_multiple_is_refused(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="multiples of 2"):
+        export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(tmp_path / "t"),
+                                  input_size="585x566"))
+    with pytest.raises(ConfigError, match="tflite only"):
+        export_model(ExportConfig(run=str(tiny_run), format="onnx", out=str(tmp_path / "o"),
+                                  input_size="584x566"))
+    assert not any(tmp_path.iterdir())
+
+
+# --- models no format holds whole ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_context_and_sliding_window_models_export_what_they_can(tmp_path):
+    """RIP-AV with its whole-image context input: the SavedModel is its whole inference, the
+    ONNX network takes the context as a second input. A ViT (fixed windows): the SavedModel
+    slides the windows itself."""
+    ort = pytest.importorskip("onnxruntime")
+    keras.utils.set_random_seed(1)
+    ripav = _write_run(tmp_path / "ripav", build_model(
+        "rip_av", widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1), context_size=32),
+        "standardize,clahe,gamma",
+        {"model": "rip_av", "task": "av", "dataset": "rite", "num_classes": 3})
+    vit = _write_run(tmp_path / "vit", build_model(
+        "vit_seg", image_size=32, patch_size=8, dim=32, depth=2, num_heads=2),
+        "grayscale,standardize,clahe,gamma",
+        {"model": "vit_seg", "task": "vessel", "dataset": "drive", "num_classes": 1})
+    image = generate_fundus(4, size=(100, 90)).image
+    for run in (ripav, vit):
+        out = tmp_path / f"{run.name}_sm"
+        export_model(ExportConfig(run=str(run), format="saved_model", out=str(out)))
+        got = tf.saved_model.load(str(out)).signatures["serving_default"](
+            image=tf.constant(image))
+        prob, mask = Segmenter.from_run(run).segment(image, threshold=0.4)
+        np.testing.assert_allclose(got["probability"].numpy().reshape(prob.shape), prob,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(got["mask"].numpy(), mask[..., -1])
+
+    seg = Segmenter.from_run(ripav)
+    assert any("'context'" in note for note in deployer_notes(seg, "onnx"))
+    assert not any("'context'" in note for note in deployer_notes(seg, "saved_model"))
+    export_model(ExportConfig(run=str(ripav), format="onnx", out=str(tmp_path / "ripav_onnx")))
+    session = ort.InferenceSession(str(tmp_path / "ripav_onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    x = pad_to_multiple(seg.preprocessor(image), seg.size_multiple)[None]
+    context = seg.model.context_of(tf.constant(x[:, :100, :90]))
+    (prob,) = session.run(["probability"], {"image": x, "context": context.numpy()})
+    expected = seg.model({"image": x, "context": context}, training=False)["logits"]
+    assert np.abs(prob - tf.sigmoid(expected).numpy()).max() <= 1e-4
+
+
+# --- the shipped models ---------------------------------------------------------------------------
+
+# Runs with TensorFlow and NumPy from site-packages but nothing else: no retina_tf (its
+# editable install is a .pth file, which -S leaves unread), no repository on the path.
+_FRESH = """
+import sys
+sys.path.append(sys.argv[1])
+try:
+    import retina_tf
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("retina_tf is importable")
+import numpy as np
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
+for path in sys.argv[3:]:
+    out = serve(image=tf.constant(np.load(path)))
+    np.save(path[:-4] + "_prob.npy", out["probability"].numpy())
+    np.save(path[:-4] + "_mask.npy", out["mask"].numpy())
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_shipped_unet_saved_model_runs_without_retina_tf(shared_data, tmp_path):
+    out = tmp_path / "unet_drive" / "1"
+    export_model(ExportConfig(run="unet_drive", format="saved_model", out=str(out)))
+    seg = Segmenter.from_pretrained("unet_drive")
+    names = ["01_test", "02_test"]
+    for name in names:
+        np.save(tmp_path / f"{name}.npy",
+                read_image(shared_data / "DRIVE" / "test" / "images" / f"{name}.tif"))
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _FRESH, sysconfig.get_paths()["purelib"], str(out),
+         *(str(tmp_path / f"{n}.npy") for n in names)],
+        cwd=tmp_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "ok"
+    for name in names:
+        prob, mask = seg.segment(np.load(tmp_path / f"{name}.npy"), threshold=0.5)
+        exported = np.load(tmp_path / f"{name}_prob.npy")
+        assert exported.shape == (584, 565)
+        assert np.abs(exported - prob[..., 0]).max() <= 1e-3
+        assert np.mean(np.load(tmp_path / f"{name}_mask.npy") != mask[..., 0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path):
+    out = tmp_path / "ripav"
+    proc = _run_script("--run=ripav_rite", "--format=saved_model", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note = next(line for line in proc.stdout.splitlines() if line.startswith("note: "))
+    assert "vote_av_segments" in note and "flips and transposes" in note
+    assert note in " ".join(DEPLOY_DOC.read_text().split())  # the same words in the docs
+    info = json.loads((out / "export.json").read_text())
+    assert info["channels"] == ["artery", "vein", "vessel"] and info["deployer_must_add"]
+    image = generate_fundus(2, size=(128, 128)).image
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
+    assert got["probability"].shape == (128, 128, 3) and got["mask"].shape == (128, 128)
