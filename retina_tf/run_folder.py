@@ -474,10 +474,12 @@ def parse_flag_lines(text: str) -> dict[str, str]:
     return flags
 
 
-def flag_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+def flag_differences(old: dict[str, str], new: dict[str, str],
+                     defaults: dict[str, str] | None = None) -> list[str]:
     """Training flags whose values differ, as ``--name: old -> new`` (``--noflip`` and
-    ``--flip`` compare as flip false / true)."""
-    names = old.keys() | new.keys()
+    ``--flip`` compare as flip false / true). A flag missing from ``old`` (a run written before
+    the flag existed) reads as its value in ``defaults``."""
+    names = old.keys() | new.keys() | (defaults or {}).keys()
 
     def normal(flags: dict[str, str]) -> dict[str, str]:
         out = {}
@@ -488,13 +490,15 @@ def flag_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
         return out
 
     old, new = normal(old), normal(new)
+    old = {**normal(defaults or {}), **old}
     return [f"--{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
             for name in sorted(old.keys() | new.keys())
             if name not in FLAGS_NOT_IN_TRAINING and not name.startswith("rip_")
             and old.get(name) != new.get(name)]
 
 
-def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bool) -> str:
+def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bool,
+                     defaults_text: str = "") -> str:
     """Decides what training does with an existing run folder before anything is written.
 
     Returns ``"new"`` (no run there, or ``overwrite``), ``"resume"`` (an interrupted run with
@@ -515,7 +519,7 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
         return "new"
     old_flags = run_dir / "flags.txt"
     diffs = (flag_differences(parse_flag_lines(old_flags.read_text()),
-                              parse_flag_lines(flags_text))
+                              parse_flag_lines(flags_text), parse_flag_lines(defaults_text))
              if old_flags.is_file() else ["(its flags.txt is missing)"])
     what = "a finished run" if finished else "an interrupted run"
     ways = "add --overwrite to train it again from scratch, or give another --run_name to keep it"

@@ -432,7 +432,8 @@ def already_trained(cfg, run_dir: Path) -> bool:
     """True (and says so) when ``run_dir`` holds a finished run with these training flags;
     raises ConfigError for a run there with other flags (see
     :func:`retina_tf.run_folder.check_run_folder`). Reads only: nothing is written."""
-    if check_run_folder(run_dir, to_flag_lines(cfg), cfg.overwrite, cfg.resume) != "finished":
+    if check_run_folder(run_dir, to_flag_lines(cfg), cfg.overwrite, cfg.resume,
+                        defaults_text=to_flag_lines(type(cfg)())) != "finished":
         return False
     log.info(f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'}); "
              "nothing to do. --overwrite trains it again from scratch, another --run_name "

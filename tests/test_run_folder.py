@@ -190,6 +190,16 @@ def test_flag_differences_ignore_output_flags_and_read_booleans():
     assert flag_differences(old, old) == []
 
 
+def test_a_flag_added_since_a_run_was_written_reads_as_its_default():
+    old = parse_flag_lines("--epochs=2\n")  # written before --mixed_patch_sizes and --rot90
+    defaults = parse_flag_lines("--epochs=60\n--mixed_patch_sizes=\n--norot90\n")
+    same = parse_flag_lines("--epochs=2\n--mixed_patch_sizes=\n--norot90\n")
+    assert flag_differences(old, same, defaults) == []
+    other = parse_flag_lines("--epochs=2\n--mixed_patch_sizes=64\n--norot90\n")
+    assert flag_differences(old, other, defaults) == ["--mixed_patch_sizes:  -> 64"]
+    assert flag_differences(old, same) != []  # without the defaults they differ
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
