@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from retina_tf import visualize
-from retina_tf.config import CompareConfig, InferenceConfig, from_flag_lines
+from retina_tf.config import CompareConfig
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import OutputFolder, SetScores, _test_samples
-from retina_tf.inference import Segmenter, check_threshold
+from retina_tf.inference import Segmenter, check_threshold, run_inference
 from retina_tf.run_folder import find_run
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,6 @@ class _Run:
     @property
     def model(self) -> str:
         return str(self.segmenter.run_info.get("model", "?"))
-
-
-def run_inference(run_dir: str | Path) -> InferenceConfig:
-    """The inference settings of a run: those its ``flags.txt`` records (``stride``,
-    ``eval_scales``, a shipped model's ``inference``, ``threshold``...), the defaults for the
-    rest."""
-    path = Path(run_dir) / "flags.txt"
-    if not path.is_file():
-        return InferenceConfig()
-    return from_flag_lines(InferenceConfig, path.read_text(), ignore_unknown=True)
 
 
 def _load(label: str, logdir: str) -> _Run:

@@ -53,6 +53,7 @@ from retina_tf.inference import (
     export_run,
     logits_to_probability,
     model_logits,
+    run_inference,
 )
 from retina_tf.models.base import SegmentationModel
 from retina_tf.run_folder import find_run
@@ -88,13 +89,10 @@ def _load(run: str) -> Segmenter:
 def run_threshold(run_dir: Path) -> float:
     """The run's mask threshold: ``--threshold`` of its ``flags.txt`` (the flagfile it was
     trained and evaluated with), else 0.5 (``predict``'s default)."""
-    path = Path(run_dir) / "flags.txt"
-    text = path.read_text() if path.is_file() else ""
-    found = re.findall(r"^--threshold=(\S+)\s*$", text, flags=re.MULTILINE)
     try:
-        return check_threshold(float(found[-1])) if found else 0.5
+        return check_threshold(run_inference(run_dir).threshold)
     except ValueError as err:
-        raise ModelFileError(f"{path}: {err}") from err
+        raise ModelFileError(f"{Path(run_dir) / 'flags.txt'}: {err}") from err
 
 
 def _num_classes(seg: Segmenter) -> int:

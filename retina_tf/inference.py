@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from retina_tf.config import InferenceConfig, from_flag_lines
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
@@ -82,6 +83,16 @@ def check_threshold(threshold: float) -> float:
         raise ConfigError(f"--threshold={threshold} must lie strictly between 0 and 1 "
                           "(e.g. 0.5)")
     return float(threshold)
+
+
+def run_inference(run_dir: str | Path) -> InferenceConfig:
+    """The inference settings of a run: those its ``flags.txt`` records (``stride``,
+    ``eval_scales``, a shipped model's ``inference``, ``threshold``...), the defaults for the
+    rest."""
+    path = Path(run_dir) / "flags.txt"
+    if not path.is_file():
+        return InferenceConfig()
+    return from_flag_lines(InferenceConfig, path.read_text(), ignore_unknown=True)
 
 
 def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
