@@ -58,7 +58,7 @@ def main(_):
     for sample in samples:
         data = read_sample(sample)
         truth = target_of(data, "av") > 0.5
-        probs = {name: seg.probability_at_training_scale(data.image, data.fov)
+        probs = {name: seg.probability_at_inference_scale(data.image, data.fov)
                  for name, seg in passes.items()}
         for row, name, vote in rows:
             prob = vote_av_segments(probs[name], link=FLAGS.av_link) if vote else probs[name]

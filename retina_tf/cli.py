@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from retina_tf.config import DataConfig
+from retina_tf.data.catalog import guess_dataset
 from retina_tf.data.io import read_image
 from retina_tf.data.labelfile import export_label_files, read_label_file
 from retina_tf.data.pipeline import preprocess_cached
@@ -24,14 +25,19 @@ from retina_tf.flags import FLAGS, define_flags, run_app, run_script, script_con
 from retina_tf.progress import progress
 from retina_tf.visualize import save_png
 
-__all__ = ["COMMANDS", "main", "train", "evaluate", "predict", "pretrain_mae", "pretrain_rip",
-           "generate_rip_patches", "make_error_maps", "preprocess", "make_synthetic",
-           "export_model", "compare"]
+__all__ = ["COMMANDS", "main", "train", "train_distribute", "evaluate", "predict",
+           "pretrain_mae", "pretrain_rip", "generate_rip_patches", "make_error_maps",
+           "preprocess", "make_synthetic", "export_model", "compare"]
 
 
 def train() -> None:
     """Train a segmentation model."""
     run_script("train")
+
+
+def train_distribute() -> None:
+    """Train under MirroredStrategy: a replica per GPU (or per --logical_cpus)."""
+    run_script("train_distribute")
 
 
 def evaluate() -> None:
@@ -76,15 +82,41 @@ def preprocess() -> None:
 
 
 def _preprocess(cfg: DataConfig) -> None:
-    missing = [f"--{name}" for name in ("dataset", "data_dir", "out_dir")
-               if not (FLAGS.out_dir if name == "out_dir" else getattr(cfg, name))]
-    if missing:
-        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                          "required: preprocess writes the label files of a dataset in its "
-                          "official layout (e.g. --dataset=drive --data_dir=data/DRIVE "
-                          "--out_dir=data/drive_labels)")
-    out = Path(FLAGS.out_dir)
-    files = export_label_files(cfg.dataset, cfg.data_dir, out)
+    if not cfg.data_dir:
+        raise ConfigError("--data_dir is required: preprocess writes the label files of a "
+                          "dataset in its official layout (e.g. --data_dir=data/DRIVE)")
+    for dataset, data_dir, out in _preprocess_targets(cfg):
+        _preprocess_one(cfg, dataset, data_dir, out)
+
+
+def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:
+    """(dataset, its folder, where its files go) for each dataset to preprocess: --data_dir
+    with --dataset or the dataset its layout shows, else each dataset folder inside it (as
+    WILeroy/retina_unet's --data_dir holding DRIVE/ and CHASEDB/); the files go to --out_dir
+    (a subfolder per dataset folder), by default into the dataset's own folder."""
+    root = Path(cfg.data_dir)
+    out = Path(FLAGS.out_dir) if FLAGS.out_dir else None
+    if not root.is_dir():
+        raise ConfigError(f"--data_dir={root}: no such folder")
+    dataset = cfg.dataset or guess_dataset(root)
+    if dataset:
+        if not cfg.dataset:
+            print(f"{root}: {dataset} layout")
+        return [(dataset, root, out or root)]
+    found = [(guess_dataset(sub), sub, out / sub.name if out else sub)
+             for sub in sorted(root.iterdir()) if sub.is_dir()]
+    found = [target for target in found if target[0]]
+    if not found:
+        raise ConfigError(f"--data_dir={root}: neither it nor a folder in it has the layout of "
+                          "DRIVE (training/{images,1st_manual,mask}) or CHASE_DB1 "
+                          "(Image_NN{L,R}.jpg, Image_NN{L,R}_1stHO.png); give --dataset")
+    for name, folder, _ in found:
+        print(f"{folder}: {name} layout")
+    return found
+
+
+def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) -> None:
+    files = export_label_files(dataset, data_dir, out)
     for split, path in files.items():
         print(f"{split}: {path} ({len(read_label_file(path))} samples)")
     train_samples = read_label_file(files["training"])
@@ -137,8 +169,9 @@ def export_model() -> None:
 
 # command name (retina-<name>, python -m retina_tf <name>) -> function
 COMMANDS = {
-    "train": train, "evaluate": evaluate, "predict": predict, "pretrain-mae": pretrain_mae,
-    "pretrain-rip": pretrain_rip, "rip-patches": generate_rip_patches,
+    "train": train, "train-distribute": train_distribute, "evaluate": evaluate,
+    "predict": predict, "pretrain-mae": pretrain_mae, "pretrain-rip": pretrain_rip,
+    "rip-patches": generate_rip_patches,
     "error-maps": make_error_maps, "preprocess": preprocess, "synthetic": make_synthetic,
     "export": export_model, "compare": compare,
 }

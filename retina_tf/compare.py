@@ -23,7 +23,7 @@ from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import OutputFolder, SetScores, _test_samples
-from retina_tf.inference import Segmenter, check_threshold, run_inference
+from retina_tf.inference import Segmenter, resolve_threshold, run_inference
 from retina_tf.run_folder import find_run
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def _load(label: str, logdir: str) -> _Run:
     inf = run_inference(run_dir)
     seg = Segmenter.from_run(run_dir, inference=inf.inference, window=inf.window or None,
                              stride=inf.stride, tta=inf.tta, tta_transpose=inf.tta_transpose,
-                             scales=inf.eval_scales, av_vote=inf.av_vote, av_link=inf.av_link)
-    return _Run(label=label, segmenter=seg, threshold=check_threshold(inf.threshold))
+                             scales=inf.eval_scales, av_vote=inf.av_vote, av_link=inf.av_link,
+                             inference_scale=inf.inference_scale, tile_size=inf.tile_size)
+    threshold, _ = resolve_threshold(seg, None, label)  # each run its own
+    return _Run(label=label, segmenter=seg, threshold=threshold)
 
 
 def _chosen_index(image: str | None, names: list[str]) -> int:
@@ -123,7 +125,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         target = target_of(data, task) > 0.5
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
-            prob = run.segmenter.probability_at_training_scale(data.image, data.fov)
+            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov)
             prob = prob[..., -1:] if task == "vessel" else prob
             prob = prob * data.fov[..., None]  # background outside the FOV, as evaluate has it
             run.scores.update(prob, target, data.fov, name=data.name)

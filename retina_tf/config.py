@@ -50,7 +50,8 @@ class DataConfig:
         test_label_file_path: the test split's label file (default: ``test.txt`` beside
             ``label_file_path``).
         task: "vessel" or "av"; None takes the model's own task (rip_av: av), else vessel.
-        preprocess: preprocessing steps in order (:data:`retina_tf.data.preprocess.STEPS`).
+        preprocess: preprocessing steps in order (:data:`retina_tf.data.preprocess.STEPS`),
+            or ``("none",)``; as a flag also True / False (all four steps or none).
         channel: grayscale conversion, "luminance" or "green".
         cache_dir: cache of preprocessed images.
         seed: seed of sampling, augmentation and initialization.
@@ -88,7 +89,13 @@ class InferenceConfig:
         eval_scales: inference scales of multi-scale models (None: the training scales).
         tta, tta_transpose: test-time augmentation over flips (and transposes).
         av_vote, av_link: A/V models: one decision per vessel segment, linked at junctions.
-        threshold: probability threshold of the binary mask.
+        threshold: probability threshold of the binary mask; None: the run's stored threshold
+            (``run.json``, chosen F1-optimal on its held-out training images), else 0.5.
+        inference_scale: the size a photograph is segmented at: "auto" (the training FOV
+            diameter, shrinking by at most 3x), "training", "native" or a factor of the
+            training FOV diameter (:func:`retina_tf.inference.inference_factor`).
+        tile_size: whole-image inference in overlapping tiles of this side (0: automatic, for
+            images over 2 Mpixel).
     """
 
     inference: str = "auto"
@@ -99,15 +106,21 @@ class InferenceConfig:
     tta_transpose: bool = False
     av_vote: bool = False
     av_link: float = 1.0
-    threshold: float = 0.5
+    threshold: float | None = None
+    inference_scale: str = "auto"
+    tile_size: int = 0
 
 
 @dataclasses.dataclass(**_FROZEN)
 class _Optimization:
-    """The optimization settings every training (segmentation, MAE, RIP) shares."""
+    """The optimization settings every training (segmentation, MAE, RIP) shares.
+
+    ``max_iters`` (0: off) is the total number of training steps, and replaces ``epochs``:
+    :func:`retina_tf.training.epoch_steps` shapes the epochs around it."""
 
     batch_size: int = 32
     epochs: int = 10
+    max_iters: int = 0
     steps_per_epoch: int = 0
     patches_per_epoch: int = 20000
     time_budget_minutes: float = 0.0
@@ -119,6 +132,7 @@ class _Optimization:
     strategy: str = "auto"
     logical_cpus: int = 0
     jit_compile: bool = False
+    mixed_precision: bool = False
     resume: bool = True
     overwrite: bool = False
     model_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -147,6 +161,10 @@ class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
     mode: str = "patch"
     patch_size: int = 48
     mixed_patch_sizes: tuple[int, ...] = ()
+    scale_range: tuple[float, ...] = ()
+    extra_data: tuple[str, ...] = ()
+    balance_datasets: bool = True
+    camera_variants: int = 0
     vessel_probability: float = 0.5
     val_images: int = 2
     loss: str = "bce_dice"
@@ -207,8 +225,10 @@ class EvalConfig(DataConfig, RunRef, InferenceConfig):
 
 @dataclasses.dataclass(**_FROZEN)
 class PredictConfig(RunRef, InferenceConfig):
-    """Segmentation of photographs without labels (``bin/predict.py``)."""
+    """Segmentation of photographs without labels (``bin/predict.py``); without ``model``, the
+    shipped general vessel model."""
 
+    model: str = "vessel_general"
     input: str | None = None
     fov: str | None = None
     output_dir: str | None = None
@@ -263,7 +283,8 @@ class ExportConfig:
             (the network: preprocessed image in, probability out).
         out: the folder to write.
         input_size: TFLite's fixed input "HxW" (None: the training images' padded size).
-        threshold: the mask's probability threshold (None: the run's ``--threshold``, else 0.5).
+        threshold: the mask's probability threshold (None: the run's stored threshold, else
+            0.5).
         overwrite: replace an existing ``out`` folder (saved_model, onnx, tflite).
     """
 
@@ -276,6 +297,10 @@ class ExportConfig:
 
 
 # --- flag lines ------------------------------------------------------------------------------
+
+# WILeroy/retina_unet's boolean --preprocess: all four steps or none.
+PREPROCESS_ALIASES = {"true": STEPS, "1": STEPS, "false": ("none",), "0": ("none",)}
+
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
@@ -306,6 +331,8 @@ def to_flag_lines(cfg: Any) -> str:
 
 def convert_value(name: str, text: str, kind: Any) -> Any:
     """``text`` (a flag's value) as the field type ``kind``."""
+    if name == "preprocess" and text.strip().lower() in PREPROCESS_ALIASES:
+        return PREPROCESS_ALIASES[text.strip().lower()]
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         if text == "":

@@ -30,8 +30,12 @@ from retina_tf.data.io import (
 )
 from retina_tf.data.pipeline import SegmentationSet, resolve_samples, target_of
 from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
-from retina_tf.errors import ConfigError, RetinaTFError
-from retina_tf.inference import Segmenter, check_threshold
+from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
+from retina_tf.inference import (
+    Segmenter,
+    check_threshold,
+    resolve_threshold,
+)
 from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import (
     AVMetrics,
@@ -148,7 +152,8 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                               inference=cfg.inference, window=cfg.window or None,
                               stride=cfg.stride,
                               tta=cfg.tta, tta_transpose=cfg.tta_transpose,
-                              scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link)
+                              scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link,
+                              inference_scale=cfg.inference_scale, tile_size=cfg.tile_size)
 
 
 def _test_samples(cfg: EvalConfig):
@@ -268,6 +273,143 @@ def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel
     return scores.result(), probs
 
 
+# --- the F1-optimal threshold ----------------------------------------------------------------
+
+# The thresholds swept: a 0.01 grid; the margins keep a few held-out pixels from pushing the mask
+# to nearly all or nothing.
+THRESHOLD_GRID = tuple(round(0.05 + 0.01 * i, 2) for i in range(91))  # 0.05 ... 0.95
+# A stored threshold must beat 0.5 by this much F1 on the held-out images: on two DRIVE images
+# the F1 curve is flat near its top and the maximum moves by 0.1-0.2 from image to image.
+MIN_THRESHOLD_GAIN = 0.005
+
+
+def f1_by_threshold(scores: np.ndarray, labels: np.ndarray,
+                    thresholds=THRESHOLD_GRID) -> np.ndarray:
+    """Pooled F1 (Dice) of the mask ``scores >= t`` for each ``t`` of ``thresholds``.
+
+    The positives' and negatives' scores are sorted once and counted at every threshold by a
+    binary search; comparisons are in float32, as the masks of :meth:`Segmenter.segment` and
+    :class:`retina_tf.metrics.ConfusionMatrix` are made, so each value equals the F1 those
+    count. NaN where F1 is undefined (no vessel pixel and none predicted).
+    """
+    scores = np.asarray(scores, np.float32).ravel()
+    labels = np.asarray(labels, bool).ravel()
+    t = np.asarray(thresholds, np.float32)
+    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+    tp = pos.size - np.searchsorted(pos, t, side="left")   # positives >= t
+    fp = neg.size - np.searchsorted(neg, t, side="left")
+    denominator = (2 * tp + fp + (pos.size - tp)).astype(np.float64)  # 2 TP + FP + FN
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2.0 * tp / denominator, np.nan)
+
+
+def _held_out_pixels(prob: np.ndarray, target: np.ndarray, fov: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The vessel probability (last channel) and label of the pixels inside the FOV."""
+    inside = fov.astype(bool)
+    return prob[..., -1][inside].astype(np.float32), target[..., -1][inside] > 0.5
+
+
+def threshold_choice(scores: np.ndarray, labels: np.ndarray, names: list[str],
+                     thresholds=THRESHOLD_GRID, min_gain: float = MIN_THRESHOLD_GAIN
+                     ) -> dict[str, Any]:
+    """The F1-optimal threshold of pooled held-out pixels, as ``run.json`` stores it:
+    ``{"threshold", "threshold_from": {"images", "pixels", "f1", "f1_at_0.5", "thresholds"}}``.
+
+    F1 pooled over every pixel of the images (not each image's mean), maximised over
+    ``thresholds``; of equal maxima the one nearest 0.5 wins. This is the fixed "optimal dataset
+    scale" threshold of Arbelaez et al., "Contour Detection and Hierarchical Image
+    Segmentation", TPAMI 2011, chosen here on held-out training images, never on the test set.
+    A few held-out images choose noisily: unless the best threshold beats 0.5 by ``min_gain``
+    F1 there, 0.5 is kept (``threshold_from`` records the best one and its gain).
+
+    Raises:
+        DatasetError: the pixels hold no vessel (F1 is undefined at every threshold).
+    """
+    labels = np.asarray(labels, bool)
+    if not labels.any():
+        raise DatasetError(f"the held-out images ({', '.join(names)}) have no vessel pixel "
+                           "inside their FOV: no threshold can be chosen on them")
+    grid = np.asarray(thresholds, np.float64)
+    f1 = f1_by_threshold(scores, labels, grid)
+    best = np.nanmax(f1)
+    ties = np.flatnonzero(f1 >= best - 1e-12)
+    i = ties[np.argmin(np.abs(grid[ties] - 0.5))]
+    at_default = f1_by_threshold(scores, labels, [0.5])[0]
+    info = {"images": list(names), "pixels": "inside the FOV", "f1": float(f1[i]),
+            "f1_at_0.5": float(at_default),
+            "thresholds": f"{grid.min():g} to {grid.max():g}, {len(grid)} steps"}
+    if f1[i] - at_default < min_gain:
+        info.update(best=round(float(grid[i]), 6), best_f1=float(f1[i]), f1=float(at_default),
+                    kept_0_5=f"the best threshold gains less than {min_gain:g} F1")
+        return {"threshold": 0.5, "threshold_from": info}
+    return {"threshold": round(float(grid[i]), 6), "threshold_from": info}
+
+
+def threshold_line(choice: dict[str, Any]) -> str:
+    """``threshold 0.43 (F1 0.821 on the 2 held-out images; 0.815 at 0.5)``."""
+    info = choice["threshold_from"]
+    n = len(info["images"])
+    if "kept_0_5" in info:
+        return (f"threshold 0.5 kept (F1 {info['f1_at_0.5']:.3f} on the {n} held-out "
+                f"image{'' if n == 1 else 's'}; the best, {info['best']:g}, gains less than "
+                f"{MIN_THRESHOLD_GAIN:g})")
+    return (f"threshold {choice['threshold']:g} (F1 {info['f1']:.3f} on the {n} held-out "
+            f"image{'' if n == 1 else 's'}; {info['f1_at_0.5']:.3f} at 0.5)")
+
+
+def choose_threshold(run: str | os.PathLike | Segmenter, images,
+                     thresholds=THRESHOLD_GRID,
+                     probabilities: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """The F1-optimal mask threshold of a run on its held-out images (:func:`threshold_choice`).
+
+    Args:
+        run: a run folder, a shipped model name, or a loaded :class:`Segmenter`.
+        images: a preprocessed :class:`SegmentationSet` (segmented as validation during
+            training does), or samples (``retina_tf.data.pipeline.resolve_samples``; read and
+            segmented as :func:`evaluate` does, at the inference scale). Never test images.
+        probabilities: the probability maps of a :class:`SegmentationSet` when already
+            computed (:func:`evaluate_set`'s, at the end of training).
+
+    Returns:
+        ``{"threshold", "threshold_from"}``, for :func:`store_threshold`.
+
+    Raises:
+        DatasetError: a bad image or label, or no vessel pixel among them.
+        ModelFileError: the run cannot be loaded.
+    """
+    seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run)
+    pixels, names = [], []
+    if isinstance(images, SegmentationSet):
+        for i, (name, target, fov) in enumerate(zip(images.names, images.targets, images.fovs)):
+            prob = probabilities[i] if probabilities is not None else \
+                seg.probability_preprocessed(images.images[i])
+            pixels.append(_held_out_pixels(prob, target, fov))
+            names.append(name)
+    else:
+        for sample in progress(list(images), "threshold", name=lambda s: Path(s.image).name):
+            data = read_sample(sample)
+            prob = seg.probability_at_inference_scale(data.image, data.fov)
+            pixels.append(_held_out_pixels(prob, target_of(data, seg.task), data.fov))
+            names.append(data.name)
+    if not names:
+        raise DatasetError("no held-out images to choose a threshold on")
+    scores, labels = (np.concatenate(part) for part in zip(*pixels))
+    return threshold_choice(scores, labels, names, thresholds)
+
+
+def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
+    """Writes a :func:`choose_threshold` result into ``run_dir/run.json`` (atomically): from
+    then on evaluate, predict, make_error_maps, compare and export use it unless
+    ``--threshold`` is given."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist: {run_dir} is not a run folder")
+    info = json.loads(path.read_text())
+    info.update({"threshold": choice["threshold"], "threshold_from": choice["threshold_from"]})
+    atomic_write_text(path, to_json(info))
+
+
 def _vote_words(seg: Segmenter) -> str:
     if not seg.av_vote:
         return ""
@@ -277,7 +419,8 @@ def _vote_words(seg: Segmenter) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Segments the test split, prints confusion matrix and metrics, writes metrics.json (the
-    pooled figures, each image's and their mean and standard deviation), per_image.csv and, with
+    threshold used and where it came from, the pooled figures, each image's and their mean and
+    standard deviation), per_image.csv and, with
     ``--visualize``, per-image PNGs (errors over the photograph), a contact sheet of every
     image and ROC / PR curves.
 
@@ -291,7 +434,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         DatasetError: a missing or bad test image, label or mask, or an image too small.
         ModelFileError: the model cannot be loaded.
     """
-    check_threshold(cfg.threshold)
+    if cfg.threshold is not None:
+        check_threshold(cfg.threshold)  # before the model loads
     seg = load_segmenter(cfg)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
@@ -305,13 +449,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
-    scores = SetScores(task, cfg.threshold, cfg.whole_image_metrics, av_by_width=True,
-                       per_image_auc=True)
     sheet_rows: list = []
     log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
              f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
              f"{_vote_words(seg)}; counting "
              f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
+    threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
+    log.info(seg.describe_inference_scale())
+    factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
+    scores = SetScores(task, threshold, cfg.whole_image_metrics, av_by_width=True,
+                       per_image_auc=True)
     for sample in progress(samples, "evaluate", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
         seg.check_image_size(data.image, sample.image)
@@ -319,11 +466,16 @@ def evaluate(cfg: EvalConfig) -> dict:
             _warn(fov_coverage_warning(data.fov, str(sample.image)))
         target = target_of(data, task) > 0.5
         # Outside the FOV the prediction is background, as in the shipped masks and papers; a
-        # photograph of another scale is segmented at the training scale, as predict does.
-        prob = seg.probability_at_training_scale(data.image, data.fov) * data.fov[..., None]
+        # photograph of another scale is resized near the training scale, as predict does.
+        plan = seg.scale_plan(data.image, data.fov)
+        if plan.rescaled:
+            log.info(f"{name} {data.name}: {plan.describe()}")
+        prob = seg.probability_at_inference_scale(data.image, data.fov, plan)
+        prob = prob * data.fov[..., None]
         scores.update(prob, target, data.fov, name=data.name)
+        factors.append(plan.factor)
         if cfg.visualize:
-            sheet_rows.append(_write_pictures(out, data, prob, target, cfg.threshold, task,
+            sheet_rows.append(_write_pictures(out, data, prob, target, threshold, task,
                                               scores.per_image[-1]))
     result = scores.result()
     log.info("")
@@ -341,6 +493,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                  f"({result['av_thick_pixels']} px)")
     per_image = scores.per_image_summary()
     log.info(_per_image_line(per_image, len(samples), task))
+    for row, factor in zip(scores.per_image, factors):
+        row["scale"] = factor
     out.write_text(PER_IMAGE_CSV, per_image_csv(scores.per_image, task))
     if cfg.visualize:
         out.save_png(CONTACT_SHEET, visualize.contact_sheet(sheet_rows, _sheet_columns(task),
@@ -353,6 +507,9 @@ def evaluate(cfg: EvalConfig) -> dict:
               "inference": seg.inference, "tta": seg.tta,
               "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
               "av_link": seg.av_link if seg.av_vote else None,
+              "threshold": threshold, "threshold_source": threshold_source,
+              "inference_scale": seg.inference_scale,
+              "training_fov_diameter": seg.run_info.get("fov_diameter"),
               "metrics": result, "per_image_mean": per_image["mean"],
               "per_image_std": per_image["std"], "per_image": scores.per_image}
     out.write_text("metrics.json", to_json(report))
@@ -399,10 +556,11 @@ def per_image_columns(task: str) -> tuple[str, ...]:
 
 def per_image_csv(rows: list[dict[str, Any]], task: str) -> str:
     """:attr:`SetScores.per_image` as CSV text: ``name`` and :func:`per_image_columns`, one
-    line per image (an undefined figure, e.g. Se of an image without vessels, is ``nan``)."""
+    line per image (an undefined figure, e.g. Se of an image without vessels, is ``nan``),
+    and ``scale`` (the resize factor it was segmented at) when the rows hold it."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    columns = per_image_columns(task)
+    columns = per_image_columns(task) + (("scale",) if rows and "scale" in rows[0] else ())
     writer.writerow(("name",) + columns)
     for row in rows:
         writer.writerow([row["name"]] + [f"{float(row[c]):.6f}" for c in columns])
@@ -587,11 +745,11 @@ def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
 
 
 def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
-                 out: OutputFolder) -> list[Path]:
+                 out: OutputFolder, threshold: float) -> list[Path]:
     image = read_image(path)
     seg.check_image_size(image, path)
     fov = _fov_for(path, image, fov_source)
-    prob, mask = seg.segment(image, fov, cfg.threshold, source=path)
+    prob, mask = seg.segment(image, fov, threshold, source=path)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
                                                       cfg.visualize)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
@@ -607,12 +765,15 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
         shown.append("overlay")
         if seg.task == "av":
             written.append(out.save_png(f"{base}_av_overlay.png",
-                                        visualize.av_image(prob, cfg.threshold, photo=image)))
+                                        visualize.av_image(prob, threshold, photo=image)))
             shown.append("av_overlay")
     if cfg.save_probabilities:
         written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
+    plan = seg.scale_plan(image, fov)  # what segment() did, for the line
+    scaled = f", segmented at {plan.size[0]}x{plan.size[1]} (x{plan.factor:.2f})" \
+        if plan.rescaled else ""
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
-             f"({image.shape[1]}x{image.shape[0]}, {mask[..., -1].mean():.1%} vessel)")
+             f"({image.shape[1]}x{image.shape[0]}{scaled}, {mask[..., -1].mean():.1%} vessel)")
     return written
 
 
@@ -634,8 +795,9 @@ def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> Retina
 
 
 def predict(cfg: PredictConfig) -> list[Path]:
-    """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` per input
-    image, the size of the input; A/V models also write ``<stem>_av.png`` (arteries red, veins
+    """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` (at
+    ``--threshold``, else the run's stored threshold) per input image, the size of the input;
+    A/V models also write ``<stem>_av.png`` (arteries red, veins
     blue) and ``<stem>_artery.png``, ``_vein.png``, ``_vessel.png`` (8-bit probabilities);
     ``save_probabilities`` adds ``<stem>_prob.npy`` (float32, H x W x K); ``visualize`` adds
     ``<stem>_overlay.png`` (the vessel probability as a cyan tint over the photograph) and, for
@@ -656,10 +818,14 @@ def predict(cfg: PredictConfig) -> list[Path]:
     if not cfg.input or not cfg.output_dir:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
-    check_threshold(cfg.threshold)
+    if cfg.threshold is not None:
+        check_threshold(cfg.threshold)  # before the model loads
     inputs = list_inputs(Path(cfg.input))
     fov_source = _fov_source(cfg.fov)
     seg = load_segmenter(cfg)
+    log.info(f"segmenting {len(inputs)} image(s) with {seg.run_dir.name} ({seg.run_dir})")
+    threshold, _ = resolve_threshold(seg, cfg.threshold)
+    log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     bases = output_names(inputs)
     out.check([bases[p] + s for p in inputs
@@ -668,7 +834,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     failed: dict[Path, str] = {}
     for path in progress(inputs, "predict", name=lambda p: p.name):
         try:
-            written += _predict_one(seg, path, bases[path], cfg, fov_source, out)
+            written += _predict_one(seg, path, bases[path], cfg, fov_source, out, threshold)
         except DatasetError as err:
             if len(inputs) == 1:
                 raise
@@ -689,16 +855,17 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}")
+    threshold, _ = resolve_threshold(seg, cfg.threshold)
     shares = {}
     for sample in progress(samples, "make_error_maps", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
         target = target_of(data, seg.task)[..., -1]
         prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only
-        errors = error_map(prob, target, data.fov, cfg.threshold)
+        errors = error_map(prob, target, data.fov, threshold)
         visualize.save_png(out_dir / f"{data.name}.png", visualize.mask_image(errors))
         shares[data.name] = float(errors.sum() / max(data.fov.sum(), 1))
         log.info(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong")
-    summary = {"run": str(seg.run_dir), "threshold": cfg.threshold,
+    summary = {"run": str(seg.run_dir), "threshold": threshold,
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
     atomic_write_text(out_dir / "error_maps.json", to_json(summary))

@@ -10,7 +10,8 @@ Four formats (``bin/export_model.py --format=...``):
   and returns ``probability`` and ``mask`` at the photograph's size. The run's whole default
   inference is in the graph, as :meth:`retina_tf.inference.Segmenter.segment` does it for
   ``predict``: FOV estimate (:func:`retina_tf.data.tf_preprocess.estimate_fov`), the rescale of
-  a photograph whose FOV diameter differs from the training images' by more than 20 %, the
+  a photograph whose FOV diameter is far from the training images' (``--inference_scale=auto``:
+  to the training diameter, shrinking by at most 3x; no tiles), the
   preprocessing (:func:`retina_tf.data.tf_preprocess.preprocess`), zero padding to the model's
   size multiple (or sliding windows), the network, cropping, the resize back, zeroing outside
   the FOV and the threshold. TensorFlow alone loads it (``tf.saved_model.load``, TensorFlow
@@ -48,12 +49,14 @@ from retina_tf.data.io import fsync_dir
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
 from retina_tf.inference import (
+    SCALE_TOLERANCE,
     Segmenter,
     check_threshold,
     export_run,
     logits_to_probability,
     model_logits,
-    run_inference,
+    resolve_threshold,
+    stored_threshold,
 )
 from retina_tf.models.base import SegmentationModel
 from retina_tf.run_folder import find_run
@@ -87,12 +90,15 @@ def _load(run: str) -> Segmenter:
 
 
 def run_threshold(run_dir: Path) -> float:
-    """The run's mask threshold: ``--threshold`` of its ``flags.txt`` (the flagfile it was
-    trained and evaluated with), else 0.5 (``predict``'s default)."""
+    """The run's mask threshold (:func:`retina_tf.inference.stored_threshold`): the one its
+    ``run.json`` stores (F1-optimal on its held-out training images), else ``--threshold`` of
+    its ``flags.txt``, else 0.5."""
+    path = Path(run_dir) / "run.json"
     try:
-        return check_threshold(run_inference(run_dir).threshold)
-    except ValueError as err:
-        raise ModelFileError(f"{Path(run_dir) / 'flags.txt'}: {err}") from err
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} cannot be read as the run's settings ({err})") from err
+    return stored_threshold(info if isinstance(info, dict) else {}, run_dir)[0]
 
 
 def _num_classes(seg: Segmenter) -> int:
@@ -204,27 +210,33 @@ class _Serving(tf.Module):
             tf.reduce_min(shape[:2]), self._seg.min_image_size, message=(
                 f"the image is too small to segment: this model needs at least "
                 f"{self._seg.min_image_size}x{self._seg.min_image_size} pixels"))
-        prob = self._at_training_scale(image, fov) * tf.cast(fov, tf.float32)[..., None]
+        prob = self._at_inference_scale(image, fov) * tf.cast(fov, tf.float32)[..., None]
         mask = tf.cast(prob[..., -1] >= self._threshold, tf.uint8)
         if self._classes == 1:
             prob = prob[..., 0]
         return {"probability": prob, "mask": mask}
 
-    def _at_training_scale(self, image, fov):
-        """:meth:`Segmenter.probability_at_training_scale`: a photograph whose FOV diameter
-        differs from the training images' by more than 20 % is resized (area) to the training
-        scale, and the probabilities are resized back (bilinear), as OpenCV does there."""
-        if not self._trained_diameter:
+    def _at_inference_scale(self, image, fov):
+        """:meth:`Segmenter.probability_at_inference_scale` with the run's
+        ``inference_scale`` (:func:`retina_tf.inference.inference_factor`): a photograph whose
+        FOV diameter is not within 20 % of the aim is resized (area) to it, ``auto`` shrinking
+        by at most ``auto_min_scale``, and the probabilities are resized back (bilinear), as
+        OpenCV does there. The whole image goes through the network at once (no tiles)."""
+        setting = self._seg.inference_scale
+        if not self._trained_diameter or setting == "native":
             return self._probability(image)
         height, width = tf.shape(image)[0], tf.shape(image)[1]
         columns = tf.where(tf.reduce_any(fov, axis=0))[:, 0]
         diameter = tf.cond(tf.size(columns) > 0,
                            lambda: tf.cast(columns[-1] - columns[0] + 1, tf.float64),
                            lambda: tf.constant(0.0, tf.float64))
-        trained = tf.constant(self._trained_diameter, tf.float64)
+        aim = tf.constant(self._trained_diameter * (setting if isinstance(setting, float)
+                                                    else 1.0), tf.float64)
         rescale = tf.logical_and(diameter > 0,
-                                 tf.abs(diameter / tf.maximum(trained, 1.0) - 1.0) > 0.2)
-        scale = trained / tf.maximum(diameter, 1.0)
+                                 tf.abs(diameter / aim - 1.0) > SCALE_TOLERANCE)
+        scale = aim / tf.maximum(diameter, 1.0)
+        if setting == "auto":
+            scale = tf.maximum(scale, tf.constant(self._seg.auto_min_scale, tf.float64))
 
         def side(length):  # max(int(round(length * scale)), 1): round half to even, as Python
             return tf.maximum(tf.cast(tf.round(tf.cast(length, tf.float64) * scale), tf.int32),
@@ -466,7 +478,7 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
     network_only = fmt in ("onnx", "tflite")
     if network_only:
         notes.append(f"everything around the network, as {README} lists it (constants in "
-                     f"{EXPORT_JSON}): the field of view, the rescale to the training scale, "
+                     f"{EXPORT_JSON}): the field of view, the rescale to the inference scale, "
                      f"the preprocessing ({', '.join(seg.preprocessor.steps) or 'none'}), "
                      + ("" if seg.inference == "sliding" else
                         f"zero padding to multiples of {seg.size_multiple} and cropping back, ")
@@ -513,6 +525,8 @@ def _preprocessing(seg: Segmenter) -> dict:
         "inference": seg.inference,
         **({"window": seg.window, "stride": seg.stride} if seg.inference == "sliding" else {}),
         "training_fov_diameter": seg.run_info.get("fov_diameter"),
+        "inference_scale": seg.inference_scale,
+        **({"auto_min_scale": seg.auto_min_scale} if seg.inference_scale == "auto" else {}),
         "min_image_size": seg.min_image_size,
     }
 
@@ -522,11 +536,15 @@ def _recipe(seg: Segmenter) -> list[str]:
     pre = seg.preprocessor
     steps = []
     d = seg.run_info.get("fov_diameter")
-    if d:
+    setting = seg.inference_scale
+    if d and setting != "native":
+        aim = d * (setting if isinstance(setting, float) else 1.0)
+        factor = f"max({aim:g}/D, {seg.auto_min_scale:.4g})" if setting == "auto" else \
+            f"{aim:g}/D"
         steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
-                     f"its horizontal extent D differs from {d:g} px by more than 20 %, resize "
-                     f"the photograph by {d:g}/D (OpenCV INTER_AREA), segment, and resize the "
-                     "probabilities back (bilinear)")
+                     f"its horizontal extent D differs from {aim:g} px by more than "
+                     f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
+                     "INTER_AREA), segment, and resize the probabilities back (bilinear)")
     if pre.grayscale:
         steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
                      else "x = G (float32)")
@@ -679,7 +697,7 @@ def export_model(cfg: ExportConfig) -> Path:
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
     seg = _load(cfg.run)
-    threshold = cfg.threshold if cfg.threshold is not None else run_threshold(seg.run_dir)
+    threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
 
     def fill(folder: Path) -> dict:

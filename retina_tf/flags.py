@@ -33,6 +33,7 @@ from absl import app, flags
 
 from retina_tf._startup import wants_verbose
 from retina_tf.config import (
+    PREPROCESS_ALIASES,
     CompareConfig,
     DataConfig,
     ErrorMapConfig,
@@ -71,6 +72,18 @@ SCRIPTS: dict[str, tuple[type, str]] = {
 # Model arguments that are also flags of bin/train.py (the U-Net's, kept for the seed's command
 # lines and flagfiles); they reach a model whose class lists them in ``flag_arguments``.
 MODEL_FLAGS = ("depth", "base_filters", "transpose_conv", "batch_norm", "dropout")
+# Other spellings of a flag, accepted wherever the flag is (WILeroy/retina_unet's --visulize).
+FLAG_ALIASES = {"visulize": "visualize"}
+# bin/<script>.py that runs another script's command with other flag defaults, and its
+# paragraph in the flag reference.
+VARIANTS: dict[str, tuple[str, dict[str, object], str]] = {
+    "train_distribute": ("train", {"strategy": "mirrored"}, (
+        "Training under `tf.distribute.MirroredStrategy`, as WILeroy/retina_unet's "
+        "train_distribute.py: one replica per GPU, or without GPUs one per logical CPU "
+        "(`--logical_cpus=N`, else one); `--batch_size` is the global batch, split over the "
+        "replicas. It takes the flags of [`bin/train.py`](#bintrainpy), with "
+        "`--strategy=mirrored` as the default.")),
+}
 
 
 class _Definer:
@@ -94,6 +107,12 @@ class _Definer:
     def add(self, flag: flags.Flag) -> None:
         if self.wanted(flag.name):
             flags.DEFINE_flag(flag, self._fv)
+
+    def alias(self, name: str, original: str, note: str) -> None:
+        """``--name`` sets ``--original`` (:data:`FLAG_ALIASES`)."""
+        if self.wanted(name):
+            flags.DEFINE_alias(name, original, flag_values=self._fv)
+            self._fv[name].help = f"Alias for --{original} ({note})."
 
     def check(self, name: str, ok, rule: str) -> None:
         """Rejects a bad value of --name at parse time: absl's message reads
@@ -131,6 +150,7 @@ def script_flag_names(script: str) -> set[str]:
         extra = flags.FlagValues()
         EXTRA_FLAGS[script](_Definer(extra))
         names |= set(extra)
+    names |= {alias for alias, original in FLAG_ALIASES.items() if original in names}
     return names | set(MODEL_FLAGS) if script == "train" else names
 
 
@@ -174,6 +194,13 @@ def _flag_name(arg: str) -> str | None:
     return None
 
 
+def _is_run_flags(directive: str) -> bool:
+    """Whether a ``--flagfile=PATH`` is a run folder's ``flags.txt`` (``run.json`` beside it)."""
+    path = directive.partition("=")[2]
+    return (os.path.basename(path) == "flags.txt"
+            and os.path.isfile(os.path.join(os.path.dirname(path), "run.json")))
+
+
 def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> list[str]:
     """``argv`` (program name first) with flagfiles expanded and the flags of other retina_tf
     scripts dropped: silently when they come from a flagfile, with a one-line notice on stderr
@@ -191,6 +218,9 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> 
             if arg.lstrip("-") == "flagfile" and args:  # --flagfile path
                 arg = f"--flagfile={args.pop(0)}"
             lines = fv.read_flags_from_files([arg], force_gnu=True)
+            if _is_run_flags(arg):  # older versions wrote the default --threshold there; the
+                # run's own threshold (run.json's, else that line) is what it stands for
+                lines = [line for line in lines if _flag_name(line) != "threshold"]
             out += [line for line in lines if not _foreign(line, fv)]
             continue
         if not _foreign(arg, fv):
@@ -245,9 +275,9 @@ def script_config(script: str, fv: flags.FlagValues = FLAGS):
     values = {f.name: _field_value(fv, f.name, hints[f.name]) for f in dataclasses.fields(cls)}
     if script == "train":
         values["model_config"] = _model_config(fv)
+    if script == "predict" and not fv["model"].present:
+        values["model"] = PredictConfig.model  # the shipped general vessel model
     if script == "export_model":
-        if not fv["threshold"].present:
-            values["threshold"] = None  # the run's own threshold
         for name, old in (("run", "run_dir"), ("out", "out_dir")):
             if values[name] and fv[old].value and values[name] != fv[old].value:
                 raise ConfigError(f"--{name} and --{old} (its older name) differ; give one")
@@ -296,11 +326,14 @@ def define_data_flags(d: _Definer) -> None:
                         "--label_file_path).")
     d.DEFINE_enum("task", "vessel", ["vessel", "av"], "Vessel or artery/vein segmentation.")
     d.DEFINE_list("preprocess", list(STEPS),
-                      f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'.")
+                      f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'; "
+                      "True / False (WILeroy/retina_unet's switch; also true, false, 1, 0): "
+                      "all four steps or none.")
     d.DEFINE_enum("channel", "luminance", ["luminance", "green"],
                       "Grayscale conversion: luminance (0.299R+0.587G+0.114B) or green channel.")
-    d.check("preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps),
-           f"steps must be among {', '.join(STEPS)}, or 'none'")
+    d.check("preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps)
+            or (len(steps) == 1 and steps[0].strip().lower() in PREPROCESS_ALIASES),
+           f"steps must be among {', '.join(STEPS)}, or 'none', or True / False (all or none)")
     d.DEFINE_string("cache_dir", None, "Cache of preprocessed images (bin/preprocess.py).")
     d.DEFINE_integer("seed", 0, "Seed for data sampling, augmentation and initialization.")
     # A label file and a dataset both choose the images: with a flagfile naming one and the
@@ -319,7 +352,7 @@ def define_model_flags(d: _Definer) -> None:
     d.DEFINE_string("model", "unet",
                         "train: architecture name. evaluate/predict: a run folder, a shipped "
                         "model name (e.g. unet_drive), or an architecture name meaning the run "
-                        "folder --logdir/--run_name.")
+                        "folder --logdir/--run_name. predict without it: vessel_general.")
     d.DEFINE_integer("depth", 4, "U-Net: number of resolution levels.")
     d.DEFINE_integer("base_filters", 32, "U-Net: filters of the first level.")
     d.DEFINE_boolean("transpose_conv", False,
@@ -340,10 +373,20 @@ def define_run_flags(d: _Definer) -> None:
                          "Split the CPU into this many logical devices (to try mirrored "
                          "training without GPUs); 0 = leave as is.")
     d.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+    d.DEFINE_boolean("mixed_precision", False,
+                     "Compute in float16 on GPUs (bfloat16 on CPUs) with float32 weights; "
+                     "model.keras is saved in float32.")
     d.DEFINE_boolean("overwrite", False,
                      "train: start a finished (or interrupted) run folder again from scratch; "
                      "evaluate/predict/compare: replace existing files in --output_dir; "
                      "export_model: replace an existing --out folder.")
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def define_train_flags(d: _Definer) -> None:
@@ -353,6 +396,21 @@ def define_train_flags(d: _Definer) -> None:
                   "--patch_size (RIP-AV's mixed-size patches, e.g. 64,128,256); empty: off.")
     d.check("mixed_patch_sizes", lambda v: all(str(x).strip().isdigit() and int(x) > 0
                                                for x in v), "must be positive integers")
+    d.DEFINE_list("scale_range", [], "Augment: vessel widths scaled by a factor drawn "
+                  "log-uniformly in LO,HI per patch (e.g. 0.6,1.6: cameras of other "
+                  "resolutions); empty: off.")
+    d.check("scale_range", lambda v: not v or (len(v) == 2 and all(
+        _is_positive_number(x) for x in v)), "must be two positive factors LO,HI (e.g. 0.6,1.6)")
+    d.DEFINE_list("extra_data", [], "More labelled sets to train on beside --dataset, each "
+                  "DATASET:FOLDER[:SPLIT] (split training by default; all for every labelled "
+                  "image), e.g. stare:data/STARE:all. The last --val_images of each are held "
+                  "out.")
+    d.DEFINE_boolean("balance_datasets", True, "With --extra_data: draw patches from each "
+                     "dataset equally often, whatever its number of images.")
+    d.DEFINE_integer("camera_variants", 0, "Augment: this many extra copies of each training "
+                     "image with random camera changes (white balance, colour, contrast, gamma, "
+                     "blur, noise, JPEG, uneven illumination; retina_tf.data.camera); 0: off.",
+                     lower_bound=0)
     d.DEFINE_integer("patches_per_epoch", 20000, "Patches per epoch (patch mode).")
     d.DEFINE_float("vessel_probability", 0.5,
                        "Probability that a patch is centred on a vessel pixel (else anywhere "
@@ -368,6 +426,11 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_float("gamma_jitter", 0.0, "Augment: gamma jitter (log-exponent range).")
     d.DEFINE_integer("batch_size", 32, "Global batch size.")
     d.DEFINE_integer("epochs", 10, "Epochs.")
+    d.DEFINE_integer("max_iters", 0, "Total training steps, replacing --epochs "
+                     "(WILeroy/retina_unet's): E = ceil(max_iters / S) epochs of "
+                     "ceil(max_iters / E) steps, S being --steps_per_epoch or --patches_per_epoch "
+                     "/ --batch_size; exactly max_iters when E divides it, else at most E - 1 "
+                     "more. Backups, validation and resume stay per epoch. 0 = off.")
     d.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0 = from patches_per_epoch, or "
                          "one pass over the images in whole mode).")
     d.DEFINE_float("time_budget_minutes", 0.0,
@@ -406,6 +469,7 @@ def define_train_flags(d: _Definer) -> None:
     d.check("val_images", lambda v: v >= 0, "must be >= 0 (0 = no validation images)")
     d.check("batch_size", lambda v: v >= 1, "must be >= 1")
     d.check("epochs", lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)")
+    d.check("max_iters", lambda v: v >= 0, "must be >= 0 (0 = train --epochs epochs)")
     d.check("steps_per_epoch", lambda v: v >= 0,
            "must be >= 0 (0 = from --patches_per_epoch)")
     d.check("learning_rate", lambda v: v > 0.0, "must be > 0")
@@ -438,10 +502,24 @@ def define_eval_flags(d: _Definer) -> None:
                      "evaluate: write probability maps, masks, error overlays on the "
                      "photograph, contact_sheet.png and ROC / PR curves; predict: also write "
                      "<stem>_overlay.png (and <stem>_av_overlay.png for A/V models).")
+    d.alias("visulize", "visualize", "WILeroy/retina_unet's spelling")
     d.DEFINE_boolean("whole_image_metrics", False,
                          "Count every pixel instead of the FOV only (inflates Acc and Sp).")
     d.DEFINE_enum("inference", "auto", ["auto", "whole", "sliding"],
                       "Whole image (fully convolutional models) or sliding window.")
+    d.DEFINE_string("inference_scale", "auto",
+                    "The size a photograph is segmented at, from its FOV diameter D and the "
+                    "training images' T (run.json fov_diameter): auto: resized to T, shrinking "
+                    "by at most 3x (HRF's 3504x2336 at 1/3: thin vessels kept); training: "
+                    "resized to T; native: as it is (large images in tiles); a factor f: "
+                    "resized to f x T. Within 20 % of the aim a photograph stays as it is.")
+    d.check("inference_scale", lambda v: str(v).strip().lower() in ("auto", "training", "native")
+            or (_is_positive_number(str(v)) and float(v) < float("inf")),
+            "must be auto, training, native or a positive factor")
+    d.DEFINE_integer("tile_size", 0, "Whole-image inference in overlapping tiles of this side "
+                     "in pixels (memory of one tile); 0: tiles of 768 for images over 2 Mpixel.")
+    d.check("tile_size", lambda v: v == 0 or v > 128,
+            "must be 0 (automatic) or over 128 (pixels: two margins of 64 px of context)")
     d.DEFINE_integer("stride", 16, "Sliding-window stride.")
     d.DEFINE_list("eval_scales", None, "Multi-scale models (hmsa): inference scales, e.g. "
                   "0.5,1.0,2.0 (default: the training scales).")
@@ -455,8 +533,9 @@ def define_eval_flags(d: _Definer) -> None:
                    "segments share a class across branchings and, pairwise, through crossings "
                    "(0: every segment decides alone).", lower_bound=0.0)
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
-    d.DEFINE_float("threshold", 0.5, "Probability threshold of the binary mask "
-                   "(export_model: default the run's own).")
+    d.DEFINE_float("threshold", None, "Probability threshold of the binary mask (default: the "
+                   "run's stored threshold, chosen at the end of training as the F1-optimal one "
+                   "on its held-out training images; 0.5 for a run without one).")
     d.DEFINE_string("output_dir", None, "Where evaluate, predict and compare write their files.")
     d.check("stride", lambda v: v >= 1, "must be >= 1 (pixels)")
     d.check("window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
@@ -482,8 +561,11 @@ def define_compare_flags(d: _Definer) -> None:
 def _preprocess_flags(d: _Definer) -> None:
     """Seed-style label files (``training.txt``, ``test.txt``) of a dataset in its official
     layout, FOV masks where it ships none, previews, and optionally a cache of preprocessed
-    images."""
-    d.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go.")
+    images. Without ``--dataset``, the DRIVE and CHASE_DB1 layouts are recognised, in
+    ``--data_dir`` or in the folders inside it."""
+    d.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go "
+                    "(default: the dataset's folder; a subfolder per dataset when --data_dir "
+                    "holds several).")
     d.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
 
 
@@ -573,7 +655,10 @@ def reference_markdown() -> str:
     """The flag reference of every ``bin/`` script (docs/cli.md): per script, each flag with its
     type, default and help, in definition order, from the definitions themselves."""
     parts = [_REFERENCE_HEAD]
-    for script in [*SCRIPTS, *(s for s in EXTRA_FLAGS if s not in SCRIPTS)]:
+    for script in [*SCRIPTS, *(s for s in EXTRA_FLAGS if s not in SCRIPTS), *VARIANTS]:
+        if script in VARIANTS:
+            parts.append(f"\n## `bin/{script}.py`\n\n{VARIANTS[script][2]}\n")
+            continue
         fv = new_flag_values(script)
         parts.append(f"\n## `bin/{script}.py`\n\n{_summary(script)}\n\n"
                      "| flag | type | default | meaning |\n|---|---|---|---|\n")
@@ -742,12 +827,19 @@ def configure_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    # tf.distribute announces its devices and each reduction at INFO: only with --verbose
+    logging.getLogger("tensorflow").setLevel(
+        logging.INFO if level <= logging.DEBUG else logging.WARNING)
 
 
 def run_script(script: str) -> None:
     """Runs ``bin/<script>.py``: defines its flags, parses argv, builds its config
-    (:func:`script_config`) and calls the library function of :data:`SCRIPTS` with it."""
+    (:func:`script_config`) and calls the library function of :data:`SCRIPTS` with it; a
+    script of :data:`VARIANTS` runs its base script's with its own flag defaults."""
+    script, defaults, _ = VARIANTS.get(script, (script, {}, ""))
     define_flags(script)
+    for name, value in defaults.items():
+        FLAGS.set_default(name, value)
     module, function = SCRIPTS[script][1].split(":")
 
     def main(argv):

@@ -1,15 +1,19 @@
 """Segmenting images with a trained model: whole-image or sliding-window inference.
 
 Whole-image inference pads the preprocessed image to the model's size multiple and runs one
-forward pass (a DRIVE image in well under a second on a CPU); sliding-window inference
+forward pass (a DRIVE image in well under a second on a CPU), or, for a large image, one pass
+per overlapping tile (``tiled_predict``: memory bounded by a tile); sliding-window inference
 (``sliding_window_predict``) averages overlapping windows for models that need a fixed input
-size. Both run the model inside a ``tf.function`` over batched tensors, never ``model.predict``
-on numpy (which sometimes uses one core).
+size. A photograph of another scale is first resized near the training FOV diameter
+(``Segmenter.scale_plan``). All run the model inside a ``tf.function`` over batched tensors,
+never ``model.predict`` on numpy (which sometimes uses one core).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Sequence
@@ -36,6 +40,11 @@ from retina_tf.run_folder import (
     save_model_file,
     shipped_models,
 )
+
+log = logging.getLogger(__name__)
+
+# The mask threshold of a run that stores none.
+DEFAULT_THRESHOLD = 0.5
 
 
 def load_keras_model(path: str | os.PathLike) -> keras.Model:
@@ -85,6 +94,60 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def stored_threshold(run_info: dict, run_dir: str | Path | None = None) -> tuple[float, str]:
+    """A run's own mask threshold and where it comes from: ``run.json``'s ``"threshold"``
+    (chosen at the end of training by :func:`retina_tf.evaluation.choose_threshold`), else the
+    ``--threshold`` line of its ``flags.txt`` (older versions wrote evaluation flags there;
+    a stored threshold comes first), else :data:`DEFAULT_THRESHOLD`.
+
+    Raises:
+        ModelFileError: a stored threshold that is no number strictly between 0 and 1.
+    """
+    value = run_info.get("threshold")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0.0 < value < 1.0:  # NaN fails the comparison too
+            where = Path(run_dir) / "run.json" if run_dir is not None else "run.json"
+            raise ModelFileError(f"{where}: \"threshold\": {value!r} is no probability "
+                                 "strictly between 0 and 1; fix or remove it, or give "
+                                 "--threshold")
+        images = (run_info.get("threshold_from") or {}).get("images") or []
+        n = len(images)
+        on = f"its {n} held-out training image{'' if n == 1 else 's'}" if n else \
+            "its held-out training images"
+        kept = value == 0.5 and "kept_0_5" in (run_info.get("threshold_from") or {})
+        return float(value), (f"the run's: no threshold beat 0.5 on {on}" if kept else
+                              f"the run's, chosen on {on}")
+    if run_dir is not None and (Path(run_dir) / "flags.txt").is_file():
+        try:
+            legacy = run_inference(run_dir).threshold
+        except ValueError as err:
+            raise ModelFileError(f"{Path(run_dir) / 'flags.txt'}: {err}") from err
+        if legacy is not None:
+            try:
+                return check_threshold(legacy), "the run's --threshold in its flags.txt"
+            except ConfigError as err:
+                raise ModelFileError(f"{Path(run_dir) / 'flags.txt'}: {err}") from err
+    return DEFAULT_THRESHOLD, "the default: the run stores none"
+
+
+def resolve_threshold(seg: Segmenter, given: float | None, label: str = ""
+                      ) -> tuple[float, str]:
+    """The threshold a command uses and where it comes from: ``given`` (``--threshold``) when
+    not None, else the run's (:attr:`Segmenter.threshold`); logs both (after ``label``: which
+    run, where a command segments with several).
+
+    Raises:
+        ConfigError: a given threshold outside (0, 1).
+    """
+    if given is not None:
+        value, source = check_threshold(given), "--threshold"
+    else:
+        value, source = seg.threshold, seg.threshold_source
+    log.info(f"{label + ': ' if label else ''}threshold {value:g} ({source})")
+    return value, source
+
+
 def run_inference(run_dir: str | Path) -> InferenceConfig:
     """The inference settings of a run: those its ``flags.txt`` records (``stride``,
     ``eval_scales``, a shipped model's ``inference``, ``threshold``...), the defaults for the
@@ -102,6 +165,102 @@ def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
 def model_logits(outputs) -> tf.Tensor:
     """The segmentation logits of a model output (a tensor or a dict with ``"logits"``)."""
     return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
+# --- the inference scale of a photograph -------------------------------------------------------
+
+INFERENCE_SCALES = ("auto", "training", "native")
+# A FOV within this share of the diameter aimed at is segmented as it is.
+SCALE_TOLERANCE = 0.2
+# --inference_scale=auto shrinks a photograph by at most this much (run.json "auto_min_scale"
+# overrides it for a model measured otherwise). unet_drive on HRF: F1 0.696 with the FOV matched
+# (x0.17), 0.743 at x0.33: further down thin vessels fall under a pixel and the probabilities,
+# enlarged 6x back, widen every vessel (docs/models.md).
+AUTO_MIN_SCALE = 1 / 3
+
+
+def parse_inference_scale(value: str | float) -> str | float:
+    """``--inference_scale`` checked: "auto", "training", "native" or a positive factor.
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    text = str(value).strip().lower()
+    if text in INFERENCE_SCALES:
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = float("nan")
+    if not 0.0 < factor < float("inf"):
+        raise ConfigError(f"--inference_scale={value}: give auto, training, native or a "
+                          "positive factor (2: the FOV segmented at twice the training FOV "
+                          "diameter)")
+    return factor
+
+
+def inference_factor(setting: str | float, diameter: float, trained: float | None,
+                     auto_min_scale: float = AUTO_MIN_SCALE) -> float:
+    """The resize factor of a photograph whose FOV is ``diameter`` px wide, for a model trained
+    on FOVs ``trained`` px wide; 1.0: segmented as it is.
+
+    ``training`` aims at the training diameter, a number ``f`` at ``f`` times it, ``auto`` at
+    the training diameter shrinking by at most ``auto_min_scale``; ``native`` never resizes,
+    and neither does any setting when the FOV lies within :data:`SCALE_TOLERANCE` of its aim
+    (or is unknown).
+    """
+    setting = parse_inference_scale(setting)
+    if setting == "native" or not (trained and diameter):
+        return 1.0
+    target = float(trained) * (setting if isinstance(setting, float) else 1.0)
+    if abs(diameter / target - 1.0) <= SCALE_TOLERANCE:
+        return 1.0
+    factor = target / diameter
+    return max(factor, auto_min_scale) if setting == "auto" else factor
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalePlan:
+    """How :meth:`Segmenter.probability_at_inference_scale` segments one photograph.
+
+    Attributes:
+        width, height: the photograph's size.
+        fov_diameter: its FOV's horizontal extent in pixels.
+        training_fov_diameter: the training images' (run.json ``fov_diameter``; None unknown).
+        factor: the resize factor (1.0: segmented as it is).
+        size: (width, height) segmented at.
+    """
+
+    width: int
+    height: int
+    fov_diameter: float
+    training_fov_diameter: float | None
+    factor: float
+    size: tuple[int, int]
+
+    @property
+    def rescaled(self) -> bool:
+        return self.size != (self.width, self.height)
+
+    def describe(self) -> str:
+        """E.g. "3504x2336, FOV 3261 px -> segmented at 1168x779 (x0.33), the training FOV is
+        540 px"."""
+        text = f"{self.width}x{self.height}, FOV {self.fov_diameter:.0f} px -> "
+        text += (f"segmented at {self.size[0]}x{self.size[1]} (x{self.factor:.2f})"
+                 if self.rescaled else "segmented as it is")
+        if self.training_fov_diameter:
+            text += f", the training FOV is {self.training_fov_diameter:.0f} px"
+        return text
+
+
+# Whole-image passes over more pixels than this run in tiles: memory stays that of one tile
+# (unet_drive's one pass adds about 0.9 GB per Mpixel; tiles are 1.5x slower, their overlap).
+TILE_ABOVE_PIXELS = 2_000_000
+# The fastest side on a 2-core CPU (384 to 1024 px measured); batching tiles was no faster.
+TILE_SIZE = 768
+# Context kept around each tile's centre: unet_drive's receptive field is within it (its tiled
+# probabilities equal the whole-image ones, tests/test_highres.py).
+TILE_MARGIN = 64
 
 
 class Segmenter:
@@ -125,6 +284,12 @@ class Segmenter:
             (:func:`retina_tf.postprocess.vote_av_segments`), after TTA.
         av_link: with ``av_vote``, the strength of the links between segments across
             junctions (0: every segment decides alone).
+        inference_scale: the size :meth:`segment` and :meth:`probability_at_inference_scale`
+            segment a photograph at: "auto", "training", "native" or a factor of the training
+            FOV diameter (:func:`inference_factor`).
+        tile_size: whole-image inference runs in overlapping tiles of this side
+            (:func:`tiled_predict`); 0: tiles of :data:`TILE_SIZE` above
+            :data:`TILE_ABOVE_PIXELS` pixels, the whole image at once below.
 
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus
@@ -140,7 +305,8 @@ class Segmenter:
                  batch_size: int = 64, fully_convolutional: bool = True,
                  run_info: dict | None = None, tta: bool = False,
                  scales: Sequence[float] | None = None, av_vote: bool = False,
-                 av_link: float = 1.0, tta_transpose: bool = False):
+                 av_link: float = 1.0, tta_transpose: bool = False,
+                 inference_scale: str | float = "auto", tile_size: int = 0):
         if inference not in ("auto", "whole", "sliding"):
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
@@ -166,6 +332,11 @@ class Segmenter:
         if av_link < 0:
             raise ValueError(f"av_link must be >= 0, got {av_link}")
         self.av_link = float(av_link)
+        self.inference_scale = parse_inference_scale(inference_scale)
+        if int(tile_size) < 0 or 0 < int(tile_size) <= 2 * TILE_MARGIN:
+            raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
+                              f"{2 * TILE_MARGIN} px (two margins of context)")
+        self.tile_size = int(tile_size)
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.model(x, training=False))),
             reduce_retracing=True)
@@ -214,6 +385,17 @@ class Segmenter:
         return cls.from_run(PRETRAINED_DIR / name, **overrides)
 
     @property
+    def threshold(self) -> float:
+        """The run's mask threshold (:func:`stored_threshold`: ``run.json``, else 0.5);
+        :meth:`segment` uses it unless given another."""
+        return stored_threshold(self.run_info, getattr(self, "run_dir", None))[0]
+
+    @property
+    def threshold_source(self) -> str:
+        """Where :attr:`threshold` comes from, in words (for the commands' reports)."""
+        return stored_threshold(self.run_info, getattr(self, "run_dir", None))[1]
+
+    @property
     def task(self) -> str:
         return self.run_info.get("task", "vessel")
 
@@ -257,6 +439,9 @@ class Segmenter:
                 return self._forward({"image": batch, "context": tf.repeat(
                     context, tf.shape(batch)[0], axis=0)})
         if self.inference == "whole":
+            tile = self.tile_size or (TILE_SIZE if h * w > TILE_ABOVE_PIXELS else 0)
+            if tile:
+                return tiled_predict(forward, x, self.size_multiple, tile, TILE_MARGIN)
             padded = pad_to_multiple(x, self.size_multiple)
             return forward(tf.constant(padded[None]))[0, :h, :w].numpy()
         return sliding_window_predict(forward, x, self.window, self.stride, self.batch_size)
@@ -286,44 +471,79 @@ class Segmenter:
                                f"needs at least {self.min_image_size}x{self.min_image_size} "
                                "(its training patch size)")
 
-    def segment(self, image: np.ndarray, fov: np.ndarray | None = None, threshold: float = 0.5,
+    def segment(self, image: np.ndarray, fov: np.ndarray | None = None,
+                threshold: float | None = None,
                 match_scale: bool = True, source: str | os.PathLike = "the image"
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV.
 
-        With ``match_scale``, a photograph whose FOV diameter differs from the training images'
-        by more than 20 % is resized to the training scale for inference (vessel widths in
-        pixels are what the model learned) and the probabilities are resized back.
+        With ``match_scale``, the photograph is segmented at its inference scale
+        (:meth:`probability_at_inference_scale`), else as it is.
 
         Args:
+            threshold: the mask's probability threshold; None: the run's (:attr:`threshold`).
             source: where the image came from (a file name), for messages.
 
         Raises:
             ConfigError: for a threshold outside (0, 1).
             DatasetError: for an image smaller than :attr:`min_image_size`.
         """
-        check_threshold(threshold)
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
         self.check_image_size(image, source)
         if fov is None:
             fov = estimate_fov(image)
-        prob = self.probability_at_training_scale(image, fov) if match_scale else \
+        prob = self.probability_at_inference_scale(image, fov) if match_scale else \
             self.probability(image)
         prob = prob * fov[..., None]
         return prob, prob >= threshold
 
-    def probability_at_training_scale(self, image: np.ndarray, fov: np.ndarray) -> np.ndarray:
-        """:meth:`probability`, with a photograph whose FOV diameter differs from the training
-        images' by more than 20 % resized to the training scale first (vessel widths in pixels
-        are what the model learned) and the probabilities resized back; ``predict`` and
-        ``evaluate`` both segment this way."""
+    @property
+    def auto_min_scale(self) -> float:
+        """The most ``--inference_scale=auto`` shrinks a photograph (run.json
+        ``auto_min_scale``, else :data:`AUTO_MIN_SCALE`)."""
+        return float(self.run_info.get("auto_min_scale") or AUTO_MIN_SCALE)
+
+    def describe_inference_scale(self) -> str:
+        """The rule of :attr:`inference_scale` in words, for reports."""
+        trained = self.run_info.get("fov_diameter")
+        setting = self.inference_scale
+        name = f"inference scale {setting:g}" if isinstance(setting, float) else \
+            f"inference scale {setting}"
+        if setting == "native" or not trained:
+            why = "" if setting == "native" else " (the run records no training FOV diameter)"
+            return f"{name}: every photograph is segmented as it is{why}"
+        trained = float(trained)
+        if isinstance(setting, float):
+            aim, whose = trained * setting, f"{setting:g} x the training FOV of {trained:.0f} px"
+        else:
+            aim, whose = trained, "the training FOV"
+        floor = f", shrinking by x{self.auto_min_scale:.2f} at most" if setting == "auto" else ""
+        return (f"{name}: a photograph is resized to bring its FOV to {aim:.0f} px wide "
+                f"({whose}){floor}; one within {SCALE_TOLERANCE:.0%} of that is segmented "
+                "as it is")
+
+    def scale_plan(self, image: np.ndarray, fov: np.ndarray) -> ScalePlan:
+        """The size ``image`` (whose FOV mask is ``fov``) is segmented at."""
         h, w = image.shape[:2]
         trained = self.run_info.get("fov_diameter")
         diameter = fov_diameter(fov)
-        if not (trained and diameter and abs(diameter / trained - 1.0) > 0.2):
+        factor = inference_factor(self.inference_scale, diameter, trained, self.auto_min_scale)
+        size = (w, h) if factor == 1.0 else (max(int(round(w * factor)), 1),
+                                             max(int(round(h * factor)), 1))
+        return ScalePlan(w, h, diameter, float(trained) if trained else None, factor, size)
+
+    def probability_at_inference_scale(self, image: np.ndarray, fov: np.ndarray,
+                                       plan: ScalePlan | None = None) -> np.ndarray:
+        """:meth:`probability` at the size of :meth:`scale_plan` (``plan`` when given): the
+        photograph resized there (OpenCV area), segmented, and the probabilities resized back
+        (bilinear). Vessel widths in pixels are what a model learned, so a photograph of
+        another scale is brought near the training FOV diameter; ``predict``, ``evaluate`` and
+        ``compare`` all segment this way."""
+        plan = plan or self.scale_plan(image, fov)
+        if not plan.rescaled:
             return self.probability(image)
-        scale = trained / diameter
-        size = (max(int(round(w * scale)), 1), max(int(round(h * scale)), 1))
-        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        small = cv2.resize(image, plan.size, interpolation=cv2.INTER_AREA)
+        h, w = image.shape[:2]
         prob = cv2.resize(self.probability(small), (w, h), interpolation=cv2.INTER_LINEAR)
         return prob.reshape(h, w, -1)
 
@@ -341,6 +561,55 @@ def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
     outs = [forward(tf.constant(patches[i:i + batch_size])).numpy()
             for i in range(0, len(patches), batch_size)]
     return recompose_patches(np.concatenate(outs), positions, x.shape[:2])
+
+
+def tile_spans(length: int, tile: int, margin: int, multiple: int = 1
+               ) -> list[tuple[int, int, int]]:
+    """``(start, keep_from, keep_to)`` of the tiles covering ``[0, length)`` along one axis.
+
+    Tiles are ``tile`` long (the whole axis when shorter) and start on multiples of
+    ``multiple`` (the pooling grid of the whole image), the last one flush with the end. Each
+    keeps its pixels up to the middle of its overlap with a neighbour: at least ``margin`` from
+    any tile edge inside the image, so a tile sees the context the whole image would give.
+    """
+    if length <= tile:
+        return [(0, 0, length)]
+    step = (tile - 2 * margin) // multiple * multiple
+    if step < multiple:
+        raise ValueError(f"a tile of {tile} px leaves nothing inside two margins of {margin} px")
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    bounds = [0] + [(a + tile + b) // 2 for a, b in zip(starts, starts[1:])] + [length]
+    return [(s, bounds[i], bounds[i + 1]) for i, s in enumerate(starts)]
+
+
+def tiled_predict(forward, x: np.ndarray, multiple: int, tile: int, margin: int,
+                  batch_size: int = 1) -> np.ndarray:
+    """Whole-image inference of a fully convolutional ``forward`` in overlapping tiles.
+
+    ``x`` (H, W, C) is zero-padded to ``multiple`` as for one whole-image pass; tiles of
+    ``tile`` px (rounded up to ``multiple``) start on that pooling grid and each keeps its
+    centre (:func:`tile_spans`). Memory is bounded by ``batch_size`` tiles; the result equals
+    the whole-image pass where one tile covers the image, and differs by what lies beyond
+    ``margin`` px of context elsewhere (the overlap-tile strategy of Ronneberger et al. 2015,
+    "U-Net", sec. 2).
+    """
+    h, w = x.shape[:2]
+    tile = -(-int(tile) // multiple) * multiple
+    padded = pad_to_multiple(x, multiple)
+    rows = tile_spans(padded.shape[0], tile, margin, multiple)
+    cols = tile_spans(padded.shape[1], tile, margin, multiple)
+    th, tw = min(tile, padded.shape[0]), min(tile, padded.shape[1])
+    jobs = [(r, c) for r in rows for c in cols]
+    out = None
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        batch = np.stack([padded[r:r + th, c:c + tw] for (r, _, _), (c, _, _) in chunk])
+        probs = forward(tf.constant(batch)).numpy()
+        if out is None:
+            out = np.empty((padded.shape[0], padded.shape[1], probs.shape[-1]), np.float32)
+        for ((r, r0, r1), (c, c0, c1)), prob in zip(chunk, probs):
+            out[r0:r1, c0:c1] = prob[r0 - r:r1 - r, c0 - c:c1 - c]
+    return out[:h, :w]
 
 
 def atomic_save_model(model: keras.Model, path: Path) -> None:

@@ -35,7 +35,13 @@ from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.progress import progress
 from retina_tf.run_folder import run_dir_of
-from retina_tf.training import TrainingJob, augmentation, load_training_sets, run_training
+from retina_tf.training import (
+    TrainingJob,
+    augmentation,
+    epoch_steps,
+    load_training_sets,
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +125,10 @@ def reconstruction_grid(model: MAE, crops: np.ndarray, noise: np.ndarray) -> np.
 def pretrain_mae(cfg: MAEConfig) -> Path:
     """Pre-trains an MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR
     2022) as ``cfg`` says and returns the run folder."""
-    return run_training(cfg, lambda strategy: _mae_job(cfg, strategy))
+    return run_training(cfg, lambda strategy, run_dir: _mae_job(cfg, strategy, run_dir))
 
 
-def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
+def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) -> TrainingJob:
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
     files, images = pretraining_images(cfg.pretrain_dirs, exclude)
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
@@ -144,7 +150,7 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
         model = MAE(**apply_preset(config))
     size = model.encoder.image_size
     augment = augmentation(cfg)
-    steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
+    steps = epoch_steps(cfg, max(cfg.patches_per_epoch // cfg.batch_size, 1))
 
     def dataset(start_epoch: int) -> tf.data.Dataset:  # a resumed run continues the stream
         return patch_dataset(seg, size, cfg.batch_size, 0.0, augment, cfg.seed,
@@ -153,7 +159,6 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
     # A fixed batch with fixed masking shows the reconstructions improve epoch after epoch.
     crops = next(iter(patch_dataset(seg, size, 6, 0.0, Augment.none(), cfg.seed + 1)))[0].numpy()
     noise = np.random.default_rng(cfg.seed).random((len(crops), model.encoder.num_patches))
-    run_dir = run_dir_of(cfg)
     callbacks = []
     if cfg.image_summary_every:
         callbacks.append(ReconstructionImages(crops, noise, run_dir / "images",
@@ -219,7 +224,7 @@ def pretrain_rip(cfg: RipPretrainConfig) -> Path:
     and returns the run folder; ``bin/train.py --model=rip_av --pretrained=<run>`` fine-tunes
     from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
     cfg = dataclasses.replace(cfg, task=cfg.task or "av")  # the patches' images have A/V labels
-    return run_training(cfg, lambda strategy: _rip_job(cfg, strategy))
+    return run_training(cfg, lambda strategy, run_dir: _rip_job(cfg, strategy))
 
 
 def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
@@ -237,7 +242,7 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
         config.pop(key)  # the rip_av config's other keys (context, heads) may be shared
     with strategy.scope():
         model = RIPClassifier(**config)
-    steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
+    steps = epoch_steps(cfg, max(cfg.patches_per_epoch // cfg.batch_size, 1))
 
     def augment(patch, label):
         patch = tf.image.random_flip_left_right(tf.image.random_flip_up_down(patch))

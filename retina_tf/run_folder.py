@@ -18,6 +18,7 @@ epoch in progress:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +460,36 @@ def finish_run(run_dir: Path) -> None:
     """Removes the resume state; call only once ``model.keras`` and ``metrics.json`` are on
     disk, so that a kill at any earlier moment still resumes."""
     shutil.rmtree(Path(run_dir) / BACKUP_DIR, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def worker_run_folder(run_dir: Path, task_id: int) -> Iterator[Path]:
+    """The folder a multi-worker worker other than the chief writes instead of ``run_dir``: a
+    temporary one, removed when training ends or fails (TensorFlow's multi-worker guide: all
+    workers save, only the chief's files are kept). The folders that killed workers left in
+    the system's temporary folder are removed first."""
+    for old in Path(tempfile.gettempdir()).glob("retina_tf-worker*-pid*-*"):
+        pid = old.name.partition("-pid")[2].partition("-")[0]
+        if (pid.isdigit() and not _process_exists(int(pid))
+                and old.stat().st_uid == os.getuid()):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(
+            prefix=f"retina_tf-worker{task_id}-pid{os.getpid()}-") as tmp:
+        folder = Path(tmp) / Path(run_dir).name
+        log.info(f"worker {task_id}: the chief writes {run_dir}; this worker writes {folder}, "
+                 "removed at the end")
+        yield folder
+    log.info(f"worker {task_id}: done; removed {folder}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # --- before a run starts ---------------------------------------------------------------------

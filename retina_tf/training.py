@@ -9,14 +9,16 @@ survives a kill is :mod:`retina_tf.run_folder`'s part.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf.config import MAEConfig, TrainConfig, to_flag_lines
-from retina_tf.data.io import read_sample
+from retina_tf.data.camera import camera_variants
+from retina_tf.data.catalog import SPLITS, Sample, normalize_dataset_name
+from retina_tf.data.io import SampleData, read_sample
 from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
@@ -38,12 +42,13 @@ from retina_tf.data.pipeline import (
 )
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
-from retina_tf.errors import ConfigError
-from retina_tf.evaluation import evaluate_set
+from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
+from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, check_arguments, model_class
+from retina_tf.progress import progress
 from retina_tf.run_folder import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
@@ -64,11 +69,12 @@ from retina_tf.run_folder import (
     save_model_file,
     update_metrics_json,
     weights_file_is_whole,
+    worker_run_folder,
 )
 
 __all__ = ["train", "run_training", "TrainingJob", "fit_run", "already_trained",
            "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay",
-           "load_training_sets", "load_pretrained"]
+           "load_training_sets", "load_pretrained", "epoch_steps", "total_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +91,14 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """``auto``: MirroredStrategy when several GPUs are visible, else the default strategy.
 
     ``mirrored`` mirrors over all GPUs, or over all logical CPUs when there is no GPU;
-    ``one_device`` uses the first GPU or the CPU; ``multi_worker`` reads ``TF_CONFIG``.
+    ``one_device`` uses the first GPU or the CPU; ``multi_worker`` is
+    MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (docs/scaling.md).
     """
+    if name == "multi_worker":
+        # before anything starts TensorFlow's runtime (listing devices does): collective ops
+        # can only be configured at program start-up
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -101,15 +113,156 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                              "(cluster and task of this worker)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"--strategy={name}: unknown strategy")
 
 
+MultiWorker = tf.distribute.MultiWorkerMirroredStrategy
+TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}')
+
+
+def check_tf_config(text: str | None) -> None:
+    """Raises ConfigError unless ``text`` (the ``TF_CONFIG`` variable) names a cluster and a
+    task of it, as MultiWorkerMirroredStrategy reads them."""
+    if not text:
+        raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                          f"(the cluster and this worker's task), e.g. {TF_CONFIG_EXAMPLE}")
+    try:
+        spec = json.loads(text)
+        task_type, index = spec["task"]["type"], int(spec["task"]["index"])
+        hosts = spec["cluster"][task_type]
+        ok = isinstance(hosts, list) and 0 <= index < len(hosts)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"TF_CONFIG={text}: give the cluster and a task in it, e.g. "
+                          f"{TF_CONFIG_EXAMPLE}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run folder: always, except on a worker of a
+    multi-worker cluster that is not its chief (task ``chief``, else worker 0)."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def from_chief(strategy: tf.distribute.Strategy, values: Sequence) -> list[tf.Tensor]:
+    """``values`` (tensors or variables) as the chief has them, on every worker of a
+    multi-worker cluster; unchanged under the other strategies. Every worker must call it at
+    the same point. A broadcast as an all-reduce sum to which only replica 0 (the chief's
+    first) contributes."""
+    values = [tf.convert_to_tensor(v) for v in values]
+    if not isinstance(strategy, MultiWorker) or not values:
+        return values
+    groups: dict[str, list[int]] = {}  # one flat vector per dtype: few traces, few collectives
+    for i, v in enumerate(values):
+        groups.setdefault(v.dtype.name, []).append(i)
+    out = list(values)
+    for name, group in groups.items():
+        summed = _broadcaster(strategy, name)(
+            tf.concat([tf.reshape(values[i], [-1]) for i in group], 0))
+        parts = tf.split(summed, [int(tf.size(values[i])) for i in group])
+        for i, part in zip(group, parts):
+            out[i] = tf.reshape(part, values[i].shape)
+    return out
+
+
+@functools.cache
+def _broadcaster(strategy: tf.distribute.Strategy, dtype: str) -> Callable:
+    """A traced (collectives run eagerly are slow) all-reduce sum of a vector of ``dtype`` to
+    which only replica 0 contributes."""
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype)])
+    def broadcast(flat):
+        def contribute():
+            ctx = tf.distribute.get_replica_context()
+            first = tf.equal(ctx.replica_id_in_sync_group, 0)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                  tf.where(first, flat, tf.zeros_like(flat)))
+
+        return strategy.experimental_local_results(strategy.run(contribute))[0]
+
+    return broadcast
+
+
+def sync_from_chief(strategy: tf.distribute.Strategy, model: keras.Model,
+                    trainable: bool = True) -> None:
+    """Gives every worker the chief's model variables (with ``trainable``, also the optimizer
+    state and trainable weights, which only differ after a resume from the chief's folder).
+    Under the other strategies nothing happens."""
+    if not isinstance(strategy, MultiWorker):
+        return
+    variables = list(model.non_trainable_variables)
+    if trainable:
+        variables += model.trainable_variables + model.optimizer.variables
+    # metric state is summed over the workers when read, not copied
+    variables = [v for v in variables if v.synchronization != "on_read"]
+    for variable, value in zip(variables, from_chief(strategy, [v.value for v in variables])):
+        variable.assign(value)
+
+
+class SyncStatistics(keras.callbacks.Callback):
+    """Multi-worker: at the end of every epoch, before validation and checkpoints, every worker
+    takes the chief's non-trainable variables (batch-norm statistics, which each worker
+    updates from its own batches; the trainable ones are equal by the all-reduced gradients)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_epoch_end(self, epoch, logs=None):
+        sync_from_chief(self.strategy, self.model, trainable=False)
+
+
+def fit_across_workers(model: keras.Model, data: tf.data.Dataset) -> None:
+    """Works around two places where Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585): it learns the data's shapes by reducing the first distributed
+    batch across the workers (here: a local batch of ``data``), and it averages each step's
+    scalar logs over the workers along an axis 0 they lack (here: the logs have one)."""
+    batch = next(iter(data))
+    build, step = model._maybe_symbolic_build, model.train_step
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: build(data_batch=batch)
+    model.train_step = lambda data: {k: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0
+                                     else v for k, v in step(data).items()}
+
+
+def state_from_chief(strategy: tf.distribute.Strategy, model: keras.Model,
+                     state: TrainingState | None, best: float | None
+                     ) -> tuple[TrainingState | None, float | None]:
+    """Multi-worker: the chief's restored training state (None: a fresh start), best
+    checkpoint score, weights and optimizer state on every worker, whatever the worker's own
+    folder held; unchanged under the other strategies."""
+    if not isinstance(strategy, MultiWorker):
+        return state, best
+    mine = ([state.epoch, state.elapsed_seconds, float(state.stopped)] if state else [0, 0, 0])
+    mine += [float(best is not None), best or 0.0]
+    epoch, elapsed, stopped, has_best, value = from_chief(
+        strategy, [tf.constant(mine, tf.float64)])[0].numpy().tolist()
+    sync_from_chief(strategy, model)
+    if not epoch:
+        return None, None
+    if state is None or state.epoch != int(epoch):  # a worker: the chief's epoch, no history
+        state = TrainingState(int(epoch), elapsed_seconds=elapsed, stopped=bool(stopped))
+    return state, (value if has_best else None)
+
+
 # --- optimization ----------------------------------------------------------------------------
+
+def epoch_steps(cfg, default_steps: int) -> int:
+    """Batches per epoch: ``--steps_per_epoch``, else ``default_steps`` (from
+    ``--patches_per_epoch``, or one pass over the images). With ``--max_iters=M`` (a total step
+    count, WILeroy/retina_unet's) training runs ``E = ceil(M / that)`` epochs of
+    ``ceil(M / E)`` steps: exactly M when E divides M, else at most E - 1 more; an epoch stays
+    the unit of backups, validation and resume."""
+    steps = cfg.steps_per_epoch or default_steps
+    if cfg.max_iters:
+        steps = math.ceil(cfg.max_iters / math.ceil(cfg.max_iters / steps))
+    return steps
+
+
+def total_epochs(cfg, steps: int) -> int:
+    """The epochs to train: ``--epochs``, or with ``--max_iters`` the epochs of
+    :func:`epoch_steps` (``steps`` batches each)."""
+    return math.ceil(cfg.max_iters / steps) if cfg.max_iters else cfg.epochs
+
 
 @keras.saving.register_keras_serializable(package="retina_tf")
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -197,6 +350,24 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class FollowChief(keras.callbacks.Callback):
+    """Multi-worker: every worker takes the chief's epoch logs (its validation scores) and its
+    decision to stop (its clock's time budget), so that all save the same checkpoints and stop
+    at the same epoch; a worker that went on alone would wait for the others forever."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float, np.number)))
+        mine = [float(logs[k]) for k in keys] + [float(self.model.stop_training)]
+        *values, stop = from_chief(self.strategy, [tf.constant(mine, tf.float64)])[0].numpy()
+        logs.update(zip(keys, (float(v) for v in values)))
+        self.model.stop_training = bool(stop)
+
+
 def _to_uint8_image(x: np.ndarray) -> np.ndarray:
     x = np.clip(np.asarray(x, np.float32), 0, 1)
     if x.shape[-1] not in (1, 3):
@@ -272,22 +443,77 @@ def model_kwargs(cfg: TrainConfig, input_channels: int, num_classes: int) -> dic
     return kwargs
 
 
+def parse_extra_data(entry: str) -> tuple[str, str, str]:
+    """``DATASET:FOLDER[:SPLIT]`` of ``--extra_data`` as (dataset, folder, split)."""
+    dataset, _, rest = entry.partition(":")
+    folder, split = rest, "training"
+    head, _, last = rest.rpartition(":")
+    if head and last in SPLITS:
+        folder, split = head, last
+    if not dataset or not folder:
+        raise ConfigError(f"--extra_data={entry}: give DATASET:FOLDER[:SPLIT], e.g. "
+                          "stare:data/STARE:all")
+    return normalize_dataset_name(dataset), folder, split
+
+
+def training_sources(cfg) -> list[list[Sample]]:
+    """The samples of ``--dataset`` (or the label file) and of each ``--extra_data`` set;
+    with ``--extra_data`` and no ``--dataset`` / ``--data_dir`` / label file, the extra sets
+    alone."""
+    extra = getattr(cfg, "extra_data", ())
+    alone = extra and not (cfg.dataset or cfg.data_dir or cfg.label_file_path)
+    sources = [] if alone else [resolve_samples(cfg.dataset, cfg.data_dir, "training",
+                                                cfg.label_file_path)]
+    for entry in extra:
+        dataset, folder, split = parse_extra_data(entry)
+        sources.append(resolve_samples(dataset, folder, split))
+    return sources
+
+
+def camera_set(datas: Sequence[SampleData], pre: Preprocessor, task: str, count: int,
+               seed: int, groups: Sequence[int]) -> SegmentationSet | None:
+    """``count`` camera-changed copies of each image (:mod:`retina_tf.data.camera`),
+    preprocessed like the originals, named ``<name>@cameraK``."""
+    if count <= 0:
+        return None
+    copies, copy_groups = [], []
+    for i, (d, g) in enumerate(zip(progress(datas, "camera variants", name=lambda d: d.name),
+                                   groups)):
+        for k, image in enumerate(camera_variants(d.image, count, seed * 1_000_003 + i)):
+            copies.append(dataclasses.replace(d, name=f"{d.name}@camera{k + 1}", image=image))
+            copy_groups.append(g)
+    out = build_set(copies, pre, task)
+    out.groups = copy_groups
+    return out
+
+
 def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Preprocessor]:
-    """Reads the training split, holds out the last ``val_images``, fits the preprocessor on the
-    rest and preprocesses both."""
-    samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
-    datas = [read_sample(s) for s in samples]
-    n_val = min(cfg.val_images, len(datas) - 1) if cfg.val_images > 0 else 0
-    train_idx = list(range(len(datas) - n_val))
-    val_idx = list(range(len(datas) - n_val, len(datas)))
+    """Reads the training split (and each ``--extra_data`` set), holds out the last
+    ``val_images`` of each, fits the preprocessor on the rest and preprocesses both; with
+    ``--camera_variants``, adds that many camera-changed copies of each training image."""
+    train, val = [], []  # (sample, data, source number)
+    for number, samples in enumerate(training_sources(cfg)):
+        datas = [read_sample(s) for s in samples]
+        n_val = min(cfg.val_images, len(datas) - 1) if cfg.val_images > 0 else 0
+        rows = [(s, d, number) for s, d in zip(samples, datas)]
+        train += rows[:len(rows) - n_val]
+        val += rows[len(rows) - n_val:]
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
-        pre.fit(datas[i].image for i in train_idx)
-    train_set = build_set([datas[i] for i in train_idx], pre, cfg.task,
-                          [samples[i] for i in train_idx], cfg.cache_dir)
-    val_set = build_set([datas[i] for i in val_idx], pre, cfg.task,
-                        [samples[i] for i in val_idx], cfg.cache_dir) if val_idx else None
-    return train_set, val_set, pre
+        pre.fit(d.image for _, d, _ in train)
+
+    def built(rows):
+        out = build_set([d for _, d, _ in rows], pre, cfg.task, [s for s, _, _ in rows],
+                        cfg.cache_dir)
+        out.groups = [g for _, _, g in rows]
+        return out
+
+    train_set = built(train)
+    variants = camera_set([d for _, d, _ in train], pre, cfg.task,
+                          getattr(cfg, "camera_variants", 0), cfg.seed, train_set.groups)
+    if variants is not None:
+        train_set = train_set + variants
+    return train_set, (built(val) if val else None), pre
 
 
 def load_pretrained(model: keras.Model, run_dir: Path) -> None:
@@ -360,23 +586,29 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
         # an A/V model is chosen by what it is for: artery/vein accuracy
         monitor = "val_av_acc" if validation.task == "av" else "val_f1"
         mode = "max"
-    state = restore_training(model, run_dir) if cfg.resume else None
+    restored = restore_training(model, run_dir) if cfg.resume else None
+    best = best_checkpoint_score(run_dir, monitor) if restored is not None else None
+    strategy = model.distribute_strategy
+    state, best = state_from_chief(strategy, model, restored, best)
     if state is None:  # a fresh start: checkpoints of an attempt killed in its first epoch go
         best_path.unlink(missing_ok=True)
         last_path.unlink(missing_ok=True)
         state = TrainingState()
     else:
-        log.info(f"resuming {run_dir} after epoch {state.epoch} "
+        where = run_dir if restored is not None else "the chief's run folder"
+        log.info(f"resuming {where} after epoch {state.epoch} "
                  f"({state.elapsed_seconds / 60:.1f} min of training so far)")
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
+    if isinstance(strategy, MultiWorker):
+        callbacks.insert(0, SyncStatistics(strategy))
     if validation is not None:
         callbacks.append(validation)
     # Order matters: the backup records whether the time budget stopped training, and is
     # written after the checkpoints of the same epoch.
     callbacks += [
         TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds),
-        BestCheckpoint(best_path, monitor, mode, best_checkpoint_score(run_dir, monitor)
-                       if state.epoch else None),
+        *([FollowChief(strategy)] if isinstance(strategy, MultiWorker) else []),
+        BestCheckpoint(best_path, monitor, mode, best),
         LastCheckpoint(last_path),
         keras.callbacks.TensorBoard(log_dir=str(run_dir), write_graph=False,
                                     write_steps_per_second=False),
@@ -385,6 +617,8 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     callbacks += list(extra_callbacks or [])
     if state.epoch < cfg.epochs and not state.stopped:
         data = dataset(state.epoch) if callable(dataset) else dataset
+        if isinstance(strategy, MultiWorker):
+            fit_across_workers(model, data)
         model.fit(data, epochs=cfg.epochs, initial_epoch=state.epoch, steps_per_epoch=steps,
                   callbacks=callbacks,
                   shuffle=False,  # the tf.data pipeline already samples at random
@@ -415,7 +649,10 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
                           cfg.vessel_probability, augment, cfg.seed, start=start),
             cfg.patch_size, model.context_size)
     return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
-                         augment, cfg.seed, start=start, crop_sizes=sizes)
+                         augment, cfg.seed, start=start, crop_sizes=sizes,
+                         scale_range=getattr(cfg, "scale_range", ()),
+                         groups=train_set.groups if getattr(cfg, "balance_datasets", True)
+                         else None)
 
 
 def _check_patch_size(cfg, model: keras.Model) -> None:
@@ -457,7 +694,9 @@ def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
     """What training actually read, for run.json."""
     return {"dataset": cfg.dataset or None, "data_dir": cfg.data_dir or None,
             "label_file_path": cfg.label_file_path or None,
-            "training_images": list(train_set.names),
+            "extra_data": list(getattr(cfg, "extra_data", ())),
+            "camera_variants": getattr(cfg, "camera_variants", 0),
+            "training_images": [n for n in train_set.names if "@camera" not in n],
             "validation_images": list(val_set.names) if val_set is not None else []}
 
 
@@ -495,25 +734,88 @@ class TrainingJob:
     finish: Callable[[keras.Model], tuple[dict[str, Any], str]] | None = None
 
 
-def run_training(cfg, prepare: Callable[[tf.distribute.Strategy], TrainingJob]) -> Path:
-    """The one training skeleton: seed, run-folder check, strategy, ``prepare`` (data and
-    model), optimizer and schedule, compile, run folder files, :func:`fit_run`, best weights,
-    ``model.keras``, ``metrics.json``, done. ``cfg`` is any training config (segmentation, MAE,
-    RIP); returns the run folder.
+def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob]) -> Path:
+    """The one training skeleton: seed, strategy, run-folder check, ``prepare`` (data and
+    model, given the strategy and the folder to write), optimizer and schedule, compile, run
+    folder files, :func:`fit_run`, best weights, ``model.keras``, ``metrics.json``, done.
+    ``cfg`` is any training config (segmentation, MAE, RIP); returns the run folder.
 
     A run folder that holds an interrupted run with the same training settings is resumed; one
     that holds a finished run with the same settings is left as it is; other settings there are
     an error unless ``cfg.overwrite``.
+
+    Under ``--strategy=multi_worker`` only the chief writes the run folder and decides (finished
+    or not, the resumed state, when the time budget stops); the other workers get its decisions
+    and weights through collectives and write to a temporary folder removed at the end, as
+    TensorFlow's multi-worker guide prescribes (every worker runs the same saving code).
     """
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
-    if already_trained(cfg, run_dir):
-        return run_dir
     strategy = make_strategy(cfg.strategy)
-    job = prepare(strategy)
+    if (cfg.jit_compile and strategy.num_replicas_in_sync > 1  # (the default has no devices)
+            and any(":CPU:" in d.upper() for d in strategy.extended.worker_devices)):
+        raise ConfigError(f"--jit_compile: XLA cannot compile a train step shared by several CPU "
+                          f"replicas ({strategy.num_replicas_in_sync} with --strategy="
+                          f"{cfg.strategy}); drop --jit_compile, or train on GPUs")
+    try:
+        chief = is_chief(strategy)
+        finished = already_trained(cfg, run_dir) if chief else False
+        if bool(from_chief(strategy, [float(finished)])[0]):
+            return run_dir
+        with compute_precision(cfg.mixed_precision):
+            if chief:
+                return _train_in(cfg, prepare, strategy, run_dir)
+            with worker_run_folder(run_dir, strategy.cluster_resolver.task_id) as folder:
+                _train_in(cfg, prepare, strategy, folder)
+        return run_dir
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError) as err:
+        if not isinstance(strategy, MultiWorker):
+            raise
+        # TensorFlow cannot go on with a worker fewer: every worker has to start again
+        raise RetinaTFError(
+            f"another worker of the TF_CONFIG cluster stopped answering (TensorFlow: "
+            f"{type(err).__name__}): start every worker again with the same command; training "
+            f"resumes from the last epoch's backup in the chief's {run_dir}") from err
+
+
+@contextlib.contextmanager
+def compute_precision(mixed: bool):
+    """Keras's global dtype policy while the model is built and trained: with ``mixed``,
+    mixed_float16 on a GPU (float16 compute, float32 weights, loss scaling), mixed_bfloat16
+    on the CPU; float32 otherwise. The policy before is restored after (Micikevicius et al.,
+    "Mixed precision training", ICLR 2018; keras.mixed_precision)."""
+    before = keras.mixed_precision.global_policy()
+    if mixed:
+        gpu = bool(tf.config.list_logical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` with every layer computing in float32 again (after mixed-precision training
+    its weights are float32 already), so the saved ``model.keras`` predicts, evaluates and
+    exports like any other run."""
+    if model.dtype_policy.name == "float32":
+        return model
+    for layer in model._flatten_layers(include_self=True):
+        layer.dtype_policy = "float32"
+    return model
+
+
+def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob],
+              strategy: tf.distribute.Strategy, run_dir: Path) -> Path:
+    """:func:`run_training` from ``prepare`` on, writing ``run_dir`` (a temporary folder on a
+    worker other than the chief)."""
+    job = prepare(strategy, run_dir)
     model = job.model
+    # flags.txt keeps --max_iters as given; the schedule and fit see the epochs it comes to
+    fit_cfg = dataclasses.replace(cfg, epochs=total_epochs(cfg, job.steps))
     with strategy.scope():
-        schedule = WarmupDecay(cfg.learning_rate, cfg.epochs * job.steps, cfg.lr_schedule,
+        schedule = WarmupDecay(cfg.learning_rate, fit_cfg.epochs * job.steps, cfg.lr_schedule,
                                cfg.warmup_steps)
         model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
                       jit_compile=bool(cfg.jit_compile) and job.jit_ok, **job.compile_args)
@@ -529,10 +831,11 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy], TrainingJob]) 
     atomic_write_text(run_dir / "flags.txt", to_flag_lines(cfg))
     job.preprocessor.save(run_dir / "preprocessor.json")
 
-    state, minutes, best_path = fit_run(model, job.dataset, job.steps, job.pixels_per_step, cfg,
-                                        run_dir, job.validation, job.callbacks)
+    state, minutes, best_path = fit_run(model, job.dataset, job.steps, job.pixels_per_step,
+                                        fit_cfg, run_dir, job.validation, job.callbacks)
     load_best_weights(model, best_path)
-    save_model_file(model, run_dir / "model.keras")
+    sync_from_chief(strategy, model)  # the chief's best checkpoint on every worker
+    save_model_file(float32_model(model), run_dir / "model.keras")
     losses = state.history.get("loss", [])
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
                                "loss_history": losses, "history": state.history,
@@ -543,7 +846,8 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy], TrainingJob]) 
         metrics.update(extra)
     update_metrics_json(run_dir, metrics)
     finish_run(run_dir)
-    log.info(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min{words}")
+    if is_chief(strategy):  # a worker's copy goes with its temporary folder
+        log.info(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min{words}")
     return run_dir
 
 
@@ -573,13 +877,12 @@ def train(cfg: TrainConfig,
     check_arguments(cfg.model, cfg.model_config)  # before any data is read
     # task None: the model's own (rip_av: av), else vessel; the caller's config is not changed
     cfg = dataclasses.replace(cfg, task=cfg.task or cls.task or "vessel")
-    return run_training(cfg, lambda strategy: _segmentation_job(cfg, strategy,
-                                                                 extra_callbacks or []))
+    return run_training(cfg, lambda strategy, run_dir: _segmentation_job(
+        cfg, strategy, run_dir, extra_callbacks or []))
 
 
-def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy,
+def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_dir: Path,
                       extra_callbacks: list[keras.callbacks.Callback]) -> TrainingJob:
-    run_dir = run_dir_of(cfg)
     train_set, val_set, pre = load_training_sets(cfg)
     log.info(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
              f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
@@ -594,6 +897,9 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy,
         load_pretrained(model, pretrained)
         log.info(f"started from the weights of {pretrained}")
     if model.needs_error_maps:
+        if cfg.camera_variants:
+            raise ConfigError(f"--camera_variants: not with {cfg.model}'s stage-1 error maps, "
+                              "which exist for the original images only; set it to 0")
         train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
     extras = model.training_extras(train_set.targets)
     if extras is not None:  # targets the model derives from the labels (RIP-AV's distance maps)
@@ -601,10 +907,10 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy,
     multiple = model.size_multiple
     if cfg.mode == "patch":
         _check_patch_size(cfg, model)
-        steps = cfg.steps_per_epoch or max(cfg.patches_per_epoch // cfg.batch_size, 1)
+        steps = epoch_steps(cfg, max(cfg.patches_per_epoch // cfg.batch_size, 1))
         pixels_per_step = cfg.batch_size * cfg.patch_size**2
     else:
-        steps = cfg.steps_per_epoch or max(len(train_set) // cfg.batch_size, 1)
+        steps = epoch_steps(cfg, max(len(train_set) // cfg.batch_size, 1))
         h, w = padded_size(train_set, multiple, square=augment.rot90)
         pixels_per_step = cfg.batch_size * h * w
     callbacks = list(extra_callbacks)
@@ -623,7 +929,15 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy,
         if validation is None:
             return {}, ""
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
-        result, _ = evaluate_set(validation.segmenter(), val_set, cfg.task)
+        result, probs = evaluate_set(validation.segmenter(), val_set, cfg.task)
+        # evaluate and predict use this threshold unless --threshold is given
+        try:
+            choice = choose_threshold(validation.segmenter(), val_set, probabilities=probs)
+        except DatasetError as err:
+            log.warning(f"warning: no threshold stored ({err}); the run's threshold is 0.5")
+        else:
+            store_threshold(run_dir, choice)
+            log.info(threshold_line(choice))
         return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "
                                         f"{result['auc_roc']:.4f}")
 

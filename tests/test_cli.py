@@ -219,7 +219,7 @@ def test_other_scripts_report_usage_errors_the_same_way(tmp_path):
         "make_synthetic.py: error: num_images must be >= 1")
     proc = _run("preprocess.py", "--dataset=drive")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "--data_dir and --out_dir are required" in proc.stderr
+    assert "--data_dir is required" in proc.stderr
 
 
 def test_predict_names_a_missing_input_and_exits_1(tmp_path):

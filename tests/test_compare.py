@@ -102,7 +102,8 @@ def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, a
     names = sorted(p.name.split(".")[0] for p in (tiny_synthetic / "test" / "images").iterdir())
     assert [r["name"] for r in rows] == names
     assert set(rows[0]) == {"name", "f1", "auc_roc", "se", "sp", "acc", "av_acc",
-                            "av_acc_ripav"}
+                            "av_acc_ripav", "scale"}
+    assert [float(r["scale"]) for r in rows] == [1.0] * len(names)  # the training size
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["name"] for r in saved["per_image"]] == names == [
         r["name"] for r in report["per_image"]]

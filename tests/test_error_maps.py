@@ -98,13 +98,14 @@ def test_make_error_maps_writes_the_stage1_errors(stage1):
     samples = resolve_samples("synthetic", data, "training")
     folder = run / "error_maps"
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(s.name for s in samples)
-    # each map is exactly the stage-1 model's thresholded errors inside the FOV
+    # each map is exactly the stage-1 model's errors inside the FOV, at the run's threshold
     seg = Segmenter.from_run(run)
     d = read_sample(samples[0])
     prob = seg.probability(d.image)[..., -1] * d.fov
     np.testing.assert_array_equal(read_mask(folder / f"{d.name}.png", what="error map"),
-                                  error_map(prob, d.vessel, d.fov))
+                                  error_map(prob, d.vessel, d.fov, seg.threshold))
     summary = json.loads((folder / "error_maps.json").read_text())
+    assert summary["threshold"] == seg.threshold
     assert set(summary["error_share_in_fov"]) == {s.name for s in samples}
     assert 0 <= summary["mean_error_share_in_fov"] <= 1
 

@@ -86,3 +86,21 @@ def test_the_shipped_av_model_segments_a_photograph_in_a_fresh_interpreter(tmp_p
         assert (out / name).is_file(), name
     prob = np.load(out / "p_prob.npy")
     assert prob.shape == (256, 256, 3) and 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_predict_without_a_model_uses_the_general_vessel_model(tmp_path, shared_data):
+    from retina_tf.data.io import read_mask
+
+    assert "vessel_general" in retina_tf.shipped_models()
+    assert retina_tf.PredictConfig().model == "vessel_general"
+    photo = shared_data / "DRIVE" / "test" / "images" / "01_test.tif"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "retina_tf", "predict", f"--input={photo}",
+                           f"--output_dir={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "vessel_general" in proc.stdout + proc.stderr
+    mask = read_mask(out / "01_test_mask.png")
+    truth = read_mask(shared_data / "DRIVE" / "test" / "1st_manual" / "01_manual1.gif")
+    fov = read_mask(shared_data / "DRIVE" / "test" / "mask" / "01_test_mask.gif")
+    tp = np.sum(mask & truth & fov)
+    assert 2 * tp / (np.sum(mask & fov) + np.sum(truth & fov)) > 0.8  # a real vessel map

@@ -219,6 +219,23 @@ def _halves(samples: list[Sample], split: str) -> list[Sample]:
     return {"training": ordered[:first], "test": ordered[first:], "all": ordered}[split]
 
 
+def guess_dataset(data_dir: PathLike) -> str | None:
+    """The dataset whose official layout ``data_dir`` has, among those of WILeroy/retina_unet
+    (DRIVE, CHASE_DB1): ``"drive"`` for ``training/{images,1st_manual,mask}`` (also the
+    synthetic sets; ``"hrf_av"`` when the labels are ``*_AVmanual``), ``"chase_db1"`` for a
+    flat folder of ``Image_NN{L,R}.jpg`` with ``Image_NN{L,R}_1stHO.png``; None otherwise."""
+    root = Path(data_dir)
+    training = root / "training"
+    if all((training / sub).is_dir() for sub in ("images", "1st_manual", "mask")):
+        av = any(p.name.split(".")[0].endswith("_AVmanual")
+                 for p in (training / "1st_manual").iterdir())
+        return "hrf_av" if av else "drive"
+    if root.is_dir() and any(re.fullmatch(r"Image_\d+[LR]_1stHO\.png", p.name, flags=re.I)
+                             for p in root.iterdir()):
+        return "chase_db1"
+    return None
+
+
 def normalize_dataset_name(dataset: str) -> str:
     """Maps ``"CHASE_DB1"``, ``"LES-AV"``, ``"hrf-av"`` ... to the names in :data:`DATASETS`."""
     name = str(dataset).strip().lower().replace("-", "_")

@@ -43,6 +43,8 @@ class SegmentationSet:
     # RIP-AV's distance maps): float32 (H, W, E); moved with the labels by every geometric
     # augmentation but not thresholded; never used to pick patch centres.
     extras: list[np.ndarray] | None = None
+    # The source (dataset) number of each image, for balanced patch sampling; None: one source.
+    groups: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -51,7 +53,18 @@ class SegmentationSet:
         fields = ("names", "images", "targets", "fovs")
         picked = [[getattr(self, f)[i] for i in indices] for f in fields]
         extras = None if self.extras is None else [self.extras[i] for i in indices]
-        return SegmentationSet(*picked, extras=extras)
+        groups = None if self.groups is None else [self.groups[i] for i in indices]
+        return SegmentationSet(*picked, extras=extras, groups=groups)
+
+    def __add__(self, other: SegmentationSet) -> SegmentationSet:
+        """Both sets' images in one set (extras and groups only when both have them)."""
+        def joined(field):
+            a, b = getattr(self, field), getattr(other, field)
+            return None if a is None or b is None else list(a) + list(b)
+
+        return SegmentationSet(self.names + other.names, self.images + other.images,
+                               self.targets + other.targets, self.fovs + other.fovs,
+                               extras=joined("extras"), groups=joined("groups"))
 
     def with_extras(self, extras: Sequence[np.ndarray]) -> SegmentationSet:
         """A copy whose ``y`` carries ``extras`` (one (H, W) or (H, W, E) map per image)."""
@@ -261,7 +274,8 @@ def _split(stack: tf.Tensor, channels: int):
 def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 32,
                   vessel_probability: float = 0.5, augment: Augment | None = None,
                   seed: int = 0, start: int = 0, context_size: int = 0,
-                  crop_sizes: Sequence[int] = ()) -> tf.data.Dataset:
+                  crop_sizes: Sequence[int] = (), scale_range: Sequence[float] = (),
+                  groups: Sequence[int] | None = None) -> tf.data.Dataset:
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
@@ -271,7 +285,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     context_size}`` (RIP-AV's global representation; Dai et al., MICCAI 2024). With
     ``crop_sizes``, each patch is a crop of one of these sides (chosen uniformly) resized to
     ``patch_size``, so vessels are seen at several scales (RIP-AV's mixed-size patches);
-    labels and FOV are thresholded back to binary after the resize.
+    labels and FOV are thresholded back to binary after the resize. With ``scale_range``
+    ``(lo, hi)``, each patch is a crop of side ``patch_size / s`` resized to ``patch_size``, ``s``
+    drawn log-uniformly in ``[lo, hi]``: vessels ``s`` times as wide, as a camera of another
+    resolution shows them. With ``groups`` (one group number per image, e.g. its dataset), each
+    patch first draws a group uniformly, so a larger set does not dominate.
     """
     if not 0.0 <= vessel_probability <= 1.0:
         raise ConfigError(f"--vessel_probability={vessel_probability}: must be in [0, 1]")
@@ -285,8 +303,19 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         return int(math.ceil(side * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
 
     crop = rotation_crop(patch_size)
+    if crop_sizes and scale_range:
+        raise ConfigError("--mixed_patch_sizes and --scale_range both change the patch scale; "
+                          "give one")
+    if scale_range:
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"--scale_range={lo:g},{hi:g}: give two factors 0 < lo <= hi "
+                              "(e.g. 0.6,1.6)")
+        crop_sizes = ()
     cut_sides = tf.constant([rotation_crop(int(c)) for c in crop_sizes] or [crop], tf.int64)
-    margin = int(max(cut_sides.numpy())) // 2 + 1
+    largest = int(math.ceil(crop / float(scale_range[0]))) if scale_range else \
+        int(max(cut_sides.numpy()))
+    margin = largest // 2 + 1
     hmax = max(im.shape[0] for im in seg.images)
     wmax = max(im.shape[1] for im in seg.images)
     stack = tf.constant(_stack(seg, hmax + 2 * margin, wmax + 2 * margin, offset=margin))
@@ -296,13 +325,29 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
                + np.flatnonzero(m) % m.shape[1] for i, m in enumerate(masks)]
         return np.concatenate(out).astype(np.int64)
 
-    fov_pool = flat_indices(seg.fovs)
-    vessel_pool = flat_indices([(t.max(axis=-1) > 0) & f for t, f in zip(seg.targets, seg.fovs)])
-    if fov_pool.size == 0:
+    group_of = np.zeros(len(seg), np.int64) if groups is None else np.asarray(groups, np.int64)
+    if group_of.shape != (len(seg),):
+        raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
+    group_ids = np.unique(group_of)
+    vessel_masks = [(t.max(axis=-1) > 0) & f for t, f in zip(seg.targets, seg.fovs)]
+
+    def grouped_pool(masks):  # one flat pool, each group's indices contiguous
+        parts = [flat_indices([m if g == gid else np.zeros_like(m)
+                               for m, g in zip(masks, group_of)]) for gid in group_ids]
+        sizes = np.array([p.size for p in parts], np.int64)
+        return np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes
+
+    fov_pool, fov_starts, fov_sizes = grouped_pool(seg.fovs)
+    vessel_pool, vessel_starts, vessel_sizes = grouped_pool(vessel_masks)
+    if (fov_sizes == 0).any():
         raise DatasetError("no FOV pixels to sample patches from")
-    if vessel_pool.size == 0:
-        vessel_pool, vessel_probability = fov_pool, 0.0
+    if (vessel_sizes == 0).any():
+        vessel_pool, vessel_starts, vessel_sizes = fov_pool, fov_starts, fov_sizes
+        vessel_probability = 0.0
     fov_pool, vessel_pool = tf.constant(fov_pool), tf.constant(vessel_pool)
+    starts = tf.constant(np.stack([fov_starts, vessel_starts]))
+    sizes = tf.constant(np.stack([fov_sizes, vessel_sizes]))
+    n_groups = len(group_ids)
     contexts = None
     if context_size:  # as the model's own context_of at inference: area resize of the image
         contexts = tf.constant(np.concatenate([
@@ -313,8 +358,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         s = _seeds(seed_scalar, 3)
         on_vessel = tf.random.stateless_uniform([], s[0]) < vessel_probability
         pool = tf.cond(on_vessel, lambda: vessel_pool, lambda: fov_pool)
-        j = tf.random.stateless_uniform([], s[1], 0, tf.shape(pool, out_type=tf.int64)[0],
-                                        dtype=tf.int64)
+        kind = tf.cast(on_vessel, tf.int32)
+        group = 0 if n_groups == 1 else tf.random.stateless_uniform(
+            [], _seeds(seed_scalar + 104729, 1)[0], 0, n_groups, dtype=tf.int32)
+        j = starts[kind, group] + tf.random.stateless_uniform([], s[1], 0, sizes[kind, group],
+                                                              dtype=tf.int64)
         flat = pool[j]
         n = flat // (hmax * wmax)
         y = (flat // wmax) % hmax
@@ -323,12 +371,16 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
             pick = tf.random.stateless_uniform([], _seeds(seed_scalar + 7919, 1)[0], 0,
                                                len(crop_sizes), dtype=tf.int32)
             side = tf.gather(cut_sides, pick)
+        elif scale_range:
+            log_s = tf.random.stateless_uniform([], _seeds(seed_scalar + 7919, 1)[0],
+                                                math.log(lo), math.log(hi))
+            side = tf.cast(tf.round(crop / tf.exp(log_s)), tf.int64)
         else:
             side = tf.constant(crop, tf.int64)
         begin = tf.stack([n, y + margin - side // 2, x + margin - side // 2,
                           tf.constant(0, tf.int64)])
         patch = tf.slice(stack, begin, tf.stack([1, side, side, stack.shape[-1]]))[0]
-        if crop_sizes:
+        if crop_sizes or scale_range:
             patch = _resize_stack(patch, crop, channels, n_extras)
         patch = tf.ensure_shape(patch, [crop, crop, stack.shape[-1]])
         patch = augment_stack(patch, channels, augment, s[2], crop=patch_size, extras=n_extras)

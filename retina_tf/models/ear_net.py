@@ -15,13 +15,17 @@ from retina_tf.models.hmsa import (
     HMSA,
     ScaleAttentionHead,
     check_nonnegative,
-    hierarchical_multiscale,
+    fuse_scales,
     hmsa_loss_weights,
+    multiscale_outputs,
+    scale_passes,
 )
 from retina_tf.models.hrnet_ocr import ResizeByScale, check_positive_ints
 
-# The method's modulation weight w in (1 - w) * p + w * att * p.
+# The method's modulation weight w in (1 - w) * p + w * att * p (the seed's ERROR_ATTN_WEIGHT).
 ERROR_WEIGHT = 0.5
+# Weight of the error-map MSE in the loss (the seed's ERR_ATTN_ALPHA).
+ERROR_LOSS_WEIGHT = 0.5
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
@@ -52,6 +56,21 @@ class ErrorAttentionModulation(layers.Layer):
         return {**super().get_config(), "weight": self.weight}
 
 
+@keras.saving.register_keras_serializable(package="retina_tf")
+class TrainingSwitch(layers.Layer):
+    """``inputs = [in_training, at_inference]``: the first while training, else the second.
+
+    Both are computed (the graph is one); ``training=None`` (a plain call) counts as inference,
+    as for batch normalization.
+    """
+
+    def call(self, inputs, training=None):
+        return inputs[0] if training else inputs[1]
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[1]
+
+
 def masked_mse(prediction, target, sample_weight=None):
     """Mean squared error over the pixels with weight > 0 (the FOV), weighted by it."""
     target = ops.cast(target, prediction.dtype)
@@ -75,9 +94,16 @@ class EARNet(SegmentationModel, keras.Model):
     prediction against the ground truth on the training images gives error maps
     (``bin/make_error_maps.py``). Stage 2 starts from the stage-1 weights (``load_pretrained``)
     and adds an error-attention head of the same shape as the scale-attention head ([3x3 conv,
-    BN, ReLU] x 2, 1x1 conv, sigmoid) on the OCR features of the 1.0-scale pass, supervised by
-    the error map (MSE inside the FOV). The joint logits ``p`` become ``(1 - w) * p + w * att *
-    p`` with ``w = error_weight`` (0.5), at training and at inference.
+    BN, ReLU] x 2, 1x1 conv, sigmoid) on the OCR features of every scale's pass; the 1.0 pass's
+    map is supervised by the error map (MSE inside the FOV). Logits ``p`` become ``(1 - w) * p +
+    w * att * p`` with ``w = error_weight`` (0.5), where the authors' code
+    (https://github.com/Markin-Wang/EARNet, ``network/ocrnet_error_attn.py``) applies it:
+
+    - training (``two_scale_forward``): the joint logits and the joint auxiliary logits, after the
+      scale fusion, by the 1.0 pass's attention;
+    - inference (``nscale_forward``): each scale's logits and auxiliary logits by that scale's own
+      attention, before the fusion. The factor ``1 - w + w att`` then differs between scales, so
+      the sign of a fused logit (the mask) can differ from stage 1's.
 
     Args:
         stage1: the :class:`HMSA` model (or its serialized config). Default: built from
@@ -85,14 +111,17 @@ class EARNet(SegmentationModel, keras.Model):
         error_attention_channels: int, width of the error-attention head's 3x3 convs. Default:
             stage 1's ``attention_channels``.
         error_weight: float in [0, 1], ``w``. Default 0.5.
-        error_loss_weight: float, weight of the error-map MSE. Default 1.0.
+        error_loss_weight: float, weight of the error-map MSE (the code's ``ERR_ATTN_ALPHA``).
+            Default 0.5.
         **stage1_arguments: the :class:`HMSA` arguments of a new stage 1 (``width``,
             ``scales``, ``bn_momentum``, ...: one ``--model_config`` serves both stages); they
             must match the stage-1 run.
 
     Input ``(B, H, W, input_channels)``, ``H``, ``W`` multiples of ``size_multiple``. Output: the
-    HMSA dict, with ``"logits"`` modulated, plus ``"stage1_logits"`` (HMSA's joint logits) and
-    ``"error_attention"`` (1 channel, input size). Targets: the segmentation target with the error
+    HMSA dict, with ``"logits"`` and ``"aux"`` modulated (per the mode above; ``"logits_<s>"``
+    stay each scale's own, as the code supervises them), plus ``"stage1_logits"`` and
+    ``"stage1_aux"`` (HMSA's joint outputs) and ``"error_attention"`` (the 1.0 pass's, 1
+    channel, input size). Targets: the segmentation target with the error
     map appended as one more channel (``K + 1`` channels); a ``K``-channel target trains the
     segmentation terms only. ``compute_loss``: the HMSA loss on the modulated logits plus
     ``error_loss_weight * MSE(error_attention, error map)`` inside the FOV.
@@ -105,7 +134,8 @@ class EARNet(SegmentationModel, keras.Model):
 
     def __init__(self, stage1: HMSA | dict | None = None,
                  error_attention_channels: int | None = None,
-                 error_weight: float = ERROR_WEIGHT, error_loss_weight: float = 1.0,
+                 error_weight: float = ERROR_WEIGHT,
+                 error_loss_weight: float = ERROR_LOSS_WEIGHT,
                  **kwargs):
         error_head = kwargs.pop("_shared_error_head", None)  # only from with_scales()
         stage1_arguments = {k: kwargs.pop(k) for k in list(kwargs)
@@ -131,16 +161,29 @@ class EARNet(SegmentationModel, keras.Model):
 
         # === Functional Model ===
         inputs = keras.Input((None, None, network.input_channels), name="image")
-        outputs = hierarchical_multiscale(inputs, network, stage1.scale_attention,
-                                          stage1.scales, network.stem_stride,
-                                          return_features=True)
-        attention = error_head(outputs.pop("features"))
-        if network.stem_stride > 1:
-            attention = ResizeByScale(network.stem_stride, name="error_attention_up")(attention)
-        outputs["stage1_logits"] = outputs["logits"]
-        outputs["error_attention"] = attention
-        outputs["logits"] = ErrorAttentionModulation(error_weight, name="error_modulation")(
-            [outputs["logits"], attention])
+        passes = scale_passes(inputs, network, stage1.scale_attention, stage1.scales,
+                              network.stem_stride)
+        outputs = multiscale_outputs(inputs, passes)
+        modulated = []  # inference: every pass modulated by its own error attention
+        for p in passes:
+            tag = f"x{p['scale']}".replace(".", "_")
+            # Run at every scale, as the code's _fwd does: its BN statistics see them all.
+            attention = error_head(p["features"])
+            if network.stem_stride > 1:
+                up = "error_attention_up" if p["scale"] == 1.0 else f"error_attention_{tag}_up"
+                attention = ResizeByScale(network.stem_stride, name=up)(attention)
+            if p["scale"] == 1.0:
+                outputs["error_attention"] = attention
+            modulated.append(dict(p, **{
+                key: ErrorAttentionModulation(error_weight, name=f"error_modulation_{key}_{tag}")(
+                    [p[key], attention]) for key in ("logits", "aux")}))
+        outputs["stage1_logits"], outputs["stage1_aux"] = outputs["logits"], outputs["aux"]
+        for key in ("logits", "aux"):
+            # training: the fused maps modulated by the 1.0 pass's error attention
+            in_training = ErrorAttentionModulation(error_weight, name=f"error_modulation_{key}")(
+                [outputs[key], outputs["error_attention"]])
+            at_inference = fuse_scales(modulated, key, name=f"modulated_{key}")
+            outputs[key] = TrainingSwitch(name=f"{key}_select")([in_training, at_inference])
         kwargs.setdefault("name", "ear_net")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
@@ -196,8 +239,9 @@ class EARNet(SegmentationModel, keras.Model):
         return y, None
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """HMSA's loss on the modulated logits + ``error_loss_weight`` x FOV-masked MSE of the
-        error attention against the error map (the target's last channel, when present)."""
+        """HMSA's loss on the modulated logits and auxiliary logits + ``error_loss_weight`` x
+        FOV-masked MSE of the 1.0 pass's error attention against the error map (the target's
+        last channel, when present)."""
         y_seg, error_map = self._split_target(y)
         total = weighted_output_loss(self, y_seg, y_pred, hmsa_loss_weights(self.stage1),
                                      sample_weight)

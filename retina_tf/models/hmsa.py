@@ -94,53 +94,86 @@ def scale_key(prefix: str, scale: float) -> str:
     return f"{prefix}_{float(scale)}"
 
 
-def hierarchical_multiscale(inputs, network: keras.Model, attention_head: layers.Layer,
-                            scales: Sequence[float], stem_stride: int,
-                            return_features: bool = False) -> dict:
-    """Runs ``network`` on ``inputs`` resized by each scale and combines the logits.
+def scale_passes(inputs, network: keras.Model, attention_head: layers.Layer,
+                 scales: Sequence[float], stem_stride: int) -> list[dict]:
+    """Runs ``network`` on ``inputs`` resized by each scale, highest scale first.
 
-    As NVIDIA's ``nscale_forward`` (Tao et al. 2020): from the highest scale down, the running
-    prediction ``pred`` (brought to ``max(s, 1)`` times the input size) is combined with scale
-    ``s``'s logits by the attention predicted at ``s``, the lower scale of the pair:
-    ``pred = up(a_s * p_s) + (1 - up(a_s)) * pred``. A lower scale thus claims the pixels it is
-    confident about first: for (0.5, 1.0, 2.0) the weights are ``a_0.5`` on ``p_0.5``,
-    ``(1 - a_0.5) a_1.0`` on ``p_1.0`` and ``(1 - a_0.5)(1 - a_1.0)`` on ``p_2.0``. Each pass's
-    logits and attention are first upsampled to that pass's input size. The auxiliary logits are
-    combined with the same attention. 1.0 must be one of the scales (the output size).
-
-    Returns a dict: ``"logits"``, ``"aux"`` (joint), and per scale ``"logits_<s>"`` and, except
-    for the highest scale, ``"attention_<s>"``, all resized to the input size; with
-    ``return_features`` also ``"features"``, the OCR features of the 1.0 pass (at
-    ``1 / stem_stride`` of the input size).
+    Each pass is a dict: ``"scale"``; ``"logits"`` and ``"aux"`` at that pass's input size;
+    ``"features"``, the OCR features (at ``1 / stem_stride`` of it); ``"attention"``, the
+    scale attention brought to the pass's input size (``None`` for the highest scale, which
+    no lower scale is blended into).
     """
-    outputs = {}
-    pred = aux = None
+    passes = []
     for s in sorted(scales, reverse=True):
         tag = f"{float(s)}".replace(".", "_")
         x = inputs if s == 1.0 else ResizeByScale(s, name=f"input_x{tag}")(inputs)
         out = network(x)
-        logits, aux_s = out["logits"], out["aux"]
-        if return_features and s == 1.0:
-            outputs["features"] = out["features"]
-        outputs[scale_key("logits", s)] = (
-            logits if s == 1.0 else ResizeToMatch(name=f"logits_x{tag}_to_input")([logits, inputs]))
+        attention = None
+        if passes:
+            attention = attention_head(out["features"])
+            if stem_stride > 1:
+                attention = ResizeByScale(stem_stride, name=f"attention_x{tag}_up")(attention)
+        passes.append({"scale": float(s), "logits": out["logits"], "aux": out["aux"],
+                       "features": out["features"], "attention": attention})
+    return passes
+
+
+def fuse_scales(passes: Sequence[dict], key: str, name: str):
+    """Combines ``pass[key]`` of the :func:`scale_passes` from the highest scale down.
+
+    As NVIDIA's ``nscale_forward`` (Tao et al. 2020): the running prediction ``pred`` (at
+    ``max(s, 1)`` times the input size) is combined with scale ``s``'s map by the attention
+    predicted at ``s``, the lower scale of the pair: ``pred = up(a_s * p_s) + (1 - up(a_s)) *
+    pred``. ``name`` prefixes the layer names (one fusion per key and model).
+    """
+    pred = None
+    for p in passes:
+        value = p[key]
         if pred is None:
-            pred, aux = logits, aux_s
+            pred = value
             continue
-        attention = attention_head(out["features"])
-        if stem_stride > 1:
-            attention = ResizeByScale(stem_stride, name=f"attention_x{tag}_up")(attention)
-        outputs[scale_key("attention", s)] = (
-            attention if s == 1.0
-            else ResizeToMatch(name=f"attention_x{tag}_to_input")([attention, inputs]))
-        if s >= 1.0:  # the running prediction comes from a larger input: bring it down first
-            pred = ResizeToMatch(name=f"pred_to_x{tag}")([pred, logits])
-            aux = ResizeToMatch(name=f"aux_to_x{tag}")([aux, aux_s])
-        pred = ScaleAttentionBlend(name=f"blend_x{tag}")([logits, attention, pred])
-        aux = ScaleAttentionBlend(name=f"blend_aux_x{tag}")([aux_s, attention, aux])
-    outputs["logits"] = pred
-    outputs["aux"] = aux
+        tag = f"{p['scale']}".replace(".", "_")
+        if p["scale"] >= 1.0:  # the running prediction comes from a larger input: bring it down
+            pred = ResizeToMatch(name=f"{name}_to_x{tag}")([pred, value])
+        pred = ScaleAttentionBlend(name=f"{name}_blend_x{tag}")([value, p["attention"], pred])
+    return pred
+
+
+def multiscale_outputs(inputs, passes: Sequence[dict]) -> dict:
+    """HMSA's output dict from the :func:`scale_passes`: ``"logits"`` and ``"aux"`` fused by
+    :func:`fuse_scales`, and per scale ``"logits_<s>"`` and (but the highest) ``"attention_<s>"``
+    resized to the input size."""
+    outputs = {}
+    for p in passes:
+        s, tag = p["scale"], f"{p['scale']}".replace(".", "_")
+        outputs[scale_key("logits", s)] = (
+            p["logits"] if s == 1.0
+            else ResizeToMatch(name=f"logits_x{tag}_to_input")([p["logits"], inputs]))
+        if p["attention"] is not None:
+            outputs[scale_key("attention", s)] = (
+                p["attention"] if s == 1.0
+                else ResizeToMatch(name=f"attention_x{tag}_to_input")([p["attention"], inputs]))
+    outputs["logits"] = fuse_scales(passes, "logits", "logits")
+    outputs["aux"] = fuse_scales(passes, "aux", "aux")
     return outputs
+
+
+def hierarchical_multiscale(inputs, network: keras.Model, attention_head: layers.Layer,
+                            scales: Sequence[float], stem_stride: int) -> dict:
+    """Runs ``network`` on ``inputs`` resized by each scale and combines the logits.
+
+    As NVIDIA's ``nscale_forward`` (Tao et al. 2020), see :func:`fuse_scales`. A lower scale
+    claims the pixels it is confident about first: for (0.5, 1.0, 2.0) the weights are
+    ``a_0.5`` on ``p_0.5``, ``(1 - a_0.5) a_1.0`` on ``p_1.0`` and ``(1 - a_0.5)(1 - a_1.0)`` on
+    ``p_2.0``. Each pass's logits and attention are first upsampled to that pass's input size.
+    The auxiliary logits are combined with the same attention. 1.0 must be one of the scales
+    (the output size).
+
+    Returns a dict: ``"logits"``, ``"aux"`` (joint), and per scale ``"logits_<s>"`` and, except
+    for the highest scale, ``"attention_<s>"``, all resized to the input size.
+    """
+    return multiscale_outputs(inputs, scale_passes(inputs, network, attention_head, scales,
+                                                   stem_stride))
 
 
 def scales_size_multiple(base: int, scales: Sequence[float]) -> int:

@@ -1,0 +1,98 @@
+"""F1 and time of each inference scale (``--inference_scale``) of one model on several labelled
+datasets: the measurement behind the ``auto`` setting (docs/results/speed.md).
+
+    .venv/bin/python bench/inference_scale.py --model=unet_drive \
+        --datasets=hrf:data/HRF,chase_db1:data/CHASE_DB1,stare:data/STARE \
+        --settings=training,auto,1.5,2,2.5,3,4,native --fusions=mean:1.5+2.5,max:2+3
+
+F1 is pooled over each dataset's images (``--split``), inside the FOV, at threshold 0.5. A
+fusion ``mean:a+b`` (or ``max:``) averages (or takes the larger of) the probabilities of
+settings ``a`` and ``b``; its time is the sum of theirs.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("model", "unet_drive", "Run folder or shipped model name.")
+flags.DEFINE_list("datasets", [], "name:folder pairs of catalog datasets (hrf:data/HRF).")
+flags.DEFINE_string("split", "all", "Split of every dataset.")
+flags.DEFINE_list("settings", ["training", "auto", "native"], "--inference_scale settings.")
+flags.DEFINE_list("fusions", [], "Fusions of two settings: mean:a+b or max:a+b.")
+flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks.")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import numpy as np
+
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.data.pipeline import target_of
+    from retina_tf.inference import Segmenter
+
+    fusions = []
+    for text in FLAGS.fusions:
+        how, _, pair = text.partition(":")
+        a, _, b = pair.partition("+")
+        if how not in ("mean", "max") or not a or not b:
+            raise SystemExit(f"--fusions={text}: give mean:a+b or max:a+b")
+        fusions.append((text, how, a, b))
+    settings = list(dict.fromkeys(FLAGS.settings + [s for _, _, a, b in fusions for s in (a, b)]))
+    segs = {s: Segmenter.from_run(FLAGS.model, inference_scale=s) for s in settings}
+    names = FLAGS.settings + [f[0] for f in fusions]
+    table = {}
+    for spec in FLAGS.datasets:
+        dataset, _, folder = spec.partition(":")
+        counts = {n: np.zeros(3, np.int64) for n in names}
+        seconds = {n: 0.0 for n in names}
+        factors = {s: [] for s in settings}
+        samples = list_samples(dataset, folder, FLAGS.split)
+        for sample in samples:
+            data = read_sample(sample)
+            fov = data.fov.astype(bool)
+            truth = target_of(data, "vessel")[..., -1] > 0.5
+            probs, took = {}, {}
+            for s, seg in segs.items():
+                start = time.perf_counter()
+                probs[s] = seg.probability_at_inference_scale(data.image, data.fov)[..., -1]
+                took[s] = time.perf_counter() - start
+                factors[s].append(seg.scale_plan(data.image, data.fov).factor)
+            for text, how, a, b in fusions:
+                probs[text] = (probs[a] + probs[b]) / 2 if how == "mean" else \
+                    np.maximum(probs[a], probs[b])
+                took[text] = took[a] + took[b]
+            for n in names:
+                pred = (probs[n] >= FLAGS.threshold) & fov
+                counts[n] += [(pred & truth).sum(), (pred & ~truth).sum(),
+                              (~pred & truth & fov).sum()]
+                seconds[n] += took[n]
+            print(f"{dataset} {data.name}: " + ", ".join(f"{s} {took[s]:.1f} s" for s in settings),
+                  flush=True)
+        for n in names:
+            tp, fp, fn = counts[n].tolist()
+            factor = np.mean(factors[n]) if n in factors else float("nan")
+            table.setdefault(n, {})[dataset] = (2 * tp / max(2 * tp + fp + fn, 1),
+                                                seconds[n] / len(samples), factor)
+    datasets = [d.partition(":")[0] for d in FLAGS.datasets]
+    print(f"\n{FLAGS.model}: F1 pooled inside the FOV at {FLAGS.threshold:g} / seconds per "
+          "image (resize factor, mean over the images), "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
+    print("| setting | " + " | ".join(datasets) + " |")
+    print("|---|" + "---|" * len(datasets))
+    for n in names:
+        cells = []
+        for d in datasets:
+            f1, sec, factor = table[n][d]
+            scale = f" (x{factor:.2f})" if factor == factor else ""
+            cells.append(f"{f1:.4f} / {sec:.1f} s{scale}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    app.run(main)

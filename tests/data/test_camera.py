@@ -1,0 +1,130 @@
+"""Camera changes, vessel-scale augmentation, balanced sources and training on several sets."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from retina_tf.data.camera import CameraChange, apply_camera_change, camera_variants
+from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
+from retina_tf.data.synthetic import generate_fundus
+from retina_tf.errors import ConfigError
+from retina_tf.training import parse_extra_data
+
+
+def _bars(shape=(200, 200), width=10):
+    """Vertical bars ``width`` px wide every 40 px; the image equals the label."""
+    label = np.zeros(shape, np.float32)
+    for x in range(20, shape[1] - 20, 40):
+        label[:, x:x + width] = 1.0
+    fov = np.zeros(shape, bool)
+    fov[60:-60, 60:-60] = True
+    return SegmentationSet(["bars"], [label[..., None]], [label[..., None]], [fov])
+
+
+def test_camera_changes_keep_geometry_and_are_reproducible():
+    photo = generate_fundus(1, size=(160, 160)).image
+    a = camera_variants(photo, 4, seed=7)
+    b = camera_variants(photo, 4, seed=7)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+        assert x.shape == photo.shape and x.dtype == np.uint8
+    assert all(np.abs(x.astype(int) - photo).mean() > 1 for x in a)  # each one changed
+    # no shift: a bright square stays where it was, only its colour and edges change
+    square = np.zeros((120, 120, 3), np.uint8)
+    square[40:70, 50:90] = (200, 120, 60)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        out = apply_camera_change(square, rng).astype(np.float32).sum(-1)
+        bright = out > out.max() / 2
+        ys, xs = np.nonzero(bright)
+        assert abs(ys.mean() - 54.5) < 1 and abs(xs.mean() - 69.5) < 1
+
+
+def test_each_camera_change_can_be_switched_off():
+    photo = generate_fundus(2, size=(96, 96)).image
+    off = CameraChange(white_balance=0, saturation=0, contrast=0, gamma=0, blur=0, noise=0,
+                       jpeg_quality=95, illumination=0)
+    out = apply_camera_change(photo, np.random.default_rng(0), off)
+    assert np.abs(out.astype(int) - photo).max() <= 1  # rounding only
+
+
+@pytest.mark.parametrize("aug", [Augment.none(), Augment(rotate_degrees=15)])
+def test_scale_range_moves_image_and_label_together_and_scales_widths(aug):
+    seg = _bars()
+    x, y, w = (t.numpy() for t in next(iter(patch_dataset(
+        seg, 32, 128, 0.0, aug, seed=4, scale_range=(0.6, 1.6)))))
+    assert x.shape == (128, 32, 32, 1)
+    # the known shape: the image's bars are the label's bars in every patch; they may differ
+    # only next to the bars' edges (the image's edges soften with each interpolation, the
+    # label is thresholded back to binary), never 3 px or more away from one (checked inside
+    # the patch, where an edge just outside the patch cannot be seen)
+    label = y[..., 0] > 0.5
+    edge = ndimage.binary_dilation(label, np.ones((1, 3, 3), bool)) & ~ndimage.binary_erosion(
+        label, np.ones((1, 3, 3), bool), border_value=1)
+    near_edge = ndimage.binary_dilation(edge, np.ones((1, 3, 3), bool))
+    mismatch = (x[..., 0] > 0.5) != label
+    assert not (mismatch & ~near_edge)[:, 2:-2, 2:-2].any()
+    assert mismatch.mean() < 0.02 and label.mean() > 0.1
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    if aug.rotate_degrees:
+        return
+    # bar widths in the patches: 10 px x s, s in [0.6, 1.6]
+    runs = []
+    for row in y[:, 16, :, 0] > 0.5:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(int), [0]])))
+        runs += [b - a for a, b in zip(edges[::2], edges[1::2]) if a > 0 and b < 32]
+    assert min(runs) >= 5 and max(runs) <= 17
+    assert min(runs) <= 8 and max(runs) >= 14  # both ends of the range drawn
+
+
+def test_groups_balance_the_sources():
+    small, large = np.full((40, 40, 1), 0.2, np.float32), np.full((160, 160, 1), 0.8, np.float32)
+    seg = SegmentationSet(
+        ["small", "large"], [small, large],
+        [np.zeros((40, 40, 1), np.float32), np.zeros((160, 160, 1), np.float32)],
+        [np.ones((40, 40), bool), np.ones((160, 160), bool)], groups=[0, 1])
+
+    def share_small(groups):
+        x = next(iter(patch_dataset(seg, 8, 512, 0.0, Augment.none(), seed=1,
+                                    groups=groups)))[0].numpy()
+        return float((np.abs(x[:, 4, 4, 0] - 0.2) < 1e-3).mean())
+
+    assert abs(share_small(None) - 1 / 17) < 0.04    # by FOV pixels: 1600 of 27200
+    assert abs(share_small([0, 1]) - 0.5) < 0.08     # each source half the patches
+
+
+def test_extra_data_entries_parse_and_bad_ones_say_how():
+    assert parse_extra_data("stare:data/STARE:all") == ("stare", "data/STARE", "all")
+    assert parse_extra_data("STARE:data/STARE") == ("stare", "data/STARE", "training")
+    with pytest.raises(ConfigError, match="DATASET:FOLDER"):
+        parse_extra_data("data/STARE")
+
+
+@pytest.mark.slow
+def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path):
+    from retina_tf.data.synthetic import write_synthetic_dataset
+    from retina_tf.flags import parse_config
+    from retina_tf.training import load_training_sets, train
+    from tests.conftest import tiny_train_args
+    other = write_synthetic_dataset(tmp_path / "other", num_images=5, num_test=1, seed=9,
+                                    size=(128, 112))
+    args = tiny_train_args(tiny_synthetic, tmp_path / "logs", f"--extra_data=synthetic:{other}",
+                           "--camera_variants=2", "--scale_range=0.7,1.4", "--epochs=2")
+    cfg = dataclasses.replace(parse_config("train", args), task="vessel")
+    train_set, val_set, _ = load_training_sets(cfg)
+    # 3 + 3 originals (one of each set held out), each with 2 camera copies
+    assert len(train_set) == 18 and len(val_set) == 2
+    assert train_set.groups == [0, 0, 0, 1, 1, 1] + [0] * 6 + [1] * 6
+    # both sets name their images 0N_training: tell them apart by source
+    originals = {(n, g): t for n, g, t in zip(train_set.names[:6], train_set.groups,
+                                               train_set.targets[:6])}
+    for name, group, target in zip(train_set.names[6:], train_set.groups[6:],
+                                   train_set.targets[6:]):
+        np.testing.assert_array_equal(target, originals[name.split("@")[0], group])
+    run = train(cfg)
+    data = json.loads((run / "run.json").read_text())["data"]
+    assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
+    assert data["extra_data"] == [f"synthetic:{other}"]
