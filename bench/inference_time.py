@@ -1,7 +1,12 @@
 """Whole-image inference time for DRIVE test images, preprocessing included, against
-sliding-window inference of the same model.
+sliding-window inference of the same model, and in bfloat16 against float32.
 
     .venv/bin/python bench/inference_time.py --model=unet_drive --data_dir=data/DRIVE
+    .venv/bin/python bench/inference_time.py --model=unet_drive --data_dir=data/DRIVE \
+        --precisions=float32,bfloat16 --rounds=5
+
+The settings are timed in alternation, ``--rounds`` times over the images; the median and the
+minimum over all are printed.
 """
 
 import os
@@ -18,6 +23,8 @@ flags.DEFINE_string("model", "unet_drive", "Run folder or shipped model name.")
 flags.DEFINE_string("data_dir", None, "DRIVE folder (default: synthetic DRIVE-sized images).")
 flags.DEFINE_integer("images", 5, "Images to time.")
 flags.DEFINE_integer("stride", 0, "Also time sliding-window inference with this stride (0 = no).")
+flags.DEFINE_list("precisions", ["float32"], "Precisions to time (float32, bfloat16).")
+flags.DEFINE_integer("rounds", 1, "Rounds over the images, the settings alternating.")
 FLAGS = flags.FLAGS
 
 
@@ -39,20 +46,23 @@ def main(_):
     modes = [("whole", {})]
     if FLAGS.stride:
         modes.append(("sliding", {"stride": FLAGS.stride}))
-    for mode, extra in modes:
-        seg = Segmenter.from_run(FLAGS.model, inference=mode, **extra)
+    settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, **extra)
+                for mode, extra in modes for p in FLAGS.precisions}
+    times = {key: [] for key in settings}
+    for seg in settings.values():
         seg.probability(images[0])  # trace once
-        times = []
-        for image in images:
-            start = time.perf_counter()
-            seg.probability(image)
-            times.append(time.perf_counter() - start)
-        params = seg.model.count_params()
-        print(f"{FLAGS.model} ({params / 1e6:.2f} M parameters), {mode}"
-              f"{' stride ' + str(FLAGS.stride) if mode == 'sliding' else ''}: "
-              f"{np.mean(times):.3f} s per {images[0].shape[1]}x{images[0].shape[0]} image "
-              f"(min {np.min(times):.3f}, preprocessing included, {os.cpu_count()} cores)")
-
+    for _ in range(FLAGS.rounds):
+        for key, seg in settings.items():
+            for image in images:
+                start = time.perf_counter()
+                seg.probability(image)
+                times[key].append(time.perf_counter() - start)
+    for (mode, precision), seg in settings.items():
+        t = times[(mode, precision)]
+        print(f"{FLAGS.model} ({seg.model.count_params() / 1e6:.2f} M parameters), {mode}"
+              f"{' stride ' + str(FLAGS.stride) if mode == 'sliding' else ''}, {precision}: "
+              f"median {np.median(t):.3f} s per {images[0].shape[1]}x{images[0].shape[0]} image "
+              f"(min {np.min(t):.3f}, preprocessing included, {os.cpu_count()} cores)")
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,10 +1,22 @@
 """Is the model, not tf.data, the bottleneck? Patches/s of the input pipeline alone versus the
-training step of a U-Net, and training throughput in pixels/s.
+training step of a U-Net, the training's GFLOP/s against the machine's matmul peak, over several
+runs (each a fresh process, as a user's training is).
 
-    .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE
+    .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5
+    .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 \
+        --base_filters=32 --patch_size=96 --batch_size=8        # the DRIVE recipe's shape
+
+Each run measures the TensorFlow matmul peak (bench/matmul_peak.py) in its own process just
+before it trains, so a slow run on a slow machine shows as the same share of a lower peak.
+Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
+"cores busy" is the process's CPU time over the wall time while it trains.
 """
 
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,10 +31,28 @@ flags.DEFINE_integer("patch_size", 48, "Patch size.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("base_filters", 16, "U-Net width (16: 0.45 M parameters).")
 flags.DEFINE_integer("batches", 40, "Batches to time.")
+flags.DEFINE_integer("runs", 5, "Runs, each in a fresh process; median and spread are printed.")
+flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON line.")
 FLAGS = flags.FLAGS
 
 
-def main(_):
+def forward_flops(model, patch_size: int) -> float:
+    """Floating-point operations of one forward pass of a patch (TensorFlow's graph profiler)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    spec = tf.TensorSpec((1, patch_size, patch_size, model.input_shape[-1]), tf.float32)
+    graph = convert_variables_to_constants_v2(
+        tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
+
+
+def one_run() -> dict:
+    from bench.matmul_peak import matmul_gflops
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import Augment, build_set, patch_dataset
@@ -31,6 +61,7 @@ def main(_):
     from retina_tf.losses import SegmentationLoss
     from retina_tf.models import build_model
 
+    peak = matmul_gflops()
     if FLAGS.data_dir:
         dataset, data_dir = "drive", FLAGS.data_dir
     else:
@@ -52,17 +83,52 @@ def main(_):
     model = build_model("unet", base_filters=FLAGS.base_filters)
     model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds(), time.perf_counter()
     model.fit(ds, steps_per_epoch=FLAGS.batches, epochs=1, verbose=0, shuffle=False)
-    train = FLAGS.batches * FLAGS.batch_size / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    train, cores_busy = FLAGS.batches * FLAGS.batch_size / wall, (_cpu_seconds() - cpu) / wall
+    gflops = train * 3 * forward_flops(model, FLAGS.patch_size) / 1e9
+    return {"dataset": f"{dataset} ({len(seg)} images)", "pipeline": pipe, "train": train,
+            "gflops": gflops, "peak": peak, "params": model.count_params(),
+            "cores_busy": cores_busy}
 
-    px = FLAGS.patch_size ** 2
-    print(f"data: {dataset} ({len(seg)} images), patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
-          f"batch {FLAGS.batch_size}, augmentation on, {os.cpu_count()} CPU cores")
-    print(f"pipeline alone      : {pipe:8.0f} patches/s ({pipe * px / 1e6:.2f} Mpixel/s)")
-    print(f"U-Net training step : {train:8.0f} patches/s ({train * px / 1e6:.2f} Mpixel/s), "
-          f"{model.count_params() / 1e6:.2f} M parameters")
-    print(f"pipeline headroom   : {pipe / train:.1f}x faster than training consumes")
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(_):
+    if FLAGS.one_run:
+        print(json.dumps(one_run()))
+        return
+    from bench.matmul_peak import vector_extensions
+
+    args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
+        f"--{name}={getattr(FLAGS, name)}" for name in
+        ("patch_size", "batch_size", "base_filters", "batches")] + (
+        [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
+    print(f"U-Net base {FLAGS.base_filters}, patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
+          f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "
+          f"{vector_extensions()}")
+    print("run  pipeline patches/s  training patches/s  training GFLOP/s  matmul peak  share"
+          "  cores busy")
+    runs = []
+    for i in range(FLAGS.runs):
+        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        runs.append(r)
+        print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
+              f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}",
+              flush=True)
+    train = [r["train"] for r in runs]
+    share = [r["gflops"] / r["peak"] for r in runs]
+    print(f"data {runs[0]['dataset']}, {runs[0]['params'] / 1e6:.2f} M parameters")
+    print(f"training patches/s: median {statistics.median(train):.0f}, "
+          f"min {min(train):.0f}, max {max(train):.0f}; share of the matmul peak: median "
+          f"{statistics.median(share):.0%}, min {min(share):.0%}, max {max(share):.0%}")
+    headroom = statistics.median(r["pipeline"] for r in runs) / statistics.median(train)
+    print(f"pipeline headroom: {headroom:.1f}x faster than training consumes")
 
 
 if __name__ == "__main__":

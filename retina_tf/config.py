@@ -96,6 +96,8 @@ class InferenceConfig:
             training FOV diameter (:func:`retina_tf.inference.inference_factor`).
         tile_size: whole-image inference in overlapping tiles of this side (0: automatic, for
             images over 2 Mpixel).
+        precision: "float32" or "bfloat16" (compute in bfloat16 with the float32 weights;
+            :func:`retina_tf.inference.computing_in`).
     """
 
     inference: str = "auto"
@@ -109,6 +111,7 @@ class InferenceConfig:
     threshold: float | None = None
     inference_scale: str = "auto"
     tile_size: int = 0
+    precision: str = "float32"
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -286,6 +289,8 @@ class ExportConfig:
         threshold: the mask's probability threshold (None: the run's stored threshold, else
             0.5).
         overwrite: replace an existing ``out`` folder (saved_model, onnx, tflite).
+        precision: "float32", or "bfloat16" for a saved_model that computes in bfloat16 (the
+            weights stay float32).
     """
 
     run: str | None = None
@@ -294,6 +299,7 @@ class ExportConfig:
     input_size: str | None = None
     threshold: float | None = None
     overwrite: bool = False
+    precision: str = "float32"
 
 
 # --- flag lines ------------------------------------------------------------------------------

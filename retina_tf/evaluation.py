@@ -153,7 +153,8 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                               stride=cfg.stride,
                               tta=cfg.tta, tta_transpose=cfg.tta_transpose,
                               scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link,
-                              inference_scale=cfg.inference_scale, tile_size=cfg.tile_size)
+                              inference_scale=cfg.inference_scale, tile_size=cfg.tile_size,
+                              precision=cfg.precision)
 
 
 def _test_samples(cfg: EvalConfig):
@@ -508,7 +509,7 @@ def evaluate(cfg: EvalConfig) -> dict:
               "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
               "av_link": seg.av_link if seg.av_vote else None,
               "threshold": threshold, "threshold_source": threshold_source,
-              "inference_scale": seg.inference_scale,
+              "inference_scale": seg.inference_scale, "precision": seg.precision,
               "training_fov_diameter": seg.run_info.get("fov_diameter"),
               "metrics": result, "per_image_mean": per_image["mean"],
               "per_image_std": per_image["std"], "per_image": scores.per_image}

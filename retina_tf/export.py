@@ -84,9 +84,9 @@ _AV_CHANNELS = ["artery", "vein", "vessel"]
 
 # --- the run -------------------------------------------------------------------------------------
 
-def _load(run: str) -> Segmenter:
+def _load(run: str, precision: str = "float32") -> Segmenter:
     """The run's default inference (as ``predict`` without options), loaded once."""
-    return Segmenter.from_run(find_run(run, flag="--run"))
+    return Segmenter.from_run(find_run(run, flag="--run"), precision=precision)
 
 
 def run_threshold(run_dir: Path) -> float:
@@ -578,6 +578,7 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         "task": seg.task,
         "channels": _AV_CHANNELS if k == 3 and seg.task == "av" else ["vessel"] * k,
         "threshold": threshold,
+        "precision": seg.precision,
         "retina_tf_version": _version(),
         "tensorflow_version": tf.__version__,
         **model,
@@ -683,6 +684,9 @@ def export_model(cfg: ExportConfig) -> Path:
         raise ConfigError(f"--format={cfg.format}: choose one of {', '.join(FORMATS)}")
     if cfg.threshold is not None:
         check_threshold(cfg.threshold)
+    if cfg.precision != "float32" and cfg.format != "saved_model":
+        raise ConfigError(f"--precision={cfg.precision} is for --format=saved_model only "
+                          f"(--format={cfg.format} keeps the float32 network)")
     if cfg.input_size and cfg.format != "tflite":
         raise ConfigError(f"--input_size is for --format=tflite only (--format={cfg.format} "
                           "takes any size)")
@@ -696,7 +700,7 @@ def export_model(cfg: ExportConfig) -> Path:
     if out.exists() and not cfg.overwrite:  # before the minutes of tracing
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
-    seg = _load(cfg.run)
+    seg = _load(cfg.run, cfg.precision)
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
 

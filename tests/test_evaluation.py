@@ -146,6 +146,30 @@ def test_transpose_tta_averages_the_eight_views_in_the_image_frame():
     np.testing.assert_allclose(seg.probability_preprocessed(x), (w + 1) / 2, rtol=1e-6)
 
 
+def test_sliding_window_tta_probabilities_do_not_depend_on_the_batch_size():
+    import keras
+
+    from retina_tf.data.preprocess import Preprocessor
+    # Windows per forward pass only trade memory for speed (on a 2-core CPU 8 ran the RIP-AV
+    # evaluation faster than 64, bench/av_eval_time.py). A random network with batch
+    # normalization: were its batch statistics used, a window would depend on its batch-mates.
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((None, None, 3)),
+                              keras.layers.Conv2D(8, 3, padding="same"),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                              keras.layers.Conv2D(3, 3, padding="same")])
+    x = np.random.default_rng(4).random((37, 45, 3)).astype(np.float32)
+
+    def probability(batch_size):
+        seg = Segmenter(model, Preprocessor(), inference="sliding", window=16, stride=8,
+                        batch_size=batch_size, tta=True, tta_transpose=True)
+        return seg.probability_preprocessed(x)
+
+    reference = probability(64)  # every view's windows in one batch
+    for batch_size in (1, 7):  # 7: each view ends in a smaller batch
+        np.testing.assert_allclose(probability(batch_size), reference, atol=1e-6)
+
+
 def test_shipped_drive_model_segments_a_real_drive_test_image(shared_data):
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample

@@ -169,6 +169,22 @@ def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_save
         loaded.signatures["serving_default"](image=tf.zeros((20, 40, 3), tf.uint8))
 
 
+@pytest.mark.slow
+def test_a_bfloat16_saved_model_keeps_float32_weights_and_segments_alike(tiny_run, tmp_path):
+    out = tmp_path / "bf16"
+    export_model(ExportConfig(run=str(tiny_run), format="saved_model", out=str(out),
+                              precision="bfloat16"))
+    assert json.loads((out / "export.json").read_text())["precision"] == "bfloat16"
+    dtypes = tf.train.load_checkpoint(str(out / "variables" / "variables")
+                                      ).get_variable_to_dtype_map()
+    assert {d for name, d in dtypes.items() if "kernel" in name} == {tf.float32}
+    loaded = tf.saved_model.load(str(out))
+    image = generate_fundus(8, size=(101, 90)).image
+    prob = loaded.signatures["serving_default"](image=tf.constant(image))["probability"].numpy()
+    exact = Segmenter.from_run(tiny_run).segment(image, threshold=0.4)[0][..., 0]
+    assert 0 < np.abs(prob - exact).max() < 0.02  # computed in bfloat16, not float32
+
+
 def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
     out = tmp_path / "export"
     export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),

@@ -1,4 +1,5 @@
-"""DDRNet-23-slim with a full-resolution high branch, for thin retinal vessels."""
+"""DDRNet-23-slim with a full-resolution high branch, for thin retinal vessels, or at the
+paper's 1/8 resolution (``output_stride=8``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _BN = {"momentum": 0.9, "epsilon": 1e-5}
 # DAPPM's average pools (kernel, stride) in the paper; a fifth, global, scale follows them.
 _DAPPM_POOLS = ((5, 2), (9, 4), (17, 8))
 _AUX_WEIGHT = 0.4
+OUTPUT_STRIDES = (1, 8)
 
 
 def bn_relu_conv(x, filters: int, kernel_size: int, name: str, use_bias: bool = False):
@@ -92,7 +94,7 @@ def _relu(x, name: str):
 
 @keras.saving.register_keras_serializable(package="retina_tf")
 class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
-    """DDRNet-23-slim, full-resolution variant, for fundus vessel segmentation.
+    """DDRNet-23-slim, full-resolution variant (or the paper's, at 1/8), for fundus vessels.
 
     Paper: Hong, Pan, Sun, Jia, "Deep Dual-resolution Networks for Real-time and Accurate Semantic
     Segmentation of Road Scenes", 2021, https://arxiv.org/abs/2101.06085 .
@@ -107,6 +109,11 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
     the head [BN, ReLU, 3x3, BN, ReLU, 1x1]. The last block of every stage skips its ReLU, as in
     the DDRNet code.
 
+    ``output_stride=8`` is the paper's network: the two stems and layer2's first block have
+    stride 2, so the high branch runs at 1/8 and the low branch reaches 1/64; the logits (and the
+    auxiliary ones) are resized bilinearly to the input size, as DDRNet's training code does. The
+    weights are the same in both forms; only the strides differ.
+
     Args:
         input_channels: int, channels of the preprocessed image (1 for grayscale). Default 1.
         num_classes: int, output channels (1 vessel; 3 artery/vein/vessel). Default 1.
@@ -120,8 +127,11 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
         bn_momentum: float, BatchNormalization moving-average momentum. Default 0.9 (the
             code's PyTorch 0.1); 0.99 averages the eval-mode statistics over more of the small
             CPU batches (see ``set_bn_momentum``).
+        output_stride: 1 or 8, the high branch's resolution against the input: 1 (this
+            variant) or 8 (the paper's DDRNet-23-slim). Default 1.
 
-    Input (B, H, W, input_channels) float32, H and W multiples of ``size_multiple`` (8). Output
+    Input (B, H, W, input_channels) float32, H and W multiples of ``size_multiple`` (8, or 64
+    with ``output_stride=8``). Output
     (B, H, W, num_classes) logits, or with ``aux_head`` a dict ``{"logits", "aux"}`` of two such
     tensors ("logits" is the prediction).
 
@@ -135,7 +145,7 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
     def __init__(self, input_channels: int = 1, num_classes: int = 1, planes: int = 32,
                  spp_planes: int = 128, head_planes: int = 64,
                  layers: Sequence[int] = (2, 2, 2, 2), aux_head: bool = False,
-                 bn_momentum: float = 0.9, **kwargs):
+                 bn_momentum: float = 0.9, output_stride: int = 1, **kwargs):
         # `layers` (DDRNet's name) shadows the keras.layers module here: use keras.layers.X.
         if isinstance(layers, str) or len(layers) != 4 or any(
                 not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in layers):
@@ -145,18 +155,23 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
                            ("head_planes", head_planes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+        if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got "
+                             f"{output_stride!r}")
         if not isinstance(aux_head, bool):
             raise ValueError(f"aux_head must be a bool, got {aux_head!r}")
         blocks = [int(n) for n in layers]
         high = planes * 2
+        stride = 2 if output_stride == 8 else 1  # of each stem and of layer2
 
         # === Functional Model ===
         inputs = keras.Input((None, None, input_channels), name="image")
-        x = _relu(resnet_conv_bn(inputs, planes, 3, name="stem1"), "stem1_relu")
-        x = _relu(resnet_conv_bn(x, planes, 3, name="stem2"), "stem2_relu")
+        x = _relu(resnet_conv_bn(inputs, planes, 3, stride, name="stem1"), "stem1_relu")
+        x = _relu(resnet_conv_bn(x, planes, 3, stride, name="stem2"), "stem2_relu")
         x = residual_stage(x, "basic", planes, blocks[0], name="layer1")
-        x = residual_stage(_relu(x, "layer1_relu"), "basic", high, blocks[1], name="layer2")
-        x = _relu(x, "layer2_relu")  # input resolution: the start of both branches
+        x = residual_stage(_relu(x, "layer1_relu"), "basic", high, blocks[1], stride,
+                           name="layer2")
+        x = _relu(x, "layer2_relu")  # 1/output_stride: the start of both branches
 
         # Layer 3: low branch to 1/2, then the bilateral fusion.
         low = residual_stage(x, "basic", planes * 4, blocks[2], 2, name="layer3_low")
@@ -187,11 +202,15 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
                              name="layer5_low")
         low = dappm(low, spp_planes, planes * 4, name="dappm")
         x = keras.layers.Add(name="fuse5")([hi, ResizeToMatch(name="dappm_up")([low, hi])])
+        def to_input_size(y, name):
+            return y if output_stride == 1 else ResizeToMatch(name=f"{name}_up")([y, inputs])
+
         logits = keras.layers.Identity(name="logits")(
-            segmentation_head(x, head_planes, num_classes, name="head"))
+            to_input_size(segmentation_head(x, head_planes, num_classes, name="head"), "head"))
         if aux_head:
-            aux = keras.layers.Identity(name="aux")(
-                segmentation_head(aux_features, head_planes, num_classes, name="aux_head"))
+            aux = keras.layers.Identity(name="aux")(to_input_size(
+                segmentation_head(aux_features, head_planes, num_classes, name="aux_head"),
+                "aux_head"))
             outputs = {"logits": logits, "aux": aux}
         else:
             outputs = logits
@@ -208,11 +227,13 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
         self.head_planes = head_planes
         self.stage_blocks = blocks  # not `self.layers`: keras.Model.layers lists the layers
         self.aux_head = aux_head
+        self.output_stride = output_stride
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this (the low branch reaches 1/8)."""
-        return 8
+        """Height and width must be multiples of this (the low branch reaches 1/8 of the high
+        branch)."""
+        return 8 * self.output_stride
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """``loss(logits) + 0.4 * loss(aux)`` with the compiled loss, as DDRNet trains.
@@ -229,5 +250,6 @@ class DDRNet(LogitsMetricsMixin, SegmentationModel, keras.Model):
                 "input_channels": self.input_channels, "num_classes": self.num_classes,
                 "planes": self.planes, "spp_planes": self.spp_planes,
                 "head_planes": self.head_planes, "layers": list(self.stage_blocks),
-                "aux_head": self.aux_head, "bn_momentum": self.bn_momentum}
+                "aux_head": self.aux_head, "bn_momentum": self.bn_momentum,
+                "output_stride": self.output_stride}
 

@@ -1,4 +1,5 @@
-"""DDRNet-23-slim (full-resolution variant): shapes, branch resolutions, DAPPM, aux loss, saving."""
+"""DDRNet-23-slim (full-resolution and the paper's 1/8 variant): shapes, branch resolutions, DAPPM,
+aux loss, saving."""
 
 import json
 import re
@@ -58,6 +59,27 @@ def test_high_branch_runs_at_input_resolution_and_low_branch_at_1_2_4_8():
     outputs = probe(np.zeros((1, 64, 96, 1), "float32"))
     for (name, (factor, channels)), out in zip(names.items(), outputs):
         assert tuple(out.shape) == (1, 64 // factor, 96 // factor, channels), name
+
+
+def test_output_stride_8_is_the_papers_network_at_1_8_with_the_same_weights():
+    model = tiny(output_stride=8, aux_head=True)
+    assert model.size_multiple == 64
+    names = {"stem1_relu": (2, 4), "stem2_relu": (4, 4), "layer2_relu": (8, 8),
+             "fuse4_high": (8, 8), "fuse3_low": (16, 16), "fuse4_low": (32, 32),
+             "layer5_low_block1_add": (64, 64), "fuse5": (8, 16)}
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
+    outputs = probe(np.zeros((1, 128, 192, 1), "float32"))
+    for (name, (factor, channels)), out in zip(names.items(), outputs):
+        assert tuple(out.shape) == (1, 128 // factor, 192 // factor, channels), name
+    y = model(np.random.default_rng(0).random((1, 128, 192, 1)).astype("float32"))
+    assert y["logits"].shape == y["aux"].shape == (1, 128, 192, 1)  # resized back
+    assert model.count_params() == tiny(aux_head=True).count_params()
+    assert DDRNet(output_stride=8).count_params() == DDRNet().count_params()
+    clone = DDRNet.from_config(model.get_config())
+    assert clone.output_stride == 8 and clone.size_multiple == 64
+    for bad in (2, 4, True):
+        with pytest.raises(ValueError, match="output_stride must be one of"):
+            tiny(output_stride=bad)
 
 
 @pytest.mark.parametrize("height,width", [(1, 1), (8, 8), (5, 7), (74, 72)])

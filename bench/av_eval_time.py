@@ -1,0 +1,111 @@
+"""Where the time of an A/V evaluation goes: RITE test images through evaluate's steps with the
+flagfile's settings (configs/rite_ripav.cfg: 96 px windows every 48 px, TTA over the eight flips
+and transposes, the linked segment vote), each step timed.
+
+    .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --images=2 --runs=3
+    .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --batch_size=64,8   # alternated
+
+Steps per image: reading the photograph and its labels, preprocessing, the network (all windows of
+all views, overlaps averaged, views averaged), the vote (``vote_av_segments``) and the metrics
+(evaluate's ``SetScores``). Each run times all ``--images``; the figures are medians over
+``--runs`` runs, several ``--batch_size`` values (windows per forward pass) taking turns within a
+run so that they share the machine's load. The first pass of each setting (the tf.function
+trace) is not counted. The images must be segmented at the size they have (RITE's are).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("model", "ripav_rite", "A/V run folder or shipped model name.")
+flags.DEFINE_string("dataset", "rite", "A/V dataset.")
+flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
+flags.DEFINE_integer("images", 2, "Test images timed (the first N).")
+flags.DEFINE_integer("runs", 3, "Runs; the medians are reported.")
+flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
+flags.DEFINE_list("batch_size", ["64"], "Windows per forward pass; several are alternated.")
+flags.DEFINE_float("av_link", 1.0, "Link strength of the segment vote.")
+FLAGS = flags.FLAGS
+
+STEPS = ("read", "preprocess", "network", "vote", "metrics")
+
+
+def main(_):
+    import numpy as np
+
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.data.pipeline import target_of
+    from retina_tf.evaluation import SetScores
+    from retina_tf.inference import Segmenter
+    from retina_tf.postprocess import vote_av_segments
+
+    sizes = [int(b) for b in FLAGS.batch_size]
+    # the vote is timed as a step of its own, so the segmenters stop before it
+    segs = {b: Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
+                                  tta=True, tta_transpose=True, av_vote=False, batch_size=b)
+            for b in sizes}
+    seg = segs[sizes[0]]
+    if seg.task != "av":
+        raise SystemExit(f"{FLAGS.model} is not an artery/vein model")
+    samples = list_samples(FLAGS.dataset, FLAGS.data_dir, "test")[:FLAGS.images]
+    first = read_sample(samples[0])
+    if seg.scale_plan(first.image, first.fov).rescaled:
+        raise SystemExit(f"{FLAGS.dataset} photographs are resized before segmentation; this "
+                         "bench times images segmented as they are")
+
+    def one_image(seg, sample, scores, times):
+        start = time.perf_counter()
+        data = read_sample(sample)
+        target = target_of(data, "av") > 0.5
+        mark = time.perf_counter()
+        times["read"] += mark - start
+        x = seg.preprocessor(data.image)
+        times["preprocess"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        prob = seg.probability_preprocessed(x)
+        times["network"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        prob = vote_av_segments(prob, link=FLAGS.av_link)
+        times["vote"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        scores.update(prob * data.fov[..., None], target, data.fov, name=data.name)
+        times["metrics"] += time.perf_counter() - mark
+        return prob
+
+    first_pass = {}
+    for b, s in segs.items():  # trace once per setting, outside the timing
+        start = time.perf_counter()
+        s.probability_preprocessed(s.preprocessor(first.image))
+        first_pass[b] = time.perf_counter() - start
+    runs = {b: [] for b in sizes}
+    last = {}
+    for _ in range(FLAGS.runs):
+        for b in sizes:
+            times = dict.fromkeys(STEPS, 0.0)
+            scores = SetScores("av", seg.threshold, av_by_width=True, per_image_auc=True)
+            last[b] = [one_image(segs[b], sample, scores, times) for sample in samples]
+            runs[b].append(times)
+    print(f"{FLAGS.model} on {len(samples)} {FLAGS.dataset} test image(s): sliding windows of "
+          f"{seg.window} px every {FLAGS.stride} px, {seg.tta_name}, linked vote; "
+          f"{os.cpu_count()} cores, medians of {FLAGS.runs} runs (seconds per image)")
+    print("| batch | " + " | ".join(STEPS) + " | total | 20 images | first pass |")
+    print("|---" * (len(STEPS) + 4) + "|")
+    for b in sizes:
+        median = {step: float(np.median([t[step] for t in runs[b]])) / len(samples)
+                  for step in STEPS}
+        total = float(np.median([sum(t.values()) for t in runs[b]])) / len(samples)
+        print(f"| {b} | " + " | ".join(f"{median[step]:.2f}" for step in STEPS) +
+              f" | {total:.2f} | {20 * total / 60:.1f} min | {first_pass[b]:.1f} |")
+    for b in sizes[1:]:
+        diff = max(float(np.abs(p - q).max()) for p, q in zip(last[b], last[sizes[0]]))
+        print(f"batch {b} against {sizes[0]}: probabilities differ by at most {diff:.1e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
