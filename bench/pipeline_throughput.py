@@ -9,7 +9,9 @@ runs (each a fresh process, as a user's training is).
 Each run measures the TensorFlow matmul peak (bench/matmul_peak.py) in its own process just
 before it trains, so a slow run on a slow machine shows as the same share of a lower peak.
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
-"cores busy" is the process's CPU time over the wall time while it trains.
+"cores busy" is the process's CPU time over the wall time while it trains; "threads" the
+threads of the process that each kept at least a fifth of a core busy meanwhile, with the busiest
+ones' share of a core; "steal" the share of the machine's CPU time its hypervisor took.
 """
 
 import json
@@ -83,14 +85,46 @@ def one_run() -> dict:
     model = build_model("unet", base_filters=FLAGS.base_filters)
     model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, threads, machine, start = _cpu_seconds(), _thread_ticks(), _machine_ticks(), \
+        time.perf_counter()
     model.fit(ds, steps_per_epoch=FLAGS.batches, epochs=1, verbose=0, shuffle=False)
     wall = time.perf_counter() - start
+    busy = _busy_threads(threads, _thread_ticks(), wall)
+    machine = [b - a for a, b in zip(machine, _machine_ticks())]
+    steal = machine[7] / max(sum(machine), 1)
     train, cores_busy = FLAGS.batches * FLAGS.batch_size / wall, (_cpu_seconds() - cpu) / wall
     gflops = train * 3 * forward_flops(model, FLAGS.patch_size) / 1e9
     return {"dataset": f"{dataset} ({len(seg)} images)", "pipeline": pipe, "train": train,
             "gflops": gflops, "peak": peak, "params": model.count_params(),
-            "cores_busy": cores_busy}
+            "cores_busy": cores_busy, "threads": busy, "steal": steal}
+
+
+def _thread_ticks() -> dict:
+    """{thread name and id: CPU clock ticks} of this process's threads (Linux /proc)."""
+    ticks = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        close = stat.rindex(")")  # the name may hold spaces and parentheses
+        name, fields = stat[stat.index("(") + 1:close], stat[close + 2:].split()
+        ticks[f"{name}/{task}"] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+def _busy_threads(before: dict, after: dict, wall: float) -> list:
+    """[(thread name, share of a core)] of the threads that kept at least 0.2 of a core busy."""
+    hz = os.sysconf("SC_CLK_TCK")
+    shares = [(key.split("/")[0], (after[key] - before.get(key, 0)) / hz / wall) for key in after]
+    return sorted([s for s in shares if s[1] >= 0.2], key=lambda s: -s[1])
+
+
+def _machine_ticks() -> list:
+    """The machine's CPU ticks from /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:9]]
 
 
 def _cpu_seconds() -> float:
@@ -112,14 +146,16 @@ def main(_):
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "
           f"{vector_extensions()}")
     print("run  pipeline patches/s  training patches/s  training GFLOP/s  matmul peak  share"
-          "  cores busy")
+          "  cores busy  steal  threads (share of a core)")
     runs = []
     for i in range(FLAGS.runs):
         out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         runs.append(r)
         print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
-              f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}",
+              f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}  "
+              f"{r['steal']:5.0%}  "
+              + ", ".join(f"{name} {share:.2f}" for name, share in r["threads"]),
               flush=True)
     train = [r["train"] for r in runs]
     share = [r["gflops"] / r["peak"] for r in runs]

@@ -96,8 +96,9 @@ class InferenceConfig:
             training FOV diameter (:func:`retina_tf.inference.inference_factor`).
         tile_size: whole-image inference in overlapping tiles of this side (0: automatic, for
             images over 2 Mpixel).
-        precision: "float32" or "bfloat16" (compute in bfloat16 with the float32 weights;
-            :func:`retina_tf.inference.computing_in`).
+        precision: "float32", "bfloat16" (compute in bfloat16 with the float32 weights;
+            :func:`retina_tf.inference.computing_in`) or "auto" (bfloat16 on CPUs with AMX;
+            :func:`retina_tf.inference.resolve_precision`).
     """
 
     inference: str = "auto"
@@ -289,8 +290,8 @@ class ExportConfig:
         threshold: the mask's probability threshold (None: the run's stored threshold, else
             0.5).
         overwrite: replace an existing ``out`` folder (saved_model, onnx, tflite).
-        precision: "float32", or "bfloat16" for a saved_model that computes in bfloat16 (the
-            weights stay float32).
+        precision: "float32" (or "auto": the deployer's hardware is not known), or "bfloat16"
+            for a saved_model that computes in bfloat16 (the weights stay float32).
     """
 
     run: str | None = None

@@ -684,7 +684,9 @@ def export_model(cfg: ExportConfig) -> Path:
         raise ConfigError(f"--format={cfg.format}: choose one of {', '.join(FORMATS)}")
     if cfg.threshold is not None:
         check_threshold(cfg.threshold)
-    if cfg.precision != "float32" and cfg.format != "saved_model":
+    # "auto" (the flag's default) exports float32: the deployer's hardware is not this one
+    precision = "float32" if cfg.precision == "auto" else cfg.precision
+    if precision != "float32" and cfg.format != "saved_model":
         raise ConfigError(f"--precision={cfg.precision} is for --format=saved_model only "
                           f"(--format={cfg.format} keeps the float32 network)")
     if cfg.input_size and cfg.format != "tflite":
@@ -700,7 +702,7 @@ def export_model(cfg: ExportConfig) -> Path:
     if out.exists() and not cfg.overwrite:  # before the minutes of tracing
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
-    seg = _load(cfg.run, cfg.precision)
+    seg = _load(cfg.run, precision)
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
 

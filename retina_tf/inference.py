@@ -162,9 +162,12 @@ def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
     return tf.sigmoid(tf.cast(logits, tf.float32))
 
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
 # /proc/cpuinfo flags of the CPUs whose oneDNN kernels compute bfloat16 natively.
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# "auto" computes in bfloat16 only where it was measured faster at the same DRIVE F1: AMX
+# matrix units (docs/results/speed.md#bfloat16).
+AUTO_BFLOAT16_CPU_FLAGS = ("amx_bf16",)
 
 
 def cpu_flags() -> set[str]:
@@ -179,6 +182,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def resolve_precision(precision: str, cpu: set[str] | None = None) -> str:
+    """"float32" or "bfloat16": ``precision`` itself, or for "auto" bfloat16 on a CPU with AMX
+    (where oneDNN's bfloat16 convolutions are several times faster) and float32 elsewhere,
+    GPUs included. ``cpu``: the CPU flags (default: this machine's, :func:`cpu_flags`)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    native = (cpu_flags() if cpu is None else cpu) & set(AUTO_BFLOAT16_CPU_FLAGS)
+    return "bfloat16" if native and not tf.config.list_logical_devices("GPU") else "float32"
+
+
 def computing_in(model: keras.Model, precision: str) -> keras.Model:
     """``model`` itself for "float32"; for "bfloat16" a copy of it that computes in bfloat16
     with its float32 weights (Keras's ``mixed_bfloat16`` policy: each layer casts its inputs and
@@ -188,16 +203,16 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
     On CPUs with AVX512-BF16 (or AMX) oneDNN runs bfloat16 convolutions natively; elsewhere
     TensorFlow emulates them, slower than float32.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision)
     if precision == "float32":
         return model
     if not (cpu_flags() & set(BFLOAT16_CPU_FLAGS)) and not tf.config.list_logical_devices("GPU"):
         log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
                  "expect it slower than --precision=float32")
-    copy = keras.models.clone_model(model)
-    if type(copy) is not type(model):  # a functional subclass comes back as a plain Functional
+    if isinstance(model, SegmentationModel):  # clone_model would lose a functional subclass
         copy = type(model).from_config(model.get_config())
+    else:
+        copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     # Keras 3 has no public walk over nested layers; _flatten_layers is what Model.layers uses.
     for layer in copy._flatten_layers(include_self=True, recursive=True):
@@ -335,8 +350,10 @@ class Segmenter:
         tile_size: whole-image inference runs in overlapping tiles of this side
             (:func:`tiled_predict`); 0: tiles of :data:`TILE_SIZE` above
             :data:`TILE_ABOVE_PIXELS` pixels, the whole image at once below.
-        precision: "float32", or "bfloat16" to compute in bfloat16 with the float32 weights
-            (:func:`computing_in`; ``model`` itself is not changed).
+        precision: "float32", "bfloat16" to compute in bfloat16 with the float32 weights
+            (:func:`computing_in`; ``model`` itself is not changed), or "auto"
+            (:func:`resolve_precision`: bfloat16 on CPUs with AMX). :attr:`precision` is the
+            one chosen.
 
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus
@@ -365,8 +382,8 @@ class Segmenter:
                 raise ConfigError(f"{type(model).__name__} has no inference scales: drop "
                                   "--eval_scales")
             model = model.with_scales([float(s) for s in scales])
-        self.model = computing_in(model, precision)
-        self.precision = precision
+        self.precision = resolve_precision(precision)
+        self.model = computing_in(model, self.precision)
         self.preprocessor = preprocessor
         # the model knows its own constraint best (it changes with the inference scales)
         self.size_multiple = int(model.size_multiple if contract else size_multiple)

@@ -10,7 +10,7 @@ from retina_tf.data.io import read_image
 from retina_tf.errors import ConfigError
 from retina_tf.export import export_model
 from retina_tf.flags import parse_config
-from retina_tf.inference import Segmenter, computing_in
+from retina_tf.inference import Segmenter, computing_in, cpu_flags, resolve_precision
 from retina_tf.models import build_model
 
 
@@ -63,3 +63,18 @@ def test_the_precision_flag_reaches_the_commands():
     with pytest.raises(ConfigError, match="--precision=bfloat16 is for --format=saved_model"):
         export_model(ExportConfig(run="unet_drive", out="e", format="onnx",
                                   precision="bfloat16"))
+
+
+def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx():
+    sapphire_rapids = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    zen4 = {"avx512f", "avx512_bf16"}
+    assert resolve_precision("auto", sapphire_rapids) == "bfloat16"
+    assert resolve_precision("auto", zen4) == "float32"
+    assert resolve_precision("auto", {"avx2", "fma"}) == "float32"
+    assert resolve_precision("auto", set()) == "float32"
+    for explicit in ("float32", "bfloat16"):
+        assert resolve_precision(explicit, zen4) == explicit
+    with pytest.raises(ConfigError, match="--precision=fp16: choose one of auto, float32"):
+        resolve_precision("fp16")
+    seg = Segmenter.from_pretrained("unet_drive", precision="auto")
+    assert seg.precision == ("bfloat16" if "amx_bf16" in cpu_flags() else "float32")
