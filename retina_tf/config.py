@@ -112,7 +112,7 @@ class InferenceConfig:
     threshold: float | None = None
     inference_scale: str = "auto"
     tile_size: int = 0
-    precision: str = "float32"
+    precision: str = "auto"
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -300,7 +300,7 @@ class ExportConfig:
     input_size: str | None = None
     threshold: float | None = None
     overwrite: bool = False
-    precision: str = "float32"
+    precision: str = "auto"
 
 
 # --- flag lines ------------------------------------------------------------------------------

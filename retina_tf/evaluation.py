@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -851,6 +852,8 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
     """Segments the training split with the run ``--model`` (a stage-1 hmsa run) and writes one
     0/255 PNG error map per image to ``--output_dir`` (default ``<run>/error_maps``), plus
     ``error_maps.json`` with the share of erroneous FOV pixels per image."""
+    if cfg.precision == "auto":  # training targets: the same on every machine
+        cfg = dataclasses.replace(cfg, precision="float32")
     seg = load_segmenter(cfg)
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR

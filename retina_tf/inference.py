@@ -182,14 +182,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(precision: str, cpu: set[str] | None = None) -> str:
+def resolve_precision(precision: str, model: keras.Model | None = None,
+                      cpu: set[str] | None = None) -> str:
     """"float32" or "bfloat16": ``precision`` itself, or for "auto" bfloat16 on a CPU with AMX
-    (where oneDNN's bfloat16 convolutions are several times faster) and float32 elsewhere,
-    GPUs included. ``cpu``: the CPU flags (default: this machine's, :func:`cpu_flags`)."""
+    (where oneDNN's bfloat16 convolutions are several times faster) for a model whose class
+    measured it faster (``bfloat16_pays``: the U-Net; RIP-AV's ConvNeXt was not), and float32
+    elsewhere, GPUs included. ``cpu``: the CPU flags (default: this machine's,
+    :func:`cpu_flags`)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
+    if model is not None and not getattr(model, "bfloat16_pays", False):
+        return "float32"
     native = (cpu_flags() if cpu is None else cpu) & set(AUTO_BFLOAT16_CPU_FLAGS)
     return "bfloat16" if native and not tf.config.list_logical_devices("GPU") else "float32"
 
@@ -203,7 +208,7 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
     On CPUs with AVX512-BF16 (or AMX) oneDNN runs bfloat16 convolutions natively; elsewhere
     TensorFlow emulates them, slower than float32.
     """
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, model)
     if precision == "float32":
         return model
     if not (cpu_flags() & set(BFLOAT16_CPU_FLAGS)) and not tf.config.list_logical_devices("GPU"):
@@ -352,8 +357,8 @@ class Segmenter:
             :data:`TILE_ABOVE_PIXELS` pixels, the whole image at once below.
         precision: "float32", "bfloat16" to compute in bfloat16 with the float32 weights
             (:func:`computing_in`; ``model`` itself is not changed), or "auto"
-            (:func:`resolve_precision`: bfloat16 on CPUs with AMX). :attr:`precision` is the
-            one chosen.
+            (:func:`resolve_precision`: bfloat16 on CPUs with AMX for models measured faster
+            so). :attr:`precision` is the one chosen.
 
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus
@@ -382,7 +387,7 @@ class Segmenter:
                 raise ConfigError(f"{type(model).__name__} has no inference scales: drop "
                                   "--eval_scales")
             model = model.with_scales([float(s) for s in scales])
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, model)
         self.model = computing_in(model, self.precision)
         self.preprocessor = preprocessor
         # the model knows its own constraint best (it changes with the inference scales)

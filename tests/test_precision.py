@@ -57,7 +57,7 @@ def test_bfloat16_segments_a_drive_photograph_as_float32_does(shared_data):
 def test_the_precision_flag_reaches_the_commands():
     for script in ("evaluate", "predict"):
         assert parse_config(script, ["--precision=bfloat16"]).precision == "bfloat16"
-        assert parse_config(script, []).precision == "float32"
+        assert parse_config(script, []).precision == "auto"
     cfg = parse_config("export_model", ["--run=unet_drive", "--out=e", "--precision=bfloat16"])
     assert cfg.precision == "bfloat16"
     with pytest.raises(ConfigError, match="--precision=bfloat16 is for --format=saved_model"):
@@ -65,16 +65,21 @@ def test_the_precision_flag_reaches_the_commands():
                                   precision="bfloat16"))
 
 
-def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx():
+def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx_and_it_pays():
     sapphire_rapids = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
     zen4 = {"avx512f", "avx512_bf16"}
-    assert resolve_precision("auto", sapphire_rapids) == "bfloat16"
-    assert resolve_precision("auto", zen4) == "float32"
-    assert resolve_precision("auto", {"avx2", "fma"}) == "float32"
-    assert resolve_precision("auto", set()) == "float32"
+    unet = build_model("unet", depth=2, base_filters=4)
+    ddrnet = build_model("ddrnet", planes=4, spp_planes=8, head_planes=8)  # not measured faster
+    assert resolve_precision("auto", unet, sapphire_rapids) == "bfloat16"
+    assert resolve_precision("auto", None, sapphire_rapids) == "bfloat16"
+    assert resolve_precision("auto", ddrnet, sapphire_rapids) == "float32"
+    assert resolve_precision("auto", unet, zen4) == "float32"
+    assert resolve_precision("auto", unet, {"avx2", "fma"}) == "float32"
+    assert resolve_precision("auto", unet, set()) == "float32"
     for explicit in ("float32", "bfloat16"):
-        assert resolve_precision(explicit, zen4) == explicit
+        assert resolve_precision(explicit, ddrnet, zen4) == explicit
     with pytest.raises(ConfigError, match="--precision=fp16: choose one of auto, float32"):
         resolve_precision("fp16")
     seg = Segmenter.from_pretrained("unet_drive", precision="auto")
     assert seg.precision == ("bfloat16" if "amx_bf16" in cpu_flags() else "float32")
+    assert Segmenter.from_pretrained("ripav_rite", precision="auto").precision == "float32"

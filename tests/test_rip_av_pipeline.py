@@ -120,7 +120,9 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
         assert np.abs(png / 255.0 - prob[..., i]).max() <= 0.5 / 255 + 1e-6, name
     assert read_image(tmp_path / "pred" / "p_av.png").shape[-1] == 3
     # flags.txt holds the training settings; how to evaluate is evaluate's own flags
+    # in float32, as error_sources below, also where --precision=auto means bfloat16
     result = evaluate(parse_config("evaluate", [f"--flagfile={run / 'flags.txt'}",
+                                                "--precision=float32",
                                                 f"--output_dir={out}", "--visualize",
                                                 "--inference=sliding"]))["metrics"]
     for key in ("av_acc", "av_se", "av_sp", "av_f1", "f1", "auc_roc", "av_auc_artery",
@@ -136,6 +138,7 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
                                result["av_acc"] * (thin + thick), rtol=1e-9)
     # one decision per vessel segment changes the A/V decisions only, never the vessel map
     voted = evaluate(parse_config("evaluate", [f"--flagfile={run / 'flags.txt'}",
+                                               "--precision=float32",
                                                f"--output_dir={out}_vote", "--av_vote",
                                                "--inference=sliding"]))
     assert voted["av_vote"] is True and voted["av_link"] == 1.0

@@ -180,8 +180,9 @@ def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_
     (copy / "run.json").write_text(json.dumps({**info, "threshold": 0.9}))
     with open(copy / "flags.txt", "a") as f:
         f.write("--threshold=0.5\n")  # an older version's line: no override
-    # evaluated with the run's own flags.txt as flagfile (it names the dataset)
-    args = [f"--flagfile={copy / 'flags.txt'}", f"--model={copy}"]
+    # evaluated with the run's own flags.txt as flagfile (it names the dataset); in float32,
+    # as the Segmenter and compare below, also on CPUs where --precision=auto means bfloat16
+    args = [f"--flagfile={copy / 'flags.txt'}", f"--model={copy}", "--precision=float32"]
 
     def evaluated(name, *extra):
         return evaluate(parse_config("evaluate", args + [f"--output_dir={tmp_path / name}",
@@ -203,7 +204,8 @@ def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_
     masks = {}
     for name, extra in (("stored", []), ("half", ["--threshold=0.5"])):
         predict(parse_config("predict", [f"--model={copy}", f"--input={photo}",
-                                         f"--output_dir={tmp_path / ('p_' + name)}", *extra]))
+                                         f"--output_dir={tmp_path / ('p_' + name)}",
+                                         "--precision=float32", *extra]))
         masks[name] = read_mask(tmp_path / f"p_{name}" / f"{photo.stem}_mask.png")
     prob, mask = Segmenter.from_run(copy).segment(read_image(photo))  # the run's threshold
     np.testing.assert_array_equal(mask[..., 0], prob[..., 0] >= 0.9)

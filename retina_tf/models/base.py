@@ -41,6 +41,8 @@ class SegmentationModel:
             loss flags cannot apply.
         argument_sources: classes whose constructor arguments this model also takes, for a
             part it builds from them (EAR-Net: its HMSA stage 1).
+        bfloat16_pays: inference in bfloat16 was measured faster at the same scores on CPUs
+            with AMX, so ``--precision=auto`` takes it (docs/results/speed.md#bfloat16).
     """
 
     task: str | None = None
@@ -52,6 +54,7 @@ class SegmentationModel:
     # False: compute_loss is the method's own and ignores the compiled loss (--loss, --pos_weight)
     uses_compiled_loss: bool = True
     argument_sources: tuple[type, ...] = ()
+    bfloat16_pays: bool = False
 
     @classmethod
     def constructor_arguments(cls) -> list[str]:

