@@ -11,7 +11,8 @@ before it trains, so a slow run on a slow machine shows as the same share of a l
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
 "cores busy" is the process's CPU time over the wall time while it trains; "threads" the
 threads of the process that each kept at least a fifth of a core busy meanwhile, with the busiest
-ones' share of a core; "steal" the share of the machine's CPU time its hypervisor took.
+ones' share of a core; "steal" the share of the machine's CPU time its hypervisor took; "same
+CPU" how often, of the moments when two or more threads were running, two were on one CPU.
 """
 
 import json
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,8 +89,13 @@ def one_run() -> dict:
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
     cpu, threads, machine, start = _cpu_seconds(), _thread_ticks(), _machine_ticks(), \
         time.perf_counter()
+    stop, placement = threading.Event(), []
+    sampler = threading.Thread(target=_sample_placement, args=(stop, placement), daemon=True)
+    sampler.start()
     model.fit(ds, steps_per_epoch=FLAGS.batches, epochs=1, verbose=0, shuffle=False)
     wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     busy = _busy_threads(threads, _thread_ticks(), wall)
     machine = [b - a for a, b in zip(machine, _machine_ticks())]
     steal = machine[7] / max(sum(machine), 1)
@@ -96,7 +103,29 @@ def one_run() -> dict:
     gflops = train * 3 * forward_flops(model, FLAGS.patch_size) / 1e9
     return {"dataset": f"{dataset} ({len(seg)} images)", "pipeline": pipe, "train": train,
             "gflops": gflops, "peak": peak, "params": model.count_params(),
-            "cores_busy": cores_busy, "threads": busy, "steal": steal}
+            "cores_busy": cores_busy, "threads": busy, "steal": steal,
+            "shared_cpu": sum(placement) / max(len(placement), 1)}
+
+
+def _sample_placement(stop: threading.Event, shared: list) -> None:
+    """Every 50 ms: were two of this process's running threads on the same CPU? (Linux /proc:
+    each thread's state and the CPU it last ran on.)"""
+    me = str(threading.get_native_id())
+    while not stop.wait(0.05):
+        cpus = []
+        for task in os.listdir("/proc/self/task"):
+            if task == me:  # the sampler itself is running as it reads
+                continue
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "R":  # running or waiting for a CPU
+                cpus.append(int(fields[36]))
+        if len(cpus) >= 2:
+            shared.append(len(set(cpus)) < len(cpus))
 
 
 def _thread_ticks() -> dict:
@@ -146,7 +175,7 @@ def main(_):
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "
           f"{vector_extensions()}")
     print("run  pipeline patches/s  training patches/s  training GFLOP/s  matmul peak  share"
-          "  cores busy  steal  threads (share of a core)")
+          "  cores busy  steal  same CPU  threads (share of a core)")
     runs = []
     for i in range(FLAGS.runs):
         out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -154,7 +183,7 @@ def main(_):
         runs.append(r)
         print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
               f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}  "
-              f"{r['steal']:5.0%}  "
+              f"{r['steal']:5.0%}  {r['shared_cpu']:8.0%}  "
               + ", ".join(f"{name} {share:.2f}" for name, share in r["threads"]),
               flush=True)
     train = [r["train"] for r in runs]
