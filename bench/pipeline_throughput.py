@@ -107,40 +107,35 @@ def one_run() -> dict:
             "shared_cpu": sum(placement) / max(len(placement), 1)}
 
 
+def _task_stats():
+    """(thread id, name, the fields after the name) of each of this process's threads, from
+    /proc/self/task/<id>/stat (Linux)."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        close = stat.rindex(")")  # the name may hold spaces and parentheses
+        yield task, stat[stat.index("(") + 1:close], stat[close + 2:].split()
+
+
 def _sample_placement(stop: threading.Event, shared: list) -> None:
-    """Every 50 ms: were two of this process's running threads on the same CPU? (Linux /proc:
-    each thread's state and the CPU it last ran on.)"""
+    """Every 50 ms: were two of this process's running threads on the same CPU? (each
+    thread's state and the CPU it last ran on)"""
     me = str(threading.get_native_id())
     while not stop.wait(0.05):
-        cpus = []
-        for task in os.listdir("/proc/self/task"):
-            if task == me:  # the sampler itself is running as it reads
-                continue
-            try:
-                with open(f"/proc/self/task/{task}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] == "R":  # running or waiting for a CPU
-                cpus.append(int(fields[36]))
+        # "R": running or waiting for a CPU; the sampler itself is running as it reads
+        cpus = [int(fields[36]) for task, _, fields in _task_stats()
+                if fields[0] == "R" and task != me]
         if len(cpus) >= 2:
             shared.append(len(set(cpus)) < len(cpus))
 
 
 def _thread_ticks() -> dict:
-    """{thread name and id: CPU clock ticks} of this process's threads (Linux /proc)."""
-    ticks = {}
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        close = stat.rindex(")")  # the name may hold spaces and parentheses
-        name, fields = stat[stat.index("(") + 1:close], stat[close + 2:].split()
-        ticks[f"{name}/{task}"] = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks
+    """{thread name and id: CPU clock ticks} of this process's threads."""
+    return {f"{name}/{task}": int(fields[11]) + int(fields[12])  # utime + stime
+            for task, name, fields in _task_stats()}
 
 
 def _busy_threads(before: dict, after: dict, wall: float) -> list:

@@ -97,8 +97,8 @@ class InferenceConfig:
         tile_size: whole-image inference in overlapping tiles of this side (0: automatic, for
             images over 2 Mpixel).
         precision: "float32", "bfloat16" (compute in bfloat16 with the float32 weights;
-            :func:`retina_tf.inference.computing_in`) or "auto" (bfloat16 on CPUs with AMX;
-            :func:`retina_tf.inference.resolve_precision`).
+            :func:`retina_tf.inference.computing_in`) or "auto" (bfloat16 for U-Nets on CPUs
+            with AMX; :func:`retina_tf.inference.resolve_precision`).
     """
 
     inference: str = "auto"
