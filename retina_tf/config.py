@@ -98,7 +98,7 @@ class InferenceConfig:
             images over 2 Mpixel).
         precision: "float32", "bfloat16" (compute in bfloat16 with the float32 weights;
             :func:`retina_tf.inference.computing_in`) or "auto" (bfloat16 for U-Nets on CPUs
-            with AMX; :func:`retina_tf.inference.resolve_precision`).
+            with AVX512-BF16 or AMX; :func:`retina_tf.inference.resolve_precision`).
     """
 
     inference: str = "auto"

@@ -523,7 +523,7 @@ def define_eval_flags(d: _Definer) -> None:
     d.DEFINE_enum("precision", "auto", ["auto", "float32", "bfloat16"],
                   "Compute in float32 or bfloat16 (the weights stay float32); bfloat16 is "
                   "faster only on CPUs with AVX512-BF16 or AMX, and GPUs. auto: bfloat16 for "
-                  "U-Nets on CPUs with AMX (same DRIVE F1, 1.9x faster), else float32. "
+                  "U-Nets on those CPUs (same DRIVE F1, 1.6-2x faster), else float32. "
                   "export_model: bfloat16 for saved_model only; auto exports float32.")
     d.DEFINE_integer("stride", 16, "Sliding-window stride.")
     d.DEFINE_list("eval_scales", None, "Multi-scale models (hmsa): inference scales, e.g. "

@@ -163,11 +163,10 @@ def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-# /proc/cpuinfo flags of the CPUs whose oneDNN kernels compute bfloat16 natively.
+# /proc/cpuinfo flags of the CPUs whose oneDNN kernels compute bfloat16 natively; "auto" uses
+# bfloat16 only there, where U-Nets measured 1.6-2x faster at the same DRIVE F1
+# (docs/results/speed.md#bfloat16).
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# "auto" computes in bfloat16 only where it was measured faster at the same DRIVE F1: AMX
-# matrix units (docs/results/speed.md#bfloat16).
-AUTO_BFLOAT16_CPU_FLAGS = ("amx_bf16",)
 
 
 def cpu_flags() -> set[str]:
@@ -184,8 +183,8 @@ def cpu_flags() -> set[str]:
 
 def resolve_precision(precision: str, model: keras.Model | None = None,
                       cpu: set[str] | None = None) -> str:
-    """"float32" or "bfloat16": ``precision`` itself, or for "auto" bfloat16 on a CPU with AMX
-    (where oneDNN's bfloat16 convolutions are several times faster) for a model whose class
+    """"float32" or "bfloat16": ``precision`` itself, or for "auto" bfloat16 on a CPU with AMX or
+    AVX512-BF16 (where oneDNN's bfloat16 convolutions are 1.6-2x faster) for a model whose class
     measured it faster (``bfloat16_pays``: the U-Net; RIP-AV's ConvNeXt was not), and float32
     elsewhere, GPUs included. ``cpu``: the CPU flags (default: this machine's,
     :func:`cpu_flags`)."""
@@ -195,7 +194,7 @@ def resolve_precision(precision: str, model: keras.Model | None = None,
         return precision
     if model is not None and not getattr(model, "bfloat16_pays", False):
         return "float32"
-    native = (cpu_flags() if cpu is None else cpu) & set(AUTO_BFLOAT16_CPU_FLAGS)
+    native = (cpu_flags() if cpu is None else cpu) & set(BFLOAT16_CPU_FLAGS)
     return "bfloat16" if native and not tf.config.list_logical_devices("GPU") else "float32"
 
 
@@ -357,8 +356,8 @@ class Segmenter:
             :data:`TILE_ABOVE_PIXELS` pixels, the whole image at once below.
         precision: "float32", "bfloat16" to compute in bfloat16 with the float32 weights
             (:func:`computing_in`; ``model`` itself is not changed), or "auto"
-            (:func:`resolve_precision`: bfloat16 on CPUs with AMX for models measured faster
-            so). :attr:`precision` is the one chosen.
+            (:func:`resolve_precision`: bfloat16 on CPUs with AVX512-BF16 or AMX for models
+            measured faster so). :attr:`precision` is the one chosen.
 
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus

@@ -65,7 +65,7 @@ def test_the_precision_flag_reaches_the_commands():
                                   precision="bfloat16"))
 
 
-def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx_and_it_pays():
+def test_auto_computes_in_bfloat16_only_where_the_cpu_has_it_natively_and_it_pays():
     sapphire_rapids = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
     zen4 = {"avx512f", "avx512_bf16"}
     unet = build_model("unet", depth=2, base_filters=4)
@@ -73,7 +73,8 @@ def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx_and_it_pays():
     assert resolve_precision("auto", unet, sapphire_rapids) == "bfloat16"
     assert resolve_precision("auto", None, sapphire_rapids) == "bfloat16"
     assert resolve_precision("auto", ddrnet, sapphire_rapids) == "float32"
-    assert resolve_precision("auto", unet, zen4) == "float32"
+    assert resolve_precision("auto", unet, zen4) == "bfloat16"
+    assert resolve_precision("auto", ddrnet, zen4) == "float32"
     assert resolve_precision("auto", unet, {"avx2", "fma"}) == "float32"
     assert resolve_precision("auto", unet, set()) == "float32"
     for explicit in ("float32", "bfloat16"):
@@ -81,5 +82,6 @@ def test_auto_computes_in_bfloat16_only_where_the_cpu_has_amx_and_it_pays():
     with pytest.raises(ConfigError, match="--precision=fp16: choose one of auto, float32"):
         resolve_precision("fp16")
     seg = Segmenter.from_pretrained("unet_drive", precision="auto")
-    assert seg.precision == ("bfloat16" if "amx_bf16" in cpu_flags() else "float32")
+    native = cpu_flags() & {"amx_bf16", "avx512_bf16"}
+    assert seg.precision == ("bfloat16" if native else "float32")
     assert Segmenter.from_pretrained("ripav_rite", precision="auto").precision == "float32"
