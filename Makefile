@@ -25,11 +25,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check retina_tf bin tests bench
 
+# One pytest worker per core (pytest-xdist), each test file in one worker so that its
+# module-scoped fixtures (a trained run, an export) are made once: 1.6x faster on 2 cores.
+# TEST_WORKERS=0 runs the tests one after another in this process.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # docs/cli.md, the flag reference, from the flag definitions (tests/test_docs.py checks it).
 docs: $(STAMP)
