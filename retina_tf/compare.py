@@ -52,13 +52,14 @@ class _Run:
         return str(self.segmenter.run_info.get("model", "?"))
 
 
-def _load(label: str, logdir: str) -> _Run:
+def _load(label: str, logdir: str, precision: str) -> _Run:
     run_dir = find_run(label, logdir, flag="--runs")
     inf = run_inference(run_dir)
     seg = Segmenter.from_run(run_dir, inference=inf.inference, window=inf.window or None,
                              stride=inf.stride, tta=inf.tta, tta_transpose=inf.tta_transpose,
                              scales=inf.eval_scales, av_vote=inf.av_vote, av_link=inf.av_link,
-                             inference_scale=inf.inference_scale, tile_size=inf.tile_size)
+                             inference_scale=inf.inference_scale, tile_size=inf.tile_size,
+                             precision=precision)
     threshold, _ = resolve_threshold(seg, None, label)  # each run its own
     return _Run(label=label, segmenter=seg, threshold=threshold)
 
@@ -106,7 +107,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     chosen = _chosen_index(cfg.image, names)
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     out.check([COMPARE_PNG, COMPARE_MD])
-    runs = [_load(label, cfg.logdir) for label in cfg.runs]
+    runs = [_load(label, cfg.logdir, cfg.precision) for label in cfg.runs]
     tasks = {r.label: r.segmenter.task for r in runs}
     task = "av" if all(t == "av" for t in tasks.values()) else "vessel"
     note = ""
@@ -161,7 +162,7 @@ def _row(run: _Run, task: str) -> dict[str, Any]:
     result = run.scores.result()
     keys = [k for k, _ in COLUMNS + (AV_COLUMNS if task == "av" else ())]
     return {"run": run.label, "model": run.model, **{k: result[k] for k in keys},
-            "image_f1": run.image_f1}
+            "image_f1": run.image_f1, "precision": run.segmenter.precision}
 
 
 def markdown_table(rows: list[dict[str, Any]], task: str) -> str:

@@ -261,6 +261,8 @@ class CompareConfig:
         image: the picture's image: a name of the split (``01_test``) or its 0-based index
             (None: the first).
         output_dir: where ``compare.png`` and ``compare.md`` go.
+        precision: what every run computes in, as for :class:`InferenceConfig` ("auto": each
+            run as ``evaluate`` would compute it here).
     """
 
     runs: tuple[str, ...] = ()
@@ -273,6 +275,7 @@ class CompareConfig:
     image: str | None = None
     output_dir: str | None = None
     overwrite: bool = False
+    precision: str = "auto"
 
 
 @dataclasses.dataclass(**_FROZEN)

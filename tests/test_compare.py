@@ -15,6 +15,7 @@ from retina_tf.data.io import read_image
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import SHEET_ROW_HEIGHT, SetScores, evaluate, per_image_csv
 from retina_tf.flags import parse_config
+from retina_tf.inference import Segmenter
 from retina_tf.training import train
 from retina_tf.visualize import BAND_HEIGHT, GAP
 from tests.conftest import tiny_train_args
@@ -135,6 +136,9 @@ def test_compare_writes_the_picture_and_a_table_row_per_run(tiny_synthetic, av_r
     assert result["task"] == "vessel" and result["image"] == "02_test"
     assert [r["run"] for r in result["rows"]] == ["unet_drive", str(av_run)]
     assert [r["model"] for r in result["rows"]] == ["unet", "unet"]
+    # each run computes as evaluate's default (--precision=auto) would on this machine
+    auto = Segmenter.from_pretrained("unet_drive", precision="auto").precision
+    assert [r["precision"] for r in result["rows"]] == [auto, auto]
     # one image: the pooled F1 is the image's own
     assert all(r["f1"] == pytest.approx(r["image_f1"]) for r in result["rows"])
     text = (out / "compare.md").read_text()

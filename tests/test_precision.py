@@ -55,7 +55,7 @@ def test_bfloat16_segments_a_drive_photograph_as_float32_does(shared_data):
 
 
 def test_the_precision_flag_reaches_the_commands():
-    for script in ("evaluate", "predict"):
+    for script in ("evaluate", "predict", "compare"):
         assert parse_config(script, ["--precision=bfloat16"]).precision == "bfloat16"
         assert parse_config(script, []).precision == "auto"
     cfg = parse_config("export_model", ["--run=unet_drive", "--out=e", "--precision=bfloat16"])
