@@ -213,7 +213,8 @@ def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_
     assert masks["half"].sum() > masks["stored"].sum()
 
     rows = compare(CompareConfig(runs=(str(copy),), dataset="synthetic", data_dir=str(data),
-                                 output_dir=str(tmp_path / "compare")))["rows"]
+                                 output_dir=str(tmp_path / "compare"),
+                                 precision="float32"))["rows"]
     assert rows[0]["f1"] == pytest.approx(stored["metrics"]["f1"])
     maps = write_error_maps(ErrorMapConfig(model=str(copy), dataset="synthetic",
                                            data_dir=str(data), output_dir=str(tmp_path / "maps")))
