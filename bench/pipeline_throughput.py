@@ -9,10 +9,10 @@ runs (each a fresh process, as a user's training is).
 Each run measures the TensorFlow matmul peak (bench/matmul_peak.py) in its own process just
 before it trains, so a slow run on a slow machine shows as the same share of a lower peak.
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
-"cores busy" is the process's CPU time over the wall time while it trains; "threads" the
-threads of the process that each kept at least a fifth of a core busy meanwhile, with the busiest
-ones' share of a core; "steal" the share of the machine's CPU time its hypervisor took; "same
-CPU" how often, of the moments when two or more threads were running, two were on one CPU.
+"cores busy" is the process's CPU time over the wall time while it trains; "steps" the time of
+the timed steps after the first; "end wait" the time from the last step's end to `fit`'s return.
+retina_tf's datasets run without tf.data's autotuning; `--tf_data_autotune` turns it back on to
+show the wait it caused at the end of `fit` (docs/results/speed.md, "two speeds").
 """
 
 import json
@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +35,8 @@ flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("base_filters", 16, "U-Net width (16: 0.45 M parameters).")
 flags.DEFINE_integer("batches", 40, "Batches to time.")
 flags.DEFINE_integer("runs", 5, "Runs, each in a fresh process; median and spread are printed.")
+flags.DEFINE_boolean("tf_data_autotune", False,
+                     "Turn tf.data's autotuning back on (tf.data's default; off in retina_tf).")
 flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON line.")
 FLAGS = flags.FLAGS
 
@@ -56,6 +57,9 @@ def forward_flops(model, patch_size: int) -> float:
 
 
 def one_run() -> dict:
+    import keras
+    import tensorflow as tf
+
     from bench.matmul_peak import matmul_gflops
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
@@ -75,6 +79,10 @@ def one_run() -> dict:
     seg = build_set(datas, pre)
     aug = Augment(rotate_degrees=15, brightness=0.1, contrast=0.1, gamma=0.1)
     ds = patch_dataset(seg, FLAGS.patch_size, FLAGS.batch_size, 0.5, aug, seed=0)
+    if FLAGS.tf_data_autotune:
+        options = tf.data.Options()
+        options.autotune.enabled = True
+        ds = ds.with_options(options)
 
     it = iter(ds)
     for _ in range(5):
@@ -87,68 +95,19 @@ def one_run() -> dict:
     model = build_model("unet", base_filters=FLAGS.base_filters)
     model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
-    cpu, threads, machine, start = _cpu_seconds(), _thread_ticks(), _machine_ticks(), \
-        time.perf_counter()
-    stop, placement = threading.Event(), []
-    sampler = threading.Thread(target=_sample_placement, args=(stop, placement), daemon=True)
-    sampler.start()
-    model.fit(ds, steps_per_epoch=FLAGS.batches, epochs=1, verbose=0, shuffle=False)
-    wall = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    busy = _busy_threads(threads, _thread_ticks(), wall)
-    machine = [b - a for a, b in zip(machine, _machine_ticks())]
-    steal = machine[7] / max(sum(machine), 1)
+    ends = []
+    timer = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    model.fit(ds, steps_per_epoch=FLAGS.batches, epochs=1, verbose=0, shuffle=False,
+              callbacks=[timer])
+    end = time.perf_counter()
+    wall = end - start
     train, cores_busy = FLAGS.batches * FLAGS.batch_size / wall, (_cpu_seconds() - cpu) / wall
     gflops = train * 3 * forward_flops(model, FLAGS.patch_size) / 1e9
     return {"dataset": f"{dataset} ({len(seg)} images)", "pipeline": pipe, "train": train,
             "gflops": gflops, "peak": peak, "params": model.count_params(),
-            "cores_busy": cores_busy, "threads": busy, "steal": steal,
-            "shared_cpu": sum(placement) / max(len(placement), 1)}
-
-
-def _task_stats():
-    """(thread id, name, the fields after the name) of each of this process's threads, from
-    /proc/self/task/<id>/stat (Linux)."""
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/stat") as f:
-                stat = f.read()
-        except OSError:  # the thread ended meanwhile
-            continue
-        close = stat.rindex(")")  # the name may hold spaces and parentheses
-        yield task, stat[stat.index("(") + 1:close], stat[close + 2:].split()
-
-
-def _sample_placement(stop: threading.Event, shared: list) -> None:
-    """Every 50 ms: were two of this process's running threads on the same CPU? (each
-    thread's state and the CPU it last ran on)"""
-    me = str(threading.get_native_id())
-    while not stop.wait(0.05):
-        # "R": running or waiting for a CPU; the sampler itself is running as it reads
-        cpus = [int(fields[36]) for task, _, fields in _task_stats()
-                if fields[0] == "R" and task != me]
-        if len(cpus) >= 2:
-            shared.append(len(set(cpus)) < len(cpus))
-
-
-def _thread_ticks() -> dict:
-    """{thread name and id: CPU clock ticks} of this process's threads."""
-    return {f"{name}/{task}": int(fields[11]) + int(fields[12])  # utime + stime
-            for task, name, fields in _task_stats()}
-
-
-def _busy_threads(before: dict, after: dict, wall: float) -> list:
-    """[(thread name, share of a core)] of the threads that kept at least 0.2 of a core busy."""
-    hz = os.sysconf("SC_CLK_TCK")
-    shares = [(key.split("/")[0], (after[key] - before.get(key, 0)) / hz / wall) for key in after]
-    return sorted([s for s in shares if s[1] >= 0.2], key=lambda s: -s[1])
-
-
-def _machine_ticks() -> list:
-    """The machine's CPU ticks from /proc/stat: user nice system idle iowait irq softirq steal."""
-    with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:9]]
+            "cores_busy": cores_busy, "steps": ends[-1] - ends[0], "end_wait": end - ends[-1]}
 
 
 def _cpu_seconds() -> float:
@@ -164,13 +123,13 @@ def main(_):
 
     args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
         f"--{name}={getattr(FLAGS, name)}" for name in
-        ("patch_size", "batch_size", "base_filters", "batches")] + (
+        ("patch_size", "batch_size", "base_filters", "batches", "tf_data_autotune")] + (
         [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
     print(f"U-Net base {FLAGS.base_filters}, patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "
           f"{vector_extensions()}")
     print("run  pipeline patches/s  training patches/s  training GFLOP/s  matmul peak  share"
-          "  cores busy  steal  same CPU  threads (share of a core)")
+          "  cores busy  steps (s)  end wait (s)")
     runs = []
     for i in range(FLAGS.runs):
         out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -178,9 +137,7 @@ def main(_):
         runs.append(r)
         print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
               f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}  "
-              f"{r['steal']:5.0%}  {r['shared_cpu']:8.0%}  "
-              + ", ".join(f"{name} {share:.2f}" for name, share in r["threads"]),
-              flush=True)
+              f"{r['steps']:9.2f}  {r['end_wait']:12.2f}", flush=True)
     train = [r["train"] for r in runs]
     share = [r["gflops"] / r["peak"] for r in runs]
     print(f"data {runs[0]['dataset']}, {runs[0]['params'] / 1e6:.2f} M parameters")

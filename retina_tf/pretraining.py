@@ -26,7 +26,7 @@ from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
-from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
+from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset, without_autotune
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
@@ -249,13 +249,15 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
         k = tf.random.uniform([], 0, 4, tf.int32)
         return tf.image.rot90(patch, k), label
 
-    dataset = (tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
-               .shuffle(len(train_idx), seed=cfg.seed).repeat()
-               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    dataset = without_autotune(
+        tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
+        .shuffle(len(train_idx), seed=cfg.seed).repeat()
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
     def finish(model: RIPClassifier) -> tuple[dict[str, Any], str]:
-        logits = model.predict(tf.data.Dataset.from_tensor_slices(x[held]).batch(64), verbose=0)
+        logits = model.predict(
+            without_autotune(tf.data.Dataset.from_tensor_slices(x[held]).batch(64)), verbose=0)
         correct = (logits > 0) == (y[held] > 0.5)
         held_out = {"accuracy": float(correct.mean()),
                     "exact_match": float(correct.all(1).mean()),

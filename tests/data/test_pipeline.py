@@ -122,3 +122,13 @@ def test_mixed_patch_sizes_resize_crops_of_each_side_to_the_patch_size():
     plain = next(iter(patch_dataset(seg, 16, 8, 0.0, Augment.none(), seed=2)))[0].numpy()
     again = next(iter(patch_dataset(seg, 16, 8, 0.0, Augment.none(), seed=2)))[0].numpy()
     np.testing.assert_array_equal(plain, again)
+
+
+def test_training_streams_run_without_tf_data_autotuning():
+    # Autotuning made dropping an iterator wait for its sleeping tuner thread (seconds at the end
+    # of a fit); the streams must keep it off and still deliver their batches.
+    seg = _set(n=2)
+    for ds in (patch_dataset(seg, patch_size=16, batch_size=4),
+               whole_image_dataset(seg, batch_size=1, multiple=16, repeat=False)):
+        assert ds.options().autotune.enabled is False
+        assert len(_first(ds, 2)) == 2
