@@ -37,6 +37,8 @@ flags.DEFINE_integer("batches", 40, "Batches to time.")
 flags.DEFINE_integer("runs", 5, "Runs, each in a fresh process; median and spread are printed.")
 flags.DEFINE_boolean("tf_data_autotune", False,
                      "Turn tf.data's autotuning back on (tf.data's default; off in retina_tf).")
+flags.DEFINE_boolean("mixed_precision", False,
+                     "Train as train.py --mixed_precision does (bfloat16 compute on a CPU).")
 flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON line.")
 FLAGS = flags.FLAGS
 
@@ -68,6 +70,7 @@ def one_run() -> dict:
     from retina_tf.data.synthetic import write_synthetic_dataset
     from retina_tf.losses import SegmentationLoss
     from retina_tf.models import build_model
+    from retina_tf.training import compute_precision
 
     peak = matmul_gflops()
     if FLAGS.data_dir:
@@ -92,7 +95,8 @@ def one_run() -> dict:
         next(it)
     pipe = FLAGS.batches * FLAGS.batch_size / (time.perf_counter() - start)
 
-    model = build_model("unet", base_filters=FLAGS.base_filters)
+    with compute_precision(FLAGS.mixed_precision):
+        model = build_model("unet", base_filters=FLAGS.base_filters)
     model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
     ends = []
@@ -123,7 +127,8 @@ def main(_):
 
     args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
         f"--{name}={getattr(FLAGS, name)}" for name in
-        ("patch_size", "batch_size", "base_filters", "batches", "tf_data_autotune")] + (
+        ("patch_size", "batch_size", "base_filters", "batches", "tf_data_autotune",
+         "mixed_precision")] + (
         [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
     print(f"U-Net base {FLAGS.base_filters}, patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "

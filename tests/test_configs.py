@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.cfg")
 
 def test_the_expected_configs_exist():
     names = {p.stem for p in CONFIGS}
-    assert {"demo", "drive_unet", "drive_unet_fast", "chase_unet", "stare_unet",
+    assert {"demo", "drive_unet", "drive_unet_fast", "drive_unet_15min", "chase_unet", "stare_unet",
             "hrf_unet", "rite_ripav", "lesav_ripav", "hrfav_ripav", "rite_rip_pretrain"} <= names
 
 
