@@ -181,6 +181,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def native_bfloat16(cpu: set[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AMX or AVX512-BF16; elsewhere TensorFlow
+    emulates it, slower than float32). ``cpu``: the CPU flags (default: :func:`cpu_flags`)."""
+    return bool((cpu_flags() if cpu is None else cpu) & set(BFLOAT16_CPU_FLAGS))
+
+
 def resolve_precision(precision: str, model: keras.Model | None = None,
                       cpu: set[str] | None = None) -> str:
     """"float32" or "bfloat16": ``precision`` itself, or for "auto" bfloat16 on a CPU with AMX or
@@ -194,8 +200,8 @@ def resolve_precision(precision: str, model: keras.Model | None = None,
         return precision
     if model is not None and not getattr(model, "bfloat16_pays", False):
         return "float32"
-    native = (cpu_flags() if cpu is None else cpu) & set(BFLOAT16_CPU_FLAGS)
-    return "bfloat16" if native and not tf.config.list_logical_devices("GPU") else "float32"
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    return "bfloat16" if native_bfloat16(cpu) and not gpu else "float32"
 
 
 def computing_in(model: keras.Model, precision: str) -> keras.Model:
@@ -210,7 +216,7 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
     precision = resolve_precision(precision, model)
     if precision == "float32":
         return model
-    if not (cpu_flags() & set(BFLOAT16_CPU_FLAGS)) and not tf.config.list_logical_devices("GPU"):
+    if not native_bfloat16() and not tf.config.list_logical_devices("GPU"):
         log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
                  "expect it slower than --precision=float32")
     if isinstance(model, SegmentationModel):  # clone_model would lose a functional subclass

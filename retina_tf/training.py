@@ -44,13 +44,7 @@ from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
 from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
-from retina_tf.inference import (
-    BFLOAT16_CPU_FLAGS,
-    Segmenter,
-    cpu_flags,
-    fov_diameter,
-    load_keras_model,
-)
+from retina_tf.inference import Segmenter, fov_diameter, load_keras_model, native_bfloat16
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, check_arguments, model_class
@@ -795,7 +789,7 @@ def compute_precision(mixed: bool):
     if mixed:
         gpu = bool(tf.config.list_logical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
-        if not gpu and not cpu_flags() & set(BFLOAT16_CPU_FLAGS):
+        if not gpu and not native_bfloat16():
             log.info("--mixed_precision: this CPU has no AVX512-BF16 or AMX, so TensorFlow "
                      "emulates bfloat16: expect training slower than without it")
     try:
