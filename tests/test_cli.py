@@ -3,7 +3,7 @@ person can read (one or two lines on stderr, exit 2 for usage errors and 1 other
 traceback only with --verbose).
 
 Flag checks run in-process on a FlagValues with every flag; a handful of cases run the real
-bin/ scripts (about 5 s each for the TensorFlow import).
+bin/ scripts (tests/commands.py: forked from a process that has imported TensorFlow).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from absl import flags
 
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError
 from retina_tf.flags import new_flag_values, report_errors
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.cfg"
@@ -34,8 +35,7 @@ def parse_flags(argv: list[str]):
 
 def _run(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, str(REPO / "bin" / script), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return commands.script(script, *args, cwd=cwd, env=env)
 
 
 def _error_lines(stderr: str, script: str) -> list[str]:
@@ -341,3 +341,18 @@ def test_console_scripts_and_python_m_run_the_same_commands():
     proc = subprocess.run([sys.executable, "-m", "retina_tf"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "pretrain-mae" in proc.stderr
+
+
+def test_a_forked_command_reads_as_a_fresh_interpreter_does(tmp_path):
+    """tests/commands.py, which runs most tests' commands, against a real ``python bin/...``."""
+    args = ["predict.py", "--model=unet_drive", f"--input={tmp_path / 'none.png'}",
+            f"--output_dir={tmp_path / 'out'}"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user
+    fresh = subprocess.run([sys.executable, str(REPO / "bin" / args[0]), *args[1:]], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+    forked = commands.script(*args, cwd=REPO, env=env)
+    assert fresh.returncode == forked.returncode == 1
+    assert (fresh.stdout, fresh.stderr) == (forked.stdout, forked.stderr)
+    assert fresh.stderr.startswith("predict.py: error: ") and str(tmp_path) in fresh.stderr
+    help_text = commands.script("predict.py", "--help")
+    assert help_text.returncode == 0 and "--threshold" in help_text.stdout

@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.training import train
 from retina_tf.visualize import BAND_HEIGHT, GAP
+from tests import commands
 from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,15 +171,12 @@ def test_compare_of_av_runs_adds_the_av_columns(tiny_synthetic, av_run, tmp_path
 @pytest.mark.slow
 def test_compare_command_prints_the_table_and_names_a_bad_run(tiny_synthetic, av_run,
                                                               tmp_path):
-    args = [sys.executable, str(REPO / "bin" / "compare.py"), "--dataset=synthetic",
-            f"--data_dir={tiny_synthetic}", f"--output_dir={tmp_path}"]
-    proc = subprocess.run(args + [f"--runs={av_run},{av_run}"], capture_output=True,
-                          text=True, timeout=300)
+    args = ["--dataset=synthetic", f"--data_dir={tiny_synthetic}", f"--output_dir={tmp_path}"]
+    proc = commands.script("compare.py", *args, f"--runs={av_run},{av_run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(f"| {av_run} | unet | ") == 2
     assert {p.name for p in tmp_path.iterdir()} >= {"compare.png", "compare.md"}
-    proc = subprocess.run(args + ["--runs=nowhere_run"], capture_output=True, text=True,
-                          timeout=300)
+    proc = commands.script("compare.py", *args, "--runs=nowhere_run")
     assert proc.returncode == 1 and "--runs=nowhere_run" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -2,8 +2,6 @@
 stage-2 ear_net training from the stage-1 run, evaluation."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from retina_tf.evaluation import evaluate
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.training import train
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_HMSA = ('{"width": 4, "stem_channels": 8, "num_blocks": 1, "ocr_mid_channels": 16, '
@@ -91,9 +90,8 @@ def stage1(tmp_path_factory):
 @pytest.mark.slow
 def test_make_error_maps_writes_the_stage1_errors(stage1):
     data, logdir, run, _ = stage1
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "make_error_maps.py"), "--dataset=synthetic",
-         f"--data_dir={data}", f"--model={run}"], capture_output=True, text=True, timeout=300)
+    proc = commands.script("make_error_maps.py", "--dataset=synthetic", f"--data_dir={data}",
+                           f"--model={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = resolve_samples("synthetic", data, "training")
     folder = run / "error_maps"
@@ -114,9 +112,8 @@ def test_make_error_maps_writes_the_stage1_errors(stage1):
 def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
     data, logdir, run, common = stage1
     if not (run / "error_maps").is_dir():  # independent of the test above
-        subprocess.run([sys.executable, str(REPO / "bin" / "make_error_maps.py"),
-                        "--dataset=synthetic", f"--data_dir={data}", f"--model={run}"],
-                       check=True, capture_output=True, timeout=300)
+        assert commands.script("make_error_maps.py", "--dataset=synthetic", f"--data_dir={data}",
+                               f"--model={run}").returncode == 0
     cfg = parse_config("train", common + ["--model=ear_net", "--run_name=stage2",
                                 f"--pretrained={run.name}"])  # a run name under --logdir
     stage2 = train(cfg)

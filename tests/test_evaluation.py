@@ -17,6 +17,7 @@ from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, sliding_window_predict
 from retina_tf.run_folder import find_run
 from retina_tf.training import train
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +35,7 @@ def trained(tmp_path_factory):
 
 
 def _run(script, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "bin" / script), *args],
-                          capture_output=True, text=True, timeout=300)
-    return proc
+    return commands.script(script, *args)
 
 
 def test_sliding_window_of_an_identity_model_returns_the_image():

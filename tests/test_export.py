@@ -31,15 +31,15 @@ from retina_tf.export import deployer_notes, export_model, run_threshold
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, fov_diameter
 from retina_tf.models import build_model
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_DOC = REPO / "docs" / "deploy.md"
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "bin" / "export_model.py"), *args],
-                          cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-                          capture_output=True, text=True, timeout=600)
+    return commands.script("export_model.py", *args, cwd=REPO,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=600)
 
 
 def _write_run(folder: Path, model: keras.Model, steps: str, info: dict) -> Path:

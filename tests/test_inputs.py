@@ -3,8 +3,6 @@ naming the file, instead of giving a silent wrong answer (reproductions of the i
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -26,6 +24,7 @@ from retina_tf.evaluation import (
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import PRETRAINED_DIR
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = PRETRAINED_DIR / "unet_drive"
@@ -171,9 +170,8 @@ def test_predict_cli_reports_the_bad_file_and_exits_non_zero(shared_data: Path, 
     _fundus(inputs / "a.png", 1)
     jpeg = (shared_data / "samples" / "CHASE_DB1" / "Image_01L.jpg").read_bytes()
     (inputs / "broken.jpg").write_bytes(_corrupt_middle(jpeg))
-    proc = subprocess.run([sys.executable, str(REPO / "bin" / "predict.py"), "--model=unet_drive",
-                           f"--input={inputs}", f"--output_dir={tmp_path / 'out'}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = commands.script("predict.py", "--model=unet_drive", f"--input={inputs}",
+                           f"--output_dir={tmp_path / 'out'}")
     assert proc.returncode != 0 and "broken.jpg" in proc.stdout + proc.stderr
     assert (tmp_path / "out" / "a_prob.png").is_file()
 

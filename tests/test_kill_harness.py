@@ -4,7 +4,6 @@ time, ends exactly like the uninterrupted run (retina_tf.run_folder)."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.training import train
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,15 +44,15 @@ def _run(cmd, kill_at: str | None):
     env.pop("RETINA_TF_KILL_AT", None)
     if kill_at and not kill_at.startswith("inside"):
         env["RETINA_TF_KILL_AT"] = kill_at
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if kill_at and kill_at.startswith("inside") and line.startswith("Epoch 4/4"):
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=600), "".join(output)
+    proc = commands.Command(cmd, env=env, merge_stderr=True)
+    try:
+        for line in proc.lines():
+            if kill_at and kill_at.startswith("inside") and line.startswith("Epoch 4/4"):
+                time.sleep(0.5)
+                os.kill(proc.pid, signal.SIGKILL)
+        return proc.wait(timeout=600), proc.stdout()
+    finally:
+        proc.close()
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.training import check_tf_config, train
+from tests import commands
 from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ class Cluster:
     def __init__(self, root: Path, data_dir: Path):
         self.root, self.data_dir = root, data_dir
         self.ports = _free_ports(2)
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[commands.Command] = []
 
     def folder(self, index: int) -> Path:
         return self.root / f"worker{index}"
@@ -86,9 +86,8 @@ class Cluster:
                    "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                    "TMPDIR": str(self.tmpdir(index))}
             cmd = [a.replace("{index}", str(index)) for a in command] + args
-            with open(self.log(index, attempt), "w") as out:
-                self.procs.append(subprocess.Popen(cmd, cwd=self.folder(index), env=env,
-                                                   stdout=out, stderr=subprocess.STDOUT))
+            self.procs.append(commands.Command(cmd, cwd=self.folder(index), env=env,
+                                               log=self.log(index, attempt)))
 
     def output(self, index: int, attempt: int = 1) -> str:
         return self.log(index, attempt).read_text()
@@ -98,9 +97,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+            proc.close()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,7 @@ def test_a_worker_killed_during_an_epoch_and_the_cluster_restarted_resumes(unint
             assert cluster.procs[1].poll() is None, cluster.output(1)[-3000:]
             assert time.monotonic() < deadline, "epoch 2 never began"
             time.sleep(0.05)
-        cluster.procs[1].send_signal(signal.SIGKILL)
+        os.kill(cluster.procs[1].pid, signal.SIGKILL)
         # TensorFlow cannot go on with a worker fewer: the chief stops with an error
         code = cluster.wait(0, timeout=180)
     finally:
@@ -231,12 +228,10 @@ def test_mixed_precision_trains_like_float32_on_the_cpu(tiny_synthetic, tmp_path
 
 def test_jit_compile_over_several_cpu_replicas_is_refused_before_anything_is_written(
         tiny_synthetic, tmp_path):
-    # XLA has no collectives for CPU devices; logical CPUs need a fresh process
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "train.py"),
-         *tiny_train_args(tiny_synthetic, tmp_path, "--logical_cpus=2", "--strategy=mirrored",
-                          "--jit_compile")],
-        capture_output=True, text=True, timeout=300,
+    # XLA has no collectives for CPU devices; logical CPUs need a process of their own
+    proc = commands.script(
+        "train.py", *tiny_train_args(tiny_synthetic, tmp_path, "--logical_cpus=2",
+                                     "--strategy=mirrored", "--jit_compile"),
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (

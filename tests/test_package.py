@@ -12,6 +12,7 @@ from absl import flags as absl_flags
 
 import retina_tf
 from retina_tf.flags import parse_config
+from tests import commands
 from tests.conftest import tiny_train_args
 
 
@@ -95,8 +96,8 @@ def test_predict_without_a_model_uses_the_general_vessel_model(tmp_path, shared_
     assert retina_tf.PredictConfig().model == "vessel_general"
     photo = shared_data / "DRIVE" / "test" / "images" / "01_test.tif"
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "retina_tf", "predict", f"--input={photo}",
-                           f"--output_dir={out}"], capture_output=True, text=True, timeout=600)
+    proc = commands.run([sys.executable, "-m", "retina_tf", "predict", f"--input={photo}",
+                         f"--output_dir={out}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vessel_general" in proc.stdout + proc.stderr
     mask = read_mask(out / "01_test_mask.png")

@@ -2,8 +2,6 @@
 ViT segmentation model from the run folder."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -16,6 +14,7 @@ from retina_tf.flags import parse_config
 from retina_tf.models import build_model
 from retina_tf.pretraining import held_out_names, pretraining_images
 from retina_tf.training import load_pretrained, train
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = '"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "num_heads": 2'
@@ -27,12 +26,12 @@ def pretrained(tmp_path_factory):
     data = write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_images=6, num_test=2,
                                    seed=5, size=(96, 96))
     logdir = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "pretrain_mae.py"), "--dataset=synthetic",
+    proc = commands.script(
+        "pretrain_mae.py", "--dataset=synthetic",
          f"--data_dir={data}", f"--pretrain_dirs={data / 'training' / 'images'}",
          f"--logdir={logdir}", "--run_name=mae", f"--model_config={MAE_CONFIG}", "--epochs=3",
          "--patches_per_epoch=64", "--batch_size=8", "--learning_rate=0.003",
-         "--image_summary_every=1"], capture_output=True, text=True, timeout=600)
+         "--image_summary_every=1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data, logdir, logdir / "mae", proc.stdout
 

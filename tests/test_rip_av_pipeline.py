@@ -4,7 +4,6 @@ evaluation with A/V metrics and pictures."""
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from retina_tf.inference import Segmenter
 from retina_tf.models.rip_av import RIPAV
 from retina_tf.pretraining import read_rip_records
 from retina_tf.training import train
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = '"widths": [8, 8, 16, 16], "depths": [1, 1, 1]'
@@ -54,8 +54,7 @@ def rip_run(tmp_path_factory):
                                                "--model_config={" + ENCODER + "}",
                                                "--epochs=2", "--patches_per_epoch=64",
                                                "--batch_size=16", "--learning_rate=0.003"])):
-        proc = subprocess.run([sys.executable, str(REPO / "bin" / script), *common, *extra],
-                              capture_output=True, text=True, timeout=600)
+        proc = commands.script(script, *common, *extra, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return data, logdir, proc.stdout
 
@@ -148,10 +147,9 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
 
     # the error-source benchmark runs on such a run; true A/V evidence is its ceiling row
     def error_sources(models):
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_error_sources.py"),
-                               f"--model={models}", "--dataset=synthetic", f"--data_dir={data}",
-                               "--stride=16", "--notta"], capture_output=True, text=True,
-                              timeout=600)
+        proc = commands.run([sys.executable, REPO / "bench" / "av_error_sources.py",
+                             f"--model={models}", "--dataset=synthetic", f"--data_dir={data}",
+                             "--stride=16", "--notta"], timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = proc.stdout.splitlines()
         return lines[-6], {line[:46].strip(): [float(v) for v in line[46:].split()]
@@ -172,9 +170,9 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     assert title.startswith("the mean of 2 runs")
     np.testing.assert_equal(twice, rows)  # NaN (nothing counted) equals NaN here
     # both protocols for every evaluation; its sliding + flip TTA row is evaluate's with --tta
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "av_protocols.py"),
-                           f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
-                           "--stride=16"], capture_output=True, text=True, timeout=600)
+    proc = commands.run([sys.executable, REPO / "bench" / "av_protocols.py", f"--model={run}",
+                         "--dataset=synthetic", f"--data_dir={data}", "--stride=16"],
+                        timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in proc.stdout.splitlines()[-6:]}

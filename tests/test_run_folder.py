@@ -23,6 +23,7 @@ from retina_tf.run_folder import (
     weights_file_is_whole,
 )
 from retina_tf.training import train
+from tests import commands
 from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,12 +218,12 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_run_resumes_after(syntheti
         cmd = [sys.executable, str(REPO / "bin" / "train.py"),
                *tiny_args(synthetic, disk, "--epochs=6")]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        full = commands.run(cmd, timeout=600, env=env)
         assert full.returncode == 1, full.stderr[-2000:]  # not a segfault (139)
         assert "No space left on device" in full.stderr and str(disk) in full.stderr
         assert "Traceback" not in full.stderr
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        again = commands.run(cmd, timeout=600, env=env)
         assert again.returncode == 0, again.stderr[-2000:]
         m = _metrics(disk / "tiny")
         assert m["epochs_run"] == 6 and len(m["loss_history"]) == 6

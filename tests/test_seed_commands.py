@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from retina_tf.data.catalog import guess_dataset
 from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import STEPS
 from retina_tf.training import epoch_steps, total_epochs
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=3", "--base_filters=8", "--patch_size=32", "--val_images=1"]
@@ -30,8 +30,7 @@ TINY = ["--depth=3", "--base_filters=8", "--patch_size=32", "--val_images=1"]
 
 def _run(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(REPO / "bin" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = commands.script(script, *args, cwd=cwd, env=env)
     assert proc.returncode == 0, f"{script}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -13,6 +11,7 @@ import tensorflow as tf
 
 from retina_tf.flags import parse_config
 from retina_tf.training import WarmupDecay, make_strategy, train
+from tests import commands
 from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +107,13 @@ def test_whole_image_mode_trains(synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(synthetic, tmp_path):
-    # Logical devices must be configured before TensorFlow starts, hence a fresh process.
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "train.py"), "--dataset=synthetic",
+    # Logical devices must be configured before TensorFlow starts, hence a process of its own.
+    proc = commands.script(
+        "train.py", "--dataset=synthetic",
          f"--data_dir={synthetic}", f"--logdir={tmp_path}", "--run_name=mirrored",
          "--logical_cpus=2", "--strategy=mirrored", "--depth=3", "--base_filters=8",
          "--patch_size=32", "--batch_size=8", "--patches_per_epoch=64", "--epochs=2",
-         "--val_images=1"], capture_output=True, text=True, timeout=300)
+         "--val_images=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in proc.stdout
     losses = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())["loss_history"]

@@ -1,7 +1,5 @@
 """Seed-style label files: round trip, estimated FOV masks, bad input, and the CLI."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ from retina_tf.data.catalog import list_samples
 from retina_tf.data.io import DatasetError, read_mask, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file, write_label_file
 from retina_tf.data.synthetic import write_synthetic_dataset
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,10 +72,8 @@ def test_bad_label_files_name_the_file_and_line(tmp_path, synthetic_dir):
 def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path):
     out = tmp_path / "prep"
     cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "preprocess.py"), "--dataset=synthetic",
-         f"--data_dir={synthetic_dir}", f"--out_dir={out}", f"--cache_dir={cache}"],
-        capture_output=True, text=True, timeout=120)
+    proc = commands.script("preprocess.py", "--dataset=synthetic", f"--data_dir={synthetic_dir}",
+                           f"--out_dir={out}", f"--cache_dir={cache}", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training:" in proc.stdout and "test:" in proc.stdout
     assert len(read_label_file(out / "training.txt")) == 2
@@ -87,10 +84,8 @@ def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path)
 
 
 def test_preprocess_cli_reports_a_wrong_folder(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "preprocess.py"), "--dataset=drive",
-         f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=120)
+    proc = commands.script("preprocess.py", "--dataset=drive", f"--data_dir={tmp_path}",
+                           f"--out_dir={tmp_path / 'out'}", timeout=120)
     assert proc.returncode != 0
     assert str(tmp_path) in proc.stderr and "training" in proc.stderr
     assert not (tmp_path / "out" / "training.txt").exists()

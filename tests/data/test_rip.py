@@ -2,8 +2,6 @@
 patches, on hand-made bars, small synthetic fundi, a real RITE label and the CLI."""
 
 import csv
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from retina_tf.data.rip import (
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
+from tests import commands
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -236,11 +235,10 @@ def tiny_av_dataset(tmp_path_factory):
 
 def test_cli_writes_consistent_csv_npz_and_preview(tiny_av_dataset, tmp_path):
     out = tmp_path / "rip"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bin" / "generate_rip_patches.py"), "--dataset=synthetic",
+    proc = commands.script(
+        "generate_rip_patches.py", "--dataset=synthetic",
          f"--data_dir={tiny_av_dataset}", f"--rip_patches={out}", "--rip_sizes=24,48",
-         "--rip_out_size=32", "--rip_per_class=6", "--seed=1"],
-        capture_output=True, text=True, timeout=180)
+         "--rip_out_size=32", "--rip_per_class=6", "--seed=1", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["patches.csv", "patches.npz", "preview.png"]
     with open(out / "patches.csv", newline="") as f:

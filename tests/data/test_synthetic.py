@@ -1,7 +1,5 @@
 """Tests for the synthetic fundus generator and its DRIVE-layout writer."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -12,6 +10,7 @@ from skimage.morphology import skeletonize
 
 from retina_tf.data import synthetic
 from retina_tf.data.synthetic import SyntheticFundus, generate_fundus, write_synthetic_dataset
+from tests import commands
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DRIVE_SIZE = (584, 565)
@@ -200,10 +199,8 @@ def test_write_dataset_rejects_bad_counts(tmp_path, num_images, num_test):
 
 def test_cli_writes_a_tiny_dataset(tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bin" / "make_synthetic.py"), f"--out_dir={out}",
-         "--num_images=2", "--height=96", "--width=96", "--seed=3"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = commands.script("make_synthetic.py", f"--out_dir={out}", "--num_images=2",
+                             "--height=96", "--width=96", "--seed=3", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert _files_under(out) == _expected_files(2, 1)
     assert str(out) in result.stdout
