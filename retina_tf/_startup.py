@@ -64,7 +64,14 @@ def start_tensorflow_quietly() -> None:
         sys.stderr.write("\n".join(kept) + "\n")
 
 
-def quiet_start_for_commands() -> None:
-    if _is_command() and "tensorflow" not in sys.modules and not wants_verbose(sys.argv):
+def start_command(argv: list[str]) -> None:
+    """A command's start (``argv``: program name first): TF_CPP_MIN_LOG_LEVEL 3 unless set,
+    and TensorFlow started with its start-up lines held back, unless ``--verbose``."""
+    if not wants_verbose(argv):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         start_tensorflow_quietly()
+
+
+def quiet_start_for_commands() -> None:
+    if _is_command() and "tensorflow" not in sys.modules:
+        start_command(sys.argv)

@@ -49,9 +49,7 @@ def _child(argv: list[str], cwd: str | None, env: dict, out: str, err: str) -> N
     if cwd is not None:
         os.chdir(cwd)
     from retina_tf import _startup
-    if not _startup.wants_verbose(argv):  # as retina_tf/_startup.py does for a command
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        _startup.start_tensorflow_quietly()
+    _startup.start_command(argv)  # what importing retina_tf does in a fresh command
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
@@ -75,6 +73,7 @@ class Command:
         """``log``: the file that stdout and stderr both go to (kept by ``close``); otherwise
         they go to temporary files, one for both with ``merge_stderr``."""
         self.args = [str(a) for a in args]
+        argv = self._script_argv()  # checked before any file is made
         env = dict(os.environ if env is None else env)  # the environment at the start, as Popen
         self._folder = None if log else Path(tempfile.mkdtemp(prefix="retina_tf-command-"))
         self._out = Path(log) if log else self._folder / "stdout"
@@ -82,8 +81,7 @@ class Command:
         for path in (self._out, self._err):
             path.write_bytes(b"")
         self._process = _forkserver().Process(
-            target=_child, args=(self._script_argv(), None if cwd is None else str(cwd),
-                                 env, str(self._out),
+            target=_child, args=(argv, None if cwd is None else str(cwd), env, str(self._out),
                                  str(self._err)), daemon=True)
         self._process.start()
         self.pid = self._process.pid
