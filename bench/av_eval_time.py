@@ -4,12 +4,14 @@ and transposes, the linked segment vote), each step timed.
 
     .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --images=2 --runs=3
     .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --batch_size=64,8   # alternated
+    .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --in_flight=1,2     # alternated
 
 Steps per image: reading the photograph and its labels, preprocessing, the network (all windows of
 all views, overlaps averaged, views averaged), the vote (``vote_av_segments``) and the metrics
 (evaluate's ``SetScores``). Each run times all ``--images``; the figures are medians over
-``--runs`` runs, several ``--batch_size`` values (windows per forward pass) taking turns within a
-run so that they share the machine's load. The first pass of each setting (the tf.function
+``--runs`` runs, the settings (each ``--batch_size``, windows per forward pass, with each
+``--in_flight``, batches computed at once) taking turns within a run so that they share the
+machine's load. The first pass of each setting (the tf.function
 trace) is not counted. The images must be segmented at the size they have (RITE's are).
 """
 
@@ -28,7 +30,8 @@ flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
 flags.DEFINE_integer("images", 2, "Test images timed (the first N).")
 flags.DEFINE_integer("runs", 3, "Runs; the medians are reported.")
 flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
-flags.DEFINE_list("batch_size", ["64"], "Windows per forward pass; several are alternated.")
+flags.DEFINE_list("batch_size", ["8"], "Windows per forward pass; several are alternated.")
+flags.DEFINE_list("in_flight", ["2"], "Window batches computed at once; several are alternated.")
 flags.DEFINE_float("av_link", 1.0, "Link strength of the segment vote.")
 FLAGS = flags.FLAGS
 
@@ -45,11 +48,14 @@ def main(_):
     from retina_tf.inference import Segmenter
     from retina_tf.postprocess import vote_av_segments
 
-    sizes = [int(b) for b in FLAGS.batch_size]
+    sizes = [(int(b), int(f)) for b in FLAGS.batch_size for f in FLAGS.in_flight]
     # the vote is timed as a step of its own, so the segmenters stop before it
-    segs = {b: Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
-                                  tta=True, tta_transpose=True, av_vote=False, batch_size=b)
-            for b in sizes}
+    segs = {}
+    for b, f in sizes:
+        segs[b, f] = Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
+                                        tta=True, tta_transpose=True, av_vote=False,
+                                        batch_size=b)
+        segs[b, f].batches_in_flight = f
     seg = segs[sizes[0]]
     if seg.task != "av":
         raise SystemExit(f"{FLAGS.model} is not an artery/vein model")
@@ -94,17 +100,18 @@ def main(_):
     print(f"{FLAGS.model} on {len(samples)} {FLAGS.dataset} test image(s): sliding windows of "
           f"{seg.window} px every {FLAGS.stride} px, {seg.tta_name}, linked vote; "
           f"{os.cpu_count()} cores, medians of {FLAGS.runs} runs (seconds per image)")
-    print("| batch | " + " | ".join(STEPS) + " | total | 20 images | first pass |")
-    print("|---" * (len(STEPS) + 4) + "|")
+    print("| batch | in flight | " + " | ".join(STEPS) + " | total | 20 images | first pass |")
+    print("|---" * (len(STEPS) + 5) + "|")
     for b in sizes:
         median = {step: float(np.median([t[step] for t in runs[b]])) / len(samples)
                   for step in STEPS}
         total = float(np.median([sum(t.values()) for t in runs[b]])) / len(samples)
-        print(f"| {b} | " + " | ".join(f"{median[step]:.2f}" for step in STEPS) +
+        print(f"| {b[0]} | {b[1]} | " + " | ".join(f"{median[step]:.2f}" for step in STEPS) +
               f" | {total:.2f} | {20 * total / 60:.1f} min | {first_pass[b]:.1f} |")
     for b in sizes[1:]:
         diff = max(float(np.abs(p - q).max()) for p, q in zip(last[b], last[sizes[0]]))
-        print(f"batch {b} against {sizes[0]}: probabilities differ by at most {diff:.1e}")
+        print(f"batch {b[0]}, {b[1]} in flight, against batch {sizes[0][0]}, {sizes[0][1]} in "
+              f"flight: probabilities differ by at most {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.data.io import read_image
+from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ModelFileError
 from retina_tf.flags import parse_config
@@ -53,6 +54,31 @@ def test_whole_and_sliding_inference_agree_inside_the_image(trained):
     assert a.shape == b.shape == (96, 96, 1)
     # same network, different borders: the maps agree closely, not exactly
     assert np.mean(np.abs(a - b)) < 0.05
+
+
+def test_sliding_windows_in_flight_equal_one_window_at_a_time(trained):
+    _, run = trained
+    seg = Segmenter.from_run(run, inference="sliding", window=32, stride=12, batch_size=4)
+    x = seg.preprocessor(generate_fundus(12, (70, 90)).image)
+    # the reference: each window through the model alone, overlaps averaged
+    patches, positions = extract_patches(x, 32, 12)
+    alone = [seg._forward(tf.constant(p[None])).numpy()[0] for p in patches]
+    expected = recompose_patches(np.stack(alone), positions, x.shape[:2])
+    assert len(patches) % 4  # the last batch is filled up with blank windows
+    for in_flight in (1, 2, 4):
+        seg.batches_in_flight = in_flight
+        np.testing.assert_allclose(seg.probability_preprocessed(x), expected, atol=1e-6)
+
+
+def test_sliding_windows_share_a_context_given_once():
+    x = np.random.default_rng(4).random((40, 50, 2)).astype(np.float32)
+    context = tf.constant([[[[10.0, 20.0]]]])
+
+    def forward(batch, context):  # each window plus the context, broadcast
+        return batch + context
+
+    out = sliding_window_predict(forward, x, window=16, stride=6, batch_size=4, context=context)
+    np.testing.assert_allclose(out, x + [10.0, 20.0], rtol=1e-6)
 
 
 def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_path):
@@ -209,6 +235,7 @@ import retina_tf
 from retina_tf.run_folder import find_run
 net = keras.saving.load_model(find_run("unet_drive") / "model.keras")
 from retina_tf.data.io import read_image
+from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.inference import Segmenter
 prob, mask = Segmenter.from_pretrained("unet_drive").segment(read_image({str(photo)!r}))
 print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.max()) <= 1.0,
