@@ -388,10 +388,53 @@ def export_onnx(seg: Segmenter, path: Path) -> dict:
             for node in proto.graph.node:
                 node.output[:] = ["probability" if o == output.name else o for o in node.output]
             output.name = "probability"
+    _squeeze_added_axis(proto)
+    _check_onnx_output(proto, seg, specs)
     path.write_bytes(proto.SerializeToString())
     return {"inputs": {s.name: f"float32 {_shape_text(s.shape)}" for s in specs},
             "outputs": {"probability": f"float32 [N, {_dims(side)}, {_num_classes(seg)}]"},
             "opset": ONNX_OPSET}
+
+
+def _squeeze_added_axis(proto) -> None:
+    """Undoes a tf2onnx 1.17 slip, in place. A one-channel network ends in a transpose that
+    tf2onnx writes as a reshape to ``[1, N, H, W, 1]`` followed by a squeeze of the first axis; in
+    about a third of the processes (it depends on the order of a set) its optimizer then drops the
+    squeeze, and the model answers ``(1, N, H, W, 1)``. The squeeze is put back."""
+    import onnx  # optional, as in export_onnx
+
+    (output,) = proto.graph.output
+    dims = output.type.tensor_type.shape.dim
+    if len(dims) != 5 or dims[0].dim_value != 1:
+        return
+    for node in proto.graph.node:
+        node.output[:] = ["probability_with_added_axis" if o == "probability" else o
+                          for o in node.output]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.array([0], np.int64), "probability_added_axis"))
+    proto.graph.node.append(onnx.helper.make_node(
+        "Squeeze", ["probability_with_added_axis", "probability_added_axis"], ["probability"],
+        name="probability_squeeze"))
+    del dims[0]
+
+
+def _check_onnx_output(proto, seg: Segmenter, specs: list[tf.TensorSpec]) -> None:
+    """Runs the ONNX network once on blank inputs (onnxruntime): its output must have the
+    Keras network's shape, or nothing is written."""
+    import onnxruntime  # optional, as in export_onnx
+
+    side = -(-seg.min_image_size // seg.size_multiple) * seg.size_multiple
+    feeds = {spec.name: np.zeros([1 if i == 0 else d or side for i, d in enumerate(spec.shape)],
+                                 np.float32) for spec in specs}
+    image = feeds["image"]
+    expected = (*image.shape[:3], _num_classes(seg))
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    (got,) = session.run(["probability"], feeds)
+    if got.shape != expected:
+        raise ModelFileError(f"{seg.run_dir}: tf2onnx made a network that answers shape "
+                             f"{got.shape} for an input of {image.shape} (expected {expected}); "
+                             "use --format=saved_model")
 
 
 def _erfc_to_onnx(ctx, node, name, args):

@@ -26,8 +26,15 @@ from retina_tf.data.io import read_image
 from retina_tf.data.patches import pad_to_multiple
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.synthetic import generate_fundus
-from retina_tf.errors import ConfigError
-from retina_tf.export import deployer_notes, export_model, run_threshold
+from retina_tf.errors import ConfigError, ModelFileError
+from retina_tf.export import (
+    _check_onnx_output,
+    _network_specs,
+    _squeeze_added_axis,
+    deployer_notes,
+    export_model,
+    run_threshold,
+)
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, fov_diameter
 from retina_tf.models import build_model
@@ -222,6 +229,43 @@ def test_onnx_network_matches_keras_on_a_drive_image(tiny_run, shared_data, tmp_
     (prob,) = session.run(["probability"], {"image": x})
     assert prob.shape == x.shape
     assert np.abs(prob - _network_output(seg, x)).max() <= 1e-4
+
+
+def _slipped_onnx(declared_leading: int = 1):
+    """A one-channel network's tail as tf2onnx 1.17 sometimes leaves it: the NHWC transpose as
+    a reshape to [1, N, H, W, 1] whose squeeze of the first axis was dropped."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Reshape", ["nchw", "shape"], ["probability"])]
+    shape = onnx.numpy_helper.from_array(np.array([1, -1, 0, 0, 1], np.int64), "shape")
+    graph = helper.make_graph(
+        nodes, "slipped",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", "H", "W", 1])],
+        [helper.make_tensor_value_info("probability", onnx.TensorProto.FLOAT,
+                                       [declared_leading, "N", "H", "W", 1])], [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_squeeze_tf2onnx_drops_is_put_back():
+    ort = pytest.importorskip("onnxruntime")
+    proto = _slipped_onnx()
+    x = np.random.default_rng(0).random((2, 5, 6, 1)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString()).run(["probability"], {"image": x})
+    assert before[0].shape == (1, 2, 5, 6, 1)  # the slip as it reaches a deployer
+    _squeeze_added_axis(proto)
+    (after,) = ort.InferenceSession(proto.SerializeToString()).run(["probability"], {"image": x})
+    np.testing.assert_array_equal(after, x)
+    assert len(proto.graph.output[0].type.tensor_type.shape.dim) == 4
+
+
+def test_an_onnx_network_of_the_wrong_shape_is_not_written(tiny_run):
+    pytest.importorskip("onnxruntime")
+    seg = Segmenter.from_run(tiny_run)
+    proto = _slipped_onnx(declared_leading=2)  # not the known slip: left as it is
+    _squeeze_added_axis(proto)
+    with pytest.raises(ModelFileError, match=r"answers shape \(1, 1, \d+, \d+, 1\).*saved_model"):
+        _check_onnx_output(proto, seg, _network_specs(seg, (None, None), None))
 
 
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
