@@ -399,7 +399,7 @@ def export_onnx(seg: Segmenter, path: Path) -> dict:
 def _squeeze_added_axis(proto) -> None:
     """Undoes a tf2onnx 1.17 slip, in place. A one-channel network ends in a transpose that
     tf2onnx writes as a reshape to ``[1, N, H, W, 1]`` followed by a squeeze of the first axis; in
-    about a third of the processes (it depends on the order of a set) its optimizer then drops the
+    about a third of the processes (it varies with the hash seed) its optimizer then drops the
     squeeze, and the model answers ``(1, N, H, W, 1)``. The squeeze is put back."""
     import onnx  # optional, as in export_onnx
 
