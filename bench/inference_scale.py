@@ -7,7 +7,12 @@ datasets: the measurement behind the ``auto`` setting (docs/results/speed.md).
 
 F1 is pooled over each dataset's images (``--split``), inside the FOV, at threshold 0.5. A
 fusion ``mean:a+b`` (or ``max:``) averages (or takes the larger of) the probabilities of
-settings ``a`` and ``b``; its time is the sum of theirs.
+settings ``a`` and ``b``; its time is the sum of theirs. ``--near_px=N`` also reports where the
+false positives are: the share of them within N px of a labelled vessel (widened vessels rather
+than vessels or texture found where there is none).
+
+    .venv/bin/python bench/inference_scale.py --model=vessel_general --settings=auto \
+        --datasets=hrf:data/HRF,chase_db1:data/CHASE_DB1 --near_px=3
 """
 
 import os
@@ -25,11 +30,14 @@ flags.DEFINE_string("split", "all", "Split of every dataset.")
 flags.DEFINE_list("settings", ["training", "auto", "native"], "--inference_scale settings.")
 flags.DEFINE_list("fusions", [], "Fusions of two settings: mean:a+b or max:a+b.")
 flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks.")
+flags.DEFINE_integer("near_px", 0, "Report the share of false positives within this many px of "
+                     "a labelled vessel (0: not reported).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
     import numpy as np
+    from scipy import ndimage
 
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
@@ -49,7 +57,7 @@ def main(_):
     table = {}
     for spec in FLAGS.datasets:
         dataset, _, folder = spec.partition(":")
-        counts = {n: np.zeros(3, np.int64) for n in names}
+        counts = {n: np.zeros(4, np.int64) for n in names}  # TP, FP, FN, FP near a vessel
         seconds = {n: 0.0 for n in names}
         factors = {s: [] for s in settings}
         samples = list_samples(dataset, folder, FLAGS.split)
@@ -57,6 +65,8 @@ def main(_):
             data = read_sample(sample)
             fov = data.fov.astype(bool)
             truth = target_of(data, "vessel")[..., -1] > 0.5
+            near = (ndimage.binary_dilation(truth, iterations=FLAGS.near_px) if FLAGS.near_px
+                    else truth)
             probs, took = {}, {}
             for s, seg in segs.items():
                 start = time.perf_counter()
@@ -70,27 +80,31 @@ def main(_):
             for n in names:
                 pred = (probs[n] >= FLAGS.threshold) & fov
                 counts[n] += [(pred & truth).sum(), (pred & ~truth).sum(),
-                              (~pred & truth & fov).sum()]
+                              (~pred & truth & fov).sum(), (pred & ~truth & near).sum()]
                 seconds[n] += took[n]
             print(f"{dataset} {data.name}: " + ", ".join(f"{s} {took[s]:.1f} s" for s in settings),
                   flush=True)
         for n in names:
-            tp, fp, fn = counts[n].tolist()
+            tp, fp, fn, fp_near = counts[n].tolist()
             factor = np.mean(factors[n]) if n in factors else float("nan")
             table.setdefault(n, {})[dataset] = (2 * tp / max(2 * tp + fp + fn, 1),
-                                                seconds[n] / len(samples), factor)
+                                                seconds[n] / len(samples), factor,
+                                                fp_near / max(fp, 1))
     datasets = [d.partition(":")[0] for d in FLAGS.datasets]
+    near = (f" / share of the false positives within {FLAGS.near_px} px of a labelled vessel"
+            if FLAGS.near_px else "")
     print(f"\n{FLAGS.model}: F1 pooled inside the FOV at {FLAGS.threshold:g} / seconds per "
-          "image (resize factor, mean over the images), "
+          f"image (resize factor, mean over the images){near}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
     print("| setting | " + " | ".join(datasets) + " |")
     print("|---|" + "---|" * len(datasets))
     for n in names:
         cells = []
         for d in datasets:
-            f1, sec, factor = table[n][d]
+            f1, sec, factor, share = table[n][d]
             scale = f" (x{factor:.2f})" if factor == factor else ""
-            cells.append(f"{f1:.4f} / {sec:.1f} s{scale}")
+            cells.append(f"{f1:.4f} / {sec:.1f} s{scale}" +
+                         (f" / {share:.2f}" if FLAGS.near_px else ""))
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
