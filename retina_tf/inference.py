@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 # The mask threshold of a run that stores none.
 DEFAULT_THRESHOLD = 0.5
 
-# Window batches computed at once: small windows keep two cores only about 0.65 busy with one
-# batch at a time (the small layers of a batch do not split well over threads); two in flight
-# keep them 0.97 busy and the RIP-AV evaluation 1.2-1.3x faster (bench/av_eval_time.py).
+# Window batches computed at once: one batch of small windows at a time keeps two cores only
+# 1.3 busy (the small layers of a batch do not split well over threads); two in flight keep them
+# 1.9 busy and the RIP-AV evaluation 1.1-1.3x faster (bench/av_eval_time.py --in_flight=1,2).
 BATCHES_IN_FLIGHT = 2
 
 
@@ -347,7 +347,7 @@ class Segmenter:
         window, stride: sliding-window size and stride.
         batch_size: windows per forward pass. 8: on a 2-core CPU 1.3-1.7x faster than 64
             with identical probabilities (``bench/av_eval_time.py``), the activations of a small
-            batch staying in cache), :attr:`batches_in_flight` batches at once.
+            batch staying in cache; :attr:`batches_in_flight` batches are computed at once.
         scales: inference scales for multi-scale models (those with ``with_scales``, e.g.
             HMSA); None keeps the training scales.
         tta: test-time augmentation: average the predictions of the image and its horizontal,
