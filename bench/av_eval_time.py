@@ -48,15 +48,15 @@ def main(_):
     from retina_tf.inference import Segmenter
     from retina_tf.postprocess import vote_av_segments
 
-    sizes = [(int(b), int(f)) for b in FLAGS.batch_size for f in FLAGS.in_flight]
+    settings = [(int(b), int(f)) for b in FLAGS.batch_size for f in FLAGS.in_flight]
     # the vote is timed as a step of its own, so the segmenters stop before it
     segs = {}
-    for b, f in sizes:
+    for b, f in settings:
         segs[b, f] = Segmenter.from_run(FLAGS.model, inference="sliding", stride=FLAGS.stride,
                                         tta=True, tta_transpose=True, av_vote=False,
                                         batch_size=b)
         segs[b, f].batches_in_flight = f
-    seg = segs[sizes[0]]
+    seg = segs[settings[0]]
     if seg.task != "av":
         raise SystemExit(f"{FLAGS.model} is not an artery/vein model")
     samples = list_samples(FLAGS.dataset, FLAGS.data_dir, "test")[:FLAGS.images]
@@ -85,32 +85,36 @@ def main(_):
         return prob
 
     first_pass = {}
-    for b, s in segs.items():  # trace once per setting, outside the timing
+    for key, s in segs.items():  # trace once per setting, outside the timing
         start = time.perf_counter()
         s.probability_preprocessed(s.preprocessor(first.image))
-        first_pass[b] = time.perf_counter() - start
-    runs = {b: [] for b in sizes}
+        first_pass[key] = time.perf_counter() - start
+    runs = {key: [] for key in settings}
     last = {}
     for _ in range(FLAGS.runs):
-        for b in sizes:
+        for key in settings:
             times = dict.fromkeys(STEPS, 0.0)
             scores = SetScores("av", seg.threshold, av_by_width=True, per_image_auc=True)
-            last[b] = [one_image(segs[b], sample, scores, times) for sample in samples]
-            runs[b].append(times)
+            last[key] = [one_image(segs[key], sample, scores, times) for sample in samples]
+            runs[key].append(times)
     print(f"{FLAGS.model} on {len(samples)} {FLAGS.dataset} test image(s): sliding windows of "
           f"{seg.window} px every {FLAGS.stride} px, {seg.tta_name}, linked vote; "
           f"{os.cpu_count()} cores, medians of {FLAGS.runs} runs (seconds per image)")
     print("| batch | in flight | " + " | ".join(STEPS) + " | total | 20 images | first pass |")
     print("|---" * (len(STEPS) + 5) + "|")
-    for b in sizes:
-        median = {step: float(np.median([t[step] for t in runs[b]])) / len(samples)
+    for batch, in_flight in settings:
+        key = batch, in_flight
+        median = {step: float(np.median([t[step] for t in runs[key]])) / len(samples)
                   for step in STEPS}
-        total = float(np.median([sum(t.values()) for t in runs[b]])) / len(samples)
-        print(f"| {b[0]} | {b[1]} | " + " | ".join(f"{median[step]:.2f}" for step in STEPS) +
-              f" | {total:.2f} | {20 * total / 60:.1f} min | {first_pass[b]:.1f} |")
-    for b in sizes[1:]:
-        diff = max(float(np.abs(p - q).max()) for p, q in zip(last[b], last[sizes[0]]))
-        print(f"batch {b[0]}, {b[1]} in flight, against batch {sizes[0][0]}, {sizes[0][1]} in "
+        total = float(np.median([sum(t.values()) for t in runs[key]])) / len(samples)
+        print(f"| {batch} | {in_flight} | " +
+              " | ".join(f"{median[step]:.2f}" for step in STEPS) +
+              f" | {total:.2f} | {20 * total / 60:.1f} min | {first_pass[key]:.1f} |")
+    (batch0, flight0), *others = settings
+    for batch, in_flight in others:
+        diff = max(float(np.abs(p - q).max())
+                   for p, q in zip(last[batch, in_flight], last[batch0, flight0]))
+        print(f"batch {batch}, {in_flight} in flight, against batch {batch0}, {flight0} in "
               f"flight: probabilities differ by at most {diff:.1e}")
 
 

@@ -235,7 +235,6 @@ import retina_tf
 from retina_tf.run_folder import find_run
 net = keras.saving.load_model(find_run("unet_drive") / "model.keras")
 from retina_tf.data.io import read_image
-from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.inference import Segmenter
 prob, mask = Segmenter.from_pretrained("unet_drive").segment(read_image({str(photo)!r}))
 print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.max()) <= 1.0,
