@@ -1,5 +1,5 @@
 """Latency of each export format on one photograph, on this machine's CPU: the median of
-``--repeats`` runs after ``--warmup`` runs.
+``--repeats`` runs after ``--warmup`` runs; and how long writing each export and loading it took.
 
 * retina_tf: ``Segmenter.segment`` (FOV estimate, preprocessing, network, threshold), the
   reference;
@@ -82,28 +82,37 @@ def main(_):
     h, w = padded.shape[1:3]
     tmp = Path(tempfile.mkdtemp(prefix="export_latency."))
 
+    setup = {}  # format -> seconds to export and load
+
     def export(fmt, **extra):
         out = tmp / fmt
         export_model(ExportConfig(run=FLAGS.model, format=fmt, out=str(out), **extra))
         return out
+
+    def timed(fmt, make):
+        start = time.perf_counter()
+        result = make()
+        setup[fmt] = time.perf_counter() - start
+        return result
 
     def runner(fmt):
         """(what to time, what it is) for one format."""
         if fmt == "retina_tf":
             return (lambda: seg.segment(image)), "Segmenter.segment, end to end"
         if fmt == "saved_model":
-            serve = tf.saved_model.load(str(export(fmt))).signatures["serving_default"]
+            serve = timed(fmt, lambda: tf.saved_model.load(str(export(fmt)))
+                          ).signatures["serving_default"]
             tensor = tf.constant(image)
             return (lambda: serve(image=tensor)), "serving_default, end to end"
         if fmt == "onnx":
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(export(fmt) / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+            session = timed(fmt, lambda: ort.InferenceSession(
+                str(export(fmt) / "model.onnx"), providers=["CPUExecutionProvider"]))
             return (lambda: session.run(["probability"], {"image": padded})), "network"
         if fmt == "tflite":
-            out = export(fmt, input_size=f"{h}x{w}")
-            signature = _tflite_interpreter(out / "model.tflite").get_signature_runner()
+            signature = timed(fmt, lambda: _tflite_interpreter(
+                export(fmt, input_size=f"{h}x{w}") / "model.tflite").get_signature_runner())
             return (lambda: signature(image=padded)), "network"
         raise app.UsageError(f"--formats: unknown format {fmt!r}")
 
@@ -112,14 +121,17 @@ def main(_):
         run, what = runner(fmt)
         seconds = _median_seconds(run, FLAGS.repeats, FLAGS.warmup)
         rows.append((fmt, what, seconds))
-        print(f"{fmt}: {seconds * 1000:.0f} ms ({what})", flush=True)
+        print(f"{fmt}: {seconds * 1000:.0f} ms ({what})"
+              + (f", exported and loaded in {setup[fmt]:.1f} s" if fmt in setup else ""),
+              flush=True)
 
     print(f"\n{FLAGS.model}, one {image.shape[1]}x{image.shape[0]} photograph (network input "
           f"{w}x{h}), median of {FLAGS.repeats} after {FLAGS.warmup} warm-up, "
           f"{os.cpu_count()} CPU cores:\n")
-    print("| format | what is timed | median latency |\n|---|---|---|")
+    print("| format | what is timed | median latency | export + load |\n|---|---|---|---|")
     for fmt, what, seconds in rows:
-        print(f"| {fmt} | {what} | {seconds * 1000:.0f} ms |")
+        made = f"{setup[fmt]:.1f} s" if fmt in setup else ""
+        print(f"| {fmt} | {what} | {seconds * 1000:.0f} ms | {made} |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -163,7 +163,12 @@ class _Serving(tf.Module):
 
     def __init__(self, seg: Segmenter, threshold: float):
         super().__init__(name="retina_tf_export")
-        self.network = seg.model  # tracked: its variables are saved with the functions
+        # Only the variables are tracked, by path, to be saved with the functions: tracking the
+        # Keras model makes tf.saved_model.save walk its whole object graph, several times slower.
+        weights = {}
+        for i, v in enumerate(seg.model.variables):
+            weights[v.path if v.path not in weights else f"{v.path}#{i}"] = v.value
+        self.weights = weights
         self._seg = seg
         self._threshold = float(threshold)
         self._channels = seg.preprocessor.channels
@@ -303,10 +308,12 @@ class _Serving(tf.Module):
 def export_saved_model(seg: Segmenter, folder: Path, threshold: float) -> dict:
     """Writes the SavedModel of ``seg`` into ``folder``; returns its signatures' description."""
     module = _Serving(seg, threshold)
-    signatures = {"serving_default": module.serving_default.get_concrete_function(),
-                  "segment_with_fov": module.segment_with_fov.get_concrete_function(),
-                  "preprocess": module.preprocess.get_concrete_function(),
-                  "network": module.network_probability.get_concrete_function()}
+    # The functions, not concrete functions traced here: tf.saved_model.save traces again in
+    # its own context whatever was traced before.
+    signatures = {"serving_default": module.serving_default,
+                  "segment_with_fov": module.segment_with_fov,
+                  "preprocess": module.preprocess,
+                  "network": module.network_probability}
     with _quiet_loggers():
         tf.saved_model.save(module, str(folder), signatures=signatures)
     prob = "[H, W]" if module._classes == 1 else f"[H, W, {module._classes}]"
