@@ -111,8 +111,35 @@ def _to_uint8(path: Path, array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
 
 
+# EXIF orientation (tag 0x0112) -> the array operation that shows the picture upright.
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG, TIFF, PNG or WebP file (1, upright, when it has none)."""
+    if not (data[:3] == b"\xff\xd8\xff" or data[:4] in (b"II*\x00", b"MM\x00*")
+            or data[:8] == b"\x89PNG\r\n\x1a\n" or data[8:12] == b"WEBP"):
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # metadata only: OpenCV decodes or refuses the pixels below
+        return 1
+    return orientation if orientation in _UPRIGHT else 1
+
+
 def _decode(path: PathLike) -> np.ndarray:
-    """Decodes a file as stored: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise, uint8.
+    """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
+    uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
+    sideways with a tag saying so; viewers, and the user who drew the labels, see them upright).
 
     Grayscale files stay 2-D so that index maps (HRF-AV) keep their values; RGB files whose
     three channels are equal (HRF masks) are returned as given, callers collapse them.
@@ -139,6 +166,9 @@ def _decode(path: PathLike) -> np.ndarray:
     if array is None:
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
                            "truncated)")
+    orientation = _exif_orientation(data)  # IMREAD_UNCHANGED ignores it
+    if orientation != 1:
+        array = np.ascontiguousarray(_UPRIGHT[orientation](array))
     if array.ndim == 3:
         if array.shape[-1] == 1:
             return _to_uint8(path, array[..., 0])
@@ -156,7 +186,8 @@ def read_image(path: PathLike) -> np.ndarray:
     Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE). GIFs are read
     with Pillow (first frame); grayscale files are replicated to three channels; 16-bit files are
     scaled to 8 bit by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a
-    16-bit PNG maps 4095 to 255).
+    16-bit PNG maps 4095 to 255). A file with an EXIF orientation is turned upright, as
+    viewers show it.
 
     Args:
         path: the image file.

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
@@ -85,6 +85,35 @@ def test_read_image_drops_alpha_and_keeps_rgb_order(tmp_path: Path):
     image = read_image(tmp_path / "rgba.png")
     assert image.shape == (3, 4, 3)
     assert (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_images_and_masks_upright(tmp_path: Path, orientation: int):
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (5, 8, 3), dtype=np.uint8)  # as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    with Image.open(tmp_path / "photo.png") as im:  # Pillow's own reading of the tag
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert upright.shape[:2] == ((8, 5) if orientation >= 5 else (5, 8))
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.png"), upright)
+    Image.fromarray((stored[..., 0] > 127).astype(np.uint8) * 255).save(tmp_path / "label.png",
+                                                                        exif=exif)
+    np.testing.assert_array_equal(read_mask(tmp_path / "label.png"), upright[..., 0] > 127)
+
+
+def test_a_sideways_jpeg_lines_up_with_its_upright_label(shared_data: Path, tmp_path: Path):
+    image = read_image(shared_data / "DRIVE/test/images/01_test.tif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(np.rot90(image)).save(tmp_path / "01.jpg", exif=exif, quality=95)
+    label = tmp_path / "01_label.png"
+    cv2.imwrite(str(label), read_mask(shared_data / "DRIVE/test/1st_manual/01_manual1.gif")
+                .astype(np.uint8) * 255)
+    sample = read_sample(Sample("drive", "01", tmp_path / "01.jpg", label))
+    assert sample.image.shape == (584, 565, 3)
+    assert np.abs(sample.image.astype(int) - image).mean() < 2  # JPEG's loss only
 
 
 # ----------------------------------------------------------------------------- read_mask
