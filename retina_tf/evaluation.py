@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from retina_tf import visualize
-from retina_tf.config import ErrorMapConfig, EvalConfig, InferenceConfig, PredictConfig, RunRef
+from retina_tf.config import (
+    ErrorMapConfig,
+    EvalConfig,
+    InferenceConfig,
+    PredictConfig,
+    RunRef,
+    from_run,
+)
 from retina_tf.data.fov import estimate_fov, fov_coverage_warning
 from retina_tf.data.io import (
     DatasetError,
@@ -156,6 +163,27 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                               scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link,
                               inference_scale=cfg.inference_scale, tile_size=cfg.tile_size,
                               precision=cfg.precision)
+
+
+def with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
+    """``cfg`` with the data ``run_dir`` was trained on (its ``flags.txt``) when ``cfg`` names
+    none: ``evaluate --model=logs/<run>`` scores the run on its own test split."""
+    if cfg.dataset or cfg.data_dir or cfg.label_file_path or cfg.test_label_file_path:
+        return cfg
+    try:
+        trained = from_run(run_dir)
+    except ConfigError:
+        return cfg
+    if trained.label_file_path:
+        cfg = dataclasses.replace(cfg, label_file_path=trained.label_file_path)
+        where = f"--label_file_path={trained.label_file_path}"
+    elif trained.dataset and trained.data_dir:
+        cfg = dataclasses.replace(cfg, dataset=trained.dataset, data_dir=trained.data_dir)
+        where = f"--dataset={trained.dataset} --data_dir={trained.data_dir}"
+    else:
+        return cfg
+    log.info(f"no data given: using {run_dir.name}'s own ({where}, the {cfg.eval_split} split)")
+    return cfg
 
 
 def _test_samples(cfg: EvalConfig):
@@ -439,6 +467,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.threshold is not None:
         check_threshold(cfg.threshold)  # before the model loads
     seg = load_segmenter(cfg)
+    cfg = with_the_runs_data(cfg, seg.run_dir)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     if cfg.output_dir:

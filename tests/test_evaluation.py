@@ -1,6 +1,7 @@
 """Evaluate and predict CLIs on tiny synthetic data, and the inference helpers."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retina_tf.config import EvalConfig
 from retina_tf.data.io import read_image
 from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
-from retina_tf.errors import ModelFileError
+from retina_tf.errors import ConfigError, ModelFileError
+from retina_tf.evaluation import evaluate
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, sliding_window_predict
 from retina_tf.run_folder import find_run
@@ -106,6 +109,19 @@ def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_
     assert whole.returncode == 0, whole.stderr[-3000:]
     mw = json.loads((tmp_path / "whole" / "metrics.json").read_text())["metrics"]
     assert mw["n_pixels"] == 2 * 96 * 96 > m["n_pixels"]
+
+
+def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp_path, caplog):
+    data, run = trained
+    given = evaluate(EvalConfig(model=str(run), dataset="synthetic", data_dir=str(data),
+                                output_dir=str(tmp_path / "given")))
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        own = evaluate(EvalConfig(model=str(run), output_dir=str(tmp_path / "own")))
+    said = f"using tiny's own (--dataset=synthetic --data_dir={data}, the test split)"
+    assert said in caplog.text
+    assert own["images"] == given["images"] == 2 and own["metrics"] == given["metrics"]
+    with pytest.raises(ConfigError, match="no images to use"):  # half a source is not completed
+        evaluate(EvalConfig(model=str(run), dataset="synthetic", output_dir=str(tmp_path / "x")))
 
 
 def test_predict_writes_probability_and_mask_of_the_input_size(trained, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from retina_tf.data.catalog import list_samples
+from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, read_mask, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file, write_label_file
 from retina_tf.data.synthetic import write_synthetic_dataset
@@ -34,6 +35,21 @@ def test_written_file_has_the_seed_layout_and_reads_back(synthetic_dir, tmp_path
     np.testing.assert_array_equal(a.vessel, b.vessel)
     np.testing.assert_array_equal(a.fov, b.fov)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_hand_written_file_without_masks_gets_estimated_fovs(synthetic_dir, tmp_path):
+    # a user's own photographs: two folders side by side, the mask column left empty
+    train = synthetic_dir / "training"
+    names = sorted(p.name for p in (train / "images").iterdir())[:2]
+    labels = [f"{n.split('_')[0]}_manual1.gif" for n in names]
+    path = tmp_path / "mine.txt"
+    path.write_text(f"{train / 'images'},{train / '1st_manual'},\n"
+                    + "".join(f"{n},{lab},\n" for n, lab in zip(names, labels)))
+    samples = read_label_file(path)
+    assert [s.fov for s in samples] == [None, None]
+    data = read_sample(samples[0])
+    np.testing.assert_array_equal(data.fov, estimate_fov(data.image))
+    np.testing.assert_array_equal(data.vessel, read_mask(train / "1st_manual" / labels[0]))
 
 
 def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
