@@ -165,7 +165,7 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                               precision=cfg.precision)
 
 
-def with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
+def _with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
     """``cfg`` with the data ``run_dir`` was trained on (its ``flags.txt``) when ``cfg`` names
     none: ``evaluate --model=logs/<run>`` scores the run on its own test split."""
     if cfg.dataset or cfg.data_dir or cfg.label_file_path or cfg.test_label_file_path:
@@ -467,7 +467,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.threshold is not None:
         check_threshold(cfg.threshold)  # before the model loads
     seg = load_segmenter(cfg)
-    cfg = with_the_runs_data(cfg, seg.run_dir)
+    cfg = _with_the_runs_data(cfg, seg.run_dir)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     if cfg.output_dir:
