@@ -117,18 +117,24 @@ def _context_size(seg: Segmenter) -> int | None:
     return None
 
 
-def _network_inputs(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None):
-    """What the model's call takes: the batch, or RIP-AV's ``{"image", "context"}``."""
+def _network_inputs(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None,
+                    features: tf.Tensor | None = None):
+    """What the model's call takes: the batch, or RIP-AV's ``{"image", "context"}`` (with
+    ``features``, one context encoded beforehand: ``{"image", "context_features"}``)."""
     if _context_size(seg) is None:
         return batch
+    if features is not None:
+        return {"image": batch,
+                "context_features": tf.repeat(features, tf.shape(batch)[0], axis=0)}
     if context is None:
         context = seg.model.context_of(batch)
     return {"image": batch, "context": context}
 
 
-def _probability(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None):
+def _probability(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None,
+                 features: tf.Tensor | None = None):
     """The network's probabilities (as ``Segmenter``'s forward pass)."""
-    outputs = seg.model(_network_inputs(seg, batch, context), training=False)
+    outputs = seg.model(_network_inputs(seg, batch, context, features), training=False)
     return logits_to_probability(model_logits(outputs))
 
 
@@ -262,15 +268,16 @@ class _Serving(tf.Module):
         """:meth:`Segmenter.probability` without TTA: (H, W, K) probabilities."""
         x = preprocess(image, self._seg.preprocessor)
         context = (self._seg.model.context_of(x[None]) if _context_size(self._seg) else None)
-        if self._seg.inference == "sliding":
-            return self._sliding(x, context)
+        if self._seg.inference == "sliding":  # the windows share one encoded context
+            return self._sliding(x, None if context is None else
+                                 self._seg.model.context_features(context, training=False))
         height, width = tf.shape(x)[0], tf.shape(x)[1]
         multiple = self._seg.size_multiple
         padded = tf.pad(x[None], [[0, 0], [0, (-height) % multiple],
                                   [0, (-width) % multiple], [0, 0]])
         return self._forward(padded, context)[0, :height, :width]
 
-    def _sliding(self, x, context):
+    def _sliding(self, x, features):
         """:func:`retina_tf.inference.sliding_window_predict`: windows of ``window`` px every
         ``stride`` px (one flush with each far border), overlaps averaged."""
         window, stride, batch = self._seg.window, self._seg.stride, self._seg.batch_size
@@ -288,8 +295,7 @@ class _Serving(tf.Module):
         chunks = -(-count // batch)
         patches = tf.pad(patches, [[0, chunks * batch - count], [0, 0], [0, 0], [0, 0]])
         patches = tf.reshape(patches, [chunks, batch, window, window, self._channels])
-        repeated = None if context is None else tf.repeat(context, batch, axis=0)
-        probs = tf.map_fn(lambda b: self._forward(b, repeated), patches,
+        probs = tf.map_fn(lambda b: _probability(self._seg, b, features=features), patches,
                           fn_output_signature=tf.TensorSpec([batch, window, window,
                                                              self._classes], tf.float32))
         probs = tf.reshape(probs, [-1, window, window, self._classes])[:count]

@@ -422,6 +422,9 @@ class Segmenter:
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.model(x, training=False))),
             reduce_retracing=True)
+        self._context_features = tf.function(
+            lambda x: self.model.context_features(self.model.context_of(x), training=False),
+            reduce_retracing=True)
 
     @classmethod
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
@@ -514,8 +517,9 @@ class Segmenter:
         h, w = x.shape[:2]
         forward, context = self._forward, None
         if isinstance(self.model, SegmentationModel) and self.model.context_fusion:
-            # RIP-AV: every window (or the padded image) sees the whole image as its context
-            context = self.model.context_of(tf.constant(x[None]))
+            # RIP-AV: every window (or the padded image) sees the whole image as its context,
+            # encoded once here rather than once per window
+            context = self._context_features(tf.constant(x[None]))
 
             def forward(batch):
                 return self._forward_in_context(batch, context)
@@ -531,10 +535,10 @@ class Segmenter:
         return sliding_window_predict(forward, x, self.window, self.stride, self.batch_size,
                                       in_flight=self.batches_in_flight)
 
-    def _forward_in_context(self, batch, context):
-        """The forward pass of a batch that shares one context (1, side, side, C)."""
-        return self._forward({"image": batch,
-                              "context": tf.repeat(context, tf.shape(batch)[0], axis=0)})
+    def _forward_in_context(self, batch, features):
+        """The forward pass of a batch that shares one encoded context (1, h, w, C)."""
+        return self._forward({"image": batch, "context_features":
+                              tf.repeat(features, tf.shape(batch)[0], axis=0)})
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities."""

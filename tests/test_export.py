@@ -310,8 +310,15 @@ def test_context_and_sliding_window_models_export_what_they_can(tmp_path):
         "vit_seg", image_size=32, patch_size=8, dim=32, depth=2, num_heads=2),
         "grayscale,standardize,clahe,gamma",
         {"model": "vit_seg", "task": "vessel", "dataset": "drive", "num_classes": 1})
+    # the same RIP-AV served in windows (as a run with fully_convolutional false is): the
+    # windows share the context, encoded once
+    windows = _write_run(tmp_path / "ripav_windows", keras.models.load_model(
+        ripav / "model.keras"), "standardize,clahe,gamma",
+        {"model": "rip_av", "task": "av", "dataset": "rite", "num_classes": 3,
+         "fully_convolutional": False})
+    assert Segmenter.from_run(windows).inference == "sliding"
     image = generate_fundus(4, size=(100, 90)).image
-    for run in (ripav, vit):
+    for run in (ripav, windows, vit):
         out = tmp_path / f"{run.name}_sm"
         export_model(ExportConfig(run=str(run), format="saved_model", out=str(out)))
         got = tf.saved_model.load(str(out)).signatures["serving_default"](

@@ -364,7 +364,8 @@ class RIPAV(SegmentationModel, keras.Model):
         av_weight: weight of :meth:`av_decision_loss` (0: off, as in the seed).
 
     Inputs: ``(B, H, W, C)`` images (the context is then the image resized), or a dict
-    ``{"image": ..., "context": (B, context_size, context_size, C)}``. H and W must be
+    ``{"image": ..., "context": (B, context_size, context_size, C)}`` or, the context already
+    encoded, ``{"image": ..., "context_features": ...}`` (:meth:`context_features`). H and W must be
     multiples of ``size_multiple``. Output: ``{"logits": (B, H, W, 3)}`` and, with the DA head,
     ``"distance"`` (B, H, W, 3) logits of the normalized distances.
     """
@@ -460,19 +461,31 @@ class RIPAV(SegmentationModel, keras.Model):
         size = (self.context_size, self.context_size)
         return ops.cast(tf.image.resize(images, size, method="area"), images.dtype)
 
+    def context_features(self, context, training=None):
+        """The encoder's deepest features of a context (what the fusion takes).
+
+        Windows of one image share its context: sliding-window inference computes these once
+        per image (per TTA view) and passes them as ``{"image": ..., "context_features": ...}``
+        instead of encoding the same context again for every window.
+        """
+        features = self.encoder(context, training=training)[-1]
+        if self.fusion == "pgfusion":  # the seed's encoder copy: same weights, no gradient
+            features = ops.stop_gradient(features)
+        return features
+
     def call(self, inputs, training=None):
         if isinstance(inputs, dict):
             images, context = inputs["image"], inputs.get("context")
+            global_features = inputs.get("context_features")
         else:
-            images, context = inputs, None
+            images, context, global_features = inputs, None, None
         feats = self.encoder(images, training=training)
         decoder_inputs = list(feats)
         if self.context_fusion:
-            if context is None:
-                context = self.context_of(images)
-            global_features = self.encoder(context, training=training)[-1]
-            if self.fusion == "pgfusion":  # the seed's encoder copy: same weights, no gradient
-                global_features = ops.stop_gradient(global_features)
+            if global_features is None:
+                if context is None:
+                    context = self.context_of(images)
+                global_features = self.context_features(context, training=training)
             decoder_inputs.append(global_features)
         return self.decoder(decoder_inputs, training=training)
 

@@ -55,6 +55,12 @@ def test_outputs_registry_and_context_input():
     # no context given = the image itself resized: the same as passing that explicitly
     explicit = model({"image": x, "context": model.context_of(x)})
     np.testing.assert_allclose(_np(explicit["logits"]), _np(out["logits"]), atol=1e-5)
+    # or encoded beforehand, once for a batch of windows, as sliding-window inference does
+    encoded = model.context_features(model.context_of(x[:1]))
+    assert encoded.shape == (1, 2, 2, 16)
+    shared = model({"image": x, "context_features": tf.repeat(encoded, 2, axis=0)})
+    first_context = model({"image": x, "context": tf.repeat(model.context_of(x[:1]), 2, axis=0)})
+    np.testing.assert_allclose(_np(shared["logits"]), _np(first_context["logits"]), atol=1e-5)
     # the context changes the prediction, through PCF only
     other = model({"image": x, "context": np.ones((2, 32, 32, 3), "float32")})
     assert np.abs(_np(other["logits"]) - _np(out["logits"])).max() > 1e-4
