@@ -163,6 +163,36 @@ def run_inference(run_dir: str | Path) -> InferenceConfig:
     return from_flag_lines(InferenceConfig, path.read_text(), ignore_unknown=True)
 
 
+def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np.ndarray:
+    """A FOV mask as given (bool, 0/1 or 0/255; one channel or three) as bool (H, W).
+
+    A 0/255 mask used as it is would scale the probabilities by 255 in silence.
+    """
+    fov = np.asarray(fov)
+    if fov.ndim == 3:
+        fov = fov.max(axis=-1)
+    if fov.shape != image.shape[:2]:
+        size = " x ".join(str(n) for n in fov.shape[1::-1]) or "a scalar"
+        raise DatasetError(f"the FOV mask given for {source} is {size} pixels, the image "
+                           f"{image.shape[1]} x {image.shape[0]}: give this photograph's "
+                           "mask, or none to estimate it")
+    return fov > 0
+
+
+def _to_uint8_rgb_hint(image: np.ndarray) -> str:
+    """How to turn an array of another kind into the uint8 RGB a Segmenter takes."""
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+        return "repeat a gray image over three channels (np.dstack([g, g, g]))"
+    if image.ndim == 3 and image.shape[-1] == 4:
+        return "drop the alpha channel (image[..., :3])"
+    if np.issubdtype(image.dtype, np.floating):
+        return ("scale floats to 0-255 first (np.clip(image * 255, 0, 255).round()"
+                ".astype(np.uint8) for values in [0, 1])")
+    if image.dtype == np.uint16:
+        return "scale 16-bit values to 8 bits ((image >> 8).astype(np.uint8))"
+    return "read the photograph with retina_tf.data.io.read_image"
+
+
 def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
     return tf.sigmoid(tf.cast(logits, tf.float32))
 
@@ -557,8 +587,14 @@ class Segmenter:
 
     def check_image_size(self, image: np.ndarray, source: str | os.PathLike = "the image"
                          ) -> None:
-        """Raises DatasetError naming ``source`` when ``image`` is below :attr:`min_image_size`
-        (a 32x32 image would otherwise come back as 0 % vessel, in silence)."""
+        """Raises DatasetError naming ``source`` when ``image`` is not a uint8 RGB (H, W, 3)
+        array (the message says how to convert it) or is below :attr:`min_image_size` (a 32x32
+        image would otherwise come back as 0 % vessel, in silence)."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise DatasetError(f"{source} is a {image.dtype} array of shape {image.shape}; "
+                               f"segmenting takes uint8 RGB (H, W, 3), as "
+                               f"retina_tf.data.io.read_image returns: {_to_uint8_rgb_hint(image)}")
         h, w = image.shape[:2]
         if min(h, w) < self.min_image_size:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
@@ -580,12 +616,12 @@ class Segmenter:
 
         Raises:
             ConfigError: for a threshold outside (0, 1).
-            DatasetError: for an image smaller than :attr:`min_image_size`.
+            DatasetError: for an image that is not uint8 RGB or is smaller than
+                :attr:`min_image_size`, or a ``fov`` of another height and width.
         """
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         self.check_image_size(image, source)
-        if fov is None:
-            fov = estimate_fov(image)
+        fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
         prob = self.probability_at_inference_scale(image, fov) if match_scale else \
             self.probability(image)
         prob = prob * fov[..., None]

@@ -271,6 +271,31 @@ def test_a_folder_of_masks_and_outputs_only_says_so(tmp_path: Path):
         _predict(folder, tmp_path / "out")
 
 
+def test_arrays_of_another_kind_are_refused_with_the_conversion(shipped: Segmenter):
+    """The library API: a float, 16-bit, gray or RGBA array is refused, saying how to convert."""
+    image = generate_fundus(1, (128, 128)).image
+    cases = {"floats to 0-255": image / 255.0, "16-bit": image.astype(np.uint16) * 257,
+             "three channels": image[..., 1], "alpha": np.dstack([image, image[..., :1]])}
+    for hint, array in cases.items():
+        with pytest.raises(DatasetError, match=rf"takes uint8 RGB \(H, W, 3\).*{hint}"):
+            shipped.segment(array)
+
+
+def test_a_0_255_fov_mask_counts_as_a_mask_and_a_wrong_size_is_named(shipped: Segmenter):
+    """A FOV read from a mask file (0/255, maybe three channels) gives what its bool gives,
+    probabilities within [0, 1]; one of another size is refused."""
+    image = generate_fundus(1, (128, 128)).image
+    fov = estimate_fov(image)
+    prob, mask = shipped.segment(image, fov=fov)
+    for given in (fov.astype(np.uint8) * 255, np.dstack([fov.astype(np.uint8) * 255] * 3)):
+        prob255, mask255 = shipped.segment(image, fov=given)
+        np.testing.assert_array_equal(prob255, prob)
+        np.testing.assert_array_equal(mask255, mask)
+    assert prob.max() <= 1.0 and 0 < mask.mean() < 0.5
+    with pytest.raises(DatasetError, match=r"is 128 x 100 pixels, the image 128 x 128"):
+        shipped.segment(image, fov=fov[:100], source="a.png")
+
+
 def test_threshold_outside_zero_one_is_a_config_error(shipped: Segmenter):
     image = generate_fundus(1, (128, 128)).image
     for threshold in (0.0, 1.0, 1.5):
