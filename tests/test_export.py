@@ -30,6 +30,7 @@ from retina_tf.errors import ConfigError, ModelFileError
 from retina_tf.export import (
     _check_onnx_output,
     _network_specs,
+    _Serving,
     _squeeze_added_axis,
     deployer_notes,
     export_model,
@@ -310,15 +311,13 @@ def test_context_and_sliding_window_models_export_what_they_can(tmp_path):
         "vit_seg", image_size=32, patch_size=8, dim=32, depth=2, num_heads=2),
         "grayscale,standardize,clahe,gamma",
         {"model": "vit_seg", "task": "vessel", "dataset": "drive", "num_classes": 1})
-    # the same RIP-AV served in windows (as a run with fully_convolutional false is): the
-    # windows share the context, encoded once
-    windows = _write_run(tmp_path / "ripav_windows", keras.models.load_model(
-        ripav / "model.keras"), "standardize,clahe,gamma",
-        {"model": "rip_av", "task": "av", "dataset": "rite", "num_classes": 3,
-         "fully_convolutional": False})
-    assert Segmenter.from_run(windows).inference == "sliding"
     image = generate_fundus(4, size=(100, 90)).image
-    for run in (ripav, windows, vit):
+    # the same RIP-AV served in windows (a run with fully_convolutional false): the windows
+    # share the context, encoded once (run eagerly here; the saving is tested below)
+    windows = Segmenter.from_run(ripav, inference="sliding", window=32, stride=16)
+    np.testing.assert_allclose(_Serving(windows, 0.4)._probability(tf.constant(image)).numpy(),
+                               windows.probability(image), atol=1e-5)
+    for run in (ripav, vit):
         out = tmp_path / f"{run.name}_sm"
         export_model(ExportConfig(run=str(run), format="saved_model", out=str(out)))
         got = tf.saved_model.load(str(out)).signatures["serving_default"](
