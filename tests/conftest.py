@@ -1,11 +1,26 @@
 """Shared fixtures: the real datasets in ../shared/data and small synthetic data."""
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-from retina_tf.flags import configure_logging
+
+def _start_tensorflow_quietly() -> None:
+    """TensorFlow's start-up log lines held back, as a command does: each pytest-xdist worker
+    would print them, after pytest's summary. retina_tf/_startup.py is loaded from its file:
+    importing it through the package would import TensorFlow first."""
+    path = Path(__file__).resolve().parents[1] / "retina_tf" / "_startup.py"
+    spec = importlib.util.spec_from_file_location("_retina_tf_test_startup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.start_tensorflow_quietly()
+
+
+_start_tensorflow_quietly()
+
+from retina_tf.flags import configure_logging  # noqa: E402
 
 # The library logs through logging; show it on stdout / stderr as the scripts do, so tests read
 # what a user sees (capsys).
