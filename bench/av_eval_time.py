@@ -1,6 +1,7 @@
-"""Where the time of an A/V evaluation goes: RITE test images through evaluate's steps with the
-flagfile's settings (configs/rite_ripav.cfg: 96 px windows every 48 px, TTA over the eight flips
-and transposes, the linked segment vote), each step timed.
+"""Where the time of a sliding-window A/V evaluation goes: RITE test images through evaluate's
+steps with the settings configs/rite_ripav.cfg had until 2026-12-03 (96 px windows every 48 px,
+TTA over the eight flips and transposes, the linked segment vote; it now segments whole images),
+each step timed.
 
     .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --images=2 --runs=3
     .venv/bin/python bench/av_eval_time.py --data_dir=data/RITE --batch_size=64,8   # alternated

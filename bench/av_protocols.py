@@ -43,6 +43,8 @@ def main(_):
         return Segmenter.from_run(FLAGS.model, **options)
 
     passes = {"whole image": segmenter(inference="whole"),
+              "whole, flip TTA": segmenter(inference="whole", tta=True),
+              "whole, 8-view TTA": segmenter(inference="whole", tta=True, tta_transpose=True),
               "sliding windows": segmenter(inference="sliding", stride=FLAGS.stride),
               "sliding, flip TTA": segmenter(inference="sliding", stride=FLAGS.stride, tta=True),
               "sliding, 8-view TTA": segmenter(inference="sliding", stride=FLAGS.stride,
@@ -50,8 +52,7 @@ def main(_):
     if passes["whole image"].task != "av":
         raise SystemExit(f"{FLAGS.model} is not an artery/vein model")
     rows = [(name, name, False) for name in passes]
-    rows += [(f"{name} + linked vote", name, True) for name in
-             ("sliding, flip TTA", "sliding, 8-view TTA")]
+    rows += [(f"{name} + linked vote", name, True) for name in passes if "TTA" in name]
     scores = {row: SetScores("av") for row, _, _ in rows}
     samples = list_samples(FLAGS.dataset, FLAGS.data_dir, FLAGS.split)
     samples = samples[-FLAGS.held_out:] if FLAGS.held_out else samples
