@@ -479,12 +479,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     # The default folders are retina_tf's own; a --output_dir may hold the user's files.
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
+    vessel_channel_only = task == "av" and any(s.av is None for s in samples)
+    if vessel_channel_only:  # an A/V model on a set with vessel labels only
+        task = "vessel"
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
     sheet_rows: list = []
     log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
              f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
              f"{_vote_words(seg)}; counting "
              f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
+    if vessel_channel_only:
+        log.info(f"{name} has no artery/vein labels: the vessel map of {seg.run_dir.name} is "
+                 "scored")
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
@@ -502,6 +508,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         if plan.rescaled:
             log.info(f"{name} {data.name}: {plan.describe()}")
         prob = seg.probability_at_inference_scale(data.image, data.fov, plan)
+        if vessel_channel_only:
+            prob = prob[..., -1:]  # artery, vein, vessel
         prob = prob * data.fov[..., None]
         scores.update(prob, target, data.fov, name=data.name)
         factors.append(plan.factor)

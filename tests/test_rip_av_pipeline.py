@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retina_tf.data.catalog import list_samples
 from retina_tf.data.io import DatasetError, read_image
+from retina_tf.data.labelfile import write_label_file
 from retina_tf.data.pipeline import with_context
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.evaluation import evaluate, predict
@@ -133,6 +135,15 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     # The thin / thick split partitions the counted pixels, and its accuracies average back.
     thin, thick = result["av_thin_pixels"], result["av_thick_pixels"]
     assert thin > 0 and thick > 0 and thin + thick == result["av_n_pixels"]
+    # on a set with vessel labels only, the model's vessel channel is scored: the figures of the
+    # A/V evaluation's vessel table
+    labels = write_label_file(tmp_path / "vessels.txt", list_samples("synthetic", data, "test"))
+    vessels = evaluate(parse_config("evaluate", [
+        f"--model={run}", f"--test_label_file_path={labels}", "--precision=float32",
+        f"--output_dir={tmp_path / 'eval_vessels'}", "--inference=sliding"]))["metrics"]
+    assert "av_acc" not in vessels
+    for key in ("f1", "auc_roc", "tp", "fp", "fn"):
+        assert vessels[key] == pytest.approx(result[key], abs=1e-6), key
     np.testing.assert_allclose(result["av_thin_acc"] * thin + result["av_thick_acc"] * thick,
                                result["av_acc"] * (thin + thick), rtol=1e-9)
     # one decision per vessel segment changes the A/V decisions only, never the vessel map
