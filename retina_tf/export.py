@@ -124,8 +124,7 @@ def _network_inputs(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None 
     if _context_size(seg) is None:
         return batch
     if features is not None:
-        return {"image": batch,
-                "context_features": tf.repeat(features, tf.shape(batch)[0], axis=0)}
+        return {"image": batch, "context_features": features}
     if context is None:
         context = seg.model.context_of(batch)
     return {"image": batch, "context": context}
@@ -211,8 +210,8 @@ class _Serving(tf.Module):
         return {"probability": self._forward(image, context)}
 
     # the steps
-    def _forward(self, batch, context=None):
-        return _probability(self._seg, batch, context)
+    def _forward(self, batch, context=None, features=None):
+        return _probability(self._seg, batch, context, features)
 
     def _segment(self, image, fov):
         """:meth:`Segmenter.segment`: probability zeroed outside the FOV and its mask."""
@@ -295,7 +294,7 @@ class _Serving(tf.Module):
         chunks = -(-count // batch)
         patches = tf.pad(patches, [[0, chunks * batch - count], [0, 0], [0, 0], [0, 0]])
         patches = tf.reshape(patches, [chunks, batch, window, window, self._channels])
-        probs = tf.map_fn(lambda b: _probability(self._seg, b, features=features), patches,
+        probs = tf.map_fn(lambda b: self._forward(b, features=features), patches,
                           fn_output_signature=tf.TensorSpec([batch, window, window,
                                                              self._classes], tf.float32))
         probs = tf.reshape(probs, [-1, window, window, self._classes])[:count]

@@ -545,30 +545,29 @@ class Segmenter:
 
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
-        forward, context = self._forward, None
+        forward, features = self._forward, None
         if isinstance(self.model, SegmentationModel) and self.model.context_fusion:
             # RIP-AV: every window (or the padded image) sees the whole image as its context,
             # encoded once here rather than once per window
-            context = self._context_features(tf.constant(x[None]))
+            features = self._context_features(tf.constant(x[None]))
 
             def forward(batch):
-                return self._forward_in_context(batch, context)
+                return self._forward_in_context(batch, features)
         if self.inference == "whole":
             tile = self.tile_size or (TILE_SIZE if h * w > TILE_ABOVE_PIXELS else 0)
             if tile:
                 return tiled_predict(forward, x, self.size_multiple, tile, TILE_MARGIN)
             padded = pad_to_multiple(x, self.size_multiple)
             return forward(tf.constant(padded[None]))[0, :h, :w].numpy()
-        if context is not None:  # one graph for every image: the context is an argument
+        if features is not None:  # one graph for every image: the features are an argument
             return sliding_window_predict(self._forward_in_context, x, self.window, self.stride,
-                                          self.batch_size, context, self.batches_in_flight)
+                                          self.batch_size, features, self.batches_in_flight)
         return sliding_window_predict(forward, x, self.window, self.stride, self.batch_size,
                                       in_flight=self.batches_in_flight)
 
     def _forward_in_context(self, batch, features):
-        """The forward pass of a batch that shares one encoded context (1, h, w, C)."""
-        return self._forward({"image": batch, "context_features":
-                              tf.repeat(features, tf.shape(batch)[0], axis=0)})
+        """The forward pass of a batch whose windows share one encoded context (1, h, w, C)."""
+        return self._forward({"image": batch, "context_features": features})
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities."""
@@ -685,13 +684,14 @@ def fov_diameter(fov: np.ndarray) -> float:
 
 
 def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
-                           batch_size: int = 8, context: tf.Tensor | None = None,
+                           batch_size: int = 8, shared: tf.Tensor | None = None,
                            in_flight: int | None = None) -> np.ndarray:
     """Averages ``forward`` over overlapping ``window`` x ``window`` crops of ``x`` (H, W, C).
 
     ``forward`` (a function of a batch of windows, traceable in a ``tf.function``) sees batches
     of exactly ``batch_size`` windows, all of them in one graph (:func:`over_batches`); with
-    ``context``, ``forward(batch, context)``; ``in_flight`` batches at once (default
+    ``shared``, a tensor every window shares (RIP-AV's encoded context),
+    ``forward(batch, shared)``; ``in_flight`` batches at once (default
     :data:`BATCHES_IN_FLIGHT`)."""
     patches, positions = extract_patches(x, window, stride)
     count = len(patches)
@@ -699,7 +699,7 @@ def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,
     if spare:
         patches = np.concatenate([patches, np.zeros((spare,) + patches.shape[1:], patches.dtype)])
     batches = patches.reshape((-1, batch_size) + patches.shape[1:])
-    extra = () if context is None else (context,)
+    extra = () if shared is None else (shared,)
     outs = over_batches(forward, in_flight)(tf.constant(batches), *extra).numpy()
     return recompose_patches(outs.reshape((-1,) + outs.shape[2:])[:count], positions,
                              x.shape[:2])

@@ -73,14 +73,14 @@ def test_sliding_windows_in_flight_equal_one_window_at_a_time(trained):
         np.testing.assert_allclose(seg.probability_preprocessed(x), expected, atol=1e-6)
 
 
-def test_sliding_windows_share_a_context_given_once():
+def test_sliding_windows_share_a_tensor_given_once():
     x = np.random.default_rng(4).random((40, 50, 2)).astype(np.float32)
-    context = tf.constant([[[[10.0, 20.0]]]])
+    shared = tf.constant([[[[10.0, 20.0]]]])
 
-    def forward(batch, context):  # each window plus the context, broadcast
-        return batch + context
+    def forward(batch, shared):  # each window plus the shared tensor, broadcast
+        return batch + shared
 
-    out = sliding_window_predict(forward, x, window=16, stride=6, batch_size=4, context=context)
+    out = sliding_window_predict(forward, x, window=16, stride=6, batch_size=4, shared=shared)
     np.testing.assert_allclose(out, x + [10.0, 20.0], rtol=1e-6)
 
 

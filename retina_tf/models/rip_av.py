@@ -466,7 +466,8 @@ class RIPAV(SegmentationModel, keras.Model):
 
         Windows of one image share its context: sliding-window inference computes these once
         per image (per TTA view) and passes them as ``{"image": ..., "context_features": ...}``
-        instead of encoding the same context again for every window.
+        instead of encoding the same context again for every window; features of batch 1 are
+        shared by every image of the batch.
         """
         features = self.encoder(context, training=training)[-1]
         if self.fusion == "pgfusion":  # the seed's encoder copy: same weights, no gradient
@@ -486,6 +487,9 @@ class RIPAV(SegmentationModel, keras.Model):
                 if context is None:
                     context = self.context_of(images)
                 global_features = self.context_features(context, training=training)
+            else:  # one encoded context (batch 1) for every window of the batch
+                global_features = tf.broadcast_to(global_features, tf.concat(
+                    [tf.shape(images)[:1], tf.shape(global_features)[1:]], 0))
             decoder_inputs.append(global_features)
         return self.decoder(decoder_inputs, training=training)
 
