@@ -131,6 +131,7 @@ class _Optimization:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
+    ema_momentum: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     strategy: str = "auto"

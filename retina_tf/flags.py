@@ -439,6 +439,10 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_enum("optimizer", "adam", ["adam", "adamw", "sgd"], "Optimizer.")
     d.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
     d.DEFINE_float("weight_decay", 1e-4, "Weight decay (adamw).")
+    d.DEFINE_float("ema_momentum", 0.0,
+                   "Keep an exponential moving average of the weights with this momentum "
+                   "(e.g. 0.998; Polyak averaging): validation, checkpoints and the saved model "
+                   "use the average. 0 = off.")
     d.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "poly", "linear"],
                       "Learning-rate schedule over all training steps.")
     d.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
@@ -464,6 +468,7 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_string("error_maps", None,
                     "ear_net: folder of the stage-1 error maps <image name>.png written by "
                     "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
+    d.check("ema_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = off)")
     d.check("patch_size", lambda v: v >= 1, "must be >= 1 (pixels)")
     d.check("patches_per_epoch", lambda v: v >= 1, "must be >= 1")
     d.check("vessel_probability", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")

@@ -73,7 +73,7 @@ from retina_tf.run_folder import (
 )
 
 __all__ = ["train", "run_training", "TrainingJob", "fit_run", "already_trained",
-           "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay",
+           "open_run_folder", "make_strategy", "make_optimizer", "WarmupDecay", "AverageWeights",
            "load_training_sets", "load_pretrained", "epoch_steps", "total_epochs"]
 
 log = logging.getLogger(__name__)
@@ -297,13 +297,17 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "kind": self.kind, "warmup_steps": self.warmup_steps}
 
 
-def make_optimizer(name: str, schedule, weight_decay: float = 1e-4) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, schedule, weight_decay: float = 1e-4,
+                   ema_momentum: float = 0.0) -> keras.optimizers.Optimizer:
+    """``ema_momentum`` > 0: the optimizer also keeps a moving average of the weights
+    (:class:`AverageWeights` puts it in the model)."""
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     if name == "adam":
-        return keras.optimizers.Adam(schedule)
+        return keras.optimizers.Adam(schedule, **ema)
     if name == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay, **ema)
     if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -330,6 +334,18 @@ class LearningRateAndSpeed(keras.callbacks.Callback):
         lr = opt.learning_rate
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(
             lr(opt.iterations) if callable(lr) else lr))
+
+
+class AverageWeights(keras.callbacks.SwapEMAWeights):
+    """``--ema_momentum``: the optimizer's exponential moving average of the weights (Polyak
+    averaging; Polyak and Juditsky, SIAM J. Control Optim. 1992) is in the model from each
+    epoch's end to the next epoch's start, so that validation, checkpoints and backups see the
+    average, and the raw weights go on training. A backup is written with the average in the
+    model: a run resumed from one (``resumed``) swaps back before its first epoch."""
+
+    def __init__(self, resumed: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -601,6 +617,8 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if isinstance(strategy, MultiWorker):
         callbacks.insert(0, SyncStatistics(strategy))
+    if getattr(model.optimizer, "use_ema", False):  # first: every later callback sees it
+        callbacks.insert(0, AverageWeights(resumed=state.epoch > 0))
     if validation is not None:
         callbacks.append(validation)
     # Order matters: the backup records whether the time budget stopped training, and is
@@ -820,7 +838,8 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     with strategy.scope():
         schedule = WarmupDecay(cfg.learning_rate, fit_cfg.epochs * job.steps, cfg.lr_schedule,
                                cfg.warmup_steps)
-        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay),
+        model.compile(optimizer=make_optimizer(cfg.optimizer, schedule, cfg.weight_decay,
+                                               cfg.ema_momentum),
                       jit_compile=bool(cfg.jit_compile) and job.jit_ok, **job.compile_args)
         # Building the optimizer now saves a second trace of the train step inside fit (and
         # gives a resumed run's optimizer state somewhere to go).

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.flags import parse_config
+from retina_tf.inference import load_keras_model
 from retina_tf.training import WarmupDecay, make_strategy, train
 from tests import commands
 from tests.conftest import tiny_train_args
@@ -96,6 +97,27 @@ def test_same_seed_same_model(synthetic, tmp_path):
     la = json.loads((a / "metrics.json").read_text())["loss_history"]
     lb = json.loads((b / "metrics.json").read_text())["loss_history"]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_ema_momentum_saves_the_moving_average_of_the_weights(synthetic, tmp_path):
+    momentum = 0.8
+
+    class RawWeights(keras.callbacks.Callback):  # the weights after every step, as trained
+        steps: list = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+    raw = RawWeights()
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1", f"--ema_momentum={momentum}"),
+                extra_callbacks=[raw])
+    assert len(raw.steps) == 8
+    average = raw.steps[0]  # Keras's average starts at the first step's weights
+    for weights in raw.steps[1:]:
+        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)]
+    saved = [v.numpy() for v in load_keras_model(run / "model.keras").trainable_variables]
+    assert all(np.allclose(s, a, atol=1e-6) for s, a in zip(saved, average))
+    assert max(np.abs(s - w).max() for s, w in zip(saved, raw.steps[-1])) > 1e-3  # not raw
 
 
 def test_whole_image_mode_trains(synthetic, tmp_path):
