@@ -617,7 +617,9 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if isinstance(strategy, MultiWorker):
         callbacks.insert(0, SyncStatistics(strategy))
-    if getattr(model.optimizer, "use_ema", False):  # first: every later callback sees it
+    # the average lives in the inner optimizer when Keras wraps it (mixed_float16 on a GPU)
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if getattr(optimizer, "use_ema", False):  # first: every later callback sees it
         callbacks.insert(0, AverageWeights(resumed=state.epoch > 0))
     if validation is not None:
         callbacks.append(validation)

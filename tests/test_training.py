@@ -103,7 +103,9 @@ def test_ema_momentum_saves_the_moving_average_of_the_weights(synthetic, tmp_pat
     momentum = 0.8
 
     class RawWeights(keras.callbacks.Callback):  # the weights after every step, as trained
-        steps: list = []
+        def __init__(self):
+            super().__init__()
+            self.steps = []
 
         def on_train_batch_end(self, batch, logs=None):
             self.steps.append([v.numpy().copy() for v in self.model.trainable_variables])
