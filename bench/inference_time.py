@@ -6,7 +6,9 @@ sliding-window inference of the same model, and in bfloat16 against float32.
         --precisions=float32,bfloat16 --rounds=5
 
 The settings are timed in alternation, ``--rounds`` times over the images; the median and the
-minimum over all are printed.
+minimum over all are printed. For whole-image inference also the network's operations per image
+and the speed end to end set against this CPU's TensorFlow matmul peak in the same precision
+(bench/matmul_peak.py): how near a time is to what the machine can do.
 """
 
 import os
@@ -31,8 +33,10 @@ FLAGS = flags.FLAGS
 def main(_):
     import numpy as np
 
+    from bench.matmul_peak import forward_flops, matmul_gflops
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_image
+    from retina_tf.data.patches import pad_to_multiple
     from retina_tf.data.synthetic import write_synthetic_dataset
     from retina_tf.inference import Segmenter
 
@@ -57,12 +61,21 @@ def main(_):
                 start = time.perf_counter()
                 seg.probability(image)
                 times[key].append(time.perf_counter() - start)
+    seg = next(iter(settings.values()))
+    height, width = pad_to_multiple(images[0], seg.size_multiple).shape[:2]
+    gflop = forward_flops(seg.model, height, width) / 1e9
+    peaks = {p: matmul_gflops(dtype=p) for p in FLAGS.precisions}
     for (mode, precision), seg in settings.items():
         t = times[(mode, precision)]
         print(f"{FLAGS.model} ({seg.model.count_params() / 1e6:.2f} M parameters), {mode}"
               f"{' stride ' + str(FLAGS.stride) if mode == 'sliding' else ''}, {precision}: "
               f"median {np.median(t):.3f} s per {images[0].shape[1]}x{images[0].shape[0]} image "
               f"(min {np.min(t):.3f}, preprocessing included, {os.cpu_count()} cores)")
+        if mode == "whole":
+            rate = gflop / np.median(t)
+            print(f"  {gflop:.1f} GFLOP per image ({width}x{height} padded): {rate:.0f} GFLOP/s "
+                  f"end to end, {rate / peaks[precision]:.0%} of this CPU's {precision} matmul "
+                  f"peak ({peaks[precision]:.0f} GFLOP/s)")
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,9 +1,11 @@
-"""The machine's float32 matmul peak: the ceiling every speed figure in bench/ is set against.
+"""The machine's matmul peak: the ceiling every speed figure in bench/ is set against.
 
     .venv/bin/python bench/matmul_peak.py
 
 Prints the CPU's vector extensions and the GFLOP/s of a 4096 x 4096 float32 matmul in NumPy and
-in TensorFlow (median of several). The same CPU model name can come
+in TensorFlow, and of a bfloat16 one in TensorFlow (the ceiling of ``--precision=bfloat16``;
+emulated, and slow, on CPUs without AVX512-BF16 or AMX), each the median of several. The same
+CPU model name can come
 with or without AVX-512 (a virtual machine is given the host's extensions): without it the
 peak, and every training and inference speed with it, is about half.
 """
@@ -28,15 +30,17 @@ def vector_extensions() -> str:
     return " ".join(e for e in EXTENSIONS if e in flags) or "unknown"
 
 
-def matmul_gflops(n: int = 4096, repeats: int = 5, library: str = "tensorflow") -> float:
-    """Median GFLOP/s of an ``n`` x ``n`` float32 matmul (``2 n^3`` operations)."""
+def matmul_gflops(n: int = 4096, repeats: int = 5, library: str = "tensorflow",
+                  dtype: str = "float32") -> float:
+    """Median GFLOP/s of an ``n`` x ``n`` matmul (``2 n^3`` operations) in ``dtype``
+    (``bfloat16``: TensorFlow only)."""
     import numpy as np
 
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     if library == "tensorflow":
         import tensorflow as tf
 
-        a = tf.constant(a)
+        a = tf.cast(tf.constant(a), dtype)
         run = tf.function(lambda: tf.linalg.matmul(a, a))
         run().numpy()  # warm up
 
@@ -54,10 +58,30 @@ def matmul_gflops(n: int = 4096, repeats: int = 5, library: str = "tensorflow") 
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def forward_flops(model, height: int, width: int | None = None) -> float:
+    """Floating-point operations of one forward pass of ``model`` over one ``height`` x
+    ``width`` image (square when ``width`` is not given), counted by TensorFlow's graph
+    profiler."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+    from tensorflow.python.util import deprecation
+
+    spec = tf.TensorSpec((1, height, width or height, model.input_shape[-1]), tf.float32)
+    graph = convert_variables_to_constants_v2(
+        tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    with deprecation.silence():  # the v1 profiler's own notice, not the user's concern
+        return float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
+
+
 def main() -> None:
     print(f"CPU: {os.cpu_count()} cores; vector extensions: {vector_extensions()}")
-    print(f"NumPy      4096^2 float32 matmul: {matmul_gflops(library='numpy'):6.0f} GFLOP/s")
-    print(f"TensorFlow 4096^2 float32 matmul: {matmul_gflops():6.0f} GFLOP/s")
+    print(f"NumPy      4096^2 float32 matmul:  {matmul_gflops(library='numpy'):6.0f} GFLOP/s")
+    print(f"TensorFlow 4096^2 float32 matmul:  {matmul_gflops():6.0f} GFLOP/s")
+    print(f"TensorFlow 4096^2 bfloat16 matmul: {matmul_gflops(dtype='bfloat16'):6.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

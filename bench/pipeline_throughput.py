@@ -6,7 +6,8 @@ runs (each a fresh process, as a user's training is).
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 \
         --base_filters=32 --patch_size=96 --batch_size=8        # the DRIVE recipe's shape
 
-Each run measures the TensorFlow matmul peak (bench/matmul_peak.py) in its own process just
+Each run measures the TensorFlow float32 matmul peak (bench/matmul_peak.py; also the measure
+for --mixed_precision) in its own process just
 before it trains, so a slow run on a slow machine shows as the same share of a lower peak.
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
 "cores busy" is the process's CPU time over the wall time while it trains; "steps" the time of
@@ -43,26 +44,11 @@ flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON lin
 FLAGS = flags.FLAGS
 
 
-def forward_flops(model, patch_size: int) -> float:
-    """Floating-point operations of one forward pass of a patch (TensorFlow's graph profiler)."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    spec = tf.TensorSpec((1, patch_size, patch_size, model.input_shape[-1]), tf.float32)
-    graph = convert_variables_to_constants_v2(
-        tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)).graph
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
-
-
 def one_run() -> dict:
     import keras
     import tensorflow as tf
 
-    from bench.matmul_peak import matmul_gflops
+    from bench.matmul_peak import forward_flops, matmul_gflops
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import Augment, build_set, patch_dataset
