@@ -6,9 +6,9 @@ runs (each a fresh process, as a user's training is).
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 \
         --base_filters=32 --patch_size=96 --batch_size=8        # the DRIVE recipe's shape
 
-Each run measures the TensorFlow float32 matmul peak (bench/matmul_peak.py; also the measure
-for --mixed_precision) in its own process just
-before it trains, so a slow run on a slow machine shows as the same share of a lower peak.
+Each run measures the TensorFlow matmul peak (bench/matmul_peak.py; in bfloat16 with
+--mixed_precision, float32 otherwise) in its own process just before it trains, so a slow run
+on a slow machine shows as the same share of a lower peak.
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
 "cores busy" is the process's CPU time over the wall time while it trains; "steps" the time of
 the timed steps after the first; "end wait" the time from the last step's end to `fit`'s return.
@@ -58,7 +58,7 @@ def one_run() -> dict:
     from retina_tf.models import build_model
     from retina_tf.training import compute_precision
 
-    peak = matmul_gflops()
+    peak = matmul_gflops(dtype="bfloat16" if FLAGS.mixed_precision else "float32")
     if FLAGS.data_dir:
         dataset, data_dir = "drive", FLAGS.data_dir
     else:
