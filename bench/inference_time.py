@@ -64,14 +64,14 @@ def main(_):
     seg = next(iter(settings.values()))
     height, width = pad_to_multiple(images[0], seg.size_multiple).shape[:2]
     gflop = forward_flops(seg.model, height, width) / 1e9
-    peaks = {p: matmul_gflops(dtype=p) for p in FLAGS.precisions}
+    peaks = {p: matmul_gflops(dtype=p) for p in FLAGS.precisions if p in ("float32", "bfloat16")}
     for (mode, precision), seg in settings.items():
         t = times[(mode, precision)]
         print(f"{FLAGS.model} ({seg.model.count_params() / 1e6:.2f} M parameters), {mode}"
               f"{' stride ' + str(FLAGS.stride) if mode == 'sliding' else ''}, {precision}: "
               f"median {np.median(t):.3f} s per {images[0].shape[1]}x{images[0].shape[0]} image "
               f"(min {np.min(t):.3f}, preprocessing included, {os.cpu_count()} cores)")
-        if mode == "whole":
+        if mode == "whole" and precision in peaks:
             rate = gflop / np.median(t)
             print(f"  {gflop:.1f} GFLOP per image ({width}x{height} padded): {rate:.0f} GFLOP/s "
                   f"end to end, {rate / peaks[precision]:.0%} of this CPU's {precision} matmul "

@@ -5,9 +5,8 @@
 Prints the CPU's vector extensions and the GFLOP/s of a 4096 x 4096 float32 matmul in NumPy and
 in TensorFlow, and of a bfloat16 one in TensorFlow (the ceiling of ``--precision=bfloat16``;
 emulated, and slow, on CPUs without AVX512-BF16 or AMX), each the median of several. The same
-CPU model name can come
-with or without AVX-512 (a virtual machine is given the host's extensions): without it the
-peak, and every training and inference speed with it, is about half.
+CPU model name can come with or without AVX-512 (a virtual machine is given the host's
+extensions): without it the peak, and every training and inference speed with it, is about half.
 """
 
 import os
