@@ -136,6 +136,32 @@ def _exif_orientation(data: bytes) -> int:
     return orientation if orientation in _UPRIGHT else 1
 
 
+def _tiff_upright_as_stored(data: bytes) -> bytes:
+    """``data`` with a TIFF's orientation tag set to 1 (upright as stored), so that the pixels
+    come from OpenCV as stored and :data:`_UPRIGHT` turns them once: under ``IMREAD_UNCHANGED``
+    OpenCV ignores a JPEG's or PNG's EXIF orientation but applies a TIFF's (OpenCV 5; even
+    with ``IMREAD_IGNORE_ORIENTATION``). Other files, and TIFFs without the tag, are returned
+    as they are."""
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(data[:4])
+    if order is None or len(data) < 8:
+        return data
+    ifd = int.from_bytes(data[4:8], "little" if order == "<" else "big")
+    if ifd + 2 > len(data):
+        return data
+    end = "little" if order == "<" else "big"
+    for i in range(int.from_bytes(data[ifd:ifd + 2], end)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(data):
+            break
+        # a SHORT (type 3), one value, stored in the entry's first two value bytes
+        if (int.from_bytes(data[entry:entry + 2], end) == 0x0112
+                and int.from_bytes(data[entry + 2:entry + 4], end) == 3):
+            patched = bytearray(data)
+            patched[entry + 8:entry + 10] = (1).to_bytes(2, end)
+            return bytes(patched)
+    return data
+
+
 def _decode(path: PathLike) -> np.ndarray:
     """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
     uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
@@ -162,11 +188,12 @@ def _decode(path: PathLike) -> np.ndarray:
         raise DatasetError(f"{path} is truncated (no end-of-image marker)")
     if data[:3] == b"\xff\xd8\xff":
         _check_jpeg(path, data)
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
+                         cv2.IMREAD_UNCHANGED)
     if array is None:
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
                            "truncated)")
-    orientation = _exif_orientation(data)  # IMREAD_UNCHANGED ignores it
+    orientation = _exif_orientation(data)
     if orientation != 1:
         array = np.ascontiguousarray(_UPRIGHT[orientation](array))
     if array.ndim == 3:

@@ -87,20 +87,32 @@ def test_read_image_drops_alpha_and_keeps_rgb_order(tmp_path: Path):
     assert (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
 
 
+# TIFF as well as PNG: OpenCV turns a TIFF upright itself, a PNG not (nor a JPEG, below).
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_turns_images_and_masks_upright(tmp_path: Path, orientation: int):
+def test_exif_orientation_turns_images_and_masks_upright(tmp_path: Path, orientation: int,
+                                                         suffix: str):
     rng = np.random.default_rng(orientation)
     stored = rng.integers(0, 256, (5, 8, 3), dtype=np.uint8)  # as the camera wrote it
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
-    with Image.open(tmp_path / "photo.png") as im:  # Pillow's own reading of the tag
+    Image.fromarray(stored).save(tmp_path / f"photo{suffix}", exif=exif)
+    with Image.open(tmp_path / f"photo{suffix}") as im:  # Pillow's own reading of the tag
         upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     assert upright.shape[:2] == ((8, 5) if orientation >= 5 else (5, 8))
-    np.testing.assert_array_equal(read_image(tmp_path / "photo.png"), upright)
-    Image.fromarray((stored[..., 0] > 127).astype(np.uint8) * 255).save(tmp_path / "label.png",
-                                                                        exif=exif)
-    np.testing.assert_array_equal(read_mask(tmp_path / "label.png"), upright[..., 0] > 127)
+    np.testing.assert_array_equal(read_image(tmp_path / f"photo{suffix}"), upright)
+    Image.fromarray((stored[..., 0] > 127).astype(np.uint8) * 255).save(
+        tmp_path / f"label{suffix}", exif=exif)
+    np.testing.assert_array_equal(read_mask(tmp_path / f"label{suffix}"), upright[..., 0] > 127)
+
+
+def test_a_big_endian_16_bit_tiff_is_turned_upright_once(tmp_path: Path):
+    tifffile = pytest.importorskip("tifffile")  # scikit-image's dependency
+    stored = np.arange(5 * 8 * 3, dtype=np.uint16).reshape(5, 8, 3) * 500
+    tifffile.imwrite(tmp_path / "photo.tif", stored, byteorder=">",
+                     extratags=[(0x0112, "H", 1, 3, True)])  # 3: turn 180 degrees to view
+    expected = np.rint(stored[::-1, ::-1] * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.tif"), expected)
 
 
 def test_a_sideways_jpeg_lines_up_with_its_upright_label(shared_data: Path, tmp_path: Path):
