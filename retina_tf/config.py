@@ -19,10 +19,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +43,24 @@ __all__ = ["DataConfig", "RunRef", "InferenceConfig", "TrainConfig", "MAEConfig"
 _FROZEN = dict(frozen=True, kw_only=True)
 
 
+class _Checked:
+    """Checks a config's fields when it is made: each value as its flag would be read (a number
+    of the field's type, a string converted as on the command line, a list for a tuple) and by
+    its flag's rule (:data:`RULES`, :data:`CHOICES`), so that the Python API refuses what
+    the commands refuse, in one line naming the field (:func:`checked_value`)."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            checked = checked_value(f.name, value, hints[f.name], type(self).__name__)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)  # frozen: set once, here
+        _check_sources(self)
+
+
 @dataclasses.dataclass(**_FROZEN)
-class DataConfig:
+class DataConfig(_Checked):
     """Which images, and how they are preprocessed.
 
     Attributes:
@@ -69,7 +89,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass(**_FROZEN)
-class RunRef:
+class RunRef(_Checked):
     """Which run folder: ``model`` is a path, a shipped model name (``unet_drive``) or an
     architecture name meaning ``<logdir>/<run_name or model_dataset>``."""
 
@@ -79,7 +99,7 @@ class RunRef:
 
 
 @dataclasses.dataclass(**_FROZEN)
-class InferenceConfig:
+class InferenceConfig(_Checked):
     """How a trained model segments a photograph (:class:`retina_tf.inference.Segmenter`).
 
     Attributes:
@@ -116,7 +136,7 @@ class InferenceConfig:
 
 
 @dataclasses.dataclass(**_FROZEN)
-class _Optimization:
+class _Optimization(_Checked):
     """The optimization settings every training (segmentation, MAE, RIP) shares.
 
     ``max_iters`` (0: off) is the total number of training steps, and replaces ``epochs``:
@@ -144,7 +164,7 @@ class _Optimization:
 
 
 @dataclasses.dataclass(**_FROZEN)
-class _Augmentation:
+class _Augmentation(_Checked):
     flip: bool = True
     rot90: bool = True
     rotate_degrees: float = 0.0
@@ -250,7 +270,7 @@ class ErrorMapConfig(DataConfig, RunRef, InferenceConfig):
 
 
 @dataclasses.dataclass(**_FROZEN)
-class CompareConfig:
+class CompareConfig(_Checked):
     """Several runs side by side on one labelled split (``bin/compare.py``;
     :func:`retina_tf.compare.compare`).
 
@@ -280,7 +300,7 @@ class CompareConfig:
 
 
 @dataclasses.dataclass(**_FROZEN)
-class ExportConfig:
+class ExportConfig(_Checked):
     """Export of a trained run for serving outside retina_tf (``bin/export_model.py``;
     :func:`retina_tf.export.export_model`).
 
@@ -305,6 +325,164 @@ class ExportConfig:
     threshold: float | None = None
     overwrite: bool = False
     precision: str = "auto"
+
+
+# --- what a field may hold ------------------------------------------------------------------
+
+_Rule = tuple[Callable[[Any], bool], str]
+# A field's rule, (ok, what it must be); checked when a config is made and registered as the
+# validator of the flag of the same name (:mod:`retina_tf.flags`), on the converted value.
+RULES: dict[str, _Rule] = {
+    "preprocess": (lambda v: all(s in STEPS + ("none",) for s in v),
+                   f"steps must be among {', '.join(STEPS)}, or 'none', or True / False "
+                   "(all or none)"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "epochs": (lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)"),
+    "max_iters": (lambda v: v >= 0, "must be >= 0 (0 = train --epochs epochs)"),
+    "steps_per_epoch": (lambda v: v >= 0, "must be >= 0 (0 = from --patches_per_epoch)"),
+    "patches_per_epoch": (lambda v: v >= 1, "must be >= 1"),
+    "time_budget_minutes": (lambda v: v >= 0, "must be >= 0 (0 = no limit)"),
+    "learning_rate": (lambda v: 0.0 < v < math.inf, "must be > 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "ema_momentum": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = off)"),
+    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+    "logical_cpus": (lambda v: v >= 0, "must be >= 0 (0 = leave as is)"),
+    "rotate_degrees": (lambda v: v >= 0, "must be >= 0 (degrees)"),
+    "brightness": (lambda v: v >= 0, "must be >= 0"),
+    "contrast": (lambda v: v >= 0, "must be >= 0"),
+    "gamma_jitter": (lambda v: v >= 0, "must be >= 0"),
+    "patch_size": (lambda v: v >= 1, "must be >= 1 (pixels)"),
+    "mixed_patch_sizes": (lambda v: all(x > 0 for x in v), "must be positive integers"),
+    "scale_range": (lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1] < math.inf),
+                    "must be two positive factors LO,HI with LO <= HI (e.g. 0.6,1.6)"),
+    "camera_variants": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "vessel_probability": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "val_images": (lambda v: v >= 0, "must be >= 0 (0 = no validation images)"),
+    "pos_weight": (lambda v: 0.0 < v < math.inf, "must be > 0"),
+    "validate_every": (lambda v: v >= 1, "must be >= 1 (epochs)"),
+    "image_summary_every": (lambda v: v >= 0, "must be >= 0 (0 = never)"),
+    "freeze_encoder_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "mask_ratio": (lambda v: 0.0 < v < 1.0, "must be between 0 and 1, both excluded"),
+    "stride": (lambda v: v >= 1, "must be >= 1 (pixels)"),
+    "window": (lambda v: v >= 0, "must be >= 0 (0 = the training patch size)"),
+    "av_link": (lambda v: 0.0 <= v < math.inf, "must be >= 0"),
+    "threshold": (lambda v: 0.0 < v < 1.0,
+                  "must be between 0 and 1, both excluded (a probability threshold)"),
+    "inference_scale": (lambda v: v.strip().lower() in ("auto", "training", "native")
+                        or _is_positive_factor(v),
+                        "must be auto, training, native or a positive factor"),
+    "tile_size": (lambda v: v == 0 or v > 128,
+                  "must be 0 (automatic) or over 128 (pixels: two margins of 64 px of context)"),
+    "eval_scales": (lambda v: all(0.0 < x < math.inf for x in v), "must be positive factors"),
+    "input_size": (lambda v: len(v.lower().split("x")) == 2
+                   and all(p.strip().isdigit() and int(p) > 0 for p in v.lower().split("x")),
+                   "must be HEIGHTxWIDTH in pixels, e.g. 592x576"),
+    "rip_sizes": (lambda v: len(v) > 0 and all(x > 0 for x in v), "must be positive integers"),
+    "rip_out_size": (lambda v: v >= 1, "must be >= 1 (pixels)"),
+    "rip_per_class": (lambda v: v >= 1, "must be >= 1"),
+    "rip_min_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "rip_absent_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+}
+# Fields that take one of a few words (the flags' enums).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("vessel", "av"),
+    "channel": ("luminance", "green"),
+    "strategy": ("auto", "default", "mirrored", "one_device", "multi_worker"),
+    "mode": ("patch", "whole"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "lr_schedule": ("constant", "cosine", "poly", "linear"),
+    "eval_split": ("training", "test", "all"),
+    "inference": ("auto", "whole", "sliding"),
+    "precision": ("auto", "float32", "bfloat16"),
+    "format": ("keras", "saved_model", "onnx", "tflite"),
+}
+# A label file and a dataset both say which images to use; with both, one would silently win.
+SOURCES = (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
+            ("test_label_file_path", "dataset"), ("test_label_file_path", "data_dir"))
+
+
+def _is_positive_factor(text: str) -> bool:
+    try:
+        return 0.0 < float(text) < math.inf
+    except ValueError:
+        return False
+
+
+def _check_sources(cfg: Any) -> None:
+    for label, source in SOURCES:
+        if getattr(cfg, label, None) and getattr(cfg, source, None):
+            raise ConfigError(f"{type(cfg).__name__}: {label} and {source} both say which "
+                              "images to use; keep one")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _kind_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _as_kind(name: str, value: Any, kind: Any) -> Any:
+    """``value`` as the field type ``kind`` (``ValueError`` when it is not one), converting
+    what is unambiguous: a string as its flag would be read, a list to a tuple, a path to a
+    string, a NumPy number to a Python one."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and kind is not str:
+        return convert_value(name, value, kind)
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return value if type(value) is int else int(value)
+    elif kind is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value if type(value) is float else float(value)
+    elif kind is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    elif origin is tuple:
+        if hasattr(value, "tolist"):  # a NumPy array
+            value = value.tolist()
+        if isinstance(value, (list, tuple)):
+            item = typing.get_args(kind)[0]
+            items = tuple(_as_kind(name, v, item) for v in value)
+            return value if items == tuple(value) and type(value) is tuple else items
+    elif kind in (Mapping, dict) or origin in (Mapping, dict):
+        if isinstance(value, Mapping):
+            return value
+    raise ValueError(f"must be {_kind_name(kind)}, not {type(value).__name__}")
+
+
+def checked_value(name: str, value: Any, kind: Any, owner: str = "") -> Any:
+    """``value`` of field ``name`` as its type ``kind`` (see :func:`_as_kind`) once it passes
+    the field's rule.
+
+    Raises:
+        ConfigError: ``<owner>: <name>=<value>: <what it must be>``.
+    """
+    where = f"{owner}: " if owner else ""
+    try:
+        value = _as_kind(name, value, kind)
+    except ConfigError as err:  # a string its flag would not take
+        raise ConfigError(f"{where}{err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}{name}={value!r}: {err}") from None
+    if value is None:
+        return value
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{where}{name}={value!r}: must be one of {', '.join(CHOICES[name])}")
+    if name in RULES and not RULES[name][0](value):
+        raise ConfigError(f"{where}{name}={value!r}: {RULES[name][1]}")
+    return value
 
 
 # --- flag lines ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import functools
 import importlib
 import logging
 import os
-import re
+import signal
 import sys
 import traceback
 import typing
@@ -33,7 +33,9 @@ from absl import app, flags
 
 from retina_tf._startup import wants_verbose
 from retina_tf.config import (
-    PREPROCESS_ALIASES,
+    CHOICES,
+    RULES,
+    SOURCES,
     CompareConfig,
     DataConfig,
     ErrorMapConfig,
@@ -44,6 +46,7 @@ from retina_tf.config import (
     RipPatchConfig,
     RipPretrainConfig,
     TrainConfig,
+    checked_value,
     convert_value,
     field_names,
     read_model_config,
@@ -85,6 +88,10 @@ VARIANTS: dict[str, tuple[str, dict[str, object], str]] = {
         "`--strategy=mirrored` as the default.")),
 }
 
+# Every config field's type, for the flag validators (:meth:`_Definer.check_fields`).
+_FIELD_TYPES: dict[str, object] = {
+    name: kind for cls, _ in SCRIPTS.values() for name, kind in typing.get_type_hints(cls).items()}
+
 
 class _Definer:
     """``flags.DEFINE_*`` into one FlagValues, for the names in ``only`` (None: every flag)."""
@@ -121,6 +128,23 @@ class _Definer:
             flags.register_validator(name, lambda value: value is None or ok(value), rule,
                                      flag_values=self._fv)
 
+    def check_fields(self) -> None:
+        """Registers each config field's rule (:data:`retina_tf.config.RULES`) as the
+        validator of its flag, on the value as the config will hold it."""
+        for name, (_, rule) in RULES.items():
+            if name in self._fv:
+                kind = _FIELD_TYPES[name]
+
+                def ok(value, name=name, kind=kind) -> bool:
+                    if isinstance(value, list):  # a list flag: as its config field reads it
+                        value = ",".join(map(str, value))
+                    try:
+                        checked_value(name, value, kind)
+                    except ConfigError:
+                        return False
+                    return True
+                self.check(name, ok, rule)
+
     def check_pair(self, a: str, b: str, ok, rule: str) -> None:
         if a in self._fv and b in self._fv:
             flags.register_multi_flags_validator([a, b], ok, rule, flag_values=self._fv)
@@ -140,6 +164,7 @@ def define_all(d: _Definer) -> None:
                   define_rip_flags, define_eval_flags, define_predict_flags,
                   define_export_flags, define_compare_flags):
         group(d)
+    d.check_fields()
 
 
 def script_flag_names(script: str) -> set[str]:
@@ -324,23 +349,18 @@ def define_data_flags(d: _Definer) -> None:
     d.DEFINE_string("test_label_file_path", None,
                         "Label file of the test split for evaluation (default: test.txt beside "
                         "--label_file_path).")
-    d.DEFINE_enum("task", "vessel", ["vessel", "av"], "Vessel or artery/vein segmentation.")
+    d.DEFINE_enum("task", "vessel", list(CHOICES["task"]), "Vessel or artery/vein segmentation.")
     d.DEFINE_list("preprocess", list(STEPS),
                       f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'; "
                       "True / False (WILeroy/retina_unet's switch; also true, false, 1, 0): "
                       "all four steps or none.")
-    d.DEFINE_enum("channel", "luminance", ["luminance", "green"],
+    d.DEFINE_enum("channel", "luminance", list(CHOICES["channel"]),
                       "Grayscale conversion: luminance (0.299R+0.587G+0.114B) or green channel.")
-    d.check("preprocess", lambda steps: all(s.strip() in STEPS + ("none", "") for s in steps)
-            or (len(steps) == 1 and steps[0].strip().lower() in PREPROCESS_ALIASES),
-           f"steps must be among {', '.join(STEPS)}, or 'none', or True / False (all or none)")
     d.DEFINE_string("cache_dir", None, "Cache of preprocessed images (bin/preprocess.py).")
     d.DEFINE_integer("seed", 0, "Seed for data sampling, augmentation and initialization.")
     # A label file and a dataset both choose the images: with a flagfile naming one and the
     # command line the other, one would silently win, so both together are a usage error.
-    for label, source in (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
-                          ("test_label_file_path", "dataset"),
-                          ("test_label_file_path", "data_dir")):
+    for label, source in SOURCES:
         d.check_pair(
             label, source, lambda v, label=label, source=source: not (v[label] and v[source]),
             f"--{label} and --{source} both say which images to use; keep one: pass an "
@@ -366,8 +386,7 @@ def define_model_flags(d: _Definer) -> None:
 def define_run_flags(d: _Definer) -> None:
     d.DEFINE_string("logdir", "logs", "Parent folder of run folders.")
     d.DEFINE_string("run_name", None, "Run folder name (default: <model>_<dataset>).")
-    d.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "one_device",
-                                           "multi_worker"],
+    d.DEFINE_enum("strategy", "auto", list(CHOICES["strategy"]),
                       "tf.distribute strategy: auto = mirrored when several GPUs are visible.")
     d.DEFINE_integer("logical_cpus", 0,
                          "Split the CPU into this many logical devices (to try mirrored "
@@ -383,25 +402,14 @@ def define_run_flags(d: _Definer) -> None:
                      "export_model: replace an existing --out folder.")
 
 
-def _is_positive_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
-
-
 def define_train_flags(d: _Definer) -> None:
-    d.DEFINE_enum("mode", "patch", ["patch", "whole"], "Random patches or whole images.")
+    d.DEFINE_enum("mode", "patch", list(CHOICES["mode"]), "Random patches or whole images.")
     d.DEFINE_integer("patch_size", 48, "Training patch size.")
     d.DEFINE_list("mixed_patch_sizes", [], "Crop sides in px, one drawn per patch and resized to "
                   "--patch_size (RIP-AV's mixed-size patches, e.g. 64,128,256); empty: off.")
-    d.check("mixed_patch_sizes", lambda v: all(str(x).strip().isdigit() and int(x) > 0
-                                               for x in v), "must be positive integers")
     d.DEFINE_list("scale_range", [], "Augment: vessel widths scaled by a factor drawn "
                   "log-uniformly in LO,HI per patch (e.g. 0.6,1.6: cameras of other "
                   "resolutions); empty: off.")
-    d.check("scale_range", lambda v: not v or (len(v) == 2 and all(
-        _is_positive_number(x) for x in v)), "must be two positive factors LO,HI (e.g. 0.6,1.6)")
     d.DEFINE_list("extra_data", [], "More labelled sets to train on beside --dataset, each "
                   "DATASET:FOLDER[:SPLIT] (split training by default; all for every labelled "
                   "image), e.g. stare:data/STARE:all. The last --val_images of each are held "
@@ -410,8 +418,7 @@ def define_train_flags(d: _Definer) -> None:
                      "dataset equally often, whatever its number of images.")
     d.DEFINE_integer("camera_variants", 0, "Augment: this many extra copies of each training "
                      "image with random camera changes (white balance, colour, contrast, gamma, "
-                     "blur, noise, JPEG, uneven illumination; retina_tf.data.camera); 0: off.",
-                     lower_bound=0)
+                     "blur, noise, JPEG, uneven illumination; retina_tf.data.camera); 0: off.")
     d.DEFINE_integer("patches_per_epoch", 20000, "Patches per epoch (patch mode).")
     d.DEFINE_float("vessel_probability", 0.5,
                        "Probability that a patch is centred on a vessel pixel (else anywhere "
@@ -436,14 +443,14 @@ def define_train_flags(d: _Definer) -> None:
                          "one pass over the images in whole mode).")
     d.DEFINE_float("time_budget_minutes", 0.0,
                        "Stop training after this many minutes of wall time (0 = no limit).")
-    d.DEFINE_enum("optimizer", "adam", ["adam", "adamw", "sgd"], "Optimizer.")
+    d.DEFINE_enum("optimizer", "adam", list(CHOICES["optimizer"]), "Optimizer.")
     d.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
     d.DEFINE_float("weight_decay", 1e-4, "Weight decay (adamw).")
     d.DEFINE_float("ema_momentum", 0.0,
                    "Keep an exponential moving average of the weights with this momentum "
                    "(e.g. 0.998; Polyak averaging): validation, checkpoints and the saved model "
                    "use the average. 0 = off.")
-    d.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "poly", "linear"],
+    d.DEFINE_enum("lr_schedule", "constant", list(CHOICES["lr_schedule"]),
                       "Learning-rate schedule over all training steps.")
     d.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
     d.DEFINE_string("loss", "bce_dice",
@@ -468,18 +475,6 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_string("error_maps", None,
                     "ear_net: folder of the stage-1 error maps <image name>.png written by "
                     "bin/make_error_maps.py (default: <--pretrained run>/error_maps).")
-    d.check("ema_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = off)")
-    d.check("patch_size", lambda v: v >= 1, "must be >= 1 (pixels)")
-    d.check("patches_per_epoch", lambda v: v >= 1, "must be >= 1")
-    d.check("vessel_probability", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
-    d.check("val_images", lambda v: v >= 0, "must be >= 0 (0 = no validation images)")
-    d.check("batch_size", lambda v: v >= 1, "must be >= 1")
-    d.check("epochs", lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)")
-    d.check("max_iters", lambda v: v >= 0, "must be >= 0 (0 = train --epochs epochs)")
-    d.check("steps_per_epoch", lambda v: v >= 0,
-           "must be >= 0 (0 = from --patches_per_epoch)")
-    d.check("learning_rate", lambda v: v > 0.0, "must be > 0")
-    d.check("validate_every", lambda v: v >= 1, "must be >= 1 (epochs)")
 
 
 def define_rip_flags(d: _Definer) -> None:
@@ -503,7 +498,7 @@ def define_rip_flags(d: _Definer) -> None:
 
 
 def define_eval_flags(d: _Definer) -> None:
-    d.DEFINE_enum("eval_split", "test", ["training", "test", "all"], "Split to evaluate.")
+    d.DEFINE_enum("eval_split", "test", list(CHOICES["eval_split"]), "Split to evaluate.")
     d.DEFINE_boolean("visualize", False,
                      "evaluate: write probability maps, masks, error overlays on the "
                      "photograph, contact_sheet.png and ROC / PR curves; predict: also write "
@@ -511,7 +506,7 @@ def define_eval_flags(d: _Definer) -> None:
     d.alias("visulize", "visualize", "WILeroy/retina_unet's spelling")
     d.DEFINE_boolean("whole_image_metrics", False,
                          "Count every pixel instead of the FOV only (inflates Acc and Sp).")
-    d.DEFINE_enum("inference", "auto", ["auto", "whole", "sliding"],
+    d.DEFINE_enum("inference", "auto", list(CHOICES["inference"]),
                       "Whole image (fully convolutional models) or sliding window.")
     d.DEFINE_string("inference_scale", "auto",
                     "The size a photograph is segmented at, from its FOV diameter D and the "
@@ -519,14 +514,9 @@ def define_eval_flags(d: _Definer) -> None:
                     "by at most 3x (HRF's 3504x2336 at 1/3: thin vessels kept); training: "
                     "resized to T; native: as it is (large images in tiles); a factor f: "
                     "resized to f x T. Within 20 % of the aim a photograph stays as it is.")
-    d.check("inference_scale", lambda v: str(v).strip().lower() in ("auto", "training", "native")
-            or (_is_positive_number(str(v)) and float(v) < float("inf")),
-            "must be auto, training, native or a positive factor")
     d.DEFINE_integer("tile_size", 0, "Whole-image inference in overlapping tiles of this side "
                      "in pixels (memory of one tile); 0: tiles of 768 for images over 2 Mpixel.")
-    d.check("tile_size", lambda v: v == 0 or v > 128,
-            "must be 0 (automatic) or over 128 (pixels: two margins of 64 px of context)")
-    d.DEFINE_enum("precision", "auto", ["auto", "float32", "bfloat16"],
+    d.DEFINE_enum("precision", "auto", list(CHOICES["precision"]),
                   "Compute in float32 or bfloat16 (the weights stay float32); bfloat16 is "
                   "faster only on CPUs with AVX512-BF16 or AMX, and GPUs. auto: bfloat16 for "
                   "U-Nets on those CPUs (same DRIVE F1, 1.6-2x faster), else float32. "
@@ -542,16 +532,12 @@ def define_eval_flags(d: _Definer) -> None:
                      "between junctions of the predicted vessel map (retina_tf.postprocess).")
     d.DEFINE_float("av_link", 1.0, "With --av_vote: strength of the links that make vessel "
                    "segments share a class across branchings and, pairwise, through crossings "
-                   "(0: every segment decides alone).", lower_bound=0.0)
+                   "(0: every segment decides alone).")
     d.DEFINE_integer("window", 0, "Sliding-window size (0 = the training patch size).")
     d.DEFINE_float("threshold", None, "Probability threshold of the binary mask (default: the "
                    "run's stored threshold, chosen at the end of training as the F1-optimal one "
                    "on its held-out training images; 0.5 for a run without one).")
     d.DEFINE_string("output_dir", None, "Where evaluate, predict and compare write their files.")
-    d.check("stride", lambda v: v >= 1, "must be >= 1 (pixels)")
-    d.check("window", lambda v: v >= 0, "must be >= 0 (0 = the training patch size)")
-    d.check("threshold", lambda v: 0.0 < v < 1.0,
-           "must be between 0 and 1, both excluded (a probability threshold)")
 
 
 def define_predict_flags(d: _Definer) -> None:
@@ -681,15 +667,13 @@ def reference_markdown() -> str:
 def define_export_flags(d: _Definer) -> None:
     d.DEFINE_string("run", None, "export_model: the run folder to export, or a shipped model "
                     "name (e.g. unet_drive).")
-    d.DEFINE_enum("format", "keras", ["keras", "saved_model", "onnx", "tflite"],
+    d.DEFINE_enum("format", "keras", list(CHOICES["format"]),
                   "export_model: keras (an inference-only copy of the run folder), saved_model "
                   "(raw uint8 photograph in, probability and mask out, preprocessing inside), "
                   "onnx or tflite (the network alone: preprocessed image in, probability out).")
     d.DEFINE_string("out", None, "export_model: the folder to write.")
     d.DEFINE_string("input_size", None, "export_model --format=tflite: the fixed input size "
                     "HxW, e.g. 592x576 (default: the training images' padded size).")
-    d.check("input_size", lambda v: re.fullmatch(r"\d+x\d+", v.strip()) is not None,
-            "must be HEIGHTxWIDTH in pixels, e.g. 592x576")
 
 
 # --- command-line errors ---------------------------------------------------------------------
@@ -699,6 +683,16 @@ USAGE_EXIT = 2  # bad or conflicting flags
 VERBOSE_HELP = ("Show TensorFlow's own log lines (held back by default) and retina_tf's debug "
                 "messages; on an error, print the full Python traceback.")
 INTERRUPT_EXIT = 130  # Ctrl-C, as a shell reports SIGINT
+TERMINATED_EXIT = 143  # SIGTERM (kill, timeout, docker stop), as a shell reports it
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a command cleans up as after Ctrl-C (its
+    temporary files removed) instead of dying where it stands."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 # What to do about an OSError, by errno (the message already names the file).
 _OS_HINTS = {
@@ -745,7 +739,8 @@ def report_errors(fv: flags.FlagValues = FLAGS):
     Usage errors (absl flag errors, ``app.UsageError``, :class:`~retina_tf.errors.ConfigError`)
     exit 2; other :class:`~retina_tf.errors.RetinaTFError` and OSError (a missing input, an
     unwritable or full output folder: the message names the file) exit 1; a remaining
-    ValueError exits 1 with a hint; Ctrl-C exits 130. ``--verbose`` adds the traceback. Any
+    ValueError exits 1 with a hint; Ctrl-C exits 130 and SIGTERM 143 (:class:`Terminated`:
+    temporary files are cleaned up as after Ctrl-C). ``--verbose`` adds the traceback. Any
     other exception is a bug in retina_tf and goes through with its traceback.
     """
     try:
@@ -753,6 +748,9 @@ def report_errors(fv: flags.FlagValues = FLAGS):
     except KeyboardInterrupt:
         sys.stderr.write(f"{_prog()}: interrupted\n")
         raise SystemExit(INTERRUPT_EXIT) from None
+    except Terminated:
+        sys.stderr.write(f"{_prog()}: terminated\n")
+        raise SystemExit(TERMINATED_EXIT) from None
     except Exception as err:  # noqa: BLE001  (sorted below; bugs are re-raised)
         if isinstance(err, (flags.Error, app.UsageError)):
             lines, status = [_one_line(err), "--helpfull lists every flag"], USAGE_EXIT
@@ -797,6 +795,7 @@ def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
     def guarded_main(argv):
         configure_logging(logging.DEBUG if _verbose(fv) else logging.INFO)
         with report_errors(fv):
+            signal.signal(signal.SIGTERM, _raise_terminated)
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags take "
                                      "the form --name=value)")

@@ -2,14 +2,26 @@
 
 import dataclasses
 import json
+import re
 
+import numpy as np
 import pytest
+from absl import flags
 
 from retina_tf import config
 from retina_tf.errors import ConfigError
+from retina_tf.flags import parse_config
 
 CLASSES = [config.TrainConfig, config.EvalConfig, config.PredictConfig, config.MAEConfig,
            config.RipPatchConfig, config.RipPretrainConfig, config.ErrorMapConfig]
+
+
+def _takes(cls, name, value) -> bool:
+    try:
+        cls(**{name: value})
+    except ConfigError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -22,7 +34,10 @@ def test_flag_lines_round_trip_every_config(cls):
         if isinstance(value, bool):
             changed[f.name] = not value
         elif isinstance(value, (int, float)) and f.name != "seed":
-            changed[f.name] = type(value)(value + 3)
+            # another value the field takes (a probability under 1, a tile over 128 px)
+            changed[f.name] = next(v for v in (type(value)(value + 3), value / 2,
+                                               type(value)(value + 200))
+                                   if _takes(cls, f.name, v))
         elif f.name in ("eval_scales",):
             changed[f.name] = (0.5, 1.0)
         elif f.name == "model_config":
@@ -63,3 +78,39 @@ def test_from_run_needs_a_run_folder(tmp_path):
         config.from_run(tmp_path)
     (tmp_path / "flags.txt").write_text("--model=mae\n--mask_ratio=0.5\n--epochs=2\n")
     assert config.from_run(tmp_path) == config.MAEConfig(mask_ratio=0.5, epochs=2)
+
+
+# --- the Python API refuses what the commands refuse -------------------------------------------
+
+@pytest.mark.parametrize("fields,message", [
+    ({"epochs": 0}, "TrainConfig: epochs=0: must be >= 1"),
+    ({"learning_rate": -1.0}, "learning_rate=-1.0: must be > 0"),
+    ({"batch_size": 0}, "batch_size=0: must be >= 1"),
+    ({"mode": "whole_img"}, "mode='whole_img': must be one of patch, whole"),
+    ({"patch_size": 48.0}, "patch_size=48.0: must be int, not float"),
+    ({"epochs": "three"}, "--epochs=three"),
+    ({"flip": 1}, "flip=1: must be bool"),
+    ({"scale_range": (1.25, 0.8)}, "LO <= HI"),
+    ({"dataset": "drive", "label_file_path": "my/training.txt"},
+     "label_file_path and dataset both say which images to use"),
+])
+def test_a_config_refuses_what_its_flag_refuses(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.TrainConfig(**fields)
+
+
+def test_a_config_reads_values_as_their_flags_do(tmp_path):
+    cfg = config.TrainConfig(epochs="3", model_config='{"base_filters": 8}', data_dir=tmp_path,
+                             mixed_patch_sizes=[64, 128], preprocess="clahe,gamma",
+                             scale_range=np.array([0.8, 1.25]), batch_size=np.int64(4))
+    assert cfg.epochs == 3 and cfg.model_config == {"base_filters": 8}
+    assert cfg.data_dir == str(tmp_path) and cfg.mixed_patch_sizes == (64, 128)
+    assert cfg.preprocess == ("clahe", "gamma") and cfg.scale_range == (0.8, 1.25)
+    assert type(cfg.batch_size) is int and type(cfg.scale_range[0]) is float
+    # the same value through the flag and through the config: the same words
+    with pytest.raises(ConfigError, match="threshold=1.5: must be between 0 and 1"):
+        config.EvalConfig(threshold=1.5)
+    with pytest.raises(flags.IllegalFlagValueError, match="must be between 0 and 1"):
+        parse_config("evaluate", ["--threshold=1.5"])
+    with pytest.raises(flags.IllegalFlagValueError, match="LO <= HI"):
+        parse_config("train", ["--scale_range=1.25,0.8"])

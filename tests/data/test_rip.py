@@ -278,8 +278,8 @@ def test_cli_fails_clearly_on_an_empty_selection_or_bad_flags(tiny_av_dataset, t
     common = ["--dataset=synthetic", f"--data_dir={tiny_av_dataset}", f"--rip_patches={tmp_path}"]
     with pytest.raises(DatasetError, match="--rip_min_fraction"):
         write_rip_patches(_cfg(*common, "--rip_min_fraction=1.0"))
-    with pytest.raises(ValueError, match="--rip_sizes"):
-        write_rip_patches(_cfg(*common, "--rip_sizes=48,x"))
+    with pytest.raises(flags.IllegalFlagValueError, match="--rip_sizes"):
+        _cfg(*common, "--rip_sizes=48,x")
     with pytest.raises(flags.IllegalFlagValueError):
         _cfg("--dataset=nowhere")
     with pytest.raises(ValueError, match="--rip_patches"):
