@@ -102,6 +102,8 @@ class OutputFolder:
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False, owned: bool = False):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a folder: give --output_dir a folder")
         self.overwrite = bool(overwrite) or owned
         self._listed = read_manifest(self.path)
 
@@ -190,10 +192,22 @@ def _test_samples(cfg: EvalConfig):
     if cfg.test_label_file_path:
         return resolve_samples(label_file=cfg.test_label_file_path)
     if cfg.label_file_path:
-        test_file = Path(cfg.label_file_path).with_name("test.txt")
-        if cfg.eval_split == "training":
-            test_file = Path(cfg.label_file_path)
-        return resolve_samples(label_file=test_file)
+        training = Path(cfg.label_file_path)
+        test = training.with_name("test.txt")
+        if cfg.eval_split != "training" and not test.is_file():
+            raise DatasetError(f"{test}: no test split beside --label_file_path={training}; "
+                               "give its label file with --test_label_file_path, or "
+                               "--eval_split=training")
+        files = {"training": [training], "test": [test],
+                 "all": [training] if test.resolve() == training.resolve() else [training, test]}
+        samples = [s for f in files[cfg.eval_split] for s in resolve_samples(label_file=f)]
+        names = Counter(s.name for s in samples)
+        twice = sorted(n for n, k in names.items() if k > 1)
+        if twice:
+            raise DatasetError(f"{training} and {test} both list {', '.join(twice[:3])}"
+                               f"{' and more' if len(twice) > 3 else ''}: an image is either "
+                               "training or test; take it out of one")
+        return samples
     return resolve_samples(cfg.dataset, cfg.data_dir, cfg.eval_split)
 
 
@@ -440,6 +454,19 @@ def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
     atomic_write_text(path, to_json(info))
 
 
+def _trained_on_warning(seg: Segmenter, samples) -> str | None:
+    """A warning when images to be scored are among those the run trained on (run.json's
+    ``training_images``, by name), else None."""
+    trained = set((seg.run_info.get("data") or {}).get("training_images") or [])
+    seen = [s.name for s in samples if s.name in trained]
+    if not seen:
+        return None
+    listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+    return (f"warning: {len(seen)} of the {len(samples)} images ({listed}) have the names of "
+            f"images {seg.run_dir.name} trained on: their scores do not measure it on new "
+            "images")
+
+
 def _vote_words(seg: Segmenter) -> str:
     if not seg.av_vote:
         return ""
@@ -491,6 +518,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if vessel_channel_only:
         log.info(f"{name} has no artery/vein labels: the vessel map of {seg.run_dir.name} is "
                  "scored")
+    _warn(_trained_on_warning(seg, samples))
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
@@ -663,7 +691,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def list_inputs(path: Path) -> list[Path]:
     """The images to segment: ``path`` itself, or the image files of the folder ``path`` less
-    FOV masks (``_mask`` in the name) and the files retina_tf wrote there (its manifest).
+    FOV masks (names ending in ``_mask``) and the files retina_tf wrote there (its manifest).
 
     Raises:
         DatasetError: when ``path`` does not exist or the folder yields no image; the message
@@ -675,18 +703,27 @@ def list_inputs(path: Path) -> list[Path]:
         raise DatasetError(f"{path}: no such file or folder")
     files = _image_files(path)
     ours = read_manifest(path)
-    inputs = [p for p in files if p.name not in ours and "_mask" not in p.stem]
+    inputs = [p for p in files if p.name not in ours and not _is_mask_name(p)]
     if inputs:
+        masks = [p.name for p in files if p.name not in ours and _is_mask_name(p)]
+        if masks:
+            log.info(f"{len(masks)} file(s) ending in '_mask' taken for FOV masks, not "
+                     f"segmented: {', '.join(masks[:3])}{' ...' if len(masks) > 3 else ''}")
         return inputs
     if not files:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     masks = sum(p.name not in ours for p in files)
-    kinds = [f"{masks} have '_mask' in their name (taken for FOV masks)"] if masks else []
+    kinds = [f"{masks} end in '_mask' (taken for FOV masks)"] if masks else []
     if len(files) > masks:
         kinds.append(f"{len(files) - masks} are retina_tf outputs (listed in {MANIFEST_NAME})")
     raise DatasetError(f"{path}: no images to segment: of its {len(files)} image files, "
                        f"{' and '.join(kinds)}; put the photographs there, or rename any whose "
-                       "name contains '_mask'")
+                       "name ends in '_mask'")
+
+
+def _is_mask_name(path: Path) -> bool:
+    """A FOV mask's name, as :func:`find_fov_mask` looks for it: ``<stem>_mask.<ext>``."""
+    return path.stem.lower().endswith("_mask")
 
 
 def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:

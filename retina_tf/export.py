@@ -237,9 +237,10 @@ class _Serving(tf.Module):
             return self._probability(image)
         height, width = tf.shape(image)[0], tf.shape(image)[1]
         columns = tf.where(tf.reduce_any(fov, axis=0))[:, 0]
-        diameter = tf.cond(tf.size(columns) > 0,
-                           lambda: tf.cast(columns[-1] - columns[0] + 1, tf.float64),
-                           lambda: tf.constant(0.0, tf.float64))
+        diameter = tf.cond(  # retina_tf.inference.fov_diameter: 0 for no FOV or all of it
+            tf.logical_and(tf.size(columns) > 0, tf.logical_not(tf.reduce_all(fov))),
+            lambda: tf.cast(columns[-1] - columns[0] + 1, tf.float64),
+            lambda: tf.constant(0.0, tf.float64))
         aim = tf.constant(self._trained_diameter * (setting if isinstance(setting, float)
                                                     else 1.0), tf.float64)
         rescale = tf.logical_and(diameter > 0,
@@ -529,6 +530,8 @@ def export_tflite(seg: Segmenter, path: Path, size: tuple[int, int]) -> dict:
 def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
     """What a deployer must add to the ``fmt`` export of ``seg`` to get what retina_tf gives
     for this model, one sentence each (empty: the export is the whole of it)."""
+    if fmt == "keras":  # retina_tf itself runs it, with every option
+        return []
     notes = []
     network_only = fmt in ("onnx", "tflite")
     if network_only:
@@ -598,8 +601,9 @@ def _recipe(seg: Segmenter) -> list[str]:
             f"{aim:g}/D"
         steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
                      f"its horizontal extent D differs from {aim:g} px by more than "
-                     f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
-                     "INTER_AREA), segment, and resize the probabilities back (bilinear)")
+                     f"{SCALE_TOLERANCE:.0%} (and the FOV is not the whole image), resize the "
+                     f"photograph by {factor} (OpenCV INTER_AREA), segment, and resize the "
+                     "probabilities back (bilinear)")
     if pre.grayscale:
         steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
                      else "x = G (float32)")
@@ -638,11 +642,15 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         "tensorflow_version": tf.__version__,
         **model,
         "preprocessing": _preprocessing(seg),
-        "in_the_export": ("everything in 'preprocessing' and the network" if fmt == "saved_model"
+        "in_the_export": ("a run folder that retina_tf loads (Segmenter.from_run, or --model "
+                          "of evaluate and predict): its inference as a run's"
+                          if fmt == "keras" else
+                          "everything in 'preprocessing' and the network" if fmt == "saved_model"
                           else "the network only: preprocessed image in, probability out"),
         "deployer_must_add": deployer_notes(seg, fmt),
-        "never_exported": ["test-time augmentation (--tta)", "the A/V segment vote (--av_vote)",
-                           "inference scales other than the training ones (--eval_scales)"],
+        "never_exported": [] if fmt == "keras" else [
+            "test-time augmentation (--tta)", "the A/V segment vote (--av_vote)",
+            "inference scales other than the training ones (--eval_scales)"],
     }
 
 
@@ -650,7 +658,10 @@ def _readme(info: dict) -> str:
     lines = [f"{info['run']} ({info['model']}, {info['task']}) exported by retina_tf "
              f"{info['retina_tf_version']} as {info['format']} (TensorFlow "
              f"{info['tensorflow_version']}).", ""]
-    if info["format"] == "saved_model":
+    if info["format"] == "keras":
+        lines += [f"Files: {', '.join(info['files'])}.", "",
+                  "In the folder: " + info["in_the_export"] + ". What it does:"]
+    elif info["format"] == "saved_model":
         lines += ["Signatures:"]
         for name, sig in info["signatures"].items():
             lines.append(f"  {name}: {json.dumps(sig['inputs'])} -> {json.dumps(sig['outputs'])}")
@@ -666,7 +677,8 @@ def _readme(info: dict) -> str:
     if info["deployer_must_add"]:
         lines += ["", "A deployer must add:"]
         lines += [f"  - {note}" for note in info["deployer_must_add"]]
-    lines += ["", "Never in an export: " + "; ".join(info["never_exported"]) + "."]
+    if info["never_exported"]:
+        lines += ["", "Never in an export: " + "; ".join(info["never_exported"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -747,22 +759,27 @@ def export_model(cfg: ExportConfig) -> Path:
     if cfg.input_size and cfg.format != "tflite":
         raise ConfigError(f"--input_size is for --format=tflite only (--format={cfg.format} "
                           "takes any size)")
+    if cfg.threshold is not None and cfg.format == "keras":
+        raise ConfigError("--threshold is for --format=saved_model, onnx or tflite (a keras "
+                          "export keeps the run's threshold; evaluate and predict take "
+                          "--threshold)")
     out = Path(cfg.out)
-    if cfg.format == "keras":
-        run_dir = find_run(cfg.run, flag="--run")
-        export_run(run_dir, out)
-        log.info(f"exported {run_dir} -> {out} (keras: load with "
-                 "retina_tf.Segmenter.from_run)")
-        return out
     if out.exists() and not cfg.overwrite:  # before the minutes of tracing
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
-    seg = _load(cfg.run, precision)
+    run_dir = find_run(cfg.run, flag="--run").resolve()
+    if out.resolve() == run_dir or out.resolve() in run_dir.parents:
+        raise ConfigError(f"--out={out} is the run folder or holds it: the export would "
+                          "replace the run; give another folder")
+    seg = _load(str(run_dir), precision)
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
 
     def fill(folder: Path) -> dict:
-        if cfg.format == "saved_model":
+        if cfg.format == "keras":
+            export_run(run_dir, folder)
+            model = {"files": sorted(p.name for p in folder.iterdir())}
+        elif cfg.format == "saved_model":
             model = {"signatures": export_saved_model(seg, folder, threshold)}
         elif cfg.format == "onnx":
             model = {"file": ONNX_FILE, **export_onnx(seg, folder / ONNX_FILE)}

@@ -434,6 +434,10 @@ class Segmenter:
         self.size_multiple = int(model.size_multiple if contract else size_multiple)
         self.inference = inference
         self.window = int(window)
+        if inference == "sliding" and self.window % self.size_multiple:
+            fit = max(self.size_multiple, self.window // self.size_multiple * self.size_multiple)
+            raise ConfigError(f"--window={self.window}: {type(model).__name__} takes windows of "
+                              f"a multiple of {self.size_multiple} px; give e.g. --window={fit}")
         self.stride = int(stride)
         self.batch_size = int(batch_size)
         self.batches_in_flight = BATCHES_IN_FLIGHT
@@ -678,9 +682,13 @@ class Segmenter:
 
 
 def fov_diameter(fov: np.ndarray) -> float:
-    """Horizontal extent of the FOV in pixels (0 for an empty mask)."""
+    """Horizontal extent of the FOV in pixels; 0 (unknown: the photograph is segmented as it
+    is) for an empty mask and for one that is the whole image (a crop inside the FOV has no
+    edge to measure)."""
     cols = np.flatnonzero(fov.any(axis=0))
-    return float(cols[-1] - cols[0] + 1) if cols.size else 0.0
+    if not cols.size or fov.all():
+        return 0.0
+    return float(cols[-1] - cols[0] + 1)
 
 
 def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.config import EvalConfig
-from retina_tf.data.io import read_image
+from retina_tf.data.io import DatasetError, read_image
 from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError, ModelFileError
@@ -260,3 +260,55 @@ print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.m
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == "(120, 128, 1) float32 bool True True UNet"
+
+
+def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_named(
+        shared_data, tmp_path, caplog):
+    drive = shared_data / "DRIVE"
+    folders = "{0}/images,{0}/1st_manual,{0}/mask\n"
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "training.txt").write_text(folders.format(drive / "training")
+                                      + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
+    training = str(own / "training.txt")
+    with pytest.raises(DatasetError, match="no test split beside"):
+        evaluate(EvalConfig(model="vessel_general", label_file_path=training,
+                            output_dir=str(tmp_path / "a")))
+    (own / "test.txt").write_text(
+        folders.format(drive / "test") + "01_test.tif,01_manual1.gif,01_test_mask.gif\n")
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        report = evaluate(EvalConfig(model="vessel_general", label_file_path=training,
+                                     eval_split="all", output_dir=str(tmp_path / "b")))
+    assert [r["name"] for r in report["per_image"]] == ["21_training", "01_test"]
+    # vessel_general trained on 21_training: said, and 01_test not named
+    assert "1 of the 2 images (21_training) have the names of images vessel_general trained on" \
+        in caplog.text
+    both = own / "test.txt"
+    both.write_text(folders.format(drive / "training")
+                    + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
+    with pytest.raises(DatasetError, match="both list 21_training"):
+        evaluate(EvalConfig(model="vessel_general", label_file_path=training, eval_split="all",
+                            output_dir=str(tmp_path / "c")))
+
+
+def test_only_names_ending_in_mask_are_taken_for_fov_masks(tmp_path, caplog):
+    from retina_tf.evaluation import list_inputs
+    image = generate_fundus(1, size=(64, 64)).image
+    for name in ("eye.png", "eye_masked_lens.png", "eye_mask.png"):
+        cv2.imwrite(str(tmp_path / name), image)
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        inputs = list_inputs(tmp_path)
+    assert [p.name for p in inputs] == ["eye.png", "eye_masked_lens.png"]
+    assert "taken for FOV masks, not segmented: eye_mask.png" in caplog.text
+
+
+def test_a_sliding_window_off_the_size_multiple_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="--window=100: .* of 8 px; give e.g. --window=96"):
+        Segmenter.from_pretrained("unet_drive", inference="sliding", window=100)
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
+    from retina_tf.evaluation import OutputFolder
+    (tmp_path / "out.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="out.png is a file, not a folder"):
+        OutputFolder(tmp_path / "out.png")

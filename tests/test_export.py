@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import keras
@@ -129,10 +131,23 @@ def test_keras_format_with_the_older_flag_names_copies_a_loadable_run(tiny_run, 
     proc = _run_script(f"--run_dir={tiny_run}", f"--out_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "flags.txt", "model.keras", "preprocessor.json", "run.json"]
+        "README.txt", "export.json", "flags.txt", "model.keras", "preprocessor.json", "run.json"]
+    assert json.loads((out / "export.json").read_text())["format"] == "keras"
     image = generate_fundus(5, size=(96, 96)).image
     np.testing.assert_array_equal(Segmenter.from_run(out).probability(image),
                                   Segmenter.from_run(tiny_run).probability(image))
+    # as every format: an existing folder only with --overwrite, never the run folder itself
+    before = (out / "model.keras").read_bytes()
+    proc = _run_script(f"--run={tiny_run}", f"--out={out}")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "model.keras").read_bytes() == before
+    for target in (tiny_run, tiny_run.parent):
+        with pytest.raises(ConfigError, match="is the run folder or holds it"):
+            export_model(ExportConfig(run=str(tiny_run), out=str(target), overwrite=True))
+    assert (tiny_run / "model.keras").is_file()
+    with pytest.raises(ConfigError, match="--threshold is for --format=saved_model"):
+        export_model(ExportConfig(run=str(tiny_run), out=str(tmp_path / "t"), threshold=0.3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary left
 
 
 # --- SavedModel ---------------------------------------------------------------------------------
@@ -401,3 +416,22 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     image = generate_fundus(2, size=(128, 128)).image
     got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
     assert got["probability"].shape == (128, 128, 3) and got["mask"].shape == (128, 128)
+
+
+def test_a_terminated_export_leaves_nothing_behind(tmp_path):
+    # SIGTERM (kill, timeout, docker stop) cleans up as Ctrl-C does: the temporary folder goes
+    out = tmp_path / "exports" / "unet_drive"
+    command = commands.Command([sys.executable, REPO / "bin" / "export_model.py",
+                                "--run=unet_drive", "--format=saved_model", f"--out={out}"],
+                               cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(".*.tmp")) and command.poll() is None:
+            assert time.monotonic() < deadline, "the export never started writing"
+            time.sleep(0.05)
+        os.kill(command.pid, signal.SIGTERM)
+        assert command.wait(120) == 143, command.stderr()[-2000:]
+        assert command.stderr().strip().endswith("export_model.py: terminated")
+    finally:
+        command.close()
+    assert list(out.parent.iterdir()) == []

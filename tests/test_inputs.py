@@ -262,7 +262,7 @@ def test_estimated_fov_of_a_crop_warns_but_whole_photographs_do_not(shared_data:
 def test_a_folder_of_masks_and_outputs_only_says_so(tmp_path: Path):
     folder = tmp_path / "in"
     write_image_atomic(folder / "01_mask.gif", np.ones((128, 128), bool))
-    with pytest.raises(DatasetError, match=r"1 have '_mask' in their name"):
+    with pytest.raises(DatasetError, match=r"1 end in '_mask'"):
         _predict(folder, tmp_path / "out")
     _fundus(folder / "a.png", 1)
     _predict(folder, folder)

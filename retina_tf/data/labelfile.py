@@ -30,14 +30,16 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would be part of the first folder
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
+             if ln.strip()]
     if not lines:
         raise DatasetError(f"{path}: label file is empty")
     folders = [f.strip() for f in lines[0].split(",")]
     if len(folders) != 3:
         raise DatasetError(f"{path}:1: expected 'image_dir,label_dir,mask_dir', got {lines[0]!r}")
     dirs = [Path(f) if os.path.isabs(f) else path.parent / f for f in folders]
-    samples = []
+    samples, seen = [], {}
     for lineno, line in enumerate(lines[1:], start=2):
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 3:
@@ -48,7 +50,12 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
         for f in files:
             if f is not None and not f.is_file():
                 raise DatasetError(f"{path}:{lineno}: file not found: {f}")
-        samples.append(Sample(dataset="labelfile", name=file_stem(parts[0]), image=files[0],
+        name = file_stem(parts[0])
+        if name in seen:  # scored twice, and its pictures and outputs would overwrite each other
+            raise DatasetError(f"{path}:{lineno}: {parts[0]} has the name {name!r} of line "
+                               f"{seen[name]}; list each photograph once, under its own name")
+        seen[name] = lineno
+        samples.append(Sample(dataset="labelfile", name=name, image=files[0],
                               label=files[1], fov=files[2]))
     if not samples:
         raise DatasetError(f"{path}: label file lists no samples (empty split)")

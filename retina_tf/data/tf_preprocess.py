@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.data.fov import _EDGE_FRACTION, _MIN_CONTRAST
+from retina_tf.data.fov import _EDGE_FRACTION, _MAX_FRAME_RATIO, _MIN_CONTRAST
 from retina_tf.data.preprocess import Preprocessor
 
 _BINS = 256
@@ -353,8 +353,9 @@ def estimate_fov(image: tf.Tensor, erode: int = 3) -> tf.Tensor:
     mask = tf.cast(red, tf.float64) > threshold
     mask = _dilate(_erode(mask, _disc(2)), _disc(2))
 
-    no_frame = tf.logical_or(tf.logical_or(below == 0, below == total),
-                             retina_level - frame_level < _MIN_CONTRAST)
+    no_frame = tf.reduce_any(tf.stack([
+        below == 0, below == total, retina_level - frame_level < _MIN_CONTRAST,
+        tf.cast(frame_level, tf.float64) > _MAX_FRAME_RATIO * tf.cast(retina_level, tf.float64)]))
     everything = tf.ones_like(red, tf.bool)
 
     def found():

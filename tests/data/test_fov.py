@@ -107,3 +107,15 @@ def test_sane_on_other_datasets(shared_data: Path, dataset: str, folder: str,
         assert (filled > 0).sum() == fov.sum()
         if official_mask:
             assert _dice(fov, read_mask(sample.fov, "fov")) > 0.98, sample.name
+
+
+def test_a_crop_inside_the_fov_is_all_field_of_view_and_keeps_its_scale(shared_data):
+    from retina_tf.inference import fov_diameter
+    image = read_image(shared_data / "DRIVE/test/images/01_test.tif")
+    for crop in (image[142:442, 132:432], image[100:500, 150:400]):
+        fov = estimate_fov(crop)
+        assert fov.all()  # no dark frame at its corners: nothing is cut away
+        assert fov_diameter(fov) == 0.0  # no edge to measure: segmented as it is
+    # a crop with the frame at one corner still gets its edge
+    corner = image[:300, :300]
+    assert 0.5 < estimate_fov(corner).mean() < 0.99

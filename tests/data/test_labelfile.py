@@ -85,6 +85,21 @@ def test_bad_label_files_name_the_file_and_line(tmp_path, synthetic_dir):
         read_label_file(gone)
 
 
+def test_a_byte_order_mark_is_read_past_and_a_name_listed_twice_is_refused(synthetic_dir,
+                                                                           tmp_path):
+    samples = list_samples("synthetic", synthetic_dir, "training")
+    path = write_label_file(tmp_path / "training.txt", samples)
+    text = path.read_text()
+    bom = tmp_path / "bom.txt"  # Excel's "CSV UTF-8"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [s.name for s in read_label_file(bom)] == [s.name for s in samples]
+    lines = text.splitlines()
+    twice = tmp_path / "twice.txt"
+    twice.write_text("\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(DatasetError, match=rf"twice.txt:{len(lines) + 1}: .* of line 2"):
+        read_label_file(twice)
+
+
 def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path):
     out = tmp_path / "prep"
     cache = tmp_path / "cache"

@@ -159,6 +159,9 @@ def test_estimate_fov_matches_numpy_on_real_photographs(drive_images, shared_dat
         differing.append(int((ours != reference).sum()))
     print(f"\nFOV: {len(images)} photographs, pixels differing per image {differing}")
     assert differing == [0] * len(images)
+    # a crop inside the FOV (no frame): all of it, in both
+    crop = drive_images["test"][0][142:442, 132:432]
+    assert _fov(crop).numpy().all() and np_fov.estimate_fov(crop).all()
 
 
 def test_bad_input_is_refused():
