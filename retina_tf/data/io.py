@@ -435,6 +435,11 @@ def _check_size(image_path: Path, image: np.ndarray, other_path: Path, other: np
                            f"image {image_path} is {image.shape[0]}x{image.shape[1]}")
 
 
+# Vessels cover 8-15 % of a fundus photograph's field of view (DRIVE, STARE, CHASE_DB1, HRF); a
+# label marking over half of it as vessel has its levels the wrong way round.
+MAX_VESSEL_SHARE = 0.5
+
+
 def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
     """Reads a catalog sample: image, vessel label, field of view and A/V label.
 
@@ -449,8 +454,9 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
         :class:`SampleData`.
 
     Raises:
-        DatasetError: when a file is unreadable, a label is not binary, or a label, mask or A/V
-            map differs in size from the image (the message names both files and sizes).
+        DatasetError: when a file is unreadable, a label is not binary or marks over half the
+            field of view as vessel (inverted), or a label, mask or A/V map differs in size from
+            the image (the message names both files and sizes).
     """
     image_path = Path(sample.image)
     image = read_image(image_path)
@@ -475,5 +481,9 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
     else:
         fov = estimate_fov(image)
         fov_estimated = True
+    if sample.label is not None and fov.any() and vessel[fov].mean() > MAX_VESSEL_SHARE:
+        raise DatasetError(f"{sample.label}: marks {vessel[fov].mean():.0%} of the field of view "
+                           "as vessel: vessels must be the brighter of its two levels (white on "
+                           "black); invert the label")
     return SampleData(name=sample.name, image=image, vessel=vessel, fov=fov, av=av,
                       fov_estimated=fov_estimated)

@@ -289,6 +289,15 @@ def test_read_sample_estimates_or_overrides_fov(tmp_path: Path):
     assert not given.fov_estimated and given.fov.all()
 
 
+def test_an_inverted_label_is_refused_naming_it(tmp_path: Path):
+    sample = _tiny_sample(tmp_path)
+    label = read_mask(sample.label)
+    write_image_atomic(tmp_path / "label.gif", ~label)  # black vessels on white
+    with pytest.raises(DatasetError, match=r"label\.gif: marks 9\d% of the field of view as "
+                                           r"vessel: .* invert the label"):
+        read_sample(sample)
+
+
 def test_read_sample_size_mismatch_names_both_files(tmp_path: Path):
     sample = _tiny_sample(tmp_path, label_shape=(20, 25))
     with pytest.raises(DatasetError, match=r"label\.gif is 20x25 .*img\.tif is 20x24"):
