@@ -98,9 +98,10 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     """
 
     out_dir = Path(out_dir)
+    # every split listed first: an empty or broken one stops before anything is written
+    listed = {split: list_samples(dataset, data_dir, split) for split in splits}
     written = {}
-    for split in splits:
-        samples = list_samples(dataset, data_dir, split)
+    for split, samples in listed.items():
         fov_files = []
         for s in samples:
             if s.fov is not None:

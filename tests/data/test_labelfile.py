@@ -120,3 +120,11 @@ def test_preprocess_cli_reports_a_wrong_folder(tmp_path):
     assert proc.returncode != 0
     assert str(tmp_path) in proc.stderr and "training" in proc.stderr
     assert not (tmp_path / "out" / "training.txt").exists()
+
+
+def test_an_empty_split_stops_before_any_label_file_is_written(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "syn", num_images=2, num_test=0, seed=2,
+                                   size=(64, 64))
+    with pytest.raises(DatasetError, match="test"):
+        export_label_files("synthetic", data, tmp_path / "labels")
+    assert not (tmp_path / "labels").exists()
