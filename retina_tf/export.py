@@ -236,11 +236,7 @@ class _Serving(tf.Module):
         if not self._trained_diameter or setting == "native":
             return self._probability(image)
         height, width = tf.shape(image)[0], tf.shape(image)[1]
-        columns = tf.where(tf.reduce_any(fov, axis=0))[:, 0]
-        diameter = tf.cond(  # retina_tf.inference.fov_diameter: 0 for no FOV or all of it
-            tf.logical_and(tf.size(columns) > 0, tf.logical_not(tf.reduce_all(fov))),
-            lambda: tf.cast(columns[-1] - columns[0] + 1, tf.float64),
-            lambda: tf.constant(0.0, tf.float64))
+        diameter = _fov_diameter(fov)
         aim = tf.constant(self._trained_diameter * (setting if isinstance(setting, float)
                                                     else 1.0), tf.float64)
         rescale = tf.logical_and(diameter > 0,
@@ -600,10 +596,11 @@ def _recipe(seg: Segmenter) -> list[str]:
         factor = f"max({aim:g}/D, {seg.auto_min_scale:.4g})" if setting == "auto" else \
             f"{aim:g}/D"
         steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
-                     f"its horizontal extent D differs from {aim:g} px by more than "
-                     f"{SCALE_TOLERANCE:.0%} (and the FOV is not the whole image), resize the "
-                     f"photograph by {factor} (OpenCV INTER_AREA), segment, and resize the "
-                     "probabilities back (bilinear)")
+                     f"its diameter D (retina_tf.inference.fov_diameter: the horizontal extent, "
+                     "the vertical one for a disc cut at its left or right, none for one cut on "
+                     f"all four sides) differs from {aim:g} px by more than "
+                     f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
+                     "INTER_AREA), segment, and resize the probabilities back (bilinear)")
     if pre.grayscale:
         steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
                      else "x = G (float32)")
@@ -797,6 +794,25 @@ def export_model(cfg: ExportConfig) -> Path:
 
 
 # --- small helpers -------------------------------------------------------------------------------
+
+def _fov_diameter(fov: tf.Tensor) -> tf.Tensor:
+    """:func:`retina_tf.inference.fov_diameter` in TensorFlow ops (float64; 0: unknown)."""
+    def across(mask):  # (extent along the columns, whether the disc is cut at its sides)
+        cols = tf.where(tf.reduce_any(mask, axis=0))[:, 0]
+        rows = tf.where(tf.reduce_any(mask, axis=1))[:, 0]
+        ends = tf.reduce_sum(tf.cast(tf.gather(mask, tf.stack([cols[0], cols[-1]]), axis=1),
+                                     tf.float64), axis=0)
+        cut = tf.reduce_max(ends) > tf.cast(rows[-1] - rows[0] + 1, tf.float64) / 2
+        return tf.cast(cols[-1] - cols[0] + 1, tf.float64), cut
+
+    def measured():
+        width, cut_sides = across(fov)
+        height, cut_ends = across(tf.transpose(fov))
+        zero = tf.constant(0.0, tf.float64)
+        return tf.where(cut_sides, tf.where(cut_ends, zero, height), width)
+
+    return tf.cond(tf.reduce_any(fov), measured, lambda: tf.constant(0.0, tf.float64))
+
 
 def _below_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING

@@ -328,7 +328,7 @@ class ScalePlan:
 
     Attributes:
         width, height: the photograph's size.
-        fov_diameter: its FOV's horizontal extent in pixels.
+        fov_diameter: its FOV's diameter in pixels (:func:`fov_diameter`; 0: unknown).
         training_fov_diameter: the training images' (run.json ``fov_diameter``; None unknown).
         factor: the resize factor (1.0: segmented as it is).
         size: (width, height) segmented at.
@@ -682,13 +682,21 @@ class Segmenter:
 
 
 def fov_diameter(fov: np.ndarray) -> float:
-    """Horizontal extent of the FOV in pixels; 0 (unknown: the photograph is segmented as it
-    is) for an empty mask and for one that is the whole image (a crop inside the FOV has no
-    edge to measure)."""
-    cols = np.flatnonzero(fov.any(axis=0))
-    if not cols.size or fov.all():
-        return 0.0
-    return float(cols[-1] - cols[0] + 1)
+    """The diameter of the FOV disc in pixels: its horizontal extent (cameras cut the disc at
+    top and bottom), or its vertical extent where the disc is cut at its left or right (a
+    photograph turned on its side); 0, unknown, where it is cut on all four sides (a crop inside
+    the FOV: the photograph is segmented as it is) or the mask is empty. A disc touches its
+    leftmost and rightmost columns over a few pixels (at most a fifth of its height in every
+    dataset here), a cut over more than half."""
+    fov = np.asarray(fov, bool)
+    for mask in (fov, fov.T):
+        cols = np.flatnonzero(mask.any(axis=0))
+        if not cols.size:
+            return 0.0
+        rows = np.flatnonzero(mask.any(axis=1))
+        if max(mask[:, cols[0]].sum(), mask[:, cols[-1]].sum()) <= (rows[-1] - rows[0] + 1) / 2:
+            return float(cols[-1] - cols[0] + 1)
+    return 0.0
 
 
 def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,

@@ -228,3 +228,17 @@ def test_the_saved_model_shrinks_a_large_photograph_as_retina_tf_does(tiny_run, 
     assert diff.mean() < 5e-3, diff.mean()
     training, _ = Segmenter.from_run(tiny_run, inference_scale="training").segment(big)
     assert np.abs(served - training[..., 0]).mean() > 10 * diff.mean()
+
+
+def test_the_fov_diameter_of_a_disc_cut_either_way_and_of_a_crop():
+    from retina_tf.export import _fov_diameter
+    yy, xx = np.mgrid[:300, :400]
+    disc = (yy - 150) ** 2 + (xx - 200) ** 2 <= 180 ** 2  # 361 px wide, cut at top and bottom
+    cases = {"cut at top and bottom": (disc, 361.0),
+             "turned on its side": (disc.T.copy(), 361.0),
+             "whole disc": ((yy - 150) ** 2 + (xx - 200) ** 2 <= 140 ** 2, 281.0),
+             "a crop inside the FOV": (np.ones((300, 400), bool), 0.0),
+             "empty": (np.zeros((300, 400), bool), 0.0)}
+    for name, (mask, expected) in cases.items():
+        assert fov_diameter(mask) == expected, name
+        assert float(_fov_diameter(tf.constant(mask))) == expected, name  # the SavedModel's
