@@ -49,6 +49,7 @@ from retina_tf.data.io import fsync_dir
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
 from retina_tf.inference import (
+    AUTO_MAX_SCALE,
     SCALE_TOLERANCE,
     Segmenter,
     check_threshold,
@@ -230,8 +231,9 @@ class _Serving(tf.Module):
         """:meth:`Segmenter.probability_at_inference_scale` with the run's
         ``inference_scale`` (:func:`retina_tf.inference.inference_factor`): a photograph whose
         FOV diameter is not within 20 % of the aim is resized (area) to it, ``auto`` shrinking
-        by at most ``auto_min_scale``, and the probabilities are resized back (bilinear), as
-        OpenCV does there. The whole image goes through the network at once (no tiles)."""
+        by at most ``auto_min_scale`` and enlarging by at most ``AUTO_MAX_SCALE``, and the
+        probabilities are resized back (bilinear), as OpenCV does there. The whole image goes
+        through the network at once (no tiles)."""
         setting = self._seg.inference_scale
         if not self._trained_diameter or setting == "native":
             return self._probability(image)
@@ -243,7 +245,9 @@ class _Serving(tf.Module):
                                  tf.abs(diameter / aim - 1.0) > SCALE_TOLERANCE)
         scale = aim / tf.maximum(diameter, 1.0)
         if setting == "auto":
-            scale = tf.maximum(scale, tf.constant(self._seg.auto_min_scale, tf.float64))
+            scale = tf.minimum(tf.maximum(scale, tf.constant(self._seg.auto_min_scale,
+                                                             tf.float64)),
+                               tf.constant(AUTO_MAX_SCALE, tf.float64))
 
         def side(length):  # max(int(round(length * scale)), 1): round half to even, as Python
             return tf.maximum(tf.cast(tf.round(tf.cast(length, tf.float64) * scale), tf.int32),
@@ -593,8 +597,8 @@ def _recipe(seg: Segmenter) -> list[str]:
     setting = seg.inference_scale
     if d and setting != "native":
         aim = d * (setting if isinstance(setting, float) else 1.0)
-        factor = f"max({aim:g}/D, {seg.auto_min_scale:.4g})" if setting == "auto" else \
-            f"{aim:g}/D"
+        factor = (f"min(max({aim:g}/D, {seg.auto_min_scale:.4g}), {AUTO_MAX_SCALE:g})"
+                  if setting == "auto" else f"{aim:g}/D")
         steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
                      f"its diameter D (retina_tf.inference.fov_diameter: the horizontal extent, "
                      "the vertical one for a disc cut at its left or right, none for one cut on "

@@ -511,7 +511,8 @@ def define_eval_flags(d: _Definer) -> None:
     d.DEFINE_string("inference_scale", "auto",
                     "The size a photograph is segmented at, from its FOV diameter D and the "
                     "training images' T (run.json fov_diameter): auto: resized to T, shrinking "
-                    "by at most 3x (HRF's 3504x2336 at 1/3: thin vessels kept); training: "
+                    "by at most 3x (HRF's 3504x2336 at 1/3: thin vessels kept) and enlarging by "
+                    "at most 3x; training: "
                     "resized to T; native: as it is (large images in tiles); a factor f: "
                     "resized to f x T. Within 20 % of the aim a photograph stays as it is.")
     d.DEFINE_integer("tile_size", 0, "Whole-image inference in overlapping tiles of this side "
@@ -691,7 +692,14 @@ class Terminated(BaseException):
     temporary files removed) instead of dying where it stands."""
 
 
+_terminated = False  # a SIGTERM came: whatever error the unwinding meets, the command ends so
+
+
 def _raise_terminated(signum, frame) -> None:
+    global _terminated
+    if _terminated:  # a second one: the first was caught somewhere and did not end the command
+        os._exit(TERMINATED_EXIT)
+    _terminated = True
     raise Terminated()
 
 # What to do about an OSError, by errno (the message already names the file).
@@ -752,6 +760,11 @@ def report_errors(fv: flags.FlagValues = FLAGS):
         sys.stderr.write(f"{_prog()}: terminated\n")
         raise SystemExit(TERMINATED_EXIT) from None
     except Exception as err:  # noqa: BLE001  (sorted below; bugs are re-raised)
+        if _terminated:  # raised in library code mid-way, which then failed otherwise
+            if _verbose(fv):
+                traceback.print_exc()
+            sys.stderr.write(f"{_prog()}: terminated\n")
+            raise SystemExit(TERMINATED_EXIT) from None
         if isinstance(err, (flags.Error, app.UsageError)):
             lines, status = [_one_line(err), "--helpfull lists every flag"], USAGE_EXIT
         elif isinstance(err, RetinaTFError):

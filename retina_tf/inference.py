@@ -280,6 +280,9 @@ SCALE_TOLERANCE = 0.2
 # (x0.17), 0.743 at x0.33: further down thin vessels fall under a pixel and the probabilities,
 # enlarged 6x back, widen every vessel (docs/models.md).
 AUTO_MIN_SCALE = 1 / 3
+# ... and enlarges it by at most this much: a FOV estimated on something that is no fundus
+# photograph (a label map, a bright spot) would otherwise be blown up tens of times, for minutes.
+AUTO_MAX_SCALE = 3.0
 
 
 def parse_inference_scale(value: str | float) -> str | float:
@@ -308,7 +311,8 @@ def inference_factor(setting: str | float, diameter: float, trained: float | Non
     on FOVs ``trained`` px wide; 1.0: segmented as it is.
 
     ``training`` aims at the training diameter, a number ``f`` at ``f`` times it, ``auto`` at
-    the training diameter shrinking by at most ``auto_min_scale``; ``native`` never resizes,
+    the training diameter shrinking by at most ``auto_min_scale`` and enlarging by at most
+    :data:`AUTO_MAX_SCALE`; ``native`` never resizes,
     and neither does any setting when the FOV lies within :data:`SCALE_TOLERANCE` of its aim
     (or is unknown).
     """
@@ -319,7 +323,7 @@ def inference_factor(setting: str | float, diameter: float, trained: float | Non
     if abs(diameter / target - 1.0) <= SCALE_TOLERANCE:
         return 1.0
     factor = target / diameter
-    return max(factor, auto_min_scale) if setting == "auto" else factor
+    return min(max(factor, auto_min_scale), AUTO_MAX_SCALE) if setting == "auto" else factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -650,7 +654,8 @@ class Segmenter:
             aim, whose = trained * setting, f"{setting:g} x the training FOV of {trained:.0f} px"
         else:
             aim, whose = trained, "the training FOV"
-        floor = f", shrinking by x{self.auto_min_scale:.2f} at most" if setting == "auto" else ""
+        floor = (f", shrinking by x{self.auto_min_scale:.2f} and enlarging by "
+                 f"x{AUTO_MAX_SCALE:g} at most" if setting == "auto" else "")
         return (f"{name}: a photograph is resized to bring its FOV to {aim:.0f} px wide "
                 f"({whose}){floor}; one within {SCALE_TOLERANCE:.0%} of that is segmented "
                 "as it is")

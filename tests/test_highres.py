@@ -22,6 +22,7 @@ from retina_tf.evaluation import evaluate, predict
 from retina_tf.export import export_model
 from retina_tf.flags import parse_config
 from retina_tf.inference import (
+    AUTO_MAX_SCALE,
     AUTO_MIN_SCALE,
     TILE_MARGIN,
     Segmenter,
@@ -242,3 +243,9 @@ def test_the_fov_diameter_of_a_disc_cut_either_way_and_of_a_crop():
     for name, (mask, expected) in cases.items():
         assert fov_diameter(mask) == expected, name
         assert float(_fov_diameter(tf.constant(mask))) == expected, name  # the SavedModel's
+
+
+def test_auto_enlarges_by_three_at_most():
+    # a FOV "estimated" on a label map or a bright spot is no reason to blow the image up 11x
+    assert inference_factor("auto", 50, 540) == pytest.approx(AUTO_MAX_SCALE) == 3.0
+    assert inference_factor("training", 50, 540) == pytest.approx(540 / 50)
