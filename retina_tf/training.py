@@ -852,7 +852,10 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     run_info = {"model": cfg.model, "model_config": model.get_config(),
                 "parameters": int(model.count_params()), **job.run_info}
     atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-    atomic_write_text(run_dir / "flags.txt", to_flag_lines(cfg))
+    # --overwrite was this command's action, not a setting of the run: recorded, training again
+    # from flags.txt would wipe the finished run
+    atomic_write_text(run_dir / "flags.txt", to_flag_lines(dataclasses.replace(cfg,
+                                                                               overwrite=False)))
     job.preprocessor.save(run_dir / "preprocessor.json")
 
     state, minutes, best_path = fit_run(model, job.dataset, job.steps, job.pixels_per_step,

@@ -150,6 +150,11 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
     m = _metrics(run)
     assert m["epochs_run"] == 2 and "test_drive_test" not in m
+    # the run's flags.txt records its settings, not that action: training from it does nothing
+    stamp = (run / "model.keras").stat().st_mtime_ns
+    train(parse_config("train", [f"--flagfile={run / 'flags.txt'}"]))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
 
 
 def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, tmp_path):
