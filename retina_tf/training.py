@@ -908,9 +908,21 @@ def train(cfg: TrainConfig,
         cfg, strategy, run_dir, extra_callbacks or []))
 
 
+def _check_patch_fits(cfg: TrainConfig, sets) -> None:
+    """Refuses a patch larger than the smallest training image: the model could never
+    segment photographs of the training images' own size (it needs a patch's at least)."""
+    sizes = [(min(image.shape[:2]), name, image.shape[1], image.shape[0])
+             for s in sets if s is not None for name, image in zip(s.names, s.images)]
+    if sizes and cfg.patch_size > min(sizes)[0]:
+        side, name, w, h = min(sizes)
+        raise ConfigError(f"--patch_size={cfg.patch_size} is larger than the training image "
+                          f"{name} ({w}x{h}); give --patch_size={side} or less")
+
+
 def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_dir: Path,
                       extra_callbacks: list[keras.callbacks.Callback]) -> TrainingJob:
     train_set, val_set, pre = load_training_sets(cfg)
+    _check_patch_fits(cfg, [train_set, val_set])
     log.info(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
              f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
              f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}")

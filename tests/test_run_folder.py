@@ -172,6 +172,13 @@ def test_an_early_failure_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_patch_larger_than_the_images_is_refused_before_training(synthetic, tmp_path):
+    with pytest.raises(ConfigError, match=r"--patch_size=256 is larger than the training image "
+                                          r".*; give --patch_size=\d+ or less"):
+        train(tiny_flags(synthetic, tmp_path, "--patch_size=256"))
+    assert not list(tmp_path.rglob("model.keras"))
+
+
 def test_run_json_records_what_was_read(synthetic, tmp_path):
     run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
     data = json.loads((run / "run.json").read_text())["data"]
