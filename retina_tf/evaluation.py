@@ -831,7 +831,7 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
                out.save_png(f"{base}_mask.png", visualize.mask_image(mask[..., -1]))]
     if seg.task == "av":
-        written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob)))
+        written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob, threshold)))
         written += [out.save_png(base + suffix, visualize.probability_image(prob[..., i]))
                     for i, suffix in enumerate(AV_CLASS_FILES)]
     shown = ["prob", "mask"]

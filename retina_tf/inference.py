@@ -449,6 +449,10 @@ class Segmenter:
         self.tta = bool(tta)
         self.tta_transpose = bool(tta_transpose)
         self.av_vote = bool(av_vote)
+        classes = self.run_info.get("num_classes") or getattr(model, "num_classes", None)
+        if self.av_vote and classes not in (None, 3):
+            raise ConfigError(f"--av_vote is for artery/vein models; this one segments "
+                              f"{classes} class(es): leave --av_vote out")
         if av_link < 0:
             raise ValueError(f"av_link must be >= 0, got {av_link}")
         self.av_link = float(av_link)
@@ -541,7 +545,7 @@ class Segmenter:
             if prob.shape[-1] != 3:
                 raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
                                  f"{prob.shape[-1]} channel(s)")
-            prob = vote_av_segments(prob, link=self.av_link)
+            prob = vote_av_segments(prob, threshold=self.threshold, link=self.av_link)
         return prob
 
     def _view_probability(self, x: np.ndarray, flip: tuple, transpose: bool) -> np.ndarray:

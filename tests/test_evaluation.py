@@ -312,3 +312,21 @@ def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "out.png").write_bytes(b"")
     with pytest.raises(ConfigError, match="out.png is a file, not a folder"):
         OutputFolder(tmp_path / "out.png")
+
+
+def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp_path):
+    from retina_tf.config import PredictConfig
+    from retina_tf.data.io import read_mask
+    from retina_tf.evaluation import predict
+    out = tmp_path / "out"
+    photo = shared_data / "RITE/test/images/01_test.tif"
+    predict(PredictConfig(model="ripav_rite", input=str(photo), output_dir=str(out),
+                          threshold=0.3))
+    mask = read_mask(out / "01_test_mask.png")
+    coloured = read_image(out / "01_test_av.png").any(axis=-1)
+    np.testing.assert_array_equal(coloured, mask)  # arteries and veins exactly on the mask
+
+
+def test_the_av_vote_of_a_vessel_model_is_refused_before_segmenting():
+    with pytest.raises(ConfigError, match="--av_vote is for artery/vein models"):
+        Segmenter.from_pretrained("vessel_general", av_vote=True)
