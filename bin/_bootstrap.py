@@ -9,4 +9,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import retina_tf  # noqa: E402, F401  (after the path is set)
+try:
+    import retina_tf  # noqa: E402, F401  (after the path is set)
+except KeyboardInterrupt:  # Ctrl-C while TensorFlow loads: one line, as later on
+    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: interrupted\n")
+    sys.exit(130)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -356,3 +358,14 @@ def test_a_forked_command_reads_as_a_fresh_interpreter_does(tmp_path):
     assert fresh.stderr.startswith("predict.py: error: ") and str(tmp_path) in fresh.stderr
     help_text = commands.script("predict.py", "--help")
     assert help_text.returncode == 0 and "--threshold" in help_text.stdout
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_line():
+    # a fresh interpreter: the import of TensorFlow takes seconds, the interrupt comes within it
+    proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "predict.py"), "--help"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("predict.py: interrupted"), err[-2000:]
+    assert "Traceback" not in err
