@@ -141,7 +141,9 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     rows = [_row(run, task) for run in runs]
     table = markdown_table(rows, task)
     log.info("\n" + table)
-    panels += [(_panel_title(run, task), run.picture) for run in runs]
+    names_shown = _short_labels([run.label for run in runs])
+    panels += [(_panel_title(run, shown, task), run.picture)
+               for run, shown in zip(runs, names_shown)]
     height = min(PANEL_HEIGHT, panels[0][1].shape[0])
     figure = visualize.with_caption(visualize.titled_panels(panels, height),
                                     _caption(names[chosen], dataset, cfg.eval_split, task),
@@ -190,8 +192,15 @@ def _truth(target: np.ndarray, data, task: str) -> np.ndarray:
     return visualize.vessel_overlay(data.image, target[..., -1].astype(np.float32))
 
 
-def _panel_title(run: _Run, task: str) -> str:
-    title = f"{run.label}  F1 {run.image_f1:.4f}"
+def _short_labels(labels: list[str]) -> list[str]:
+    """The runs as a panel title has room for: a run folder given as a path by its own name
+    (``logs/unet_drive_fast`` -> ``unet_drive_fast``), unless two would then read alike."""
+    short = [Path(label).name or label for label in labels]
+    return short if len(set(short)) == len(short) else list(labels)
+
+
+def _panel_title(run: _Run, shown: str, task: str) -> str:
+    title = f"{shown}  F1 {run.image_f1:.4f}"
     return title + (f"  A/V {run.image_av_acc:.4f}" if task == "av" else "")
 
 

@@ -200,3 +200,11 @@ def test_shipped_drive_model_per_image_on_two_real_images(shared_data, tmp_path)
     overlay = read_image(out / "01_test_overlay.png").astype(int)
     gray = (overlay[..., 0] == overlay[..., 1]) & (overlay[..., 1] == overlay[..., 2])
     assert gray.mean() > 0.8 and np.median(overlay[gray]) > 60
+
+
+def test_runs_given_as_paths_are_titled_by_their_folder_names():
+    from retina_tf.compare import _short_labels
+    assert _short_labels(["logs/unet_drive_fast", "unet_drive"]) == ["unet_drive_fast",
+                                                                     "unet_drive"]
+    # two folders of one name keep their paths
+    assert _short_labels(["a/run", "b/run"]) == ["a/run", "b/run"]
