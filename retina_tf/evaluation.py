@@ -395,9 +395,10 @@ def threshold_line(choice: dict[str, Any]) -> str:
     info = choice["threshold_from"]
     n = len(info["images"])
     if "kept_0_5" in info:
+        best = ("0.5 is the best there" if info["best"] == 0.5 else
+                f"the best, {info['best']:g}, gains less than {MIN_THRESHOLD_GAIN:g}")
         return (f"threshold 0.5 kept (F1 {info['f1_at_0.5']:.3f} on the {n} held-out "
-                f"image{'' if n == 1 else 's'}; the best, {info['best']:g}, gains less than "
-                f"{MIN_THRESHOLD_GAIN:g})")
+                f"image{'' if n == 1 else 's'}; {best})")
     return (f"threshold {choice['threshold']:g} (F1 {info['f1']:.3f} on the {n} held-out "
             f"image{'' if n == 1 else 's'}; {info['f1_at_0.5']:.3f} at 0.5)")
 

@@ -67,7 +67,9 @@ def test_a_gain_within_the_noise_keeps_one_half():
 
 def test_equal_f1_prefers_the_threshold_nearest_one_half():
     scores = np.array([0.8] * 10 + [0.2] * 90, np.float32)  # any t in (0.2, 0.8] is perfect
-    assert threshold_choice(scores, np.arange(100) < 10, ["x"])["threshold"] == 0.5
+    choice = threshold_choice(scores, np.arange(100) < 10, ["x"])
+    assert choice["threshold"] == 0.5
+    assert threshold_line(choice).endswith("; 0.5 is the best there)")
 
 
 def test_the_sweep_counts_exactly_as_the_confusion_matrix():
