@@ -381,8 +381,13 @@ class RunBackup(keras.callbacks.Callback):
         self._elapsed_before = self.state.elapsed_seconds
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            self.state.history.setdefault(key, []).append(_json_safe(float(value)))
+        logs = logs or {}
+        # one entry per epoch in every list, None where an epoch has no such value (validation
+        # every --validate_every epochs): entry i is always epoch i + 1
+        for key in self.state.history.keys() | logs.keys():
+            values = self.state.history.setdefault(key, [])
+            values.extend([None] * (epoch - len(values)))
+            values.append(_json_safe(float(logs[key])) if key in logs else None)
         self.state.epoch = epoch + 1
         self.state.elapsed_seconds = self._elapsed_before + time.monotonic() - self._start
         self.state.stopped = bool(self.model.stop_training)

@@ -179,6 +179,14 @@ def test_a_patch_larger_than_the_images_is_refused_before_training(synthetic, tm
     assert not list(tmp_path.rglob("model.keras"))
 
 
+def test_the_history_has_one_entry_per_epoch_with_validation_every_other(synthetic, tmp_path):
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=2"))
+    history = _metrics(run)["history"]
+    assert len(history["loss"]) == 3
+    assert history["val_f1"][0] is None and history["val_f1"][2] is None
+    assert 0 <= history["val_f1"][1] <= 1  # validated after epoch 2 only
+
+
 def test_run_json_records_what_was_read(synthetic, tmp_path):
     run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
     data = json.loads((run / "run.json").read_text())["data"]
