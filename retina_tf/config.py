@@ -330,42 +330,48 @@ class ExportConfig(_Checked):
 # --- what a field may hold ------------------------------------------------------------------
 
 _Rule = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(low: int, note: str = "") -> _Rule:
+    return (lambda v: v >= low, f"must be >= {low}" + (f" ({note})" if note else ""))
+
+
 # A field's rule, (ok, what it must be); checked when a config is made and registered as the
 # validator of the flag of the same name (:mod:`retina_tf.flags`), on the converted value.
 RULES: dict[str, _Rule] = {
     "preprocess": (lambda v: all(s in STEPS + ("none",) for s in v),
                    f"steps must be among {', '.join(STEPS)}, or 'none', or True / False "
                    "(all or none)"),
-    "seed": (lambda v: v >= 0, "must be >= 0"),
-    "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "epochs": (lambda v: v >= 1, "must be >= 1 (0 would save an untrained model)"),
-    "max_iters": (lambda v: v >= 0, "must be >= 0 (0 = train --epochs epochs)"),
-    "steps_per_epoch": (lambda v: v >= 0, "must be >= 0 (0 = from --patches_per_epoch)"),
-    "patches_per_epoch": (lambda v: v >= 1, "must be >= 1"),
-    "time_budget_minutes": (lambda v: v >= 0, "must be >= 0 (0 = no limit)"),
+    "seed": _at_least(0),
+    "batch_size": _at_least(1),
+    "epochs": _at_least(1, "0 would save an untrained model"),
+    "max_iters": _at_least(0, "0 = train --epochs epochs"),
+    "steps_per_epoch": _at_least(0, "0 = from --patches_per_epoch"),
+    "patches_per_epoch": _at_least(1),
+    "time_budget_minutes": _at_least(0, "0 = no limit"),
     "learning_rate": (lambda v: 0.0 < v < math.inf, "must be > 0"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": _at_least(0),
     "ema_momentum": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = off)"),
-    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
-    "logical_cpus": (lambda v: v >= 0, "must be >= 0 (0 = leave as is)"),
-    "rotate_degrees": (lambda v: v >= 0, "must be >= 0 (degrees)"),
-    "brightness": (lambda v: v >= 0, "must be >= 0"),
-    "contrast": (lambda v: v >= 0, "must be >= 0"),
-    "gamma_jitter": (lambda v: v >= 0, "must be >= 0"),
-    "patch_size": (lambda v: v >= 1, "must be >= 1 (pixels)"),
+    "warmup_steps": _at_least(0),
+    "logical_cpus": _at_least(0, "0 = leave as is"),
+    "rotate_degrees": _at_least(0, "degrees"),
+    "brightness": _at_least(0),
+    "contrast": _at_least(0),
+    "gamma_jitter": _at_least(0),
+    "patch_size": _at_least(1, "pixels"),
     "mixed_patch_sizes": (lambda v: all(x > 0 for x in v), "must be positive integers"),
     "scale_range": (lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1] < math.inf),
                     "must be two positive factors LO,HI with LO <= HI (e.g. 0.6,1.6)"),
-    "camera_variants": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "camera_variants": _at_least(0, "0 = off"),
     "vessel_probability": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "val_images": (lambda v: v >= 0, "must be >= 0 (0 = no validation images)"),
+    "val_images": _at_least(0, "0 = no validation images"),
     "pos_weight": (lambda v: 0.0 < v < math.inf, "must be > 0"),
-    "validate_every": (lambda v: v >= 1, "must be >= 1 (epochs)"),
-    "image_summary_every": (lambda v: v >= 0, "must be >= 0 (0 = never)"),
-    "freeze_encoder_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "validate_every": _at_least(1, "epochs"),
+    "image_summary_every": _at_least(0, "0 = never"),
+    "freeze_encoder_epochs": _at_least(0),
     "mask_ratio": (lambda v: 0.0 < v < 1.0, "must be between 0 and 1, both excluded"),
-    "stride": (lambda v: v >= 1, "must be >= 1 (pixels)"),
-    "window": (lambda v: v >= 0, "must be >= 0 (0 = the training patch size)"),
+    "stride": _at_least(1, "pixels"),
+    "window": _at_least(0, "0 = the training patch size"),
     "av_link": (lambda v: 0.0 <= v < math.inf, "must be >= 0"),
     "threshold": (lambda v: 0.0 < v < 1.0,
                   "must be between 0 and 1, both excluded (a probability threshold)"),
@@ -379,8 +385,8 @@ RULES: dict[str, _Rule] = {
                    and all(p.strip().isdigit() and int(p) > 0 for p in v.lower().split("x")),
                    "must be HEIGHTxWIDTH in pixels, e.g. 592x576"),
     "rip_sizes": (lambda v: len(v) > 0 and all(x > 0 for x in v), "must be positive integers"),
-    "rip_out_size": (lambda v: v >= 1, "must be >= 1 (pixels)"),
-    "rip_per_class": (lambda v: v >= 1, "must be >= 1"),
+    "rip_out_size": _at_least(1, "pixels"),
+    "rip_per_class": _at_least(1),
     "rip_min_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "rip_absent_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
 }
