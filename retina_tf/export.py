@@ -789,8 +789,11 @@ def export_model(cfg: ExportConfig) -> Path:
         return _description(seg, cfg.format, threshold, model)
 
     _write_folder(out, cfg.overwrite, fill)
-    log.info(f"exported {seg.run_dir} -> {out} ({cfg.format}; {EXPORT_JSON} and {README} "
-             "describe the inputs, outputs and preprocessing)")
+    log.info(f"exported {seg.run_dir} -> {out} " + (
+        "(keras: a run folder; load it with retina_tf.Segmenter.from_run, or --model)"
+        if cfg.format == "keras" else
+        f"({cfg.format}; {EXPORT_JSON} and {README} describe the inputs, outputs and "
+        "preprocessing)"))
     note = _note_paragraph(seg, cfg.format)
     if note:
         log.info(note)
