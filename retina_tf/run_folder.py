@@ -382,11 +382,13 @@ class RunBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        # one entry per epoch in every list, None where an epoch has no such value (validation
-        # every --validate_every epochs): entry i is always epoch i + 1
+        # one entry per recorded epoch in every list, None where an epoch has no such value
+        # (validation every --validate_every epochs), so that the lists line up (a worker that
+        # joins a resumed run records from there on)
+        recorded = max((len(v) for v in self.state.history.values()), default=0)
         for key in self.state.history.keys() | logs.keys():
             values = self.state.history.setdefault(key, [])
-            values.extend([None] * (epoch - len(values)))
+            values.extend([None] * (recorded - len(values)))
             values.append(_json_safe(float(logs[key])) if key in logs else None)
         self.state.epoch = epoch + 1
         self.state.elapsed_seconds = self._elapsed_before + time.monotonic() - self._start

@@ -362,8 +362,11 @@ def test_a_forked_command_reads_as_a_fresh_interpreter_does(tmp_path):
 
 def test_ctrl_c_while_tensorflow_loads_is_one_line():
     # a fresh interpreter: the import of TensorFlow takes seconds, the interrupt comes within it
+    # as from a terminal: SIGINT not ignored (a pytest-xdist worker ignores it, and so would
+    # its children)
     proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "predict.py"), "--help"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
