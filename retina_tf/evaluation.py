@@ -41,7 +41,6 @@ from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
     Segmenter,
-    check_threshold,
     resolve_threshold,
 )
 from retina_tf.losses import vessel_width_map
@@ -487,13 +486,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     others need ``--overwrite`` (see :class:`OutputFolder`).
 
     Raises:
-        ConfigError: a bad --threshold, or an output that would replace a file retina_tf did
-            not write.
+        ConfigError: an output that would replace a file retina_tf did not write (a bad
+            --threshold the config itself refuses).
         DatasetError: a missing or bad test image, label or mask, or an image too small.
         ModelFileError: the model cannot be loaded.
     """
-    if cfg.threshold is not None:
-        check_threshold(cfg.threshold)  # before the model loads
     seg = load_segmenter(cfg)
     cfg = _with_the_runs_data(cfg, seg.run_dir)
     samples = _test_samples(cfg)
@@ -886,8 +883,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     ``--overwrite``, and retina_tf's own outputs in ``--input`` are never taken for images.
 
     Raises:
-        ConfigError: missing --input / --output_dir, a bad --threshold, or an output that would
-            replace a file retina_tf did not write.
+        ConfigError: missing --input / --output_dir, or an output that would replace a file
+            retina_tf did not write (a bad --threshold the config itself refuses).
         DatasetError: the input is missing, yields no image, or its one image is bad.
         ModelFileError: the model cannot be loaded.
         RetinaTFError: some images of a folder failed (the others were written).
@@ -895,8 +892,6 @@ def predict(cfg: PredictConfig) -> list[Path]:
     if not cfg.input or not cfg.output_dir:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
-    if cfg.threshold is not None:
-        check_threshold(cfg.threshold)  # before the model loads
     inputs = list_inputs(Path(cfg.input))
     fov_source = _fov_source(cfg.fov)
     seg = load_segmenter(cfg)

@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from retina_tf.config import ExportConfig
+from retina_tf.config import CHOICES, ExportConfig
 from retina_tf.data.io import fsync_dir
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
@@ -52,7 +52,6 @@ from retina_tf.inference import (
     AUTO_MAX_SCALE,
     SCALE_TOLERANCE,
     Segmenter,
-    check_threshold,
     export_run,
     logits_to_probability,
     model_logits,
@@ -67,7 +66,7 @@ __all__ = ["FORMATS", "export_model", "export_saved_model", "export_onnx", "expo
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("keras", "saved_model", "onnx", "tflite")
+FORMATS = CHOICES["format"]
 EXPORT_JSON = "export.json"
 README = "README.txt"
 ONNX_FILE = "model.onnx"
@@ -737,8 +736,9 @@ def export_model(cfg: ExportConfig) -> Path:
     must add.
 
     Raises:
-        ConfigError: a missing --run or --out, an unknown format, a bad --input_size or
-            --threshold, or an existing --out without --overwrite.
+        ConfigError: a missing --run or --out, an option of another format, a --out that is
+            the run or exists without --overwrite (a bad --format, --input_size or --threshold
+            the config itself refuses).
         ModelFileError: the run cannot be loaded, or the network cannot be converted.
         OutputError: the folder cannot be written.
     """
@@ -748,10 +748,6 @@ def export_model(cfg: ExportConfig) -> Path:
                           "required: export_model writes the run --run (a run folder or a "
                           "shipped model name) to the folder --out, e.g. --run=unet_drive "
                           "--format=saved_model --out=exports/unet_drive/1")
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"--format={cfg.format}: choose one of {', '.join(FORMATS)}")
-    if cfg.threshold is not None:
-        check_threshold(cfg.threshold)
     # "auto" (the flag's default) exports float32: the deployer's hardware is not this one
     precision = "float32" if cfg.precision == "auto" else cfg.precision
     if precision != "float32" and cfg.format != "saved_model":

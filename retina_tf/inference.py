@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.config import InferenceConfig, from_flag_lines
+from retina_tf.config import CHOICES, InferenceConfig, from_flag_lines
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
@@ -197,7 +197,7 @@ def logits_to_probability(logits: tf.Tensor) -> tf.Tensor:
     return tf.sigmoid(tf.cast(logits, tf.float32))
 
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = CHOICES["precision"]
 # /proc/cpuinfo flags of the CPUs whose oneDNN kernels compute bfloat16 natively; "auto" uses
 # bfloat16 only there, where U-Nets measured 1.6-2x faster at the same DRIVE F1
 # (docs/results/speed.md#bfloat16).

@@ -41,10 +41,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from retina_tf.config import CHOICES
 from retina_tf.data.io import DatasetError, PathLike
 
 DATASETS = ("drive", "chase_db1", "stare", "hrf", "rite", "les_av", "hrf_av", "synthetic")
-SPLITS = ("training", "test", "all")
+SPLITS = CHOICES["eval_split"]
 
 _OFFICIAL_NAMES = {"drive": "DRIVE", "chase_db1": "CHASE_DB1", "stare": "STARE", "hrf": "HRF",
                    "rite": "RITE", "les_av": "LES-AV", "hrf_av": "HRF-AV",

@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from retina_tf.config import CHOICES
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
 from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError
 
-TASKS = ("vessel", "av")
+TASKS = CHOICES["task"]
 
 
 def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
