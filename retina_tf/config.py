@@ -329,6 +329,37 @@ class ExportConfig(_Checked):
 
 # --- what a field may hold ------------------------------------------------------------------
 
+INFERENCE_SCALES = ("auto", "training", "native")
+
+
+def parse_inference_scale(value: str | float) -> str | float:
+    """``--inference_scale`` checked: "auto", "training", "native" or a positive factor.
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    text = str(value).strip().lower()
+    if text in INFERENCE_SCALES:
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = float("nan")
+    if not 0.0 < factor < float("inf"):
+        raise ConfigError(f"--inference_scale={value}: give auto, training, native or a "
+                          "positive factor (2: the FOV segmented at twice the training FOV "
+                          "diameter)")
+    return factor
+
+
+def _is_inference_scale(value: str) -> bool:
+    try:
+        parse_inference_scale(value)
+    except ConfigError:
+        return False
+    return True
+
+
 _Rule = tuple[Callable[[Any], bool], str]
 
 
@@ -375,8 +406,7 @@ RULES: dict[str, _Rule] = {
     "av_link": (lambda v: 0.0 <= v < math.inf, "must be >= 0"),
     "threshold": (lambda v: 0.0 < v < 1.0,
                   "must be between 0 and 1, both excluded (a probability threshold)"),
-    "inference_scale": (lambda v: v.strip().lower() in ("auto", "training", "native")
-                        or _is_positive_factor(v),
+    "inference_scale": (_is_inference_scale,
                         "must be auto, training, native or a positive factor"),
     "tile_size": (lambda v: v == 0 or v > 128,
                   "must be 0 (automatic) or over 128 (pixels: two margins of 64 px of context)"),
@@ -406,13 +436,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # A label file and a dataset both say which images to use; with both, one would silently win.
 SOURCES = (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
             ("test_label_file_path", "dataset"), ("test_label_file_path", "data_dir"))
-
-
-def _is_positive_factor(text: str) -> bool:
-    try:
-        return 0.0 < float(text) < math.inf
-    except ValueError:
-        return False
 
 
 def _check_sources(cfg: Any) -> None:

@@ -24,7 +24,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.config import CHOICES, InferenceConfig, from_flag_lines
+from retina_tf.config import (
+    CHOICES,
+    InferenceConfig,
+    from_flag_lines,
+    parse_inference_scale,
+)
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
@@ -272,7 +277,6 @@ def model_logits(outputs) -> tf.Tensor:
 
 # --- the inference scale of a photograph -------------------------------------------------------
 
-INFERENCE_SCALES = ("auto", "training", "native")
 # A FOV within this share of the diameter aimed at is segmented as it is.
 SCALE_TOLERANCE = 0.2
 # --inference_scale=auto shrinks a photograph by at most this much (run.json "auto_min_scale"
@@ -283,26 +287,6 @@ AUTO_MIN_SCALE = 1 / 3
 # ... and enlarges it by at most this much: a FOV estimated on something that is no fundus
 # photograph (a label map, a bright spot) would otherwise be blown up tens of times, for minutes.
 AUTO_MAX_SCALE = 3.0
-
-
-def parse_inference_scale(value: str | float) -> str | float:
-    """``--inference_scale`` checked: "auto", "training", "native" or a positive factor.
-
-    Raises:
-        ConfigError: for anything else.
-    """
-    text = str(value).strip().lower()
-    if text in INFERENCE_SCALES:
-        return text
-    try:
-        factor = float(text)
-    except ValueError:
-        factor = float("nan")
-    if not 0.0 < factor < float("inf"):
-        raise ConfigError(f"--inference_scale={value}: give auto, training, native or a "
-                          "positive factor (2: the FOV segmented at twice the training FOV "
-                          "diameter)")
-    return factor
 
 
 def inference_factor(setting: str | float, diameter: float, trained: float | None,
@@ -421,7 +405,7 @@ class Segmenter:
                  av_link: float = 1.0, tta_transpose: bool = False,
                  inference_scale: str | float = "auto", tile_size: int = 0,
                  precision: str = "float32"):
-        if inference not in ("auto", "whole", "sliding"):
+        if inference not in CHOICES["inference"]:
             raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
         if inference == "auto":
             inference = "whole" if fully_convolutional else "sliding"

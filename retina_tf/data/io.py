@@ -481,9 +481,10 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
     else:
         fov = estimate_fov(image)
         fov_estimated = True
-    if sample.label is not None and fov.any() and vessel[fov].mean() > MAX_VESSEL_SHARE:
-        raise DatasetError(f"{sample.label}: marks {vessel[fov].mean():.0%} of the field of view "
-                           "as vessel: vessels must be the brighter of its two levels (white on "
-                           "black); invert the label")
+    share = vessel[fov].mean() if sample.label is not None and fov.any() else 0.0
+    if share > MAX_VESSEL_SHARE:
+        raise DatasetError(f"{sample.label}: marks {share:.0%} of the field of view as vessel: "
+                           "vessels must be the brighter of its two levels (white on black); "
+                           "invert the label")
     return SampleData(name=sample.name, image=image, vessel=vessel, fov=fov, av=av,
                       fov_estimated=fov_estimated)
