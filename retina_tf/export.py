@@ -774,7 +774,7 @@ def export_model(cfg: ExportConfig) -> Path:
 
     def fill(folder: Path) -> dict:
         if cfg.format == "keras":
-            export_run(run_dir, folder)
+            export_run(run_dir, folder, seg.model)  # float32: the loaded network
             model = {"files": sorted(p.name for p in folder.iterdir())}
         elif cfg.format == "saved_model":
             model = {"signatures": export_saved_model(seg, folder, threshold)}

@@ -785,11 +785,14 @@ def atomic_save_model(model: keras.Model, path: Path) -> None:
     save_model_file(model, Path(path))
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               model: keras.Model | None = None) -> Path:
     """Copies what inference needs from a run folder, without optimizer state (3x smaller):
-    ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt``, ``metrics.json``."""
+    ``model.keras``, ``preprocessor.json``, ``run.json``, ``flags.txt``, ``metrics.json``.
+    ``model``: the run's network when already loaded (else ``model.keras`` is read)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model = load_keras_model(run_dir / "model.keras")
+    if model is None:
+        model = load_keras_model(run_dir / "model.keras")
     bare = model.__class__.from_config(model.get_config())
     bare.set_weights(model.get_weights())
     atomic_save_model(bare, out_dir / "model.keras")
