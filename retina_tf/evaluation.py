@@ -486,8 +486,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     others need ``--overwrite`` (see :class:`OutputFolder`).
 
     Raises:
-        ConfigError: an output that would replace a file retina_tf did not write (a bad
-            --threshold the config itself refuses).
+        ConfigError: an output that would replace a file retina_tf did not write; --task=av
+            with a vessel model (a bad --threshold the config itself refuses).
         DatasetError: a missing or bad test image, label or mask, or an image too small.
         ModelFileError: the model cannot be loaded.
     """
@@ -504,8 +504,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     # The default folders are retina_tf's own; a --output_dir may hold the user's files.
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     task = seg.task
-    vessel_channel_only = task == "av" and any(s.av is None for s in samples)
-    if vessel_channel_only:  # an A/V model on a set with vessel labels only
+    if cfg.task == "av" and task != "av":
+        raise ConfigError(f"--task=av: {seg.run_dir.name} segments vessels only; give an "
+                          "artery/vein model (e.g. --model=ripav_rite) or leave --task out")
+    no_av_labels = any(s.av is None for s in samples)
+    vessel_channel_only = task == "av" and (cfg.task == "vessel" or no_av_labels)
+    if vessel_channel_only:  # an A/V model asked for, or with labels for, vessels only
         task = "vessel"
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
     sheet_rows: list = []
@@ -514,8 +518,8 @@ def evaluate(cfg: EvalConfig) -> dict:
              f"{_vote_words(seg)}; counting "
              f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
     if vessel_channel_only:
-        log.info(f"{name} has no artery/vein labels: the vessel map of {seg.run_dir.name} is "
-                 "scored")
+        why = f"{name} has no artery/vein labels" if no_av_labels else "--task=vessel"
+        log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
     _warn(_trained_on_warning(seg, samples))
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())

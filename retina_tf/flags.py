@@ -349,7 +349,9 @@ def define_data_flags(d: _Definer) -> None:
     d.DEFINE_string("test_label_file_path", None,
                         "Label file of the test split for evaluation (default: test.txt beside "
                         "--label_file_path).")
-    d.DEFINE_enum("task", "vessel", list(CHOICES["task"]), "Vessel or artery/vein segmentation.")
+    d.DEFINE_enum("task", "vessel", list(CHOICES["task"]), "Vessel or artery/vein segmentation; "
+                  "not given: the model's own task (rip_av: av). evaluate --task=vessel scores an "
+                  "A/V model's vessel map alone.")
     d.DEFINE_list("preprocess", list(STEPS),
                       f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'; "
                       "True / False (WILeroy/retina_unet's switch; also true, false, 1, 0): "

@@ -330,3 +330,15 @@ def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp
 def test_the_av_vote_of_a_vessel_model_is_refused_before_segmenting():
     with pytest.raises(ConfigError, match="--av_vote is for artery/vein models"):
         Segmenter.from_pretrained("vessel_general", av_vote=True)
+
+
+def test_task_av_needs_an_av_model_and_task_vessel_scores_its_vessel_map(shared_data, tmp_path):
+    lesav = dict(dataset="les_av", data_dir=str(shared_data / "samples/LES-AV"), eval_split="all")
+    with pytest.raises(ConfigError, match="--task=av: vessel_general segments vessels only"):
+        evaluate(EvalConfig(model="vessel_general", task="av", output_dir=str(tmp_path / "a"),
+                            **lesav))
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "v"  # LES-AV has A/V labels: without --task, A/V figures too
+    evaluate(EvalConfig(model="ripav_rite", task="vessel", output_dir=str(out), **lesav))
+    header = (out / "per_image.csv").read_text().splitlines()[0].split(",")
+    assert "f1" in header and not [c for c in header if c.startswith("av_")]
