@@ -1,6 +1,6 @@
 """Lets `python bin/<script>.py` run from a clone without installing the package; importing
-retina_tf from here also keeps TensorFlow's start-up chatter off the terminal
-(retina_tf/_startup.py)."""
+retina_tf from here also keeps TensorFlow's start-up chatter off the terminal and makes Ctrl-C
+while it loads one line (retina_tf/_startup.py)."""
 
 import os
 import sys
@@ -9,8 +9,4 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-try:
-    import retina_tf  # noqa: E402, F401  (after the path is set)
-except KeyboardInterrupt:  # Ctrl-C while TensorFlow loads: one line, as later on
-    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: interrupted\n")
-    sys.exit(130)
+import retina_tf  # noqa: E402, F401  (after the path is set)

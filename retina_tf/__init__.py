@@ -36,6 +36,7 @@ from retina_tf.pretraining import pretrain_mae, pretrain_rip
 from retina_tf.training import WarmupDecay, train
 
 load_all()
+_startup.loaded()
 
 __all__ = ["ConfigError", "DataConfig", "DatasetError", "ErrorMapConfig", "EvalConfig",
            "InferenceConfig", "MAEConfig", "ModelFileError", "OutputError", "PredictConfig",

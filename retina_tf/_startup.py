@@ -10,8 +10,10 @@ oneDNN stays on (turning it off halves CPU inference speed). ``--verbose`` shows
 Imported as a library, retina_tf leaves TensorFlow's output alone.
 """
 
+import contextlib
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -54,14 +56,15 @@ def start_tensorflow_quietly() -> None:
         try:
             import tensorflow as tf  # here, under the filter
             tf.config.list_physical_devices()  # the CUDA probe logs here
-        finally:
+        finally:  # also when the import fails or is interrupted: its own lines are passed on
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
             text = held.read().decode(errors="replace")
-    kept = [line for line in text.splitlines() if line.strip() and not _NOISE.match(line)]
-    if kept:
-        sys.stderr.write("\n".join(kept) + "\n")
+            kept = [line for line in text.splitlines()
+                    if line.strip() and not _NOISE.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
 
 
 def start_command(argv: list[str]) -> None:
@@ -72,6 +75,32 @@ def start_command(argv: list[str]) -> None:
         start_tensorflow_quietly()
 
 
+_sigint_before = None
+
+
+def _interrupted_while_loading(signum, frame) -> None:
+    prog = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-m", "-c") else "retina_tf"
+    sys.stderr.write(f"{os.path.basename(prog)}: interrupted\n")
+    raise SystemExit(130)  # as retina_tf.flags.report_errors does once the command runs
+
+
 def quiet_start_for_commands() -> None:
-    if _is_command() and "tensorflow" not in sys.modules:
+    """For a command: TensorFlow started quietly, and Ctrl-C while retina_tf loads (seconds,
+    most of it TensorFlow's import) exits 130 in one line instead of a traceback from the
+    import, until :func:`loaded`. A SIGINT the shell ignores (a background job) stays ignored."""
+    global _sigint_before
+    if not _is_command():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+            _sigint_before = signal.signal(signal.SIGINT, _interrupted_while_loading)
+    if "tensorflow" not in sys.modules:
         start_command(sys.argv)
+
+
+def loaded() -> None:
+    """The end of retina_tf's import: Ctrl-C raises KeyboardInterrupt again."""
+    global _sigint_before
+    if _sigint_before is not None:
+        signal.signal(signal.SIGINT, _sigint_before)
+        _sigint_before = None
