@@ -184,6 +184,11 @@ def _with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
     else:
         return cfg
     log.info(f"no data given: using {run_dir.name}'s own ({where}, the {cfg.eval_split} split)")
+    path = Path(trained.label_file_path or trained.data_dir)
+    if not path.is_absolute() and not path.exists():
+        flag = "--label_file_path" if trained.label_file_path else "--data_dir"
+        raise DatasetError(f"{path} (the run's, relative to the folder it was trained from) is "
+                           f"not in {Path.cwd()}: run from that folder or give {flag}")
     return cfg
 
 

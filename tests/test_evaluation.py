@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,8 @@ def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_
     assert mw["n_pixels"] == 2 * 96 * 96 > m["n_pixels"]
 
 
-def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp_path, caplog):
+def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp_path, caplog,
+                                                                     monkeypatch):
     data, run = trained
     given = evaluate(EvalConfig(model=str(run), dataset="synthetic", data_dir=str(data),
                                 output_dir=str(tmp_path / "given")))
@@ -122,6 +124,18 @@ def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp
     assert own["images"] == given["images"] == 2 and own["metrics"] == given["metrics"]
     with pytest.raises(ConfigError, match="no images to use"):  # half a source is not completed
         evaluate(EvalConfig(model=str(run), dataset="synthetic", output_dir=str(tmp_path / "x")))
+    # trained with a relative --data_dir, evaluated from another folder: named, not "missing"
+    moved = tmp_path / "logs" / "moved"
+    shutil.copytree(run, moved)
+    flags_txt = moved / "flags.txt"
+    flags_txt.write_text(flags_txt.read_text().replace(f"--data_dir={data}", "--data_dir=syn"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=rf"syn \(the run's, relative to the folder it was "
+                                           rf"trained from\) is not in .*: run from that folder "
+                                           rf"or give --data_dir"):
+        evaluate(EvalConfig(model=str(moved), output_dir=str(tmp_path / "y")))
+    shutil.copytree(data, tmp_path / "syn")  # from the folder it was trained from: found
+    assert evaluate(EvalConfig(model=str(moved), output_dir=str(tmp_path / "z")))["images"] == 2
 
 
 def test_predict_writes_probability_and_mask_of_the_input_size(trained, tmp_path):
