@@ -130,9 +130,9 @@ def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp
     flags_txt = moved / "flags.txt"
     flags_txt.write_text(flags_txt.read_text().replace(f"--data_dir={data}", "--data_dir=syn"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DatasetError, match=rf"syn \(the run's, relative to the folder it was "
-                                           rf"trained from\) is not in .*: run from that folder "
-                                           rf"or give --data_dir"):
+    with pytest.raises(DatasetError, match=r"syn \(the run's, relative to the folder it was "
+                                           r"trained from\) is not in .*: run from that folder "
+                                           r"or give --data_dir"):
         evaluate(EvalConfig(model=str(moved), output_dir=str(tmp_path / "y")))
     shutil.copytree(data, tmp_path / "syn")  # from the folder it was trained from: found
     assert evaluate(EvalConfig(model=str(moved), output_dir=str(tmp_path / "z")))["images"] == 2
