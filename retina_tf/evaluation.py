@@ -32,8 +32,8 @@ from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
     file_stem,
+    read_fov_mask,
     read_image,
-    read_mask,
     read_sample,
 )
 from retina_tf.data.pipeline import SegmentationSet, resolve_samples, target_of
@@ -782,7 +782,7 @@ def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | No
         _warn(fov_coverage_warning(fov, str(image_path)))
         return fov
     mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
-    fov = read_mask(mask_path, what="fov")
+    fov = read_fov_mask(mask_path)
     if fov.shape != image.shape[:2]:
         raise DatasetError(f"{image_path}: its FOV mask {mask_path} is {fov.shape[1]}x"
                            f"{fov.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")

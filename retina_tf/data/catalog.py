@@ -100,19 +100,28 @@ def _require_dir(folder: Path, dataset: str, layout: str) -> Path:
 
 
 def _index(folder: Path, dataset: str, layout: str) -> dict[str, Path]:
-    """Maps file stems to image files in a folder (extensions matched case-insensitively)."""
-    files = {}
-    for path in _require_dir(folder, dataset, layout).iterdir():
+    """Maps file stems to image files in a folder (extensions matched case-insensitively;
+    hidden files such as macOS's ``._name`` copies skipped)."""
+    files: dict[str, Path] = {}
+    for path in sorted(_require_dir(folder, dataset, layout).iterdir()):
         stem = _stem(path)
-        if stem is not None and path.is_file():
-            files[stem] = path
+        if stem is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if stem in files:  # a converted copy beside the original: which one is meant?
+            raise DatasetError(f"{files[stem]} and {path.name} are both {stem}: keep one of "
+                               "them in this folder")
+        files[stem] = path
     return files
 
 
 def _lookup(files: dict[str, Path], stem: str, folder: Path, image: Path, what: str) -> Path:
-    if stem not in files:
+    """The file named ``stem`` (in any case: renamed copies) in ``files``."""
+    if stem in files:
+        return files[stem]
+    same = [path for key, path in files.items() if key.lower() == stem.lower()]
+    if len(same) != 1:
         raise DatasetError(f"image {image} has no {what}: expected {folder / stem}.*")
-    return files[stem]
+    return same[0]
 
 
 def _drive_like(dataset: str, root: Path, split: str) -> list[Sample]:
@@ -155,7 +164,7 @@ def _chase_db1(root: Path) -> list[Sample]:
     files = _index(root, "chase_db1", layout)
     samples = []
     for stem, image in files.items():
-        if re.fullmatch(r"Image_\d+[LR]", stem):
+        if re.fullmatch(r"Image_\d+[LR]", stem, flags=re.I):  # image_01l.jpg too
             label = _lookup(files, f"{stem}_1stHO", root, image, "vessel label")
             samples.append(Sample("chase_db1", stem, image, label))
     return samples
@@ -276,12 +285,12 @@ def list_samples(dataset: str, data_dir: PathLike, split: str = "training") -> l
                            "folder in its official layout)")
     try:
         samples, where = _list(name, root, split)
+        if not samples:
+            raise DatasetError(f"the {split!r} split of {official} in {where} is empty")
     except DatasetError as err:
         if (root / official).is_dir():
             raise DatasetError(f"{err}; did you mean data_dir={root / official}?") from err
         raise
-    if not samples:
-        raise DatasetError(f"the {split!r} split of {official} in {where} is empty")
     if name == "les_av":
         return sorted(samples, key=lambda s: (_number(s.name), s.name))
     return sorted(samples, key=lambda s: s.name)

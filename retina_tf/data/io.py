@@ -27,7 +27,7 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
-           "read_image", "read_mask", "read_sample", "write_image_atomic"]
+           "read_fov_mask", "read_image", "read_mask", "read_sample", "write_image_atomic"]
 
 if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
@@ -275,6 +275,16 @@ def read_mask(path: PathLike, what: str = "label") -> np.ndarray:
     return np.full(gray.shape, level > 127 or level == 1)
 
 
+def read_fov_mask(path: PathLike) -> np.ndarray:
+    """:func:`read_mask` of a FOV mask, refusing one with no FOV pixel (a 0/1 mask saved as
+    JPEG has nothing above 127): every metric and patch would come from nothing."""
+    fov = read_mask(path, "fov")
+    if not fov.any():
+        raise DatasetError(f"{path}: the FOV mask is empty: save it with 255 (white) inside the "
+                           "field of view and 0 outside")
+    return fov
+
+
 def read_av(path: PathLike, av_format: str) -> np.ndarray:
     """Reads an artery/vein label file as ``HxWx3`` bool (artery, vein, vessel).
 
@@ -475,7 +485,7 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
 
     mask_path = Path(fov_path) if fov_path is not None else sample.fov
     if mask_path is not None:
-        fov = read_mask(mask_path, "fov")
+        fov = read_fov_mask(mask_path)
         _check_size(image_path, image, Path(mask_path), fov, "FOV mask")
         fov_estimated = False
     else:

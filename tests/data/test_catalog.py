@@ -214,3 +214,29 @@ def test_bad_files_in_a_layout(tmp_path: Path):
     image.write_bytes(image.read_bytes()[:200])
     with pytest.raises(DatasetError, match=r"02_training\.tif"):
         read_sample(sample)
+
+
+def test_two_files_of_one_name_are_refused_and_hidden_files_skipped(tmp_path: Path):
+    _write_drive_like(tmp_path, with_av=False)
+    images = tmp_path / "test" / "images"
+    (images / "._01_test.tif").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata, not a TIFF
+    assert [s.image.name for s in list_samples("drive", tmp_path, "test")] == ["01_test.tif"]
+    shutil.copy(images / "01_test.tif", images / "01_test.png")  # a converted copy beside it
+    with pytest.raises(DatasetError, match=r"images/01_test\.png and 01_test\.tif are both "
+                                           r"01_test: keep one"):
+        list_samples("drive", tmp_path, "test")
+
+
+def test_chase_db1_names_in_any_case_and_one_folder_deeper(shared_data: Path, tmp_path: Path):
+    source = shared_data / "samples" / "CHASE_DB1"
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    for path in source.iterdir():
+        (lower / path.name.lower()).symlink_to(path)
+    expected = [s.name.lower() for s in list_samples("chase_db1", source, "all")]
+    assert [s.name for s in list_samples("chase_db1", lower, "all")] == expected
+    nested = tmp_path / "nested"
+    (nested / "CHASE_DB1").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"is empty; did you mean "
+                                           r"data_dir=.*nested/CHASE_DB1\?"):
+        list_samples("chase_db1", nested, "all")

@@ -331,3 +331,12 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     for name in ("a.txt", "b.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.png"]
+
+
+@pytest.mark.parametrize("name, levels", [("fov.png", 0), ("fov.jpg", 1)])
+def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, levels: int):
+    sample = _tiny_sample(tmp_path)
+    mask = tmp_path / name  # all 0, or a 0/1 mask saved as JPEG (nothing above 127)
+    cv2.imwrite(str(mask), read_mask(sample.fov).astype(np.uint8) * levels)
+    with pytest.raises(DatasetError, match=rf"{name}: the FOV mask is empty: save it with 255"):
+        read_sample(sample, fov_path=mask)
