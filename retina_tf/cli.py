@@ -150,14 +150,16 @@ def _make_synthetic() -> None:
         root = write_synthetic_dataset(FLAGS.out_dir, num_images=FLAGS.num_images,
                                        seed=FLAGS.seed, size=(FLAGS.height, FLAGS.width),
                                        num_test=FLAGS.num_test)
+    except ConfigError:
+        raise
     except ValueError as err:  # bad counts or size: a usage problem, not a crash
         raise ConfigError(f"{err}: check --num_images, --num_test, --height and --width") from err
     for split in ("test", "training"):
         images = sorted((root / split / "images").glob("*.tif"))
         if images:
             names = images[0].name if len(images) == 1 else f"{images[0].name}..{images[-1].name}"
-            print(f"{root / split}: {len(images)} images ({names}) with labels in "
-                  "1st_manual/, FOV masks in mask/, A/V labels in av/")
+            print(f"{root / split}: {len(images)} image{'s' * (len(images) > 1)} ({names}) "
+                  "with labels in 1st_manual/, FOV masks in mask/, A/V labels in av/")
     print(f"wrote a synthetic DRIVE-layout dataset of {FLAGS.num_images} "
           f"{FLAGS.height}x{FLAGS.width} images (seed {FLAGS.seed}) to {root}")
 

@@ -17,8 +17,11 @@ makes the data useful for tests, demos and smoke trainings without downloading a
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,12 @@ import numpy as np
 
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.io import write_image_atomic
+from retina_tf.errors import ConfigError
 from retina_tf.progress import progress
 
-__all__ = ["SyntheticFundus", "generate_fundus", "write_synthetic_dataset"]
+__all__ = ["SYNTHETIC_MARKER", "SyntheticFundus", "generate_fundus", "write_synthetic_dataset"]
+
+SYNTHETIC_MARKER = "synthetic.json"  # a folder write_synthetic_dataset may replace
 
 # Every length below is given in DRIVE pixels (FOV radius about 267 px in a 565x584 image) and
 # multiplied by scale = fov_radius / 267, so any image size gets the same anatomy.
@@ -619,11 +625,14 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
         out_dir/test/mask/01_test_mask.gif     out_dir/training/mask/NN_training_mask.gif
         out_dir/test/av/01_test.png            out_dir/training/av/NN_training.png
 
-    Image i (0-based over the whole set) uses a seed derived from (seed, i). Every file is
-    written atomically.
+    Image i (0-based over the whole set) uses a seed derived from (seed, i). The set is written
+    into a temporary folder beside ``out_dir`` and then renamed, with ``synthetic.json`` (its
+    settings) marking it as retina_tf's: a run again replaces it whole, never mixing old and
+    new images.
 
     Args:
-        out_dir: dataset root; created if missing.
+        out_dir: dataset root; created, or replaced when it holds a synthetic set written
+            before. Any other folder that is not empty is refused (ConfigError).
         num_images: total number of images (test + training), >= 1.
         seed: base seed.
         size: (height, width) of every image.
@@ -639,6 +648,31 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     if not 0 <= num_test <= num_images:
         raise ValueError(f"num_test must be in [0, num_images={num_images}], got {num_test}")
     root = Path(out_dir)
+    if root.exists() and not (root / SYNTHETIC_MARKER).is_file() and (
+            not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(f"{root} is not empty and holds no synthetic set written before: "
+                          "give a new or empty folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _write_samples(building, num_images, num_test, seed, size)
+        settings = {"num_images": num_images, "num_test": num_test, "seed": seed,
+                    "size": list(size)}
+        (building / SYNTHETIC_MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+        old = None
+        if root.exists():  # the set written before, or an empty folder
+            old = root.with_name(building.name + "-old")
+            root.rename(old)
+        building.rename(root)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # left only by a failure
+    return root
+
+
+def _write_samples(root: Path, num_images: int, num_test: int, seed: int,
+                   size: tuple[int, int]) -> None:
     digits = max(2, len(str(num_images)))
     names = [f"{i + 1:0{digits}d}_{'test' if i < num_test else 'training'}" for i in
              range(num_images)]
@@ -653,4 +687,3 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
         write_image_atomic(folder / "mask" / f"{number}_{split}_mask.gif", sample.fov)
         write_image_atomic(folder / "av" / f"{number}_{split}.png",
                            encode_av_rgb(sample.artery, sample.vein))
-    return root

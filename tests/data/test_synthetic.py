@@ -10,6 +10,7 @@ from skimage.morphology import skeletonize
 
 from retina_tf.data import synthetic
 from retina_tf.data.synthetic import SyntheticFundus, generate_fundus, write_synthetic_dataset
+from retina_tf.errors import ConfigError
 from tests import commands
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +146,7 @@ def _expected_files(num_images: int, num_test: int) -> set[str]:
                   f"{split}/1st_manual/{index:02d}_manual1.gif",
                   f"{split}/mask/{index:02d}_{split}_mask.gif",
                   f"{split}/av/{index:02d}_{split}.png"}
-    return files
+    return files | {synthetic.SYNTHETIC_MARKER}
 
 
 def _files_under(root: Path) -> set[str]:
@@ -189,6 +190,22 @@ def test_write_dataset_is_reproducible_and_num_test_is_honoured(tmp_path):
     # Images within one set differ from each other.
     first = (a / "test/images/01_test.tif").read_bytes()
     assert first != (a / "test/images/02_test.tif").read_bytes()
+
+
+def test_a_second_set_replaces_the_first_whole_and_other_folders_are_refused(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "syn", num_images=3, num_test=1, size=(48, 48))
+    write_synthetic_dataset(root, num_images=2, num_test=1, size=(48, 48))
+    assert _files_under(root) == _expected_files(2, 1)  # no image of the first set left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no temporary folder
+    drive = tmp_path / "DRIVE"  # a real dataset, say: not written over
+    (drive / "test" / "images").mkdir(parents=True)
+    (drive / "test" / "images" / "01_test.tif").write_bytes(b"photograph")
+    with pytest.raises(ConfigError, match="DRIVE is not empty and holds no synthetic set"):
+        write_synthetic_dataset(drive, num_images=2, size=(48, 48))
+    assert _files_under(drive) == {"test/images/01_test.tif"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _files_under(write_synthetic_dataset(empty, 1, size=(48, 48))) == _expected_files(1, 0)
 
 
 @pytest.mark.parametrize("num_images, num_test", [(0, None), (2, 3), (2, -1)])
