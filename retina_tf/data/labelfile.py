@@ -20,6 +20,7 @@ from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
     file_stem,
+    read_av,
     read_image,
     write_image_atomic,
 )
@@ -63,8 +64,10 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
 
 
 def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
-                     fov_files: Sequence[Path] | None = None) -> Path:
-    """Writes ``samples`` as a label file; ``fov_files`` replaces missing FOV masks.
+                     fov_files: Sequence[Path] | None = None,
+                     label_files: Sequence[Path] | None = None) -> Path:
+    """Writes ``samples`` as a label file; ``fov_files`` and ``label_files`` replace their FOV
+    masks and vessel labels.
 
     Each of the three columns must come from a single folder (true of every official layout);
     the file is written under a temporary name and renamed.
@@ -73,7 +76,8 @@ def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
     if not samples:
         raise DatasetError(f"{path}: refusing to write a label file with no samples")
     fovs = list(fov_files) if fov_files is not None else [s.fov for s in samples]
-    columns = [[s.image for s in samples], [s.label for s in samples], fovs]
+    labels = list(label_files) if label_files is not None else [s.label for s in samples]
+    columns = [[s.image for s in samples], labels, fovs]
     folders = []
     for title, col in zip(("image", "label", "mask"), columns):
         if any(f is None for f in col):
@@ -94,7 +98,9 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     """Writes ``<out_dir>/<split>.txt`` for each split of an official dataset folder.
 
     Datasets shipped without FOV masks (CHASE_DB1, STARE) get estimated masks written to
-    ``<out_dir>/fov/<name>_fov.png`` so that every line names three files.
+    ``<out_dir>/fov/<name>_fov.png``, and HRF-AV, whose vessel label is its A/V map, the
+    vessels of that map to ``<out_dir>/vessel/<name>_vessel.png``, so that every line names
+    three files.
     """
 
     out_dir = Path(out_dir)
@@ -102,16 +108,25 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     listed = {split: list_samples(dataset, data_dir, split) for split in splits}
     written = {}
     for split, samples in listed.items():
-        fov_files = []
+        fov_files, label_files = [], []
         for s in samples:
             if s.fov is not None:
                 fov_files.append(Path(s.fov))
-                continue
-            fov_path = out_dir / "fov" / f"{s.name}_fov.png"
-            if not fov_path.is_file():
-                fov_path.parent.mkdir(parents=True, exist_ok=True)
-                write_image_atomic(fov_path,
-                                   estimate_fov(read_image(s.image)).astype("uint8") * 255)
-            fov_files.append(fov_path)
-        written[split] = write_label_file(out_dir / f"{split}.txt", samples, fov_files)
+            else:
+                fov_files.append(out_dir / "fov" / f"{s.name}_fov.png")
+                if not fov_files[-1].is_file():  # written by an earlier export
+                    _write_mask(fov_files[-1], estimate_fov(read_image(s.image)))
+            if s.label is not None:
+                label_files.append(Path(s.label))
+            else:
+                label_files.append(out_dir / "vessel" / f"{s.name}_vessel.png")
+                if not label_files[-1].is_file():
+                    _write_mask(label_files[-1], read_av(s.av, s.av_format)[..., 2])
+        written[split] = write_label_file(out_dir / f"{split}.txt", samples, fov_files,
+                                          label_files)
     return written
+
+
+def _write_mask(path: Path, mask) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(path, mask.astype("uint8") * 255)

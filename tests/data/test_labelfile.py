@@ -61,6 +61,17 @@ def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
     assert fov.shape == (605, 700) and 0.5 < fov.mean() < 0.95
 
 
+def test_export_writes_hrf_avs_vessel_labels_from_its_av_maps(shared_data, tmp_path):
+    files = export_label_files("hrf_av", shared_data / "samples" / "HRF-AV", tmp_path,
+                               splits=("training",))
+    listed = read_label_file(files["training"])
+    official = list_samples("hrf_av", shared_data / "samples" / "HRF-AV", "training")
+    assert [s.name for s in listed] == [s.name for s in official] and listed
+    for mine, theirs in zip(listed, official):
+        assert mine.label == tmp_path / "vessel" / f"{mine.name}_vessel.png"
+        np.testing.assert_array_equal(read_sample(mine).vessel, read_sample(theirs).vessel)
+
+
 def test_bad_label_files_name_the_file_and_line(tmp_path, synthetic_dir):
     missing = tmp_path / "nothere.txt"
     with pytest.raises(DatasetError, match="nothere.txt"):
