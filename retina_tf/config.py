@@ -267,6 +267,7 @@ class ErrorMapConfig(DataConfig, RunRef, InferenceConfig):
     """Stage-1 error maps of the training split for EAR-Net (``bin/make_error_maps.py``)."""
 
     output_dir: str | None = None
+    overwrite: bool = False
 
 
 @dataclasses.dataclass(**_FROZEN)

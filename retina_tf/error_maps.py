@@ -7,6 +7,7 @@ ground truth on the training images (Wang et al., DICTA 2021, https://arxiv.org/
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,18 @@ import numpy as np
 from retina_tf.data.io import DatasetError, read_mask
 
 ERROR_MAPS_DIR = "error_maps"
+ERROR_MAPS_JSON = "error_maps.json"  # the run, threshold and data the maps were made from
+
+
+def data_key(dataset: str | None, data_dir: str | None,
+             label_file_path: str | None) -> dict[str, str | None]:
+    """The data a set of error maps describes, as ``error_maps.json`` records it: maps of
+    another folder with the same image names (RITE and DRIVE, two synthetic sets) must not
+    pass for this one's."""
+    def where(path):
+        return str(Path(path).resolve()) if path else None
+    return {"dataset": dataset or None, "data_dir": where(data_dir),
+            "label_file_path": where(label_file_path)}
 
 
 def error_map(probability: np.ndarray, target: np.ndarray, fov: np.ndarray,
@@ -26,12 +39,21 @@ def error_map(probability: np.ndarray, target: np.ndarray, fov: np.ndarray,
 
 
 def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
-                    shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """The float32 (H, W) error maps ``<folder>/<name>.png`` of the named training images."""
+                    shapes: Sequence[tuple[int, int]],
+                    data: dict[str, str | None] | None = None) -> list[np.ndarray]:
+    """The float32 (H, W) error maps ``<folder>/<name>.png`` of the named training images;
+    ``data`` (:func:`data_key`): the data they must have been made from, when their
+    ``error_maps.json`` says."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no error-map folder; run bin/make_error_maps.py on the "
                            "stage-1 run first")
+    made_from = _recorded_data(folder / ERROR_MAPS_JSON)
+    if data is not None and made_from is not None and made_from != data:
+        def show(d):
+            return d["label_file_path"] or f"{d['dataset']} in {d['data_dir']}"
+        raise DatasetError(f"{folder}: error maps of {show(made_from)}, but this run trains on "
+                           f"{show(data)}; run bin/make_error_maps.py with this run's data")
     maps = []
     for name, shape in zip(names, shapes):
         path = folder / f"{name}.png"
@@ -44,3 +66,11 @@ def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
                                f"{tuple(shape)[::-1]}")
         maps.append(m.astype(np.float32))
     return maps
+
+
+def _recorded_data(path: Path) -> dict | None:
+    """The ``data`` entry of an ``error_maps.json`` (None: none, or maps made elsewhere)."""
+    try:
+        return json.loads(path.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None

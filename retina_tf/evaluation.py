@@ -37,7 +37,7 @@ from retina_tf.data.io import (
     read_sample,
 )
 from retina_tf.data.pipeline import SegmentationSet, resolve_samples, target_of
-from retina_tf.error_maps import ERROR_MAPS_DIR, error_map
+from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, data_key, error_map
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
     Segmenter,
@@ -930,28 +930,36 @@ def predict(cfg: PredictConfig) -> list[Path]:
 def write_error_maps(cfg: ErrorMapConfig) -> Path:
     """Segments the training split with the run ``--model`` (a stage-1 hmsa run) and writes one
     0/255 PNG error map per image to ``--output_dir`` (default ``<run>/error_maps``), plus
-    ``error_maps.json`` with the share of erroneous FOV pixels per image."""
+    ``error_maps.json`` with the share of erroneous FOV pixels per image and the data the maps
+    were made from (training checks it). Nothing is written until every image is segmented;
+    in an ``--output_dir``, files retina_tf did not write need ``--overwrite``."""
     if cfg.precision == "auto":  # training targets: the same on every machine
         cfg = dataclasses.replace(cfg, precision="float32")
     seg = load_segmenter(cfg)
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
+    names = [f"{s.name}.png" for s in samples] + [ERROR_MAPS_JSON]
+    out.check(names)
     log.info(f"writing error maps of {seg.run_dir} on {len(samples)} training images to {out_dir}")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
-    shares = {}
+    maps, shares = {}, {}
     for sample in progress(samples, "make_error_maps", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
         target = target_of(data, seg.task)[..., -1]
         prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only
-        errors = error_map(prob, target, data.fov, threshold)
-        visualize.save_png(out_dir / f"{data.name}.png", visualize.mask_image(errors))
-        shares[data.name] = float(errors.sum() / max(data.fov.sum(), 1))
+        maps[data.name] = error_map(prob, target, data.fov, threshold)
+        shares[data.name] = float(maps[data.name].sum() / max(data.fov.sum(), 1))
         log.info(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong")
+    # written once every image is done: a bad image leaves the maps made before whole
+    out.claim(names)
+    for name, errors in maps.items():
+        out.save_png(f"{name}.png", visualize.mask_image(errors))
     summary = {"run": str(seg.run_dir), "threshold": threshold,
+               "data": data_key(cfg.dataset, cfg.data_dir, cfg.label_file_path),
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
-    atomic_write_text(out_dir / "error_maps.json", to_json(summary))
+    out.write_text(ERROR_MAPS_JSON, to_json(summary))
     update_metrics_json(seg.run_dir, {"error_maps": {"folder": str(out_dir),
                                                      "mean_error_share_in_fov":
                                                      summary["mean_error_share_in_fov"]}})

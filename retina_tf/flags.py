@@ -400,7 +400,8 @@ def define_run_flags(d: _Definer) -> None:
                      "AVX512-BF16 or AMX, slower without.")
     d.DEFINE_boolean("overwrite", False,
                      "train: start a finished (or interrupted) run folder again from scratch; "
-                     "evaluate/predict/compare: replace existing files in --output_dir; "
+                     "evaluate/predict/compare/make_error_maps: replace existing files in "
+                     "--output_dir; "
                      "export_model: replace an existing --out folder.")
 
 

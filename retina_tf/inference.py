@@ -458,8 +458,8 @@ class Segmenter:
         """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder.
 
         Raises:
-            ModelFileError: when the run folder is not found, lacks one of those files, or one
-                of them is corrupt (the message names it).
+            ModelFileError: when the run folder is not found, lacks one of those files, one
+                of them is corrupt (the message names it), or it is a pre-training run.
         """
         run_dir = find_run(model, logdir, run_name)
         missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
@@ -467,6 +467,10 @@ class Segmenter:
             raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "
                                  "incomplete: export or train it again")
         info = _read_run_json(run_dir)
+        if info.get("task") == "pretrain":  # an encoder's training, not a segmentation model
+            raise ModelFileError(f"{run_dir} is a pre-training run ({info.get('model')}): it "
+                                 "does not segment; fine-tune it first with bin/train.py "
+                                 f"--pretrained={run_dir}")
         net = load_keras_model(run_dir / "model.keras")
         try:
             pre = Preprocessor.load(run_dir / "preprocessor.json")

@@ -41,7 +41,7 @@ from retina_tf.data.pipeline import (
     with_context,
 )
 from retina_tf.data.preprocess import Preprocessor
-from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
+from retina_tf.error_maps import ERROR_MAPS_DIR, data_key, read_error_maps
 from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model, native_bfloat16
@@ -540,15 +540,17 @@ def load_pretrained(model: keras.Model, run_dir: Path) -> None:
 
 
 def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained: Path | None,
-                      model_name: str) -> SegmentationSet:
-    """The training set with each image's stage-1 error map appended to its target."""
+                      model_name: str, data: dict | None = None) -> SegmentationSet:
+    """The training set with each image's stage-1 error map appended to its target; ``data``
+    (:func:`retina_tf.error_maps.data_key`): what the maps must have been made from."""
     if folder is None:
         if pretrained is None:
             raise ConfigError(f"{model_name} trains on stage-1 error maps: give "
                               "--pretrained=<stage-1 run> (after bin/make_error_maps.py) or "
                               "--error_maps=<folder>")
         folder = pretrained / ERROR_MAPS_DIR
-    maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images])
+    maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images],
+                           data)
     share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])
     log.info(f"error maps from {folder}: {share:.2%} of the FOV pixels wrong in stage 1")
     return train_set.with_extras(maps)
@@ -939,7 +941,8 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         if cfg.camera_variants:
             raise ConfigError(f"--camera_variants: not with {cfg.model}'s stage-1 error maps, "
                               "which exist for the original images only; set it to 0")
-        train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model)
+        train_set = attach_error_maps(train_set, cfg.error_maps, pretrained, cfg.model,
+                                      data_key(cfg.dataset, cfg.data_dir, cfg.label_file_path))
     extras = model.training_extras(train_set.targets)
     if extras is not None:  # targets the model derives from the labels (RIP-AV's distance maps)
         train_set = train_set.with_extras(extras)

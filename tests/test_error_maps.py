@@ -2,12 +2,13 @@
 stage-2 ear_net training from the stage-1 run, evaluation."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from retina_tf.data.io import DatasetError, read_mask, read_sample
+from retina_tf.data.io import DatasetError, read_mask, read_sample, write_image_atomic
 from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
@@ -16,8 +17,9 @@ from retina_tf.data.pipeline import (
     whole_image_dataset,
 )
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.error_maps import error_map, read_error_maps
-from retina_tf.evaluation import evaluate
+from retina_tf.error_maps import ERROR_MAPS_JSON, data_key, error_map, read_error_maps
+from retina_tf.errors import ConfigError
+from retina_tf.evaluation import evaluate, write_error_maps
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.training import train
@@ -125,6 +127,46 @@ def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
                                             "--visualize"]))
     assert 0.0 <= report["metrics"]["f1"] <= 1.0
     assert (stage2 / "eval_synthetic_test" / "roc_curve.png").is_file()
+
+
+def test_error_maps_of_other_data_are_refused(tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    write_image_atomic(folder / "a.png", np.zeros((4, 4), bool))
+    mine = data_key("drive", str(tmp_path / "DRIVE"), None)
+    assert len(read_error_maps(folder, ["a"], [(4, 4)], mine)) == 1  # no record: not checked
+    (folder / ERROR_MAPS_JSON).write_text(json.dumps({"data": data_key("rite", "RITE", None)}))
+    with pytest.raises(DatasetError, match=r"maps: error maps of rite in .*RITE, but this run "
+                                           r"trains on drive in .*DRIVE; run bin/make_error"):
+        read_error_maps(folder, ["a"], [(4, 4)], mine)
+    (folder / ERROR_MAPS_JSON).write_text(json.dumps({"data": mine}))
+    assert len(read_error_maps(folder, ["a"], [(4, 4)], mine)) == 1
+
+
+@pytest.mark.slow
+def test_make_error_maps_keeps_the_users_files_and_writes_nothing_on_a_bad_image(stage1,
+                                                                               tmp_path):
+    data, _, run, _ = stage1
+    out = tmp_path / "maps"
+    out.mkdir()
+    (out / "03_training.png").write_bytes(b"the user's")
+
+    def make(data_dir, *extra):
+        return write_error_maps(parse_config("make_error_maps", [
+            "--dataset=synthetic", f"--data_dir={data_dir}", f"--model={run}",
+            f"--output_dir={out}", *extra]))
+
+    with pytest.raises(ConfigError, match="03_training.png already exists and was not written"):
+        make(data)
+    assert (out / "03_training.png").read_bytes() == b"the user's"
+    make(data, "--overwrite")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / "training" / "images" / "05_training.tif").write_bytes(b"not a tiff")
+    with pytest.raises(DatasetError, match="05_training.tif"):
+        make(broken)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the maps made before
 
 
 @pytest.mark.slow
