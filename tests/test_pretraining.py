@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pretraining_writes_a_run_folder_and_lowers_the_loss(pretrained):
-    _, _, run, stdout = pretrained
+    data, _, run, stdout = pretrained
     assert "pre-training on 4 unlabelled images" in stdout
     for name in ("model.keras", "preprocessor.json", "run.json", "flags.txt", "metrics.json",
                  "reconstruction.png"):
@@ -48,6 +48,13 @@ def test_pretraining_writes_a_run_folder_and_lowers_the_loss(pretrained):
     assert len(losses) == 3 and losses[-1] < losses[0]
     info = json.loads((run / "run.json").read_text())
     assert info["model"] == "mae" and info["model_config"]["mask_ratio"] == 0.75
+    # an encoder's training, not a model to segment with (compare gave a TensorFlow error)
+    proc = commands.script("compare.py", "--dataset=synthetic", f"--data_dir={data}",
+                           f"--runs={run}", f"--output_dir={run.parent / 'compared'}")
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        f"{run} is a pre-training run (mae): it does not segment; fine-tune it first with "
+        f"bin/train.py --pretrained={run}"), proc.stderr[-2000:]
+    assert not (run.parent / "compared").exists()
 
 
 @pytest.mark.slow
