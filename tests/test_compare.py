@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,15 @@ def test_compare_of_av_runs_adds_the_av_columns(tiny_synthetic, av_run, tmp_path
     with pytest.raises(ConfigError, match="--runs"):
         compare(CompareConfig(dataset="synthetic", data_dir=str(tiny_synthetic),
                               output_dir=str(tmp_path)))
+
+
+def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_run, tmp_path,
+                                                           caplog):
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        compare(CompareConfig(runs=(str(av_run),), dataset="synthetic",
+                              data_dir=str(tiny_synthetic), eval_split="training",
+                              output_dir=str(tmp_path)))
+    assert f"have the names of images {av_run.name} trained on" in caplog.text
 
 
 @pytest.mark.slow
