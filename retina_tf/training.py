@@ -779,6 +779,11 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
         raise ConfigError(f"--jit_compile: XLA cannot compile a train step shared by several CPU "
                           f"replicas ({strategy.num_replicas_in_sync} with --strategy="
                           f"{cfg.strategy}); drop --jit_compile, or train on GPUs")
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:  # a batch is split over the replicas in equal shares
+        raise ConfigError(f"--batch_size={cfg.batch_size}: {replicas} replicas (--strategy="
+                          f"{cfg.strategy}) take equal shares of a batch; give a multiple of "
+                          f"{replicas}")
     try:
         chief = is_chief(strategy)
         finished = already_trained(cfg, run_dir) if chief else False

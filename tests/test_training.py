@@ -143,3 +143,10 @@ def test_mirrored_strategy_on_two_logical_cpus(synthetic, tmp_path):
     losses = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())["loss_history"]
     assert len(losses) == 2 and np.isfinite(losses).all()
     assert (tmp_path / "mirrored" / "model.keras").is_file()
+    proc = commands.script(  # a batch the replicas cannot share equally: refused, nothing written
+        "train.py", "--dataset=synthetic", f"--data_dir={synthetic}", f"--logdir={tmp_path}",
+        "--run_name=odd", "--logical_cpus=2", "--strategy=mirrored", "--batch_size=3")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        "--batch_size=3: 2 replicas (--strategy=mirrored) take equal shares of a batch; give a "
+        "multiple of 2"), proc.stderr[-3000:]
+    assert not (tmp_path / "odd").exists()
