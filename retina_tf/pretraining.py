@@ -204,7 +204,12 @@ def rip_patch_set(cfg: RipPretrainConfig) -> tuple[np.ndarray, np.ndarray, Prepr
     records, settings = read_rip_records(cfg.rip_patches)
     train_set, val_set, pre = load_training_sets(cfg)
     known = set(train_set.names) | set(val_set.names if val_set else [])
-    if {r.name for r in records} - known:
+    def where(data_dir):
+        return Path(data_dir).resolve() if data_dir else None
+    # RITE and DRIVE, or two synthetic sets, share image names: the folder must match too
+    other_folder = (settings.get("dataset"), where(settings.get("data_dir"))) != (
+        cfg.dataset, where(cfg.data_dir))
+    if other_folder or {r.name for r in records} - known:
         raise DatasetError(f"{cfg.rip_patches}: its patches come from {settings.get('dataset')} "
                            f"in {settings.get('data_dir')}, not from the training images of "
                            f"--dataset={cfg.dataset} in {cfg.data_dir}")

@@ -21,7 +21,7 @@ from retina_tf.evaluation import evaluate, predict
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.models.rip_av import RIPAV
-from retina_tf.pretraining import read_rip_records
+from retina_tf.pretraining import pretrain_rip, read_rip_records
 from retina_tf.training import train
 from tests import commands
 
@@ -75,6 +75,16 @@ def test_rip_pretraining_writes_a_run_folder(rip_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["loss_history"]) == 2 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert "held-out patches: accuracy" in stdout
+    # the same image names in another folder: the patches are not that folder's
+    copy = logdir / "syn_copy"
+    shutil.copytree(data, copy)
+    cfg = parse_config("pretrain_rip", ["--dataset=synthetic", f"--data_dir={copy}",
+                                        f"--rip_patches={logdir / 'rip_patches'}",
+                                        f"--logdir={logdir}", "--run_name=rip_copy"])
+    with pytest.raises(DatasetError, match=rf"its patches come from synthetic in {data}, not "
+                                           rf"from the training images of .* in {copy}"):
+        pretrain_rip(cfg)
+    assert not (logdir / "rip_copy").exists()
 
 
 @pytest.mark.slow
