@@ -841,15 +841,13 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
         written.append(out.save_png(f"{base}_av.png", visualize.av_image(prob, threshold)))
         written += [out.save_png(base + suffix, visualize.probability_image(prob[..., i]))
                     for i, suffix in enumerate(AV_CLASS_FILES)]
-    shown = ["prob", "mask"]
     if cfg.visualize:
         written.append(out.save_png(f"{base}_overlay.png",
                                     visualize.vessel_overlay(image, prob[..., -1])))
-        shown.append("overlay")
         if seg.task == "av":
             written.append(out.save_png(f"{base}_av_overlay.png",
                                         visualize.av_image(prob, threshold, photo=image)))
-            shown.append("av_overlay")
+    shown = [p.name[len(base) + 1:].removesuffix(".png") for p in written]  # every PNG written
     if cfg.save_probabilities:
         written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
     plan = seg.scale_plan(image, fov)  # what segment() did, for the line
