@@ -49,15 +49,18 @@ def wants_verbose(argv: list[str]) -> bool:
 def start_tensorflow_quietly() -> None:
     """Imports TensorFlow and lists its devices with its start-up lines held back (see the
     module docstring)."""
+    global _terminal
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
+        _terminal = saved
         try:
             import tensorflow as tf  # here, under the filter
             tf.config.list_physical_devices()  # the CUDA probe logs here
-        finally:  # also when the import fails or is interrupted: its own lines are passed on
+        finally:  # also when the import fails: its own lines are passed on
             os.dup2(saved, 2)
+            _terminal = 2
             os.close(saved)
             held.seek(0)
             text = held.read().decode(errors="replace")
@@ -76,12 +79,15 @@ def start_command(argv: list[str]) -> None:
 
 
 _sigint_before = None
+_terminal = 2  # stderr's descriptor, or its saved copy while TensorFlow's lines are held
 
 
 def _interrupted_while_loading(signum, frame) -> None:
     prog = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-m", "-c") else "retina_tf"
-    sys.stderr.write(f"{os.path.basename(prog)}: interrupted\n")
-    raise SystemExit(130)  # as retina_tf.flags.report_errors does once the command runs
+    os.write(_terminal, f"{os.path.basename(prog)}: interrupted\n".encode())
+    # exit 130 as retina_tf.flags.report_errors does once the command runs, but not by an
+    # exception: raised inside an extension module's import it turns into an ImportError
+    os._exit(130)
 
 
 def quiet_start_for_commands() -> None:
