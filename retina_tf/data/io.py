@@ -12,7 +12,7 @@ import dataclasses
 import gzip
 import io
 import os
-import tempfile
+import secrets
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -387,7 +387,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Writes ``data`` durably and atomically: to a temporary name beside ``path``, flushed to
     disk (fsync), then renamed into place, so a kill or power loss leaves either the old file or
     the new one, never a half-written file. The file gets the usual permissions (0666 less the
-    umask) rather than mkstemp's private 0600.
+    umask).
 
     Raises:
         OutputError: when the folder cannot be written (no space, no permission); it names
@@ -396,14 +396,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                            dir=path.parent)
     except OSError as err:
         raise OutputError(err.errno, err.strerror, str(path)) from err
+    # Named before it is made: Ctrl-C or SIGTERM at any moment, even inside the open, still
+    # finds it to remove (mkstemp's name arrives only once the file exists).
+    tmp_name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
+        handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -411,7 +410,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         os.replace(tmp_name, path)
         fsync_dir(path.parent)
     except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
+        if not isinstance(err, FileExistsError):  # (that one is somebody else's file)
+            tmp_name.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise OutputError(err.errno, err.strerror, str(path)) from err
         raise

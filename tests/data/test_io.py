@@ -333,6 +333,21 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.png"]
 
 
+def test_an_interrupt_as_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    from retina_tf.data.io import atomic_write_bytes
+    real_open = os.open
+
+    def open_then_interrupted(*args, **kwargs):  # Ctrl-C landing as the file comes to exist
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "a.png", b"x")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name, levels", [("fov.png", 0), ("fov.jpg", 1)])
 def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, levels: int):
     sample = _tiny_sample(tmp_path)
