@@ -23,12 +23,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_string("model", "ripav_rite", "A/V run folder or shipped model name.")
 flags.DEFINE_string("dataset", "rite", "A/V dataset.")
 flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
-flags.DEFINE_integer("images", 2, "Test images timed (the first N).")
+flags.DEFINE_integer("images", 2, "Test images timed (the first N).", lower_bound=1)
 flags.DEFINE_integer("runs", 3, "Runs; the medians are reported.")
 flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
 flags.DEFINE_list("batch_size", ["8"], "Windows per forward pass; several are alternated.")
@@ -45,11 +47,15 @@ def main(_):
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import target_of
+    from retina_tf.errors import ConfigError
     from retina_tf.evaluation import SetScores
     from retina_tf.inference import Segmenter
     from retina_tf.postprocess import vote_av_segments
 
-    settings = [(int(b), int(f)) for b in FLAGS.batch_size for f in FLAGS.in_flight]
+    try:
+        settings = [(int(b), int(f)) for b in FLAGS.batch_size for f in FLAGS.in_flight]
+    except ValueError as err:
+        raise ConfigError(f"--batch_size / --in_flight take whole numbers ({err})") from err
     # the vote is timed as a step of its own, so the segmenters stop before it
     segs = {}
     for b, f in settings:
@@ -120,4 +126,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

@@ -17,7 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_string("model", None, "A/V run folder or shipped model name.")
 flags.DEFINE_string("dataset", "rite", "A/V dataset.")
@@ -78,4 +80,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

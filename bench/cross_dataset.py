@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_list("runs", None, "Rows: NAME=RUN (run folder or shipped model name).")
 flags.DEFINE_multi_string("test", None, "A column: NAME=DATASET:FOLDER:SPLIT (repeat).")
@@ -53,12 +55,17 @@ def trained_on(run_dir: Path, dataset: str, image_names) -> bool:
 
 def main(_):
     from retina_tf.config import EvalConfig
+    from retina_tf.errors import ConfigError
     from retina_tf.evaluation import evaluate
     from retina_tf.run_folder import find_run
 
     out_root = Path(FLAGS.out)
     rows, cells = _pairs(FLAGS.runs), {}
     tests = [(name, *value.split(":")) for name, value in _pairs(FLAGS.test)]
+    for name, *where in tests:
+        if len(where) != 3:
+            raise ConfigError(f"--test={name}={':'.join(where)}: give "
+                              "<column>=<dataset>:<folder>:<split>")
     commands = []
     for row, run in rows:
         run_dir = find_run(run)
@@ -98,4 +105,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

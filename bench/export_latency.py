@@ -24,12 +24,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from retina_tf.flags import run_reported  # noqa: E402
+
 flags.DEFINE_string("model", "unet_drive", "Run folder or shipped model name.")
 flags.DEFINE_string("data_dir", None, "DRIVE folder: times its first test photograph "
                     "(default: a synthetic DRIVE-sized photograph).")
 flags.DEFINE_integer("repeats", 10, "Timed runs per format (the median is printed).")
 flags.DEFINE_integer("warmup", 2, "Untimed runs first (tracing, allocation).")
-flags.DEFINE_list("formats", ["retina_tf", "saved_model", "onnx", "tflite"],
+TIMED = ("retina_tf", "saved_model", "onnx", "tflite")  # what runner() below can time
+flags.DEFINE_list("formats", list(TIMED),
                   "Which to time.")
 FLAGS = flags.FLAGS
 
@@ -72,6 +75,9 @@ def main(_):
     from retina_tf.inference import Segmenter
 
     configure_logging()  # the exports' lines as plain lines
+    unknown = [f for f in FLAGS.formats if f not in TIMED]
+    if unknown:
+        raise app.UsageError(f"--formats: unknown format(s) {unknown}")
     if FLAGS.data_dir:
         image = read_image(list_samples("drive", FLAGS.data_dir, "test")[0].image)
     else:
@@ -114,7 +120,7 @@ def main(_):
             signature = timed(fmt, lambda: _tflite_interpreter(
                 export(fmt, input_size=f"{h}x{w}") / "model.tflite").get_signature_runner())
             return (lambda: signature(image=padded)), "network"
-        raise app.UsageError(f"--formats: unknown format {fmt!r}")
+        raise AssertionError(fmt)  # refused above
 
     rows = []
     for fmt in FLAGS.formats:
@@ -136,4 +142,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

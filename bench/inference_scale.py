@@ -22,10 +22,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_string("model", "unet_drive", "Run folder or shipped model name.")
-flags.DEFINE_list("datasets", [], "name:folder pairs of catalog datasets (hrf:data/HRF).")
+flags.DEFINE_list("datasets", None, "name:folder pairs of catalog datasets (hrf:data/HRF).")
+flags.mark_flag_as_required("datasets")
 flags.DEFINE_string("split", "all", "Split of every dataset.")
 flags.DEFINE_list("settings", ["training", "auto", "native"], "--inference_scale settings.")
 flags.DEFINE_list("fusions", [], "Fusions of two settings: mean:a+b or max:a+b.")
@@ -109,4 +112,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

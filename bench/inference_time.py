@@ -12,6 +12,7 @@ and the speed end to end set against this CPU's TensorFlow matmul peak in the sa
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_string("model", "unet_drive", "Run folder or shipped model name.")
 flags.DEFINE_string("data_dir", None, "DRIVE folder (default: synthetic DRIVE-sized images).")
@@ -47,6 +50,8 @@ def main(_):
                                        num_test=FLAGS.images)
         files = [s.image for s in list_samples("synthetic", root, "test")]
     images = [read_image(f) for f in files[:FLAGS.images]]
+    if not FLAGS.data_dir:
+        shutil.rmtree(root)  # the images are in memory now
     modes = [("whole", {})]
     if FLAGS.stride:
         modes.append(("sliding", {"stride": FLAGS.stride}))
@@ -78,4 +83,4 @@ def main(_):
                   f"peak ({peaks[precision]:.0f} GFLOP/s)")
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

@@ -28,7 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "DRIVE folder (default: a synthetic DRIVE-sized set).")
 flags.DEFINE_integer("patch_size", 48, "Patch size.")
@@ -123,8 +125,10 @@ def main(_):
           "  cores busy  steps (s)  end wait (s)")
     runs = []
     for i in range(FLAGS.runs):
-        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode:  # the run's own message (a missing folder, a bad flag)
+            raise SystemExit(f"run {i + 1} failed:\n{proc.stderr.strip()[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append(r)
         print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
               f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}  "
@@ -140,4 +144,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_reported(main)

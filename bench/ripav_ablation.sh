@@ -33,12 +33,14 @@ done
 $PY - "$LOGS" ${VARIANTS:-base pcf_seed patchgan da_seed mixed_sizes no_rip} <<'PYEOF'
 import json, sys
 logs, names = sys.argv[1], sys.argv[2:]
-print("| variant | minutes | vessel F1 | A/V, all pixels | A/V, RIP-AV protocol | Se / Sp (RIP-AV) |")
-print("|---|---|---|---|---|---|")
+print("| variant | minutes | vessel F1 | AUC-ROC | A/V, all pixels | A/V, RIP-AV protocol "
+      "| Se / Sp (RIP-AV) | AUC artery / vein |")
+print("|---|---|---|---|---|---|---|---|")
 for n in names:
     t = json.load(open(f"{logs}/ablation_{n}/metrics.json"))["training_minutes"]
     m = json.load(open(f"{logs}/ablation_{n}/evaluation/metrics.json"))
     m = m.get("metrics", m)
-    print(f"| {n} | {t:.1f} | {m['f1']:.4f} | {m['av_acc']:.3f} | {m['av_acc_ripav']:.3f} | "
-          f"{m['av_se_ripav']:.3f} / {m['av_sp_ripav']:.3f} |")
+    print(f"| {n} | {t:.1f} | {m['f1']:.4f} | {m['auc_roc']:.4f} | {m['av_acc']:.3f} | "
+          f"{m['av_acc_ripav']:.3f} | {m['av_se_ripav']:.3f} / {m['av_sp_ripav']:.3f} | "
+          f"{m['av_auc_artery']:.3f} / {m['av_auc_vein']:.3f} |")
 PYEOF

@@ -789,6 +789,16 @@ def report_errors(fv: flags.FlagValues = FLAGS):
         raise SystemExit(status) from None
 
 
+def run_reported(main, fv: flags.FlagValues = FLAGS) -> None:
+    """``absl.app.run(main)`` with :func:`report_errors` around ``main`` only, for scripts with
+    flags and output of their own (``bench/``): a mistyped model or folder in one line."""
+    def guarded_main(argv):
+        with report_errors(fv):
+            return main(argv)
+
+    app.run(guarded_main)
+
+
 def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
     """``absl.app.run(main)`` with :func:`report_errors` around both the flag parsing (other
     scripts' flags from flagfiles skipped, :func:`keep_own_flags`) and ``main``; defines
