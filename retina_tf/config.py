@@ -57,6 +57,7 @@ class _Checked:
             if checked is not value:
                 object.__setattr__(self, f.name, checked)  # frozen: set once, here
         _check_sources(self)
+        _check_combinations(self)
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -444,6 +445,27 @@ def _check_sources(cfg: Any) -> None:
         if getattr(cfg, label, None) and getattr(cfg, source, None):
             raise ConfigError(f"{type(cfg).__name__}: {label} and {source} both say which "
                               "images to use; keep one")
+
+
+PATCH_SCALE_CONFLICT = ("--mixed_patch_sizes and --scale_range both change the patch scale; "
+                        "give one")
+
+
+def _check_combinations(cfg: Any) -> None:
+    """Settings of which one would be ignored, or fail later in training, with the other."""
+    crops, scales = getattr(cfg, "mixed_patch_sizes", ()), getattr(cfg, "scale_range", ())
+    if crops and scales:
+        raise ConfigError(PATCH_SCALE_CONFLICT)
+    if isinstance(getattr(cfg, "loss", None), str):  # named terms, weights not all 0
+        from retina_tf.losses import parse_loss_spec  # (Keras: imported when needed)
+        try:
+            parse_loss_spec(cfg.loss)
+        except ValueError as err:
+            raise ConfigError(f"--loss={cfg.loss}: {err}") from None
+    if getattr(cfg, "mode", "patch") == "whole" and (crops or scales):
+        flag = "--mixed_patch_sizes" if crops else "--scale_range"
+        raise ConfigError(f"{flag}: resizes patches; --mode=whole trains on whole images at "
+                          f"their own size: leave {flag} out or train on patches")
 
 
 @functools.cache

@@ -286,6 +286,9 @@ def _model_config(fv: flags.FlagValues) -> dict:
     takes = model_class(fv["model"].value).flag_arguments
     for name in MODEL_FLAGS:
         if name in takes:
+            if fv[name].present and config.get(name, fv[name].value) != fv[name].value:
+                raise ConfigError(f"--{name}={fv[name].value} and --model_config's "
+                                  f"{name}={config[name]!r} disagree; give it once")
             config.setdefault(name, fv[name].value)
         elif fv[name].value != fv[name].default:
             raise ConfigError(f"--{name}={fv[name].value}: --model={fv['model'].value} does not "

@@ -274,6 +274,8 @@ def _check_terms(terms: Mapping[str, Any], spec: Any) -> dict[str, float]:
         out[name] = value
     if not out:
         raise ValueError(f"loss spec {spec!r} names no term")
+    if not any(out.values()):
+        raise ValueError(f"loss spec {spec!r} weighs every term 0: nothing to train on")
     return out
 
 

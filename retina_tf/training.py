@@ -453,10 +453,14 @@ def model_kwargs(cfg: TrainConfig, input_channels: int, num_classes: int) -> dic
     """Constructor arguments of ``cfg.model``: ``cfg.model_config`` plus the input channels and
     (for segmentation models) the number of classes the data have."""
     kwargs = dict(cfg.model_config)
-    kwargs.update(input_channels=input_channels)
+    derived = {"input_channels": input_channels}
     if "num_classes" in model_class(cfg.model).constructor_arguments():  # not MAE
-        kwargs["num_classes"] = num_classes
-    return kwargs
+        derived["num_classes"] = num_classes
+    for name, value in derived.items():
+        if kwargs.get(name, value) != value:
+            raise ConfigError(f"--model_config: {name}={kwargs[name]!r}, but the data give "
+                              f"{value} (--preprocess and --task decide it); leave it out")
+    return {**kwargs, **derived}
 
 
 def parse_extra_data(entry: str) -> tuple[str, str, str]:

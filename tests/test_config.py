@@ -11,6 +11,7 @@ from absl import flags
 from retina_tf import config
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
+from retina_tf.training import model_kwargs
 
 CLASSES = [config.TrainConfig, config.EvalConfig, config.PredictConfig, config.MAEConfig,
            config.RipPatchConfig, config.RipPretrainConfig, config.ErrorMapConfig]
@@ -93,6 +94,12 @@ def test_from_run_needs_a_run_folder(tmp_path):
     ({"scale_range": (1.25, 0.8)}, "LO <= HI"),
     ({"dataset": "drive", "label_file_path": "my/training.txt"},
      "label_file_path and dataset both say which images to use"),
+    ({"loss": "dice:0"}, "--loss=dice:0: loss spec 'dice:0' weighs every term 0"),
+    ({"loss": "dcie:1"}, "--loss=dcie:1: unknown loss term 'dcie'"),
+    ({"mode": "whole", "scale_range": (0.8, 1.25)}, "--scale_range: resizes patches; "
+                                                     "--mode=whole trains on whole images"),
+    ({"mixed_patch_sizes": (24, 48), "scale_range": (0.8, 1.25)},
+     "--mixed_patch_sizes and --scale_range both change the patch scale"),
 ])
 def test_a_config_refuses_what_its_flag_refuses(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -101,10 +108,11 @@ def test_a_config_refuses_what_its_flag_refuses(fields, message):
 
 def test_a_config_reads_values_as_their_flags_do(tmp_path):
     cfg = config.TrainConfig(epochs="3", model_config='{"base_filters": 8}', data_dir=tmp_path,
-                             mixed_patch_sizes=[64, 128], preprocess="clahe,gamma",
+                             preprocess="clahe,gamma",
                              scale_range=np.array([0.8, 1.25]), batch_size=np.int64(4))
     assert cfg.epochs == 3 and cfg.model_config == {"base_filters": 8}
-    assert cfg.data_dir == str(tmp_path) and cfg.mixed_patch_sizes == (64, 128)
+    assert config.TrainConfig(mixed_patch_sizes=[64, 128]).mixed_patch_sizes == (64, 128)
+    assert cfg.data_dir == str(tmp_path)
     assert cfg.preprocess == ("clahe", "gamma") and cfg.scale_range == (0.8, 1.25)
     assert type(cfg.batch_size) is int and type(cfg.scale_range[0]) is float
     # the same value through the flag and through the config: the same words
@@ -114,3 +122,14 @@ def test_a_config_reads_values_as_their_flags_do(tmp_path):
         parse_config("evaluate", ["--threshold=1.5"])
     with pytest.raises(flags.IllegalFlagValueError, match="LO <= HI"):
         parse_config("train", ["--scale_range=1.25,0.8"])
+
+
+def test_a_model_setting_given_twice_must_agree():
+    with pytest.raises(ConfigError, match=re.escape(
+            "--depth=3 and --model_config's depth=2 disagree; give it once")):
+        parse_config("train", ["--depth=3", '--model_config={"depth": 2}'])
+    assert parse_config("train", ["--depth=2", '--model_config={"depth": 2}']
+                        ).model_config["depth"] == 2  # the same value twice is fine
+    with pytest.raises(ConfigError, match=re.escape(
+            "--model_config: input_channels=3, but the data give 1")):
+        model_kwargs(config.TrainConfig(model_config={"input_channels": 3}), 1, 1)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.config import CHOICES
+from retina_tf.config import CHOICES, PATCH_SCALE_CONFLICT
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
 from retina_tf.data.labelfile import read_label_file
@@ -320,8 +320,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
 
     crop = rotation_crop(patch_size)
     if crop_sizes and scale_range:
-        raise ConfigError("--mixed_patch_sizes and --scale_range both change the patch scale; "
-                          "give one")
+        raise ConfigError(PATCH_SCALE_CONFLICT)
     if scale_range:
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
