@@ -463,7 +463,8 @@ def define_train_flags(d: _Definer) -> None:
                         "Loss: a named mix (bce, bce_dice, seed_vit) or 'term:weight,...' with "
                         "terms bce, dice, tversky, focal, thin_bce.")
     d.DEFINE_float("pos_weight", 1.0, "BCE weight of vessel pixels (class weighting).")
-    d.DEFINE_integer("validate_every", 1, "Whole-image validation every N epochs.")
+    d.DEFINE_integer("validate_every", 1, "Whole-image validation every N epochs, and after the "
+                     "last.")
     d.DEFINE_integer("image_summary_every", 1,
                          "TensorBoard image summaries every N epochs (0 = never).")
     d.DEFINE_boolean("resume", True, "Resume an interrupted run (BackupAndRestore).")

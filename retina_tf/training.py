@@ -395,7 +395,8 @@ class WholeImageValidation(keras.callbacks.Callback):
     """Segments the held-out training images whole and adds ``val_f1``, ``val_auc_roc``, ... to
     the epoch logs, so ModelCheckpoint can keep the best model (by validation F1, or A/V accuracy
     for A/V models) and TensorBoard plots them; writes input / label / prediction image summaries
-    every ``image_every`` epochs.
+    every ``image_every`` epochs. With ``every`` > 1 it validates every ``every``-th epoch and
+    the last.
     """
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
@@ -425,7 +426,8 @@ class WholeImageValidation(keras.callbacks.Callback):
         return self._segmenter
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or (epoch + 1) % self.every:
+        last = epoch + 1 == (self.params or {}).get("epochs")  # never left unvalidated
+        if logs is None or ((epoch + 1) % self.every and not last):
             return
         result, probs = evaluate_set(self.segmenter(), self.seg, self.task)
         for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc", "av_acc_ripav"):
