@@ -562,6 +562,21 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
     return train_set.with_extras(maps)
 
 
+def _warn_other_preprocessing(run_dir: Path, pre: Preprocessor) -> None:
+    """A warning when the run whose weights start this one saw differently preprocessed
+    images (other steps or channel): its first layers were tuned to other inputs."""
+    try:
+        theirs = Preprocessor.load(Path(run_dir) / "preprocessor.json")
+    except (OSError, ValueError, TypeError):
+        return
+    said, ours = (", ".join(p.steps) + (f" ({p.channel})" if p.grayscale else "")
+                  for p in (theirs, pre))
+    if said != ours:
+        log.warning(f"warning: --pretrained={run_dir} was trained on images preprocessed by "
+                    f"{said}; this run's are preprocessed by {ours}: its weights start on "
+                    "other inputs")
+
+
 class FreezeEncoder(keras.callbacks.Callback):
     """Keeps ``model.freezable_encoder()`` frozen for the first ``epochs`` epochs of fine-tuning
     (so a new decoder settles before it can disturb pre-trained weights), then trains
@@ -948,6 +963,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
     if pretrained is not None:
         load_pretrained(model, pretrained)
         log.info(f"started from the weights of {pretrained}")
+        _warn_other_preprocessing(pretrained, pre)
     if model.needs_error_maps:
         if cfg.camera_variants:
             raise ConfigError(f"--camera_variants: not with {cfg.model}'s stage-1 error maps, "

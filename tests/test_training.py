@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import keras
@@ -150,3 +151,16 @@ def test_mirrored_strategy_on_two_logical_cpus(synthetic, tmp_path):
         "--batch_size=3: 2 replicas (--strategy=mirrored) take equal shares of a batch; give a "
         "multiple of 2"), proc.stderr[-3000:]
     assert not (tmp_path / "odd").exists()
+
+
+def test_starting_from_a_run_of_other_preprocessing_is_warned(caplog):
+    from retina_tf.data.preprocess import Preprocessor
+    from retina_tf.inference import PRETRAINED_DIR
+    from retina_tf.training import _warn_other_preprocessing
+    run = PRETRAINED_DIR / "unet_drive"
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        _warn_other_preprocessing(run, Preprocessor.load(run / "preprocessor.json"))
+        assert not caplog.text  # the same steps: nothing to say
+        _warn_other_preprocessing(run, Preprocessor.from_steps(["grayscale"], channel="green"))
+    assert ("preprocessed by grayscale, standardize, clahe, gamma (luminance); this run's are "
+            "preprocessed by grayscale (green)") in caplog.text
