@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from retina_tf.data.rip import distance_targets, seed_distance_targets
+from retina_tf.errors import ConfigError
 from retina_tf.losses import bce_loss, dice_loss
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
@@ -601,13 +602,14 @@ class RIPAV(SegmentationModel, keras.Model):
         configuration must match."""
         other = getattr(source, "encoder", None)
         if not isinstance(source, (RIPClassifier, RIPAV)) or other is None:
-            raise ValueError(f"cannot start {self.name} from {source.name}: give a RIP "
-                             "pre-training run folder (bin/pretrain_rip.py) or a rip_av run")
+            raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
+                              "give a RIP pre-training run folder (bin/pretrain_rip.py) or a "
+                              "rip_av run")
         mine, theirs = self.encoder.get_weights(), other.get_weights()
         if [w.shape for w in mine] != [w.shape for w in theirs]:
-            raise ValueError(f"cannot start {self.name} from {source.name}: the encoders differ; "
-                             f"give --model_config the pre-training encoder "
-                             f"{_encoder_config(source)}")
+            raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
+                              "the encoders differ; give --model_config the pre-training "
+                              f"encoder {_encoder_config(source)}")
         self.encoder.set_weights(theirs)
 
     def get_config(self) -> dict:

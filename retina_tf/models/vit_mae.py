@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from retina_tf.errors import ConfigError
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import conv_bn_relu
 
@@ -429,13 +430,14 @@ class ViTSeg(SegmentationModel, keras.Model):
         """Copies the encoder of an :class:`MAE` (or ViTSeg) run; its sizes must match."""
         other = getattr(source, "encoder", None)
         if not isinstance(other, ViTEncoder):
-            raise ValueError(f"cannot start {self.name} from {source.name}: it has no ViT "
-                             "encoder (give an MAE pre-training run folder)")
+            raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
+                              "it has no ViT encoder (give an MAE pre-training run folder)")
         mine, theirs = self.encoder.get_weights(), other.get_weights()
         if [w.shape for w in mine] != [w.shape for w in theirs]:
             sizes = {k: other.get_config()[k] for k in ENCODER_KEYS if k != "image_size"}
-            raise ValueError(f"cannot start {self.name} from {source.name}: the encoders differ; "
-                             f"give --model_config the pre-training encoder's sizes {sizes}")
+            raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
+                              f"the encoders differ; give --model_config the pre-training "
+                              f"encoder's sizes {sizes}")
         self.encoder.set_weights(theirs)
 
     def get_config(self) -> dict:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retina_tf.errors import ConfigError
 from retina_tf.models import build_model, model_class
 from retina_tf.models.vit_mae import (
     MAE,
@@ -130,7 +131,7 @@ def test_encoder_weights_transfer_from_mae():
     seg.load_pretrained(mae)
     for a, b in zip(seg.encoder.get_weights(), mae.encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="encoders differ"):
+    with pytest.raises(ConfigError, match="--pretrained: cannot start .* encoders differ"):
         ViTSeg(**dict(ENC, depth=3)).load_pretrained(mae)
 
 
