@@ -447,6 +447,67 @@ def _check_sources(cfg: Any) -> None:
                               "images to use; keep one")
 
 
+# --- loss specs (retina_tf.losses.SegmentationLoss) -------------------------------------------
+
+LOSS_TERM_NAMES = ("bce", "dice", "tversky", "focal", "thin_bce")  # retina_tf.losses.LOSS_TERMS
+
+# The ViT-MAE seed's mix uses Tversky 0.2/0.8 and thin factor 4 below 3 px: the defaults of
+# SegmentationLoss, so a mix is only the term weights.
+LOSS_MIXES: dict[str, dict[str, float]] = {
+    "bce": {"bce": 1.0},
+    "bce_dice": {"bce": 1.0, "dice": 1.0},
+    "seed_vit": {"bce": 0.5, "dice": 1.0, "tversky": 2.5, "thin_bce": 2.5, "focal": 1.0},
+}
+
+
+def _check_terms(terms: Mapping[str, Any], spec: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in terms.items():
+        if name not in LOSS_TERM_NAMES:
+            raise ValueError(f"unknown loss term '{name}' in loss spec {spec!r}; known terms: "
+                             f"{', '.join(LOSS_TERM_NAMES)}; named mixes: {', '.join(LOSS_MIXES)}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"weight {value!r} of loss term '{name}' in loss spec {spec!r} "
+                             "is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"weight {value!r} of loss term '{name}' in loss spec {spec!r} "
+                             "must be finite and >= 0")
+        out[name] = value
+    if not out:
+        raise ValueError(f"loss spec {spec!r} names no term")
+    if not any(out.values()):
+        raise ValueError(f"loss spec {spec!r} weighs every term 0: nothing to train on")
+    return out
+
+
+def parse_loss_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
+    """Term weights from a mix name (``"seed_vit"``), ``"bce:1,dice:0.5"`` or a dict.
+
+    A term without ``:weight`` gets weight 1 (``"bce,dice"``). Unknown terms, repeated terms and
+    weights that are not non-negative numbers raise ``ValueError`` quoting them.
+    """
+    if isinstance(spec, Mapping):
+        return _check_terms(spec, dict(spec))
+    if not isinstance(spec, str):
+        raise ValueError(f"loss spec must be a string or a dict, got {spec!r}")
+    text = spec.strip()
+    if text in LOSS_MIXES:
+        return dict(LOSS_MIXES[text])
+    terms: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty loss term in loss spec {spec!r}")
+        if name in terms:
+            raise ValueError(f"loss term '{name}' appears twice in loss spec {spec!r}")
+        terms[name] = value.strip() if sep else "1"
+    return _check_terms(terms, spec)
+
+
+
 PATCH_SCALE_CONFLICT = ("--mixed_patch_sizes and --scale_range both change the patch scale; "
                         "give one")
 
@@ -457,7 +518,6 @@ def _check_combinations(cfg: Any) -> None:
     if crops and scales:
         raise ConfigError(PATCH_SCALE_CONFLICT)
     if isinstance(getattr(cfg, "loss", None), str):  # named terms, weights not all 0
-        from retina_tf.losses import parse_loss_spec  # (Keras: imported when needed)
         try:
             parse_loss_spec(cfg.loss)
         except ValueError as err:

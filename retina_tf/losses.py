@@ -30,6 +30,11 @@ from keras import ops
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from retina_tf.config import (  # noqa: F401  (the spec API, re-exported here)
+    LOSS_MIXES,
+    parse_loss_spec,
+)
+
 _EPS = 1e-7
 # Mirror padding for vessel widths: covers vessels up to ~2 x 16 px wide (HRF main arcades).
 _WIDTH_PAD = 16
@@ -248,60 +253,8 @@ LOSS_TERMS: dict[str, Callable[..., Any]] = {
     "thin_bce": thin_bce_loss,
 }
 
-# The ViT-MAE seed's mix uses Tversky 0.2/0.8 and thin factor 4 below 3 px: the defaults of
-# SegmentationLoss, so a mix is only the term weights.
-LOSS_MIXES: dict[str, dict[str, float]] = {
-    "bce": {"bce": 1.0},
-    "bce_dice": {"bce": 1.0, "dice": 1.0},
-    "seed_vit": {"bce": 0.5, "dice": 1.0, "tversky": 2.5, "thin_bce": 2.5, "focal": 1.0},
-}
-
-
-def _check_terms(terms: Mapping[str, Any], spec: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, value in terms.items():
-        if name not in LOSS_TERMS:
-            raise ValueError(f"unknown loss term '{name}' in loss spec {spec!r}; known terms: "
-                             f"{', '.join(LOSS_TERMS)}; named mixes: {', '.join(LOSS_MIXES)}")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"weight {value!r} of loss term '{name}' in loss spec {spec!r} "
-                             "is not a number") from None
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"weight {value!r} of loss term '{name}' in loss spec {spec!r} "
-                             "must be finite and >= 0")
-        out[name] = value
-    if not out:
-        raise ValueError(f"loss spec {spec!r} names no term")
-    if not any(out.values()):
-        raise ValueError(f"loss spec {spec!r} weighs every term 0: nothing to train on")
-    return out
-
-
-def parse_loss_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
-    """Term weights from a mix name (``"seed_vit"``), ``"bce:1,dice:0.5"`` or a dict.
-
-    A term without ``:weight`` gets weight 1 (``"bce,dice"``). Unknown terms, repeated terms and
-    weights that are not non-negative numbers raise ``ValueError`` quoting them.
-    """
-    if isinstance(spec, Mapping):
-        return _check_terms(spec, dict(spec))
-    if not isinstance(spec, str):
-        raise ValueError(f"loss spec must be a string or a dict, got {spec!r}")
-    text = spec.strip()
-    if text in LOSS_MIXES:
-        return dict(LOSS_MIXES[text])
-    terms: dict[str, str] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition(":")
-        name = name.strip()
-        if not name:
-            raise ValueError(f"empty loss term in loss spec {spec!r}")
-        if name in terms:
-            raise ValueError(f"loss term '{name}' appears twice in loss spec {spec!r}")
-        terms[name] = value.strip() if sep else "1"
-    return _check_terms(terms, spec)
+# A loss spec (term weights or a mix name, LOSS_MIXES) is read by config.parse_loss_spec, so that
+# a config refuses a bad one when it is made; config.LOSS_TERM_NAMES names the terms above.
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")

@@ -204,6 +204,11 @@ def test_segmentation_loss_is_the_weighted_sum_of_its_terms(batch) -> None:
     assert float(SegmentationLoss("bce")(y, z)) == pytest.approx(float(bce_loss(y, z)), rel=1e-6)
 
 
+def test_the_configs_loss_terms_are_the_losses_terms() -> None:
+    from retina_tf.config import LOSS_TERM_NAMES  # what a config checks --loss against
+    assert tuple(losses.LOSS_TERMS) == LOSS_TERM_NAMES
+
+
 def test_parse_loss_spec() -> None:
     assert parse_loss_spec("seed_vit") == {"bce": 0.5, "dice": 1.0, "tversky": 2.5, "thin_bce": 2.5,
                                            "focal": 1.0}
