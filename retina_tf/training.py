@@ -715,9 +715,18 @@ def already_trained(cfg, run_dir: Path) -> bool:
     if check_run_folder(run_dir, to_flag_lines(cfg), cfg.overwrite, cfg.resume,
                         defaults_text=to_flag_lines(type(cfg)())) != "finished":
         return False
-    log.info(f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'}); "
-             "nothing to do. --overwrite trains it again from scratch, another --run_name "
-             "trains a new run beside it.")
+    try:
+        run = json.loads((run_dir / "metrics.json").read_text()).get("epochs_run")
+    except (OSError, ValueError, AttributeError):
+        run = None
+    said = f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'})"
+    if isinstance(run, int) and run < cfg.epochs:  # stopped by --time_budget_minutes
+        log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs, and a "
+                 "finished run keeps no state to go on from: --overwrite with a larger "
+                 f"--time_budget_minutes (0: none) trains all {cfg.epochs}.")
+    else:
+        log.info(f"{said}; nothing to do. --overwrite trains it again from scratch, another "
+                 "--run_name trains a new run beside it.")
     return True
 
 

@@ -155,6 +155,11 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     train(parse_config("train", [f"--flagfile={run / 'flags.txt'}"]))
     assert "nothing to do" in capsys.readouterr().out
     assert (run / "model.keras").stat().st_mtime_ns == stamp
+    # stopped early by its time budget: said, with the way to train every epoch
+    update_metrics_json(run, {"epochs_run": 1})  # as --time_budget_minutes leaves it
+    train(parse_config("train", [f"--flagfile={run / 'flags.txt'}", "--time_budget_minutes=0"]))
+    assert ("its time budget stopped it after 1 of 2 epochs, and a finished run keeps no state "
+            "to go on from") in capsys.readouterr().out
 
 
 def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, tmp_path):
