@@ -84,4 +84,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:]:  # no flags: a typo would otherwise run the whole measurement unnoticed
+        raise SystemExit(f"usage: python {sys.argv[0]} (it takes no arguments)")
     main()

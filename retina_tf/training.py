@@ -472,6 +472,9 @@ def parse_extra_data(entry: str) -> tuple[str, str, str]:
     head, _, last = rest.rpartition(":")
     if head and last in SPLITS:
         folder, split = head, last
+    elif head and last.isalpha():  # a word, not a folder: a split misspelt
+        raise ConfigError(f"--extra_data={entry}: {last!r} is not a split; give one of "
+                          f"{', '.join(SPLITS)}")
     if not dataset or not folder:
         raise ConfigError(f"--extra_data={entry}: give DATASET:FOLDER[:SPLIT], e.g. "
                           "stare:data/STARE:all")

@@ -101,6 +101,9 @@ def test_extra_data_entries_parse_and_bad_ones_say_how():
     assert parse_extra_data("STARE:data/STARE") == ("stare", "data/STARE", "training")
     with pytest.raises(ConfigError, match="DATASET:FOLDER"):
         parse_extra_data("data/STARE")
+    with pytest.raises(ConfigError, match="'tset' is not a split; give one of training, test"):
+        parse_extra_data("stare:data/STARE:tset")  # it was read as part of the folder
+    assert parse_extra_data("drive:C:/data/DRIVE") == ("drive", "C:/data/DRIVE", "training")
 
 
 @pytest.mark.slow
