@@ -51,7 +51,7 @@ from retina_tf.config import (
     field_names,
     read_model_config,
 )
-from retina_tf.data.catalog import DATASETS
+from retina_tf.data.catalog import DATASETS, dataset_key
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.data.preprocess import STEPS
 from retina_tf.errors import ConfigError, RetinaTFError
@@ -150,13 +150,14 @@ class _Definer:
             flags.register_multi_flags_validator([a, b], ok, rule, flag_values=self._fv)
 
 
-class _EmptyIsNoneEnumParser(flags.EnumParser):
-    """An enum parser for which an empty value means "not set" (None)."""
+class _DatasetParser(flags.EnumParser):
+    """``--dataset``: a name of :data:`DATASETS`, also as its folder is named (CHASE_DB1,
+    LES-AV); an empty value means "not set" (None)."""
 
     def parse(self, argument):
         if argument is None or argument == "":
             return None
-        return super().parse(argument)
+        return super().parse(dataset_key(argument))
 
 
 def define_all(d: _Definer) -> None:
@@ -341,7 +342,7 @@ def define_data_flags(d: _Definer) -> None:
     # An enum that also takes an empty value (--dataset=, as None) to drop a flagfile's dataset.
     dataset = flags.EnumFlag("dataset", None, "Dataset name (official layout); empty: none.",
                              list(DATASETS))
-    dataset.parser = _EmptyIsNoneEnumParser(list(DATASETS))
+    dataset.parser = _DatasetParser(list(DATASETS))
     d.add(dataset)
     d.DEFINE_string("data_dir", None, "Folder of the dataset in its official layout; empty: "
                     "none.")

@@ -117,6 +117,9 @@ def test_an_empty_dataset_drops_the_flagfiles_one(monkeypatch):
     assert cfg.dataset is None and cfg.data_dir == "" and cfg.label_file_path == "l.txt"
     with pytest.raises(flags.IllegalFlagValueError, match="--dataset=nowhere"):
         parse_flags(["--dataset=nowhere"])
+    # the names as the datasets' folders have them (the README's table) are taken too
+    assert [parse_flags([f"--dataset={name}"]).dataset for name in ("CHASE_DB1", "LES-AV")
+            ] == ["chase_db1", "les_av"]
 
 
 def test_empty_data_flags_count_as_not_given():

@@ -246,9 +246,15 @@ def guess_dataset(data_dir: PathLike) -> str | None:
     return None
 
 
+def dataset_key(dataset: str) -> str:
+    """A dataset name as :data:`DATASETS` spells it, when it is one: ``"CHASE_DB1"`` and
+    ``"LES-AV"`` as their folders are named give ``"chase_db1"`` and ``"les_av"``."""
+    return str(dataset).strip().lower().replace("-", "_")
+
+
 def normalize_dataset_name(dataset: str) -> str:
     """Maps ``"CHASE_DB1"``, ``"LES-AV"``, ``"hrf-av"`` ... to the names in :data:`DATASETS`."""
-    name = str(dataset).strip().lower().replace("-", "_")
+    name = dataset_key(dataset)
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}")
     return name
