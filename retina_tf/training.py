@@ -672,6 +672,19 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     return state, state.elapsed_seconds / 60.0, best_path
 
 
+def _check_patch_options(cfg, model: keras.Model) -> None:
+    """Patch options that :func:`training_dataset` cannot give this model, refused before the
+    run folder is written."""
+    if cfg.mode != "patch" or not model.context_fusion:
+        return
+    if cfg.scale_range:
+        raise ConfigError("--scale_range: not with a context-fusion model, whose patches and "
+                          "context are cut at the image's own scale; leave it out")
+    if cfg.mixed_patch_sizes and model.context_factor > 0:
+        raise ConfigError("--mixed_patch_sizes: not with a context crop (context_factor > 0); "
+                          "use \"context_factor\": 0, the whole image as context")
+
+
 def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augment: Augment,
                      steps: int, start_epoch: int = 0) -> tf.data.Dataset:
     """The training stream (patches, patch + context windows, or whole images), started after
@@ -687,9 +700,6 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
                              augment, cfg.seed, start=start, context_size=model.context_size,
                              crop_sizes=sizes)
     if model.context_fusion:  # wide crops, split into patch + context
-        if sizes:
-            raise ConfigError("--mixed_patch_sizes: not with a context crop (context_factor > "
-                              "0); use \"context_factor\": 0, the whole image as context")
         return with_context(
             patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
                           cfg.vessel_probability, augment, cfg.seed, start=start),
@@ -970,6 +980,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
     augment = augmentation(cfg)
     with strategy.scope():
         model = build_model(cfg.model, **model_kwargs(cfg, pre.channels, num_classes))
+    _check_patch_options(cfg, model)
     pretrained = (find_run(cfg.pretrained, cfg.logdir, flag="--pretrained")
                   if cfg.pretrained else None)
     if pretrained is not None:

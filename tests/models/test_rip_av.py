@@ -280,3 +280,17 @@ def test_seed_distance_form_targets_and_loss():
     assert got == pytest.approx(term.sum() / av.sum(), rel=1e-4)
     with pytest.raises(ValueError, match="distance_form must be one of"):
         RIPAV(distance_form="other", **TINY)
+
+
+def test_patch_options_a_context_model_cannot_use_are_refused():
+    from retina_tf.config import TrainConfig
+    from retina_tf.training import _check_patch_options
+    model = RIPAV(**TINY)  # context_factor 0: the whole image as context
+    _check_patch_options(TrainConfig(model="rip_av", mixed_patch_sizes=(24, 48)), model)
+    with pytest.raises(ConfigError, match="--scale_range: not with a context-fusion model"):
+        _check_patch_options(TrainConfig(model="rip_av", scale_range=(0.8, 1.25)), model)
+    cropped = RIPAV(**{**TINY, "context_factor": 2})
+    with pytest.raises(ConfigError, match="--mixed_patch_sizes: not with a context crop"):
+        _check_patch_options(TrainConfig(model="rip_av", mixed_patch_sizes=(24, 48)), cropped)
+    plain = RIPAV(context_fusion=False, distance_head=False, **TINY)
+    _check_patch_options(TrainConfig(model="rip_av", scale_range=(0.8, 1.25)), plain)
