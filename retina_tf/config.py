@@ -507,7 +507,6 @@ def parse_loss_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
     return _check_terms(terms, spec)
 
 
-
 PATCH_SCALE_CONFLICT = ("--mixed_patch_sizes and --scale_range both change the patch scale; "
                         "give one")
 
