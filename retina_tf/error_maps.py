@@ -20,17 +20,6 @@ ERROR_MAPS_DIR = "error_maps"
 ERROR_MAPS_JSON = "error_maps.json"  # the run, threshold and data the maps were made from
 
 
-def data_key(dataset: str | None, data_dir: str | None,
-             label_file_path: str | None) -> dict[str, str | None]:
-    """The data a set of error maps describes, as ``error_maps.json`` records it: maps of
-    another folder with the same image names (RITE and DRIVE, two synthetic sets) must not
-    pass for this one's."""
-    def where(path):
-        return str(Path(path).resolve()) if path else None
-    return {"dataset": dataset or None, "data_dir": where(data_dir),
-            "label_file_path": where(label_file_path)}
-
-
 def error_map(probability: np.ndarray, target: np.ndarray, fov: np.ndarray,
               threshold: float = 0.5) -> np.ndarray:
     """Bool (H, W): inside the FOV, pixels whose thresholded prediction differs from the
@@ -42,7 +31,8 @@ def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
                     shapes: Sequence[tuple[int, int]],
                     data: dict[str, str | None] | None = None) -> list[np.ndarray]:
     """The float32 (H, W) error maps ``<folder>/<name>.png`` of the named training images;
-    ``data`` (:func:`data_key`): the data they must have been made from, when their
+    ``data`` (:func:`retina_tf.data.pipeline.data_key`): the data they must have been made
+    from, when their
     ``error_maps.json`` says."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -36,8 +36,8 @@ from retina_tf.data.io import (
     read_image,
     read_sample,
 )
-from retina_tf.data.pipeline import SegmentationSet, resolve_samples, target_of
-from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, data_key, error_map
+from retina_tf.data.pipeline import SegmentationSet, data_key, resolve_samples, target_of
+from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, error_map
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
     Segmenter,

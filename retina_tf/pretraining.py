@@ -26,7 +26,13 @@ from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
-from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset, without_autotune
+from retina_tf.data.pipeline import (
+    Augment,
+    SegmentationSet,
+    data_key,
+    patch_dataset,
+    without_autotune,
+)
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
@@ -204,11 +210,9 @@ def rip_patch_set(cfg: RipPretrainConfig) -> tuple[np.ndarray, np.ndarray, Prepr
     records, settings = read_rip_records(cfg.rip_patches)
     train_set, val_set, pre = load_training_sets(cfg)
     known = set(train_set.names) | set(val_set.names if val_set else [])
-    def where(data_dir):
-        return Path(data_dir).resolve() if data_dir else None
     # RITE and DRIVE, or two synthetic sets, share image names: the folder must match too
-    other_folder = (settings.get("dataset"), where(settings.get("data_dir"))) != (
-        cfg.dataset, where(cfg.data_dir))
+    other_folder = data_key(settings.get("dataset"), settings.get("data_dir"), None) != data_key(
+        cfg.dataset, cfg.data_dir, cfg.label_file_path)
     if other_folder or {r.name for r in records} - known:
         raise DatasetError(f"{cfg.rip_patches}: its patches come from {settings.get('dataset')} "
                            f"in {settings.get('data_dir')}, not from the training images of "

@@ -34,6 +34,7 @@ from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
     build_set,
+    data_key,
     padded_size,
     patch_dataset,
     resolve_samples,
@@ -41,7 +42,7 @@ from retina_tf.data.pipeline import (
     with_context,
 )
 from retina_tf.data.preprocess import Preprocessor
-from retina_tf.error_maps import ERROR_MAPS_DIR, data_key, read_error_maps
+from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
 from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model, native_bfloat16
@@ -551,7 +552,7 @@ def load_pretrained(model: keras.Model, run_dir: Path) -> None:
 def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained: Path | None,
                       model_name: str, data: dict | None = None) -> SegmentationSet:
     """The training set with each image's stage-1 error map appended to its target; ``data``
-    (:func:`retina_tf.error_maps.data_key`): what the maps must have been made from."""
+    (:func:`retina_tf.data.pipeline.data_key`): what the maps must have been made from."""
     if folder is None:
         if pretrained is None:
             raise ConfigError(f"{model_name} trains on stage-1 error maps: give "

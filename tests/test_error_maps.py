@@ -12,12 +12,13 @@ from retina_tf.data.io import DatasetError, read_mask, read_sample, write_image_
 from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
+    data_key,
     patch_dataset,
     resolve_samples,
     whole_image_dataset,
 )
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.error_maps import ERROR_MAPS_JSON, data_key, error_map, read_error_maps
+from retina_tf.error_maps import ERROR_MAPS_JSON, error_map, read_error_maps
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import evaluate, write_error_maps
 from retina_tf.flags import parse_config

@@ -133,6 +133,17 @@ def resolve_samples(dataset: str | None = None, data_dir: str | os.PathLike | No
     return list_samples(dataset, data_dir, split)
 
 
+def data_key(dataset: str | None, data_dir: str | os.PathLike | None,
+             label_file: str | os.PathLike | None) -> dict[str, str | None]:
+    """Which images :func:`resolve_samples` reads, in a form to record beside what was made
+    from them (error maps, RIP patches) and to compare: two folders with the same image names
+    (RITE and DRIVE, two synthetic sets) must not pass for each other."""
+    def where(path):
+        return str(Path(path).resolve()) if path else None
+    return {"dataset": dataset or None, "data_dir": where(data_dir),
+            "label_file_path": where(label_file)}
+
+
 def target_of(data: SampleData, task: str) -> np.ndarray:
     """The float32 (H, W, K) target: vessel (K=1) or artery/vein/vessel (K=3)."""
     if task == "vessel":
