@@ -22,7 +22,13 @@ from retina_tf.config import CompareConfig
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
-from retina_tf.evaluation import OutputFolder, SetScores, _test_samples, _trained_on_warning
+from retina_tf.evaluation import (
+    OutputFolder,
+    SetScores,
+    _test_samples,
+    _trained_on_warning,
+    _warn,
+)
 from retina_tf.inference import Segmenter, resolve_threshold, run_inference
 from retina_tf.run_folder import find_run
 
@@ -120,8 +126,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     dataset = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     log.info(f"comparing {len(runs)} runs on {len(samples)} {dataset} {cfg.eval_split} images "
              "(pixels inside the FOV; each run with its own inference settings)")
-    for warning in filter(None, (_trained_on_warning(r.segmenter, samples) for r in runs)):
-        log.warning(warning)
+    for run in runs:
+        _warn(_trained_on_warning(run.segmenter, samples))
     panels: list[tuple[visualize.Title, np.ndarray]] = []
     for i, sample in enumerate(samples):
         data = read_sample(sample)
