@@ -123,13 +123,16 @@ def main(_):
         raise AssertionError(fmt)  # refused above
 
     rows = []
-    for fmt in FLAGS.formats:
-        run, what = runner(fmt)
-        seconds = _median_seconds(run, FLAGS.repeats, FLAGS.warmup)
-        rows.append((fmt, what, seconds))
-        print(f"{fmt}: {seconds * 1000:.0f} ms ({what})"
-              + (f", exported and loaded in {setup[fmt]:.1f} s" if fmt in setup else ""),
-              flush=True)
+    try:
+        for fmt in FLAGS.formats:
+            run, what = runner(fmt)
+            seconds = _median_seconds(run, FLAGS.repeats, FLAGS.warmup)
+            rows.append((fmt, what, seconds))
+            print(f"{fmt}: {seconds * 1000:.0f} ms ({what})"
+                  + (f", exported and loaded in {setup[fmt]:.1f} s" if fmt in setup else ""),
+                  flush=True)
+    finally:  # the exports, also when one fails
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{FLAGS.model}, one {image.shape[1]}x{image.shape[0]} photograph (network input "
           f"{w}x{h}), median of {FLAGS.repeats} after {FLAGS.warmup} warm-up, "
@@ -138,7 +141,6 @@ def main(_):
     for fmt, what, seconds in rows:
         made = f"{setup[fmt]:.1f} s" if fmt in setup else ""
         print(f"| {fmt} | {what} | {seconds * 1000:.0f} ms | {made} |")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
