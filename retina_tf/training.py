@@ -490,9 +490,18 @@ def training_sources(cfg) -> list[list[Sample]]:
     alone = extra and not (cfg.dataset or cfg.data_dir or cfg.label_file_path)
     sources = [] if alone else [resolve_samples(cfg.dataset, cfg.data_dir, "training",
                                                 cfg.label_file_path)]
+    names = [] if alone else [f"--label_file_path={cfg.label_file_path}" if cfg.label_file_path
+                              else f"--data_dir={cfg.data_dir}"]
     for entry in extra:
         dataset, folder, split = parse_extra_data(entry)
         sources.append(resolve_samples(dataset, folder, split))
+        names.append(f"--extra_data={entry}")
+    seen: dict[Path, str] = {}
+    for name, samples in zip(names, sources):
+        for s in samples:  # one image in two sets: trained on twice, held out and trained on
+            first = seen.setdefault(Path(s.image).resolve(), name)
+            if first != name:
+                raise ConfigError(f"{name}: {s.image} is also in {first}; give each set once")
     return sources
 
 

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from retina_tf.data.camera import CameraChange, apply_camera_change, camera_variants
 from retina_tf.data.pipeline import Augment, SegmentationSet, patch_dataset
-from retina_tf.data.synthetic import generate_fundus
+from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from retina_tf.training import parse_extra_data
 
@@ -108,7 +108,6 @@ def test_extra_data_entries_parse_and_bad_ones_say_how():
 
 @pytest.mark.slow
 def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path):
-    from retina_tf.data.synthetic import write_synthetic_dataset
     from retina_tf.flags import parse_config
     from retina_tf.training import load_training_sets, train
     from tests.conftest import tiny_train_args
@@ -131,3 +130,20 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path):
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
     assert data["extra_data"] == [f"synthetic:{other}"]
+
+
+def test_a_set_given_twice_is_refused_naming_the_image(tiny_synthetic, tmp_path):
+    from retina_tf.config import TrainConfig
+    from retina_tf.training import training_sources
+    alias = tmp_path / "alias"
+    alias.symlink_to(tiny_synthetic)  # the same images under another name
+    base = dict(dataset="synthetic", data_dir=str(tiny_synthetic))
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, num_images=2, num_test=1, seed=9, size=(64, 64))
+    assert len(training_sources(TrainConfig(**base, extra_data=(f"synthetic:{other}",)))) == 2
+    # trained on twice, and one copy's held-out images trained on in the other
+    with pytest.raises(ConfigError, match=rf"--extra_data=synthetic:{alias}: .*_training\.tif is "
+                       rf"also in --data_dir={tiny_synthetic}; give each set once"):
+        training_sources(TrainConfig(**base, extra_data=(f"synthetic:{alias}",)))
+    with pytest.raises(ConfigError, match=rf"is also in --extra_data=synthetic:{other}"):
+        training_sources(TrainConfig(extra_data=(f"synthetic:{other}", f"synthetic:{other}:all")))
