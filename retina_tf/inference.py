@@ -31,7 +31,7 @@ from retina_tf.config import (
     parse_inference_scale,
 )
 from retina_tf.data.fov import estimate_fov
-from retina_tf.data.io import atomic_write_bytes
+from retina_tf.data.io import atomic_write_bytes, fov_of_array
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
@@ -169,19 +169,18 @@ def run_inference(run_dir: str | Path) -> InferenceConfig:
 
 
 def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np.ndarray:
-    """A FOV mask as given (bool, 0/1 or 0/255; one channel or three) as bool (H, W).
+    """A FOV mask as given (bool, 0/1, 0/255; one channel or three) as bool (H, W), read as
+    its file would be (:func:`retina_tf.data.io.fov_of_array`).
 
     A 0/255 mask used as it is would scale the probabilities by 255 in silence.
     """
     fov = np.asarray(fov)
-    if fov.ndim == 3:
-        fov = fov.max(axis=-1)
-    if fov.shape != image.shape[:2]:
+    if fov.shape[:2] != image.shape[:2]:
         size = " x ".join(str(n) for n in fov.shape[1::-1]) or "a scalar"
         raise DatasetError(f"the FOV mask given for {source} is {size} pixels, the image "
                            f"{image.shape[1]} x {image.shape[0]}: give this photograph's "
                            "mask, or none to estimate it")
-    return fov > 0
+    return fov_of_array(fov, source)
 
 
 def _to_uint8_rgb_hint(image: np.ndarray) -> str:

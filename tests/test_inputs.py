@@ -281,19 +281,31 @@ def test_arrays_of_another_kind_are_refused_with_the_conversion(shipped: Segment
             shipped.segment(array)
 
 
-def test_a_0_255_fov_mask_counts_as_a_mask_and_a_wrong_size_is_named(shipped: Segmenter):
-    """A FOV read from a mask file (0/255, maybe three channels) gives what its bool gives,
-    probabilities within [0, 1]; one of another size is refused."""
+def test_a_fov_mask_array_reads_as_its_file_and_a_wrong_size_is_named(shipped: Segmenter):
+    """A FOV given as an array of any of the forms a mask file has (0/255, 4/252, JPEG noise,
+    maybe three channels; 0/1 floats) gives what its bool gives, probabilities within [0, 1];
+    one of another size, four channels or an empty one is refused."""
     image = generate_fundus(1, (128, 128)).image
     fov = estimate_fov(image)
     prob, mask = shipped.segment(image, fov=fov)
-    for given in (fov.astype(np.uint8) * 255, np.dstack([fov.astype(np.uint8) * 255] * 3)):
+    u8 = fov.astype(np.uint8)
+    noisy = np.clip(u8 * 255 + rng_noise(fov.shape), 0, 255).astype(np.uint8)  # a JPEG's
+    for given in (u8 * 255, np.dstack([u8 * 255] * 3), u8 * 248 + 4, noisy,  # 4/252: DRIVE GIFs
+                  u8.astype(np.float32), u8 * 0.8 + 0.1):
         prob255, mask255 = shipped.segment(image, fov=given)
         np.testing.assert_array_equal(prob255, prob)
         np.testing.assert_array_equal(mask255, mask)
     assert prob.max() <= 1.0 and 0 < mask.mean() < 0.5
     with pytest.raises(DatasetError, match=r"is 128 x 100 pixels, the image 128 x 128"):
         shipped.segment(image, fov=fov[:100], source="a.png")
+    with pytest.raises(DatasetError, match=r"mask given for a.png has four channels: give one"):
+        shipped.segment(image, fov=np.dstack([u8 * 255] * 3 + [u8 * 0 + 255]), source="a.png")
+    with pytest.raises(DatasetError, match=r"a.png: the FOV mask is empty"):
+        shipped.segment(image, fov=u8 * 0, source="a.png")
+
+
+def rng_noise(shape) -> np.ndarray:
+    return np.random.default_rng(0).integers(-20, 21, shape)
 
 
 def test_threshold_outside_zero_one_is_a_config_error(shipped: Segmenter):

@@ -27,7 +27,7 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
-           "read_fov_mask", "read_image", "read_mask", "read_sample", "write_image_atomic"]
+           "fov_of_array", "read_fov_mask", "read_image", "read_mask", "read_sample", "write_image_atomic"]
 
 if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
@@ -232,8 +232,8 @@ def read_image(path: PathLike) -> np.ndarray:
     return array
 
 
-def _gray_levels(path: Path, array: np.ndarray) -> np.ndarray:
-    """Collapses a mask file to one channel; a coloured mask counts every non-black pixel."""
+def _gray_levels(array: np.ndarray) -> np.ndarray:
+    """Collapses a mask to one channel; a coloured mask counts every non-black pixel."""
     if array.ndim == 2:
         return array
     if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
@@ -261,28 +261,57 @@ def read_mask(path: PathLike, what: str = "label") -> np.ndarray:
         DatasetError: when the file cannot be read or a label has more than two gray levels.
     """
     path = Path(path)
-    gray = _gray_levels(path, _decode(path))
-    counts = np.bincount(gray.ravel(), minlength=256)
-    levels = np.flatnonzero(counts)
+    return mask_of_levels(_gray_levels(_decode(path)), what, path)
+
+
+def mask_of_levels(gray: np.ndarray, what: str, source: object) -> np.ndarray:
+    """A one-channel mask of any numeric type as bool, by :func:`read_mask`'s rules (with
+    ``what="fov"``, more than two levels are cut halfway between the darkest and the brightest,
+    at > 127 for uint8). ``source`` names the mask in messages."""
+    if gray.dtype == bool:
+        return gray
+    if gray.dtype == np.uint8:
+        levels = np.flatnonzero(np.bincount(gray.ravel(), minlength=256))
+    else:
+        levels = np.unique(gray)
     if len(levels) > 2:
         if what == "fov":
-            return gray > 127
-        raise DatasetError(f"{path}: {what} is not binary: found {len(levels)} distinct values "
-                           f"(e.g. {levels[:6].tolist()})")
+            return gray > (127 if gray.dtype == np.uint8 else (levels[0] + levels[-1]) / 2)
+        raise DatasetError(f"{source}: {what} is not binary: found {len(levels)} distinct "
+                           f"values (e.g. {levels[:6].tolist()})")
     if len(levels) == 2:
         return gray == levels[1]
-    level = int(levels[0])
+    level = levels[0].item()
     return np.full(gray.shape, level > 127 or level == 1)
 
 
-def read_fov_mask(path: PathLike) -> np.ndarray:
-    """:func:`read_mask` of a FOV mask, refusing one with no FOV pixel (a 0/1 mask saved as
-    JPEG has nothing above 127): every metric and patch would come from nothing."""
-    fov = read_mask(path, "fov")
+def fov_of_array(mask: np.ndarray, source: object) -> np.ndarray:
+    """A FOV mask given as an array (bool, 0/1, 0/255, 4/252; one channel or three) as bool,
+    by the rules of :func:`read_fov_mask`, so that a mask gives the same FOV as its file."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 4:
+        raise DatasetError(f"the FOV mask given for {source} has four channels: give one "
+                           "(mask[..., 0], or mask[..., 3] if the alpha channel holds the FOV)")
+    if mask.ndim == 3:
+        mask = _gray_levels(mask)
+    if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)):
+        raise DatasetError(f"the FOV mask given for {source} is of type {mask.dtype}: give "
+                           "bool, 0/1 or 0/255 numbers")
+    return _nonempty(mask_of_levels(mask, "fov", source), source)
+
+
+def _nonempty(fov: np.ndarray, source: object) -> np.ndarray:
+    """Refuses a FOV with no pixel (a 0/1 mask saved as JPEG has nothing above 127): every
+    metric and patch would come from nothing."""
     if not fov.any():
-        raise DatasetError(f"{path}: the FOV mask is empty: save it with 255 (white) inside the "
-                           "field of view and 0 outside")
+        raise DatasetError(f"{source}: the FOV mask is empty: save it with 255 (white) inside "
+                           "the field of view and 0 outside")
     return fov
+
+
+def read_fov_mask(path: PathLike) -> np.ndarray:
+    """:func:`read_mask` of a FOV mask, refusing one with no FOV pixel."""
+    return _nonempty(read_mask(path, "fov"), path)
 
 
 def read_av(path: PathLike, av_format: str) -> np.ndarray:
@@ -306,7 +335,7 @@ def read_av(path: PathLike, av_format: str) -> np.ndarray:
             return av_lib.decode_av_rgb(array)
         if av_format == "index":
             if array.ndim == 3:
-                array = _gray_levels(path, array)
+                array = _gray_levels(array)
             return av_lib.decode_av_index(array)
     except ValueError as err:
         raise DatasetError(f"{path}: {err}") from err
