@@ -27,7 +27,8 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
-           "fov_of_array", "read_fov_mask", "read_image", "read_mask", "read_sample", "write_image_atomic"]
+           "fov_of_array", "read_fov_mask", "read_image", "read_mask", "read_sample",
+           "write_image_atomic"]
 
 if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
