@@ -200,12 +200,25 @@ def _decode(path: PathLike) -> np.ndarray:
     if array.ndim == 3:
         if array.shape[-1] == 1:
             return _to_uint8(path, array[..., 0])
-        if array.shape[-1] == 4:
-            array = array[..., :3]  # drop alpha (before the bit depth is read from the maximum)
+        if array.shape[-1] == 4:  # before the bit depth is read from the maximum
+            array = _over_black(array)
         if array.shape[-1] != 3:
             raise DatasetError(f"{path} has {array.shape[-1]} channels, expected 1, 3 or 4")
         return cv2.cvtColor(_to_uint8(path, array), cv2.COLOR_BGR2RGB)
     return _to_uint8(path, array)
+
+
+def _over_black(array: np.ndarray) -> np.ndarray:
+    """A four-channel picture's colour composited onto black by its alpha channel: a photograph
+    cut out of its surround (or a label drawn on a transparent layer) often keeps colour under
+    its transparent pixels, which no viewer shows and the FOV estimate must not see."""
+    colour, alpha = array[..., :3], array[..., 3:]
+    if not np.issubdtype(array.dtype, np.integer):
+        return colour
+    top = np.iinfo(array.dtype).max
+    if (alpha == top).all():
+        return colour
+    return np.rint(colour * (alpha / top)).astype(array.dtype)
 
 
 def read_image(path: PathLike) -> np.ndarray:

@@ -77,14 +77,21 @@ def test_read_image_gray_and_16_bit(tmp_path: Path):
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
 
 
-def test_read_image_drops_alpha_and_keeps_rgb_order(tmp_path: Path):
-    bgra = np.zeros((3, 4, 4), np.uint8)
-    bgra[..., 2] = 200  # red in OpenCV's BGR order
-    bgra[..., 3] = 17
-    cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
-    image = read_image(tmp_path / "rgba.png")
-    assert image.shape == (3, 4, 3)
-    assert (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
+def test_read_image_keeps_rgb_order_and_composites_alpha_onto_black(tmp_path: Path):
+    """Opaque pixels keep their colour; transparent ones are black whatever colour lies under
+    them (a cut-out photograph keeps white there, which the FOV estimate took for retina)."""
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        bgra = np.zeros((3, 4, 4), dtype)
+        bgra[..., 2] = 200 * (top // 255)  # red in OpenCV's BGR order
+        bgra[..., 3] = top
+        bgra[0, :, :3], bgra[0, :, 3] = top, 0  # white under transparent pixels
+        bgra[1, :2, 3] = top // 2 + 1
+        cv2.imwrite(str(tmp_path / "rgba.png"), bgra)
+        image = read_image(tmp_path / "rgba.png")
+        assert image.shape == (3, 4, 3) and image.dtype == np.uint8
+        assert (image[0] == 0).all() and (image[..., 1:] == 0).all()
+        assert (image[2, :, 0] == 200).all() and (image[1, 2:, 0] == 200).all()
+        assert (image[1, :2, 0] == 100).all()
 
 
 # TIFF as well as PNG: OpenCV turns a TIFF upright itself, a PNG not (nor a JPEG, below).
