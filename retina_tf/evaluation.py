@@ -67,7 +67,9 @@ log = logging.getLogger(__name__)
 # wide vessel measures 4), because thin vessels are where A/V classification fails first.
 THIN_AV_WIDTH = 4.0
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".gz")
+# read_image decodes these (and their gzipped forms, as STARE's .ppm.gz)
+IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".ppm", ".pgm",
+                  ".bmp", ".webp")
 
 # Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.
@@ -691,9 +693,13 @@ def _warn(message: str | None) -> None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (by extension), hidden files left out."""
+    """The image files of ``folder`` (by extension, ``.gz`` of one too), hidden files left
+    out."""
+    def is_image(name: str) -> bool:
+        name = name.lower().removesuffix(".gz")
+        return os.path.splitext(name)[1] in IMAGE_SUFFIXES
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+                  and is_image(p.name))
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -715,10 +721,12 @@ def list_inputs(path: Path) -> list[Path]:
         masks = [p.name for p in files if p.name not in ours and _is_mask_name(p)]
         if masks:
             log.info(f"{len(masks)} file(s) ending in '_mask' taken for FOV masks, not "
-                     f"segmented: {', '.join(masks[:3])}{' ...' if len(masks) > 3 else ''}")
+                     f"segmented: {', '.join(masks[:3])}{' ...' if len(masks) > 3 else ''} "
+                     f"(the FOV is estimated unless --fov={path} is given)")
         return inputs
     if not files:
-        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and "
+                           "their .gz)")
     masks = sum(p.name not in ours for p in files)
     kinds = [f"{masks} end in '_mask' (taken for FOV masks)"] if masks else []
     if len(files) > masks:
@@ -730,7 +738,7 @@ def list_inputs(path: Path) -> list[Path]:
 
 def _is_mask_name(path: Path) -> bool:
     """A FOV mask's name, as :func:`find_fov_mask` looks for it: ``<stem>_mask.<ext>``."""
-    return path.stem.lower().endswith("_mask")
+    return file_stem(path).lower().endswith("_mask")
 
 
 def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:

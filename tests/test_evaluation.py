@@ -1,5 +1,6 @@
 """Evaluate and predict CLIs on tiny synthetic data, and the inference helpers."""
 
+import gzip
 import json
 import logging
 import shutil
@@ -313,7 +314,25 @@ def test_only_names_ending_in_mask_are_taken_for_fov_masks(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         inputs = list_inputs(tmp_path)
     assert [p.name for p in inputs] == ["eye.png", "eye_masked_lens.png"]
-    assert "taken for FOV masks, not segmented: eye_mask.png" in caplog.text
+    assert (f"taken for FOV masks, not segmented: eye_mask.png (the FOV is estimated unless "
+            f"--fov={tmp_path} is given)") in caplog.text
+
+
+def test_a_folder_lists_every_image_type_read_image_reads_and_nothing_else(tmp_path):
+    from retina_tf.evaluation import list_inputs
+    image = generate_fundus(1, size=(64, 64)).image
+    for name, ext in (("a.webp", ".webp"), ("b.jfif", ".jpg"), ("c.pgm", ".pgm"),
+                      ("d.bmp", ".bmp")):
+        (tmp_path / name).write_bytes(cv2.imencode(ext, image[..., :3 if ext != ".pgm" else 1])
+                                      [1].tobytes())
+    (tmp_path / "e.ppm.gz").write_bytes(gzip.compress(cv2.imencode(".ppm", image)[1].tobytes()))
+    (tmp_path / "f_mask.ppm.gz").write_bytes((tmp_path / "e.ppm.gz").read_bytes())
+    (tmp_path / "backup.tar.gz").write_bytes(gzip.compress(b"not an image"))
+    (tmp_path / "notes.txt").write_text("")
+    inputs = list_inputs(tmp_path)
+    assert [p.name for p in inputs] == ["a.webp", "b.jfif", "c.pgm", "d.bmp", "e.ppm.gz"]
+    for path in inputs:
+        assert read_image(path).shape == (64, 64, 3)
 
 
 def test_a_sliding_window_off_the_size_multiple_is_refused_in_one_line():

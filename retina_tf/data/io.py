@@ -106,7 +106,8 @@ def _to_uint8(path: Path, array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype != np.uint16:
-        raise DatasetError(f"{path} has unsupported pixel type {array.dtype}")
+        raise DatasetError(f"{path} has pixels of type {array.dtype}: save it with 8 or 16 bits "
+                           "per channel (e.g. PNG or TIFF)")
     bits = bit_depth(int(array.max()))
     scale = np.float32(255.0 / (2 ** bits - 1))
     return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
@@ -189,11 +190,15 @@ def _decode(path: PathLike) -> np.ndarray:
         raise DatasetError(f"{path} is truncated (no end-of-image marker)")
     if data[:3] == b"\xff\xd8\xff":
         _check_jpeg(path, data)
-    array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
-                         cv2.IMREAD_UNCHANGED)
+    level = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:  # a broken file gets the one line below, not OpenCV's decoder errors too
+        array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
+                             cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if array is None:
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
-                           "truncated)")
+                           "truncated): copy or export the file again")
     orientation = _exif_orientation(data)
     if orientation != 1:
         array = np.ascontiguousarray(_UPRIGHT[orientation](array))

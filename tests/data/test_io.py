@@ -362,3 +362,13 @@ def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, level
     cv2.imwrite(str(mask), read_mask(sample.fov).astype(np.uint8) * levels)
     with pytest.raises(DatasetError, match=rf"{name}: the FOV mask is empty: save it with 255"):
         read_sample(sample, fov_path=mask)
+
+
+def test_a_broken_tiff_gets_one_line_and_no_decoder_errors(tmp_path: Path, capfd):
+    image = np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)
+    data = cv2.imencode(".tif", image)[1].tobytes()
+    (tmp_path / "cut.tif").write_bytes(data[: int(len(data) * 0.6)])  # the directory lost
+    with pytest.raises(DatasetError, match="cut.tif cannot be decoded .*: copy or export"):
+        read_image(tmp_path / "cut.tif")
+    assert "TIFF" not in capfd.readouterr().err  # OpenCV's own lines, on the process's stderr
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
