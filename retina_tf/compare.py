@@ -134,7 +134,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         target = target_of(data, task) > 0.5
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
-            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov)
+            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov,
+                                                                threshold=run.threshold)
             prob = prob[..., -1:] if task == "vessel" else prob
             prob = prob * data.fov[..., None]  # background outside the FOV, as evaluate has it
             run.scores.update(prob, target, data.fov, name=data.name)

@@ -544,7 +544,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         plan = seg.scale_plan(data.image, data.fov)
         if plan.rescaled:
             log.info(f"{name} {data.name}: {plan.describe()}")
-        prob = seg.probability_at_inference_scale(data.image, data.fov, plan)
+        prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold)
         if vessel_channel_only:
             prob = prob[..., -1:]  # artery, vein, vessel
         prob = prob * data.fov[..., None]

@@ -520,8 +520,10 @@ class Segmenter:
             return ""
         return "flip and transpose TTA" if self.tta_transpose else "flip TTA"
 
-    def probability_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """(H, W, C) preprocessed float image -> (H, W, K) probabilities."""
+    def probability_preprocessed(self, x: np.ndarray, threshold: float | None = None
+                                 ) -> np.ndarray:
+        """(H, W, C) preprocessed float image -> (H, W, K) probabilities; ``threshold``: the
+        vessel map :func:`vote_av_segments` cuts into segments (None: :attr:`threshold`)."""
         if not self.tta:
             prob = self._probability(x)
         else:
@@ -532,7 +534,8 @@ class Segmenter:
             if prob.shape[-1] != 3:
                 raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
                                  f"{prob.shape[-1]} channel(s)")
-            prob = vote_av_segments(prob, threshold=self.threshold, link=self.av_link)
+            prob = vote_av_segments(prob, link=self.av_link,
+                                    threshold=self.threshold if threshold is None else threshold)
         return prob
 
     def _view_probability(self, x: np.ndarray, flip: tuple, transpose: bool) -> np.ndarray:
@@ -568,9 +571,10 @@ class Segmenter:
         """The forward pass of a batch whose windows share one encoded context (1, h, w, C)."""
         return self._forward({"image": batch, "context_features": features})
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
-        """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities."""
-        return self.probability_preprocessed(self.preprocessor(image))
+    def probability(self, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities (``threshold``: the A/V
+        vote's, see :meth:`probability_preprocessed`)."""
+        return self.probability_preprocessed(self.preprocessor(image), threshold)
 
     @property
     def min_image_size(self) -> int:
@@ -620,8 +624,8 @@ class Segmenter:
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         self.check_image_size(image, source)
         fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
-        prob = self.probability_at_inference_scale(image, fov) if match_scale else \
-            self.probability(image)
+        prob = self.probability_at_inference_scale(image, fov, threshold=threshold) \
+            if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         return prob, prob >= threshold
 
@@ -662,18 +666,20 @@ class Segmenter:
         return ScalePlan(w, h, diameter, float(trained) if trained else None, factor, size)
 
     def probability_at_inference_scale(self, image: np.ndarray, fov: np.ndarray,
-                                       plan: ScalePlan | None = None) -> np.ndarray:
+                                       plan: ScalePlan | None = None,
+                                       threshold: float | None = None) -> np.ndarray:
         """:meth:`probability` at the size of :meth:`scale_plan` (``plan`` when given): the
         photograph resized there (OpenCV area), segmented, and the probabilities resized back
         (bilinear). Vessel widths in pixels are what a model learned, so a photograph of
         another scale is brought near the training FOV diameter; ``predict``, ``evaluate`` and
-        ``compare`` all segment this way."""
+        ``compare`` all segment this way (``threshold``: the A/V vote's)."""
         plan = plan or self.scale_plan(image, fov)
         if not plan.rescaled:
-            return self.probability(image)
+            return self.probability(image, threshold)
         small = cv2.resize(image, plan.size, interpolation=cv2.INTER_AREA)
         h, w = image.shape[:2]
-        prob = cv2.resize(self.probability(small), (w, h), interpolation=cv2.INTER_LINEAR)
+        prob = cv2.resize(self.probability(small, threshold), (w, h),
+                          interpolation=cv2.INTER_LINEAR)
         return prob.reshape(h, w, -1)
 
 

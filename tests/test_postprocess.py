@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy import ndimage
 
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.inference import Segmenter
@@ -131,6 +132,25 @@ def test_segmenter_applies_the_vote_after_its_forward_pass():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="av_link"):
         Segmenter(identity, Preprocessor(), av_vote=True, av_link=-1.0)
+
+
+def test_the_vote_cuts_the_vessel_map_at_the_threshold_segment_is_given():
+    identity = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Identity()])
+    seg = Segmenter(identity, Preprocessor.from_steps("none"), size_multiple=8,
+                    inference="whole", av_vote=True)
+    seg._forward = tf.function(lambda t: t)
+    prob = _noisy(_crossing(), 0.3, seed=4)
+    wide = ndimage.binary_dilation(prob[..., 2] > 0, iterations=3)
+    prob[..., 2] = np.where(prob[..., 2] > 0, 0.6, np.where(wide, 0.4, 0.0))  # 0.3 widens it
+    image = (prob * 255).round().astype(np.uint8)
+    x = seg.preprocessor(image)
+    fov = np.ones(image.shape[:2], bool)
+    for t in (0.3, 0.7):
+        voted = vote_av_segments(x, threshold=t, link=seg.av_link)
+        assert not np.allclose(voted, vote_av_segments(x, threshold=seg.threshold))
+        prob, mask = seg.segment(image, fov, threshold=t)
+        np.testing.assert_allclose(prob, voted, rtol=1e-6)
+        np.testing.assert_array_equal(mask, voted >= t)
 
 
 def test_links_join_a_branch_to_its_parent_and_pair_the_arms_of_a_crossing():
