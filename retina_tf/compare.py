@@ -115,11 +115,15 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     out.check([COMPARE_PNG, COMPARE_MD])
     runs = [_load(label, cfg.logdir, cfg.precision) for label in cfg.runs]
     tasks = {r.label: r.segmenter.task for r in runs}
-    task = "av" if all(t == "av" for t in tasks.values()) else "vessel"
+    all_av = all(t == "av" for t in tasks.values())
+    task = "av" if all_av and all(s.av is not None for s in samples) else "vessel"
     note = ""
     if len(set(tasks.values())) > 1:
         note = (f"The runs differ in task ({', '.join(f'{k}: {v}' for k, v in tasks.items())}): "
                 "compared on the vessel channel.")
+    elif all_av and task == "vessel":  # as evaluate scores an A/V model on vessel labels
+        note = "The images have no artery/vein labels: compared on the vessel channel."
+    if note:
         log.info(note)
     for run in runs:
         run.scores = SetScores(task, run.threshold)

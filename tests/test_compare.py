@@ -169,6 +169,24 @@ def test_compare_of_av_runs_adds_the_av_columns(tiny_synthetic, av_run, tmp_path
                               output_dir=str(tmp_path)))
 
 
+def test_av_runs_on_images_without_av_labels_compare_their_vessel_maps(tiny_synthetic,
+                                                                       av_run, tmp_path):
+    """As evaluate scores an A/V model on a vessel-only set (it failed for want of A/V labels)."""
+    test = tiny_synthetic / "test"
+    labels = tmp_path / "one" / "test.txt"   # vessel labels only
+    labels.parent.mkdir()
+    labels.write_text(f"{test / 'images'},{test / '1st_manual'},{test / 'mask'}\n"
+                      "02_test.tif,02_manual1.gif,02_test_mask.gif\n")
+    result = compare(CompareConfig(runs=(str(av_run),), test_label_file_path=str(labels),
+                                   output_dir=str(tmp_path / "c")))
+    assert result["task"] == "vessel"
+    assert "no artery/vein labels: compared on the vessel channel" in \
+        (tmp_path / "c" / "compare.md").read_text()
+    metrics = evaluate(EvalConfig(model=str(av_run), test_label_file_path=str(labels),
+                                  output_dir=str(tmp_path / "e")))
+    assert result["rows"][0]["f1"] == pytest.approx(metrics["metrics"]["f1"])
+
+
 def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_run, tmp_path,
                                                            caplog):
     with caplog.at_level(logging.WARNING, logger="retina_tf"):
