@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
     file_stem,
+    fsync_dir,
     read_fov_mask,
     read_image,
     read_sample,
@@ -56,6 +59,7 @@ from retina_tf.progress import progress
 from retina_tf.run_folder import (
     atomic_write_text,
     is_shipped,
+    process_exists,
     run_dir_of,
     to_json,
     update_metrics_json,
@@ -74,6 +78,7 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".p
 # Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.
 MANIFEST_NAME = ".retina_tf_outputs.json"
+STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
 CURVE_FILES = ("roc_curve.png", "pr_curve.png")
 
 
@@ -107,6 +112,39 @@ class OutputFolder:
             raise ConfigError(f"{self.path} is a file, not a folder: give --output_dir a folder")
         self.overwrite = bool(overwrite) or owned
         self._listed = read_manifest(self.path)
+        self._staging: Path | None = None
+
+    @contextlib.contextmanager
+    def all_or_nothing(self):
+        """Files saved in this block go to a hidden folder inside this one and are moved in
+        when it ends without an error; on an error (or Ctrl-C) they are removed, and one left
+        by a killed process is removed by the next run here (:meth:`_remove_stale_staging`)."""
+        self._remove_stale_staging()
+        self._staging = self.path / f"{STAGING_PREFIX}{os.getpid()}"
+        try:
+            yield self
+        except BaseException:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+        finally:
+            staging, self._staging = self._staging, None
+        if staging.is_dir():
+            for f in sorted(staging.iterdir()):
+                os.replace(f, self.path / f.name)
+            fsync_dir(self.path)
+            staging.rmdir()
+
+    def _remove_stale_staging(self) -> None:
+        if not self.path.is_dir():
+            return
+        for folder in self.path.glob(f"{STAGING_PREFIX}*"):
+            pid = folder.name.removeprefix(STAGING_PREFIX)
+            if pid.isdigit() and not process_exists(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _file(self, name: str) -> Path:
+        """Where ``name`` is written now: in the staging folder inside :meth:`all_or_nothing`."""
+        return (self._staging or self.path) / name
 
     def check(self, names) -> None:
         """Raises ConfigError for the first name that is a file retina_tf must not replace."""
@@ -135,26 +173,27 @@ class OutputFolder:
     def save_png(self, name: str, image: np.ndarray) -> Path:
         """Writes ``image`` atomically as ``name``; returns its path."""
         self.claim([name])
-        return visualize.save_png(self.path / name, image)
+        return visualize.save_png(self._file(name), image)
 
     def write_text(self, name: str, text: str) -> Path:
         self.claim([name])
-        atomic_write_bytes(self.path / name, text.encode())
-        return self.path / name
+        atomic_write_bytes(self._file(name), text.encode())
+        return self._file(name)
 
     def save_npy(self, name: str, array: np.ndarray) -> Path:
         """Writes ``array`` atomically as the ``.npy`` file ``name``; returns its path."""
         self.claim([name])
         buffer = io.BytesIO()
         np.save(buffer, array)
-        atomic_write_bytes(self.path / name, buffer.getvalue())
-        return self.path / name
+        atomic_write_bytes(self._file(name), buffer.getvalue())
+        return self._file(name)
 
     def save_curves(self, scores: np.ndarray, labels: np.ndarray, auc_roc: float,
                     auc_pr: float, title: str = "") -> tuple[Path, Path]:
         """:func:`retina_tf.visualize.save_curves` into this folder."""
         self.claim(CURVE_FILES)
-        return visualize.save_curves(scores, labels, self.path, auc_roc, auc_pr, title=title)
+        return visualize.save_curves(scores, labels, self._file(""), auc_roc, auc_pr,
+                                     title=title)
 
 
 def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
@@ -533,62 +572,65 @@ def evaluate(cfg: EvalConfig) -> dict:
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
     scores = SetScores(task, threshold, cfg.whole_image_metrics, av_by_width=True,
                        per_image_auc=True)
-    for sample in progress(samples, "evaluate", name=lambda s: Path(s.image).name):
-        data = read_sample(sample)
-        seg.check_image_size(data.image, sample.image)
-        if data.fov_estimated:
-            _warn(fov_coverage_warning(data.fov, str(sample.image)))
-        target = target_of(data, task) > 0.5
-        # Outside the FOV the prediction is background, as in the shipped masks and papers; a
-        # photograph of another scale is resized near the training scale, as predict does.
-        plan = seg.scale_plan(data.image, data.fov)
-        if plan.rescaled:
-            log.info(f"{name} {data.name}: {plan.describe()}")
-        prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold)
-        if vessel_channel_only:
-            prob = prob[..., -1:]  # artery, vein, vessel
-        prob = prob * data.fov[..., None]
-        scores.update(prob, target, data.fov, name=data.name)
-        factors.append(plan.factor)
+    # all pictures, tables and metrics.json, or none: a bad image late in the split leaves
+    # an earlier evaluation's files as they were
+    with out.all_or_nothing():
+        for sample in progress(samples, "evaluate", name=lambda s: Path(s.image).name):
+            data = read_sample(sample)
+            seg.check_image_size(data.image, sample.image)
+            if data.fov_estimated:
+                _warn(fov_coverage_warning(data.fov, str(sample.image)))
+            target = target_of(data, task) > 0.5
+            # Outside the FOV the prediction is background, as in the shipped masks and papers; a
+            # photograph of another scale is resized near the training scale, as predict does.
+            plan = seg.scale_plan(data.image, data.fov)
+            if plan.rescaled:
+                log.info(f"{name} {data.name}: {plan.describe()}")
+            prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold)
+            if vessel_channel_only:
+                prob = prob[..., -1:]  # artery, vein, vessel
+            prob = prob * data.fov[..., None]
+            scores.update(prob, target, data.fov, name=data.name)
+            factors.append(plan.factor)
+            if cfg.visualize:
+                sheet_rows.append(_write_pictures(out, data, prob, target, threshold, task,
+                                                  scores.per_image[-1]))
+        result = scores.result()
+        log.info("")
+        log.info(format_table(result))
+        if scores.av is not None:
+            log.info("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain "
+                     "excluded; Se: arteries right, Sp: veins right)")
+            log.info(format_table(scores.av.result(), class_names=("vein", "artery")))
+            log.info(f"RIP-AV's protocol (per image on ground-truth vessel pixels, cleaned masks, "
+                     f"unclassified pixels not counted): accuracy {result['av_acc_ripav']:.4f}, "
+                     f"Se {result['av_se_ripav']:.4f}, Sp {result['av_sp_ripav']:.4f}; AUC artery "
+                     f"{result['av_auc_artery']:.4f}, vein {result['av_auc_vein']:.4f}")
+            log.info(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
+                     f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
+                     f"({result['av_thick_pixels']} px)")
+        per_image = scores.per_image_summary()
+        log.info(_per_image_line(per_image, len(samples), task))
+        for row, factor in zip(scores.per_image, factors):
+            row["scale"] = factor
+        out.write_text(PER_IMAGE_CSV, per_image_csv(scores.per_image, task))
         if cfg.visualize:
-            sheet_rows.append(_write_pictures(out, data, prob, target, threshold, task,
-                                              scores.per_image[-1]))
-    result = scores.result()
-    log.info("")
-    log.info(format_table(result))
-    if scores.av is not None:
-        log.info("\nArtery/vein on ground-truth vessel pixels (crossings and uncertain excluded; "
-                 "Se: arteries right, Sp: veins right)")
-        log.info(format_table(scores.av.result(), class_names=("vein", "artery")))
-        log.info(f"RIP-AV's protocol (per image on ground-truth vessel pixels, cleaned masks, "
-                 f"unclassified pixels not counted): accuracy {result['av_acc_ripav']:.4f}, "
-                 f"Se {result['av_se_ripav']:.4f}, Sp {result['av_sp_ripav']:.4f}; AUC artery "
-                 f"{result['av_auc_artery']:.4f}, vein {result['av_auc_vein']:.4f}")
-        log.info(f"A/V accuracy on vessels up to 3 px wide: {result['av_thin_acc']:.4f} "
-                 f"({result['av_thin_pixels']} px); wider: {result['av_thick_acc']:.4f} "
-                 f"({result['av_thick_pixels']} px)")
-    per_image = scores.per_image_summary()
-    log.info(_per_image_line(per_image, len(samples), task))
-    for row, factor in zip(scores.per_image, factors):
-        row["scale"] = factor
-    out.write_text(PER_IMAGE_CSV, per_image_csv(scores.per_image, task))
-    if cfg.visualize:
-        out.save_png(CONTACT_SHEET, visualize.contact_sheet(sheet_rows, _sheet_columns(task),
-                                                            SHEET_ROW_HEIGHT))
-        pixel_scores, labels = scores.vessel.scores_and_labels()
-        out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
-                        title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
-    report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
-              "counting": "whole_image" if cfg.whole_image_metrics else "fov",
-              "inference": seg.inference, "tta": seg.tta,
-              "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
-              "av_link": seg.av_link if seg.av_vote else None,
-              "threshold": threshold, "threshold_source": threshold_source,
-              "inference_scale": seg.inference_scale, "precision": seg.precision,
-              "training_fov_diameter": seg.run_info.get("fov_diameter"),
-              "metrics": result, "per_image_mean": per_image["mean"],
-              "per_image_std": per_image["std"], "per_image": scores.per_image}
-    out.write_text("metrics.json", to_json(report))
+            out.save_png(CONTACT_SHEET, visualize.contact_sheet(sheet_rows, _sheet_columns(task),
+                                                                SHEET_ROW_HEIGHT))
+            pixel_scores, labels = scores.vessel.scores_and_labels()
+            out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
+                            title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
+        report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
+                  "counting": "whole_image" if cfg.whole_image_metrics else "fov",
+                  "inference": seg.inference, "tta": seg.tta,
+                  "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
+                  "av_link": seg.av_link if seg.av_vote else None,
+                  "threshold": threshold, "threshold_source": threshold_source,
+                  "inference_scale": seg.inference_scale, "precision": seg.precision,
+                  "training_fov_diameter": seg.run_info.get("fov_diameter"),
+                  "metrics": result, "per_image_mean": per_image["mean"],
+                  "per_image_std": per_image["std"], "per_image": scores.per_image}
+        out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +

@@ -477,7 +477,7 @@ def worker_run_folder(run_dir: Path, task_id: int) -> Iterator[Path]:
     the system's temporary folder are removed first."""
     for old in Path(tempfile.gettempdir()).glob("retina_tf-worker*-pid*-*"):
         pid = old.name.partition("-pid")[2].partition("-")[0]
-        if (pid.isdigit() and not _process_exists(int(pid))
+        if (pid.isdigit() and not process_exists(int(pid))
                 and old.stat().st_uid == os.getuid()):
             shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory(
@@ -489,7 +489,7 @@ def worker_run_folder(run_dir: Path, task_id: int) -> Iterator[Path]:
     log.info(f"worker {task_id}: done; removed {folder}")
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

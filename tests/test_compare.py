@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,15 @@ import pytest
 
 from retina_tf.compare import compare
 from retina_tf.config import CompareConfig, EvalConfig
-from retina_tf.data.io import read_image
-from retina_tf.errors import ConfigError
-from retina_tf.evaluation import SHEET_ROW_HEIGHT, SetScores, evaluate, per_image_csv
+from retina_tf.data.io import read_image, write_image_atomic
+from retina_tf.errors import ConfigError, DatasetError
+from retina_tf.evaluation import (
+    SHEET_ROW_HEIGHT,
+    STAGING_PREFIX,
+    SetScores,
+    evaluate,
+    per_image_csv,
+)
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter
 from retina_tf.training import train
@@ -120,6 +127,35 @@ def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, a
     assert sheet.shape[1] == 4 * SHEET_ROW_HEIGHT + 3 * GAP  # photo, A/V, errors, A/V errors
     manifest = json.loads((tmp_path / ".retina_tf_outputs.json").read_text())["files"]
     assert {"per_image.csv", "contact_sheet.png"} <= set(manifest)
+
+
+def test_a_bad_image_late_in_the_split_leaves_the_earlier_evaluation_whole(
+        tiny_synthetic, av_run, tmp_path):
+    """All of an evaluation's files or none: a label of the wrong size in the last image used
+    to leave the first image's new pictures beside the previous run's metrics.json."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data)
+    out = tmp_path / "out"
+    cfg = EvalConfig(model=str(av_run), dataset="synthetic", data_dir=str(data), visualize=True,
+                     output_dir=str(out))
+    evaluate(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "01_test_overlay.png" in before and "metrics.json" in before
+    label = data / "test" / "1st_manual" / "02_manual1.gif"
+    write_image_atomic(label, np.zeros((50, 50), np.uint8))
+    first = data / "test" / "images" / "01_test.tif"  # so that 01's pictures would differ
+    write_image_atomic(first, read_image(first)[::-1].copy())
+    with pytest.raises(DatasetError, match="02"):
+        evaluate(cfg)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a folder a killed evaluation left is removed by the next one
+    stale = out / f"{STAGING_PREFIX}999999999"
+    stale.mkdir()
+    (stale / "01_test_prob.png").write_bytes(b"")
+    write_image_atomic(label, np.zeros((96, 96), np.uint8))
+    evaluate(cfg)
+    assert not stale.exists() and not list(out.glob(f"{STAGING_PREFIX}*"))
+    assert (out / "01_test_overlay.png").read_bytes() != before["01_test_overlay.png"]
 
 
 def test_compare_writes_the_picture_and_a_table_row_per_run(tiny_synthetic, av_run,
