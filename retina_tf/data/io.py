@@ -346,11 +346,21 @@ def read_av(path: PathLike, av_format: str) -> np.ndarray:
         DatasetError: when the file is unreadable or does not match the format.
     """
     path = Path(path)
+    if _read_bytes(path)[:3] == b"\xff\xd8\xff":
+        raise DatasetError(f"{path}: an A/V label saved as JPEG: its colours shift (dark blue "
+                           "veins come out nearer black) and vessel pixels are lost; save the "
+                           "label losslessly (PNG, TIFF or GIF)")
     array = _decode(path)
     try:
         if av_format == "rgb":
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=-1)
+            if array.ndim == 2 or (array[..., 0] == array[..., 1]).all() and \
+                    (array[..., 0] == array[..., 2]).all():
+                if array.any():  # gray levels cannot be red arteries and blue veins
+                    raise DatasetError(
+                        f"{path}: a gray A/V label, but this layout's A/V maps are colour (red "
+                        "artery, blue vein, green crossing, white uncertain); an index map (0, "
+                        "1 artery, 2 vein, 3 crossing or uncertain) goes in the HRF-AV layout")
+                array = np.zeros((*array.shape[:2], 3), array.dtype)
             return av_lib.decode_av_rgb(array)
         if av_format == "index":
             if array.ndim == 3:

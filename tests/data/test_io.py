@@ -196,6 +196,25 @@ def test_read_av_formats(shared_data: Path, tmp_path: Path):
         read_av(tmp_path / "bad_index.png", "palette")
 
 
+def test_av_labels_that_would_decode_wrong_are_refused(shared_data: Path, tmp_path: Path):
+    """A gray index map in an RGB layout decoded as no artery and no vein, and a JPEG label
+    lost about a tenth of RITE's veins to background; both were scored without a word."""
+    label = shared_data / "RITE" / "training" / "av" / "21_training.png"
+    index = np.zeros((8, 8), np.uint8)
+    index[2, :], index[5, :] = 1, 2
+    for name, array in (("index.png", index), ("index3.png", np.dstack([index * 85] * 3))):
+        cv2.imwrite(str(tmp_path / name), array)
+        with pytest.raises(DatasetError, match=f"{name}: a gray A/V label.*HRF-AV layout"):
+            read_av(tmp_path / name, "rgb")
+    cv2.imwrite(str(tmp_path / "none.png"), np.zeros((8, 8, 3), np.uint8))  # nothing drawn
+    assert not read_av(tmp_path / "none.png", "rgb").any()
+    jpeg = tmp_path / "21_training.jpg"
+    jpeg.write_bytes(cv2.imencode(".jpg", cv2.imread(str(label)), [cv2.IMWRITE_JPEG_QUALITY,
+                                                                    95])[1].tobytes())
+    with pytest.raises(DatasetError, match="21_training.jpg: an A/V label saved as JPEG"):
+        read_av(jpeg, "rgb")
+
+
 # ----------------------------------------------------------------------------- bad files
 
 def test_missing_file(tmp_path: Path):
