@@ -554,6 +554,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError(f"--task=av: {seg.run_dir.name} segments vessels only; give an "
                           "artery/vein model (e.g. --model=ripav_rite) or leave --task out")
     no_av_labels = any(s.av is None for s in samples)
+    if cfg.task == "av" and no_av_labels:
+        raise ConfigError(f"--task=av: {name} has no artery/vein labels; give an A/V dataset in "
+                          "its layout (e.g. --dataset=rite; label files carry vessel labels "
+                          "only), or leave --task out to score the vessel map")
     vessel_channel_only = task == "av" and (cfg.task == "vessel" or no_av_labels)
     if vessel_channel_only:  # an A/V model asked for, or with labels for, vessels only
         task = "vessel"

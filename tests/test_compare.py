@@ -221,6 +221,9 @@ def test_av_runs_on_images_without_av_labels_compare_their_vessel_maps(tiny_synt
     metrics = evaluate(EvalConfig(model=str(av_run), test_label_file_path=str(labels),
                                   output_dir=str(tmp_path / "e")))
     assert result["rows"][0]["f1"] == pytest.approx(metrics["metrics"]["f1"])
+    with pytest.raises(ConfigError, match="--task=av: one has no artery/vein labels"):
+        evaluate(EvalConfig(model=str(av_run), test_label_file_path=str(labels), task="av",
+                            output_dir=str(tmp_path / "f")))  # asked for: not scored otherwise
 
 
 def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_run, tmp_path,

@@ -152,8 +152,9 @@ def target_of(data: SampleData, task: str) -> np.ndarray:
         return data.vessel[..., None].astype(np.float32)
     if task == "av":
         if data.av is None:
-            raise DatasetError(f"{data.name}: no artery/vein label "
-                               "(task 'av' needs an A/V dataset)")
+            raise DatasetError(f"{data.name}: no artery/vein label: task 'av' needs an A/V "
+                               "dataset in its layout (e.g. --dataset=rite; label files carry "
+                               "vessel labels only)")
         return data.av.astype(np.float32)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
