@@ -18,6 +18,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import keras
@@ -181,6 +182,13 @@ def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np
                            f"{image.shape[1]} x {image.shape[0]}: give this photograph's "
                            "mask, or none to estimate it")
     return fov_of_array(fov, source)
+
+
+def _switch(name: str, value: Any) -> bool:
+    """A True / False argument as such: ``bool("False")`` would switch it on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name}={value!r}: give True or False")
+    return bool(value)
 
 
 def _to_uint8_rgb_hint(image: np.ndarray) -> str:
@@ -427,11 +435,14 @@ class Segmenter:
                               f"a multiple of {self.size_multiple} px; give e.g. --window={fit}")
         self.stride = int(stride)
         self.batch_size = int(batch_size)
+        if self.stride < 1 or self.batch_size < 1 or self.window < 1:
+            raise ConfigError(f"stride={stride}, batch_size={batch_size}, window={window}: each "
+                              "must be at least 1")
         self.batches_in_flight = BATCHES_IN_FLIGHT
         self.run_info = run_info or {}
-        self.tta = bool(tta)
-        self.tta_transpose = bool(tta_transpose)
-        self.av_vote = bool(av_vote)
+        self.tta = _switch("tta", tta)
+        self.tta_transpose = _switch("tta_transpose", tta_transpose)
+        self.av_vote = _switch("av_vote", av_vote)
         classes = self.run_info.get("num_classes") or getattr(model, "num_classes", None)
         if self.av_vote and classes not in (None, 3):
             raise ConfigError(f"--av_vote is for artery/vein models; this one segments "
@@ -479,8 +490,10 @@ class Segmenter:
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
                       fully_convolutional=info.get("fully_convolutional", True), run_info=info)
-        # None keeps the run's value (or the default); anything else, 0 and False included, is set
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        # None keeps the run's value (or the default); anything else, 0 and False included, is
+        # set, but a window of 0 means the training patch size (as --window=0)
+        kwargs.update({k: v for k, v in overrides.items()
+                       if v is not None and not (k == "window" and v == 0)})
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
         return seg
@@ -574,7 +587,7 @@ class Segmenter:
     def probability(self, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities (``threshold``: the A/V
         vote's, see :meth:`probability_preprocessed`)."""
-        return self.probability_preprocessed(self.preprocessor(image), threshold)
+        return self.probability_preprocessed(self.preprocessor(np.asarray(image)), threshold)
 
     @property
     def min_image_size(self) -> int:
@@ -622,6 +635,7 @@ class Segmenter:
                 :attr:`min_image_size`, or a ``fov`` of another height and width.
         """
         threshold = self.threshold if threshold is None else check_threshold(threshold)
+        image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
         prob = self.probability_at_inference_scale(image, fov, threshold=threshold) \

@@ -304,6 +304,25 @@ def test_a_fov_mask_array_reads_as_its_file_and_a_wrong_size_is_named(shipped: S
         shipped.segment(image, fov=u8 * 0, source="a.png")
 
 
+def test_a_pil_image_or_a_tensor_segments_as_its_array(shipped: Segmenter, tmp_path: Path):
+    import tensorflow as tf
+    from PIL import Image
+    path = _fundus(tmp_path / "a.png", 2)
+    prob, _ = shipped.segment(read_image(path))
+    with Image.open(path) as pil:
+        np.testing.assert_array_equal(shipped.segment(pil)[0], prob)
+    np.testing.assert_array_equal(shipped.segment(tf.constant(read_image(path)))[0], prob)
+
+
+def test_segmenter_options_are_checked_as_the_flags_are():
+    with pytest.raises(ConfigError, match="tta='False': give True or False"):
+        Segmenter.from_pretrained("unet_drive", tta="False")  # bool("False") is True
+    with pytest.raises(ConfigError, match="batch_size=0.*must be at least 1"):
+        Segmenter.from_pretrained("unet_drive", inference="sliding", batch_size=0)
+    window = Segmenter.from_pretrained("unet_drive", inference="sliding", window=0).window
+    assert window == Segmenter.from_pretrained("unet_drive").run_info["patch_size"]
+
+
 def rng_noise(shape) -> np.ndarray:
     return np.random.default_rng(0).integers(-20, 21, shape)
 
