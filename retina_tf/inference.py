@@ -604,7 +604,8 @@ class Segmenter:
                          ) -> None:
         """Raises DatasetError naming ``source`` when ``image`` is not a uint8 RGB (H, W, 3)
         array (the message says how to convert it) or is below :attr:`min_image_size` (a 32x32
-        image would otherwise come back as 0 % vessel, in silence)."""
+        image would otherwise come back as 0 % vessel, in silence); warns when an A/V model is
+        given a gray photograph."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise DatasetError(f"{source} is a {image.dtype} array of shape {image.shape}; "
@@ -615,6 +616,10 @@ class Segmenter:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
                                f"needs at least {self.min_image_size}x{self.min_image_size} "
                                "(its training patch size)")
+        if self.task == "av" and (image[..., 0] == image[..., 1]).all() and \
+                (image[..., 1] == image[..., 2]).all():
+            log.warning(f"{source} is a gray photograph: telling arteries from veins needs "
+                        "colour, so its artery/vein maps are unreliable (its vessel map is not)")
 
     def segment(self, image: np.ndarray, fov: np.ndarray | None = None,
                 threshold: float | None = None,

@@ -226,6 +226,16 @@ def test_av_runs_on_images_without_av_labels_compare_their_vessel_maps(tiny_synt
                             output_dir=str(tmp_path / "f")))  # asked for: not scored otherwise
 
 
+def test_an_av_model_warns_of_a_gray_photograph(av_run, tiny_synthetic, caplog):
+    photo = read_image(tiny_synthetic / "test" / "images" / "01_test.tif")
+    seg = Segmenter.from_run(av_run)
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        seg.check_image_size(photo, "colour.png")
+        seg.check_image_size(np.repeat(photo[..., 1:2], 3, axis=-1), "gray.png")
+    assert "gray.png is a gray photograph: telling arteries from veins needs colour" in \
+        caplog.text and "colour.png" not in caplog.text
+
+
 def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_run, tmp_path,
                                                            caplog):
     with caplog.at_level(logging.WARNING, logger="retina_tf"):
