@@ -94,14 +94,16 @@ def run_dir_of(cfg: RunRef) -> Path:
 
 def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
              flag: str = "--model") -> Path:
-    """A trained run folder (one with ``model.keras``) from a path, a shipped model name, a run
-    name under ``logdir``, or ``logdir/run_name``.
+    """A trained run folder (one with ``model.keras``) from a path (the folder or its
+    ``model.keras``), a shipped model name, a run name under ``logdir``, or ``logdir/run_name``.
 
     Raises:
         ModelFileError: naming ``flag`` and every place looked in; a folder given by path that
             lacks run files is named with the files it lacks.
     """
     path = Path(name)
+    if path.name == MODEL_FILE and path.is_file():  # the model file itself: its run folder
+        path = name = path.parent
     candidates = [path, PRETRAINED_DIR / str(name)]
     if logdir:
         candidates.append(Path(logdir) / str(name))

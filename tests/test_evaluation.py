@@ -168,6 +168,8 @@ def test_unknown_model_lists_where_it_looked(tmp_path):
     looked = r"--model=unet_nowhere.*logs/unet_nowhere.*unet_drive"  # where, and what is shipped
     with pytest.raises(ModelFileError, match=looked):
         find_run("unet_nowhere", "logs")
+    shipped = find_run("unet_drive")
+    assert find_run(shipped / "model.keras") == find_run(str(shipped / "model.keras")) == shipped
 
 
 def test_flip_tta_of_an_identity_model_returns_the_image():
