@@ -201,7 +201,7 @@ def _errors(prob: np.ndarray, target: np.ndarray, data, threshold: float,
 
 def _truth(target: np.ndarray, data, task: str) -> np.ndarray:
     if task == "av":
-        return visualize.av_image(target.astype(np.float32), photo=data.image)
+        return visualize.av_label_image(target, photo=data.image)
     return visualize.vessel_overlay(data.image, target[..., -1].astype(np.float32))
 
 
@@ -223,7 +223,7 @@ def _caption(name: str, dataset: str, split: str, task: str) -> visualize.Title:
         return visualize.legend(("artery", visualize.ARTERY_COLOUR),
                                 ("vein", visualize.VEIN_COLOUR),
                                 ("wrong class", visualize.TP_COLOUR),
-                                ("crossing or uncertain", (255, 255, 255)),
+                                ("crossing or uncertain", visualize.UNCERTAIN_COLOUR),
                                 prefix=where + "A/V on true vessels: ")
     return visualize.legend(("TP", visualize.TP_COLOUR), ("FP", visualize.FP_COLOUR),
                             ("FN", visualize.FN_COLOUR), prefix=where + "errors: ")

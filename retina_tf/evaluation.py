@@ -709,7 +709,8 @@ def _sheet_columns(task: str) -> list:
                                                ("vein", visualize.VEIN_COLOUR),
                                                prefix="predicted: "),
                 errors, visualize.legend(("wrong class", visualize.TP_COLOUR),
-                                         prefix="A/V on true vessels: ")]
+                                         ("crossing/uncertain", visualize.UNCERTAIN_COLOUR),
+                                         prefix="true vessels: ")]
     return ["photograph", visualize.legend(("vessel", visualize.VESSEL_COLOUR),
                                            prefix="predicted: "), errors]
 
@@ -729,7 +730,7 @@ def _write_pictures(out: OutputFolder, data, prob: np.ndarray, target: np.ndarra
     if task == "av":
         av_errors = visualize.av_error_image(prob, target, photo=data.image)
         out.save_png(f"{data.name}_av.png", av_errors)
-        out.save_png(f"{data.name}_av_truth.png", visualize.av_image(target.astype(np.float32)))
+        out.save_png(f"{data.name}_av_truth.png", visualize.av_label_image(target))
         pictures = [data.image, visualize.av_image(prob, threshold, photo=data.image), errors,
                     av_errors]
         title += f"   A/V acc {scores['av_acc']:.4f}"

@@ -20,6 +20,7 @@ FP_COLOUR = (255, 0, 0)    # red: false alarm
 FN_COLOUR = (0, 0, 255)    # blue: vessel missed
 ARTERY_COLOUR = (255, 0, 0)
 VEIN_COLOUR = (0, 0, 255)
+UNCERTAIN_COLOUR = (255, 255, 255)  # white: a label's crossing or uncertain vessel pixel
 # Cyan: the complement of a fundus photograph's red-orange, so the tint stands out everywhere.
 VESSEL_COLOUR = (0, 255, 255)
 # Probabilities below this leave the photograph untouched: the network's faint background
@@ -71,9 +72,12 @@ def overlay(pred: np.ndarray, label: np.ndarray, fov: np.ndarray | None = None,
     """RGB uint8 comparison: true positives green, false positives red, false negatives blue.
 
     Without ``photo``, true negatives are black inside the FOV and dark gray outside it, so the
-    FOV is visible; with it, they show the photograph (:func:`muted_photo`).
+    FOV is visible; with it, they show the photograph (:func:`muted_photo`). Given ``fov``,
+    only its pixels are coloured, as only they are scored.
     """
     pred, label = pred.astype(bool), label.astype(bool)
+    if fov is not None:
+        pred, label = pred & fov.astype(bool), label & fov.astype(bool)
     if photo is not None:
         out = muted_photo(photo)
     else:
@@ -99,6 +103,19 @@ def av_image(av: np.ndarray, vessel_threshold: float = 0.5,
     return out
 
 
+def av_label_image(target: np.ndarray, photo: np.ndarray | None = None) -> np.ndarray:
+    """An A/V label (H, W, 3 bool: artery, vein, vessel) as :func:`av_image` draws predictions:
+    red artery, blue vein, and white where the label says crossing or uncertain (artery ==
+    vein on a vessel pixel; :func:`av_image` would call those arteries)."""
+    target = np.asarray(target).astype(bool)
+    artery, vein, vessel = target[..., 0], target[..., 1], target[..., 2]
+    out = muted_photo(photo) if photo is not None else np.zeros(target.shape[:2] + (3,), np.uint8)
+    out[vessel & artery & ~vein] = ARTERY_COLOUR
+    out[vessel & vein & ~artery] = VEIN_COLOUR
+    out[vessel & (artery == vein)] = UNCERTAIN_COLOUR
+    return out
+
+
 def av_error_image(pred: np.ndarray, target: np.ndarray,
                    photo: np.ndarray | None = None) -> np.ndarray:
     """Predicted A/V colours on ground-truth vessel pixels, green where the class is wrong, on
@@ -111,7 +128,7 @@ def av_error_image(pred: np.ndarray, target: np.ndarray,
                    photo=photo)
     ambiguous = target[..., 2] & (target[..., 0] == target[..., 1])
     wrong = target[..., 2] & ~ambiguous & ((pred[..., 0] >= pred[..., 1]) != target[..., 0])
-    out[ambiguous] = (255, 255, 255)
+    out[ambiguous] = UNCERTAIN_COLOUR
     out[wrong] = (0, 255, 0)
     return out
 
@@ -239,11 +256,14 @@ def contact_sheet(rows: list[tuple[Title, list[np.ndarray]]], column_titles: lis
     if not rows:
         raise ValueError("a contact sheet needs at least one row")
     resized = [(title, [to_height(p, height) for p in pictures]) for title, pictures in rows]
-    first = resized[0][1]
-    header = _hstack([text_band(t, p.shape[1]) for t, p in zip(column_titles, first)])
+    # each column as wide as its widest picture, so that its title heads it in every row
+    widths = [max(pictures[i].shape[1] for _, pictures in resized if i < len(pictures))
+              for i in range(max(len(pictures) for _, pictures in resized))]
+    header = _hstack([text_band(t, w) for t, w in zip(column_titles, widths)])
     parts = [header]
     for title, pictures in resized:
-        row = _hstack(pictures)
+        row = _hstack([np.pad(p, ((0, 0), (0, w - p.shape[1]), (0, 0)))
+                       for p, w in zip(pictures, widths)])
         spacer = np.zeros((GAP, row.shape[1], 3), np.uint8)
         parts += [spacer, text_band(title, row.shape[1], scale=0.6), row]
     return _vstack(parts)

@@ -11,10 +11,12 @@ from retina_tf.visualize import (
     FP_COLOUR,
     GAP,
     TP_COLOUR,
+    UNCERTAIN_COLOUR,
     VEIN_COLOUR,
     VESSEL_COLOUR,
     av_error_image,
     av_image,
+    av_label_image,
     contact_sheet,
     curves,
     muted_photo,
@@ -42,6 +44,27 @@ def test_overlay_colours():
     label = np.array([[1, 0, 1, 0]], bool)
     out = overlay(pred, label)
     assert out[0].tolist() == [[0, 255, 0], [255, 0, 0], [0, 0, 255], [0, 0, 0]]
+
+
+def test_the_overlay_colours_only_the_scored_fov_pixels():
+    pred = np.array([[1, 1, 0, 0, 0]], bool)
+    label = np.array([[1, 0, 1, 0, 1]], bool)
+    fov = np.array([[1, 1, 1, 1, 0]], bool)   # the last label pixel is not scored
+    for photo in (None, np.zeros((1, 5, 3), np.uint8)):
+        out = overlay(pred, label, fov, photo=photo)
+        assert out[0, :3].tolist() == [[0, 255, 0], [255, 0, 0], [0, 0, 255]]
+        assert out[0, 4].tolist() != list(FN_COLOUR)
+
+
+def test_an_av_label_draws_crossings_and_uncertain_pixels_white_not_red():
+    artery, vein = [[1, 0, 1, 0, 0]], [[0, 1, 1, 0, 0]]   # artery, vein, crossing, uncertain
+    vessel = [[1, 1, 1, 1, 0]]
+    target = np.stack([np.array(c, bool) for c in (artery, vein, vessel)], -1)
+    out = av_label_image(target)
+    assert out[0].tolist() == [list(ARTERY_COLOUR), list(VEIN_COLOUR), list(UNCERTAIN_COLOUR),
+                               list(UNCERTAIN_COLOUR), [0, 0, 0]]
+    # the error picture calls them the same
+    assert (av_error_image(target.astype(np.float32), target)[0, 2:4] == UNCERTAIN_COLOUR).all()
 
 
 def _photo(h=40, w=50, seed=0):
@@ -102,6 +125,20 @@ def test_contact_sheet_has_one_row_per_image_under_its_title():
         picture = sheet[top + BAND_HEIGHT:top + BAND_HEIGHT + 30, :40]
         assert np.all(picture == colour), i                         # then its own picture
         assert np.all(sheet[top + BAND_HEIGHT:top + BAND_HEIGHT + 30, 40 + GAP:] == 0)
+
+
+def test_each_column_title_heads_its_column_when_the_rows_differ_in_width():
+    """Photographs of two shapes in one sheet: the titles were laid out by the first row."""
+    rows = [("wide", [np.full((30, 60, 3), 200, np.uint8), np.full((30, 60, 3), 100, np.uint8)]),
+            ("narrow", [np.full((30, 20, 3), 200, np.uint8), np.full((30, 20, 3), 100, np.uint8)])]
+    for order in (rows, rows[::-1]):
+        sheet = contact_sheet(order, ["photograph", "mask"], height=30)
+        assert sheet.shape[1] == 60 + GAP + 60
+        for i in range(2):   # every row's second picture starts where the second title does
+            top = BAND_HEIGHT + i * (GAP + BAND_HEIGHT + 30) + GAP + BAND_HEIGHT
+            assert (sheet[top:top + 30, 60 + GAP] == 100).all()
+        header = sheet[:BAND_HEIGHT]
+        assert (header[:, 60 + GAP:] != BAND_COLOUR).any(axis=-1).sum() > 20  # "mask" there
 
 
 def test_a_title_too_long_for_its_strip_is_shrunk_and_cut_inside_it():
