@@ -465,9 +465,9 @@ def define_train_flags(d: _Definer) -> None:
                         "terms bce, dice, tversky, focal, thin_bce.")
     d.DEFINE_float("pos_weight", 1.0, "BCE weight of vessel pixels (class weighting).")
     d.DEFINE_integer("validate_every", 1, "Whole-image validation every N epochs, and after the "
-                     "last.")
+                     "last (the time budget's last too).")
     d.DEFINE_integer("image_summary_every", 1,
-                         "TensorBoard image summaries every N epochs (0 = never).")
+                     "TensorBoard image summaries every N epochs, of those validated (0 = never).")
     d.DEFINE_boolean("resume", True, "Resume an interrupted run (BackupAndRestore).")
     d.DEFINE_string("pretrained", None,
                     "Start from the weights of this run folder (a path, or a run name under "

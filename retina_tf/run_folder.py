@@ -37,6 +37,7 @@ import numpy as np
 
 from retina_tf.config import DataConfig, RunRef
 from retina_tf.data.io import atomic_write_bytes
+from retina_tf.error_maps import ERROR_MAPS_DIR
 from retina_tf.errors import ConfigError, ModelFileError
 
 log = logging.getLogger(__name__)
@@ -579,7 +580,8 @@ def clear_run_folder(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     for name in (MODEL_FILE, "metrics.json", "run.json", "flags.txt", "preprocessor.json"):
         (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", BACKUP_DIR, "train", "validation", "images"):
+    # error maps too: EAR-Net's stage 2 would read the old model's as this one's
+    for name in ("checkpoints", BACKUP_DIR, "train", "validation", "images", ERROR_MAPS_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for p in run_dir.glob("eval_*"):
         if p.is_dir():

@@ -397,7 +397,8 @@ class WholeImageValidation(keras.callbacks.Callback):
     the epoch logs, so ModelCheckpoint can keep the best model (by validation F1, or A/V accuracy
     for A/V models) and TensorBoard plots them; writes input / label / prediction image summaries
     every ``image_every`` epochs. With ``every`` > 1 it validates every ``every``-th epoch and
-    the last.
+    the last (the one training stops after, by ``epochs`` or the time budget); images are
+    written in validated epochs only.
     """
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
@@ -427,7 +428,8 @@ class WholeImageValidation(keras.callbacks.Callback):
         return self._segmenter
 
     def on_epoch_end(self, epoch, logs=None):
-        last = epoch + 1 == (self.params or {}).get("epochs")  # never left unvalidated
+        # never left unvalidated: the last epoch, or one the time budget ends
+        last = epoch + 1 == (self.params or {}).get("epochs") or self.model.stop_training
         if logs is None or ((epoch + 1) % self.every and not last):
             return
         result, probs = evaluate_set(self.segmenter(), self.seg, self.task)
@@ -657,13 +659,14 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
     if getattr(optimizer, "use_ema", False):  # first: every later callback sees it
         callbacks.insert(0, AverageWeights(resumed=state.epoch > 0))
+    # Order matters: the time budget's stop comes first (workers take the chief's), so that
+    # the validation scores the epoch it ends as the last one; the backup records the stop,
+    # and is written after the checkpoints of the same epoch.
+    follow = [FollowChief(strategy)] if isinstance(strategy, MultiWorker) else []
+    callbacks += [TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds), *follow]
     if validation is not None:
-        callbacks.append(validation)
-    # Order matters: the backup records whether the time budget stopped training, and is
-    # written after the checkpoints of the same epoch.
+        callbacks += [validation, *([FollowChief(strategy)] if follow else [])]
     callbacks += [
-        TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds),
-        *([FollowChief(strategy)] if isinstance(strategy, MultiWorker) else []),
         BestCheckpoint(best_path, monitor, mode, best),
         LastCheckpoint(last_path),
         keras.callbacks.TensorBoard(log_dir=str(run_dir), write_graph=False,

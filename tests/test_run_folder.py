@@ -147,9 +147,12 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     # --overwrite retrains and drops the old run's test metrics
     from retina_tf.run_folder import update_metrics_json
     update_metrics_json(run, {"test_drive_test": {"f1": 0.5}})
+    (run / "error_maps").mkdir()  # the old model's: EAR-Net stage 2 must not take them
+    (run / "error_maps" / "01_training.png").write_bytes(b"")
     train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
     m = _metrics(run)
     assert m["epochs_run"] == 2 and "test_drive_test" not in m
+    assert not (run / "error_maps").exists()
     # the run's flags.txt records its settings, not that action: training from it does nothing
     stamp = (run / "model.keras").stat().st_mtime_ns
     train(parse_config("train", [f"--flagfile={run / 'flags.txt'}"]))
@@ -190,6 +193,15 @@ def test_the_history_has_one_entry_per_epoch_with_validation_every_other(synthet
     assert len(history["loss"]) == 3
     assert history["val_f1"][0] is None  # validated after epoch 2 and the last, epoch 3
     assert 0 <= history["val_f1"][1] <= 1 and 0 <= history["val_f1"][2] <= 1
+
+
+def test_the_epoch_a_time_budget_ends_is_validated(synthetic, tmp_path):
+    """It was not, so a budget-stopped run kept an earlier epoch, or no validated one at all."""
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=5",
+                           "--time_budget_minutes=0.0001"))
+    metrics = _metrics(run)
+    assert metrics["epochs_run"] == 1 and 0 <= metrics["history"]["val_f1"][0] <= 1
+    assert metrics["best_checkpoint"]["epoch"] == 1
 
 
 def test_run_json_records_what_was_read(synthetic, tmp_path):
