@@ -212,10 +212,13 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
     return seg
 
 
-def _with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
+def _with_the_runs_data(cfg: EvalConfig | ErrorMapConfig, run_dir: Path, split: str
+                        ) -> EvalConfig | ErrorMapConfig:
     """``cfg`` with the data ``run_dir`` was trained on (its ``flags.txt``) when ``cfg`` names
-    none: ``evaluate --model=logs/<run>`` scores the run on its own test split."""
-    if cfg.dataset or cfg.data_dir or cfg.label_file_path or cfg.test_label_file_path:
+    none: ``evaluate --model=logs/<run>`` scores the run on its own test split, and
+    ``make_error_maps`` maps its training split."""
+    if (cfg.dataset or cfg.data_dir or cfg.label_file_path
+            or getattr(cfg, "test_label_file_path", None)):
         return cfg
     try:
         trained = from_run(run_dir)
@@ -229,7 +232,7 @@ def _with_the_runs_data(cfg: EvalConfig, run_dir: Path) -> EvalConfig:
         where = f"--dataset={trained.dataset} --data_dir={trained.data_dir}"
     else:
         return cfg
-    log.info(f"no data given: using {run_dir.name}'s own ({where}, the {cfg.eval_split} split)")
+    log.info(f"no data given: using {run_dir.name}'s own ({where}, the {split} split)")
     path = Path(trained.label_file_path or trained.data_dir)
     if not path.is_absolute() and not path.exists():
         flag = "--label_file_path" if trained.label_file_path else "--data_dir"
@@ -543,7 +546,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         ModelFileError: the model cannot be loaded.
     """
     seg = load_segmenter(cfg)
-    cfg = _with_the_runs_data(cfg, seg.run_dir)
+    cfg = _with_the_runs_data(cfg, seg.run_dir, cfg.eval_split)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     if cfg.output_dir:
@@ -994,6 +997,7 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
     if cfg.precision == "auto":  # training targets: the same on every machine
         cfg = dataclasses.replace(cfg, precision="float32")
     seg = load_segmenter(cfg)
+    cfg = _with_the_runs_data(cfg, seg.run_dir, "training")
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)

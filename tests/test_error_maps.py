@@ -93,9 +93,11 @@ def stage1(tmp_path_factory):
 @pytest.mark.slow
 def test_make_error_maps_writes_the_stage1_errors(stage1):
     data, logdir, run, _ = stage1
-    proc = commands.script("make_error_maps.py", "--dataset=synthetic", f"--data_dir={data}",
-                           f"--model={run}")
+    # no data flags: the run's own training split, as evaluate takes the run's test split
+    proc = commands.script("make_error_maps.py", f"--model={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"no data given: using {run.name}'s own (--dataset=synthetic --data_dir={data}, " \
+        "the training split)" in proc.stderr + proc.stdout
     samples = resolve_samples("synthetic", data, "training")
     folder = run / "error_maps"
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(s.name for s in samples)
@@ -107,6 +109,7 @@ def test_make_error_maps_writes_the_stage1_errors(stage1):
                                   error_map(prob, d.vessel, d.fov, seg.threshold))
     summary = json.loads((folder / "error_maps.json").read_text())
     assert summary["threshold"] == seg.threshold
+    assert summary["data"] == data_key("synthetic", data, None)  # as stage 2 will compare
     assert set(summary["error_share_in_fov"]) == {s.name for s in samples}
     assert 0 <= summary["mean_error_share_in_fov"] <= 1
 
