@@ -644,7 +644,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                   "per_image_std": per_image["std"], "per_image": scores.per_image}
         out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
-        update_metrics_json(seg.run_dir, {f"test_{name}_{cfg.eval_split}": report})
+        # keyed as its folder eval_<data>_<split>: a training split is not a test
+        update_metrics_json(seg.run_dir, {f"eval_{name}_{cfg.eval_split}": report})
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
              (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
               f"blue FN; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"

@@ -105,7 +105,7 @@ def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_
     assert overlay.shape == (96, 96, 3)
     assert (overlay[..., 1] == 255).any()  # some true positives drawn green
     # evaluation results are also merged into the run's metrics.json
-    assert "test_synthetic_test" in json.loads((run / "metrics.json").read_text())
+    assert "eval_synthetic_test" in json.loads((run / "metrics.json").read_text())
     whole = _run("evaluate.py", f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
                  "--whole_image_metrics", f"--output_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -146,12 +146,12 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     assert (run / "model.keras").stat().st_mtime_ns == stamp
     # --overwrite retrains and drops the old run's test metrics
     from retina_tf.run_folder import update_metrics_json
-    update_metrics_json(run, {"test_drive_test": {"f1": 0.5}})
+    update_metrics_json(run, {"eval_drive_test": {"f1": 0.5}})
     (run / "error_maps").mkdir()  # the old model's: EAR-Net stage 2 must not take them
     (run / "error_maps" / "01_training.png").write_bytes(b"")
     train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
     m = _metrics(run)
-    assert m["epochs_run"] == 2 and "test_drive_test" not in m
+    assert m["epochs_run"] == 2 and "eval_drive_test" not in m
     assert not (run / "error_maps").exists()
     # the run's flags.txt records its settings, not that action: training from it does nothing
     stamp = (run / "model.keras").stat().st_mtime_ns
