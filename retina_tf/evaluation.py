@@ -200,9 +200,7 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
     """The run of ``cfg`` with its inference settings; says what it computes in, since
     ``--precision=auto`` differs by CPU (and the Python API's default is float32)."""
     seg = Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
-                             # --window=0 means the training patch size
-                             inference=cfg.inference, window=cfg.window or None,
-                             stride=cfg.stride,
+                             inference=cfg.inference, window=cfg.window, stride=cfg.stride,
                              tta=cfg.tta, tta_transpose=cfg.tta_transpose,
                              scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link,
                              inference_scale=cfg.inference_scale, tile_size=cfg.tile_size,
