@@ -173,12 +173,13 @@ class OutputFolder:
     def save_png(self, name: str, image: np.ndarray) -> Path:
         """Writes ``image`` atomically as ``name``; returns its path."""
         self.claim([name])
-        return visualize.save_png(self._file(name), image)
+        visualize.save_png(self._file(name), image)
+        return self.path / name
 
     def write_text(self, name: str, text: str) -> Path:
         self.claim([name])
         atomic_write_bytes(self._file(name), text.encode())
-        return self._file(name)
+        return self.path / name
 
     def save_npy(self, name: str, array: np.ndarray) -> Path:
         """Writes ``array`` atomically as the ``.npy`` file ``name``; returns its path."""
@@ -186,14 +187,14 @@ class OutputFolder:
         buffer = io.BytesIO()
         np.save(buffer, array)
         atomic_write_bytes(self._file(name), buffer.getvalue())
-        return self._file(name)
+        return self.path / name
 
     def save_curves(self, scores: np.ndarray, labels: np.ndarray, auc_roc: float,
                     auc_pr: float, title: str = "") -> tuple[Path, Path]:
         """:func:`retina_tf.visualize.save_curves` into this folder."""
         self.claim(CURVE_FILES)
-        return visualize.save_curves(scores, labels, self._file(""), auc_roc, auc_pr,
-                                     title=title)
+        visualize.save_curves(scores, labels, self._file(""), auc_roc, auc_pr, title=title)
+        return self.path / CURVE_FILES[0], self.path / CURVE_FILES[1]
 
 
 def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
@@ -771,6 +772,10 @@ def list_inputs(path: Path) -> list[Path]:
     files = _image_files(path)
     ours = read_manifest(path)
     inputs = [p for p in files if p.name not in ours and not _is_mask_name(p)]
+    folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if folders:
+        log.info(f"{len(folders)} subfolder(s) not searched: {', '.join(folders[:3])}"
+                 f"{' ...' if len(folders) > 3 else ''} (give each as --input)")
     if inputs:
         masks = [p.name for p in files if p.name not in ours and _is_mask_name(p)]
         if masks:
@@ -819,13 +824,18 @@ def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:
     return matches[0]
 
 
-def _fov_source(fov_arg: str | None) -> Path | list[Path] | None:
-    """``--fov`` as one mask file for every image, or the image files of a folder."""
+def _fov_source(fov_arg: str | None, inputs: list[Path] = ()) -> Path | list[Path] | None:
+    """``--fov`` as one mask file for every image, or the image files of a folder less the
+    photographs being segmented (``inputs``: the folder may be theirs) and retina_tf's outputs
+    there (its ``<stem>_mask.png`` is a vessel mask, not a FOV)."""
     if not fov_arg:
         return None
     fov_path = Path(fov_arg)
     if fov_path.is_dir():
-        files = _image_files(fov_path)
+        skip = {p.resolve() for p in inputs}
+        ours = read_manifest(fov_path)
+        files = [p for p in _image_files(fov_path)
+                 if p.name not in ours and p.resolve() not in skip]
         if not files:
             raise DatasetError(f"--fov={fov_arg}: the folder holds no image files "
                                f"({', '.join(IMAGE_SUFFIXES)})")
@@ -962,7 +972,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
     inputs = list_inputs(Path(cfg.input))
-    fov_source = _fov_source(cfg.fov)
+    fov_source = _fov_source(cfg.fov, inputs)
     seg = load_segmenter(cfg)
     log.info(f"segmenting {len(inputs)} image(s) with {seg.run_dir.name} ({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
@@ -975,7 +985,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     failed: dict[Path, str] = {}
     for path in progress(inputs, "predict", name=lambda p: p.name):
         try:
-            written += _predict_one(seg, path, bases[path], cfg, fov_source, out, threshold)
+            with out.all_or_nothing():  # all of an image's files, or none after a Ctrl-C
+                written += _predict_one(seg, path, bases[path], cfg, fov_source, out,
+                                        threshold)
         except DatasetError as err:
             if len(inputs) == 1:
                 raise

@@ -311,13 +311,15 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
 def test_only_names_ending_in_mask_are_taken_for_fov_masks(tmp_path, caplog):
     from retina_tf.evaluation import list_inputs
     image = generate_fundus(1, size=(64, 64)).image
-    for name in ("eye.png", "eye_masked_lens.png", "eye_mask.png"):
+    for name in ("eye.png", "eye_masked_lens.png", "eye_mask.png", "sub/eye2.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         cv2.imwrite(str(tmp_path / name), image)
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         inputs = list_inputs(tmp_path)
     assert [p.name for p in inputs] == ["eye.png", "eye_masked_lens.png"]
     assert (f"taken for FOV masks, not segmented: eye_mask.png (the FOV is estimated unless "
             f"--fov={tmp_path} is given)") in caplog.text
+    assert "1 subfolder(s) not searched: sub (give each as --input)" in caplog.text
 
 
 def test_a_folder_lists_every_image_type_read_image_reads_and_nothing_else(tmp_path):

@@ -2,6 +2,7 @@
 naming the file, instead of giving a silent wrong answer (reproductions of the issue's cases)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.evaluation import (
     MANIFEST_NAME,
+    STAGING_PREFIX,
     evaluate,
     find_fov_mask,
     output_names,
@@ -68,6 +70,49 @@ def test_fov_folder_takes_the_exact_stem_not_a_prefix(tmp_path: Path):
     _predict(inputs, tmp_path / "out", f"--fov={masks}")
     prob = cv2.imread(str(tmp_path / "out" / "1_prob.png"), cv2.IMREAD_UNCHANGED)
     assert prob[:, 64:].max() == 0 and prob[:, :64].max() > 0  # 1_mask.png's left half
+
+
+def test_a_fov_folder_that_is_the_input_folder_takes_neither_photographs_nor_outputs(
+        tmp_path: Path):
+    """The photographs being segmented and retina_tf's own <stem>_mask.png (a vessel mask)
+    were taken for FOV masks: x.png used x.tif, and a re-run failed, or used the vessel mask."""
+    same = tmp_path / "same"
+    _fundus(same / "x.png", 1)
+    _fundus(same / "x.tif", 2)
+    _fundus(same / "y.tif", 3)
+    half = np.zeros((128, 128), bool)
+    half[:, :64] = True
+    write_image_atomic(same / "x_mask.png", half)
+    write_image_atomic(same / "y_mask.gif", half)
+
+    def right_half_empty(name):
+        prob = cv2.imread(str(same / f"{name}_prob.png"), cv2.IMREAD_UNCHANGED)
+        return prob[:, 64:].max() == 0 and prob[:, :64].max() > 0
+
+    for _ in range(2):   # the second run finds y_mask.png, its own output, beside y_mask.gif
+        _predict(same, same, f"--fov={same}")
+        assert all(right_half_empty(n) for n in ("x.png", "x.tif", "y"))
+    (same / "y_mask.gif").unlink()
+    with pytest.raises(RetinaTFError, match="1 of 3 images failed"):
+        _predict(same, same, f"--fov={same}")   # no FOV for y: said, not its vessel mask used
+    assert right_half_empty("y")
+
+
+def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
+    """A Ctrl-C (here a failing last write) left an image with its probability map and no
+    mask."""
+    inputs = tmp_path / "in"
+    _fundus(inputs / "a.png", 2)
+    out = tmp_path / "out"
+    # the image's last file cannot be written where this process stages it
+    (out / f"{STAGING_PREFIX}{os.getpid()}" / "a_prob.npy").mkdir(parents=True)
+    with pytest.raises(RetinaTFError, match="a_prob.npy"):
+        _predict(inputs / "a.png", out, "--save_probabilities")
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    _predict(inputs / "a.png", out, "--save_probabilities")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "a_mask.png", "a_prob.npy", "a_prob.png"]
 
 
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
