@@ -15,6 +15,7 @@ Aware Network for Retinal Artery/Vein Segmentation", 2024.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import keras
@@ -598,8 +599,13 @@ class RIPAV(SegmentationModel, keras.Model):
         return [form(t > 0.5) for t in targets]
 
     def load_pretrained(self, source: keras.Model) -> None:
-        """Copies the encoder of a RIP pre-training run (or of another RIP-AV run); the encoder
+        """Copies every weight of a RIP-AV run of the same configuration (fine-tuning it), else
+        the encoder of a RIP pre-training run or of a RIP-AV run with other heads; the encoder
         configuration must match."""
+        if isinstance(source, RIPAV) and [w.shape for w in source.get_weights()] == [
+                w.shape for w in self.get_weights()]:
+            self.set_weights(source.get_weights())
+            return
         other = getattr(source, "encoder", None)
         if not isinstance(source, (RIPClassifier, RIPAV)) or other is None:
             raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
@@ -611,6 +617,10 @@ class RIPAV(SegmentationModel, keras.Model):
                               "the encoders differ; give --model_config the pre-training "
                               f"encoder {_encoder_config(source)}")
         self.encoder.set_weights(theirs)
+        if isinstance(source, RIPAV):  # said: the decoder and heads start afresh
+            logging.getLogger(__name__).warning(
+                f"--pretrained: {source.name}'s decoder and heads differ from this model's "
+                "(--model_config); only its encoder is copied")
 
     def get_config(self) -> dict:
         return {"name": self.name, "trainable": self.trainable, **_encoder_config(self),
