@@ -470,8 +470,8 @@ def define_train_flags(d: _Definer) -> None:
                      "TensorBoard image summaries every N epochs, of those validated (0 = never).")
     d.DEFINE_boolean("resume", True, "Resume an interrupted run (BackupAndRestore).")
     d.DEFINE_string("pretrained", None,
-                    "Start from the weights of this run folder (a path, or a run name under "
-                    "--logdir): e.g. ear_net from its stage-1 hmsa run.")
+                    "Start from the weights of this run folder (a path, a run name under "
+                    "--logdir, else a shipped model): e.g. ear_net from its stage-1 hmsa run.")
     d.DEFINE_integer("freeze_encoder_epochs", 0,
                      "Fine-tuning (vit_seg): keep the pre-trained encoder frozen this many epochs.")
     d.DEFINE_list("pretrain_dirs", [],

@@ -96,7 +96,11 @@ def run_dir_of(cfg: RunRef) -> Path:
 def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
              flag: str = "--model") -> Path:
     """A trained run folder (one with ``model.keras``) from a path (the folder or its
-    ``model.keras``), a shipped model name, a run name under ``logdir``, or ``logdir/run_name``.
+    ``model.keras``), a shipped model name, a run name under ``logdir``, or
+    ``logdir/run_name``. Where a run under ``logdir`` has a shipped model's name, a line says
+    which is taken: the shipped model, except for ``--pretrained``, whose flagfiles name the
+    runs of the recipes before them (``configs/drive_unet.cfg`` writes ``logs/unet_drive``,
+    ``configs/vessel_general.cfg`` starts from it).
 
     Raises:
         ModelFileError: naming ``flag`` and every place looked in; a folder given by path that
@@ -105,20 +109,23 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
     path = Path(name)
     if path.name == MODEL_FILE and path.is_file():  # the model file itself: its run folder
         path = name = path.parent
-    candidates = [path, PRETRAINED_DIR / str(name)]
-    if logdir:
-        candidates.append(Path(logdir) / str(name))
-        if run_name:
-            candidates.append(Path(logdir) / run_name)
+    shipped = PRETRAINED_DIR / str(name)
+    own = [Path(logdir) / str(name)] if logdir else []
+    candidates = [path, *(own + [shipped] if flag == "--pretrained" else [shipped] + own),
+                  *([Path(logdir) / run_name] if logdir and run_name else [])]
     for candidate in candidates:
         if (candidate / MODEL_FILE).is_file():
+            other = {*own, shipped} - {candidate}
+            if candidate != path and all((o / MODEL_FILE).is_file() for o in other) and other:
+                log.info(f"{flag}={name}: {candidate} is taken, not {other.pop()}; give a path "
+                         "to choose")
             return candidate
     if path.is_dir():
         missing = [f for f in RUN_FILES if not (path / f).is_file()]
         raise ModelFileError(f"{flag}={name}: the folder {path} is not a complete run: it lacks "
                              f"{', '.join(missing)}; point {flag} at a run folder that training "
                              "finished (or one written by bin/export_model.py)")
-    tried = ", ".join(str(c) for c in candidates[:1] + candidates[2:])
+    tried = ", ".join(str(c) for c in candidates if c != shipped)
     raise ModelFileError(f"{flag}={name}: no trained model found; looked for {MODEL_FILE} in "
                          f"{tried} and among the shipped models "
                          f"({', '.join(shipped_models()) or 'none'}); train that run first")

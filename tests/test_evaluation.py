@@ -172,6 +172,24 @@ def test_unknown_model_lists_where_it_looked(tmp_path):
     assert find_run(shipped / "model.keras") == find_run(str(shipped / "model.keras")) == shipped
 
 
+def test_pretrained_takes_ones_own_run_before_the_shipped_model_of_its_name(tmp_path, caplog):
+    """configs/drive_unet.cfg writes logs/unet_drive and vessel_general.cfg starts from
+    --pretrained=unet_drive: the shipped model was taken instead, without a word."""
+    shipped = find_run("unet_drive")
+    own = tmp_path / "unet_drive"
+    shutil.copytree(shipped, own)
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        assert find_run("unet_drive", str(tmp_path), flag="--pretrained") == own
+        assert find_run("unet_drive", str(tmp_path)) == shipped   # --model: the shipped one
+    assert f"--pretrained=unet_drive: {own} is taken, not {shipped}; give a path" in caplog.text
+    assert f"--model=unet_drive: {shipped} is taken, not {own}; give a path" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        assert find_run("unet_drive", str(tmp_path / "elsewhere"), flag="--pretrained") == \
+            shipped
+    assert "is taken" not in caplog.text
+
+
 def test_flip_tta_of_an_identity_model_returns_the_image():
     import keras
 
