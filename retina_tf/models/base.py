@@ -94,9 +94,23 @@ class SegmentationModel:
         if type(source) is not type(self) or [w.shape for w in mine] != [
                 w.shape for w in theirs]:
             raise ConfigError(f"--pretrained: its {type(source).__name__} does not match this "
-                              f"{type(self).__name__} (architecture or size differs)")
+                              f"{type(self).__name__} ({_differences(source, self)})")
         self.set_weights(theirs)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SegmentationModel:
         return cls(**config)
+
+
+def _differences(source: keras.Model, model: keras.Model) -> str:
+    """What a --pretrained model has that ``model`` has not, in words: the constructor
+    arguments that differ (input_channels from --preprocess, num_classes from --task, the rest
+    from --model_config), else "architecture or size differs"."""
+    if type(source) is not type(model):
+        return "another architecture: give --model as the run's"
+    theirs, mine = source.get_config(), model.get_config()
+    names = {"input_channels": "input channels (--preprocess)",
+             "num_classes": "classes (--task)"}
+    differ = [f"{names.get(k, k)} {theirs[k]!r}, not {mine.get(k)!r}" for k in sorted(theirs)
+              if k not in ("name", "trainable", "dtype") and theirs[k] != mine.get(k)]
+    return "its " + "; ".join(differ) if differ else "architecture or size differs"

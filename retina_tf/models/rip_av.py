@@ -613,9 +613,14 @@ class RIPAV(SegmentationModel, keras.Model):
                               "rip_av run")
         mine, theirs = self.encoder.get_weights(), other.get_weights()
         if [w.shape for w in mine] != [w.shape for w in theirs]:
+            config = _encoder_config(source)
+            channels = config.pop("input_channels")
+            hint = "" if channels == self.input_channels else (
+                f", and --preprocess giving its {channels} input channel(s) (this one has "
+                f"{self.input_channels}: colour is --preprocess=standardize,clahe,gamma)")
             raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
                               "the encoders differ; give --model_config the pre-training "
-                              f"encoder {_encoder_config(source)}")
+                              f"encoder {config}{hint}")
         self.encoder.set_weights(theirs)
         if isinstance(source, RIPAV):  # said: the decoder and heads start afresh
             logging.getLogger(__name__).warning(

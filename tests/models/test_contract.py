@@ -72,3 +72,20 @@ def test_a_loss_flag_a_model_cannot_honour_is_an_error(tmp_path):
                        f"--data_dir={tmp_path}", f"--logdir={tmp_path}"])
     with pytest.raises(ConfigError, match="--loss=bce: rip_av trains with its own loss"):
         train(cfg)
+
+
+def test_a_pretrained_model_that_does_not_fit_names_what_differs():
+    def built(**kw):
+        model = build_model("unet", **{"depth": 2, "base_filters": 4, **kw})
+        model(np.zeros((1, 16, 16, kw.get("input_channels", 1)), "float32"))
+        return model
+
+    source = built()
+    built().load_pretrained(source)   # the same: taken
+    for kw, words in ((dict(depth=3), "its depth 2, not 3"),
+                      (dict(num_classes=3), r"its classes \(--task\) 1, not 3"),
+                      (dict(input_channels=3), r"its input channels \(--preprocess\) 1, not 3")):
+        with pytest.raises(ConfigError, match=words):
+            built(**kw).load_pretrained(source)
+    with pytest.raises(ConfigError, match="another architecture: give --model as the run's"):
+        built().load_pretrained(build_model("hrnet_ocr", **TINY["hrnet_ocr"]))
