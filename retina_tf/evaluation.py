@@ -208,6 +208,8 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                              precision=cfg.precision)
     why = " (--precision=auto on this CPU)" if cfg.precision == "auto" else ""
     log.info(f"{seg.run_dir.name} computes in {seg.precision}{why}")
+    if cfg.tta_transpose and not cfg.tta:
+        log.info("--tta_transpose adds views to --tta's: without --tta it does nothing")
     return seg
 
 

@@ -172,6 +172,14 @@ def test_unknown_model_lists_where_it_looked(tmp_path):
     assert find_run(shipped / "model.keras") == find_run(str(shipped / "model.keras")) == shipped
 
 
+def test_tta_transpose_without_tta_is_said_to_do_nothing(caplog):
+    from retina_tf.config import PredictConfig
+    from retina_tf.evaluation import load_segmenter
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        load_segmenter(PredictConfig(model="unet_drive", tta_transpose=True))
+    assert "without --tta it does nothing" in caplog.text
+
+
 def test_pretrained_takes_ones_own_run_before_the_shipped_model_of_its_name(tmp_path, caplog):
     """configs/drive_unet.cfg writes logs/unet_drive and vessel_general.cfg starts from
     --pretrained=unet_drive: the shipped model was taken instead, without a word."""
