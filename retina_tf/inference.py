@@ -32,7 +32,7 @@ from retina_tf.config import (
     parse_inference_scale,
 )
 from retina_tf.data.fov import estimate_fov
-from retina_tf.data.io import atomic_write_bytes, fov_of_array
+from retina_tf.data.io import atomic_write_bytes, fov_of_array, is_gray
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
@@ -616,8 +616,7 @@ class Segmenter:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
                                f"needs at least {self.min_image_size}x{self.min_image_size} "
                                "(its training patch size)")
-        if self.task == "av" and (image[..., 0] == image[..., 1]).all() and \
-                (image[..., 1] == image[..., 2]).all():
+        if self.task == "av" and is_gray(image):
             log.warning(f"{source} is a gray photograph: telling arteries from veins needs "
                         "colour, so its artery/vein maps are unreliable (its vessel map is not)")
 

@@ -27,7 +27,7 @@ from retina_tf.data.fov import estimate_fov
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
-           "fov_of_array", "read_fov_mask", "read_image", "read_mask", "read_sample",
+           "fov_of_array", "is_gray", "read_fov_mask", "read_image", "read_mask", "read_sample",
            "write_image_atomic"]
 
 if TYPE_CHECKING:
@@ -164,16 +164,17 @@ def _tiff_upright_as_stored(data: bytes) -> bytes:
     return data
 
 
-def _decode(path: PathLike) -> np.ndarray:
+def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
     uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
     sideways with a tag saying so; viewers, and the user who drew the labels, see them upright).
 
     Grayscale files stay 2-D so that index maps (HRF-AV) keep their values; RGB files whose
     three channels are equal (HRF masks) are returned as given, callers collapse them.
+    ``data``: the file's bytes, when the caller has read them already.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = _read_bytes(path) if data is None else data
     if data[:6] in (b"GIF87a", b"GIF89a"):
         try:
             with Image.open(io.BytesIO(data)) as gif:
@@ -183,7 +184,7 @@ def _decode(path: PathLike) -> np.ndarray:
             raise DatasetError(f"{path} is not a readable GIF: {err}") from err
         array = np.asarray(frame)
         # Gray GIFs (DRIVE labels and masks) come back with three equal channels.
-        if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+        if is_gray(array):
             return np.ascontiguousarray(array[..., 0])
         return array
     if _looks_truncated(data):
@@ -251,11 +252,17 @@ def read_image(path: PathLike) -> np.ndarray:
     return array
 
 
+def is_gray(array: np.ndarray) -> bool:
+    """One channel, or three equal ones (a gray picture saved as RGB)."""
+    return array.ndim == 2 or bool((array[..., 0] == array[..., 1]).all()
+                                   and (array[..., 0] == array[..., 2]).all())
+
+
 def _gray_levels(array: np.ndarray) -> np.ndarray:
     """Collapses a mask to one channel; a coloured mask counts every non-black pixel."""
     if array.ndim == 2:
         return array
-    if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+    if is_gray(array):
         return array[..., 0]
     return array.max(axis=-1)
 
@@ -346,15 +353,15 @@ def read_av(path: PathLike, av_format: str) -> np.ndarray:
         DatasetError: when the file is unreadable or does not match the format.
     """
     path = Path(path)
-    if _read_bytes(path)[:3] == b"\xff\xd8\xff":
+    data = _read_bytes(path)
+    if data[:3] == b"\xff\xd8\xff":
         raise DatasetError(f"{path}: an A/V label saved as JPEG: its colours shift (dark blue "
                            "veins come out nearer black) and vessel pixels are lost; save the "
                            "label losslessly (PNG, TIFF or GIF)")
-    array = _decode(path)
+    array = _decode(path, data)
     try:
         if av_format == "rgb":
-            if array.ndim == 2 or (array[..., 0] == array[..., 1]).all() and \
-                    (array[..., 0] == array[..., 2]).all():
+            if is_gray(array):
                 if array.any():  # gray levels cannot be red arteries and blue veins
                     raise DatasetError(
                         f"{path}: a gray A/V label, but this layout's A/V maps are colour (red "
