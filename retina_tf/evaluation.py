@@ -113,13 +113,14 @@ class OutputFolder:
         self.overwrite = bool(overwrite) or owned
         self._listed = read_manifest(self.path)
         self._staging: Path | None = None
+        self._remove_stale_staging()
 
     @contextlib.contextmanager
     def all_or_nothing(self):
         """Files saved in this block go to a hidden folder inside this one and are moved in
         when it ends without an error; on an error (or Ctrl-C) they are removed, and one left
-        by a killed process is removed by the next run here (:meth:`_remove_stale_staging`)."""
-        self._remove_stale_staging()
+        by a killed process is removed by the next run here (:meth:`_remove_stale_staging`,
+        when the folder is opened)."""
         self._staging = self.path / f"{STAGING_PREFIX}{os.getpid()}"
         try:
             yield self
