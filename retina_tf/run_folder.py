@@ -94,13 +94,13 @@ def run_dir_of(cfg: RunRef) -> Path:
 
 
 def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
-             flag: str = "--model") -> Path:
+             flag: str = "--model", own_first: bool = False) -> Path:
     """A trained run folder (one with ``model.keras``) from a path (the folder or its
     ``model.keras``), a shipped model name, a run name under ``logdir``, or
     ``logdir/run_name``. Where a run under ``logdir`` has a shipped model's name, a line says
-    which is taken: the shipped model, except for ``--pretrained``, whose flagfiles name the
-    runs of the recipes before them (``configs/drive_unet.cfg`` writes ``logs/unet_drive``,
-    ``configs/vessel_general.cfg`` starts from it).
+    which is taken: the shipped model, or with ``own_first`` the run (``--pretrained``, whose
+    flagfiles name the runs of the recipes before them: ``configs/drive_unet.cfg`` writes
+    ``logs/unet_drive``, ``configs/vessel_general.cfg`` starts from it).
 
     Raises:
         ModelFileError: naming ``flag`` and every place looked in; a folder given by path that
@@ -111,7 +111,7 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
         path = name = path.parent
     shipped = PRETRAINED_DIR / str(name)
     own = [Path(logdir) / str(name)] if logdir else []
-    candidates = [path, *(own + [shipped] if flag == "--pretrained" else [shipped] + own),
+    candidates = [path, *(own + [shipped] if own_first else [shipped] + own),
                   *([Path(logdir) / run_name] if logdir and run_name else [])]
     for candidate in candidates:
         if (candidate / MODEL_FILE).is_file():

@@ -994,7 +994,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
     with strategy.scope():
         model = build_model(cfg.model, **model_kwargs(cfg, pre.channels, num_classes))
     _check_patch_options(cfg, model)
-    pretrained = (find_run(cfg.pretrained, cfg.logdir, flag="--pretrained")
+    pretrained = (find_run(cfg.pretrained, cfg.logdir, flag="--pretrained", own_first=True)
                   if cfg.pretrained else None)
     if pretrained is not None:
         load_pretrained(model, pretrained)

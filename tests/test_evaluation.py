@@ -187,14 +187,15 @@ def test_pretrained_takes_ones_own_run_before_the_shipped_model_of_its_name(tmp_
     own = tmp_path / "unet_drive"
     shutil.copytree(shipped, own)
     with caplog.at_level(logging.INFO, logger="retina_tf"):
-        assert find_run("unet_drive", str(tmp_path), flag="--pretrained") == own
+        assert find_run("unet_drive", str(tmp_path), flag="--pretrained", own_first=True) \
+            == own
         assert find_run("unet_drive", str(tmp_path)) == shipped   # --model: the shipped one
     assert f"--pretrained=unet_drive: {own} is taken, not {shipped}; give a path" in caplog.text
     assert f"--model=unet_drive: {shipped} is taken, not {own}; give a path" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="retina_tf"):
-        assert find_run("unet_drive", str(tmp_path / "elsewhere"), flag="--pretrained") == \
-            shipped
+        assert find_run("unet_drive", str(tmp_path / "elsewhere"), flag="--pretrained",
+                        own_first=True) == shipped
     assert "is taken" not in caplog.text
 
 
