@@ -600,6 +600,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             plan = seg.scale_plan(data.image, data.fov)
             if plan.rescaled:
                 log.info(f"{name} {data.name}: {plan.describe()}")
+            _warn(plan.warning(sample.image))
             prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold)
             if vessel_channel_only:
                 prob = prob[..., -1:]  # artery, vein, vessel
@@ -928,6 +929,10 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     plan = seg.scale_plan(image, fov)  # what segment() did, for the line
     scaled = f", segmented at {plan.size[0]}x{plan.size[1]} (x{plan.factor:.2f})" \
         if plan.rescaled else ""
+    if plan.training_fov_diameter and seg.inference_scale != "native":  # the rescale's reason
+        scaled = (f", FOV {plan.fov_diameter:.0f} px" if plan.fov_diameter else
+                  ", FOV diameter unknown") + scaled
+    _warn(plan.warning(path))
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
              f"({image.shape[1]}x{image.shape[0]}{scaled}, {mask[..., -1].mean():.1%} vessel)")
     return written

@@ -49,6 +49,10 @@ from retina_tf.data.io import fsync_dir
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
 from retina_tf.inference import (
+    ARC_FIT_PIXELS,
+    ARC_FIT_TOLERANCE,
+    ARC_MIN_POINTS,
+    ARC_MIN_SPAN,
     AUTO_MAX_SCALE,
     SCALE_TOLERANCE,
     Segmenter,
@@ -600,7 +604,8 @@ def _recipe(seg: Segmenter) -> list[str]:
                   if setting == "auto" else f"{aim:g}/D")
         steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
                      f"its diameter D (retina_tf.inference.fov_diameter: the horizontal extent, "
-                     "the vertical one for a disc cut at its left or right, none for one cut on "
+                     "the vertical one for a disc cut at its left or right, the least-squares "
+                     "circle through the edge shown for one cut both ways, none for one cut on "
                      f"all four sides) differs from {aim:g} px by more than "
                      f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
                      "INTER_AREA), segment, and resize the probabilities back (bilinear)")
@@ -811,10 +816,50 @@ def _fov_diameter(fov: tf.Tensor) -> tf.Tensor:
     def measured():
         width, cut_sides = across(fov)
         height, cut_ends = across(tf.transpose(fov))
-        zero = tf.constant(0.0, tf.float64)
-        return tf.where(cut_sides, tf.where(cut_ends, zero, height), width)
+        return tf.cond(tf.logical_and(cut_sides, cut_ends), lambda: _arc_diameter(fov),
+                       lambda: tf.where(cut_sides, height, width))
 
     return tf.cond(tf.reduce_any(fov), measured, lambda: tf.constant(0.0, tf.float64))
+
+
+def _row_ends(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """retina_tf.inference._row_ends in TensorFlow ops (int64 x, y)."""
+    rows = tf.where(tf.reduce_any(mask, axis=1))[:, 0]
+    sub = tf.cast(tf.gather(mask, rows), tf.int32)
+    first = tf.argmax(sub, axis=1)
+    last = tf.cast(tf.shape(mask)[1], tf.int64) - 1 - tf.argmax(sub[:, ::-1], axis=1)
+    keep_first = first > tf.reduce_min(first)
+    keep_last = last < tf.reduce_max(last)
+    return (tf.concat([first[keep_first], last[keep_last]], 0),
+            tf.concat([rows[keep_first], rows[keep_last]], 0))
+
+
+def _arc_diameter(fov: tf.Tensor) -> tf.Tensor:
+    """:func:`retina_tf.inference.arc_diameter` in TensorFlow ops (float64; 0: unknown)."""
+    x1, y1 = _row_ends(fov)
+    y2, x2 = _row_ends(tf.transpose(fov))
+    x = tf.cast(tf.concat([x1, x2], 0), tf.float64)
+    y = tf.cast(tf.concat([y1, y2], 0), tf.float64)
+    zero = tf.constant(0.0, tf.float64)
+
+    def fit():
+        u, v = x - tf.reduce_mean(x), y - tf.reduce_mean(y)
+        a = tf.stack([u, v, tf.ones_like(u)], axis=1)
+        m = tf.transpose(a) @ a
+        return tf.cond(m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= 1e-9 * (m[0, 0] + m[1, 1]) ** 2,
+                       lambda: zero, lambda: circle(u, v, a, m))
+
+    def circle(u, v, a, m):
+        d, e, f = tf.unstack(tf.linalg.solve(m, tf.transpose(a) @ -(u * u + v * v)[:, None])
+                             [:, 0])
+        r = tf.sqrt(tf.maximum((d * d + e * e) / 4 - f, 0.0))
+        rms = tf.sqrt(tf.reduce_mean((tf.sqrt((u + d / 2) ** 2 + (v + e / 2) ** 2) - r) ** 2))
+        span = tf.maximum(tf.reduce_max(x) - tf.reduce_min(x), tf.reduce_max(y) - tf.reduce_min(y))
+        good = tf.logical_and(r > 0, tf.logical_and(
+            rms <= ARC_FIT_TOLERANCE * r + ARC_FIT_PIXELS, span >= ARC_MIN_SPAN * 2 * r))
+        return tf.where(good, 2 * r + 1, zero)
+
+    return tf.cond(tf.size(x) >= ARC_MIN_POINTS, fit, lambda: zero)
 
 
 def _below_warning(record: logging.LogRecord) -> bool:

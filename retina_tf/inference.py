@@ -327,6 +327,7 @@ class ScalePlan:
         training_fov_diameter: the training images' (run.json ``fov_diameter``; None unknown).
         factor: the resize factor (1.0: segmented as it is).
         size: (width, height) segmented at.
+        wanted: the factor that would bring the FOV to its aim, where ``auto`` capped it.
     """
 
     width: int
@@ -335,6 +336,7 @@ class ScalePlan:
     training_fov_diameter: float | None
     factor: float
     size: tuple[int, int]
+    wanted: float | None = None
 
     @property
     def rescaled(self) -> bool:
@@ -349,6 +351,17 @@ class ScalePlan:
         if self.training_fov_diameter:
             text += f", the training FOV is {self.training_fov_diameter:.0f} px"
         return text
+
+    def warning(self, source) -> str | None:
+        """A one-line warning when ``auto`` enlarged the photograph less than its FOV needs
+        (:data:`AUTO_MAX_SCALE`), else None: its thin vessels are narrower than any the model
+        learned."""
+        if not self.wanted or self.wanted <= self.factor:
+            return None
+        return (f"warning: {source}: its FOV is {self.fov_diameter:.0f} px wide, enlarged "
+                f"x{self.factor:.2f} at most to {self.fov_diameter * self.factor:.0f} px; the "
+                f"model learned on FOVs {self.training_fov_diameter:.0f} px wide, so thin "
+                "vessels may be missed: a photograph of higher resolution segments better")
 
 
 # Whole-image passes over more pixels than this run in tiles: memory stays that of one tile
@@ -681,7 +694,10 @@ class Segmenter:
         factor = inference_factor(self.inference_scale, diameter, trained, self.auto_min_scale)
         size = (w, h) if factor == 1.0 else (max(int(round(w * factor)), 1),
                                              max(int(round(h * factor)), 1))
-        return ScalePlan(w, h, diameter, float(trained) if trained else None, factor, size)
+        wanted = (inference_factor("training", diameter, trained)
+                  if self.inference_scale == "auto" else None)
+        return ScalePlan(w, h, diameter, float(trained) if trained else None, factor, size,
+                         wanted if wanted and wanted > factor else None)
 
     def probability_at_inference_scale(self, image: np.ndarray, fov: np.ndarray,
                                        plan: ScalePlan | None = None,
@@ -704,10 +720,11 @@ class Segmenter:
 def fov_diameter(fov: np.ndarray) -> float:
     """The diameter of the FOV disc in pixels: its horizontal extent (cameras cut the disc at
     top and bottom), or its vertical extent where the disc is cut at its left or right (a
-    photograph turned on its side); 0, unknown, where it is cut on all four sides (a crop inside
-    the FOV: the photograph is segmented as it is) or the mask is empty. A disc touches its
-    leftmost and rightmost columns over a few pixels (at most a fifth of its height in every
-    dataset here), a cut over more than half."""
+    photograph turned on its side). A disc cut both ways (off centre, also cut at a side) gets
+    the diameter of the circle through the edge it shows (:func:`arc_diameter`); 0, unknown,
+    where too little of its edge shows (a crop inside the FOV: the photograph is segmented as
+    it is) or the mask is empty. A disc touches its leftmost and rightmost columns over a few
+    pixels (at most a fifth of its height in every dataset here), a cut over more than half."""
     fov = np.asarray(fov, bool)
     for mask in (fov, fov.T):
         cols = np.flatnonzero(mask.any(axis=0))
@@ -716,7 +733,61 @@ def fov_diameter(fov: np.ndarray) -> float:
         rows = np.flatnonzero(mask.any(axis=1))
         if max(mask[:, cols[0]].sum(), mask[:, cols[-1]].sum()) <= (rows[-1] - rows[0] + 1) / 2:
             return float(cols[-1] - cols[0] + 1)
-    return 0.0
+    return arc_diameter(fov)
+
+
+# A circle through a FOV's edge is taken when its points lie within this share of the radius
+# of it (RMS, plus ARC_FIT_PIXELS for the pixel steps; HRF's cut discs: 0.5 %) ...
+ARC_FIT_TOLERANCE = 0.02
+ARC_FIT_PIXELS = 2.0
+# ... and span at least this share of its diameter (a straight cut fits a huge circle).
+ARC_MIN_SPAN = 1 / 3
+# Fewer edge points than this measure nothing.
+ARC_MIN_POINTS = 16
+
+
+def _row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of each row's first and last FOV pixel, leaving out those on the disc's leftmost
+    or rightmost column: the image's border or a straight cut, not the circle."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    sub = mask[rows]
+    first = sub.argmax(axis=1)
+    last = mask.shape[1] - 1 - sub[:, ::-1].argmax(axis=1)
+    keep_first, keep_last = first > first.min(), last < last.max()
+    return (np.concatenate([first[keep_first], last[keep_last]]),
+            np.concatenate([rows[keep_first], rows[keep_last]]))
+
+
+def arc_diameter(fov: np.ndarray) -> float:
+    """The diameter of the circle through the edge of the FOV that lies inside the image
+    (each row's and column's ends), fitted by least squares (I. Kasa, "A circle fitting
+    procedure and its error analysis", IEEE Trans. Instrum. Meas. 1976); 0 where fewer than
+    :data:`ARC_MIN_POINTS` edge points show, they do not lie on a circle, or they span too
+    little of it. ``retina_tf.export`` computes the same in TensorFlow."""
+    fov = np.asarray(fov, bool)
+    if not fov.any():
+        return 0.0
+    x1, y1 = _row_ends(fov)
+    y2, x2 = _row_ends(fov.T)
+    x = np.concatenate([x1, x2]).astype(np.float64)
+    y = np.concatenate([y1, y2]).astype(np.float64)
+    if x.size < ARC_MIN_POINTS:
+        return 0.0
+    u, v = x - x.mean(), y - y.mean()  # centred: the normal equations stay well conditioned
+    a = np.stack([u, v, np.ones_like(u)], axis=1)
+    m = a.T @ a
+    if m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= 1e-9 * (m[0, 0] + m[1, 1]) ** 2:
+        return 0.0  # the points lie on a line
+    d, e, f = np.linalg.solve(m, a.T @ -(u * u + v * v))
+    r2 = (d * d + e * e) / 4 - f
+    if r2 <= 0:
+        return 0.0
+    r = np.sqrt(r2)
+    rms = np.sqrt(np.mean((np.hypot(u + d / 2, v + e / 2) - r) ** 2))
+    span = max(np.ptp(x), np.ptp(y))
+    if rms > ARC_FIT_TOLERANCE * r + ARC_FIT_PIXELS or span < ARC_MIN_SPAN * 2 * r:
+        return 0.0
+    return float(2 * r + 1)  # as the extent counts pixels: a disc of radius r is 2r + 1 wide
 
 
 def sliding_window_predict(forward, x: np.ndarray, window: int, stride: int,

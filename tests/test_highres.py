@@ -207,8 +207,8 @@ def test_predict_names_the_size_it_segmented_at(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     big = next(line for line in out.splitlines() if "big.png ->" in line)
     same = next(line for line in out.splitlines() if "same.png ->" in line)
-    assert "(192x192, segmented at 94x94 (x0.49), " in big, big  # FOVs 174 px and 85 px
-    assert "(96x96, " in same and "segmented at" not in same
+    assert "(192x192, FOV 173 px, segmented at 94x94 (x0.49), " in big, big
+    assert "(96x96, FOV 82 px, " in same and "segmented at" not in same
 
 
 @pytest.mark.slow
@@ -243,6 +243,29 @@ def test_the_fov_diameter_of_a_disc_cut_either_way_and_of_a_crop():
     for name, (mask, expected) in cases.items():
         assert fov_diameter(mask) == expected, name
         assert float(_fov_diameter(tf.constant(mask))) == expected, name  # the SavedModel's
+    # off centre, also cut at one side: the circle through the edge the image shows
+    for cut in (disc[:, :330], disc[:, 60:], disc.T[:330]):
+        assert fov_diameter(cut) == pytest.approx(361, abs=1)
+        assert float(_fov_diameter(tf.constant(cut))) == pytest.approx(fov_diameter(cut),
+                                                                       rel=1e-9)
+    # no circle in a straight edge: unknown
+    line = np.tri(300, 400, 100, bool)
+    assert fov_diameter(line) == 0.0 == float(_fov_diameter(tf.constant(line)))
+
+
+def test_a_photograph_enlarged_less_than_its_fov_needs_is_warned_of(tiny_run):
+    seg = Segmenter.from_run(tiny_run)
+    trained = seg.run_info["fov_diameter"]
+    small = generate_fundus(4, size=(24, 24))
+    plan = seg.scale_plan(small.image, small.fov)
+    assert plan.factor == AUTO_MAX_SCALE and plan.wanted == pytest.approx(
+        trained / plan.fov_diameter) and plan.wanted > 3.2, plan
+    assert f"small.png: its FOV is {plan.fov_diameter:.0f} px wide, enlarged x3.00 at most" \
+        in plan.warning("small.png")
+    same = generate_fundus(3, size=(96, 96))
+    assert seg.scale_plan(same.image, same.fov).warning("same.png") is None
+    big = generate_fundus(2, size=(400, 400))  # shrunk by a third at most, as measured best
+    assert seg.scale_plan(big.image, big.fov).warning("big.png") is None
 
 
 def test_auto_enlarges_by_three_at_most():
