@@ -60,7 +60,9 @@ from retina_tf.run_folder import (
     atomic_write_text,
     is_shipped,
     process_exists,
+    reading_run,
     run_dir_of,
+    taking_turns,
     to_json,
     update_metrics_json,
 )
@@ -164,9 +166,14 @@ class OutputFolder:
             ConfigError: as :meth:`check`.
         """
         self.check(names)
-        new = set(names) - self._listed
-        if new:
-            self._listed |= new
+        if not set(names) - self._listed:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        # another command writing here lists its files meanwhile: keep them, and ours
+        with taking_turns(self.path):
+            self._listed |= read_manifest(self.path)
+            self.check(names)
+            self._listed |= set(names)
             text = json.dumps({"written_by": "retina_tf", "files": sorted(self._listed)},
                               indent=1)
             atomic_write_bytes(self.path / MANIFEST_NAME, text.encode())
@@ -546,8 +553,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             with a vessel model (a bad --threshold the config itself refuses).
         DatasetError: a missing or bad test image, label or mask, or an image too small.
         ModelFileError: the model cannot be loaded.
+        RunBusyError: a training writes the run.
     """
     seg = load_segmenter(cfg)
+    with reading_run(seg.run_dir):  # no training --overwrite under an evaluation's feet
+        return _evaluate(cfg, seg)
+
+
+def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     cfg = _with_the_runs_data(cfg, seg.run_dir, cfg.eval_split)
     samples = _test_samples(cfg)
     name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
@@ -1016,6 +1029,11 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
     if cfg.precision == "auto":  # training targets: the same on every machine
         cfg = dataclasses.replace(cfg, precision="float32")
     seg = load_segmenter(cfg)
+    with reading_run(seg.run_dir):
+        return _write_error_maps(cfg, seg)
+
+
+def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
     cfg = _with_the_runs_data(cfg, seg.run_dir, "training")
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR

@@ -43,6 +43,7 @@ from retina_tf.run_folder import (
     PRETRAINED_DIR,
     RUN_FILES,
     find_run,
+    reading_run,
     save_model_file,
     shipped_models,
 )
@@ -483,23 +484,25 @@ class Segmenter:
         Raises:
             ModelFileError: when the run folder is not found, lacks one of those files, one
                 of them is corrupt (the message names it), or it is a pre-training run.
+            RunBusyError: a training writes the run.
         """
         run_dir = find_run(model, logdir, run_name)
-        missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-        if missing:
-            raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "
-                                 "incomplete: export or train it again")
-        info = _read_run_json(run_dir)
-        if info.get("task") == "pretrain":  # an encoder's training, not a segmentation model
-            raise ModelFileError(f"{run_dir} is a pre-training run ({info.get('model')}): it "
-                                 "does not segment; fine-tune it first with bin/train.py "
-                                 f"--pretrained={run_dir}")
-        net = load_keras_model(run_dir / "model.keras")
-        try:
-            pre = Preprocessor.load(run_dir / "preprocessor.json")
-        except (ValueError, TypeError) as err:
-            raise ModelFileError(f"{err}; the run folder is damaged: export or train it "
-                                 "again") from err
+        with reading_run(run_dir):  # not while a training writes it
+            missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+            if missing:
+                raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "
+                                     "incomplete: export or train it again")
+            info = _read_run_json(run_dir)
+            if info.get("task") == "pretrain":  # an encoder's training, not a segmentation model
+                raise ModelFileError(f"{run_dir} is a pre-training run ({info.get('model')}): it "
+                                     "does not segment; fine-tune it first with bin/train.py "
+                                     f"--pretrained={run_dir}")
+            net = load_keras_model(run_dir / "model.keras")
+            try:
+                pre = Preprocessor.load(run_dir / "preprocessor.json")
+            except (ValueError, TypeError) as err:
+                raise ModelFileError(f"{err}; the run folder is damaged: export or train it "
+                                     "again") from err
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
                       fully_convolutional=info.get("fully_convolutional", True), run_info=info)

@@ -31,6 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and no guard against two commands on one run
+    fcntl = None
 import h5py
 import keras
 import numpy as np
@@ -38,7 +42,7 @@ import numpy as np
 from retina_tf.config import DataConfig, RunRef
 from retina_tf.data.io import atomic_write_bytes
 from retina_tf.error_maps import ERROR_MAPS_DIR
-from retina_tf.errors import ConfigError, ModelFileError
+from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +255,115 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]:
-    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically)."""
+    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically); two commands
+    merging at once take turns, so neither result is lost."""
     path = Path(run_dir) / "metrics.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(update)
-    atomic_write_text(path, to_json(data))
+    with taking_turns(Path(run_dir) / METRICS_LOCK):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data.update(update)
+        atomic_write_text(path, to_json(data))
     return data
+
+
+# --- one command writing a run at a time --------------------------------------------------------
+# flock locks on the run folder itself: the system drops them when the process ends, however it
+# ends, so a killed command never leaves a run locked.
+
+_TRAINING: dict[Path, int] = {}  # the runs this process trains: their locked folders
+_READING: dict[Path, int] = {}  # the runs this process reads: how many times over
+# metrics.json's read-merge-write, one command at a time (the run folder's own lock is shared
+# by the commands that read it and write their evaluation into it)
+METRICS_LOCK = ".metrics.lock"
+
+
+class RunBusyError(RetinaTFError):
+    """Another command is training the run, or reading it while this one would train it."""
+
+
+def _flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def hold_run(run_dir: Path) -> None:
+    """Keeps other commands off ``run_dir`` while this process trains it (an exclusive lock
+    until :func:`release_run` or the process ends); nothing once held, or where the folder does
+    not exist yet (call again once it does).
+
+    Raises:
+        RunBusyError: another training writes the run, or a command reads it (evaluate,
+            predict, make_error_maps).
+    """
+    run_dir = Path(run_dir).resolve()
+    if fcntl is None or run_dir in _TRAINING or not run_dir.is_dir():
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    if _flock(fd, fcntl.LOCK_EX):
+        _TRAINING[run_dir] = fd
+        return
+    read = _flock(fd, fcntl.LOCK_SH)  # only readers hold it
+    os.close(fd)
+    who = ("another command is reading it (evaluate, predict, make_error_maps)" if read else
+           "another training is writing it")
+    raise RunBusyError(f"{run_dir}: {who}; train when that has ended, or give another "
+                       "--run_name")
+
+
+def release_run(run_dir: Path) -> None:
+    """Ends :func:`hold_run`."""
+    fd = _TRAINING.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def reading_run(run_dir: Path) -> Iterator[None]:
+    """Keeps a training off ``run_dir`` while a command reads it or writes an evaluation into
+    it (a shared lock: readers do not wait for one another).
+
+    Raises:
+        RunBusyError: a training writes the run.
+    """
+    run_dir = Path(run_dir).resolve()
+    if fcntl is None or run_dir in _TRAINING or not run_dir.is_dir():
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        if not _flock(fd, fcntl.LOCK_SH):
+            raise RunBusyError(f"{run_dir}: a training is writing this run; use it when the "
+                               "training has ended")
+        _READING[run_dir] = _READING.get(run_dir, 0) + 1
+        try:
+            yield
+        finally:
+            _READING[run_dir] -= 1
+            if not _READING[run_dir]:
+                del _READING[run_dir]
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def taking_turns(path: Path) -> Iterator[None]:
+    """Waits for any other command's turn at ``path`` to end and holds the others off this
+    one's: an exclusive lock on ``path``, a folder (an output folder's manifest is read, merged
+    and replaced inside it) or a lock file, created if missing. A folder this process holds as
+    a run (:func:`hold_run`, :func:`reading_run`) is its own already."""
+    path = Path(path)
+    if fcntl is None or path.resolve() in _TRAINING or path.resolve() in _READING:
+        yield
+        return
+    fd = (os.open(path, os.O_RDONLY) if path.is_dir() else
+          os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- training state --------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, check_arguments, model_class
 from retina_tf.progress import progress
 from retina_tf.run_folder import (
+    BACKUP_DIR,
     BEST_WEIGHTS,
     LAST_WEIGHTS,
     BestCheckpoint,
@@ -64,6 +65,9 @@ from retina_tf.run_folder import (
     clear_run_folder,
     find_run,
     finish_run,
+    has_backup,
+    hold_run,
+    release_run,
     remove_stray_temporaries,
     restore_training,
     run_dir_of,
@@ -761,6 +765,7 @@ def open_run_folder(cfg, run_dir: Path) -> None:
     temporary files a killed run left; call once the data are read and the model is built, so
     an early failure leaves no folder behind."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run(run_dir)  # a second training, or an evaluate, of this run is refused till the end
     if cfg.overwrite:
         clear_run_folder(run_dir)
     for path in remove_stray_temporaries(run_dir):
@@ -847,9 +852,20 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
             return run_dir
         with compute_precision(cfg.mixed_precision):
             if chief:
-                return _train_in(cfg, prepare, strategy, run_dir)
+                try:
+                    return _train_in(cfg, prepare, strategy, run_dir)
+                except BaseException as err:
+                    if not isinstance(err, (Exception, SystemExit)) and has_backup(run_dir):
+                        log.info(f"the epochs completed are kept in {run_dir / BACKUP_DIR}: "
+                                 "the same command goes on after the last of them")
+                    raise  # Ctrl-C or SIGTERM above
+                finally:
+                    release_run(run_dir)
             with worker_run_folder(run_dir, strategy.cluster_resolver.task_id) as folder:
-                _train_in(cfg, prepare, strategy, folder)
+                try:
+                    _train_in(cfg, prepare, strategy, folder)
+                finally:
+                    release_run(folder)
         return run_dir
     except (tf.errors.UnavailableError, tf.errors.AbortedError,
             tf.errors.DeadlineExceededError) as err:

@@ -378,6 +378,17 @@ def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
         OutputFolder(tmp_path / "out.png")
 
 
+def test_two_commands_writing_one_output_folder_keep_each_others_files_listed(tmp_path):
+    from retina_tf.evaluation import OutputFolder, read_manifest
+    first, second = OutputFolder(tmp_path / "out"), OutputFolder(tmp_path / "out")  # at once
+    first.save_png("a_mask.png", np.zeros((4, 4), np.uint8))
+    second.save_png("b_mask.png", np.zeros((4, 4), np.uint8))
+    assert read_manifest(tmp_path / "out") == {"a_mask.png", "b_mask.png"}
+    OutputFolder(tmp_path / "out").check(["a_mask.png", "b_mask.png"])  # a re-run may replace
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".retina_tf_outputs.json", "a_mask.png", "b_mask.png"]
+
+
 def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp_path):
     from retina_tf.config import PredictConfig
     from retina_tf.data.io import read_mask

@@ -1,10 +1,12 @@
 """Run folders that survive kills, full disks and reruns (retina_tf.run_folder via train())."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -12,12 +14,17 @@ import keras
 import numpy as np
 import pytest
 
+from retina_tf.config import EvalConfig
 from retina_tf.errors import ConfigError, DatasetError
+from retina_tf.evaluation import evaluate
 from retina_tf.flags import parse_config
-from retina_tf.inference import load_keras_model
+from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import (
+    RunBusyError,
     flag_differences,
+    hold_run,
     parse_flag_lines,
+    reading_run,
     remove_stray_temporaries,
     save_weights_file,
     weights_file_is_whole,
@@ -64,13 +71,15 @@ def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path):
+def test_a_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path, capsys):
     # dropout: the random generators' state is restored too (Keras does not save it); the
     # weight average: backups hold it in the model, the raw weights in the optimizer (the kill
     # harness resumes runs without it)
     extra = ("--dropout=0.2", "--ema_momentum=0.9")
     whole = train(tiny_flags(synthetic, tmp_path / "whole", *extra))
     run = _interrupted(synthetic, tmp_path / "killed", 2, *extra)
+    assert (f"the epochs completed are kept in {run / 'backup'}: the same command goes on "
+            "after the last of them") in capsys.readouterr().out
     train(tiny_flags(synthetic, tmp_path / "killed", *extra))
     a, b = _metrics(whole), _metrics(run)
     # data order, optimizer state and schedule continue: the same losses and scores per epoch
@@ -272,3 +281,87 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_run_resumes_after(syntheti
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
         shutil.rmtree(disk, ignore_errors=True)
+
+
+def _held_elsewhere(run: Path, reading: bool):
+    """Another process holding ``run`` as a training does (or as an evaluate reads it) until
+    the returned event is set."""
+    ctx = multiprocessing.get_context("fork")  # only os calls in the child: no TensorFlow
+    ready, done = ctx.Event(), ctx.Event()
+
+    def hold():
+        if reading:
+            with reading_run(run):
+                ready.set()
+                done.wait(60)
+        else:
+            hold_run(run)
+            ready.set()
+            done.wait(60)
+
+    process = ctx.Process(target=hold)
+    process.start()
+    assert ready.wait(30)
+    return process, done
+
+
+def test_a_run_is_written_by_one_command_at_a_time(synthetic, tmp_path):
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+    before = _metrics(run)
+    # a training writes it: a second training and an evaluate are refused, nothing written
+    process, done = _held_elsewhere(run, reading=False)
+    try:
+        with pytest.raises(RunBusyError, match="another training is writing it"):
+            train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
+        with pytest.raises(RunBusyError, match="a training is writing this run"):
+            evaluate(EvalConfig(model=str(run)))
+    finally:
+        done.set()
+        process.join()
+    assert _metrics(run) == before and (run / "model.keras").is_file()
+    # an evaluate reads it: training over it is refused, reading it beside is not
+    process, done = _held_elsewhere(run, reading=True)
+    try:
+        with pytest.raises(RunBusyError, match="another command is reading it"):
+            train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
+        assert Segmenter.from_run(run).run_dir == run
+    finally:
+        done.set()
+        process.join()
+    assert _metrics(run) == before
+    # a killed holder leaves nothing locked
+    process, _ = _held_elsewhere(run, reading=False)
+    process.kill()
+    process.join()
+    train(tiny_flags(synthetic, tmp_path, "--epochs=2", "--overwrite"))
+    assert _metrics(run)["epochs_run"] == 2
+
+
+def test_two_commands_merging_one_json_file_keep_both_entries(tmp_path):
+    from retina_tf.run_folder import (
+        METRICS_LOCK,
+        atomic_write_text,
+        taking_turns,
+        update_metrics_json,
+    )
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    path = tmp_path / "metrics.json"
+
+    def slow_merge():  # an evaluate between its read and its write
+        with taking_turns(tmp_path / METRICS_LOCK):
+            ready.set()
+            done.wait(60)
+            atomic_write_text(path, json.dumps({"eval_a": 1}))
+
+    process = ctx.Process(target=slow_merge)
+    process.start()
+    assert ready.wait(30)
+    merging = threading.Thread(target=update_metrics_json, args=(tmp_path, {"eval_b": 2}))
+    merging.start()
+    merging.join(0.5)
+    assert merging.is_alive()  # waits its turn
+    done.set()
+    process.join()
+    merging.join(30)
+    assert json.loads(path.read_text()) == {"eval_a": 1, "eval_b": 2}
