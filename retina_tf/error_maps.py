@@ -7,6 +7,7 @@ ground truth on the training images (Wang et al., DICTA 2021, https://arxiv.org/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -27,18 +28,37 @@ def error_map(probability: np.ndarray, target: np.ndarray, fov: np.ndarray,
     return ((probability >= threshold) != (target > 0.5)) & fov.astype(bool)
 
 
+def model_fingerprint(run_dir: str | os.PathLike) -> str | None:
+    """The sha256 of a run's ``model.keras`` (None: none there): which model error maps
+    were made by, recorded in ``error_maps.json`` as ``model_sha256``."""
+    digest = hashlib.sha256()
+    try:
+        with open(Path(run_dir) / "model.keras", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
                     shapes: Sequence[tuple[int, int]],
-                    data: dict[str, str | None] | None = None) -> list[np.ndarray]:
+                    data: dict[str, str | None] | None = None,
+                    stage1: str | os.PathLike | None = None) -> list[np.ndarray]:
     """The float32 (H, W) error maps ``<folder>/<name>.png`` of the named training images;
     ``data`` (:func:`retina_tf.data.pipeline.data_key`): the data they must have been made
-    from, when their
-    ``error_maps.json`` says."""
+    from, and ``stage1``: the run whose model must have made them (stage 2 learns where that
+    model errs), when their ``error_maps.json`` says."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no error-map folder; run bin/make_error_maps.py on the "
                            "stage-1 run first")
-    made_from = _recorded_data(folder / ERROR_MAPS_JSON)
+    record = _record(folder / ERROR_MAPS_JSON)
+    if stage1 is not None and _made_by_another_model(record, Path(stage1)):
+        raise DatasetError(f"{folder}: error maps of {record.get('run')}'s model, not of the "
+                           f"stage-1 run {stage1} as it is now; run bin/make_error_maps.py "
+                           f"--model={stage1}")
+    made_from = record.get("data")
     if data is not None and made_from is not None and made_from != data:
         def show(d):
             return d["label_file_path"] or f"{d['dataset']} in {d['data_dir']}"
@@ -58,9 +78,18 @@ def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
     return maps
 
 
-def _recorded_data(path: Path) -> dict | None:
-    """The ``data`` entry of an ``error_maps.json`` (None: none, or maps made elsewhere)."""
+def _record(path: Path) -> dict:
+    """An ``error_maps.json`` ({}: none, or maps made elsewhere)."""
     try:
-        return json.loads(path.read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _made_by_another_model(record: dict, stage1: Path) -> bool:
+    """Whether the maps ``record`` describes were made by another model than ``stage1``'s
+    ``model.keras`` (by its fingerprint; by the run's folder for maps that record none)."""
+    if record.get("model_sha256"):
+        return record["model_sha256"] != model_fingerprint(stage1)
+    return bool(record.get("run")) and Path(record["run"]).resolve() != stage1.resolve()

@@ -40,7 +40,7 @@ from retina_tf.data.io import (
     read_sample,
 )
 from retina_tf.data.pipeline import SegmentationSet, data_key, resolve_samples, target_of
-from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, error_map
+from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, error_map, model_fingerprint
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
     Segmenter,
@@ -1054,7 +1054,8 @@ def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
     out.claim(names)
     for name, errors in maps.items():
         out.save_png(f"{name}.png", visualize.mask_image(errors))
-    summary = {"run": str(seg.run_dir), "threshold": threshold,
+    summary = {"run": str(seg.run_dir), "model_sha256": model_fingerprint(seg.run_dir),
+               "threshold": threshold,
                "data": data_key(cfg.dataset, cfg.data_dir, cfg.label_file_path),
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}

@@ -574,8 +574,11 @@ def attach_error_maps(train_set: SegmentationSet, folder: str | None, pretrained
                               "--pretrained=<stage-1 run> (after bin/make_error_maps.py) or "
                               "--error_maps=<folder>")
         folder = pretrained / ERROR_MAPS_DIR
+    elif pretrained is None:
+        log.warning(f"warning: --error_maps without --pretrained: {model_name} starts from "
+                    "random weights, not from the stage-1 model that made the maps")
     maps = read_error_maps(folder, train_set.names, [im.shape[:2] for im in train_set.images],
-                           data)
+                           data, stage1=pretrained)
     share = np.mean([m[f].mean() for m, f in zip(maps, train_set.fovs)])
     log.info(f"error maps from {folder}: {share:.2%} of the FOV pixels wrong in stage 1")
     return train_set.with_extras(maps)

@@ -18,7 +18,12 @@ from retina_tf.data.pipeline import (
     whole_image_dataset,
 )
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.error_maps import ERROR_MAPS_JSON, error_map, read_error_maps
+from retina_tf.error_maps import (
+    ERROR_MAPS_JSON,
+    error_map,
+    model_fingerprint,
+    read_error_maps,
+)
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import evaluate, write_error_maps
 from retina_tf.flags import parse_config
@@ -109,6 +114,7 @@ def test_make_error_maps_writes_the_stage1_errors(stage1):
                                   error_map(prob, d.vessel, d.fov, seg.threshold))
     summary = json.loads((folder / "error_maps.json").read_text())
     assert summary["threshold"] == seg.threshold
+    assert summary["model_sha256"] == model_fingerprint(run)  # as stage 2 will compare
     assert summary["data"] == data_key("synthetic", data, None)  # as stage 2 will compare
     assert set(summary["error_share_in_fov"]) == {s.name for s in samples}
     assert 0 <= summary["mean_error_share_in_fov"] <= 1
@@ -145,6 +151,42 @@ def test_error_maps_of_other_data_are_refused(tmp_path):
         read_error_maps(folder, ["a"], [(4, 4)], mine)
     (folder / ERROR_MAPS_JSON).write_text(json.dumps({"data": mine}))
     assert len(read_error_maps(folder, ["a"], [(4, 4)], mine)) == 1
+
+
+def test_error_maps_of_another_stage1_model_are_refused(tmp_path):
+    # stage 2 learns where its stage 1 errs: another model's maps would teach it nothing true
+    runs = {name: tmp_path / name for name in ("stage1", "other")}
+    for name, run in runs.items():
+        run.mkdir()
+        (run / "model.keras").write_bytes(name.encode())
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    write_image_atomic(folder / "a.png", np.zeros((4, 4), bool))
+    record = {"run": str(runs["stage1"]), "model_sha256": model_fingerprint(runs["stage1"])}
+    (folder / ERROR_MAPS_JSON).write_text(json.dumps(record))
+    assert len(read_error_maps(folder, ["a"], [(4, 4)], stage1=runs["stage1"])) == 1
+    with pytest.raises(DatasetError, match=r"maps: error maps of .*stage1's model, not of the "
+                                           r"stage-1 run .*other as it is now; run bin/make_"
+                                           r"error_maps.py --model=.*other"):
+        read_error_maps(folder, ["a"], [(4, 4)], stage1=runs["other"])
+    (runs["stage1"] / "model.keras").write_bytes(b"trained again")  # --overwrite
+    with pytest.raises(DatasetError, match="stage1 as it is now"):
+        read_error_maps(folder, ["a"], [(4, 4)], stage1=runs["stage1"])
+    # maps that record no fingerprint: by the run's folder
+    (folder / ERROR_MAPS_JSON).write_text(json.dumps({"run": str(runs["stage1"])}))
+    assert len(read_error_maps(folder, ["a"], [(4, 4)], stage1=runs["stage1"])) == 1
+    with pytest.raises(DatasetError, match="not of the stage-1 run"):
+        read_error_maps(folder, ["a"], [(4, 4)], stage1=runs["other"])
+
+
+def test_error_maps_without_the_stage1_weights_are_warned_of(tmp_path, caplog):
+    from retina_tf.training import attach_error_maps
+    toy = _toy_set()
+    for name in toy.names:
+        write_image_atomic(tmp_path / f"{name}.png", np.zeros((40, 40), bool))
+    with_maps = attach_error_maps(toy, str(tmp_path), None, "ear_net")
+    assert len(with_maps.extras) == 2
+    assert "--error_maps without --pretrained: ear_net starts from random weights" in caplog.text
 
 
 @pytest.mark.slow
