@@ -72,6 +72,21 @@ class SegmentationModel:
         """Input height and width must be multiples of this."""
         return 16
 
+    def __call__(self, inputs, *args, **kwargs):
+        # an input off the size multiple fails deep inside (a concatenation of skips one pixel
+        # apart): said here, with the way out, for inputs of known size
+        image = inputs.get("image") if isinstance(inputs, dict) else inputs
+        shape = tuple(getattr(image, "shape", ()))
+        if len(shape) == 4 and all(isinstance(n, int) for n in shape[1:3]):
+            m = self.size_multiple
+            if shape[1] % m or shape[2] % m:
+                raise ValueError(
+                    f"{type(self).__name__}: an input of {shape[1]}x{shape[2]} px; height and "
+                    f"width must be multiples of its size_multiple, {m}: pad it (retina_tf.data."
+                    "patches.pad_to_multiple) or segment with retina_tf.inference.Segmenter, "
+                    "which pads")
+        return super().__call__(inputs, *args, **kwargs)
+
     def with_scales(self, scales: Sequence[float]) -> SegmentationModel:
         """This model inferring at ``scales`` (multi-scale models, e.g. HMSA)."""
         raise ConfigError(f"{type(self).__name__} has no inference scales: drop --eval_scales "
