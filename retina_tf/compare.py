@@ -131,7 +131,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     log.info(f"comparing {len(runs)} runs on {len(samples)} {dataset} {cfg.eval_split} images "
              "(pixels inside the FOV; each run with its own inference settings)")
     for run in runs:
-        _warn(_trained_on_warning(run.segmenter, samples))
+        _warn(_trained_on_warning(run.segmenter, samples, cfg.dataset, cfg.eval_split))
     panels: list[tuple[visualize.Title, np.ndarray]] = []
     for i, sample in enumerate(samples):
         data = read_sample(sample)

@@ -29,6 +29,7 @@ from retina_tf.config import (
     RunRef,
     from_run,
 )
+from retina_tf.data.catalog import dataset_key
 from retina_tf.data.fov import estimate_fov, fov_coverage_warning
 from retina_tf.data.io import (
     DatasetError,
@@ -517,17 +518,28 @@ def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
     atomic_write_text(path, to_json(info))
 
 
-def _trained_on_warning(seg: Segmenter, samples) -> str | None:
-    """A warning when images to be scored are among those the run trained on (run.json's
-    ``training_images``, by name), else None."""
-    trained = set((seg.run_info.get("data") or {}).get("training_images") or [])
-    seen = [s.name for s in samples if s.name in trained]
-    if not seen:
-        return None
-    listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
-    return (f"warning: {len(seen)} of the {len(samples)} images ({listed}) have the names of "
-            f"images {seg.run_dir.name} trained on: their scores do not measure it on new "
-            "images")
+def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
+                        split: str | None = None) -> str | None:
+    """A warning when images to be scored are among those the run trained on or chose its
+    checkpoint and threshold on (run.json's ``training_images``, ``validation_images`` and
+    ``threshold_from``, by name), or, for a run that records no names (trained before they
+    were recorded), when they include the training split of the dataset it trained on; else
+    None."""
+    data = seg.run_info.get("data") or {}
+    seen_by = (set(data.get("training_images") or []) | set(data.get("validation_images") or [])
+               | set((seg.run_info.get("threshold_from") or {}).get("images") or []))
+    seen = [s.name for s in samples if s.name in seen_by]
+    if seen:
+        listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+        return (f"warning: {len(seen)} of the {len(samples)} images ({listed}) have the names of "
+                f"images {seg.run_dir.name} trained on or chose its checkpoint and threshold on: "
+                "their scores do not measure it on new images")
+    trained = seg.run_info.get("dataset")
+    if (not data.get("training_images") and trained and dataset and split in ("training", "all")
+            and dataset_key(trained) == dataset_key(dataset)):
+        return (f"warning: {seg.run_dir.name} trained on {trained}'s training split, which these "
+                f"{split} images include: their scores do not measure it on new images")
+    return None
 
 
 def _vote_words(seg: Segmenter) -> str:
@@ -593,7 +605,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     if vessel_channel_only:
         why = f"{name} has no artery/vein labels" if no_av_labels else "--task=vessel"
         log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
-    _warn(_trained_on_warning(seg, samples))
+    _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json

@@ -378,6 +378,22 @@ def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
         OutputFolder(tmp_path / "out.png")
 
 
+def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
+    from types import SimpleNamespace
+
+    from retina_tf.evaluation import _trained_on_warning
+    seg = Segmenter.from_pretrained("unet_drive")  # chose its threshold on 39 and 40
+    images = [SimpleNamespace(name=n) for n in ("39_training", "01_test")]
+    assert "1 of the 2 images (39_training) have the names of images unet_drive trained on or " \
+        "chose its checkpoint and threshold on" in _trained_on_warning(seg, images)
+    # its run.json names no training images: its dataset's training split is what it saw
+    training = [SimpleNamespace(name="21_training")]
+    assert "unet_drive trained on drive's training split, which these training images " \
+        "include" in _trained_on_warning(seg, training, "DRIVE", "training")
+    assert _trained_on_warning(seg, training, "stare", "training") is None
+    assert _trained_on_warning(seg, [SimpleNamespace(name="01_test")], "drive", "test") is None
+
+
 def test_two_commands_writing_one_output_folder_keep_each_others_files_listed(tmp_path):
     from retina_tf.evaluation import OutputFolder, read_manifest
     first, second = OutputFolder(tmp_path / "out"), OutputFolder(tmp_path / "out")  # at once
