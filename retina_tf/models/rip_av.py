@@ -340,6 +340,9 @@ class RIPAV(SegmentationModel, keras.Model):
     distance maps on vessel pixels, ``+ adversarial_weight *`` the PatchGAN generator term when
     that weight is set (a discriminator on (image, maps) pairs is then trained alongside),
     ``+ av_weight *`` :meth:`av_decision_loss` when that weight is set (not in the seed).
+    Targets ``y`` for ``fit``: (B, H, W, 3) artery, vein, vessel, followed by the 3 distance
+    maps of :meth:`training_extras` (6 channels) when ``distance_head`` is on; without them
+    the DA head gets no gradient (Keras then warns of variables without gradients).
 
     Args:
         input_channels: channels of the preprocessed image (3: colour tells arteries from veins).

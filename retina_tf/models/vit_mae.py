@@ -24,7 +24,7 @@ from retina_tf.models.blocks import conv_bn_relu
 PRESETS: dict[str, dict] = {
     "seed": dict(image_size=512, patch_size=16, dim=768, depth=8, num_heads=8,
                  decoder_dim=512, decoder_depth=4, decoder_heads=8),
-    # Trains on a 2-core CPU: 96 px crops, 8 px patches (144 tokens), 1.8 M encoder parameters.
+    # Trains on a 2-core CPU: 96 px crops, 8 px patches (144 tokens), 2.7 M encoder parameters.
     "cpu_small": dict(image_size=96, patch_size=8, dim=192, depth=6, num_heads=6,
                       decoder_dim=128, decoder_depth=2, decoder_heads=4),
 }
