@@ -952,8 +952,8 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     if cfg.save_probabilities:
         written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
     plan = seg.scale_plan(image, fov)  # what segment() did, for the line
-    scaled = f", segmented at {plan.size[0]}x{plan.size[1]} (x{plan.factor:.2f})" \
-        if plan.rescaled else ""
+    scaled = (f", segmented at {plan.size[0]}x{plan.size[1]} (x{plan.factor:.2f}"
+              f"{', the FOV box' if plan.box else ''})") if plan.rescaled else ""
     if plan.training_fov_diameter and seg.inference_scale != "native":  # the rescale's reason
         scaled = (f", FOV {plan.fov_diameter:.0f} px" if plan.fov_diameter else
                   ", FOV diameter unknown") + scaled

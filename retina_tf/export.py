@@ -54,6 +54,9 @@ from retina_tf.inference import (
     ARC_MIN_POINTS,
     ARC_MIN_SPAN,
     AUTO_MAX_SCALE,
+    BOX_AT_MOST,
+    BOX_MARGIN,
+    BOX_MARGIN_PIXELS,
     SCALE_TOLERANCE,
     Segmenter,
     export_run,
@@ -234,9 +237,10 @@ class _Serving(tf.Module):
         """:meth:`Segmenter.probability_at_inference_scale` with the run's
         ``inference_scale`` (:func:`retina_tf.inference.inference_factor`): a photograph whose
         FOV diameter is not within 20 % of the aim is resized (area) to it, ``auto`` shrinking
-        by at most ``auto_min_scale`` and enlarging by at most ``AUTO_MAX_SCALE``, and the
-        probabilities are resized back (bilinear), as OpenCV does there. The whole image goes
-        through the network at once (no tiles)."""
+        by at most ``auto_min_scale`` and enlarging by at most ``AUTO_MAX_SCALE`` (only the
+        FOV's box where that is a small part of the frame), and the probabilities are resized
+        back (bilinear), as OpenCV does there. The whole image goes through the network at once
+        (no tiles)."""
         setting = self._seg.inference_scale
         if not self._trained_diameter or setting == "native":
             return self._probability(image)
@@ -251,20 +255,26 @@ class _Serving(tf.Module):
             scale = tf.minimum(tf.maximum(scale, tf.constant(self._seg.auto_min_scale,
                                                              tf.float64)),
                                tf.constant(AUTO_MAX_SCALE, tf.float64))
+        # enlarged: the FOV's box only where it is a small part of the frame (fov_box)
+        top, bottom, left, right = tf.unstack(tf.cond(
+            tf.logical_and(rescale, scale > 1.0), lambda: _fov_box(fov, diameter),
+            lambda: tf.stack([0, height, 0, width])))
+        part = image[top:bottom, left:right]
 
         def side(length):  # max(int(round(length * scale)), 1): round half to even, as Python
             return tf.maximum(tf.cast(tf.round(tf.cast(length, tf.float64) * scale), tf.int32),
                               1)
 
         def rescaled():  # OpenCV's INTER_AREA there, both ways
-            resized = tf.image.resize(image, tf.stack([side(height), side(width)]),
+            resized = tf.image.resize(part, tf.stack([side(bottom - top), side(right - left)]),
                                       method="area")
             return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
         prob = self._probability(tf.cond(rescale, rescaled, lambda: image))
         return tf.cond(rescale,
-                       lambda: tf.image.resize(prob, tf.stack([height, width]),
-                                               method="bilinear"),
+                       lambda: tf.pad(tf.image.resize(prob, tf.stack([bottom - top, right - left]),
+                                                      method="bilinear"),
+                                      [[top, height - bottom], [left, width - right], [0, 0]]),
                        lambda: prob)
 
     def _probability(self, image):
@@ -608,7 +618,11 @@ def _recipe(seg: Segmenter) -> list[str]:
                      "circle through the edge shown for one cut both ways, none for one cut on "
                      f"all four sides) differs from {aim:g} px by more than "
                      f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
-                     "INTER_AREA), segment, and resize the probabilities back (bilinear)")
+                     "INTER_AREA), segment, and resize the probabilities back (bilinear); when "
+                     "enlarging, first cut the photograph to the FOV's bounding box plus "
+                     f"max(round({BOX_MARGIN:g} D), {BOX_MARGIN_PIXELS}) px on every side "
+                     f"(within the image) if that box is at most {BOX_AT_MOST:.0%} of the image, "
+                     "and paste the probabilities back into zeros")
     if pre.grayscale:
         steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
                      else "x = G (float32)")
@@ -820,6 +834,21 @@ def _fov_diameter(fov: tf.Tensor) -> tf.Tensor:
                        lambda: tf.where(cut_sides, height, width))
 
     return tf.cond(tf.reduce_any(fov), measured, lambda: tf.constant(0.0, tf.float64))
+
+
+def _fov_box(fov: tf.Tensor, diameter: tf.Tensor) -> tf.Tensor:
+    """:func:`retina_tf.inference.fov_box` in TensorFlow ops: (top, bottom, left, right)
+    int32, the whole image where that function gives None."""
+    height, width = tf.shape(fov)[0], tf.shape(fov)[1]
+    rows = tf.cast(tf.where(tf.reduce_any(fov, axis=1))[:, 0], tf.int32)
+    cols = tf.cast(tf.where(tf.reduce_any(fov, axis=0))[:, 0], tf.int32)
+    margin = tf.maximum(tf.cast(tf.round(BOX_MARGIN * diameter), tf.int32), BOX_MARGIN_PIXELS)
+    top, bottom = tf.maximum(rows[0] - margin, 0), tf.minimum(rows[-1] + 1 + margin, height)
+    left, right = tf.maximum(cols[0] - margin, 0), tf.minimum(cols[-1] + 1 + margin, width)
+    small = (tf.cast((bottom - top) * (right - left), tf.float64)
+             <= BOX_AT_MOST * tf.cast(height * width, tf.float64))
+    return tf.where(small, tf.stack([top, bottom, left, right]),
+                    tf.stack([0, height, 0, width]))
 
 
 def _row_ends(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

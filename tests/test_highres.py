@@ -229,6 +229,39 @@ def test_the_saved_model_shrinks_a_large_photograph_as_retina_tf_does(tiny_run, 
     assert diff.mean() < 5e-3, diff.mean()
     training, _ = Segmenter.from_run(tiny_run, inference_scale="training").segment(big)
     assert np.abs(served - training[..., 0]).mean() > 10 * diff.mean()
+    # a small disc in a large frame: enlarged, its box only, there too
+    framed = _in_a_frame(generate_fundus(5, size=(36, 36)).image, 200)
+    assert seg.scale_plan(framed, estimate_fov(framed)).box is not None
+    served = loaded.signatures["serving_default"](image=tf.constant(framed))["probability"]
+    prob, _ = seg.segment(framed, threshold=0.5)
+    diff = np.abs(served.numpy() - prob[..., 0])
+    assert diff.mean() < 5e-3 and diff.max() < 0.2, (diff.mean(), diff.max())
+
+
+def _in_a_frame(image: np.ndarray, side: int, top: int = 40, left: int = 120) -> np.ndarray:
+    framed = np.zeros((side, side, 3), np.uint8)
+    framed[top:top + image.shape[0], left:left + image.shape[1]] = image
+    return framed
+
+
+def test_a_small_disc_in_a_large_frame_is_enlarged_alone(tiny_run):
+    # a phone adapter's photograph: the frame is not enlarged with the disc (time for nothing),
+    # and the disc gets what it gets cut out with a margin of frame
+    seg = Segmenter.from_run(tiny_run)
+    disc = generate_fundus(5, size=(36, 36)).image
+    framed = _in_a_frame(disc, 200)
+    plan = seg.scale_plan(framed, estimate_fov(framed))
+    top, bottom, left, right = plan.box
+    assert plan.factor > 2 and plan.size == (round((right - left) * plan.factor),
+                                             round((bottom - top) * plan.factor))
+    assert f"(x{plan.factor:.2f}, the FOV box)" in plan.describe()
+    prob = seg.probability_at_inference_scale(framed, estimate_fov(framed), plan)
+    cut = framed[top:bottom, left:right]
+    alone = seg.probability_at_inference_scale(cut, estimate_fov(cut))
+    np.testing.assert_allclose(prob[top:bottom, left:right], alone, atol=1e-6)
+    assert not prob[:top].any() and not prob[bottom:].any()
+    # a disc that fills its frame is enlarged whole, as before
+    assert seg.scale_plan(disc, estimate_fov(disc)).box is None
 
 
 def test_the_fov_diameter_of_a_disc_cut_either_way_and_of_a_crop():

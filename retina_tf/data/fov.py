@@ -114,7 +114,12 @@ def fov_coverage_warning(fov: np.ndarray, source: str) -> str | None:
     low, high = FOV_COVERAGE_RANGE
     if low <= coverage <= high:
         return None
-    what = ("almost the whole image (no dark frame around the retina found)" if coverage > high
-            else "almost none of the image")
-    return (f"warning: {source}: the estimated field of view covers {coverage:.0%} of the image, "
-            f"{what}; if the result looks wrong, give the FOV mask with --fov")
+    if coverage > high:
+        return (f"warning: {source}: the estimated field of view covers {coverage:.0%} of the "
+                "image, almost the whole image (no dark frame around the retina found); if the "
+                "result looks wrong, give the FOV mask with --fov")
+    # a phone adapter's small disc in a large frame is right; a bright spot is not: the size says
+    rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
+    size = f"{cols[-1] - cols[0] + 1}x{rows[-1] - rows[0] + 1} px, " if rows.size else ""
+    return (f"warning: {source}: the estimated field of view is {size}{coverage:.0%} of the "
+            "image; if the retina is larger than that, give the FOV mask with --fov")

@@ -119,3 +119,15 @@ def test_a_crop_inside_the_fov_is_all_field_of_view_and_keeps_its_scale(shared_d
     # a crop with the frame at one corner still gets its edge
     corner = image[:300, :300]
     assert 0.5 < estimate_fov(corner).mean() < 0.99
+
+
+def test_a_field_of_view_of_almost_all_or_almost_none_of_the_image_is_warned_of():
+    from retina_tf.data.fov import fov_coverage_warning
+    yy, xx = np.mgrid[:1000, :1000]
+    phone = (yy - 500) ** 2 + (xx - 400) ** 2 <= 105 ** 2  # a small disc in a large frame
+    assert fov_coverage_warning(phone, "p.png") == (
+        "warning: p.png: the estimated field of view is 211x211 px, 3% of the image; if the "
+        "retina is larger than that, give the FOV mask with --fov")
+    assert "covers 100% of the image, almost the whole image" in fov_coverage_warning(
+        np.ones((50, 60), bool), "crop.png")
+    assert fov_coverage_warning((yy - 500) ** 2 + (xx - 500) ** 2 <= 450 ** 2, "d.png") is None
