@@ -42,7 +42,7 @@ from retina_tf.data.pipeline import (
     with_context,
 )
 from retina_tf.data.preprocess import Preprocessor
-from retina_tf.error_maps import ERROR_MAPS_DIR, read_error_maps
+from retina_tf.error_maps import ERROR_MAPS_DIR, model_fingerprint, read_error_maps
 from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import Segmenter, fov_diameter, load_keras_model, native_bfloat16
@@ -760,7 +760,26 @@ def already_trained(cfg, run_dir: Path) -> bool:
     else:
         log.info(f"{said}; nothing to do. --overwrite trains it again from scratch, another "
                  "--run_name trains a new run beside it.")
+    _warn_changed_source(run_dir)
     return True
+
+
+def _warn_changed_source(run_dir: Path) -> None:
+    """A warning when the run a finished run started from (``--pretrained``) has been trained
+    again or removed since: the run keeps the weights it started from then."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    source, then = info.get("pretrained"), info.get("pretrained_sha256")
+    if not (source and then):
+        return
+    now = model_fingerprint(source)
+    if now != then:
+        what = "has been trained again since" if now else "is gone"
+        log.warning(f"warning: {run_dir.name} started from --pretrained={source}, which {what}: "
+                    "it keeps what it learned from the earlier model; --overwrite trains it "
+                    "from the present one")
 
 
 def open_run_folder(cfg, run_dir: Path) -> None:
@@ -1075,6 +1094,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                   "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
                   "input_channels": pre.channels, "num_classes": num_classes,
                   "pretrained": str(pretrained) if pretrained else None,
+                  "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
                   "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))},
         # weighted_metrics: only these receive the FOV map as sample_weight
         compile_args={"loss": loss, "weighted_metrics": [SegmentationF1(name="f1")]},

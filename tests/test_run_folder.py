@@ -174,6 +174,24 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
             "to go on from") in capsys.readouterr().out
 
 
+def test_a_finished_fine_tune_whose_source_changed_says_so(synthetic, tmp_path, caplog):
+    source = train(tiny_flags(synthetic, tmp_path, "--epochs=1", "--run_name=source"))
+    args = ("--epochs=1", "--run_name=tuned", f"--pretrained={source}")
+    tuned = train(tiny_flags(synthetic, tmp_path, *args))
+    train(tiny_flags(synthetic, tmp_path, *args))
+    assert "nothing to do" in caplog.text and "has been trained again" not in caplog.text
+    with open(source / "model.keras", "ab") as f:  # as --overwrite of the source leaves it
+        f.write(b" ")
+    train(tiny_flags(synthetic, tmp_path, *args))
+    assert (f"warning: tuned started from --pretrained={source}, which has been trained again "
+            "since: it keeps what it learned from the earlier model; --overwrite trains it from "
+            "the present one") in caplog.text
+    shutil.rmtree(source)
+    train(tiny_flags(synthetic, tmp_path, *args))
+    assert f"--pretrained={source}, which is gone" in caplog.text
+    assert (tuned / "model.keras").is_file()
+
+
 def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, tmp_path):
     _interrupted(synthetic, tmp_path, 1)
     with pytest.raises(ConfigError, match="interrupted run with other training flags"):
