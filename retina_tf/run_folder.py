@@ -124,9 +124,13 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
                 log.info(f"{flag}={name}: {candidate} is taken, not {other.pop()}; give a path "
                          "to choose")
             return candidate
-    if path.is_dir():
-        missing = [f for f in RUN_FILES if not (path / f).is_file()]
-        raise ModelFileError(f"{flag}={name}: the folder {path} is not a complete run: it lacks "
+    for folder in (c for c in candidates if c != shipped and c.is_dir()):
+        if has_backup(folder):
+            raise ModelFileError(f"{flag}={name}: {folder} holds a training that has not "
+                                 f"finished (its completed epochs are in {BACKUP_DIR}/): run "
+                                 "its training command again to finish it")
+        missing = [f for f in RUN_FILES if not (folder / f).is_file()]
+        raise ModelFileError(f"{flag}={name}: the folder {folder} is not a complete run: it lacks "
                              f"{', '.join(missing)}; point {flag} at a run folder that training "
                              "finished (or one written by bin/export_model.py)")
     tried = ", ".join(str(c) for c in candidates if c != shipped)

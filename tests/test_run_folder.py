@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from retina_tf.config import EvalConfig
-from retina_tf.errors import ConfigError, DatasetError
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError
 from retina_tf.evaluation import evaluate
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import (
     RunBusyError,
+    find_run,
     flag_differences,
     hold_run,
     parse_flag_lines,
@@ -193,7 +194,11 @@ def test_a_finished_fine_tune_whose_source_changed_says_so(synthetic, tmp_path, 
 
 
 def test_an_interrupted_run_with_other_flags_or_noresume_is_refused(synthetic, tmp_path):
-    _interrupted(synthetic, tmp_path, 1)
+    run = _interrupted(synthetic, tmp_path, 1)
+    # named as a model: said to be unfinished, with the way to finish it
+    with pytest.raises(ModelFileError, match=rf"--pretrained=tiny: {run} holds a training that "
+                                             r"has not finished .*run its training command"):
+        find_run("tiny", tmp_path, flag="--pretrained")
     with pytest.raises(ConfigError, match="interrupted run with other training flags"):
         train(tiny_flags(synthetic, tmp_path, "--base_filters=4"))
     with pytest.raises(ConfigError, match="--noresume"):
