@@ -74,10 +74,11 @@ class SegmentationModel:
 
     def __call__(self, inputs, *args, **kwargs):
         # an input off the size multiple fails deep inside (a concatenation of skips one pixel
-        # apart): said here, with the way out, for inputs of known size
+        # apart): said here, with the way out, for segmentation inputs of known size
         image = inputs.get("image") if isinstance(inputs, dict) else inputs
         shape = tuple(getattr(image, "shape", ()))
-        if len(shape) == 4 and all(isinstance(n, int) for n in shape[1:3]):
+        if (self.pretraining_script is None and len(shape) == 4
+                and all(isinstance(n, int) for n in shape[1:3])):
             m = self.size_multiple
             if shape[1] % m or shape[2] % m:
                 raise ValueError(
@@ -115,6 +116,15 @@ class SegmentationModel:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SegmentationModel:
         return cls(**config)
+
+
+def channels_hint(theirs: int, mine: int) -> str:
+    """The words for a pre-training run whose encoder took ``theirs`` input channels where this
+    model takes ``mine``: they come from ``--preprocess``, not ``--model_config``."""
+    if theirs == mine:
+        return ""
+    return (f", and --preprocess giving its {theirs} input channel(s) (this one has {mine}: "
+            "grayscale gives 1, colour 3, e.g. --preprocess=standardize,clahe,gamma)")
 
 
 def _differences(source: keras.Model, model: keras.Model) -> str:

@@ -25,7 +25,7 @@ from keras import layers, ops
 from retina_tf.data.rip import distance_targets, seed_distance_targets
 from retina_tf.errors import ConfigError
 from retina_tf.losses import bce_loss, dice_loss
-from retina_tf.models.base import SegmentationModel
+from retina_tf.models.base import SegmentationModel, channels_hint
 from retina_tf.models.blocks import conv_bn_relu
 
 ENCODER_KINDS = ("convnext", "conv")
@@ -617,10 +617,7 @@ class RIPAV(SegmentationModel, keras.Model):
         mine, theirs = self.encoder.get_weights(), other.get_weights()
         if [w.shape for w in mine] != [w.shape for w in theirs]:
             config = _encoder_config(source)
-            channels = config.pop("input_channels")
-            hint = "" if channels == self.input_channels else (
-                f", and --preprocess giving its {channels} input channel(s) (this one has "
-                f"{self.input_channels}: colour is --preprocess=standardize,clahe,gamma)")
+            hint = channels_hint(config.pop("input_channels"), self.input_channels)
             raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
                               "the encoders differ; give --model_config the pre-training "
                               f"encoder {config}{hint}")

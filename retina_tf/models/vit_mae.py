@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers, ops
 
 from retina_tf.errors import ConfigError
-from retina_tf.models.base import SegmentationModel
+from retina_tf.models.base import SegmentationModel, channels_hint
 from retina_tf.models.blocks import conv_bn_relu
 
 # The seed's configuration (512 px, patch 16, dim 768, depth 8, 8 heads, decoder 512 x 4).
@@ -434,10 +434,13 @@ class ViTSeg(SegmentationModel, keras.Model):
                               "it has no ViT encoder (give an MAE pre-training run folder)")
         mine, theirs = self.encoder.get_weights(), other.get_weights()
         if [w.shape for w in mine] != [w.shape for w in theirs]:
-            sizes = {k: other.get_config()[k] for k in ENCODER_KEYS if k != "image_size"}
+            sizes = {k: other.get_config()[k] for k in ENCODER_KEYS
+                     if k not in ("image_size", "input_channels")}
+            hint = channels_hint(other.get_config()["input_channels"],
+                                 self.encoder.get_config()["input_channels"])
             raise ConfigError(f"--pretrained: cannot start {self.name} from {source.name}: "
                               f"the encoders differ; give --model_config the pre-training "
-                              f"encoder's sizes {sizes}")
+                              f"encoder's sizes {sizes}{hint}")
         self.encoder.set_weights(theirs)
 
     def get_config(self) -> dict:

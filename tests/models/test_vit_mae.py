@@ -133,6 +133,11 @@ def test_encoder_weights_transfer_from_mae():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="--pretrained: cannot start .* encoders differ"):
         ViTSeg(**dict(ENC, depth=3)).load_pretrained(mae)
+    # other input channels come from --preprocess, which --model_config cannot change
+    colour = dict(ENC, input_channels=3 if ENC.get("input_channels", 1) == 1 else 1)
+    with pytest.raises(ConfigError, match=r"sizes \{[^}]*\}, and --preprocess giving its") as err:
+        ViTSeg(**colour).load_pretrained(mae)
+    assert "input_channels" not in str(err.value)
 
 
 def test_vit_seg_fit_lowers_the_loss_and_freeze_keeps_the_encoder():
