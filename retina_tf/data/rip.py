@@ -594,8 +594,9 @@ def write_rip_patches(cfg: RipPatchConfig) -> Path:
               "sizes": list(sizes), "out_size": out_size, "per_class": cfg.rip_per_class,
               "min_fraction": cfg.rip_min_fraction, "absent_fraction": absent,
               "seed": cfg.seed}
-    atomic_write_bytes(out_dir / PATCHES_CSV, _csv_text(records).encode())
-    atomic_write_bytes(out_dir / PATCHES_NPZ, _npz_bytes(
+    # everything made before anything is written: a kill while the slow parts run (the npz's
+    # compression, the preview) leaves the old set whole, not a new csv beside an old npz
+    npz = _npz_bytes(
         images=patches, labels=rip_labels(records),
         names=np.array([r.name for r in records]),
         rows=np.array([r.row for r in records], np.int32),
@@ -604,9 +605,12 @@ def write_rip_patches(cfg: RipPatchConfig) -> Path:
         artery_fraction=np.array([r.artery_fraction for r in records], np.float32),
         vein_fraction=np.array([r.vein_fraction for r in records], np.float32),
         label=np.array([r.label for r in records]),
-        config=np.array(json.dumps(config))))
-    visualize.save_png(out_dir / PREVIEW_PNG, preview_grid(
-        patches[shown], np.stack([av_shown[n] for n in shown]), [records[n] for n in shown]))
+        config=np.array(json.dumps(config)))
+    preview = preview_grid(patches[shown], np.stack([av_shown[n] for n in shown]),
+                           [records[n] for n in shown])
+    atomic_write_bytes(out_dir / PATCHES_NPZ, npz)
+    atomic_write_bytes(out_dir / PATCHES_CSV, _csv_text(records).encode())
+    visualize.save_png(out_dir / PREVIEW_PNG, preview)
 
     log.info(f"RIP patches from {len(samples)} training images of {dataset} ({cfg.data_dir}), "
              f"resized to {out_size}x{out_size}: taken / candidates")

@@ -262,6 +262,22 @@ def _cfg(*args: str) -> RipPatchConfig:
     return parse_config("generate_rip_patches", list(args))
 
 
+def test_a_regeneration_interrupted_leaves_the_old_set_whole(tiny_av_dataset, tmp_path,
+                                                             monkeypatch):
+    common = ["--dataset=synthetic", f"--data_dir={tiny_av_dataset}", f"--rip_patches={tmp_path}",
+              "--rip_sizes=24,48", "--rip_out_size=32", "--rip_per_class=6"]
+    write_rip_patches(_cfg(*common, "--seed=1"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def ctrl_c(*args, **kwargs):  # while the new set's preview is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("retina_tf.data.rip.preview_grid", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_rip_patches(_cfg(*common, "--seed=2"))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_cli_fails_clearly_without_av_labels(tiny_av_dataset, tmp_path):
     # The synthetic set is also a valid DRIVE layout, and DRIVE has no A/V labels.
     cfg = _cfg("--dataset=drive", f"--data_dir={tiny_av_dataset}", f"--rip_patches={tmp_path}")
