@@ -435,9 +435,12 @@ def define_train_flags(d: _Definer) -> None:
                          "whole images; 0 = none.")
     d.DEFINE_boolean("flip", True, "Augment: random flips.")
     d.DEFINE_boolean("rot90", True, "Augment: random 90-degree rotations.")
-    d.DEFINE_float("rotate_degrees", 0.0, "Augment: free rotation range in degrees.")
-    d.DEFINE_float("brightness", 0.0, "Augment: brightness jitter.")
-    d.DEFINE_float("contrast", 0.0, "Augment: contrast jitter.")
+    d.DEFINE_float("rotate_degrees", 0.0, "Augment: free rotation by an angle drawn from "
+                   "[-d, d] degrees (0 to 180).")
+    d.DEFINE_float("brightness", 0.0, "Augment: brightness jitter: a shift drawn from [-b, b] "
+                   "added to the preprocessed image (in [0, 1]).")
+    d.DEFINE_float("contrast", 0.0, "Augment: contrast jitter: the deviation from the mean "
+                   "scaled by a factor drawn from [1 - c, 1 + c] (0 to 1).")
     d.DEFINE_float("gamma_jitter", 0.0, "Augment: gamma jitter (log-exponent range).")
     d.DEFINE_integer("batch_size", 32, "Global batch size.")
     d.DEFINE_integer("epochs", 10, "Epochs.")

@@ -1024,7 +1024,10 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                       extra_callbacks: list[keras.callbacks.Callback]) -> TrainingJob:
     train_set, val_set, pre = load_training_sets(cfg)
     _check_patch_fits(cfg, [train_set, val_set])
-    log.info(f"{len(train_set)} training images, {len(val_set) if val_set else 0} held out for "
+    copies = sum("@camera" in n for n in train_set.names)  # --camera_variants
+    images = (f"{len(train_set) - copies} training images and {copies} camera copies of them"
+              if copies else f"{len(train_set)} training images")
+    log.info(f"{images}, {len(val_set) if val_set else 0} held out for "
              f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
              f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}")
     num_classes = train_set.targets[0].shape[-1]

@@ -64,6 +64,10 @@ def _error_lines(stderr: str, script: str) -> list[str]:
     ("--validate_every=0", "--validate_every=0"),
     ("--vessel_probability=1.5", "--vessel_probability=1.5"),
     ("--preprocess=grayscale,sharpen", "--preprocess=['grayscale', 'sharpen']"),
+    ("--brightness=inf", "--brightness=inf"),  # NaN images, a crash blaming the model
+    ("--gamma_jitter=inf", "--gamma_jitter=inf"),
+    ("--rotate_degrees=inf", "--rotate_degrees=inf"),
+    ("--contrast=1.5", "--contrast=1.5"),  # a factor below 0 inverts the image
 ])
 def test_a_bad_flag_value_is_rejected_at_parse_time_naming_flag_and_value(arg, shown):
     with pytest.raises(flags.IllegalFlagValueError, match="must be") as err:
@@ -78,6 +82,8 @@ def test_the_edge_values_that_make_sense_still_parse():
                        "--vessel_probability=0"])
     assert cfg.threshold == 0.01 and cfg.epochs == 1 and cfg.window == 0
     assert parse_flags(["--threshold=0.99"]).threshold == 0.99
+    cfg = parse_flags(["--rotate_degrees=180", "--contrast=1", "--brightness=0.5"])
+    assert (cfg.rotate_degrees, cfg.contrast, cfg.brightness) == (180, 1, 0.5)
 
 
 def test_several_bad_values_are_all_named():

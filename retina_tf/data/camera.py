@@ -29,7 +29,7 @@ class CameraChange:
         saturation: mix with the grey image, factor in [1 - s, 1 + s].
         contrast: factor around the FOV mean in [1 - c, 1 + c].
         gamma: exponent exp(u), u in [-g, g].
-        blur: Gaussian blur sigma in [0, b] px, applied with probability 1/2.
+        blur: Gaussian blur sigma in [0.3, b] px, applied with probability 1/2.
         noise: Gaussian sensor noise sigma in [0, n] grey levels, with probability 1/2.
         jpeg_quality: JPEG re-compression at a quality in [q, 95], with probability 1/2.
         illumination: strength of a smooth multiplicative field (a tilted plane and a radial

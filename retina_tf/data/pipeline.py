@@ -327,7 +327,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     def rotation_crop(side: int) -> int:  # larger, so the rotated corners stay inside
         if augment.rotate_degrees <= 0:
             return side
-        radians = math.radians(augment.rotate_degrees)
+        # for any angle up to the range's end: |cos| + |sin| is largest at 45 degrees
+        radians = math.radians(min(augment.rotate_degrees, 45.0))
         return int(math.ceil(side * (abs(math.cos(radians)) + abs(math.sin(radians))))) + 2
 
     crop = rotation_crop(patch_size)

@@ -107,7 +107,7 @@ def test_extra_data_entries_parse_and_bad_ones_say_how():
 
 
 @pytest.mark.slow
-def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path):
+def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplog):
     from retina_tf.flags import parse_config
     from retina_tf.training import load_training_sets, train
     from tests.conftest import tiny_train_args
@@ -127,6 +127,7 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path):
                                    train_set.targets[6:]):
         np.testing.assert_array_equal(target, originals[name.split("@")[0], group])
     run = train(cfg)
+    assert "6 training images and 12 camera copies of them, 2 held out" in caplog.text
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
     assert data["extra_data"] == [f"synthetic:{other}"]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,20 @@ def test_geometric_augmentation_moves_image_label_and_fov_together(aug):
     (x, y, w), = _first(patch_dataset(seg, patch_size=16, batch_size=32, augment=aug, seed=3))
     np.testing.assert_array_equal(x > 0.5, y > 0.5)
     assert np.all(y <= w)  # labels never leave the FOV
+
+
+@pytest.mark.parametrize("degrees", [30, 60, 90, 180])
+def test_rotated_patches_have_no_corners_filled(degrees):
+    # a white image whose FOV keeps every crop off its border: a black pixel in a patch is fill
+    # where the crop cut before rotating was too small for the angle
+    seg = _set(n=2, shape=(200, 200))
+    seg.images = [np.ones_like(im) for im in seg.images]
+    seg.fovs = [np.zeros((200, 200), bool) for _ in seg.fovs]
+    for fov in seg.fovs:
+        fov[60:140, 60:140] = True
+    aug = dataclasses.replace(Augment.none(), rotate_degrees=degrees)
+    (x, y, w), = _first(patch_dataset(seg, patch_size=24, batch_size=64, seed=4, augment=aug))
+    assert x.min() > 0.5, (x < 0.5).mean()
 
 
 def test_centres_lie_on_vessels_when_asked():
