@@ -202,7 +202,9 @@ def _to_uint8_rgb_hint(image: np.ndarray) -> str:
         return ("scale floats to 0-255 first (np.clip(image * 255, 0, 255).round()"
                 ".astype(np.uint8) for values in [0, 1])")
     if image.dtype == np.uint16:
-        return "scale 16-bit values to 8 bits ((image >> 8).astype(np.uint8))"
+        return ("scale 16-bit values by their bit depth, as read_image does (12-bit data in "
+                "16-bit words: np.rint(image * 255 / 4095).astype(np.uint8); "
+                "retina_tf.data.io.bit_depth(image.max()) gives the bits)")
     return "read the photograph with retina_tf.data.io.read_image"
 
 

@@ -324,6 +324,10 @@ def test_arrays_of_another_kind_are_refused_with_the_conversion(shipped: Segment
     for hint, array in cases.items():
         with pytest.raises(DatasetError, match=rf"takes uint8 RGB \(H, W, 3\).*{hint}"):
             shipped.segment(array)
+    # 12-bit data: scaled by its bit depth, not shifted by 8 bits (16 grey levels left)
+    with pytest.raises(DatasetError, match=r"12-bit data in 16-bit words: np\.rint\(image \* "
+                                           r"255 / 4095\)"):
+        shipped.segment(np.rint(image * (4095 / 255)).astype(np.uint16))
 
 
 def test_a_fov_mask_array_reads_as_its_file_and_a_wrong_size_is_named(shipped: Segmenter):

@@ -160,7 +160,11 @@ def target_of(data: SampleData, task: str) -> np.ndarray:
 
 
 def _cache_key(sample: Sample, pre: Preprocessor) -> str:
-    blob = json.dumps([str(Path(sample.image).resolve()), pre.get_config()], sort_keys=True)
+    # the file's size and modification time too: an image replaced under the same name (a
+    # corrected photograph) is preprocessed again, not read back stale
+    stat = Path(sample.image).stat()
+    blob = json.dumps([str(Path(sample.image).resolve()), stat.st_size, stat.st_mtime_ns,
+                       pre.get_config()], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -168,8 +172,9 @@ def preprocess_cached(sample: Sample, image: np.ndarray, pre: Preprocessor,
                       cache_dir: str | os.PathLike | None) -> np.ndarray:
     """Preprocesses ``image``, reading/writing ``cache_dir/<name>-<key>.npy`` when given.
 
-    The key hashes the image path and the full preprocessor config (fitted statistics included),
-    so a cache made with other statistics is never reused.
+    The key hashes the image path, its size and modification time and the full preprocessor
+    config (fitted statistics included), so a cache made of another file or with other
+    statistics is never reused.
     """
     if cache_dir is None:
         return pre(image)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,10 +63,18 @@ class Preprocessor:
     def __post_init__(self) -> None:
         if self.channel not in ("luminance", "green"):
             raise ValueError(f"channel must be 'luminance' or 'green', got {self.channel!r}")
-        if self.gamma_value <= 0:
-            raise ValueError(f"gamma_value must be positive, got {self.gamma_value!r}")
+        # a damaged or hand-edited preprocessor.json would otherwise turn every photograph
+        # flat grey (std 0 or NaN) or invert it (std < 0) without a word
+        if not 0 < self.gamma_value < math.inf:
+            raise ValueError(f"gamma_value must be positive and finite, got {self.gamma_value!r}")
+        if not 0 < self.clahe_clip < math.inf:
+            raise ValueError(f"clahe_clip must be positive and finite, got {self.clahe_clip!r}")
         if self.clahe_tiles < 1:
             raise ValueError(f"clahe_tiles must be >= 1, got {self.clahe_tiles!r}")
+        if self.mean is not None and not math.isfinite(self.mean):
+            raise ValueError(f"mean must be finite, got {self.mean!r}")
+        if self.std is not None and not 0 < self.std < math.inf:
+            raise ValueError(f"std must be positive and finite, got {self.std!r}")
 
     @classmethod
     def from_steps(cls, steps: str | Sequence[str], **kwargs) -> Preprocessor:

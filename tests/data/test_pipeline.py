@@ -148,3 +148,22 @@ def test_training_streams_run_without_tf_data_autotuning():
                whole_image_dataset(seg, batch_size=1, multiple=16, repeat=False)):
         assert ds.options().autotune.enabled is False
         assert len(_first(ds, 2)) == 2
+
+
+def test_the_preprocessing_cache_reads_a_replaced_image_afresh(tmp_path):
+    from retina_tf.data.catalog import Sample
+    from retina_tf.data.io import read_image, write_image_atomic
+    from retina_tf.data.pipeline import preprocess_cached
+    from retina_tf.data.preprocess import Preprocessor
+    from retina_tf.data.synthetic import generate_fundus
+    path = tmp_path / "21_training.png"
+    write_image_atomic(path, generate_fundus(1, (64, 64)).image)
+    sample = Sample(dataset="drive", name="21_training", image=str(path))
+    pre = Preprocessor(standardize=False)
+    first = preprocess_cached(sample, read_image(path), pre, tmp_path / "cache")
+    np.testing.assert_array_equal(preprocess_cached(sample, read_image(path), pre,
+                                                    tmp_path / "cache"), first)
+    write_image_atomic(path, generate_fundus(2, (64, 64)).image)  # corrected, same name
+    again = preprocess_cached(sample, read_image(path), pre, tmp_path / "cache")
+    np.testing.assert_array_equal(again, pre(read_image(path)))
+    assert not np.array_equal(again, first)

@@ -94,3 +94,16 @@ def test_load_rejects_unknown_keys(tmp_path):
     path.write_text(json.dumps({"grayscale": True, "sharpen": 1}))
     with pytest.raises(ValueError, match="p.json"):
         Preprocessor.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("std", 0.0), ("std", float("nan")), ("std", -58.0),
+                                        ("mean", float("inf")), ("gamma_value", float("nan")),
+                                        ("clahe_clip", float("nan"))])
+def test_load_rejects_statistics_that_would_flatten_or_invert_every_photograph(tmp_path, key,
+                                                                              value):
+    path = tmp_path / "preprocessor.json"
+    Preprocessor().fit(_images()).save(path)
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, **{key: value})))  # NaN and inf as json.dumps writes
+    with pytest.raises(ValueError, match=rf"{key} must be positive|{key} must be finite"):
+        Preprocessor.load(path)
