@@ -126,8 +126,9 @@ def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) ->
     if pre.standardize:
         pre.fit(images)
     pre.save(out / "preprocessor.json")
-    print(f"preprocessing {pre.steps} fitted on {len(train_samples)} training images: "
-          f"mean {pre.mean}, std {pre.std} -> {out / 'preprocessor.json'}")
+    fitted = (f"fitted on {len(train_samples)} training images: mean {pre.mean}, std {pre.std}"
+              if pre.standardize else "(no statistics to fit without standardize)")
+    print(f"preprocessing {pre.steps} {fitted} -> {out / 'preprocessor.json'}")
     for sample, image in list(zip(train_samples, images))[:FLAGS.previews]:
         x = pre(image)
         x = x[..., 0] if x.shape[-1] == 1 else x

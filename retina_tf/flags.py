@@ -357,7 +357,8 @@ def define_data_flags(d: _Definer) -> None:
                   "not given: the model's own task (rip_av: av). evaluate --task=vessel scores an "
                   "A/V model's vessel map alone.")
     d.DEFINE_list("preprocess", list(STEPS),
-                      f"Preprocessing steps in order, any of {list(STEPS)}, or 'none'; "
+                      f"Preprocessing steps, any of {list(STEPS)} (applied in that order "
+                      "whatever the order given), or 'none'; "
                       "True / False (WILeroy/retina_unet's switch; also true, false, 1, 0): "
                       "all four steps or none.")
     d.DEFINE_enum("channel", "luminance", list(CHOICES["channel"]),

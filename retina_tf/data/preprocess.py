@@ -1,10 +1,12 @@
 """The lineage's four preprocessing steps as one fitted, serializable object.
 
 The steps come from the orobix / WILeroy retina U-Net code (Ronneberger et al. 2015 applied to
-DRIVE): grayscale, dataset standardization, CLAHE and gamma correction. What the seed got wrong
-was recomputing the statistics on whatever images were at hand; here the mean and standard
+DRIVE): grayscale, dataset standardization, CLAHE and gamma correction, always in that order.
+The seed recomputed the statistics on whatever images were at hand; here the mean and standard
 deviation are fitted once on the training images and travel with the model in
-``preprocessor.json``, so a single new photograph is normalized exactly as the training set was.
+``preprocessor.json``. Since standardization is followed, as in the seed, by each image's own
+min/max rescale, which undoes any shift and scale, they change the result only by rounding:
+each photograph is stretched between its own darkest and brightest pixel.
 """
 
 from __future__ import annotations
