@@ -312,7 +312,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
-    vessel pixels (any target channel), so thin vessels are seen often enough. ``start`` skips
+    vessel pixels (any target channel), so thin vessels are seen often enough; a set (group)
+    whose labels hold no vessel draws those from its FOV too. ``start`` skips
     that many patches of the stream (a resumed run continues where it stopped). With
     ``context_size``, ``x`` is ``{"image": patch, "context": its whole image resized to
     context_size}`` (RIP-AV's global representation; Dai et al., MICCAI 2024). With
@@ -363,6 +364,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
     group_ids = np.unique(group_of)
     vessel_masks = [(t.max(axis=-1) > 0) & f for t, f in zip(seg.targets, seg.fovs)]
+    # a set whose labels hold no vessel draws its "vessel" centres anywhere in its FOV; the
+    # other sets keep theirs on vessels
+    empty = [gid for gid in group_ids
+             if not any(m.any() for m, g in zip(vessel_masks, group_of) if g == gid)]
+    vessel_masks = [f if g in empty else m for m, f, g in zip(vessel_masks, seg.fovs, group_of)]
 
     def grouped_pool(masks):  # one flat pool, each group's indices contiguous
         parts = [flat_indices([m if g == gid else np.zeros_like(m)
@@ -374,9 +380,6 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     vessel_pool, vessel_starts, vessel_sizes = grouped_pool(vessel_masks)
     if (fov_sizes == 0).any():
         raise DatasetError("no FOV pixels to sample patches from")
-    if (vessel_sizes == 0).any():
-        vessel_pool, vessel_starts, vessel_sizes = fov_pool, fov_starts, fov_sizes
-        vessel_probability = 0.0
     fov_pool, vessel_pool = tf.constant(fov_pool), tf.constant(vessel_pool)
     starts = tf.constant(np.stack([fov_starts, vessel_starts]))
     sizes = tf.constant(np.stack([fov_sizes, vessel_sizes]))

@@ -65,6 +65,17 @@ def test_centres_lie_on_vessels_when_asked():
     assert 0.0 < y[:, 7, 7, 0].mean() < 0.6
 
 
+def test_a_set_without_vessels_leaves_the_others_centred_on_vessels():
+    seg = _set()
+    seg.targets[2] = np.zeros_like(seg.targets[2])  # a set of one image with an empty label
+    seg.images[2] = np.zeros_like(seg.images[2])
+    (x, y, w), = _first(patch_dataset(seg, patch_size=15, batch_size=64, groups=[0, 0, 1],
+                                      vessel_probability=1.0, augment=Augment.none()))
+    from_the_first = y.reshape(64, -1).max(axis=1) > 0
+    assert 10 < from_the_first.sum() < 54  # both sets drawn from
+    assert y[from_the_first, 7, 7, 0].min() == 1.0
+
+
 def test_same_seed_same_batches_other_seed_other_batches():
     seg = _set()
     aug = Augment(rotate_degrees=10, brightness=0.1, contrast=0.1, gamma=0.1)
