@@ -115,8 +115,8 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
         path = name = path.parent
     shipped = PRETRAINED_DIR / str(name)
     own = [Path(logdir) / str(name)] if logdir else []
-    candidates = [path, *(own + [shipped] if own_first else [shipped] + own),
-                  *([Path(logdir) / run_name] if logdir and run_name else [])]
+    named = [Path(logdir) / run_name] if logdir and run_name else []
+    candidates = [path, *(own + [shipped] if own_first else [shipped] + own), *named]
     for candidate in candidates:
         if (candidate / MODEL_FILE).is_file():
             other = {*own, shipped} - {candidate}
@@ -124,7 +124,8 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
                 log.info(f"{flag}={name}: {candidate} is taken, not {other.pop()}; give a path "
                          "to choose")
             return candidate
-    for folder in (c for c in candidates if c != shipped and c.is_dir()):
+    places = [path, *own, *named]  # the user's folders, not the package's
+    for folder in (p for p in places if p.is_dir()):
         if has_backup(folder):
             raise ModelFileError(f"{flag}={name}: {folder} holds a training that has not "
                                  f"finished (its completed epochs are in {BACKUP_DIR}/): run "
@@ -133,7 +134,7 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
         raise ModelFileError(f"{flag}={name}: the folder {folder} is not a complete run: it lacks "
                              f"{', '.join(missing)}; point {flag} at a run folder that training "
                              "finished (or one written by bin/export_model.py)")
-    tried = ", ".join(str(c) for c in candidates if c != shipped)
+    tried = ", ".join(str(p) for p in places)
     raise ModelFileError(f"{flag}={name}: no trained model found; looked for {MODEL_FILE} in "
                          f"{tried} and among the shipped models "
                          f"({', '.join(shipped_models()) or 'none'}); train that run first")
@@ -262,7 +263,9 @@ def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]
     """Merges ``update`` into ``run_dir/metrics.json`` (written atomically); two commands
     merging at once take turns, so neither result is lost."""
     path = Path(run_dir) / "metrics.json"
-    with taking_turns(Path(run_dir) / METRICS_LOCK):
+    # the lock is on the folder holding the run (its logdir): the run's own is shared by the
+    # commands that read it, and a lock file would stay in the run folder
+    with taking_turns(Path(run_dir).resolve().parent):
         data = json.loads(path.read_text()) if path.is_file() else {}
         data.update(update)
         atomic_write_text(path, to_json(data))
@@ -275,9 +278,6 @@ def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]
 
 _TRAINING: dict[Path, int] = {}  # the runs this process trains: their locked folders
 _READING: dict[Path, int] = {}  # the runs this process reads: how many times over
-# metrics.json's read-merge-write, one command at a time (the run folder's own lock is shared
-# by the commands that read it and write their evaluation into it)
-METRICS_LOCK = ".metrics.lock"
 
 
 class RunBusyError(RetinaTFError):
@@ -353,16 +353,15 @@ def reading_run(run_dir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def taking_turns(path: Path) -> Iterator[None]:
-    """Waits for any other command's turn at ``path`` to end and holds the others off this
-    one's: an exclusive lock on ``path``, a folder (an output folder's manifest is read, merged
-    and replaced inside it) or a lock file, created if missing. A folder this process holds as
-    a run (:func:`hold_run`, :func:`reading_run`) is its own already."""
+    """Waits for any other command's turn at the folder ``path`` to end and holds the others
+    off this one's (an exclusive lock on it, for the few milliseconds of a JSON file's read,
+    merge and replace inside it). A folder this process holds as a run (:func:`hold_run`,
+    :func:`reading_run`) is its own already."""
     path = Path(path)
     if fcntl is None or path.resolve() in _TRAINING or path.resolve() in _READING:
         yield
         return
-    fd = (os.open(path, os.O_RDONLY) if path.is_dir() else
-          os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -361,18 +361,13 @@ def test_a_run_is_written_by_one_command_at_a_time(synthetic, tmp_path):
 
 
 def test_two_commands_merging_one_json_file_keep_both_entries(tmp_path):
-    from retina_tf.run_folder import (
-        METRICS_LOCK,
-        atomic_write_text,
-        taking_turns,
-        update_metrics_json,
-    )
+    from retina_tf.run_folder import atomic_write_text, taking_turns, update_metrics_json
     ctx = multiprocessing.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
     path = tmp_path / "metrics.json"
 
     def slow_merge():  # an evaluate between its read and its write
-        with taking_turns(tmp_path / METRICS_LOCK):
+        with taking_turns(tmp_path.parent):  # the folder holding the run
             ready.set()
             done.wait(60)
             atomic_write_text(path, json.dumps({"eval_a": 1}))
@@ -388,3 +383,4 @@ def test_two_commands_merging_one_json_file_keep_both_entries(tmp_path):
     process.join()
     merging.join(30)
     assert json.loads(path.read_text()) == {"eval_a": 1, "eval_b": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no lock file left
