@@ -26,6 +26,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 from scipy import ndimage
 from skimage.morphology import skeletonize
@@ -257,6 +258,21 @@ LOSS_TERMS: dict[str, Callable[..., Any]] = {
 # a config refuses a bad one when it is made; config.LOSS_TERM_NAMES names the terms above.
 
 
+def replicas_in_sync() -> int:
+    """The replicas that each compute a share of a batch under the current tf.distribute
+    strategy (1 without one)."""
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
+def per_replica(value: Any) -> Any:
+    """A replica's share of a batch's loss: ``value / replicas_in_sync()``, as every Keras
+    loss returns it (keras.losses.Loss, ``scale_loss_for_distribution``). The replicas'
+    gradients are summed, so a loss that is not divided trains N replicas at N times the
+    learning rate; Keras multiplies the logged loss back."""
+    n = replicas_in_sync()
+    return value if n == 1 else value * ops.cast(1.0 / n, value.dtype)
+
+
 @keras.saving.register_keras_serializable(package="retina_tf")
 class SegmentationLoss(keras.losses.Loss):
     """Weighted sum of FOV-weighted loss terms for logits ``(B, H, W, C)``.
@@ -335,7 +351,7 @@ class SegmentationLoss(keras.losses.Loss):
                 total = term if total is None else total + term
             if total is None:  # every weight is 0
                 total = ops.convert_to_tensor(0.0, "float32")
-            return ops.cast(total, self.dtype)
+            return per_replica(ops.cast(total, self.dtype))
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return self(y_true, y_pred)

@@ -144,6 +144,15 @@ def test_mirrored_strategy_on_two_logical_cpus(synthetic, tmp_path):
     losses = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())["loss_history"]
     assert len(losses) == 2 and np.isfinite(losses).all()
     assert (tmp_path / "mirrored" / "model.keras").is_file()
+    # the same training on one device: the same loss (each replica's share is divided, as
+    # Keras's losses are; it was twice as large, and so were the gradients); batch norm sees
+    # half batches on each replica, hence a tolerance
+    one = train(parse_config("train", [
+        "--dataset=synthetic", f"--data_dir={synthetic}", f"--logdir={tmp_path}",
+        "--run_name=one", "--depth=3", "--base_filters=8", "--patch_size=32", "--batch_size=8",
+        "--patches_per_epoch=64", "--epochs=2", "--val_images=1"]))
+    single = json.loads((one / "metrics.json").read_text())["loss_history"]
+    assert losses[0] == pytest.approx(single[0], rel=0.05), (losses, single)
     proc = commands.script(  # a batch the replicas cannot share equally: refused, nothing written
         "train.py", "--dataset=synthetic", f"--data_dir={synthetic}", f"--logdir={tmp_path}",
         "--run_name=odd", "--logical_cpus=2", "--strategy=mirrored", "--batch_size=3")

@@ -9,6 +9,7 @@ import keras
 from keras import layers, ops
 
 from retina_tf.errors import ConfigError
+from retina_tf.losses import per_replica
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import set_bn_momentum, weighted_output_loss
 from retina_tf.models.hmsa import (
@@ -246,8 +247,8 @@ class EARNet(SegmentationModel, keras.Model):
         total = weighted_output_loss(self, y_seg, y_pred, hmsa_loss_weights(self.stage1),
                                      sample_weight)
         if error_map is not None and self.error_loss_weight:
-            total = total + self.error_loss_weight * masked_mse(
-                y_pred["error_attention"], error_map, sample_weight)
+            total = total + self.error_loss_weight * per_replica(masked_mse(
+                y_pred["error_attention"], error_map, sample_weight))  # as a Keras loss is
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):

@@ -24,7 +24,7 @@ from keras import layers, ops
 
 from retina_tf.data.rip import distance_targets, seed_distance_targets
 from retina_tf.errors import ConfigError
-from retina_tf.losses import bce_loss, dice_loss
+from retina_tf.losses import bce_loss, dice_loss, per_replica, replicas_in_sync
 from retina_tf.models.base import SegmentationModel, channels_hint
 from retina_tf.models.blocks import conv_bn_relu
 
@@ -552,6 +552,7 @@ class RIPAV(SegmentationModel, keras.Model):
         if self.distance_head and distance is not None and self.distance_weight:
             total = total + self.distance_weight * self.distance_loss(
                 y_av, distance, y_pred["distance"], sample_weight)
+        total = per_replica(total)  # a replica's share, as a Keras loss is
         for extra in self.losses:
             total = total + ops.sum(ops.cast(extra, total.dtype))
         return total
@@ -589,8 +590,9 @@ class RIPAV(SegmentationModel, keras.Model):
             d_loss = bce(ops.ones_like(real), real) + bce(ops.zeros_like(fake), fake)
         self.d_optimizer.apply(tape.gradient(d_loss, disc.trainable_variables),
                                disc.trainable_variables)
-        self._loss_tracker.update_state(loss, sample_weight=ops.shape(y)[0])
-        self.d_loss_tracker.update_state(d_loss)
+        # the losses are a replica's shares (per_replica): logged whole, as Keras logs them
+        self._loss_tracker.update_state(loss * replicas_in_sync(), sample_weight=ops.shape(y)[0])
+        self.d_loss_tracker.update_state(d_loss * replicas_in_sync())
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # --- pre-training, extras, config --------------------------------------------------------

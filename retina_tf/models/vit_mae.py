@@ -17,6 +17,7 @@ import numpy as np
 from keras import layers, ops
 
 from retina_tf.errors import ConfigError
+from retina_tf.losses import per_replica
 from retina_tf.models.base import SegmentationModel, channels_hint
 from retina_tf.models.blocks import conv_bn_relu
 
@@ -301,7 +302,7 @@ class MAE(SegmentationModel, keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if isinstance(x, (tuple, list)):
             x = x[0]
-        total = self.reconstruction_loss(x, y_pred)
+        total = per_replica(self.reconstruction_loss(x, y_pred))  # as a Keras loss is
         for extra in self.losses:
             total = total + ops.sum(extra)
         return total

@@ -94,3 +94,48 @@ def test_a_pretrained_model_that_does_not_fit_names_what_differs():
             built(**kw).load_pretrained(source)
     with pytest.raises(ConfigError, match="another architecture: give --model as the run's"):
         built().load_pretrained(build_model("hrnet_ocr", **TINY["hrnet_ocr"]))
+
+
+_SHARE_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from retina_tf.losses import SegmentationLoss
+from retina_tf.models import build_model
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+found = {}
+for name, config in json.loads(sys.argv[1]).items():
+    channels, classes = (3, 3) if name == "rip_av" else (1, 1)
+    model = build_model(name, input_channels=channels, **config)
+    model.compile(loss=SegmentationLoss())
+    side = config.get("image_size", 64)
+    x = tf.constant(rng.random((2, side, side, channels)), tf.float32)
+    y = tf.constant(rng.random((2, side, side, classes + (name == "ear_net"))) > 0.7,
+                    tf.float32)
+    w = tf.ones((2, side, side, 1))
+    y_pred = model(x, training=False)
+    whole = float(model.compute_loss(x, y, y_pred, w))
+    shares = strategy.run(lambda: model.compute_loss(x, y, y_pred, w))
+    found[name] = [whole, [float(v) for v in strategy.experimental_local_results(shares)]]
+print(json.dumps(found))
+"""
+
+
+def test_each_replica_computes_its_share_of_the_loss(tmp_path):
+    # under tf.distribute the replicas' gradients are summed: a loss not divided by the replicas,
+    # as Keras's own are, trains N replicas at N times the learning rate. Losses of the
+    # compiled SegmentationLoss and the models' own (RIP-AV's, EAR-Net's error term, MAE's).
+    import json
+    import sys
+
+    from tests import commands
+    script = tmp_path / "shares.py"
+    script.write_text(_SHARE_SCRIPT)
+    configs = {name: TINY[name] for name in ("unet", "ear_net", "rip_av", "mae")}
+    proc = commands.run([sys.executable, script, json.dumps(configs)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, (whole, shares) in json.loads(proc.stdout.splitlines()[-1]).items():
+        assert whole > 0 and shares == pytest.approx([whole / 2] * 2, rel=1e-5), name
