@@ -85,11 +85,27 @@ log = logging.getLogger(__name__)
 
 # --- distribution ----------------------------------------------------------------------------
 
-def configure_logical_cpus(n: int) -> None:
-    """Splits the CPU into ``n`` logical devices (before TensorFlow initializes its runtime)."""
+def configure_logical_cpus(n: int, strategy: str = "mirrored") -> None:
+    """Splits the CPU into ``n`` logical devices (before TensorFlow initializes its runtime);
+    only ``--strategy=mirrored`` spreads a batch over them, which other strategies are told.
+
+    Raises:
+        ConfigError: TensorFlow's runtime has started in this process with another split (the
+            Python API after an earlier training: a fresh process is needed).
+    """
+    if strategy != "mirrored":
+        log.warning(f"warning: --logical_cpus={n} splits the CPU for --strategy=mirrored; "
+                    f"--strategy={strategy} trains on it as one device")
     cpus = tf.config.list_physical_devices("CPU")
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    if len(tf.config.get_logical_device_configuration(cpus[0]) or [None]) == n:
+        return  # already so (a second training in this process)
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as err:  # "Virtual devices cannot be modified after being initialized"
+        raise ConfigError(f"--logical_cpus={n}: TensorFlow has started in this process already "
+                          "(an earlier training or model); split the CPU in a fresh process, "
+                          "before anything else uses TensorFlow") from err
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -102,8 +118,21 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "multi_worker":
         # before anything starts TensorFlow's runtime (listing devices does): collective ops
         # can only be configured at program start-up
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        text = os.environ.get("TF_CONFIG")
+        check_tf_config(text)
+        spec = json.loads(text)
+        task = spec["task"]
+        here = spec["cluster"][task["type"]][int(task["index"])]
+        log.info(f"{task['type']} {task['index']} at {here}: waiting for every task of TF_CONFIG "
+                 f"to join ({json.dumps(spec['cluster'])}); a task never started or a wrong "
+                 "host waits here, and only kill -9 stops a waiting worker")
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as err:  # "Could not start gRPC server"
+            raise RetinaTFError(
+                f"TF_CONFIG: {task['type']} {task['index']} cannot listen at {here} "
+                f"(TensorFlow: {str(err.message).strip().splitlines()[0]}): is that port in use, "
+                "or another worker started with the same task index?") from err
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -990,7 +1019,7 @@ def train(cfg: TrainConfig,
             the model cannot take, or a run folder with other settings.
     """
     if cfg.logical_cpus:
-        configure_logical_cpus(cfg.logical_cpus)
+        configure_logical_cpus(cfg.logical_cpus, cfg.strategy)
     cls = model_class(cfg.model)
     script = cls.pretraining_script
     if script:

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
@@ -192,6 +193,39 @@ def test_tf_config_is_checked_before_tensorflow_reads_it():
                         ('{"cluster": {"worker": ["a:1"]}}', "give the cluster and a task")]:
         with pytest.raises(ConfigError, match=words):
             check_tf_config(text)
+
+
+def test_a_worker_whose_port_is_taken_says_so_in_one_line(tiny_synthetic, tmp_path):
+    taken = socket.socket()
+    taken.bind(("localhost", 0))
+    taken.listen()
+    try:
+        ports = [taken.getsockname()[1], *_free_ports(1)]
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": 0}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "-1"}
+        proc = commands.script("train.py", *tiny_train_args(
+            tiny_synthetic, tmp_path / "logs", "--strategy=multi_worker"), env=env, timeout=120)
+    finally:
+        taken.close()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().endswith(
+        f"train.py: error: TF_CONFIG: worker 0 cannot listen at localhost:{ports[0]} "
+        "(TensorFlow: Could not start gRPC server): is that port in use, or another worker "
+        "started with the same task index?"), proc.stderr[-3000:]
+    assert f"worker 0 at localhost:{ports[0]}: waiting for every task" in proc.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_logical_cpus_say_what_they_can_and_cannot_do(caplog):
+    from retina_tf.training import configure_logical_cpus
+    # this process's TensorFlow has started (listing devices starts it): the split needs a fresh
+    # one, said as such
+    assert len(tf.config.list_logical_devices("CPU")) == 1
+    with pytest.raises(ConfigError, match="--logical_cpus=2: TensorFlow has started in this "
+                                          "process already"):
+        configure_logical_cpus(2, "default")
+    assert "--strategy=default trains on it as one device" in caplog.text
 
 
 def _tiny_run(data_dir, logdir, name, *extra, callbacks=()):
