@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from retina_tf.progress import progress
 from retina_tf.run_folder import (
     BACKUP_DIR,
     BEST_WEIGHTS,
+    FLAGS_NOT_IN_TRAINING,
     LAST_WEIGHTS,
     BestCheckpoint,
     LastCheckpoint,
@@ -67,6 +69,7 @@ from retina_tf.run_folder import (
     finish_run,
     has_backup,
     hold_run,
+    parse_flag_lines,
     release_run,
     remove_stray_temporaries,
     restore_training,
@@ -215,6 +218,42 @@ def _broadcaster(strategy: tf.distribute.Strategy, dtype: str) -> Callable:
         return strategy.experimental_local_results(strategy.run(contribute))[0]
 
     return broadcast
+
+
+# Flags that may differ between the workers of a cluster: where each machine keeps its files
+# (the chief writes the run; the others follow its decisions).
+PER_MACHINE_FLAGS = frozenset({"data_dir", "label_file_path", "extra_data", "pretrained",
+                               "error_maps", "rip_patches"})
+
+
+def check_same_flags(strategy: tf.distribute.Strategy, cfg) -> None:
+    """Under ``multi_worker``, raises ConfigError on every worker when the workers were given
+    different training flags (a batch size, a model size): their collectives would otherwise
+    fail mid-training with TensorFlow's shape errors. Every worker must call it at the same
+    point. Compares a 20-bit hash of the flags by an all-reduce of it and its square."""
+    if not isinstance(strategy, MultiWorker):
+        return
+    flags = {k: v for k, v in parse_flag_lines(to_flag_lines(cfg)).items()
+             if k not in FLAGS_NOT_IN_TRAINING | PER_MACHINE_FLAGS}
+    h = float(zlib.crc32(json.dumps(flags, sort_keys=True).encode()) % (1 << 20))
+    total, squares = _all_sum(strategy)(tf.constant([h, h * h], tf.float64)).numpy()
+    if strategy.num_replicas_in_sync * squares != total * total:  # not all equal
+        raise ConfigError("the workers of TF_CONFIG were given different training flags: give "
+                          "every worker the same command (only paths such as --data_dir may "
+                          "differ between machines)")
+
+
+def _all_sum(strategy: tf.distribute.Strategy) -> Callable:
+    """A traced all-reduce sum of a float64 vector to which every replica contributes."""
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
+    def summed(flat):
+        def contribute():  # (an input tensor itself has no replica device to reduce from)
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                                  tf.identity(flat))
+
+        return strategy.experimental_local_results(strategy.run(contribute))[0]
+
+    return summed
 
 
 def sync_from_chief(strategy: tf.distribute.Strategy, model: keras.Model,
@@ -897,6 +936,7 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
                           f"{cfg.strategy}) take equal shares of a batch; give a multiple of "
                           f"{replicas}")
     try:
+        check_same_flags(strategy, cfg)
         chief = is_chief(strategy)
         finished = already_trained(cfg, run_dir) if chief else False
         if bool(from_chief(strategy, [float(finished)])[0]):

@@ -217,6 +217,25 @@ def test_a_worker_whose_port_is_taken_says_so_in_one_line(tiny_synthetic, tmp_pa
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
+def test_workers_given_different_flags_are_told_before_training(tiny_synthetic, tmp_path):
+    # one seed per worker (a batch size or a model size would do as well): each would fail
+    # mid-training in a collective of mismatched shapes, with a traceback
+    cluster = Cluster(tmp_path, tiny_synthetic)
+    cluster.start([sys.executable, str(REPO / "bin" / "train.py"), "--seed={index}"])
+    try:
+        codes = [cluster.wait(i, timeout=120) for i in (0, 1)]
+    finally:
+        cluster.stop()
+    for index in (0, 1):
+        out = cluster.output(index)
+        assert codes[index] == 2 and out.strip().endswith(
+            "train.py: error: the workers of TF_CONFIG were given different training flags: "
+            "give every worker the same command (only paths such as --data_dir may differ "
+            "between machines)"), out[-3000:]
+        assert not (cluster.folder(index) / "logs").exists()
+
+
 def test_logical_cpus_say_what_they_can_and_cannot_do(caplog):
     from retina_tf.training import configure_logical_cpus
     # this process's TensorFlow has started (listing devices starts it): the split needs a fresh
