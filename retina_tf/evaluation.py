@@ -30,7 +30,7 @@ from retina_tf.config import (
     from_run,
 )
 from retina_tf.data.catalog import dataset_key
-from retina_tf.data.fov import estimate_fov, fov_coverage_warning
+from retina_tf.data.fov import estimate_fov, fov_coverage_warning, second_region_warning
 from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
@@ -619,6 +619,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             seg.check_image_size(data.image, sample.image)
             if data.fov_estimated:
                 _warn(fov_coverage_warning(data.fov, str(sample.image)))
+                _warn(second_region_warning(data.image, str(sample.image)))
             target = target_of(data, task) > 0.5
             # Outside the FOV the prediction is background, as in the shipped masks and papers; a
             # photograph of another scale is resized near the training scale, as predict does.
@@ -881,6 +882,7 @@ def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | No
     if source is None:
         fov = estimate_fov(image)
         _warn(fov_coverage_warning(fov, str(image_path)))
+        _warn(second_region_warning(image, str(image_path)))
         return fov
     mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
     fov = read_fov_mask(mask_path)

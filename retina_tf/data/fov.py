@@ -60,13 +60,28 @@ def estimate_fov(image: np.ndarray, erode: int = 3) -> np.ndarray:
         >>> bool(fov[32, 32]), bool(fov[0, 0])
         (True, False)
     """
+    if erode < 0:
+        raise ValueError(f"erode must be >= 0, got {erode}")
+    shape, contours = _bright_regions(image)
+    if not contours:
+        return np.ones(shape, bool)
+    # Filling the largest outer contour keeps one component and fills its holes in one step.
+    fov = np.zeros(shape, np.uint8)
+    cv2.drawContours(fov, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
+    if erode:
+        fov = cv2.erode(fov, _disc(erode))
+    return fov.astype(bool)
+
+
+def _bright_regions(image: np.ndarray) -> tuple[tuple[int, int], list]:
+    """The image's shape and the outer contours of its regions brighter than the frame
+    (:func:`estimate_fov`'s steps up to the choice of the largest); none where there is no
+    dark frame."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3
                                                                 and image.shape[-1] != 3):
         raise ValueError(f"estimate_fov needs an HxWx3 (or HxW) uint8 image, got shape "
                          f"{image.shape} dtype {image.dtype}")
-    if erode < 0:
-        raise ValueError(f"erode must be >= 0, got {erode}")
     red = np.ascontiguousarray(image[..., 0] if image.ndim == 3 else image)
     red = cv2.medianBlur(red, 5)
 
@@ -75,24 +90,35 @@ def estimate_fov(image: np.ndarray, erode: int = 3) -> np.ndarray:
     cumulative = np.cumsum(np.bincount(red.ravel(), minlength=256))
     below, total = cumulative[split], cumulative[-1]
     if below == 0 or below == total:
-        return np.ones(red.shape, bool)
+        return red.shape, []
     frame_level = int(np.searchsorted(cumulative, below / 2))
     retina_level = int(np.searchsorted(cumulative, below + (total - below) / 2))
     if retina_level - frame_level < _MIN_CONTRAST or frame_level > _MAX_FRAME_RATIO * retina_level:
-        return np.ones(red.shape, bool)
+        return red.shape, []
     threshold = frame_level + _EDGE_FRACTION * (retina_level - frame_level)
 
     mask = (red > threshold).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(2))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return np.ones(red.shape, bool)
-    # Filling the largest outer contour keeps one component and fills its holes in one step.
-    fov = np.zeros_like(mask)
-    cv2.drawContours(fov, [max(contours, key=cv2.contourArea)], -1, 1, thickness=cv2.FILLED)
-    if erode:
-        fov = cv2.erode(fov, _disc(erode))
-    return fov.astype(bool)
+    return red.shape, list(contours)
+
+
+# A bright region left out of the estimated FOV this large against the one kept is another
+# retina (a stereo pair, two photographs side by side), not a reflection or a date stamp.
+SECOND_REGION_RATIO = 0.25
+
+
+def second_region_warning(image: np.ndarray, source: str) -> str | None:
+    """A one-line warning when :func:`estimate_fov` left out a bright region at least
+    :data:`SECOND_REGION_RATIO` of the one it kept (its second retina is not segmented),
+    else None."""
+    _, contours = _bright_regions(image)
+    areas = sorted((cv2.contourArea(c) for c in contours), reverse=True)
+    if len(areas) < 2 or areas[1] < SECOND_REGION_RATIO * areas[0]:
+        return None
+    return (f"warning: {source}: a second bright region {areas[1] / areas[0]:.0%} the size of "
+            "the field of view was left out of it (two photographs side by side?): only the "
+            "larger is segmented; segment each alone, or give the FOV mask with --fov")
 
 
 # The estimated FOV of a real fundus photograph covers 67-84 % of the frame (all of DRIVE,

@@ -131,3 +131,14 @@ def test_a_field_of_view_of_almost_all_or_almost_none_of_the_image_is_warned_of(
     assert "covers 100% of the image, almost the whole image" in fov_coverage_warning(
         np.ones((50, 60), bool), "crop.png")
     assert fov_coverage_warning((yy - 500) ** 2 + (xx - 500) ** 2 <= 450 ** 2, "d.png") is None
+
+
+def test_a_second_retina_left_out_of_the_field_of_view_is_warned_of():
+    from retina_tf.data.fov import second_region_warning
+    from retina_tf.data.synthetic import generate_fundus
+    photo = generate_fundus(1, size=(96, 96)).image
+    pair = np.concatenate([photo, photo], axis=1)  # a stereo pair: only one disc is the FOV
+    assert estimate_fov(pair)[:, 96:].sum() == 0 or estimate_fov(pair)[:, :96].sum() == 0
+    assert "pair.png: a second bright region 100% the size of the field of view was left " \
+        "out of it" in second_region_warning(pair, "pair.png")
+    assert second_region_warning(photo, "one.png") is None
