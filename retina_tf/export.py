@@ -207,6 +207,9 @@ class _Serving(tf.Module):
     def _serve_with_fov(self, image, fov):
         tf.debugging.assert_equal(tf.shape(fov), tf.shape(image)[:2], message=(
             "fov must have the image's height and width"))
+        # as retina_tf refuses it: an empty mask would give an all-zero map without a word
+        tf.debugging.assert_greater(tf.reduce_sum(tf.cast(fov > 0, tf.int32)), 0, message=(
+            "the FOV mask is empty: give the mask of the photograph's field of view (255 inside)"))
         return self._segment(image, fov > 0)
 
     def _preprocess(self, image):

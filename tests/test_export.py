@@ -175,6 +175,9 @@ def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_save
     prob, mask = seg.segment(sample.image, sample.fov, threshold=0.4)
     np.testing.assert_allclose(out["probability"].numpy(), prob[..., 0], atol=1e-5)
     np.testing.assert_array_equal(out["mask"].numpy(), mask[..., 0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the FOV mask is empty"):
+        loaded.signatures["segment_with_fov"](image=tf.constant(sample.image),
+                                              fov=tf.constant(np.zeros_like(fov)))
 
     # a photograph at 1.8x the training scale is segmented at the training scale; TensorFlow's
     # area resize differs from OpenCV's by a grey level at a few pixels
