@@ -9,6 +9,7 @@ ground truth, then each run's errors over the photograph.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,7 +31,7 @@ from retina_tf.evaluation import (
     _warn,
 )
 from retina_tf.inference import Segmenter, resolve_threshold, run_inference
-from retina_tf.run_folder import find_run
+from retina_tf.run_folder import find_run, reading_run
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,15 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     out.check([COMPARE_PNG, COMPARE_MD])
     runs = [_load(label, cfg.logdir, cfg.precision) for label in cfg.runs]
+    with contextlib.ExitStack() as held:  # no training --overwrite of a run being compared
+        for run in runs:
+            held.enter_context(reading_run(run.segmenter.run_dir))
+        return _compare(cfg, samples, chosen, out, runs)
+
+
+def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
+             runs: list[_Run]) -> dict[str, Any]:
+    names = [s.name for s in samples]
     tasks = {r.label: r.segmenter.task for r in runs}
     all_av = all(t == "av" for t in tasks.values())
     task = "av" if all_av and all(s.av is not None for s in samples) else "vessel"

@@ -674,7 +674,13 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         # keyed as its folder eval_<data>_<split>: a training split is not a test
-        update_metrics_json(seg.run_dir, {f"eval_{name}_{cfg.eval_split}": report})
+        try:
+            update_metrics_json(seg.run_dir, {f"eval_{name}_{cfg.eval_split}": report})
+        except PermissionError as err:  # a read-only run: the results are in out_dir
+            if not cfg.output_dir:
+                raise
+            log.warning(f"warning: {seg.run_dir} is read-only: this evaluation is not added "
+                        f"to its metrics.json ({err.strerror}); it is in {out_dir}")
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
              (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
               f"blue FN; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"
@@ -1018,16 +1024,17 @@ def predict(cfg: PredictConfig) -> list[Path]:
                for s in _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
-    for path in progress(inputs, "predict", name=lambda p: p.name):
-        try:
-            with out.all_or_nothing():  # all of an image's files, or none after a Ctrl-C
-                written += _predict_one(seg, path, bases[path], cfg, fov_source, out,
-                                        threshold)
-        except DatasetError as err:
-            if len(inputs) == 1:
-                raise
-            failed[path] = _one_line(path, err)
-            log.warning(f"skipped: {failed[path]}")
+    with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
+        for path in progress(inputs, "predict", name=lambda p: p.name):
+            try:
+                with out.all_or_nothing():  # all of an image's files, or none after a Ctrl-C
+                    written += _predict_one(seg, path, bases[path], cfg, fov_source, out,
+                                            threshold)
+            except DatasetError as err:
+                if len(inputs) == 1:
+                    raise
+                failed[path] = _one_line(path, err)
+                log.warning(f"skipped: {failed[path]}")
     _report(len(inputs) - len(failed), failed, out.path)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)

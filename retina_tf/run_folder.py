@@ -126,6 +126,9 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
             return candidate
     places = [path, *own, *named]  # the user's folders, not the package's
     for folder in (p for p in places if p.is_dir()):
+        if _being_trained(folder):
+            raise RunBusyError(f"{flag}={name}: a training is writing {folder} now; use it "
+                               "when the training has ended")
         if has_backup(folder):
             raise ModelFileError(f"{flag}={name}: {folder} holds a training that has not "
                                  f"finished (its completed epochs are in {BACKUP_DIR}/): run "
@@ -314,6 +317,17 @@ def hold_run(run_dir: Path) -> None:
            "another training is writing it")
     raise RunBusyError(f"{run_dir}: {who}; train when that has ended, or give another "
                        "--run_name")
+
+
+def _being_trained(run_dir: Path) -> bool:
+    """Whether another process trains ``run_dir`` now (holds :func:`hold_run`'s lock)."""
+    if fcntl is None or Path(run_dir).resolve() in _TRAINING:
+        return False
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        return not _flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
 
 
 def release_run(run_dir: Path) -> None:

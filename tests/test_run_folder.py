@@ -342,6 +342,18 @@ def test_a_run_is_written_by_one_command_at_a_time(synthetic, tmp_path):
         done.set()
         process.join()
     assert _metrics(run) == before and (run / "model.keras").is_file()
+    # a first training, no model yet: named as a model, it is said to be running now (not to
+    # be trained again, which would be refused)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    process, done = _held_elsewhere(fresh, reading=False)
+    try:
+        with pytest.raises(RunBusyError, match=rf"--model=fresh: a training is writing {fresh} "
+                                               "now; use it when the training has ended"):
+            find_run("fresh", tmp_path)
+    finally:
+        done.set()
+        process.join()
     # an evaluate reads it: training over it is refused, reading it beside is not
     process, done = _held_elsewhere(run, reading=True)
     try:
@@ -384,3 +396,44 @@ def test_two_commands_merging_one_json_file_keep_both_entries(tmp_path):
     merging.join(30)
     assert json.loads(path.read_text()) == {"eval_a": 1, "eval_b": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no lock file left
+
+
+def test_predict_keeps_a_training_off_the_run_while_it_segments(synthetic, tmp_path,
+                                                                 monkeypatch):
+    from retina_tf import evaluation
+    from retina_tf.config import PredictConfig
+    from retina_tf.run_folder import _READING
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+    held = []
+    segment_one = evaluation._predict_one
+
+    def watched(seg, *args):
+        held.append(run.resolve() in _READING)
+        return segment_one(seg, *args)
+
+    monkeypatch.setattr(evaluation, "_predict_one", watched)
+    images = sorted((synthetic / "test" / "images").iterdir())[:2]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    evaluation.predict(PredictConfig(model=str(run), input=str(folder),
+                                     output_dir=str(tmp_path / "out")))
+    assert held == [True, True] and not _READING
+
+
+def test_an_evaluation_elsewhere_of_a_read_only_run_is_kept(synthetic, tmp_path, monkeypatch,
+                                                            caplog):
+    from retina_tf import evaluation
+    run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+
+    def read_only(run_dir, update):  # what a run folder without write permission does (root
+        raise PermissionError(13, "Permission denied")  # here writes anyway)
+
+    monkeypatch.setattr(evaluation, "update_metrics_json", read_only)
+    report = evaluate(EvalConfig(model=str(run), output_dir=str(tmp_path / "eval")))
+    assert (tmp_path / "eval" / "metrics.json").is_file() and 0 <= report["metrics"]["f1"] <= 1
+    assert f"warning: {run} is read-only: this evaluation is not added to its metrics.json" \
+        in caplog.text
+    with pytest.raises(PermissionError):  # its own folder inside the run: an error, as before
+        evaluate(EvalConfig(model=str(run)))
