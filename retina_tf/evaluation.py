@@ -941,7 +941,8 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     image = read_image(path)
     seg.check_image_size(image, path)
     fov = _fov_for(path, image, fov_source)
-    prob, mask = seg.segment(image, fov, threshold, source=path)
+    plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
+    prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
                                                       cfg.visualize)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),
@@ -959,9 +960,7 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     shown = [p.name[len(base) + 1:].removesuffix(".png") for p in written]  # every PNG written
     if cfg.save_probabilities:
         written.append(out.save_npy(f"{base}_prob.npy", prob.astype(np.float32)))
-    plan = seg.scale_plan(image, fov)  # what segment() did, for the line
-    scaled = (f", segmented at {plan.size[0]}x{plan.size[1]} (x{plan.factor:.2f}"
-              f"{', the FOV box' if plan.box else ''})") if plan.rescaled else ""
+    scaled = f", {plan.segmented_at}" if plan.rescaled else ""
     if plan.training_fov_diameter and seg.inference_scale != "native":  # the rescale's reason
         scaled = (f", FOV {plan.fov_diameter:.0f} px" if plan.fov_diameter else
                   ", FOV diameter unknown") + scaled

@@ -348,13 +348,19 @@ class ScalePlan:
     def rescaled(self) -> bool:
         return self.size != (self.width, self.height) or self.box is not None
 
+    @property
+    def segmented_at(self) -> str:
+        """E.g. "segmented at 1168x779 (x0.33)", "... (x2.81, the FOV box)", "segmented as it
+        is"."""
+        if not self.rescaled:
+            return "segmented as it is"
+        box = ", the FOV box" if self.box else ""
+        return f"segmented at {self.size[0]}x{self.size[1]} (x{self.factor:.2f}{box})"
+
     def describe(self) -> str:
         """E.g. "3504x2336, FOV 3261 px -> segmented at 1168x779 (x0.33), the training FOV is
         540 px"."""
-        text = f"{self.width}x{self.height}, FOV {self.fov_diameter:.0f} px -> "
-        text += (f"segmented at {self.size[0]}x{self.size[1]} (x{self.factor:.2f}"
-                 f"{', the FOV box' if self.box else ''})" if self.rescaled
-                 else "segmented as it is")
+        text = f"{self.width}x{self.height}, FOV {self.fov_diameter:.0f} px -> {self.segmented_at}"
         if self.training_fov_diameter:
             text += f", the training FOV is {self.training_fov_diameter:.0f} px"
         return text
@@ -644,8 +650,8 @@ class Segmenter:
 
     def segment(self, image: np.ndarray, fov: np.ndarray | None = None,
                 threshold: float | None = None,
-                match_scale: bool = True, source: str | os.PathLike = "the image"
-                ) -> tuple[np.ndarray, np.ndarray]:
+                match_scale: bool = True, source: str | os.PathLike = "the image",
+                plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV.
 
         With ``match_scale``, the photograph is segmented at its inference scale
@@ -654,6 +660,7 @@ class Segmenter:
         Args:
             threshold: the mask's probability threshold; None: the run's (:attr:`threshold`).
             source: where the image came from (a file name), for messages.
+            plan: :meth:`scale_plan` of ``image`` and ``fov``, where the caller has it already.
 
         Raises:
             ConfigError: for a threshold outside (0, 1).
@@ -664,7 +671,7 @@ class Segmenter:
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
-        prob = self.probability_at_inference_scale(image, fov, threshold=threshold) \
+        prob = self.probability_at_inference_scale(image, fov, plan, threshold) \
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         return prob, prob >= threshold
