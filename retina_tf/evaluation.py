@@ -30,7 +30,7 @@ from retina_tf.config import (
     from_run,
 )
 from retina_tf.data.catalog import dataset_key
-from retina_tf.data.fov import estimate_fov, fov_coverage_warning, second_region_warning
+from retina_tf.data.fov import estimate_fov, estimate_warnings
 from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
@@ -618,8 +618,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             data = read_sample(sample)
             seg.check_image_size(data.image, sample.image)
             if data.fov_estimated:
-                _warn(fov_coverage_warning(data.fov, str(sample.image)))
-                _warn(second_region_warning(data.image, str(sample.image)))
+                for warning in estimate_warnings(data.image, data.fov, str(sample.image)):
+                    _warn(warning)
             target = target_of(data, task) > 0.5
             # Outside the FOV the prediction is background, as in the shipped masks and papers; a
             # photograph of another scale is resized near the training scale, as predict does.
@@ -887,8 +887,8 @@ def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | No
     estimate (with a warning on stderr when the estimate looks wrong)."""
     if source is None:
         fov = estimate_fov(image)
-        _warn(fov_coverage_warning(fov, str(image_path)))
-        _warn(second_region_warning(image, str(image_path)))
+        for warning in estimate_warnings(image, fov, str(image_path)):
+            _warn(warning)
         return fov
     mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
     fov = read_fov_mask(mask_path)

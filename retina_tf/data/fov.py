@@ -149,3 +149,11 @@ def fov_coverage_warning(fov: np.ndarray, source: str) -> str | None:
     size = f"{cols[-1] - cols[0] + 1}x{rows[-1] - rows[0] + 1} px, " if rows.size else ""
     return (f"warning: {source}: the estimated field of view is {size}{coverage:.0%} of the "
             "image; if the retina is larger than that, give the FOV mask with --fov")
+
+
+def estimate_warnings(image: np.ndarray, fov: np.ndarray, source: str) -> list[str]:
+    """The warnings an estimated ``fov`` of ``image`` calls for: its coverage
+    (:func:`fov_coverage_warning`) and a second retina left out (:func:`second_region_warning`).
+    """
+    return [w for w in (fov_coverage_warning(fov, source), second_region_warning(image, source))
+            if w]
