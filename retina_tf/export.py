@@ -51,6 +51,7 @@ from retina_tf.errors import ConfigError, ModelFileError, OutputError
 from retina_tf.inference import (
     ARC_FIT_PIXELS,
     ARC_FIT_TOLERANCE,
+    ARC_LINE_TOLERANCE,
     ARC_MIN_POINTS,
     ARC_MIN_SPAN,
     AUTO_MAX_SCALE,
@@ -878,8 +879,9 @@ def _arc_diameter(fov: tf.Tensor) -> tf.Tensor:
         u, v = x - tf.reduce_mean(x), y - tf.reduce_mean(y)
         a = tf.stack([u, v, tf.ones_like(u)], axis=1)
         m = tf.transpose(a) @ a
-        return tf.cond(m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= 1e-9 * (m[0, 0] + m[1, 1]) ** 2,
-                       lambda: zero, lambda: circle(u, v, a, m))
+        on_a_line = m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= ARC_LINE_TOLERANCE * (m[0, 0]
+                                                                            + m[1, 1]) ** 2
+        return tf.cond(on_a_line, lambda: zero, lambda: circle(u, v, a, m))
 
     def circle(u, v, a, m):
         d, e, f = tf.unstack(tf.linalg.solve(m, tf.transpose(a) @ -(u * u + v * v)[:, None])

@@ -793,8 +793,11 @@ ARC_FIT_TOLERANCE = 0.02
 ARC_FIT_PIXELS = 2.0
 # ... and span at least this share of its diameter (a straight cut fits a huge circle).
 ARC_MIN_SPAN = 1 / 3
-# Fewer edge points than this measure nothing.
+# Fewer edge points than this measure nothing ...
 ARC_MIN_POINTS = 16
+# ... and points whose spread has a determinant below this share of its squared trace lie on a
+# line (no circle: the normal equations are singular).
+ARC_LINE_TOLERANCE = 1e-9
 
 
 def _row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -827,7 +830,7 @@ def arc_diameter(fov: np.ndarray) -> float:
     u, v = x - x.mean(), y - y.mean()  # centred: the normal equations stay well conditioned
     a = np.stack([u, v, np.ones_like(u)], axis=1)
     m = a.T @ a
-    if m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= 1e-9 * (m[0, 0] + m[1, 1]) ** 2:
+    if m[0, 0] * m[1, 1] - m[0, 1] ** 2 <= ARC_LINE_TOLERANCE * (m[0, 0] + m[1, 1]) ** 2:
         return 0.0  # the points lie on a line
     d, e, f = np.linalg.solve(m, a.T @ -(u * u + v * v))
     r2 = (d * d + e * e) / 4 - f
