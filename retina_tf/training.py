@@ -195,7 +195,7 @@ def from_chief(strategy: tf.distribute.Strategy, values: Sequence) -> list[tf.Te
         groups.setdefault(v.dtype.name, []).append(i)
     out = list(values)
     for name, group in groups.items():
-        summed = _broadcaster(strategy, name)(
+        summed = _all_sum(strategy, name, first_only=True)(
             tf.concat([tf.reshape(values[i], [-1]) for i in group], 0))
         parts = tf.split(summed, [int(tf.size(values[i])) for i in group])
         for i, part in zip(group, parts):
@@ -204,20 +204,24 @@ def from_chief(strategy: tf.distribute.Strategy, values: Sequence) -> list[tf.Te
 
 
 @functools.cache
-def _broadcaster(strategy: tf.distribute.Strategy, dtype: str) -> Callable:
-    """A traced (collectives run eagerly are slow) all-reduce sum of a vector of ``dtype`` to
-    which only replica 0 contributes."""
+def _all_sum(strategy: tf.distribute.Strategy, dtype: str, first_only: bool = False
+             ) -> Callable:
+    """A traced (collectives run eagerly are slow) all-reduce sum of a vector of ``dtype``
+    over the replicas; with ``first_only`` only replica 0 contributes (a broadcast)."""
     @tf.function(input_signature=[tf.TensorSpec([None], dtype)])
-    def broadcast(flat):
+    def summed(flat):
         def contribute():
             ctx = tf.distribute.get_replica_context()
-            first = tf.equal(ctx.replica_id_in_sync_group, 0)
-            return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                  tf.where(first, flat, tf.zeros_like(flat)))
+            if first_only:
+                first = tf.equal(ctx.replica_id_in_sync_group, 0)
+                flat_here = tf.where(first, flat, tf.zeros_like(flat))
+            else:  # (an input tensor itself has no replica device to reduce from)
+                flat_here = tf.identity(flat)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat_here)
 
         return strategy.experimental_local_results(strategy.run(contribute))[0]
 
-    return broadcast
+    return summed
 
 
 # Flags that may differ between the workers of a cluster: where each machine keeps its files
@@ -236,24 +240,11 @@ def check_same_flags(strategy: tf.distribute.Strategy, cfg) -> None:
     flags = {k: v for k, v in parse_flag_lines(to_flag_lines(cfg)).items()
              if k not in FLAGS_NOT_IN_TRAINING | PER_MACHINE_FLAGS}
     h = float(zlib.crc32(json.dumps(flags, sort_keys=True).encode()) % (1 << 20))
-    total, squares = _all_sum(strategy)(tf.constant([h, h * h], tf.float64)).numpy()
+    total, squares = _all_sum(strategy, "float64")(tf.constant([h, h * h], tf.float64)).numpy()
     if strategy.num_replicas_in_sync * squares != total * total:  # not all equal
         raise ConfigError("the workers of TF_CONFIG were given different training flags: give "
                           "every worker the same command (only paths such as --data_dir may "
                           "differ between machines)")
-
-
-def _all_sum(strategy: tf.distribute.Strategy) -> Callable:
-    """A traced all-reduce sum of a float64 vector to which every replica contributes."""
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
-    def summed(flat):
-        def contribute():  # (an input tensor itself has no replica device to reduce from)
-            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
-                                                                  tf.identity(flat))
-
-        return strategy.experimental_local_results(strategy.run(contribute))[0]
-
-    return summed
 
 
 def sync_from_chief(strategy: tf.distribute.Strategy, model: keras.Model,
