@@ -15,7 +15,7 @@ import numpy as np
 
 from retina_tf.config import DataConfig
 from retina_tf.data.catalog import guess_dataset
-from retina_tf.data.io import read_image
+from retina_tf.data.io import read_image, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file
 from retina_tf.data.pipeline import preprocess_cached
 from retina_tf.data.preprocess import Preprocessor
@@ -121,8 +121,14 @@ def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) ->
         print(f"{split}: {path} ({len(read_label_file(path))} samples)")
     train_samples = read_label_file(files["training"])
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
-    images = [read_image(s.image)
+    # every label and mask read now, as training will: a bad file is named here, not one a run
+    images = [read_sample(s).image
               for s in progress(train_samples, "preprocess: reading", name=lambda s: s.name)]
+    for split, path in files.items():
+        if split != "training":
+            for sample in progress(read_label_file(path), f"preprocess: checking {split}",
+                                   name=lambda s: s.name):
+                read_sample(sample)
     if pre.standardize:
         pre.fit(images)
     pre.save(out / "preprocessor.json")
@@ -147,6 +153,8 @@ def make_synthetic() -> None:
 
 
 def _make_synthetic() -> None:
+    if not FLAGS.out_dir.strip():  # "" would be the current folder
+        raise ConfigError("--out_dir is empty: give the folder to write the set to")
     try:
         root = write_synthetic_dataset(FLAGS.out_dir, num_images=FLAGS.num_images,
                                        seed=FLAGS.seed, size=(FLAGS.height, FLAGS.width),

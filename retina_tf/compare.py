@@ -149,7 +149,8 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
             prob = run.segmenter.probability_at_inference_scale(data.image, data.fov,
-                                                                threshold=run.threshold)
+                                                                threshold=run.threshold,
+                                                                source=sample.image)
             prob = prob[..., -1:] if task == "vessel" else prob
             prob = prob * data.fov[..., None]  # background outside the FOV, as evaluate has it
             run.scores.update(prob, target, data.fov, name=data.name)

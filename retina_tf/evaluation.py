@@ -497,7 +497,8 @@ def choose_threshold(run: str | os.PathLike | Segmenter, images,
     else:
         for sample in progress(list(images), "threshold", name=lambda s: Path(s.image).name):
             data = read_sample(sample)
-            prob = seg.probability_at_inference_scale(data.image, data.fov)
+            prob = seg.probability_at_inference_scale(data.image, data.fov,
+                                                      source=sample.image)
             pixels.append(_held_out_pixels(prob, target_of(data, seg.task), data.fov))
             names.append(data.name)
     if not names:
@@ -627,7 +628,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             if plan.rescaled:
                 log.info(f"{name} {data.name}: {plan.describe()}")
             _warn(plan.warning(sample.image))
-            prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold)
+            prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold,
+                                                      sample.image)
             if vessel_channel_only:
                 prob = prob[..., -1:]  # artery, vein, vessel
             prob = prob * data.fov[..., None]

@@ -671,7 +671,7 @@ class Segmenter:
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
-        prob = self.probability_at_inference_scale(image, fov, plan, threshold) \
+        prob = self.probability_at_inference_scale(image, fov, plan, threshold, source) \
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         return prob, prob >= threshold
@@ -719,15 +719,26 @@ class Segmenter:
 
     def probability_at_inference_scale(self, image: np.ndarray, fov: np.ndarray,
                                        plan: ScalePlan | None = None,
-                                       threshold: float | None = None) -> np.ndarray:
+                                       threshold: float | None = None,
+                                       source: str | os.PathLike = "the image") -> np.ndarray:
         """:meth:`probability` at the size of :meth:`scale_plan` (``plan`` when given): the
         photograph resized there (OpenCV area), segmented, and the probabilities resized back
         (bilinear). Vessel widths in pixels are what a model learned, so a photograph of
         another scale is brought near the training FOV diameter; ``predict``, ``evaluate`` and
-        ``compare`` all segment this way (``threshold``: the A/V vote's)."""
+        ``compare`` all segment this way (``threshold``: the A/V vote's).
+
+        Raises:
+            DatasetError: naming ``source``, where the photograph would be shrunk below
+                :attr:`min_image_size` (a small fixed ``inference_scale``).
+        """
         plan = plan or self.scale_plan(image, fov)
         if not plan.rescaled:
             return self.probability(image, threshold)
+        if min(plan.size) < self.min_image_size:  # 29x19 px came back as 28 % vessel
+            raise DatasetError(f"{source} would be segmented at {plan.size[0]}x{plan.size[1]} "
+                               f"pixels ({self.describe_inference_scale().split(':')[0]}), under "
+                               f"the {self.min_image_size} px this model needs: give a larger "
+                               "--inference_scale")
         h, w = image.shape[:2]
         top, bottom, left, right = plan.box or (0, h, 0, w)
         part = image[top:bottom, left:right]

@@ -228,6 +228,9 @@ def test_other_scripts_report_usage_errors_the_same_way(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert _error_lines(proc.stderr, "make_synthetic.py")[0].startswith(
         "make_synthetic.py: error: num_images must be >= 1")
+    proc = _run("make_synthetic.py", "--out_dir=")  # not the current folder
+    assert proc.returncode == 2 and _error_lines(proc.stderr, "make_synthetic.py")[0] == \
+        "make_synthetic.py: error: --out_dir is empty: give the folder to write the set to"
     proc = _run("preprocess.py", "--dataset=drive")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--data_dir is required" in proc.stderr

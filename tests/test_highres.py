@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from retina_tf.config import EvalConfig, ExportConfig, PredictConfig
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
-from retina_tf.errors import ConfigError
+from retina_tf.errors import ConfigError, DatasetError
 from retina_tf.evaluation import evaluate, predict
 from retina_tf.export import export_model
 from retina_tf.flags import parse_config
@@ -238,6 +239,17 @@ def test_the_saved_model_shrinks_a_large_photograph_as_retina_tf_does(tiny_run, 
     assert diff.mean() < 5e-3 and diff.max() < 0.2, (diff.mean(), diff.max())
 
 
+def test_a_scale_that_shrinks_below_the_models_minimum_is_refused_naming_the_file(tiny_run):
+    seg = Segmenter.from_run(tiny_run, inference_scale=0.05)
+    big = generate_fundus(1, size=(400, 400)).image
+    plan = seg.scale_plan(big, estimate_fov(big))
+    assert min(plan.size) < seg.min_image_size <= 400
+    with pytest.raises(DatasetError, match=rf"big.png would be segmented at {plan.size[0]}x"
+                                           rf"{plan.size[1]} pixels \(inference scale 0.05\), "
+                                           rf"under the {seg.min_image_size} px"):
+        seg.segment(big, source="big.png")
+
+
 def _in_a_frame(image: np.ndarray, side: int, top: int = 40, left: int = 120) -> np.ndarray:
     framed = np.zeros((side, side, 3), np.uint8)
     framed[top:top + image.shape[0], left:left + image.shape[1]] = image
@@ -289,8 +301,11 @@ def test_the_fov_diameter_of_a_disc_cut_either_way_and_of_a_crop():
 def test_a_photograph_enlarged_less_than_its_fov_needs_is_warned_of(tiny_run):
     seg = Segmenter.from_run(tiny_run)
     trained = seg.run_info["fov_diameter"]
-    small = generate_fundus(4, size=(24, 24))
-    plan = seg.scale_plan(small.image, small.fov)
+    drawn = generate_fundus(4, size=(96, 96))  # shrunk to a phone-sized disc of 24 px
+    small_image = cv2.resize(drawn.image, (24, 24), interpolation=cv2.INTER_AREA)
+    small_fov = cv2.resize(drawn.fov.astype(np.uint8), (24, 24),
+                           interpolation=cv2.INTER_NEAREST).astype(bool)
+    plan = seg.scale_plan(small_image, small_fov)
     assert plan.factor == AUTO_MAX_SCALE and plan.wanted == pytest.approx(
         trained / plan.fov_diameter) and plan.wanted > 3.2, plan
     assert f"small.png: its FOV is {plan.fov_diameter:.0f} px wide, enlarged x3.00 at most" \

@@ -135,10 +135,17 @@ def _drive_like(dataset: str, root: Path, split: str) -> list[Sample]:
     masks = _index(folder / "mask", dataset, layout)
     avs = _index(folder / "av", dataset, layout) if dataset in ("rite", "synthetic") else None
     samples = []
+    labelled: dict[Path, Path] = {}
     for stem, image in images.items():
         number = stem.split("_")[0]
         label_stem = stem if dataset == "rite" else f"{number}_manual1"
         label = _lookup(labels, label_stem, folder / label_folder, image, "vessel label")
+        if label in labelled:  # 01_left.tif beside 01_test.tif: both keyed by "01"
+            raise DatasetError(f"{label} would label both {labelled[label]} and {image}: the "
+                               f"layout pairs files by the number before the first '_'; move "
+                               "the photograph that is not NN_" + split + " out of "
+                               + str(folder / "images"))
+        labelled[label] = image
         fov = _lookup(masks, f"{stem}_mask", folder / "mask", image, "FOV mask")
         av = None if avs is None else _lookup(avs, stem, folder / "av", image, "A/V label")
         samples.append(Sample(dataset, stem, image, label, fov, av,

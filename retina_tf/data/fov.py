@@ -151,6 +151,33 @@ def fov_coverage_warning(fov: np.ndarray, source: str) -> str | None:
             "image; if the retina is larger than that, give the FOV mask with --fov")
 
 
+def given_fov_warning(image: np.ndarray, fov: np.ndarray, source: str) -> str | None:
+    """A one-line warning when a FOV mask given with ``image`` cannot be its camera's, else
+    None: the mask keeps the darker part of the photograph (inverted: the frame is scored and
+    the retina left out), or covers the whole image of a photograph with a dark frame (an
+    all-white mask: the frame is scored as retina, and a model's few false vessels there count).
+
+    Args:
+        image: the ``HxWx3`` uint8 RGB photograph.
+        fov: the given ``HxW`` bool mask.
+        source: the mask file, named in the warning.
+    """
+    red = image[..., 0]
+    if fov.all():
+        coverage = float(np.mean(estimate_fov(image)))
+        if coverage > FOV_COVERAGE_RANGE[1]:
+            return None
+        return (f"warning: {source}: the FOV mask covers the whole image, but the photograph "
+                f"has a dark frame around a field of view of {coverage:.0%} of it: the frame is "
+                "scored as retina; give the camera's mask, or none to estimate it")
+    inside, outside = float(red[fov].mean()), float(red[~fov].mean())
+    if inside >= outside:
+        return None
+    return (f"warning: {source}: the FOV mask keeps the darker part of the photograph (mean red "
+            f"level {inside:.0f} inside, {outside:.0f} outside): is it inverted? The field of "
+            "view must be the white part")
+
+
 def estimate_warnings(image: np.ndarray, fov: np.ndarray, source: str) -> list[str]:
     """The warnings an estimated ``fov`` of ``image`` calls for: its coverage
     (:func:`fov_coverage_warning`) and a second retina left out (:func:`second_region_warning`).

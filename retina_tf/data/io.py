@@ -8,11 +8,14 @@ labels and masks) as frame stacks, so files are decoded with OpenCV, GIFs with P
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
+import logging
 import os
 import secrets
+import warnings
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +26,7 @@ import simplejpeg
 from PIL import Image
 
 from retina_tf.data import av as av_lib
-from retina_tf.data.fov import estimate_fov
+from retina_tf.data.fov import estimate_fov, given_fov_warning
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
 
 PathLike = str | os.PathLike
+
+log = logging.getLogger(__name__)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -125,13 +130,37 @@ _UPRIGHT = {
 }
 
 
+# OpenCV's decoders refuse files of more pixels (its OPENCV_IO_MAX_IMAGE_PIXELS, 2^30 unless
+# set); Pillow's own limit is lower (a warning above 89 M pixels, a refusal above 179 M) and
+# is set to OpenCV's where Pillow reads, so that every format reads up to the same size.
+MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") or 1 << 30)
+
+
+@contextlib.contextmanager
+def _pillow_reads_up_to_max_pixels():
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow refuses above twice its limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _too_large(path: Path) -> DatasetError:
+    return DatasetError(f"{path} has over {MAX_PIXELS:,} pixels, more than the "
+                        "image decoders read (OPENCV_IO_MAX_IMAGE_PIXELS): shrink it first (a "
+                        "fundus photograph needs far fewer)")
+
+
 def _exif_orientation(data: bytes) -> int:
     """The EXIF orientation of a JPEG, TIFF, PNG or WebP file (1, upright, when it has none)."""
     if not (data[:3] == b"\xff\xd8\xff" or data[:4] in (b"II*\x00", b"MM\x00*")
             or data[:8] == b"\x89PNG\r\n\x1a\n" or data[8:12] == b"WEBP"):
         return 1
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as im:  # the header
             orientation = im.getexif().get(0x0112, 1)
     except Exception:  # metadata only: OpenCV decodes or refuses the pixels below
         return 1
@@ -177,9 +206,11 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     data = _read_bytes(path) if data is None else data
     if data[:6] in (b"GIF87a", b"GIF89a"):
         try:
-            with Image.open(io.BytesIO(data)) as gif:
+            with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as gif:
                 gif.seek(0)
                 frame = gif.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise _too_large(path) from err
         except (OSError, ValueError, SyntaxError) as err:
             raise DatasetError(f"{path} is not a readable GIF: {err}") from err
         array = np.asarray(frame)
@@ -195,6 +226,9 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     try:  # a broken file gets the one line below, not OpenCV's decoder errors too
         array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
                              cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # the one decoder error that is not a None: the size limit
+        raise _too_large(path) if "CV_IO_MAX_IMAGE_PIXELS" in str(err) else DatasetError(
+            f"{path} cannot be decoded as an image: {err}") from err
     finally:
         cv2.utils.logging.setLogLevel(level)
     if array is None:
@@ -224,7 +258,10 @@ def _over_black(array: np.ndarray) -> np.ndarray:
     top = np.iinfo(array.dtype).max
     if (alpha == top).all():
         return colour
-    return np.rint(colour * (alpha / top)).astype(array.dtype)
+    if not colour.any():  # black drawn on a transparent layer: what a viewer shows is the alpha
+        return np.repeat(alpha, 3, axis=-1)
+    # float32: a 16-bit photograph of 20 M pixels would take a gigabyte more in float64
+    return np.rint(colour * (alpha / np.float32(top))).astype(array.dtype)
 
 
 def read_image(path: PathLike) -> np.ndarray:
@@ -304,7 +341,9 @@ def mask_of_levels(gray: np.ndarray, what: str, source: object) -> np.ndarray:
         if what == "fov":
             return gray > (127 if gray.dtype == np.uint8 else (levels[0] + levels[-1]) / 2)
         raise DatasetError(f"{source}: {what} is not binary: found {len(levels)} distinct "
-                           f"values (e.g. {levels[:6].tolist()})")
+                           f"values (e.g. {levels[:6].tolist()}): save it with two levels in a "
+                           "lossless format (PNG, GIF, TIFF; JPEG blurs edges), thresholded "
+                           "if it was drawn with soft edges")
     if len(levels) == 2:
         return gray == levels[1]
     level = levels[0].item()
@@ -553,13 +592,21 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
         fov = read_fov_mask(mask_path)
         _check_size(image_path, image, Path(mask_path), fov, "FOV mask")
         fov_estimated = False
+        warning = given_fov_warning(image, fov, str(mask_path))
+        if warning:
+            log.warning(warning)
     else:
         fov = estimate_fov(image)
         fov_estimated = True
-    share = vessel[fov].mean() if sample.label is not None and fov.any() else 0.0
-    if share > MAX_VESSEL_SHARE:
-        raise DatasetError(f"{sample.label}: marks {share:.0%} of the field of view as vessel: "
-                           "vessels must be the brighter of its two levels (white on black); "
-                           "invert the label")
+    if vessel is not None:
+        share = vessel[fov].mean()
+        if share > MAX_VESSEL_SHARE:
+            raise DatasetError(f"{sample.label or sample.av}: marks {share:.0%} of the field of "
+                               "view as vessel: vessels must be the brighter of its two levels "
+                               "(white on black); invert the label")
+        if share == 0:  # an all-black file: scored F1 0, or taught as "no vessel here"
+            log.warning(f"warning: {sample.label or sample.av}: no vessel pixel inside the "
+                        "field of view: check that it is this photograph's label, vessels "
+                        "white on black")
     return SampleData(name=sample.name, image=image, vessel=vessel, fov=fov, av=av,
                       fov_estimated=fov_estimated)

@@ -37,6 +37,10 @@ from retina_tf.progress import progress
 __all__ = ["SYNTHETIC_MARKER", "SyntheticFundus", "generate_fundus", "write_synthetic_dataset"]
 
 SYNTHETIC_MARKER = "synthetic.json"  # a folder write_synthetic_dataset may replace
+# Below 32 px a side, vessels at least a pixel wide fill over half the FOV (a label the readers
+# refuse as inverted); above 4096 x 4096 the 4x supersampled drawing takes over 3 GB.
+MIN_SIDE = 32
+MAX_PIXELS = 4096 * 4096
 
 # Every length below is given in DRIVE pixels (FOV radius about 267 px in a 565x584 image) and
 # multiplied by scale = fov_radius / 267, so any image size gets the same anatomy.
@@ -561,8 +565,13 @@ def generate_fundus(seed: int, size: tuple[int, int] = (584, 565)) -> SyntheticF
         ((128, 128, 3), dtype('bool'))
     """
     height, width = (int(v) for v in size)
-    if height < 16 or width < 16:
-        raise ValueError(f"size must be at least 16x16 (height, width), got {size!r}")
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ValueError(f"size must be at least {MIN_SIDE}x{MIN_SIDE} (height, width), got "
+                         f"{size!r}")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"size {height}x{width} is over {MAX_PIXELS / 1e6:.1f} million pixels "
+                         "(the vessels are drawn at 4x resolution: a gigabyte per 5 million); "
+                         "give a smaller size")
     rng = np.random.default_rng(seed)
     geo = _make_geometry(rng, height, width)
     vessels = _grow_vessels(rng, geo)
@@ -648,10 +657,16 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     if not 0 <= num_test <= num_images:
         raise ValueError(f"num_test must be in [0, num_images={num_images}], got {num_test}")
     root = Path(out_dir)
-    if root.exists() and not (root / SYNTHETIC_MARKER).is_file() and (
-            not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file: give a new or empty folder")
+    if root.exists() and not (root / SYNTHETIC_MARKER).is_file() and any(root.iterdir()):
         raise ConfigError(f"{root} is not empty and holds no synthetic set written before: "
                           "give a new or empty folder")
+    others = _not_written_by_us(root)
+    if others:  # replacing the set would delete them with it
+        raise ConfigError(f"{root} holds files the synthetic set did not write "
+                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                          "move them out, or give a new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -669,6 +684,24 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     finally:
         shutil.rmtree(building, ignore_errors=True)  # left only by a failure
     return root
+
+
+# What write_synthetic_dataset writes: the marker, and these folders of each split.
+_SPLIT_FOLDERS = ("images", "1st_manual", "mask", "av")
+
+
+def _not_written_by_us(root: Path) -> list[str]:
+    """The entries of a synthetic set's folder that a run did not write (a user's notes, the
+    label files bin/preprocess.py writes there by default), relative to ``root``."""
+    if not (root / SYNTHETIC_MARKER).is_file():
+        return []
+    others = [p.name for p in sorted(root.iterdir())
+              if p.name not in (SYNTHETIC_MARKER, "training", "test")]
+    for split in ("training", "test"):
+        if (root / split).is_dir():
+            others += [f"{split}/{p.name}" for p in sorted((root / split).iterdir())
+                       if p.name not in _SPLIT_FOLDERS]
+    return others
 
 
 def _write_samples(root: Path, num_images: int, num_test: int, seed: int,

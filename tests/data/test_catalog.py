@@ -227,6 +227,18 @@ def test_two_files_of_one_name_are_refused_and_hidden_files_skipped(tmp_path: Pa
         list_samples("drive", tmp_path, "test")
 
 
+def test_two_photographs_keyed_to_one_label_are_refused(tmp_path: Path):
+    """DRIVE pairs by the number before the first '_': 01_left.tif would take 01's label."""
+    _write_drive_like(tmp_path, with_av=False)
+    test = tmp_path / "test"
+    shutil.copy(test / "images" / "01_test.tif", test / "images" / "01_left.tif")
+    shutil.copy(test / "mask" / "01_test_mask.gif", test / "mask" / "01_left_mask.gif")
+    with pytest.raises(DatasetError, match=r"1st_manual/01_manual1\.gif would label both "
+                                           r".*01_left\.tif and .*01_test\.tif: .* move the "
+                                           r"photograph that is not NN_test out of"):
+        list_samples("drive", tmp_path, "test")
+
+
 def test_chase_db1_names_in_any_case_and_one_folder_deeper(shared_data: Path, tmp_path: Path):
     source = shared_data / "samples" / "CHASE_DB1"
     lower = tmp_path / "lower"

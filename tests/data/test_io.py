@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -391,3 +393,56 @@ def test_a_broken_tiff_gets_one_line_and_no_decoder_errors(tmp_path: Path, capfd
         read_image(tmp_path / "cut.tif")
     assert "TIFF" not in capfd.readouterr().err  # OpenCV's own lines, on the process's stderr
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+def test_vessels_drawn_black_on_a_transparent_layer_read_as_drawn(tmp_path: Path):
+    """A viewer shows black strokes on a transparent layer as the drawing; over black they
+    would vanish, and the label read as empty."""
+    sample = _tiny_sample(tmp_path)
+    label = read_mask(sample.label)
+    alpha = label.astype(np.uint8) * 255
+    cv2.imwrite(str(tmp_path / "bgra.png"), np.dstack([np.zeros((20, 24, 3), np.uint8), alpha]))
+    Image.fromarray(np.dstack([np.zeros((20, 24), np.uint8), alpha]), "LA").save(
+        tmp_path / "la.png")
+    for name in ("bgra.png", "la.png"):
+        np.testing.assert_array_equal(read_mask(tmp_path / name), label)
+
+
+def test_a_label_with_no_vessel_is_warned_of(tmp_path: Path, caplog):
+    sample = _tiny_sample(tmp_path)
+    read_sample(sample)
+    assert not caplog.records
+    write_image_atomic(tmp_path / "label.gif", np.zeros((20, 24), bool))
+    assert not read_sample(sample).vessel.any()
+    assert "label.gif: no vessel pixel inside the field of view" in caplog.text
+
+
+def test_a_given_fov_mask_of_the_frame_or_the_whole_image_is_warned_of(tmp_path: Path, caplog):
+    sample = _tiny_sample(tmp_path)
+    read_sample(sample)
+    assert not caplog.records
+    fov = read_mask(sample.fov)
+    write_image_atomic(tmp_path / "inverted.png", ~fov)
+    write_image_atomic(tmp_path / "white.png", np.ones_like(fov))
+    read_sample(sample, fov_path=tmp_path / "inverted.png")
+    assert "inverted.png: the FOV mask keeps the darker part of the photograph" in caplog.text
+    read_sample(sample, fov_path=tmp_path / "white.png")
+    assert "white.png: the FOV mask covers the whole image, but the photograph has a dark " \
+           "frame" in caplog.text
+
+
+def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path):
+    """The limit is OpenCV's (lowered here through its own variable): PNG and GIF alike."""
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((50, 50), np.uint8))
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "big.gif")
+    code = ("from retina_tf.data.io import DatasetError, read_image\n"
+            "for name in ('big.png', 'big.gif'):\n"
+            "    try:\n        read_image(name)\n"
+            "    except DatasetError as err:\n        print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"})
+    assert result.stdout.splitlines() == [
+        f"{name} has over 1,000 pixels, more than the image decoders read "
+        "(OPENCV_IO_MAX_IMAGE_PIXELS): shrink it first (a fundus photograph needs far fewer)"
+        for name in ("big.png", "big.gif")], result.stderr[-2000:]

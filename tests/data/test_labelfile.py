@@ -1,5 +1,6 @@
 """Seed-style label files: round trip, estimated FOV masks, bad input, and the CLI."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from retina_tf.data.catalog import list_samples
 from retina_tf.data.fov import estimate_fov
-from retina_tf.data.io import DatasetError, read_mask, read_sample
+from retina_tf.data.io import DatasetError, read_mask, read_sample, write_image_atomic
 from retina_tf.data.labelfile import export_label_files, read_label_file, write_label_file
 from retina_tf.data.synthetic import write_synthetic_dataset
 from tests import commands
@@ -123,6 +124,17 @@ def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path)
     assert (out / "preprocessor.json").is_file()
     assert len(list((out / "preview").glob("*.png"))) == 2
     assert len(list(cache.glob("*.npy"))) == 4
+
+
+def test_preprocess_cli_reads_every_label_and_names_a_bad_one(synthetic_dir, tmp_path):
+    data = tmp_path / "syn"
+    shutil.copytree(synthetic_dir, data)
+    label = next((data / "test" / "1st_manual").glob("*.gif"))
+    write_image_atomic(label, np.zeros((10, 10), bool))  # of another size than its photograph
+    proc = commands.script("preprocess.py", "--dataset=synthetic", f"--data_dir={data}",
+                           f"--out_dir={tmp_path / 'prep'}", "--previews=0", timeout=120)
+    assert proc.returncode == 1 and f"1st_manual/{label.name} is 10x10" in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 def test_preprocess_cli_reports_a_wrong_folder(tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 from skimage.morphology import skeletonize
 
 from retina_tf.data import synthetic
+from retina_tf.data.io import MAX_VESSEL_SHARE
 from retina_tf.data.synthetic import SyntheticFundus, generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from tests import commands
@@ -65,9 +66,17 @@ def test_default_size_is_drive():
     assert generate_fundus(0).image.shape == (584, 565, 3)
 
 
-def test_too_small_size_is_rejected():
-    with pytest.raises(ValueError, match="at least 16x16"):
-        generate_fundus(0, (8, 8))
+def test_too_small_or_too_large_sizes_are_rejected():
+    with pytest.raises(ValueError, match="at least 32x32"):
+        generate_fundus(0, (24, 24))
+    with pytest.raises(ValueError, match="over 16.8 million pixels"):
+        generate_fundus(0, (60000, 60000))  # before drawing: 54 GB at 4x
+
+
+def test_the_smallest_size_gives_labels_the_readers_accept():
+    for seed in range(8):  # vessels at least a pixel wide: under half the FOV at 32 px
+        sample = generate_fundus(seed, (32, 32))
+        assert sample.vessel[sample.fov].mean() < MAX_VESSEL_SHARE
 
 
 def test_fov_is_a_disc_nearly_filling_the_frame(drive_sized):
@@ -206,6 +215,15 @@ def test_a_second_set_replaces_the_first_whole_and_other_folders_are_refused(tmp
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _files_under(write_synthetic_dataset(empty, 1, size=(48, 48))) == _expected_files(1, 0)
+    # A user's notes beside the set (or bin/preprocess.py's label files, written there by
+    # default) would go with it: refused, and nothing removed.
+    (root / "NOTES.txt").write_text("mine")
+    (root / "test" / "fixed_labels").mkdir()
+    with pytest.raises(ConfigError, match=r"did not write \(NOTES.txt, test/fixed_labels\)"):
+        write_synthetic_dataset(root, num_images=2, num_test=1, size=(48, 48), seed=5)
+    assert _files_under(root) == _expected_files(2, 1) | {"NOTES.txt"}
+    with pytest.raises(ConfigError, match="NOTES.txt is a file"):
+        write_synthetic_dataset(root / "NOTES.txt", num_images=1, size=(48, 48))
 
 
 @pytest.mark.parametrize("num_images, num_test", [(0, None), (2, 3), (2, -1)])
