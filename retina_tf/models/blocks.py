@@ -38,12 +38,20 @@ def upsample(x, filters: int, transpose_conv: bool, name: str = ""):
 # every side, like PyTorch's padding=1, so it samples the same pixels as the strided 1x1 shortcut.
 
 def resnet_conv_bn(x, filters: int, kernel_size: int = 3, strides: int = 1, name: str = ""):
-    """Conv (no bias) + batch norm, no activation; a strided conv pads kernel_size // 2 per side."""
+    """Conv (no bias) + batch norm, no activation; a strided conv pads kernel_size // 2 per side.
+
+    A strided 1x1 conv is every ``strides``-th pixel, then the conv: the same numbers, and
+    oneDNN's strided 1x1 backward pass (TensorFlow 2.21, AVX-512) corrupts memory and aborts
+    the process for inputs of under 16 channels at 48 px and more (a DDRNet of planes 4).
+    """
     if strides > 1 and kernel_size > 1:
         x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
         padding = "valid"
     else:
         padding = "same"
+    if strides > 1 and kernel_size == 1:
+        x = layers.MaxPooling2D(1, strides, padding="same", name=f"{name}_every")(x)
+        strides = 1
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)

@@ -175,3 +175,13 @@ def test_bn_momentum_sets_every_batch_norm():
     model = tiny(bn_momentum=0.99)
     assert momenta(model) == {0.99}
     assert momenta(DDRNet.from_config(model.get_config())) == {0.99}
+
+
+def test_a_narrow_ddrnet_trains_on_64_px_patches():
+    """Its strided 1x1 shortcuts of 8 channels hit a oneDNN backward pass that corrupted
+    memory and aborted the process (a --model_config of planes 4 at --patch_size=64)."""
+    model = tiny(layers=[1, 1, 1, 1])
+    x, y, _ = vessel_batch(batch=2, size=64)
+    model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
