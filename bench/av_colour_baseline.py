@@ -20,7 +20,7 @@ flags.DEFINE_string("dataset", "rite", "A/V dataset with training and test split
 flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
 flags.DEFINE_string("preprocess", "standardize,clahe,gamma",
                     "Steps for the 'preprocessed' row (as --preprocess of bin/train.py).")
-flags.DEFINE_integer("samples", 50000, "Training pixels drawn for the fit.")
+flags.DEFINE_integer("samples", 50000, "Training pixels drawn for the fit.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 

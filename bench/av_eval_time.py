@@ -31,7 +31,7 @@ flags.DEFINE_string("model", "ripav_rite", "A/V run folder or shipped model name
 flags.DEFINE_string("dataset", "rite", "A/V dataset.")
 flags.DEFINE_string("data_dir", "data/RITE", "Its folder.")
 flags.DEFINE_integer("images", 2, "Test images timed (the first N).", lower_bound=1)
-flags.DEFINE_integer("runs", 3, "Runs; the medians are reported.")
+flags.DEFINE_integer("runs", 3, "Runs; the medians are reported.", lower_bound=1)
 flags.DEFINE_integer("stride", 48, "Sliding-window stride.")
 flags.DEFINE_list("batch_size", ["8"], "Windows per forward pass; several are alternated.")
 flags.DEFINE_list("in_flight", ["2"], "Window batches computed at once; several are alternated.")

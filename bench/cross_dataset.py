@@ -42,21 +42,10 @@ def _pairs(entries):
     return out
 
 
-def trained_on(run_dir: Path, dataset: str, image_names) -> bool:
-    """Whether the run's training (or validation) images include any of ``image_names``
-    of ``dataset`` (read from its run.json)."""
-    info = json.loads((run_dir / "run.json").read_text())
-    data = info.get("data") or {}
-    datasets = {info.get("dataset") or data.get("dataset")}
-    datasets |= {e.split(":", 1)[0].lower() for e in data.get("extra_data", [])}
-    seen = set(data.get("training_images", [])) | set(data.get("validation_images", []))
-    return dataset in datasets and bool(seen & set(image_names))
-
-
 def main(_):
     from retina_tf.config import EvalConfig
     from retina_tf.errors import ConfigError
-    from retina_tf.evaluation import evaluate
+    from retina_tf.evaluation import evaluate, images_seen_in_training
     from retina_tf.run_folder import find_run
 
     out_root = Path(FLAGS.out)
@@ -68,7 +57,7 @@ def main(_):
                               "<column>=<dataset>:<folder>:<split>")
     commands = []
     for row, run in rows:
-        run_dir = find_run(run)
+        run_info = json.loads((find_run(run) / "run.json").read_text())
         for col, dataset, folder, split in tests:
             out = out_root / f"{row}__{col}".replace(" ", "_").replace("+", "_")
             cfg = EvalConfig(model=run, dataset=dataset, data_dir=folder, eval_split=split,
@@ -82,7 +71,8 @@ def main(_):
                                "f1_std": report["per_image_std"]["f1"],
                                "auc_roc": report["metrics"]["auc_roc"],
                                "images": report["images"],
-                               "trained_on": trained_on(run_dir, dataset, names)}
+                               "trained_on": any(images_seen_in_training(
+                                   run_info, names, dataset, split))}
     header = "| trained on \\ tested on | " + " | ".join(
         f"{col} ({cells[rows[0][0], col]['images']})" for col, *_ in tests) + " |"
     lines = [header, "|---" * (len(tests) + 1) + "|"]

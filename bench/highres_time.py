@@ -29,7 +29,8 @@ flags.DEFINE_string("data_dir", None, "HRF folder (images/, manual1/, mask/); de
 flags.DEFINE_string("image", "01_dr", "The HRF image to time (its name).")
 flags.DEFINE_list("settings", ["auto"], "--inference_scale settings to time.")
 flags.DEFINE_integer("tile_size", 0, "--tile_size (0: automatic).")
-flags.DEFINE_integer("runs", 5, "Timed runs per setting (after one warm-up).")
+flags.DEFINE_integer("runs", 5, "Timed runs per setting (after one warm-up).",
+                     lower_bound=1)
 flags.DEFINE_string("child", None, "Internal: time this one setting and print JSON.")
 flags.DEFINE_string("photograph", None, "Internal: the photograph's path, for --child.")
 FLAGS = flags.FLAGS

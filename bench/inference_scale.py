@@ -60,6 +60,8 @@ def main(_):
     table = {}
     for spec in FLAGS.datasets:
         dataset, _, folder = spec.partition(":")
+        if not folder:
+            raise SystemExit(f"--datasets={spec}: give name:folder pairs (hrf:data/HRF)")
         counts = {n: np.zeros(4, np.int64) for n in names}  # TP, FP, FN, FP near a vessel
         seconds = {n: 0.0 for n in names}
         factors = {s: [] for s in settings}

@@ -20,6 +20,7 @@ import numpy as np
 
 from retina_tf import visualize
 from retina_tf.config import CompareConfig
+from retina_tf.data.fov import estimate_warnings
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
@@ -115,6 +116,11 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     out.check([COMPARE_PNG, COMPARE_MD])
     runs = [_load(label, cfg.logdir, cfg.precision) for label in cfg.runs]
+    folders = [run.segmenter.run_dir.resolve() for run in runs]
+    for i, folder in enumerate(folders):  # one run twice: a row that compares nothing
+        if folder in folders[:i]:
+            raise ConfigError(f"--runs names {folder.name} twice ({cfg.runs[folders.index(folder)]}"
+                              f" and {cfg.runs[i]}): give each run once")
     with contextlib.ExitStack() as held:  # no training --overwrite of a run being compared
         for run in runs:
             held.enter_context(reading_run(run.segmenter.run_dir))
@@ -140,17 +146,26 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
     dataset = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
     log.info(f"comparing {len(runs)} runs on {len(samples)} {dataset} {cfg.eval_split} images "
              "(pixels inside the FOV; each run with its own inference settings)")
-    for run in runs:
-        _warn(_trained_on_warning(run.segmenter, samples, cfg.dataset, cfg.eval_split))
+    for run in runs:  # what evaluate would say of each (flags.txt gives stride, TTA, scales)
+        seg = run.segmenter
+        log.info(f"{run.label}: {seg.describe_inference()} in {seg.precision}, threshold "
+                 f"{run.threshold:g}; {seg.describe_inference_scale()}")
+        _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
     panels: list[tuple[visualize.Title, np.ndarray]] = []
     for i, sample in enumerate(samples):
         data = read_sample(sample)
+        if data.fov_estimated:
+            for warning in estimate_warnings(data.image, data.fov, str(sample.image)):
+                _warn(warning)
         target = target_of(data, task) > 0.5
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
-            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov,
-                                                                threshold=run.threshold,
-                                                                source=sample.image)
+            plan = run.segmenter.scale_plan(data.image, data.fov)
+            if plan.rescaled:
+                log.info(f"{run.label} {data.name}: {plan.describe()}")
+            _warn(plan.warning(sample.image))
+            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov, plan,
+                                                                run.threshold, sample.image)
             prob = prob[..., -1:] if task == "vessel" else prob
             prob = prob * data.fov[..., None]  # background outside the FOV, as evaluate has it
             run.scores.update(prob, target, data.fov, name=data.name)
@@ -188,17 +203,21 @@ def _row(run: _Run, task: str) -> dict[str, Any]:
     result = run.scores.result()
     keys = [k for k, _ in COLUMNS + (AV_COLUMNS if task == "av" else ())]
     return {"run": run.label, "model": run.model, **{k: result[k] for k in keys},
-            "image_f1": run.image_f1, "precision": run.segmenter.precision}
+            "image_f1": run.image_f1, "precision": run.segmenter.precision,
+            "threshold": run.threshold, "inference": run.segmenter.describe_inference()}
 
 
 def markdown_table(rows: list[dict[str, Any]], task: str) -> str:
-    """The rows of :func:`compare` as a markdown table: run, model and the pooled figures."""
+    """The rows of :func:`compare` as a markdown table: run, model, the pooled figures, and
+    each run's threshold and how it was run (its own settings: they may differ)."""
     columns = COLUMNS + (AV_COLUMNS if task == "av" else ())
-    lines = ["| run | model | " + " | ".join(title for _, title in columns) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
+    lines = ["| run | model | " + " | ".join(title for _, title in columns)
+             + " | threshold | computed |",
+             "| --- | --- | " + " | ".join("---:" for _ in columns) + " | ---: | --- |"]
     for row in rows:
         values = [("n/a" if not math.isfinite(row[k]) else f"{row[k]:.4f}") for k, _ in columns]
-        lines.append(f"| {row['run']} | {row['model']} | " + " | ".join(values) + " |")
+        lines.append(f"| {row['run']} | {row['model']} | " + " | ".join(values)
+                     + f" | {row['threshold']:g} | {row['inference']}, {row['precision']} |")
     return "\n".join(lines)
 
 

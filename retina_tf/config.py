@@ -274,7 +274,10 @@ class ErrorMapConfig(DataConfig, RunRef, InferenceConfig):
 @dataclasses.dataclass(**_FROZEN)
 class CompareConfig(_Checked):
     """Several runs side by side on one labelled split (``bin/compare.py``;
-    :func:`retina_tf.compare.compare`).
+    :func:`retina_tf.compare.compare`). Each run segments with the inference settings its
+    ``flags.txt`` records (window stride, scales, TTA), where ``evaluate`` takes its own flags'
+    (a sliding-window run's stride may differ); ``compare.md`` gives each run's settings and
+    threshold.
 
     Attributes:
         runs: run folders, shipped model names or run names under ``logdir``; each segments

@@ -519,27 +519,42 @@ def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
     atomic_write_text(path, to_json(info))
 
 
+def images_seen_in_training(run_info: dict, names: list[str], dataset: str | None = None,
+                            split: str | None = None) -> tuple[list[str], bool]:
+    """Which of the images ``names`` (of ``dataset``'s ``split``) a run trained on or chose its
+    checkpoint and threshold on: by run.json's ``training_images``, ``validation_images`` and
+    ``threshold_from`` names, and, for a run that records no training names (trained before
+    they were recorded), by its dataset's training split, whose images are all seen.
+
+    Returns:
+        (the names seen, whether ``split`` is ``all`` of the dataset the run trained on without
+        names: its training half is seen, whichever names those are).
+    """
+    data = run_info.get("data") or {}
+    trained = run_info.get("dataset")
+    whole_split = bool(not data.get("training_images") and trained and dataset
+                       and dataset_key(trained) == dataset_key(dataset))
+    if whole_split and split == "training":
+        return list(names), False
+    seen_by = (set(data.get("training_images") or []) | set(data.get("validation_images") or [])
+               | set((run_info.get("threshold_from") or {}).get("images") or []))
+    return [n for n in names if n in seen_by], whole_split and split == "all"
+
+
 def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
                         split: str | None = None) -> str | None:
     """A warning when images to be scored are among those the run trained on or chose its
-    checkpoint and threshold on (run.json's ``training_images``, ``validation_images`` and
-    ``threshold_from``, by name), or, for a run that records no names (trained before they
-    were recorded), when they include the training split of the dataset it trained on; else
-    None."""
-    data = seg.run_info.get("data") or {}
-    seen_by = (set(data.get("training_images") or []) | set(data.get("validation_images") or [])
-               | set((seg.run_info.get("threshold_from") or {}).get("images") or []))
-    seen = [s.name for s in samples if s.name in seen_by]
+    checkpoint and threshold on (:func:`images_seen_in_training`), else None."""
+    seen, half = images_seen_in_training(seg.run_info, [s.name for s in samples], dataset, split)
+    if half:
+        return (f"warning: {seg.run_dir.name} trained on {seg.run_info['dataset']}'s training "
+                f"split, which these {split} images include: their scores do not measure it on "
+                "new images")
     if seen:
         listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
         return (f"warning: {len(seen)} of the {len(samples)} images ({listed}) have the names of "
                 f"images {seg.run_dir.name} trained on or chose its checkpoint and threshold on: "
                 "their scores do not measure it on new images")
-    trained = seg.run_info.get("dataset")
-    if (not data.get("training_images") and trained and dataset and split in ("training", "all")
-            and dataset_key(trained) == dataset_key(dataset)):
-        return (f"warning: {seg.run_dir.name} trained on {trained}'s training split, which these "
-                f"{split} images include: their scores do not measure it on new images")
     return None
 
 
@@ -600,8 +615,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
     sheet_rows: list = []
     log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
-             f"({seg.inference} inference{' with ' + seg.tta_name if seg.tta else ''}"
-             f"{_vote_words(seg)}; counting "
+             f"({seg.describe_inference()}{_vote_words(seg)}; counting "
              f"{'every pixel' if cfg.whole_image_metrics else 'pixels inside the FOV'})")
     if vessel_channel_only:
         why = f"{name} has no artery/vein labels" if no_av_labels else "--task=vessel"

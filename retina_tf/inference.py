@@ -513,7 +513,9 @@ class Segmenter:
             try:
                 pre = Preprocessor.load(run_dir / "preprocessor.json")
             except (ValueError, TypeError) as err:
-                raise ModelFileError(f"{err}; the run folder is damaged: export or train it "
+                text = str(err) if "preprocessor.json" in str(err) else \
+                    f"{run_dir / 'preprocessor.json'}: {err}"
+                raise ModelFileError(f"{text}; the run folder is damaged: export or train it "
                                      "again") from err
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
@@ -681,6 +683,19 @@ class Segmenter:
         """The most ``--inference_scale=auto`` shrinks a photograph (run.json
         ``auto_min_scale``, else :data:`AUTO_MIN_SCALE`)."""
         return float(self.run_info.get("auto_min_scale") or AUTO_MIN_SCALE)
+
+    def describe_inference(self) -> str:
+        """How each photograph is run through the model, in words: whole or sliding windows
+        (their size and stride), test-time augmentation, inference scales."""
+        words = f"{self.inference} inference"
+        if self.inference == "sliding":
+            words += f" ({self.window} px windows, stride {self.stride})"
+        if self.tta:
+            words += f" with {self.tta_name}"
+        scales = getattr(self.model, "scales", None)
+        if scales and list(scales) != [1.0]:
+            words += f" at scales {', '.join(f'{s:g}' for s in scales)}"
+        return words
 
     def describe_inference_scale(self) -> str:
         """The rule of :attr:`inference_scale` in words, for reports."""

@@ -179,8 +179,10 @@ def test_compare_writes_the_picture_and_a_table_row_per_run(tiny_synthetic, av_r
     assert all(r["f1"] == pytest.approx(r["image_f1"]) for r in result["rows"])
     text = (out / "compare.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0] == "| run | model | F1 | AUC-ROC | Se | Sp | Acc |"
+    assert table[0] == "| run | model | F1 | AUC-ROC | Se | Sp | Acc | threshold | computed |"
     assert len(table) == 2 + 2 and table[2].startswith("| unet_drive | unet | ")
+    shipped = Segmenter.from_pretrained("unet_drive")
+    assert table[2].endswith(f" | {shipped.threshold:g} | whole inference, {auto} |")
     assert "compared on the vessel channel" in text   # a vessel and an A/V model
     assert "| unet_drive | unet | " in capsys.readouterr().out
     picture = read_image(out / "compare.png")
@@ -189,13 +191,18 @@ def test_compare_writes_the_picture_and_a_table_row_per_run(tiny_synthetic, av_r
 
 
 def test_compare_of_av_runs_adds_the_av_columns(tiny_synthetic, av_run, tmp_path):
-    result = compare(CompareConfig(runs=(str(av_run), str(av_run)), dataset="synthetic",
+    result = compare(CompareConfig(runs=(str(av_run),), dataset="synthetic",
                                    data_dir=str(tiny_synthetic), image="1",
                                    output_dir=str(tmp_path)))
     assert result["task"] == "av" and set(result["rows"][0]) >= {"av_acc", "av_acc_ripav"}
     assert result["image"] == "02_test"   # by 0-based index
     header = (tmp_path / "compare.md").read_text().splitlines()[2]
-    assert header.endswith("| A/V acc | A/V acc (RIP-AV) |")
+    assert header.endswith("| A/V acc | A/V acc (RIP-AV) | threshold | computed |")
+    # one run twice, however named, would be a row that compares nothing
+    with pytest.raises(ConfigError, match=rf"--runs names {av_run.name} twice \({av_run} and "
+                                          rf".*{av_run.name}/\): give each run once"):
+        compare(CompareConfig(runs=(str(av_run), f"{av_run}/"), dataset="synthetic",
+                              data_dir=str(tiny_synthetic), output_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="--image=7: not an image of the split"):
         compare(CompareConfig(runs=(str(av_run),), dataset="synthetic",
                               data_dir=str(tiny_synthetic), image="7",
@@ -249,9 +256,9 @@ def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_ru
 def test_compare_command_prints_the_table_and_names_a_bad_run(tiny_synthetic, av_run,
                                                               tmp_path):
     args = ["--dataset=synthetic", f"--data_dir={tiny_synthetic}", f"--output_dir={tmp_path}"]
-    proc = commands.script("compare.py", *args, f"--runs={av_run},{av_run}")
+    proc = commands.script("compare.py", *args, f"--runs={av_run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count(f"| {av_run} | unet | ") == 2
+    assert proc.stdout.count(f"| {av_run} | unet | ") == 1
     assert {p.name for p in tmp_path.iterdir()} >= {"compare.png", "compare.md"}
     proc = commands.script("compare.py", *args, "--runs=nowhere_run")
     assert proc.returncode == 1 and "--runs=nowhere_run" in proc.stderr

@@ -386,11 +386,14 @@ def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
     images = [SimpleNamespace(name=n) for n in ("39_training", "01_test")]
     assert "1 of the 2 images (39_training) have the names of images unet_drive trained on or " \
         "chose its checkpoint and threshold on" in _trained_on_warning(seg, images)
-    # its run.json names no training images: its dataset's training split is what it saw
-    training = [SimpleNamespace(name="21_training")]
-    assert "unet_drive trained on drive's training split, which these training images " \
-        "include" in _trained_on_warning(seg, training, "DRIVE", "training")
-    assert _trained_on_warning(seg, training, "stare", "training") is None
+    # its run.json names no training images: its dataset's training split is what it saw,
+    # every image of it (21 was counted out when 39 was named)
+    training = [SimpleNamespace(name=n) for n in ("21_training", "39_training")]
+    assert "2 of the 2 images (21_training, 39_training) have the names of images unet_drive " \
+        "trained on" in _trained_on_warning(seg, training, "DRIVE", "training")
+    assert "unet_drive trained on drive's training split, which these all images include" \
+        in _trained_on_warning(seg, training + images, "drive", "all")
+    assert _trained_on_warning(seg, training[:1], "stare", "training") is None
     assert _trained_on_warning(seg, [SimpleNamespace(name="01_test")], "drive", "test") is None
 
 

@@ -413,6 +413,15 @@ def test_run_folder_names_the_files_it_lacks(tmp_path: Path):
         Segmenter.from_run(run)
 
 
+def test_a_damaged_preprocessor_json_is_named(tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(SHIPPED, run)
+    (run / "preprocessor.json").write_text("[1, 2]")  # JSON, but not a recipe
+    with pytest.raises(ModelFileError, match=rf"^{run / 'preprocessor.json'}: .*; the run folder "
+                                             "is damaged"):
+        Segmenter.from_run(run)
+
+
 # ------------------------------------------------------------------ 8: no empty output folder
 
 def test_early_failures_leave_no_output_folder(tmp_path: Path):
