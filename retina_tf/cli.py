@@ -20,7 +20,7 @@ from retina_tf.data.labelfile import export_label_files, read_label_file
 from retina_tf.data.pipeline import preprocess_cached
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.synthetic import write_synthetic_dataset
-from retina_tf.errors import ConfigError
+from retina_tf.errors import ConfigError, DatasetError
 from retina_tf.flags import FLAGS, define_flags, run_app, run_script, script_config
 from retina_tf.progress import progress
 from retina_tf.visualize import save_png
@@ -85,8 +85,19 @@ def _preprocess(cfg: DataConfig) -> None:
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required: preprocess writes the label files of a "
                           "dataset in its official layout (e.g. --data_dir=data/DRIVE)")
-    for dataset, data_dir, out in _preprocess_targets(cfg):
-        _preprocess_one(cfg, dataset, data_dir, out)
+    targets = _preprocess_targets(cfg)
+    failed = []
+    for dataset, data_dir, out in targets:
+        try:
+            _preprocess_one(cfg, dataset, data_dir, out)
+        except DatasetError as err:  # one incomplete dataset of several: the others go on
+            if len(targets) == 1:
+                raise
+            failed.append(f"{data_dir}: {err}")
+            print(f"skipped: {failed[-1]}", file=sys.stderr)
+    if failed:
+        raise DatasetError(f"{len(failed)} of the {len(targets)} dataset folders failed (the "
+                           "others were written): " + "; ".join(failed))
 
 
 def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:

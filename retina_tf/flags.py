@@ -571,8 +571,9 @@ def define_compare_flags(d: _Definer) -> None:
 def _preprocess_flags(d: _Definer) -> None:
     """Seed-style label files (``training.txt``, ``test.txt``) of a dataset in its official
     layout, FOV masks where it ships none, previews, and optionally a cache of preprocessed
-    images. Without ``--dataset``, the DRIVE and CHASE_DB1 layouts are recognised, in
-    ``--data_dir`` or in the folders inside it."""
+    images. Without ``--dataset``, the DRIVE (HRF-AV where its labels are ``*_AVmanual``) and
+    CHASE_DB1 layouts are recognised, in ``--data_dir`` or in the folders inside it; a folder
+    that fails is named and the others are written."""
     d.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go "
                     "(default: the dataset's folder; a subfolder per dataset when --data_dir "
                     "holds several).")

@@ -595,9 +595,17 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
     for number, samples in enumerate(training_sources(cfg)):
         datas = [read_sample(s) for s in samples]
         n_val = min(cfg.val_images, len(datas) - 1) if cfg.val_images > 0 else 0
+        if n_val < cfg.val_images:  # no checkpoint or threshold choice, unless said why
+            which = f"the set of {samples[0].dataset}" if len(samples) else "a set"
+            log.warning(f"warning: --val_images={cfg.val_images}, but {which} has "
+                        f"{len(datas)} training image(s): {n_val} held out, since one must be "
+                        "trained on")
         rows = [(s, d, number) for s, d in zip(samples, datas)]
         train += rows[:len(rows) - n_val]
         val += rows[len(rows) - n_val:]
+    if cfg.val_images > 0 and not val:
+        log.warning("warning: no image held out: the last epoch is kept and the threshold "
+                    "stays 0.5, none chosen on held-out images")
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(d.image for _, d, _ in train)

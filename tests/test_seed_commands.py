@@ -118,3 +118,16 @@ def test_the_four_seed_command_lines_run(tiny_synthetic, tmp_path):
     out = run / "eval_DRIVE_test"
     assert (out / "contact_sheet.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["images"] == 2
+
+
+@pytest.mark.slow
+def test_preprocess_of_a_folder_of_datasets_writes_the_good_ones_and_names_the_bad(
+        tiny_synthetic, tmp_path):
+    shutil.copytree(tiny_synthetic, tmp_path / "data" / "DRIVE")
+    shutil.copytree(tiny_synthetic / "training", tmp_path / "data" / "BROKEN" / "training")
+    proc = commands.script("preprocess.py", "--data_dir=data", "--previews=0", cwd=tmp_path,
+                           timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 of the 2 dataset folders failed (the others were written): data/BROKEN: " \
+        in proc.stderr
+    assert len(read_label_file(tmp_path / "data" / "DRIVE" / "test.txt")) == 2

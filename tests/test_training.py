@@ -173,3 +173,26 @@ def test_starting_from_a_run_of_other_preprocessing_is_warned(caplog):
         _warn_other_preprocessing(run, Preprocessor.from_steps(["grayscale"], channel="green"))
     assert ("preprocessed by grayscale, standardize, clahe, gamma (luminance); this run's are "
             "preprocessed by grayscale (green)") in caplog.text
+
+
+def test_fewer_training_images_than_val_images_is_said(tiny_synthetic, tmp_path, caplog):
+    from retina_tf.training import load_training_sets
+    cfg = parse_config("train", tiny_train_args(tiny_synthetic, tmp_path, "--val_images=5",
+                                                "--task=vessel"))
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        train_set, val_set, _ = load_training_sets(cfg)
+    assert len(val_set.images) == 3 and len(train_set.images) == 1
+    assert "--val_images=5, but the set of synthetic has 4 training image(s): 3 held out" \
+        in caplog.text and "no image held out" not in caplog.text
+    caplog.clear()
+    one = tmp_path / "one.txt"  # a label file of one photograph
+    split = tiny_synthetic / "training"
+    one.write_text(f"{split / 'images'},{split / '1st_manual'},{split / 'mask'}\n"
+                   "03_training.tif,03_manual1.gif,03_training_mask.gif\n")
+    cfg = parse_config("train", tiny_train_args(tiny_synthetic, tmp_path, "--dataset=",
+                                                "--data_dir=", f"--label_file_path={one}",
+                                                "--val_images=2", "--task=vessel"))
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        assert load_training_sets(cfg)[1] is None
+    assert "has 1 training image(s): 0 held out" in caplog.text
+    assert "no image held out: the last epoch is kept" in caplog.text
