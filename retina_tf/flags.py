@@ -528,7 +528,8 @@ def define_eval_flags(d: _Definer) -> None:
                     "resized to T; native: as it is (large images in tiles); a factor f: "
                     "resized to f x T. Within 20 % of the aim a photograph stays as it is.")
     d.DEFINE_integer("tile_size", 0, "Whole-image inference in overlapping tiles of this side "
-                     "in pixels (memory of one tile); 0: tiles of 768 for images over 2 Mpixel.")
+                     "in pixels (the network's memory is that of one tile); 0: tiles of 768 for "
+                     "images over 2 Mpixel.")
     d.DEFINE_enum("precision", "auto", list(CHOICES["precision"]),
                   "Compute in float32 or bfloat16 (the weights stay float32); bfloat16 is "
                   "faster only on CPUs with AVX512-BF16 or AMX, and GPUs. auto: bfloat16 for "
