@@ -115,7 +115,10 @@ def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:
             print(f"{root}: {dataset} layout")
         return [(dataset, root, out or root)]
     found = [(guess_dataset(sub), sub, out / sub.name if out else sub)
-             for sub in sorted(root.iterdir()) if sub.is_dir()]
+             for sub in sorted(root.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
+    for name, folder, _ in found:
+        if not name:  # said, so that a dataset missing a folder is not passed over in silence
+            print(f"{folder}: no DRIVE or CHASE_DB1 layout, left alone")
     found = [target for target in found if target[0]]
     if not found:
         raise ConfigError(f"--data_dir={root}: neither it nor a folder in it has the layout of "
@@ -128,6 +131,15 @@ def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:
 
 def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) -> None:
     files = export_label_files(dataset, data_dir, out)
+    try:
+        _check_and_fit(cfg, files, out)
+    except DatasetError:  # no label file listing a file that training would refuse
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path) -> None:
     for split, path in files.items():
         print(f"{split}: {path} ({len(read_label_file(path))} samples)")
     train_samples = read_label_file(files["training"])

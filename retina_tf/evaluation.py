@@ -217,8 +217,6 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                              precision=cfg.precision)
     why = " (--precision=auto on this CPU)" if cfg.precision == "auto" else ""
     log.info(f"{seg.run_dir.name} computes in {seg.precision}{why}")
-    if cfg.tta_transpose and not cfg.tta:
-        log.info("--tta_transpose adds views to --tta's: without --tta it does nothing")
     return seg
 
 
@@ -523,8 +521,9 @@ def images_seen_in_training(run_info: dict, names: list[str], dataset: str | Non
                             split: str | None = None) -> tuple[list[str], bool]:
     """Which of the images ``names`` (of ``dataset``'s ``split``) a run trained on or chose its
     checkpoint and threshold on: by run.json's ``training_images``, ``validation_images`` and
-    ``threshold_from`` names, and, for a run that records no training names (trained before
-    they were recorded), by its dataset's training split, whose images are all seen.
+    ``threshold_from`` names where ``dataset`` holds the photographs of one the run trained on
+    (or either is a label file's: unknown), and, for a run that records no training names
+    (trained before they were recorded), by its dataset's training split, all seen.
 
     Returns:
         (the names seen, whether ``split`` is ``all`` of the dataset the run trained on without
@@ -538,7 +537,20 @@ def images_seen_in_training(run_info: dict, names: list[str], dataset: str | Non
         return list(names), False
     seen_by = (set(data.get("training_images") or []) | set(data.get("validation_images") or [])
                | set((run_info.get("threshold_from") or {}).get("images") or []))
+    sources = {trained} | {e.split(":", 1)[0] for e in data.get("extra_data") or []}
+    if dataset and trained and _photographs_of(dataset) not in {_photographs_of(s)
+                                                               for s in sources if s}:
+        seen_by = set()  # a synthetic 22_training is not DRIVE's
     return [n for n in names if n in seen_by], whole_split and split == "all"
+
+
+# Datasets that are other labels of one set of photographs: RITE is DRIVE's, HRF-AV HRF's.
+_SAME_PHOTOGRAPHS = {"rite": "drive", "hrf_av": "hrf"}
+
+
+def _photographs_of(dataset: str) -> str:
+    key = dataset_key(dataset)
+    return _SAME_PHOTOGRAPHS.get(key, key)
 
 
 def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
@@ -999,8 +1011,9 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path) -> None:
 def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
     names = ", ".join(p.name for p in list(failed)[:5])
     more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+    rest = f"the others were written to {out_dir}" if len(failed) < total else "none was written"
     return RetinaTFError(f"{len(failed)} of {total} images failed ({names}{more}; reasons "
-                         f"above); the others were written to {out_dir}")
+                         f"above); {rest}")
 
 
 def predict(cfg: PredictConfig) -> list[Path]:

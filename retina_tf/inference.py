@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -31,14 +32,14 @@ from retina_tf.config import (
     from_flag_lines,
     parse_inference_scale,
 )
-from retina_tf.data.fov import estimate_fov
+from retina_tf.data.fov import estimate_fov, given_fov_warning
 from retina_tf.data.io import atomic_write_bytes, fov_of_array, is_gray
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
 from retina_tf.models import load_all
 from retina_tf.models.base import SegmentationModel
-from retina_tf.postprocess import vote_av_segments
+from retina_tf.postprocess import av_mask, vote_av_segments
 from retina_tf.run_folder import (
     PRETRAINED_DIR,
     RUN_FILES,
@@ -182,7 +183,11 @@ def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np
         raise DatasetError(f"the FOV mask given for {source} is {size} pixels, the image "
                            f"{image.shape[1]} x {image.shape[0]}: give this photograph's "
                            "mask, or none to estimate it")
-    return fov_of_array(fov, source)
+    fov = fov_of_array(fov, source)
+    warning = given_fov_warning(np.asarray(image), fov, str(source))
+    if warning:
+        log.warning(warning)
+    return fov
 
 
 def _switch(name: str, value: Any) -> bool:
@@ -439,7 +444,7 @@ class Segmenter:
                  inference_scale: str | float = "auto", tile_size: int = 0,
                  precision: str = "float32"):
         if inference not in CHOICES["inference"]:
-            raise ValueError(f"inference must be auto, whole or sliding, got {inference!r}")
+            raise ConfigError(f"inference={inference!r}: give auto, whole or sliding")
         if inference == "auto":
             inference = "whole" if fully_convolutional else "sliding"
         contract = isinstance(model, SegmentationModel)  # a plain Keras model gets the defaults
@@ -473,9 +478,13 @@ class Segmenter:
         if self.av_vote and classes not in (None, 3):
             raise ConfigError(f"--av_vote is for artery/vein models; this one segments "
                               f"{classes} class(es): leave --av_vote out")
-        if av_link < 0:
-            raise ValueError(f"av_link must be >= 0, got {av_link}")
+        if isinstance(av_link, bool) or not isinstance(av_link, (int, float, np.number)) \
+                or not 0 <= av_link < math.inf:
+            raise ConfigError(f"av_link={av_link!r}: give a number >= 0 (0: segments decided "
+                              "alone)")
         self.av_link = float(av_link)
+        if self.tta_transpose and not self.tta:
+            log.info("tta_transpose adds views to tta's: without tta it does nothing")
         self.inference_scale = parse_inference_scale(inference_scale)
         if int(tile_size) < 0 or 0 < int(tile_size) <= 2 * TILE_MARGIN:
             raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
@@ -654,7 +663,9 @@ class Segmenter:
                 threshold: float | None = None,
                 match_scale: bool = True, source: str | os.PathLike = "the image",
                 plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV.
+        """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV. An A/V
+        model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
+        threshold, each vessel pixel artery or vein, as the metrics and pictures have it.
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.
@@ -676,7 +687,7 @@ class Segmenter:
         prob = self.probability_at_inference_scale(image, fov, plan, threshold, source) \
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
-        return prob, prob >= threshold
+        return prob, av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
 
     @property
     def auto_min_scale(self) -> float:

@@ -164,8 +164,14 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     rows = np.concatenate([np.full(len(favours), source), against, a, b])
     cols = np.concatenate([favours, np.full(len(against), sink), b, a])
     caps = np.concatenate([unary[favours], -unary[against], weights, weights])
-    # maximum_flow wants integer capacities: 1/100 px resolution
-    caps = np.round(caps * 100).astype(np.int32)
+    # maximum_flow wants int32 capacities: 1/100 px resolution, the whole scaled down where its
+    # sum would not fit (a link of 1e6 px wrapped round to negatives: the unlinked answer); a
+    # common factor leaves the minimum cut where it is
+    caps = caps * 100.0
+    room = (np.iinfo(np.int32).max - 1) / 2
+    if caps.sum() > room:
+        caps *= room / caps.sum()
+    caps = np.round(caps).astype(np.int32)
     # csr_matrix, not csr_array: maximum_flow of older SciPy accepts only the former
     graph = csr_matrix((caps, (rows, cols)), shape=(n + 2, n + 2))
     graph.sum_duplicates()
@@ -175,6 +181,16 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     artery = np.zeros(n + 2, bool)
     artery[breadth_first_order(residual, source, directed=True, return_predecessors=False)] = True
     return artery[:n]
+
+
+def av_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A/V probabilities (H, W, 3: artery, vein, vessel) -> the bool (H, W, 3) decision: vessel
+    where its probability reaches ``threshold``, and each vessel pixel artery or vein by the
+    larger probability (artery on a tie), as the metrics count and the pictures draw it (two
+    channels cut at the threshold alone would overlap and leave vessel pixels neither)."""
+    vessel = prob[..., 2] >= threshold
+    artery = vessel & (prob[..., 0] >= prob[..., 1])
+    return np.stack([artery, vessel & ~artery, vessel], axis=-1)
 
 
 def vote_av_segments(prob: np.ndarray, threshold: float = 0.5, reach: float = 3.0,

@@ -394,6 +394,9 @@ def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
     assert "unet_drive trained on drive's training split, which these all images include" \
         in _trained_on_warning(seg, training + images, "drive", "all")
     assert _trained_on_warning(seg, training[:1], "stare", "training") is None
+    # names count where the photographs are those it trained on: RITE's are DRIVE's
+    assert "1 of the 2 images (39_training)" in _trained_on_warning(seg, images, "rite", "test")
+    assert _trained_on_warning(seg, images, "synthetic", "test") is None
     assert _trained_on_warning(seg, [SimpleNamespace(name="01_test")], "drive", "test") is None
 
 

@@ -207,6 +207,21 @@ def test_predict_folder_writes_every_good_file_then_fails_with_a_summary(
     assert "c_tiny.png is 32x32 pixels" in err
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "a_mask.png", "a_prob.png",
                                                      "d_mask.png", "d_prob.png"]
+    for name in ("a.png", "d.png"):
+        (inputs / name).unlink()
+    with pytest.raises(RetinaTFError, match=r"2 of 2 images failed .*; none was written$"):
+        _predict(inputs, tmp_path / "none")
+
+
+def test_a_given_fov_mask_of_the_frame_is_warned_of_in_python_as_in_files(caplog):
+    """predict --fov and Segmenter.segment(fov=...) as read_sample: an inverted mask scored
+    (and segmented) the frame in silence."""
+    sample = generate_fundus(0, (96, 96))
+    seg = Segmenter.from_pretrained("unet_drive")
+    seg.segment(sample.image, sample.fov, source="right.png")
+    assert not caplog.records
+    seg.segment(sample.image, ~sample.fov, source="inverted.png")
+    assert "inverted.png: the FOV mask keeps the darker part of the photograph" in caplog.text
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ import tensorflow as tf
 from scipy import ndimage
 
 from retina_tf.data.preprocess import Preprocessor
+from retina_tf.errors import ConfigError
 from retina_tf.inference import Segmenter
 from retina_tf.metrics import AVMetrics
-from retina_tf.postprocess import segment_links, skeleton_segments, vote_av_segments
+from retina_tf.postprocess import av_mask, segment_links, skeleton_segments, vote_av_segments
 
 
 def _crossing(size=64, half_width=2):
@@ -130,8 +131,11 @@ def test_segmenter_applies_the_vote_after_its_forward_pass():
     seg.av_link = 0.0  # segments decide alone
     np.testing.assert_allclose(seg.probability_preprocessed(prob), vote_av_segments(prob, link=0),
                                rtol=1e-6)
-    with pytest.raises(ValueError, match="av_link"):
-        Segmenter(identity, Preprocessor(), av_vote=True, av_link=-1.0)
+    for bad in (-1.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(ConfigError, match="av_link"):
+            Segmenter(identity, Preprocessor(), av_vote=True, av_link=bad)
+    with pytest.raises(ConfigError, match="inference='tiles': give auto, whole or sliding"):
+        Segmenter(identity, Preprocessor(), inference="tiles")
 
 
 def test_the_vote_cuts_the_vessel_map_at_the_threshold_segment_is_given():
@@ -150,7 +154,11 @@ def test_the_vote_cuts_the_vessel_map_at_the_threshold_segment_is_given():
         assert not np.allclose(voted, vote_av_segments(x, threshold=seg.threshold))
         prob, mask = seg.segment(image, fov, threshold=t)
         np.testing.assert_allclose(prob, voted, rtol=1e-6)
-        np.testing.assert_array_equal(mask, voted >= t)
+        # the mask is the decision the metrics count: every vessel pixel artery or vein, once
+        np.testing.assert_array_equal(mask, av_mask(voted, t))
+        np.testing.assert_array_equal(mask[..., 2], voted[..., 2] >= t)
+        assert not (mask[..., 0] & mask[..., 1]).any()
+        np.testing.assert_array_equal(mask[..., 0] | mask[..., 1], mask[..., 2])
 
 
 def test_links_join_a_branch_to_its_parent_and_pair_the_arms_of_a_crossing():
@@ -179,6 +187,9 @@ def test_a_weak_branch_follows_its_parent_and_a_strong_one_keeps_its_class():
     assert (alone[branch & away, 0] < alone[branch & away, 1]).all()  # alone it says vein
     linked = vote_av_segments(weak)
     assert (linked[branch | trunk, 0] > linked[branch | trunk, 1]).all()
+    # a link of 1e7 px is stronger still (its capacities wrapped round int32: the unlinked vote)
+    huge = vote_av_segments(weak, link=1e7)
+    assert (huge[branch | trunk, 0] > huge[branch | trunk, 1]).all()
     strong = vote_av_segments(_evidence([(trunk, 0.95, 0.05), (branch, 0.05, 0.95)]))
     assert (strong[branch & away, 0] < strong[branch & away, 1]).all()
     assert (strong[trunk & away, 0] > strong[trunk & away, 1]).all()

@@ -15,10 +15,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retina_tf.config import TrainConfig, from_run
 from retina_tf.data.catalog import guess_dataset
+from retina_tf.data.io import write_image_atomic
 from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import STEPS
 from retina_tf.training import epoch_steps, total_epochs
@@ -123,11 +125,18 @@ def test_the_four_seed_command_lines_run(tiny_synthetic, tmp_path):
 @pytest.mark.slow
 def test_preprocess_of_a_folder_of_datasets_writes_the_good_ones_and_names_the_bad(
         tiny_synthetic, tmp_path):
-    shutil.copytree(tiny_synthetic, tmp_path / "data" / "DRIVE")
-    shutil.copytree(tiny_synthetic / "training", tmp_path / "data" / "BROKEN" / "training")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data / "DRIVE")
+    shutil.copytree(tiny_synthetic, data / "BROKEN")  # a test label of another size
+    write_image_atomic(data / "BROKEN" / "test" / "1st_manual" / "01_manual1.gif",
+                       np.zeros((10, 10), bool))
+    shutil.copytree(tiny_synthetic / "test", data / "HALF" / "test")  # no training/ at all
     proc = commands.script("preprocess.py", "--data_dir=data", "--previews=0", cwd=tmp_path,
                            timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 of the 2 dataset folders failed (the others were written): data/BROKEN: " \
-        in proc.stderr
-    assert len(read_label_file(tmp_path / "data" / "DRIVE" / "test.txt")) == 2
+        in proc.stderr and "01_manual1.gif is 10x10" in proc.stderr
+    assert "data/HALF: no DRIVE or CHASE_DB1 layout, left alone" in proc.stdout
+    assert len(read_label_file(data / "DRIVE" / "test.txt")) == 2
+    # no label file lists what training would refuse
+    assert not list((data / "BROKEN").glob("*.txt"))

@@ -171,7 +171,7 @@ def given_fov_warning(image: np.ndarray, fov: np.ndarray, source: str) -> str | 
                 f"has a dark frame around a field of view of {coverage:.0%} of it: the frame is "
                 "scored as retina; give the camera's mask, or none to estimate it")
     inside, outside = float(red[fov].mean()), float(red[~fov].mean())
-    if inside >= outside:
+    if inside >= _MAX_FRAME_RATIO * outside:  # a light surround beside a right mask is not
         return None
     return (f"warning: {source}: the FOV mask keeps the darker part of the photograph (mean red "
             f"level {inside:.0f} inside, {outside:.0f} outside): is it inverted? The field of "

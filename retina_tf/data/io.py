@@ -14,6 +14,7 @@ import gzip
 import io
 import logging
 import os
+import re
 import secrets
 import warnings
 import zlib
@@ -133,7 +134,15 @@ _UPRIGHT = {
 # OpenCV's decoders refuse files of more pixels (its OPENCV_IO_MAX_IMAGE_PIXELS, 2^30 unless
 # set); Pillow's own limit is lower (a warning above 89 M pixels, a refusal above 179 M) and
 # is set to OpenCV's where Pillow reads, so that every format reads up to the same size.
-MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") or 1 << 30)
+def _opencv_pixel_limit(text: str | None) -> int:
+    """OPENCV_IO_MAX_IMAGE_PIXELS as OpenCV reads it (a count, or with KB, MB or GB: 1024s)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", text or "")
+    if not match:
+        return 1 << 30
+    return int(match[1]) << {None: 0, "KB": 10, "MB": 20, "GB": 30}[match[2]]
+
+
+MAX_PIXELS = _opencv_pixel_limit(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"))
 
 
 @contextlib.contextmanager
@@ -258,7 +267,9 @@ def _over_black(array: np.ndarray) -> np.ndarray:
     top = np.iinfo(array.dtype).max
     if (alpha == top).all():
         return colour
-    if not colour.any():  # black drawn on a transparent layer: what a viewer shows is the alpha
+    # black strokes on a transparent layer (whatever colour its invisible pixels keep): a viewer
+    # shows the alpha
+    if not colour[alpha[..., 0] > 0].any():
         return np.repeat(alpha, 3, axis=-1)
     # float32: a 16-bit photograph of 20 M pixels would take a gigabyte more in float64
     return np.rint(colour * (alpha / np.float32(top))).astype(array.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -686,8 +687,10 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     return root
 
 
-# What write_synthetic_dataset writes: the marker, and these folders of each split.
-_SPLIT_FOLDERS = ("images", "1st_manual", "mask", "av")
+# What write_synthetic_dataset writes: the marker, and in each split these folders of files
+# named so (NN the image number, S the split).
+_SPLIT_FILES = {"images": r"\d+_(training|test)\.tif", "1st_manual": r"\d+_manual1\.gif",
+                "mask": r"\d+_(training|test)_mask\.gif", "av": r"\d+_(training|test)\.png"}
 
 
 def _not_written_by_us(root: Path) -> list[str]:
@@ -698,9 +701,14 @@ def _not_written_by_us(root: Path) -> list[str]:
     others = [p.name for p in sorted(root.iterdir())
               if p.name not in (SYNTHETIC_MARKER, "training", "test")]
     for split in ("training", "test"):
-        if (root / split).is_dir():
-            others += [f"{split}/{p.name}" for p in sorted((root / split).iterdir())
-                       if p.name not in _SPLIT_FOLDERS]
+        if not (root / split).is_dir():
+            continue
+        for folder in sorted((root / split).iterdir()):
+            if folder.name not in _SPLIT_FILES or not folder.is_dir():
+                others.append(f"{split}/{folder.name}")
+                continue
+            others += [f"{split}/{folder.name}/{p.name}" for p in sorted(folder.iterdir())
+                       if not re.fullmatch(_SPLIT_FILES[folder.name], p.name)]
     return others
 
 

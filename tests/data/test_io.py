@@ -404,7 +404,10 @@ def test_vessels_drawn_black_on_a_transparent_layer_read_as_drawn(tmp_path: Path
     cv2.imwrite(str(tmp_path / "bgra.png"), np.dstack([np.zeros((20, 24, 3), np.uint8), alpha]))
     Image.fromarray(np.dstack([np.zeros((20, 24), np.uint8), alpha]), "LA").save(
         tmp_path / "la.png")
-    for name in ("bgra.png", "la.png"):
+    white_under = np.dstack([np.full((20, 24, 3), 255, np.uint8), alpha])  # Paint.NET's way
+    white_under[label, :3] = 0
+    cv2.imwrite(str(tmp_path / "white_under.png"), white_under)
+    for name in ("bgra.png", "la.png", "white_under.png"):
         np.testing.assert_array_equal(read_mask(tmp_path / name), label)
 
 
@@ -429,6 +432,12 @@ def test_a_given_fov_mask_of_the_frame_or_the_whole_image_is_warned_of(tmp_path:
     read_sample(sample, fov_path=tmp_path / "white.png")
     assert "white.png: the FOV mask covers the whole image, but the photograph has a dark " \
            "frame" in caplog.text
+    caplog.clear()  # a light surround beside the right mask is no inverted mask
+    image = read_image(sample.image)
+    image[~fov] = 255
+    write_image_atomic(tmp_path / "img.tif", image)
+    read_sample(sample)
+    assert not caplog.records
 
 
 def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path):
@@ -446,3 +455,7 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
         f"{name} has over 1,000 pixels, more than the image decoders read "
         "(OPENCV_IO_MAX_IMAGE_PIXELS): shrink it first (a fundus photograph needs far fewer)"
         for name in ("big.png", "big.gif")], result.stderr[-2000:]
+    # the variable as OpenCV reads it: a count, or in KB, MB, GB (of 1024)
+    from retina_tf.data.io import _opencv_pixel_limit
+    assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", " 2 GB", "", None, "lots")] == [
+        1000, 1 << 20, 2 << 30, 1 << 30, 1 << 30, 1 << 30]
