@@ -5,8 +5,10 @@ DRIVE): grayscale, dataset standardization, CLAHE and gamma correction, always i
 The seed recomputed the statistics on whatever images were at hand; here the mean and standard
 deviation are fitted once on the training images and travel with the model in
 ``preprocessor.json``. Since standardization is followed, as in the seed, by each image's own
-min/max rescale, which undoes any shift and scale, they change the result only by rounding:
-each photograph is stretched between its own darkest and brightest pixel.
+min/max rescale, which undoes any shift and scale, they change the result only where the 8-bit
+conversion after it truncates a value the arithmetic left just under a whole level (CLAHE can
+widen that one level to a few): each photograph is stretched between its own darkest and
+brightest pixel.
 """
 
 from __future__ import annotations
