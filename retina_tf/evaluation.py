@@ -532,7 +532,7 @@ def images_seen_in_training(run_info: dict, names: list[str], dataset: str | Non
     data = run_info.get("data") or {}
     trained = run_info.get("dataset")
     whole_split = bool(not data.get("training_images") and trained and dataset
-                       and dataset_key(trained) == dataset_key(dataset))
+                       and _photographs_of(trained) == _photographs_of(dataset))
     if whole_split and split == "training":
         return list(names), False
     seen_by = (set(data.get("training_images") or []) | set(data.get("validation_images") or [])
@@ -1003,7 +1003,8 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path) -> None:
     if not failed:
         log.info(f"done: {done} image(s) segmented, outputs in {out_dir}")
         return
-    lines = [f"done: {done} image(s) segmented, outputs in {out_dir}; {len(failed)} failed:"]
+    written = f"outputs in {out_dir}" if done else "nothing written"
+    lines = [f"done: {done} image(s) segmented, {written}; {len(failed)} failed:"]
     lines += [f"  {reason}" for reason in failed.values()]
     log.warning("\n".join(lines))
 

@@ -483,8 +483,9 @@ class Segmenter:
             raise ConfigError(f"av_link={av_link!r}: give a number >= 0 (0: segments decided "
                               "alone)")
         self.av_link = float(av_link)
-        if self.tta_transpose and not self.tta:
-            log.info("tta_transpose adds views to tta's: without tta it does nothing")
+        if self.tta_transpose and not self.tta:  # a warning: the API logs no info by default
+            log.warning("warning: tta_transpose (--tta_transpose) adds views to tta's: without "
+                        "tta it does nothing")
         self.inference_scale = parse_inference_scale(inference_scale)
         if int(tile_size) < 0 or 0 < int(tile_size) <= 2 * TILE_MARGIN:
             raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
@@ -665,7 +666,7 @@ class Segmenter:
                 plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV. An A/V
         model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
-        threshold, each vessel pixel artery or vein, as the metrics and pictures have it.
+        threshold, each vessel pixel artery or vein, as ``_av.png`` draws it.
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.

@@ -163,15 +163,16 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     b = np.array([link[1] for link in links], np.int64)
     rows = np.concatenate([np.full(len(favours), source), against, a, b])
     cols = np.concatenate([favours, np.full(len(against), sink), b, a])
+    # A link heavier than all the evidence is never cut (cutting every evidence edge costs
+    # less), so it weighs that much at most: exact, and a link of 1e6 px no longer wraps round
+    # int32 (which gave the unlinked answer)
+    evidence = float(np.abs(unary).sum())
+    weights = np.minimum(weights, evidence + 1.0)
     caps = np.concatenate([unary[favours], -unary[against], weights, weights])
-    # maximum_flow wants int32 capacities: 1/100 px resolution, the whole scaled down where its
-    # sum would not fit (a link of 1e6 px wrapped round to negatives: the unlinked answer); a
-    # common factor leaves the minimum cut where it is
-    caps = caps * 100.0
-    room = (np.iinfo(np.int32).max - 1) / 2
-    if caps.sum() > room:
-        caps *= room / caps.sum()
-    caps = np.round(caps).astype(np.int32)
+    # maximum_flow wants int32 capacities: 1/100 px resolution (scaled down only where even the
+    # evidence would not fit: a photograph of over ten million vessel pixels)
+    scale = min(100.0, (np.iinfo(np.int32).max - 1) / (evidence + 1.0))
+    caps = np.round(caps * scale).astype(np.int32)
     # csr_matrix, not csr_array: maximum_flow of older SciPy accepts only the former
     graph = csr_matrix((caps, (rows, cols)), shape=(n + 2, n + 2))
     graph.sum_duplicates()
@@ -186,8 +187,9 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
 def av_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """A/V probabilities (H, W, 3: artery, vein, vessel) -> the bool (H, W, 3) decision: vessel
     where its probability reaches ``threshold``, and each vessel pixel artery or vein by the
-    larger probability (artery on a tie), as the metrics count and the pictures draw it (two
-    channels cut at the threshold alone would overlap and leave vessel pixels neither)."""
+    larger probability (artery on a tie), as the pictures draw it and the A/V metrics decide
+    each true vessel pixel (two channels cut at the threshold alone would overlap and leave
+    vessel pixels neither)."""
     vessel = prob[..., 2] >= threshold
     artery = vessel & (prob[..., 0] >= prob[..., 1])
     return np.stack([artery, vessel & ~artery, vessel], axis=-1)

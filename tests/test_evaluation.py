@@ -173,11 +173,18 @@ def test_unknown_model_lists_where_it_looked(tmp_path):
 
 
 def test_tta_transpose_without_tta_is_said_to_do_nothing(caplog):
+    """From the command line and from Python (a warning: a script logs no info)."""
     from retina_tf.config import PredictConfig
     from retina_tf.evaluation import load_segmenter
-    with caplog.at_level(logging.INFO, logger="retina_tf"):
-        load_segmenter(PredictConfig(model="unet_drive", tta_transpose=True))
-    assert "without --tta it does nothing" in caplog.text
+    load_segmenter(PredictConfig(model="unet_drive", tta_transpose=True))
+    assert "tta_transpose (--tta_transpose) adds views to tta's: without tta it does " \
+        "nothing" in caplog.text
+    caplog.clear()
+    Segmenter.from_pretrained("unet_drive", tta_transpose=True)
+    assert "without tta it does nothing" in caplog.text
+    caplog.clear()
+    Segmenter.from_pretrained("unet_drive", tta=True, tta_transpose=True)
+    assert not caplog.records
 
 
 def test_pretrained_takes_ones_own_run_before_the_shipped_model_of_its_name(tmp_path, caplog):
@@ -396,6 +403,7 @@ def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
     assert _trained_on_warning(seg, training[:1], "stare", "training") is None
     # names count where the photographs are those it trained on: RITE's are DRIVE's
     assert "1 of the 2 images (39_training)" in _trained_on_warning(seg, images, "rite", "test")
+    assert "2 of the 2 images" in _trained_on_warning(seg, training, "rite", "training")
     assert _trained_on_warning(seg, images, "synthetic", "test") is None
     assert _trained_on_warning(seg, [SimpleNamespace(name="01_test")], "drive", "test") is None
 

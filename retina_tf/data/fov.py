@@ -160,7 +160,8 @@ def given_fov_warning(image: np.ndarray, fov: np.ndarray, source: str) -> str | 
     Args:
         image: the ``HxWx3`` uint8 RGB photograph.
         fov: the given ``HxW`` bool mask.
-        source: the mask file, named in the warning.
+        source: the mask file (or, for a mask given as an array, the image), named in the
+            warning.
     """
     red = image[..., 0]
     if fov.all():

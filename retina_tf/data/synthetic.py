@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import deque
@@ -687,44 +686,51 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     return root
 
 
-# What write_synthetic_dataset writes: the marker, and in each split these folders of files
-# named so (NN the image number, S the split).
-_SPLIT_FILES = {"images": r"\d+_(training|test)\.tif", "1st_manual": r"\d+_manual1\.gif",
-                "mask": r"\d+_(training|test)_mask\.gif", "av": r"\d+_(training|test)\.png"}
+def _sample_files(num_images: int, num_test: int) -> list[dict[str, str]]:
+    """Per image, the files of its image, vessel label, FOV mask and A/V label, relative to the
+    set's root: test images numbered first, DRIVE's names."""
+    digits = max(2, len(str(num_images)))
+    files = []
+    for index in range(num_images):
+        split = "test" if index < num_test else "training"
+        number = f"{index + 1:0{digits}d}"
+        files.append({"image": f"{split}/images/{number}_{split}.tif",
+                      "vessel": f"{split}/1st_manual/{number}_manual1.gif",
+                      "fov": f"{split}/mask/{number}_{split}_mask.gif",
+                      "av": f"{split}/av/{number}_{split}.png"})
+    return files
+
+
+def _written_files(num_images: int, num_test: int) -> set[str]:
+    """The files :func:`write_synthetic_dataset` writes, relative to its root."""
+    return {SYNTHETIC_MARKER} | {f for sample in _sample_files(num_images, num_test)
+                                 for f in sample.values()}
 
 
 def _not_written_by_us(root: Path) -> list[str]:
-    """The entries of a synthetic set's folder that a run did not write (a user's notes, the
-    label files bin/preprocess.py writes there by default), relative to ``root``."""
+    """The files and folders in a synthetic set's folder that its run did not write (by its
+    synthetic.json: a user's notes, the label files bin/preprocess.py writes there by default,
+    DRIVE's own 21_training.tif put beside the set), relative to ``root``."""
     if not (root / SYNTHETIC_MARKER).is_file():
         return []
-    others = [p.name for p in sorted(root.iterdir())
-              if p.name not in (SYNTHETIC_MARKER, "training", "test")]
-    for split in ("training", "test"):
-        if not (root / split).is_dir():
-            continue
-        for folder in sorted((root / split).iterdir()):
-            if folder.name not in _SPLIT_FILES or not folder.is_dir():
-                others.append(f"{split}/{folder.name}")
-                continue
-            others += [f"{split}/{folder.name}/{p.name}" for p in sorted(folder.iterdir())
-                       if not re.fullmatch(_SPLIT_FILES[folder.name], p.name)]
-    return others
+    try:
+        settings = json.loads((root / SYNTHETIC_MARKER).read_text())
+        written = _written_files(int(settings["num_images"]), int(settings["num_test"]))
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged marker: nothing is ours
+        written = {SYNTHETIC_MARKER}
+    folders = {str(Path(f).parent) for f in written} | {"training", "test"}
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+            if str(p.relative_to(root)) not in (folders if p.is_dir() else written)]
 
 
 def _write_samples(root: Path, num_images: int, num_test: int, seed: int,
                    size: tuple[int, int]) -> None:
-    digits = max(2, len(str(num_images)))
-    names = [f"{i + 1:0{digits}d}_{'test' if i < num_test else 'training'}" for i in
-             range(num_images)]
+    files = _sample_files(num_images, num_test)
+    names = [Path(f["image"]).stem for f in files]
     for index in progress(range(num_images), "make_synthetic", names=names):
-        split = "test" if index < num_test else "training"
-        number = f"{index + 1:0{digits}d}"
         sample = generate_fundus(_image_seed(seed, index), size)
-        folder = root / split
         # TIFF and PNG are lossless; the GIF masks hold exactly 0 and 255 like DRIVE's.
-        write_image_atomic(folder / "images" / f"{number}_{split}.tif", sample.image)
-        write_image_atomic(folder / "1st_manual" / f"{number}_manual1.gif", sample.vessel)
-        write_image_atomic(folder / "mask" / f"{number}_{split}_mask.gif", sample.fov)
-        write_image_atomic(folder / "av" / f"{number}_{split}.png",
-                           encode_av_rgb(sample.artery, sample.vein))
+        write_image_atomic(root / files[index]["image"], sample.image)
+        write_image_atomic(root / files[index]["vessel"], sample.vessel)
+        write_image_atomic(root / files[index]["fov"], sample.fov)
+        write_image_atomic(root / files[index]["av"], encode_av_rgb(sample.artery, sample.vein))

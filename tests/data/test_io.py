@@ -407,7 +407,9 @@ def test_vessels_drawn_black_on_a_transparent_layer_read_as_drawn(tmp_path: Path
     white_under = np.dstack([np.full((20, 24, 3), 255, np.uint8), alpha])  # Paint.NET's way
     white_under[label, :3] = 0
     cv2.imwrite(str(tmp_path / "white_under.png"), white_under)
-    for name in ("bgra.png", "la.png", "white_under.png"):
+    white_under[~label, 3] = 1  # a layer of alpha 1/255: invisible too (it was read inverted)
+    cv2.imwrite(str(tmp_path / "almost.png"), white_under)
+    for name in ("bgra.png", "la.png", "white_under.png", "almost.png"):
         np.testing.assert_array_equal(read_mask(tmp_path / name), label)
 
 
@@ -455,7 +457,7 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
         f"{name} has over 1,000 pixels, more than the image decoders read "
         "(OPENCV_IO_MAX_IMAGE_PIXELS): shrink it first (a fundus photograph needs far fewer)"
         for name in ("big.png", "big.gif")], result.stderr[-2000:]
-    # the variable as OpenCV reads it: a count, or in KB, MB, GB (of 1024)
+    # the variable as OpenCV reads it: a count, or in KB or MB (of 1024)
     from retina_tf.data.io import _opencv_pixel_limit
-    assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", " 2 GB", "", None, "lots")] == [
-        1000, 1 << 20, 2 << 30, 1 << 30, 1 << 30, 1 << 30]
+    assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", "3kb", "", None, "lots")] == [
+        1000, 1 << 20, 3 << 10, 1 << 30, 1 << 30, 1 << 30]

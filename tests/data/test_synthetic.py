@@ -219,12 +219,12 @@ def test_a_second_set_replaces_the_first_whole_and_other_folders_are_refused(tmp
     # default) would go with it: refused, and nothing removed.
     (root / "NOTES.txt").write_text("mine")
     (root / "test" / "fixed_labels").mkdir()
-    (root / "training" / "images" / "99_training.png").write_bytes(b"mine too")
-    with pytest.raises(ConfigError, match=r"did not write \(NOTES.txt, "
-                                          r"training/images/99_training.png, test/fixed_labels\)"):
+    (root / "training" / "images" / "21_training.tif").write_bytes(b"DRIVE's, named alike")
+    with pytest.raises(ConfigError, match=r"did not write \(NOTES.txt, test/fixed_labels, "
+                                          r"training/images/21_training.tif\)"):
         write_synthetic_dataset(root, num_images=2, num_test=1, size=(48, 48), seed=5)
     assert _files_under(root) == _expected_files(2, 1) | {"NOTES.txt",
-                                                          "training/images/99_training.png"}
+                                                          "training/images/21_training.tif"}
     with pytest.raises(ConfigError, match="NOTES.txt is a file"):
         write_synthetic_dataset(root / "NOTES.txt", num_images=1, size=(48, 48))
 
