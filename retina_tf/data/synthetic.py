@@ -40,7 +40,7 @@ SYNTHETIC_MARKER = "synthetic.json"  # a folder write_synthetic_dataset may repl
 # Below 32 px a side, vessels at least a pixel wide fill over half the FOV (a label the readers
 # refuse as inverted); above 4096 x 4096 the 4x supersampled drawing takes over 3 GB.
 MIN_SIDE = 32
-MAX_PIXELS = 4096 * 4096
+MAX_AREA = 4096 * 4096
 
 # Every length below is given in DRIVE pixels (FOV radius about 267 px in a 565x584 image) and
 # multiplied by scale = fov_radius / 267, so any image size gets the same anatomy.
@@ -568,8 +568,8 @@ def generate_fundus(seed: int, size: tuple[int, int] = (584, 565)) -> SyntheticF
     if height < MIN_SIDE or width < MIN_SIDE:
         raise ValueError(f"size must be at least {MIN_SIDE}x{MIN_SIDE} (height, width), got "
                          f"{size!r}")
-    if height * width > MAX_PIXELS:
-        raise ValueError(f"size {height}x{width} is over {MAX_PIXELS / 1e6:.1f} million pixels "
+    if height * width > MAX_AREA:
+        raise ValueError(f"size {height}x{width} is over {MAX_AREA / 1e6:.1f} million pixels "
                          "(the vessels are drawn at 4x resolution: a gigabyte per 5 million); "
                          "give a smaller size")
     rng = np.random.default_rng(seed)
