@@ -560,7 +560,7 @@ def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
     seen, half = images_seen_in_training(seg.run_info, [s.name for s in samples], dataset, split)
     if half:
         return (f"warning: {seg.run_dir.name} trained on {seg.run_info['dataset']}'s training "
-                f"split, which these {split} images include: their scores do not measure it on "
+                f"split, which the '{split}' split includes: its scores do not measure it on "
                 "new images")
     if seen:
         listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")

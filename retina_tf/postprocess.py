@@ -163,19 +163,23 @@ def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarra
     b = np.array([link[1] for link in links], np.int64)
     rows = np.concatenate([np.full(len(favours), source), against, a, b])
     cols = np.concatenate([favours, np.full(len(against), sink), b, a])
-    # A link heavier than all the evidence is never cut (cutting every evidence edge costs
-    # less), so it weighs that much at most: exact, and a link of 1e6 px no longer wraps round
-    # int32 (which gave the unlinked answer)
-    evidence = float(np.abs(unary).sum())
-    weights = np.minimum(weights, evidence + 1.0)
     caps = np.concatenate([unary[favours], -unary[against], weights, weights])
-    # maximum_flow wants int32 capacities: 1/100 px resolution (scaled down only where even the
-    # evidence would not fit: a photograph of over ten million vessel pixels)
-    scale = min(100.0, (np.iinfo(np.int32).max - 1) / (evidence + 1.0))
-    caps = np.round(caps * scale).astype(np.int32)
+    # maximum_flow wants int32 capacities: 1/100 px resolution, each edge (repeated links
+    # summed) at most all the evidence + 1: a heavier link is never cut (cutting every
+    # evidence edge costs less), so the cut stays exact while a link of 1e6 px no longer wraps
+    # round int32 (which gave the unlinked answer); the residual graph adds an edge's two
+    # directions, so two such edges must fit, scaled down where even they would not
     # csr_matrix, not csr_array: maximum_flow of older SciPy accepts only the former
-    graph = csr_matrix((caps, (rows, cols)), shape=(n + 2, n + 2))
+    evidence = float(np.abs(unary).sum()) + 1.0
+    graph = csr_matrix((np.round(np.minimum(caps, evidence) * 100).astype(np.int64),
+                        (rows, cols)), shape=(n + 2, n + 2))
     graph.sum_duplicates()
+    limit = round(evidence * 100)
+    graph.data = np.minimum(graph.data, limit)
+    room = (np.iinfo(np.int32).max - 1) // 2
+    if limit > room:  # over ten million vessel pixels of evidence
+        graph.data = np.round(graph.data * (room / limit))
+    graph.data = graph.data.astype(np.int32)
     residual = (graph - maximum_flow(graph, source, sink).flow).tocsr()
     residual.data = (residual.data > 0).astype(np.int8)
     residual.eliminate_zeros()

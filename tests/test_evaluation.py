@@ -398,7 +398,7 @@ def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
     training = [SimpleNamespace(name=n) for n in ("21_training", "39_training")]
     assert "2 of the 2 images (21_training, 39_training) have the names of images unet_drive " \
         "trained on" in _trained_on_warning(seg, training, "DRIVE", "training")
-    assert "unet_drive trained on drive's training split, which these all images include" \
+    assert "unet_drive trained on drive's training split, which the 'all' split includes" \
         in _trained_on_warning(seg, training + images, "drive", "all")
     assert _trained_on_warning(seg, training[:1], "stare", "training") is None
     # names count where the photographs are those it trained on: RITE's are DRIVE's

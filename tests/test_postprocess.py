@@ -207,3 +207,14 @@ def test_a_crossing_keeps_each_vessel_continuous_and_the_two_apart():
     away = np.hypot(*np.mgrid[:64, :64] - float(mid)) > 6
     assert _acc(vote_av_segments(prob, link=0), target, away) < 0.8
     assert _acc(vote_av_segments(prob), target, away) == 1.0
+
+
+def test_the_minimum_cut_is_exact_for_unbreakable_links_and_huge_evidence():
+    """Links of 1e12 px over evidence of 20 million px: a capacity and its reverse flow no
+    longer overflow int32 (a link was cut at 1e12 instead of the 8.8e6 px of evidence)."""
+    from retina_tf.postprocess import _min_cut
+    chain = [(0, 1), (1, 2), (2, 3)]
+    for unary in ([1.18e6, -8.83e6, 7.79e6, 2.67e6],   # 20.5 M px
+                  [188.0, 9.9e6, 1.23e7, -1011.0]):     # 22.2 M px: the scaled-down branch
+        assert _min_cut(np.array(unary), chain, np.full(3, 1e12)).all()
+    assert _min_cut(np.array([5.0, -1.0]), [(0, 1)], np.array([0.5])).tolist() == [True, False]

@@ -135,12 +135,12 @@ _UPRIGHT = {
 # set); Pillow's own limit is lower (a warning above 89 M pixels, a refusal above 179 M) and
 # is set to OpenCV's where Pillow reads, so that every format reads up to the same size.
 def _opencv_pixel_limit(text: str | None) -> int:
-    """OPENCV_IO_MAX_IMAGE_PIXELS as OpenCV reads it: a count, or one in KB or MB (of 1024,
-    any case); OpenCV itself refuses other forms when it is imported."""
-    match = re.fullmatch(r"(\d+)(KB|MB)?", text or "", flags=re.IGNORECASE)
+    """OPENCV_IO_MAX_IMAGE_PIXELS as OpenCV reads it: a count, or one in KB or MB (of 1024;
+    KB, Kb or kb); OpenCV itself aborts on other forms when it is imported."""
+    match = re.fullmatch(r"(\d+)(KB|Kb|kb|MB|Mb|mb)?", text or "")
     if not match:
         return 1 << 30
-    return int(match[1]) << {None: 0, "KB": 10, "MB": 20}[match[2] and match[2].upper()]
+    return int(match[1]) << {None: 0, "K": 10, "M": 20}[match[2] and match[2][0].upper()]
 
 
 MAX_PIXELS = _opencv_pixel_limit(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"))
@@ -268,9 +268,11 @@ def _over_black(array: np.ndarray) -> np.ndarray:
     top = np.iinfo(array.dtype).max
     if (alpha == top).all():
         return colour
-    # black strokes on a transparent layer (whatever colour its invisible or all but invisible
-    # pixels keep): a viewer shows the alpha
-    if not colour[alpha[..., 0] > top // 2].any():
+    # black strokes on a transparent layer, whatever colour its invisible or all but invisible
+    # pixels keep: a viewer shows the alpha. Strokes are the most opaque pixels, and all black
+    # (a photograph exported at half opacity is not)
+    opaque = alpha[..., 0] >= alpha.max() / 2
+    if alpha.max() > 0 and not colour[opaque].any():
         return np.repeat(alpha, 3, axis=-1)
     # float32: a 16-bit photograph of 20 M pixels would take a gigabyte more in float64
     return np.rint(colour * (alpha / np.float32(top))).astype(array.dtype)

@@ -711,13 +711,17 @@ def _not_written_by_us(root: Path) -> list[str]:
     """The files and folders in a synthetic set's folder that its run did not write (by its
     synthetic.json: a user's notes, the label files bin/preprocess.py writes there by default,
     DRIVE's own 21_training.tif put beside the set), relative to ``root``."""
-    if not (root / SYNTHETIC_MARKER).is_file():
+    marker = root / SYNTHETIC_MARKER
+    if not marker.is_file():
         return []
     try:
-        settings = json.loads((root / SYNTHETIC_MARKER).read_text())
+        settings = json.loads(marker.read_text())
         written = _written_files(int(settings["num_images"]), int(settings["num_test"]))
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged marker: nothing is ours
-        written = {SYNTHETIC_MARKER}
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
+        # what the set holds is unknown: nothing is replaced
+        raise ConfigError(f"{marker} is damaged ({type(err).__name__}): the set it marks is "
+                          "unknown, so nothing is replaced; give a new folder, or delete this "
+                          "one yourself") from err
     folders = {str(Path(f).parent) for f in written} | {"training", "test"}
     return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
             if str(p.relative_to(root)) not in (folders if p.is_dir() else written)]

@@ -411,6 +411,10 @@ def test_vessels_drawn_black_on_a_transparent_layer_read_as_drawn(tmp_path: Path
     cv2.imwrite(str(tmp_path / "almost.png"), white_under)
     for name in ("bgra.png", "la.png", "white_under.png", "almost.png"):
         np.testing.assert_array_equal(read_mask(tmp_path / name), label)
+    # a photograph at half opacity is no drawing: composited as ever (it came back grey)
+    photo = np.dstack([np.full((20, 24, 3), 200, np.uint8), np.full((20, 24), 127, np.uint8)])
+    cv2.imwrite(str(tmp_path / "half.png"), photo)
+    assert (read_image(tmp_path / "half.png") == 100).all()
 
 
 def test_a_label_with_no_vessel_is_warned_of(tmp_path: Path, caplog):
@@ -459,5 +463,5 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
         for name in ("big.png", "big.gif")], result.stderr[-2000:]
     # the variable as OpenCV reads it: a count, or in KB or MB (of 1024)
     from retina_tf.data.io import _opencv_pixel_limit
-    assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", "3kb", "", None, "lots")] == [
-        1000, 1 << 20, 3 << 10, 1 << 30, 1 << 30, 1 << 30]
+    assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", "3kb", "2Mb", "", None, "1 kB")] \
+        == [1000, 1 << 20, 3 << 10, 2 << 20, 1 << 30, 1 << 30, 1 << 30]
