@@ -152,9 +152,9 @@ def segment_links(vessel: np.ndarray, junction_radius: int = 2, bridge: int = 6,
 
 
 def _min_cut(unary: np.ndarray, links: list[tuple[int, int]], weights: np.ndarray) -> np.ndarray:
-    """Exact two-label minimum of sum(cost of going against ``unary``) + sum(weights of links
-    whose ends differ), by maximum flow. ``unary[s] > 0`` favours artery; returns artery (bool)
-    per segment."""
+    """Two-label minimum of sum(cost of going against ``unary``) + sum(weights of links whose
+    ends differ), by maximum flow: exact to the 1/100 px the capacities are rounded to.
+    ``unary[s] > 0`` favours artery; returns artery (bool) per segment."""
     n = len(unary)
     source, sink = n, n + 1
     favours = np.flatnonzero(unary > 0)
@@ -226,6 +226,9 @@ def vote_av_segments(prob: np.ndarray, threshold: float = 0.5, reach: float = 3.
     prob = np.asarray(prob, np.float32)
     if prob.ndim != 3 or prob.shape[-1] != 3:
         raise ValueError(f"expected (H, W, 3) artery/vein/vessel probabilities, got {prob.shape}")
+    if not np.isfinite(prob).all():
+        raise ValueError(f"{np.count_nonzero(~np.isfinite(prob))} of the artery/vein/vessel "
+                         "probabilities are NaN or infinite: the model's output is broken")
     vessel = prob[..., 2] >= threshold
     if link > 0:
         segments, links = segment_links(vessel, junction_radius, bridge)

@@ -218,3 +218,7 @@ def test_the_minimum_cut_is_exact_for_unbreakable_links_and_huge_evidence():
                   [188.0, 9.9e6, 1.23e7, -1011.0]):     # 22.2 M px: the scaled-down branch
         assert _min_cut(np.array(unary), chain, np.full(3, 1e12)).all()
     assert _min_cut(np.array([5.0, -1.0]), [(0, 1)], np.array([0.5])).tolist() == [True, False]
+    broken = _crossing().astype(np.float32)
+    broken[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 of the artery/vein/vessel probabilities are NaN"):
+        vote_av_segments(broken)

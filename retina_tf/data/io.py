@@ -268,11 +268,11 @@ def _over_black(array: np.ndarray) -> np.ndarray:
     top = np.iinfo(array.dtype).max
     if (alpha == top).all():
         return colour
-    # black strokes on a transparent layer, whatever colour its invisible or all but invisible
-    # pixels keep: a viewer shows the alpha. Strokes are the most opaque pixels, and all black
-    # (a photograph exported at half opacity is not)
-    opaque = alpha[..., 0] >= alpha.max() / 2
-    if alpha.max() > 0 and not colour[opaque].any():
+    # black strokes on a (more) transparent layer, whatever colour its pixels keep: a viewer
+    # shows the alpha. The black pixels are then more opaque than every other pixel (not so a
+    # photograph at half opacity, nor one cut out of its surround)
+    black = ~colour.any(axis=-1)
+    if black.any() and (black.all() or alpha[~black].max() < alpha[black].max()):
         return np.repeat(alpha, 3, axis=-1)
     # float32: a 16-bit photograph of 20 M pixels would take a gigabyte more in float64
     return np.rint(colour * (alpha / np.float32(top))).astype(array.dtype)

@@ -41,6 +41,7 @@ SYNTHETIC_MARKER = "synthetic.json"  # a folder write_synthetic_dataset may repl
 # refuse as inverted); above 4096 x 4096 the 4x supersampled drawing takes over 3 GB.
 MIN_SIDE = 32
 MAX_AREA = 4096 * 4096
+MAX_IMAGES = 100_000  # a synthetic.json counting more is damaged
 
 # Every length below is given in DRIVE pixels (FOV radius about 267 px in a 565x584 image) and
 # multiplied by scale = fov_radius / 267, so any image size gets the same anatomy.
@@ -652,6 +653,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if num_images > MAX_IMAGES:
+        raise ValueError(f"num_images must be at most {MAX_IMAGES:,}, got {num_images}")
     if num_test is None:
         num_test = num_images // 2
     if not 0 <= num_test <= num_images:
@@ -716,8 +719,12 @@ def _not_written_by_us(root: Path) -> list[str]:
         return []
     try:
         settings = json.loads(marker.read_text())
-        written = _written_files(int(settings["num_images"]), int(settings["num_test"]))
-    except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
+        num_images, num_test = settings["num_images"], settings["num_test"]
+        if not (type(num_images) is int and type(num_test) is int
+                and 0 <= num_test <= num_images <= MAX_IMAGES):
+            raise ValueError(f"num_images {num_images!r}, num_test {num_test!r}")
+        written = _written_files(num_images, num_test)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         # what the set holds is unknown: nothing is replaced
         raise ConfigError(f"{marker} is damaged ({type(err).__name__}): the set it marks is "
                           "unknown, so nothing is replaced; give a new folder, or delete this "

@@ -409,7 +409,9 @@ def test_vessels_drawn_black_on_a_transparent_layer_read_as_drawn(tmp_path: Path
     cv2.imwrite(str(tmp_path / "white_under.png"), white_under)
     white_under[~label, 3] = 1  # a layer of alpha 1/255: invisible too (it was read inverted)
     cv2.imwrite(str(tmp_path / "almost.png"), white_under)
-    for name in ("bgra.png", "la.png", "white_under.png", "almost.png"):
+    white_under[~label, 3], white_under[label, 3] = 60, 100  # a faint tracing layer
+    cv2.imwrite(str(tmp_path / "faint.png"), white_under)
+    for name in ("bgra.png", "la.png", "white_under.png", "almost.png", "faint.png"):
         np.testing.assert_array_equal(read_mask(tmp_path / name), label)
     # a photograph at half opacity is no drawing: composited as ever (it came back grey)
     photo = np.dstack([np.full((20, 24, 3), 200, np.uint8), np.full((20, 24), 127, np.uint8)])

@@ -230,11 +230,17 @@ def test_a_second_set_replaces_the_first_whole_and_other_folders_are_refused(tmp
     (root / "NOTES.txt").unlink()
     (root / "test" / "fixed_labels").rmdir()
     (root / "training" / "images" / "21_training.tif").unlink()
-    (root / "synthetic.json").write_text('{"num_images": 1e400, "num_test": 1}')
-    with pytest.raises(ConfigError, match=r"synthetic.json is damaged \(OverflowError\): .* "
-                                          "nothing is replaced"):
-        write_synthetic_dataset(root, num_images=2, num_test=1, size=(48, 48))
-    assert _files_under(root) == _expected_files(2, 1)
+    marker = (root / "synthetic.json").read_text()
+    for damaged in ('{"num_images": 1e400, "num_test": 1}', '{"num_images": 100000000000, '
+                    '"num_test": 1}', '{"num_images": 2, "num_test": 5}', '{"num_images": 2'):
+        (root / "synthetic.json").write_text(damaged)  # no hang on a count of 1e11
+        with pytest.raises(ConfigError, match=r"synthetic.json is damaged .* nothing is "
+                                              "replaced"):
+            write_synthetic_dataset(root, num_images=2, num_test=1, size=(48, 48))
+        assert _files_under(root) == _expected_files(2, 1)
+    (root / "synthetic.json").write_text(marker)
+    write_synthetic_dataset(root, num_images=3, num_test=1, size=(48, 48))
+    assert _files_under(root) == _expected_files(3, 1)
 
 
 @pytest.mark.parametrize("num_images, num_test", [(0, None), (2, 3), (2, -1)])
