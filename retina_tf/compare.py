@@ -20,16 +20,17 @@ import numpy as np
 
 from retina_tf import visualize
 from retina_tf.config import CompareConfig
-from retina_tf.data.fov import estimate_warnings
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import (
     OutputFolder,
     SetScores,
+    _probability_as_planned,
     _test_samples,
     _trained_on_warning,
     _warn,
+    _warn_of_estimate,
 )
 from retina_tf.inference import Segmenter, resolve_threshold, run_inference
 from retina_tf.run_folder import find_run, reading_run
@@ -154,18 +155,12 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
     panels: list[tuple[visualize.Title, np.ndarray]] = []
     for i, sample in enumerate(samples):
         data = read_sample(sample)
-        if data.fov_estimated:
-            for warning in estimate_warnings(data.image, data.fov, str(sample.image)):
-                _warn(warning)
+        _warn_of_estimate(data, sample)
         target = target_of(data, task) > 0.5
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
-            plan = run.segmenter.scale_plan(data.image, data.fov)
-            if plan.rescaled:
-                log.info(f"{run.label} {data.name}: {plan.describe()}")
-            _warn(plan.warning(sample.image))
-            prob = run.segmenter.probability_at_inference_scale(data.image, data.fov, plan,
-                                                                run.threshold, sample.image)
+            prob, _ = _probability_as_planned(run.segmenter, data, sample.image, run.label,
+                                              run.threshold)
             prob = prob[..., -1:] if task == "vessel" else prob
             prob = prob * data.fov[..., None]  # background outside the FOV, as evaluate has it
             run.scores.update(prob, target, data.fov, name=data.name)

@@ -44,6 +44,7 @@ from retina_tf.data.pipeline import SegmentationSet, data_key, resolve_samples, 
 from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, error_map, model_fingerprint
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
+    ScalePlan,
     Segmenter,
     resolve_threshold,
 )
@@ -570,6 +571,26 @@ def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
     return None
 
 
+def _warn_of_estimate(data, sample) -> None:
+    """The warnings a read sample's estimated FOV calls for (none for a given mask)."""
+    if data.fov_estimated:
+        for warning in estimate_warnings(data.image, data.fov, str(sample.image)):
+            _warn(warning)
+
+
+def _probability_as_planned(seg: Segmenter, data, source: str | os.PathLike, label: str,
+                            threshold: float) -> tuple[np.ndarray, ScalePlan]:
+    """A read sample's probabilities at ``seg``'s inference scale, and the plan: its resize
+    logged (after ``label``) and a too small enlargement warned of, as evaluate and compare
+    score it."""
+    plan = seg.scale_plan(data.image, data.fov)
+    if plan.rescaled:
+        log.info(f"{label} {data.name}: {plan.describe()}")
+    _warn(plan.warning(source))
+    return seg.probability_at_inference_scale(data.image, data.fov, plan, threshold,
+                                              source), plan
+
+
 def _vote_words(seg: Segmenter) -> str:
     if not seg.av_vote:
         return ""
@@ -644,18 +665,11 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         for sample in progress(samples, "evaluate", name=lambda s: Path(s.image).name):
             data = read_sample(sample)
             seg.check_image_size(data.image, sample.image)
-            if data.fov_estimated:
-                for warning in estimate_warnings(data.image, data.fov, str(sample.image)):
-                    _warn(warning)
+            _warn_of_estimate(data, sample)
             target = target_of(data, task) > 0.5
             # Outside the FOV the prediction is background, as in the shipped masks and papers; a
             # photograph of another scale is resized near the training scale, as predict does.
-            plan = seg.scale_plan(data.image, data.fov)
-            if plan.rescaled:
-                log.info(f"{name} {data.name}: {plan.describe()}")
-            _warn(plan.warning(sample.image))
-            prob = seg.probability_at_inference_scale(data.image, data.fov, plan, threshold,
-                                                      sample.image)
+            prob, plan = _probability_as_planned(seg, data, sample.image, name, threshold)
             if vessel_channel_only:
                 prob = prob[..., -1:]  # artery, vein, vessel
             prob = prob * data.fov[..., None]

@@ -709,12 +709,18 @@ class Segmenter:
             words += f" at scales {', '.join(f'{s:g}' for s in scales)}"
         return words
 
+    @property
+    def _inference_scale_name(self) -> str:
+        """E.g. "inference scale auto", "inference scale 0.05"."""
+        setting = self.inference_scale
+        return f"inference scale {setting:g}" if isinstance(setting, float) else \
+            f"inference scale {setting}"
+
     def describe_inference_scale(self) -> str:
         """The rule of :attr:`inference_scale` in words, for reports."""
         trained = self.run_info.get("fov_diameter")
         setting = self.inference_scale
-        name = f"inference scale {setting:g}" if isinstance(setting, float) else \
-            f"inference scale {setting}"
+        name = self._inference_scale_name
         if setting == "native" or not trained:
             why = "" if setting == "native" else " (the run records no training FOV diameter)"
             return f"{name}: every photograph is segmented as it is{why}"
@@ -763,7 +769,7 @@ class Segmenter:
             return self.probability(image, threshold)
         if min(plan.size) < self.min_image_size:  # 29x19 px came back as 28 % vessel
             raise DatasetError(f"{source} would be segmented at {plan.size[0]}x{plan.size[1]} "
-                               f"pixels ({self.describe_inference_scale().split(':')[0]}), under "
+                               f"pixels ({self._inference_scale_name}), under "
                                f"the {self.min_image_size} px this model needs: give a larger "
                                "--inference_scale")
         h, w = image.shape[:2]
