@@ -29,6 +29,8 @@ flags.DEFINE_string("data_dir", None, "HRF folder (images/, manual1/, mask/); de
 flags.DEFINE_string("image", "01_dr", "The HRF image to time (its name).")
 flags.DEFINE_list("settings", ["auto"], "--inference_scale settings to time.")
 flags.DEFINE_integer("tile_size", 0, "--tile_size (0: automatic).")
+flags.DEFINE_enum("precision", "float32", ["auto", "float32", "bfloat16"],
+                  "--precision (predict's default is auto).")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (after one warm-up).",
                      lower_bound=1)
 flags.DEFINE_string("child", None, "Internal: time this one setting and print JSON.")
@@ -61,7 +63,8 @@ def _time_one(setting: str, path: str) -> dict:
     from retina_tf.data.io import read_image
     from retina_tf.inference import Segmenter
 
-    seg = Segmenter.from_run(FLAGS.model, inference_scale=setting, tile_size=FLAGS.tile_size)
+    seg = Segmenter.from_run(FLAGS.model, inference_scale=setting, tile_size=FLAGS.tile_size,
+                             precision=FLAGS.precision)
 
     def once():
         image = read_image(path)
@@ -92,16 +95,16 @@ def main(_):
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f"--child={setting}",
              f"--model={FLAGS.model}", f"--tile_size={FLAGS.tile_size}",
-             f"--runs={FLAGS.runs}", f"--photograph={path}"],
+             f"--runs={FLAGS.runs}", f"--photograph={path}", f"--precision={FLAGS.precision}"],
             capture_output=True, text=True)
         result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not result:
             raise SystemExit(f"{setting}: failed\n{proc.stderr[-2000:]}")
         rows.append(json.loads(result[0][len("RESULT "):]))
         print(f"{setting}: {rows[-1]}", flush=True)
-    print(f"\n{FLAGS.model} on {os.path.basename(path)} ({rows[0]['size']}), read + FOV estimate + "
-          f"segment, median of {FLAGS.runs} runs, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"\n{FLAGS.model} on {os.path.basename(path)} ({rows[0]['size']}), {FLAGS.precision}, "
+          f"read + FOV estimate + segment, median of {FLAGS.runs} runs, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| --inference_scale | segmented at | median s | min s | peak memory |")
     print("|---|---|---|---|---|")
     for r in rows:

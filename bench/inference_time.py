@@ -3,7 +3,7 @@ sliding-window inference of the same model, and in bfloat16 against float32.
 
     .venv/bin/python bench/inference_time.py --model=unet_drive --data_dir=data/DRIVE
     .venv/bin/python bench/inference_time.py --model=unet_drive --data_dir=data/DRIVE \
-        --precisions=float32,bfloat16 --rounds=5
+        --precisions=float32,bfloat16 --rounds=5 --unfolded
 
 The settings are timed in alternation, ``--rounds`` times over the images; the median and the
 minimum over all are printed. For whole-image inference also the network's operations per image
@@ -30,6 +30,8 @@ flags.DEFINE_integer("images", 5, "Images to time.")
 flags.DEFINE_integer("stride", 0, "Also time sliding-window inference with this stride (0 = no).")
 flags.DEFINE_list("precisions", ["float32"], "Precisions to time (float32, bfloat16).")
 flags.DEFINE_integer("rounds", 1, "Rounds over the images, the settings alternating.")
+flags.DEFINE_boolean("unfolded", False, "Also time bfloat16 with the batch norms left as layers "
+                     "(not folded into the convolutions, as before 2026-12-05).")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +59,11 @@ def main(_):
         modes.append(("sliding", {"stride": FLAGS.stride}))
     settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, **extra)
                 for mode, extra in modes for p in FLAGS.precisions}
+    if FLAGS.unfolded:
+        for mode, extra in modes:
+            seg = Segmenter.from_run(FLAGS.model, inference=mode, precision="bfloat16", **extra)
+            seg.network = seg.model  # read when the forward pass is first traced
+            settings[(mode, "bfloat16, batch norms unfolded")] = seg
     times = {key: [] for key in settings}
     for seg in settings.values():
         seg.probability(images[0])  # trace once
@@ -69,18 +76,19 @@ def main(_):
     seg = next(iter(settings.values()))
     height, width = pad_to_multiple(images[0], seg.size_multiple).shape[:2]
     gflop = forward_flops(seg.model, height, width) / 1e9
-    peaks = {p: matmul_gflops(dtype=p) for p in FLAGS.precisions if p in ("float32", "bfloat16")}
+    peaks = {p: matmul_gflops(dtype=p) for p in {seg.precision for seg in settings.values()}}
     for (mode, precision), seg in settings.items():
         t = times[(mode, precision)]
         print(f"{FLAGS.model} ({seg.model.count_params() / 1e6:.2f} M parameters), {mode}"
               f"{' stride ' + str(FLAGS.stride) if mode == 'sliding' else ''}, {precision}: "
               f"median {np.median(t):.3f} s per {images[0].shape[1]}x{images[0].shape[0]} image "
               f"(min {np.min(t):.3f}, preprocessing included, {os.cpu_count()} cores)")
-        if mode == "whole" and precision in peaks:
+        dtype = seg.precision
+        if mode == "whole":
             rate = gflop / np.median(t)
             print(f"  {gflop:.1f} GFLOP per image ({width}x{height} padded): {rate:.0f} GFLOP/s "
-                  f"end to end, {rate / peaks[precision]:.0%} of this CPU's {precision} matmul "
-                  f"peak ({peaks[precision]:.0f} GFLOP/s)")
+                  f"end to end, {rate / peaks[dtype]:.0%} of this CPU's {dtype} matmul "
+                  f"peak ({peaks[dtype]:.0f} GFLOP/s)")
 
 if __name__ == "__main__":
     run_reported(main)

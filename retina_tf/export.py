@@ -141,7 +141,7 @@ def _network_inputs(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None 
 def _probability(seg: Segmenter, batch: tf.Tensor, context: tf.Tensor | None = None,
                  features: tf.Tensor | None = None):
     """The network's probabilities (as ``Segmenter``'s forward pass)."""
-    outputs = seg.model(_network_inputs(seg, batch, context, features), training=False)
+    outputs = seg.network(_network_inputs(seg, batch, context, features), training=False)
     return logits_to_probability(model_logits(outputs))
 
 
@@ -179,7 +179,7 @@ class _Serving(tf.Module):
         # Only the variables are tracked, by path, to be saved with the functions: tracking the
         # Keras model makes tf.saved_model.save walk its whole object graph, several times slower.
         weights = {}
-        for i, v in enumerate(seg.model.variables):
+        for i, v in enumerate(seg.network.variables):
             weights[v.path if v.path not in weights else f"{v.path}#{i}"] = v.value
         self.weights = weights
         self._seg = seg

@@ -47,6 +47,12 @@ def test_bfloat16_segments_a_drive_photograph_as_float32_does(shared_data):
     f32 = Segmenter.from_pretrained("unet_drive")
     bf16 = Segmenter.from_pretrained("unet_drive", precision="bfloat16")
     assert (f32.precision, bf16.precision) == ("float32", "bfloat16")
+    # bfloat16 runs the network with its batch norms folded into the convolutions
+    assert f32.network is f32.model
+    assert not [layer for layer in bf16.network.layers
+                if isinstance(layer, keras.layers.BatchNormalization)]
+    assert {layer.compute_dtype for layer in bf16.network.layers
+            if isinstance(layer, keras.layers.Conv2D)} == {"bfloat16"}
     p32, p16 = f32.probability(image), bf16.probability(image)
     assert p16.dtype == np.float32 and p16.shape == p32.shape
     assert np.abs(p16 - p32).mean() < 0.01

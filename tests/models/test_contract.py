@@ -3,11 +3,13 @@ skip this test, because it runs over ``model_names()`` and needs a tiny configur
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
+from retina_tf.inference import fold_batch_norms
 from retina_tf.models import build_model, model_names
 from retina_tf.models.base import SegmentationModel
 from retina_tf.training import train
@@ -60,6 +62,52 @@ def test_model_keeps_the_contract_and_reloads_identically(name, tmp_path):
             with pytest.raises(ValueError, match=rf"an input of {odd.shape[1]}x{odd.shape[2]} px; "
                                                  "height and width must be multiples"):
                 model(odd, training=False)
+
+
+def _randomize_batch_norms(model) -> int:
+    """Gives every batch normalization statistics and an affine of its own (a fresh one is the
+    identity, which any folding would keep); returns how many there are."""
+    rng = np.random.default_rng(1)
+    norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+             if type(layer).__name__ == "BatchNormalization"]
+    for bn in norms:
+        bn.set_weights([rng.uniform(0.5, 2.0, w.shape).astype("float32") if "variance" in w.path
+                        or "gamma" in w.path else rng.normal(0, 0.5, w.shape).astype("float32")
+                        for w in bn.weights])
+    return len(norms)
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "mae"])
+def test_folding_the_batch_norms_computes_the_same_function(name):
+    model = build_model(name, input_channels=1, **TINY[name])
+    x = _input(model)
+    model(x, training=False)
+    norms = _randomize_batch_norms(model)
+    before = [w.copy() for w in model.get_weights()]
+    folded = fold_batch_norms(model)
+
+    def logits(m):
+        out = m(x, training=False)
+        return np.asarray(out["logits"] if isinstance(out, dict) else out)
+
+    expected = logits(model)
+    np.testing.assert_allclose(logits(folded), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+    for a, b in zip(model.get_weights(), before):  # the model itself is left as it was
+        np.testing.assert_array_equal(a, b)
+    if name == "unet":  # every conv of the U-Net is followed by its batch norm
+        assert norms > 0 and not any(type(layer).__name__ == "BatchNormalization"
+                                     for layer in folded.layers)
+
+
+def test_a_convolution_read_by_more_than_its_batch_norm_is_not_folded():
+    inputs = keras.Input((16, 16, 1))
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    normed = keras.layers.BatchNormalization()(conv)
+    outputs = keras.layers.Concatenate()([normed, conv])  # the raw conv output read too
+    model = keras.Model(inputs, outputs)
+    _randomize_batch_norms(model)
+    assert fold_batch_norms(model) is model
 
 
 def test_a_model_without_inference_scales_refuses_them():
