@@ -5,6 +5,7 @@ runs (each a fresh process, as a user's training is).
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 \
         --base_filters=32 --patch_size=96 --batch_size=8        # the DRIVE recipe's shape
+    .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 --keras_batch_norm
 
 Each run measures the TensorFlow matmul peak (bench/matmul_peak.py; in bfloat16 with
 --mixed_precision, float32 otherwise) in its own process just before it trains, so a slow run
@@ -13,7 +14,9 @@ Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of w
 "cores busy" is the process's CPU time over the wall time while it trains; "steps" the time of
 the timed steps after the first; "end wait" the time from the last step's end to `fit`'s return.
 retina_tf's datasets run without tf.data's autotuning; `--tf_data_autotune` turns it back on to
-show the wait it caused at the end of `fit` (docs/results/speed.md, "two speeds").
+show the wait it caused at the end of `fit` (docs/results/speed.md, "two speeds"), and
+`--keras_batch_norm` times Keras's own batch normalization step in place of the fused kernel
+(retina_tf.models.blocks.BatchNormalization).
 """
 
 import json
@@ -42,6 +45,9 @@ flags.DEFINE_boolean("tf_data_autotune", False,
                      "Turn tf.data's autotuning back on (tf.data's default; off in retina_tf).")
 flags.DEFINE_boolean("mixed_precision", False,
                      "Train as train.py --mixed_precision does (bfloat16 compute on a CPU).")
+flags.DEFINE_boolean("keras_batch_norm", False,
+                     "Train with Keras's own batch normalization step instead of TensorFlow's "
+                     "fused kernel (retina_tf before 2026-12-05).")
 flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON line.")
 FLAGS = flags.FLAGS
 
@@ -83,6 +89,9 @@ def one_run() -> dict:
         next(it)
     pipe = FLAGS.batches * FLAGS.batch_size / (time.perf_counter() - start)
 
+    if FLAGS.keras_batch_norm:
+        from retina_tf.models import blocks
+        blocks.BatchNormalization.call = keras.layers.BatchNormalization.call
     with compute_precision(FLAGS.mixed_precision):
         model = build_model("unet", base_filters=FLAGS.base_filters)
     model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
@@ -116,7 +125,7 @@ def main(_):
     args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
         f"--{name}={getattr(FLAGS, name)}" for name in
         ("patch_size", "batch_size", "base_filters", "batches", "tf_data_autotune",
-         "mixed_precision")] + (
+         "mixed_precision", "keras_batch_norm")] + (
         [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
     print(f"U-Net base {FLAGS.base_filters}, patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "

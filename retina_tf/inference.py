@@ -37,7 +37,7 @@ from retina_tf.data.io import atomic_write_bytes, fov_of_array, is_gray
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
-from retina_tf.models import load_all
+from retina_tf.models import blocks, load_all
 from retina_tf.models.base import SegmentationModel
 from retina_tf.postprocess import av_mask, vote_av_segments
 from retina_tf.run_folder import (
@@ -298,7 +298,8 @@ def _foldable_batch_norms(model: keras.Model) -> dict[str, keras.layers.BatchNor
     output only that BatchNormalization (channels last, called once) reads."""
     pairs = {}
     for bn in model.layers:
-        if type(bn) is not keras.layers.BatchNormalization or len(bn._inbound_nodes) != 1 \
+        if type(bn) not in (keras.layers.BatchNormalization, blocks.BatchNormalization) \
+                or len(bn._inbound_nodes) != 1 \
                 or bn.axis not in (-1, 3, [-1], [3]):
             continue
         node = bn._inbound_nodes[0]

@@ -10,6 +10,7 @@ from keras import layers
 
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
+    BatchNormalization,
     LogitsMetricsMixin,
     ResizeToMatch,
     basic_block,
@@ -29,7 +30,7 @@ OUTPUT_STRIDES = (1, 8)
 
 def bn_relu_conv(x, filters: int, kernel_size: int, name: str, use_bias: bool = False):
     """Pre-activation [BN, ReLU, conv], the unit of DAPPM and of the segmentation heads."""
-    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    x = BatchNormalization(**_BN, name=f"{name}_bn")(x)
     x = layers.ReLU(name=f"{name}_relu")(x)
     return layers.Conv2D(filters, kernel_size, padding="same", use_bias=use_bias,
                          kernel_initializer="he_normal", name=f"{name}_conv")(x)

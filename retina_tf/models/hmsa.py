@@ -11,6 +11,7 @@ from keras import layers, ops
 
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
+    BatchNormalization,
     LogitsMetricsMixin,
     ResizeToMatch,
     set_bn_momentum,
@@ -45,10 +46,10 @@ class ScaleAttentionHead(layers.Layer):
         self.channels = channels
         self.conv1 = layers.Conv2D(channels, 3, padding="same", use_bias=False,
                                    kernel_initializer="he_normal", name="conv1")
-        self.bn1 = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn1")
+        self.bn1 = BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn1")
         self.conv2 = layers.Conv2D(channels, 3, padding="same", use_bias=False,
                                    kernel_initializer="he_normal", name="conv2")
-        self.bn2 = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2")
+        self.bn2 = BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn2")
         self.out = layers.Conv2D(1, 1, name="attention_logit")
 
     def build(self, input_shape):

@@ -10,6 +10,7 @@ from keras import layers, ops
 
 from retina_tf.models.base import SegmentationModel
 from retina_tf.models.blocks import (
+    BatchNormalization,
     LogitsMetricsMixin,
     basic_block,
     bottleneck_block,
@@ -113,7 +114,7 @@ def _conv_bn_relu(x, filters: int, kernel_size: int = 3, strides: int = 1, name:
 def _dense_bn_relu(x, units: int, name: str):
     """A 1x1 conv on a set of region vectors ``(B, K, C)``: dense (no bias), BN, ReLU."""
     x = layers.Dense(units, use_bias=False, kernel_initializer="he_normal", name=f"{name}_dense")(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 

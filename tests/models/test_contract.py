@@ -10,7 +10,7 @@ import pytest
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
 from retina_tf.inference import fold_batch_norms
-from retina_tf.models import build_model, model_names
+from retina_tf.models import blocks, build_model, model_names
 from retina_tf.models.base import SegmentationModel
 from retina_tf.training import train
 from tests.models.helpers import assert_reload_identical
@@ -69,7 +69,7 @@ def _randomize_batch_norms(model) -> int:
     identity, which any folding would keep); returns how many there are."""
     rng = np.random.default_rng(1)
     norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-             if type(layer).__name__ == "BatchNormalization"]
+             if isinstance(layer, keras.layers.BatchNormalization)]
     for bn in norms:
         bn.set_weights([rng.uniform(0.5, 2.0, w.shape).astype("float32") if "variance" in w.path
                         or "gamma" in w.path else rng.normal(0, 0.5, w.shape).astype("float32")
@@ -96,8 +96,34 @@ def test_folding_the_batch_norms_computes_the_same_function(name):
     for a, b in zip(model.get_weights(), before):  # the model itself is left as it was
         np.testing.assert_array_equal(a, b)
     if name == "unet":  # every conv of the U-Net is followed by its batch norm
-        assert norms > 0 and not any(type(layer).__name__ == "BatchNormalization"
+        assert norms > 0 and not any(isinstance(layer, keras.layers.BatchNormalization)
                                      for layer in folded.layers)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_the_fused_batch_norm_trains_as_keras_batch_normalization_does(dtype):
+    import tensorflow as tf
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(1.0, 2.0, (4, 6, 5, 3)), "float32")
+    upstream = tf.constant(rng.normal(size=(4, 6, 5, 3)), "float32")
+    results = []
+    for cls in (keras.layers.BatchNormalization, blocks.BatchNormalization):
+        layer = cls(momentum=0.8, epsilon=1e-3, dtype=dtype)
+        layer.build(x.shape)
+        layer.set_weights([np.array([0.5, 1.5, 2.0], "float32"), np.array([0.1, -0.2, 0.3],
+                           "float32"), np.zeros(3, "float32"), np.ones(3, "float32")])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x, training=True), "float32")
+            loss = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance,
+                        layer(x, training=False)])
+    tol = 1e-5 if dtype == "float32" else 3e-2  # bfloat16: 2-3 significant digits
+    for keras_value, fused_value in zip(*results):
+        a, b = np.asarray(keras_value, "float32"), np.asarray(fused_value, "float32")
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * np.abs(a).max())
+    assert np.abs(np.asarray(results[0][4]) - 0).max() > 0.1  # the statistics moved
 
 
 def test_a_convolution_read_by_more_than_its_batch_norm_is_not_folded():
