@@ -343,6 +343,8 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
 
     copy = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
+        if id(layer) in folded_bns or not layer.weights:  # an unnamed input is renamed
+            continue
         target = copy.get_layer(layer.name)
         if layer.name in pairs:
             bn = pairs[layer.name]
@@ -356,7 +358,7 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else 0.0
             target.set_weights([(kernel * scale).astype(np.float32),
                                 ((bias - mean) * scale + shift).astype(np.float32)])
-        elif id(layer) not in folded_bns and layer.weights:
+        else:
             target.set_weights(layer.get_weights())
     return copy
 

@@ -17,14 +17,18 @@ class BatchNormalization(layers.BatchNormalization):
     fused kernel makes one pass over float32 or bfloat16 input: U-Net training 1.2x faster in
     float32 and 1.7-1.8x in bfloat16 on 2 cores (docs/results/speed.md). Inference, the weights and
     the moving-average update (of the biased batch variance) are Keras's; the cases the fused
-    kernel does not cover (masks, renorm, synchronized, not 4-D channels-last) are Keras's too.
+    kernel does not cover (masks, renorm, synchronized, not 4-D channels-last, float64 or
+    pure-bfloat16 policies) are Keras's too.
     Keras's class name, since model files key the weights by it: the run folders saved with
     Keras's layer load into this one.
     """
 
     def call(self, inputs, training=None, mask=None):
         if (not (training and self.trainable) or mask is not None or self.renorm
-                or self.synchronized or len(inputs.shape) != 4 or self.axis % 4 != 3):
+                or self.synchronized or len(inputs.shape) != 4 or self.axis % 4 != 3
+                # the kernel takes 16-bit or float32 input and float32 statistics
+                or self.variable_dtype != "float32"
+                or inputs.dtype not in (tf.float16, tf.bfloat16, tf.float32)):
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
         gamma = self.gamma if self.scale else tf.ones((channels,), "float32")

@@ -126,6 +126,30 @@ def test_the_fused_batch_norm_trains_as_keras_batch_normalization_does(dtype):
     assert np.abs(np.asarray(results[0][4]) - 0).max() > 0.1  # the statistics moved
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_the_fused_batch_norm_leaves_other_policies_to_keras(dtype):
+    import tensorflow as tf
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, 4, 4, 3)), dtype)
+    outputs = []
+    for cls in (keras.layers.BatchNormalization, blocks.BatchNormalization):
+        layer = cls(dtype=dtype)
+        outputs.append(np.asarray(tf.cast(layer(x, training=True), "float32")))
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_a_plain_keras_model_with_an_unnamed_input_folds():
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    outputs = keras.layers.Conv2D(1, 1)(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, outputs)
+    _randomize_batch_norms(model)
+    folded = fold_batch_norms(model)
+    x = np.random.default_rng(4).random((1, 16, 16, 1)).astype("float32")
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)
+
+
 def test_a_convolution_read_by_more_than_its_batch_norm_is_not_folded():
     inputs = keras.Input((16, 16, 1))
     conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
