@@ -126,6 +126,18 @@ def test_the_fused_batch_norm_trains_as_keras_batch_normalization_does(dtype):
     assert np.abs(np.asarray(results[0][4]) - 0).max() > 0.1  # the statistics moved
 
 
+@pytest.mark.parametrize("dtype,fused", [("float32", True), ("mixed_bfloat16", True),
+                                         ("float64", False)])
+def test_a_training_step_runs_the_fused_kernel_where_it_applies(dtype, fused):
+    # the equality above holds on Keras's own step too: this is what makes training faster
+    import tensorflow as tf
+    layer = blocks.BatchNormalization(dtype=dtype)
+    x = tf.zeros((2, 4, 4, 3), "float64" if dtype == "float64" else "float32")
+    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(x).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert ("FusedBatchNormV3" in ops) is fused
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_the_fused_batch_norm_leaves_other_policies_to_keras(dtype):
     import tensorflow as tf
