@@ -34,8 +34,7 @@ class BatchNormalization(layers.BatchNormalization):
         gamma = self.gamma if self.scale else tf.ones((channels,), "float32")
         beta = self.beta if self.center else tf.zeros((channels,), "float32")
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, ops.cast(gamma, "float32"), ops.cast(beta, "float32"),
-            epsilon=self.epsilon, is_training=True)
+            inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
         # the kernel's variance is the unbiased one; Keras averages the biased one
         count = ops.cast(ops.size(inputs) // channels, "float32")
         variance = variance * (count - 1.0) / ops.maximum(count, 1.0)
