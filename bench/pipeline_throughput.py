@@ -6,17 +6,21 @@ runs (each a fresh process, as a user's training is).
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 \
         --base_filters=32 --patch_size=96 --batch_size=8        # the DRIVE recipe's shape
     .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 --keras_batch_norm
+    .venv/bin/python bench/pipeline_throughput.py --data_dir=data/DRIVE --runs=5 --keras_adam
 
 Each run measures the TensorFlow matmul peak (bench/matmul_peak.py; in bfloat16 with
 --mixed_precision, float32 otherwise) in its own process just before it trains, so a slow run
 on a slow machine shows as the same share of a lower peak.
 Training FLOPs are 3x the forward pass's (backward: gradients of inputs and of weights).
-"cores busy" is the process's CPU time over the wall time while it trains; "steps" the time of
-the timed steps after the first; "end wait" the time from the last step's end to `fit`'s return.
+"first fit" is the warm-up `fit` of 5 steps (the training step traced and optimized, then
+run); "cores busy" is the process's CPU time over the wall time while it trains; "steps" the
+time of the timed steps after the first; "end wait" the time from the last step's end to
+`fit`'s return.
 retina_tf's datasets run without tf.data's autotuning; `--tf_data_autotune` turns it back on to
 show the wait it caused at the end of `fit` (docs/results/speed.md, "two speeds"), and
 `--keras_batch_norm` times Keras's own batch normalization step in place of the fused kernel
-(retina_tf.models.blocks.BatchNormalization).
+(retina_tf.models.blocks.BatchNormalization), and `--keras_adam` Keras's Adam in place of
+retina_tf.optimizers.Adam (one fused kernel per variable).
 """
 
 import json
@@ -48,6 +52,8 @@ flags.DEFINE_boolean("mixed_precision", False,
 flags.DEFINE_boolean("keras_batch_norm", False,
                      "Train with Keras's own batch normalization step instead of TensorFlow's "
                      "fused kernel (retina_tf before 2026-12-05).")
+flags.DEFINE_boolean("keras_adam", False,
+                     "Keras's Adam in place of retina_tf.optimizers.Adam (its fused kernel).")
 flags.DEFINE_boolean("one_run", False, "Internal: one run, printed as a JSON line.")
 FLAGS = flags.FLAGS
 
@@ -57,6 +63,7 @@ def one_run() -> dict:
     import tensorflow as tf
 
     from bench.matmul_peak import forward_flops, matmul_gflops
+    from retina_tf import optimizers
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import Augment, build_set, patch_dataset
@@ -94,8 +101,11 @@ def one_run() -> dict:
         blocks.BatchNormalization.call = keras.layers.BatchNormalization.call
     with compute_precision(FLAGS.mixed_precision):
         model = build_model("unet", base_filters=FLAGS.base_filters)
-    model.compile(optimizer="adam", loss=SegmentationLoss("bce_dice"))
+    model.compile(optimizer=keras.optimizers.Adam() if FLAGS.keras_adam else optimizers.Adam(),
+                  loss=SegmentationLoss("bce_dice"))
+    first = time.perf_counter()
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # trace, warm up
+    first = time.perf_counter() - first
     ends = []
     timer = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
@@ -108,7 +118,8 @@ def one_run() -> dict:
     gflops = train * 3 * forward_flops(model, FLAGS.patch_size) / 1e9
     return {"dataset": f"{dataset} ({len(seg)} images)", "pipeline": pipe, "train": train,
             "gflops": gflops, "peak": peak, "params": model.count_params(),
-            "cores_busy": cores_busy, "steps": ends[-1] - ends[0], "end_wait": end - ends[-1]}
+            "cores_busy": cores_busy, "first_fit": first, "steps": ends[-1] - ends[0],
+            "end_wait": end - ends[-1]}
 
 
 def _cpu_seconds() -> float:
@@ -125,13 +136,13 @@ def main(_):
     args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
         f"--{name}={getattr(FLAGS, name)}" for name in
         ("patch_size", "batch_size", "base_filters", "batches", "tf_data_autotune",
-         "mixed_precision", "keras_batch_norm")] + (
+         "mixed_precision", "keras_batch_norm", "keras_adam")] + (
         [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
     print(f"U-Net base {FLAGS.base_filters}, patches {FLAGS.patch_size}x{FLAGS.patch_size}, "
           f"batch {FLAGS.batch_size}, augmentation on; {os.cpu_count()} CPU cores, "
           f"{vector_extensions()}")
     print("run  pipeline patches/s  training patches/s  training GFLOP/s  matmul peak  share"
-          "  cores busy  steps (s)  end wait (s)")
+          "  first fit (s)  cores busy  steps (s)  end wait (s)")
     runs = []
     for i in range(FLAGS.runs):
         proc = subprocess.run(args, capture_output=True, text=True)
@@ -140,7 +151,8 @@ def main(_):
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append(r)
         print(f"{i + 1:3d}  {r['pipeline']:18.0f}  {r['train']:18.0f}  {r['gflops']:16.0f}  "
-              f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['cores_busy']:10.2f}  "
+              f"{r['peak']:11.0f}  {r['gflops'] / r['peak']:5.0%}  {r['first_fit']:13.2f}  "
+              f"{r['cores_busy']:10.2f}  "
               f"{r['steps']:9.2f}  {r['end_wait']:12.2f}", flush=True)
     train = [r["train"] for r in runs]
     share = [r["gflops"] / r["peak"] for r in runs]

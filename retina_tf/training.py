@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from retina_tf import optimizers
 from retina_tf.config import MAEConfig, TrainConfig, to_flag_lines
 from retina_tf.data.camera import camera_variants
 from retina_tf.data.catalog import SPLITS, Sample, normalize_dataset_name
@@ -367,9 +368,9 @@ def make_optimizer(name: str, schedule, weight_decay: float = 1e-4,
     (:class:`AverageWeights` puts it in the model)."""
     ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     if name == "adam":
-        return keras.optimizers.Adam(schedule, **ema)
+        return optimizers.Adam(schedule, **ema)
     if name == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay, **ema)
+        return optimizers.AdamW(schedule, weight_decay=weight_decay, **ema)
     if name == "sgd":
         return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -73,7 +73,8 @@ def test_no_retina_tf_imports_hide_inside_functions():
 LAYERS = [
     ("retina_tf._startup", "retina_tf.errors", "retina_tf.config", "retina_tf.progress",
      "retina_tf.data", "retina_tf.visualize"),
-    ("retina_tf.losses", "retina_tf.metrics", "retina_tf.postprocess", "retina_tf.error_maps"),
+    ("retina_tf.losses", "retina_tf.metrics", "retina_tf.optimizers", "retina_tf.postprocess",
+     "retina_tf.error_maps"),
     ("retina_tf.models",),
     ("retina_tf.run_folder", "retina_tf.inference"),
     ("retina_tf.evaluation", "retina_tf.export"),

@@ -20,6 +20,7 @@ from retina_tf.losses import (
     tversky_loss,
     vessel_width_map,
 )
+from retina_tf.optimizers import Adam
 
 LOG2 = math.log(2.0)
 
@@ -265,7 +266,7 @@ def test_fit_with_fov_weights_lowers_the_loss() -> None:
     dataset = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4).repeat()
     model = _tiny_model()
     loss = SegmentationLoss("bce_dice")
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=loss, jit_compile=loss.supports_jit)
+    model.compile(optimizer=Adam(0.05), loss=loss, jit_compile=loss.supports_jit)
     before = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0)
     model.fit(dataset, steps_per_epoch=30, epochs=1, shuffle=False, verbose=0)
     after = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0)
@@ -293,7 +294,7 @@ def test_seed_mix_trains_under_a_distribution_strategy() -> None:
     with strategy.scope():
         model = _tiny_model()
         loss = SegmentationLoss("seed_vit")
-        model.compile(optimizer=keras.optimizers.Adam(0.05), loss=loss,
+        model.compile(optimizer=Adam(0.05), loss=loss,
                       jit_compile=loss.supports_jit)
     history = model.fit(dataset, steps_per_epoch=10, epochs=2, shuffle=False,
                         verbose=0).history["loss"]

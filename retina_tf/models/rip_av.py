@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from retina_tf import optimizers
 from retina_tf.data.rip import distance_targets, seed_distance_targets
 from retina_tf.errors import ConfigError
 from retina_tf.losses import bce_loss, dice_loss, per_replica, replicas_in_sync
@@ -425,7 +426,7 @@ class RIPAV(SegmentationModel, keras.Model):
         self.discriminator = None
         if self.adversarial_weight:
             self.discriminator = patch_gan(input_channels + num_classes)
-            self.d_optimizer = keras.optimizers.Adam(2e-4, beta_1=0.5)
+            self.d_optimizer = optimizers.Adam(2e-4, beta_1=0.5)
             self.d_optimizer.build(self.discriminator.trainable_variables)
             self.d_loss_tracker = keras.metrics.Mean(name="discriminator_loss")
         self.build()

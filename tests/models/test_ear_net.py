@@ -6,6 +6,7 @@ import tensorflow as tf
 from retina_tf.models import build_model, model_class
 from retina_tf.models.ear_net import EARNet, ErrorAttentionModulation, TrainingSwitch, masked_mse
 from retina_tf.models.hmsa import HMSA
+from retina_tf.optimizers import Adam
 from tests.models.helpers import assert_reload_identical, fit_toy
 
 TINY = dict(width=4, stem_channels=8, num_blocks=1, ocr_mid_channels=16, ocr_key_channels=8,
@@ -224,7 +225,7 @@ def test_fit_lowers_both_losses(tmp_path):
     # differences between CPUs with and without AVX-512 (0.2666 -> 0.2685 on an AVX2 one). 40
     # steps: after 20 the inference loss, on moving statistics of 20 batches of two images,
     # still went up for some seeds and float orders (0.267 -> 0.423); after 40 it fell for each.
-    history = fit_toy(model, x, y, keras.optimizers.Adam(1e-2), epochs=8, steps_per_epoch=5,
+    history = fit_toy(model, x, y, Adam(1e-2), epochs=8, steps_per_epoch=5,
                       fov=fov)
     assert history["loss"][-1] < history["loss"][0]
     assert "f1" in history  # metrics see the segmentation channel only

@@ -7,6 +7,7 @@ from retina_tf.losses import SegmentationLoss
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.hmsa import HMSA, scales_size_multiple
 from retina_tf.models.hrnet_ocr import HRNetOCR
+from retina_tf.optimizers import Adam
 from tests.models.helpers import assert_reload_identical, fit_toy
 
 # A tiny network so a test builds in seconds on a shared CPU.
@@ -129,7 +130,7 @@ def test_a_few_training_steps_lower_the_loss():
     rng = np.random.default_rng(5)
     y = (rng.random((2, 32, 32, 1)) > 0.85).astype("float32")
     x = (0.6 * y + 0.4 * rng.random((2, 32, 32, 1))).astype("float32")
-    history = fit_toy(model, x, y, keras.optimizers.Adam(3e-3), epochs=4, steps_per_epoch=3)
+    history = fit_toy(model, x, y, Adam(3e-3), epochs=4, steps_per_epoch=3)
     assert history["loss"][-1] < history["loss"][0]
     assert "f1" in history
 

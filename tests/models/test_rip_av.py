@@ -19,6 +19,7 @@ from retina_tf.models.rip_av import (
     build_encoder,
     smooth_l1,
 )
+from retina_tf.optimizers import Adam
 from tests.models.helpers import assert_reload_identical
 
 TINY = dict(widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1), context_size=32)
@@ -202,7 +203,7 @@ def test_losses_match_hand_computed_terms():
 
 def _fit(model, x, y, steps=6):
     data = tf.data.Dataset.from_tensors((x, y, np.ones(y.shape[:3] + (1,), "float32"))).repeat()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
+    model.compile(optimizer=Adam(3e-3), jit_compile=False)
     return model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0).history
 
 

@@ -14,6 +14,7 @@ from retina_tf.models.vit_mae import (
     sincos_position_embedding,
     unpatchify,
 )
+from retina_tf.optimizers import Adam
 from retina_tf.training import FreezeEncoder
 from tests.models.helpers import assert_reload_identical, fit_toy
 
@@ -96,7 +97,7 @@ def test_mae_fit_lowers_the_loss_and_reloads(tmp_path):
     model = MAE(**ENC, **DEC)
     x = _images(8, seed=2)
     data = tf.data.Dataset.from_tensors(x).repeat()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.compile(optimizer=Adam(3e-3))
     history = model.fit(data, epochs=4, steps_per_epoch=8, verbose=0, shuffle=False).history
     assert history["loss"][-1] < history["loss"][0]
     noise = np.random.default_rng(3).random((2, 16)).astype("float32")
@@ -146,7 +147,7 @@ def test_vit_seg_fit_lowers_the_loss_and_freeze_keeps_the_encoder():
     x = _images(4, seed=7)
     y = (x > 0.7).astype("float32")
     before = [w.copy() for w in model.encoder.get_weights()]
-    fit_toy(model, x, y, keras.optimizers.Adam(2e-3), epochs=1, steps_per_epoch=3)
+    fit_toy(model, x, y, Adam(2e-3), epochs=1, steps_per_epoch=3)
     assert not np.array_equal(model.encoder.get_weights()[0], before[0])  # trains when not frozen
     # frozen for 2 of 4 epochs: the encoder changes only after the second
     start = model.encoder.get_weights()[0].copy()
