@@ -1,4 +1,4 @@
-"""Adam and AdamW with each variable's update in one TensorFlow kernel.
+"""Adam, AdamW and SGD with each variable's update in one TensorFlow kernel.
 
 Keras 3's Adam (Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization") updates each
 variable in about twenty small operations; TensorFlow's ``ResourceApplyAdam`` kernel does the
@@ -13,7 +13,7 @@ with Keras's optimizer resumes with these and the other way round.
 import keras
 import tensorflow as tf
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "SGD"]
 
 
 def _handle(variable):
@@ -52,3 +52,19 @@ class Adam(_FusedAdamStep, keras.optimizers.Adam):
 class AdamW(_FusedAdamStep, keras.optimizers.AdamW):
     """Keras's ``AdamW``, each variable updated by TensorFlow's fused Adam kernel (the decoupled
     weight decay is applied first, by Keras, as before)."""
+
+
+@keras.saving.register_keras_serializable(package="retina_tf")
+class SGD(keras.optimizers.SGD):
+    """Keras's ``SGD``; with momentum (Polyak 1964; Nesterov's with ``nesterov=True``, Sutskever
+    et al. 2013) each variable's update is TensorFlow's fused ``ResourceApplyKerasMomentum``,
+    Keras's formula: m = momentum m - lr g; w += m, or w += momentum m - lr g (Nesterov)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype, i = variable.dtype, self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_handle(variable), accum=_handle(self.momentums[i]),
+            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+            momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)

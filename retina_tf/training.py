@@ -372,7 +372,7 @@ def make_optimizer(name: str, schedule, weight_decay: float = 1e-4,
     if name == "adamw":
         return optimizers.AdamW(schedule, weight_decay=weight_decay, **ema)
     if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema)
+        return optimizers.SGD(schedule, momentum=0.9, nesterov=True, **ema)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

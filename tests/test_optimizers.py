@@ -1,4 +1,5 @@
-"""retina_tf.optimizers: Keras's Adam and AdamW with each variable's update in one fused kernel."""
+"""retina_tf.optimizers: Keras's Adam, AdamW and SGD with each variable's update in one fused
+kernel."""
 
 import keras
 import numpy as np
@@ -26,6 +27,9 @@ def _steps(optimizer, steps: int = 5) -> np.ndarray:
     ("Adam", {"use_ema": True, "ema_momentum": 0.9, "clipnorm": 0.5}),
     ("Adam", {"amsgrad": True}),  # Keras's own step
     ("AdamW", {"weight_decay": 0.1}),
+    ("SGD", {"momentum": 0.9, "nesterov": True}),
+    ("SGD", {"momentum": 0.5}),
+    ("SGD", {}),  # no momentum: Keras's own step
 ])
 def test_the_fused_step_updates_as_keras_does(name, kwargs):
     ours = _steps(getattr(optimizers, name)(0.01, **kwargs))
@@ -35,24 +39,28 @@ def test_the_fused_step_updates_as_keras_does(name, kwargs):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
 
 
-def test_a_training_step_runs_the_fused_kernel_and_lowers_the_loss():
+@pytest.mark.parametrize("optimizer,kernel", [
+    (optimizers.Adam(0.03), "ResourceApplyAdam"),
+    (optimizers.SGD(0.01, momentum=0.9, nesterov=True), "ResourceApplyKerasMomentum"),
+])
+def test_a_training_step_runs_the_fused_kernel_and_lowers_the_loss(optimizer, kernel):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
                               keras.layers.Dense(1)])
-    model.compile(optimizer=optimizers.Adam(0.03), loss="mse")
+    model.compile(optimizer=optimizer, loss="mse")
     x = np.random.default_rng(1).standard_normal((64, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     history = model.fit(x, y, epochs=10, batch_size=16, verbose=0).history
     assert history["loss"][-1] < 0.5 * history["loss"][0]
     # the update traced as fit traces it: one fused kernel per variable, none of Keras's steps
-    optimizer, variables = model.optimizer, model.trainable_variables
+    variables = model.trainable_variables
     grads = [tf.ones_like(v) for v in variables]
     graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
     definition = graph.as_graph_def()
     op_types = [n.op for n in definition.node] + [
         n.op for f in definition.library.function for n in f.node_def]
-    assert op_types.count("ResourceApplyAdam") == len(variables) == 4
-    assert "Sqrt" not in op_types
+    assert op_types.count(kernel) == len(variables) == 4
+    assert "Sqrt" not in op_types and "Mul" not in op_types
 
 
 def test_saved_state_moves_between_keras_and_fused_adam(tmp_path):

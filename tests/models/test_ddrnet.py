@@ -12,6 +12,7 @@ from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, model_class, model_names
 from retina_tf.models.ddrnet import DDRNet, dappm
+from retina_tf.optimizers import SGD
 from tests.models.helpers import assert_reload_identical, fit_toy
 
 TINY = dict(planes=4, spp_planes=8, head_planes=8)
@@ -131,7 +132,7 @@ def test_a_few_training_steps_lower_the_loss():
     model = tiny(aux_head=True, layers=(1, 1, 1, 1))
     # SGD: tracing Adam's update of this many variables costs ~15 s more CPU (same loss path).
     x, y, w = vessel_batch(batch=4)
-    history = fit_toy(model, x, y, keras.optimizers.SGD(0.05, momentum=0.9), epochs=15,
+    history = fit_toy(model, x, y, SGD(0.05, momentum=0.9), epochs=15,
                       steps_per_epoch=1, fov=w)
     assert history["loss"][-1] < 0.9 * history["loss"][0]
     assert "f1" in history and len(history["f1"]) == 15
