@@ -6,9 +6,11 @@ sliding-window inference of the same model, and in bfloat16 against float32.
         --precisions=float32,bfloat16 --rounds=5 --unfolded
 
 The settings are timed in alternation, ``--rounds`` times over the images; the median and the
-minimum over all are printed. For whole-image inference also the network's operations per image
-and the speed end to end set against this CPU's TensorFlow matmul peak in the same precision
-(bench/matmul_peak.py): how near a time is to what the machine can do.
+minimum over all are printed, and before them the median time of ``Segmenter.from_run`` in each
+precision (three loads after a first one: the run folder read and the model built). For
+whole-image inference also the network's operations per image and the speed end to end set
+against this CPU's TensorFlow matmul peak in the same precision (bench/matmul_peak.py): how near
+a time is to what the machine can do.
 """
 
 import os
@@ -57,6 +59,15 @@ def main(_):
     modes = [("whole", {})]
     if FLAGS.stride:
         modes.append(("sliding", {"stride": FLAGS.stride}))
+    Segmenter.from_run(FLAGS.model)  # the first load starts TensorFlow
+    for p in FLAGS.precisions:
+        loads = []
+        for _ in range(3):
+            start = time.perf_counter()
+            Segmenter.from_run(FLAGS.model, precision=p)
+            loads.append(time.perf_counter() - start)
+        print(f"Segmenter.from_run({FLAGS.model!r}, precision={p!r}): median "
+              f"{np.median(loads):.3f} s")
     settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, **extra)
                 for mode, extra in modes for p in FLAGS.precisions}
     if FLAGS.unfolded:

@@ -271,14 +271,19 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
     precision = resolve_precision(precision, model)
     if precision == "float32":
         return model
-    if not native_bfloat16() and not tf.config.list_logical_devices("GPU"):
-        log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
-                 "expect it slower than --precision=float32")
     if isinstance(model, SegmentationModel):  # clone_model would lose a functional subclass
         copy = type(model).from_config(model.get_config())
     else:
         copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    return _in_bfloat16(copy)
+
+
+def _in_bfloat16(copy: keras.Model) -> keras.Model:
+    """``copy`` (a model of its own) set to compute in bfloat16 (``mixed_bfloat16``)."""
+    if not native_bfloat16() and not tf.config.list_logical_devices("GPU"):
+        log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
+                 "expect it slower than --precision=float32")
     # Keras 3 has no public walk over nested layers; _flatten_layers is what Model.layers uses.
     for layer in copy._flatten_layers(include_self=True, recursive=True):
         layer.dtype_policy = "mixed_bfloat16"
@@ -533,11 +538,12 @@ class Segmenter:
                                   "--eval_scales")
             model = model.with_scales([float(s) for s in scales])
         self.precision = resolve_precision(precision, model)
-        self.model = computing_in(model, self.precision)
+        self._source, self._model = model, None
         # what the forward pass runs: in bfloat16 the batch normalizations folded into the
-        # convolutions (fold_batch_norms; 2.5x faster for unet_drive on a CPU with AMX)
-        self.network = (fold_batch_norms(self.model) if self.precision == "bfloat16"
-                        else self.model)
+        # convolutions (fold_batch_norms; 2.5x faster for unet_drive on a CPU with AMX), a
+        # copy of its own, so the bfloat16 copy of the whole model is made only if asked for
+        folded = fold_batch_norms(model) if self.precision == "bfloat16" else model
+        self.network = _in_bfloat16(folded) if folded is not model else self.model
         self.preprocessor = preprocessor
         # the model knows its own constraint best (it changes with the inference scales)
         self.size_multiple = int(model.size_multiple if contract else size_multiple)
@@ -580,6 +586,15 @@ class Segmenter:
         self._context_features = tf.function(
             lambda x: self.model.context_features(self.model.context_of(x), training=False),
             reduce_retracing=True)
+
+    @property
+    def model(self) -> keras.Model:
+        """The model computing in :attr:`precision` (:func:`computing_in`: in bfloat16 a copy,
+        made on first use)."""
+        if self._model is None:
+            with tf.init_scope():  # eagerly, also when first asked for inside a traced function
+                self._model = computing_in(self._source, self.precision)
+        return self._model
 
     @classmethod
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
@@ -684,7 +699,7 @@ class Segmenter:
     def _probability(self, x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
         forward, features = self._forward, None
-        if isinstance(self.model, SegmentationModel) and self.model.context_fusion:
+        if isinstance(self._source, SegmentationModel) and self._source.context_fusion:
             # RIP-AV: every window (or the padded image) sees the whole image as its context,
             # encoded once here rather than once per window
             features = self._context_features(tf.constant(x[None]))
@@ -787,7 +802,7 @@ class Segmenter:
             words += f" ({self.window} px windows, stride {self.stride})"
         if self.tta:
             words += f" with {self.tta_name}"
-        scales = getattr(self.model, "scales", None)
+        scales = getattr(self._source, "scales", None)
         if scales and list(scales) != [1.0]:
             words += f" at scales {', '.join(f'{s:g}' for s in scales)}"
         return words

@@ -4,6 +4,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from retina_tf.config import ExportConfig
 from retina_tf.data.io import read_image
@@ -58,6 +59,28 @@ def test_bfloat16_segments_a_drive_photograph_as_float32_does(shared_data):
     assert np.abs(p16 - p32).mean() < 0.01
     assert np.mean((p16 >= 0.5) == (p32 >= 0.5)) > 0.995
     assert 0.05 < np.mean(p32 >= 0.5) < 0.3  # vessels there to agree on
+
+
+def test_a_bfloat16_segmenter_copies_the_whole_model_only_when_asked_for(monkeypatch):
+    """The folded network is the forward pass's own copy; ``Segmenter.model``, the whole model
+    in bfloat16, is made on first use, eagerly also when first used inside a traced function."""
+    import retina_tf.inference as inference
+    keras.utils.set_random_seed(0)
+    model = build_model("unet", depth=2, base_filters=4)
+    copies = []
+    monkeypatch.setattr(inference, "computing_in",
+                        lambda m, p: copies.append(p) or computing_in(m, p))
+    seg = Segmenter(model, None, model.size_multiple, precision="bfloat16")
+    assert copies == [] and seg.network is not model
+    x = np.random.default_rng(0).random((1, 16, 16, 1)).astype("float32")
+    folded = keras.ops.convert_to_numpy(seg._forward(x))
+    traced = keras.ops.convert_to_numpy(
+        tf.function(lambda t: seg.model(t, training=False))(x)).astype("float32")
+    assert copies == ["bfloat16"] and seg.model is seg.model  # made once, in the trace
+    assert {v.dtype for v in seg.model.weights} == {"float32"}
+    assert {layer.compute_dtype for layer in seg.model._flatten_layers()
+            if isinstance(layer, keras.layers.Conv2D)} == {"bfloat16"}
+    np.testing.assert_allclose(folded, keras.ops.sigmoid(traced), atol=0.02)
 
 
 def test_the_precision_flag_reaches_the_commands():
