@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,6 +189,13 @@ class _Serving(tf.Module):
         self._classes = _num_classes(seg)
         self._trained_diameter = float(seg.run_info.get("fov_diameter") or 0.0)
         context = _context_size(seg)
+        # The steps several signatures share, each traced once and called from each signature's
+        # graph (inlined, the save would trace the network three times); a namespace, so that
+        # they are not saved as functions of their own.
+        self._steps = types.SimpleNamespace(
+            preprocess=tf.function(lambda image: preprocess(image, seg.preprocessor)),
+            fov=tf.function(estimate_fov),
+            forward=tf.function(self._forward, reduce_retracing=True))
         image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
         self.serving_default = tf.function(self._serve, input_signature=[image])
         self.segment_with_fov = tf.function(
@@ -203,7 +211,7 @@ class _Serving(tf.Module):
 
     # signatures
     def _serve(self, image):
-        return self._segment(image, estimate_fov(image))
+        return self._segment(image, self._steps.fov(image))
 
     def _serve_with_fov(self, image, fov):
         tf.debugging.assert_equal(tf.shape(fov), tf.shape(image)[:2], message=(
@@ -214,11 +222,11 @@ class _Serving(tf.Module):
         return self._segment(image, fov > 0)
 
     def _preprocess(self, image):
-        return {"preprocessed": preprocess(image, self._seg.preprocessor),
-                "fov": tf.cast(estimate_fov(image), tf.uint8)}
+        return {"preprocessed": self._steps.preprocess(image),
+                "fov": tf.cast(self._steps.fov(image), tf.uint8)}
 
     def _network(self, image, context=None):
-        return {"probability": self._forward(image, context)}
+        return {"probability": self._steps.forward(image, context)}
 
     # the steps
     def _forward(self, batch, context=None, features=None):
@@ -283,7 +291,7 @@ class _Serving(tf.Module):
 
     def _probability(self, image):
         """:meth:`Segmenter.probability` without TTA: (H, W, K) probabilities."""
-        x = preprocess(image, self._seg.preprocessor)
+        x = self._steps.preprocess(image)
         context = (self._seg.model.context_of(x[None]) if _context_size(self._seg) else None)
         if self._seg.inference == "sliding":  # the windows share one encoded context
             return self._sliding(x, None if context is None else
@@ -292,7 +300,7 @@ class _Serving(tf.Module):
         multiple = self._seg.size_multiple
         padded = tf.pad(x[None], [[0, 0], [0, (-height) % multiple],
                                   [0, (-width) % multiple], [0, 0]])
-        return self._forward(padded, context)[0, :height, :width]
+        return self._steps.forward(padded, context)[0, :height, :width]
 
     def _sliding(self, x, features):
         """:func:`retina_tf.inference.sliding_window_predict`: windows of ``window`` px every
