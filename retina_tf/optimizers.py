@@ -5,8 +5,8 @@ variable in about twenty small operations; TensorFlow's ``ResourceApplyAdam`` ke
 same update in one. The tests' small HRNet-OCR + HMSA traces a training step of 10,322
 operations instead of 15,074, and a model's first ``fit`` (tracing and optimizing the step)
 takes about a fifth less time; the steps themselves run as fast as before
-(docs/results/speed.md, "The test suite"). The kernel takes 1 - beta in float32 where Keras
-takes it from Python's float (1 - beta_2 of 0.999 is 1.3e-5 of itself smaller), so the weights
+(docs/results/speed.md, "The test suite"). The kernel computes 1 - beta in float32 where Keras
+takes it from Python's float (for beta_2 = 0.999 it comes out 0.0013 % smaller), so the weights
 follow Keras's to about 1e-5 over a hundred steps. Float32 variables only: others, AMSGrad and
 sparse (``IndexedSlices``) gradients take Keras's own step, as does SGD without momentum. The
 variables, the weight decay of AdamW (Loshchilov & Hutter 2019), the weight average and gradient
@@ -32,7 +32,8 @@ class _FusedAdamStep:
     w -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)."""
 
     def update_step(self, gradient, variable, learning_rate):
-        # no fused kernel for these; in 16 bits the kernel's 1 - b2 would round away
+        # no fused kernel for these; below float32 the kernel's 1 - b2 is far off (bfloat16:
+        # 0.999 rounds to 1)
         if (self.amsgrad or tf.as_dtype(variable.dtype) != tf.float32
                 or isinstance(gradient, tf.IndexedSlices)):
             return super().update_step(gradient, variable, learning_rate)
