@@ -19,6 +19,7 @@ epoch in progress:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -179,13 +180,38 @@ def _staging_dir() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 
+# The last weights file serialized, by model: (fingerprint of its variables, the file's bytes
+# before attributes). An epoch's end writes the same state up to three times (best, last and
+# backup checkpoints); Keras serializes it once.
+_LAST_SERIALIZED: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _fingerprint(model: keras.Model) -> bytes:
+    """A digest of the names, shapes and values of the variables a weights file holds (the
+    model's, seed generators' included, and its optimizer's)."""
+    digest = hashlib.blake2b(digest_size=16)
+    optimizer = getattr(model, "optimizer", None)
+    for v in [*model.variables, *(optimizer.variables if optimizer is not None else [])]:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(v))
+        digest.update(f"{v.path}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.data)
+    return digest.digest()
+
+
 def save_weights_file(model: keras.Model, path: Path, attrs: dict[str, Any] | None = None
                       ) -> None:
     """``model.save_weights`` (model and optimizer variables) written durably to ``path``,
     with ``attrs`` stored as HDF5 attributes of the file."""
     with tempfile.TemporaryDirectory(dir=_staging_dir()) as tmp:
         staged = Path(tmp) / "staged.weights.h5"
-        model.save_weights(staged)
+        fingerprint = _fingerprint(model)
+        last = _LAST_SERIALIZED.get(id(model))
+        if last is not None and last[0] == fingerprint:
+            staged.write_bytes(last[1])
+        else:
+            model.save_weights(staged)
+            _LAST_SERIALIZED.clear()  # one file's bytes held, not one per model ever saved
+            _LAST_SERIALIZED[id(model)] = (fingerprint, staged.read_bytes())
         if attrs:
             with h5py.File(staged, "a") as f:
                 f.attrs.update({k: v for k, v in attrs.items() if v is not None})

@@ -256,6 +256,50 @@ def test_weights_files_are_written_whole_with_their_attributes(tmp_path):
     assert not weights_file_is_whole(path)
 
 
+def test_one_state_is_serialized_once_for_its_files_and_a_changed_one_again(tmp_path,
+                                                                            monkeypatch):
+    """An epoch's best, last and backup files hold one state: Keras writes it once; a change to
+    any variable (a weight, the optimizer's) is written anew, and each file keeps its own
+    attributes."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    calls = []
+    save = keras.Model.save_weights
+    monkeypatch.setattr(keras.Model, "save_weights",
+                        lambda self, p, **kw: calls.append(p) or save(self, p, **kw))
+
+    def saved(name, attrs):
+        save_weights_file(model, tmp_path / name, attrs)
+        with h5py.File(tmp_path / name) as f:
+            return dict(f.attrs), [np.asarray(f[k]) for k in sorted(_datasets(f))]
+
+    attrs_a, a = saved("best.weights.h5", {"epoch": 1, "value": 0.5})
+    attrs_b, b = saved("last.weights.h5", {"epoch": 1})
+    assert len(calls) == 1 and attrs_a == {"epoch": 1, "value": 0.5} and attrs_b == {"epoch": 1}
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for variable in (model.layers[0].bias, model.optimizer.variables[-1]):
+        variable.assign(variable + 1.0)
+        _, c = saved("backup.weights.h5", None)
+        assert len(calls) == (2 if variable is model.layers[0].bias else 3)
+        assert any(not np.array_equal(x, y) for x, y in zip(b, c, strict=True))
+        b = c
+    fresh = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    fresh.compile(optimizer="adam", loss="mse")
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(tmp_path / "backup.weights.h5")
+    np.testing.assert_array_equal(fresh.layers[0].bias.numpy(), model.layers[0].bias.numpy())
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names = []
+    f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset)
+                 else None)
+    return names
+
+
 def test_flag_differences_ignore_output_flags_and_read_booleans():
     old = parse_flag_lines("--epochs=2\n--flip\n--visualize\n--logdir=a\n")
     new = parse_flag_lines("--epochs=2\n--noflip\n--novisualize\n--logdir=b\n")
