@@ -28,6 +28,7 @@ import shutil
 import signal
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,10 +181,11 @@ def _staging_dir() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 
-# The last weights file serialized, by model: (fingerprint of its variables, the file's bytes
-# before attributes). An epoch's end writes the same state up to three times (best, last and
-# backup checkpoints); Keras serializes it once.
-_LAST_SERIALIZED: dict[int, tuple[bytes, bytes]] = {}
+# Each live model's last weights file: (fingerprint of its variables, the file's bytes before
+# attributes). An epoch's end writes the same state up to three times (best, last and backup
+# checkpoints); Keras serializes it once. Dropped with the model.
+_LAST_SERIALIZED: weakref.WeakKeyDictionary[keras.Model, tuple[bytes, bytes]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _fingerprint(model: keras.Model) -> bytes:
@@ -205,13 +207,12 @@ def save_weights_file(model: keras.Model, path: Path, attrs: dict[str, Any] | No
     with tempfile.TemporaryDirectory(dir=_staging_dir()) as tmp:
         staged = Path(tmp) / "staged.weights.h5"
         fingerprint = _fingerprint(model)
-        last = _LAST_SERIALIZED.get(id(model))
+        last = _LAST_SERIALIZED.get(model)
         if last is not None and last[0] == fingerprint:
             staged.write_bytes(last[1])
         else:
             model.save_weights(staged)
-            _LAST_SERIALIZED.clear()  # one file's bytes held, not one per model ever saved
-            _LAST_SERIALIZED[id(model)] = (fingerprint, staged.read_bytes())
+            _LAST_SERIALIZED[model] = (fingerprint, staged.read_bytes())
         if attrs:
             with h5py.File(staged, "a") as f:
                 f.attrs.update({k: v for k, v in attrs.items() if v is not None})
