@@ -2,16 +2,14 @@
 
 Keras 3's Adam (Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization") updates each
 variable in about twenty small operations; TensorFlow's ``ResourceApplyAdam`` kernel does the
-same update in one. The tests' small HRNet-OCR + HMSA traces a training step of 10,322
-operations instead of 15,074, and a model's first ``fit`` (tracing and optimizing the step)
-takes about a fifth less time; the steps themselves run as fast as before
-(docs/results/speed.md, "The test suite"). The kernel computes 1 - beta in float32 where Keras
-takes it from Python's float (for beta_2 = 0.999 it comes out 0.0013 % smaller), so the weights
-follow Keras's to about 1e-5 over a hundred steps. Float32 variables only: others, AMSGrad and
-sparse (``IndexedSlices``) gradients take Keras's own step, as does SGD without momentum. The
-variables, the weight decay of AdamW (Loshchilov & Hutter 2019), the weight average and gradient
-clipping are Keras's, so a run saved with Keras's optimizer resumes with these and the other way
-round.
+same update in one, so a model's first ``fit`` (tracing and optimizing the step) takes about a
+fifth less time; the steps themselves run as fast as before (docs/results/speed.md, "The test
+suite"). The kernel computes 1 - beta in float32 where Keras takes it from Python's float (for
+beta_2 = 0.999 it comes out 0.0013 % smaller): the same as Keras's Adam with its betas rounded
+to float32. Float32 variables only: others, AMSGrad and sparse (``IndexedSlices``) gradients take
+Keras's own step, as does SGD without momentum. The variables, the weight decay of AdamW
+(Loshchilov & Hutter 2019), the weight average and gradient clipping are Keras's, so a run saved
+with Keras's optimizer resumes with these and the other way round.
 """
 
 import keras
