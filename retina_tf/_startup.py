@@ -78,6 +78,14 @@ def start_command(argv: list[str]) -> None:
         start_tensorflow_quietly()
 
 
+def one_blas_thread() -> None:
+    """OPENBLAS_NUM_THREADS=1 unless set, before NumPy loads OpenBLAS. A command computes in
+    TensorFlow's own thread pools and gives NumPy's BLAS only small products (colour mixes,
+    the FOV's ellipse fit); OpenBLAS's extra threads would start with it for nothing and spin
+    between calls, taking CPU from TensorFlow on a small machine."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 _sigint_before = None
 _terminal = 2  # stderr's descriptor, or its saved copy while TensorFlow's lines are held
 
@@ -100,6 +108,7 @@ def quiet_start_for_commands() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         with contextlib.suppress(ValueError):  # not the main thread: nothing to do
             _sigint_before = signal.signal(signal.SIGINT, _interrupted_while_loading)
+    one_blas_thread()
     if "tensorflow" not in sys.modules:
         start_command(sys.argv)
 

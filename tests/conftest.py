@@ -8,13 +8,14 @@ import pytest
 
 
 def _start_tensorflow_quietly() -> None:
-    """TensorFlow's start-up log lines held back, as a command does: each pytest-xdist worker
-    would print them, after pytest's summary. retina_tf/_startup.py is loaded from its file:
-    importing it through the package would import TensorFlow first."""
+    """One OpenBLAS thread and TensorFlow's start-up log lines held back, as a command does
+    (each pytest-xdist worker would print them after pytest's summary). retina_tf/_startup.py
+    is loaded from its file: importing it through the package would import TensorFlow first."""
     path = Path(__file__).resolve().parents[1] / "retina_tf" / "_startup.py"
     spec = importlib.util.spec_from_file_location("_retina_tf_test_startup", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.one_blas_thread()  # as a command; the tests' own commands inherit it
     module.start_tensorflow_quietly()
 
 

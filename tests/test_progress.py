@@ -1,5 +1,6 @@
 """Progress lines of the loops over images (retina_tf.progress, evaluate, predict), and the
-commands' quiet start (retina_tf/_startup.py): no TensorFlow C++ log line unless --verbose."""
+commands' quiet start (retina_tf/_startup.py): no TensorFlow C++ log line unless --verbose, one
+OpenBLAS thread."""
 
 import logging
 import os
@@ -159,3 +160,56 @@ def test_a_command_prints_no_tensorflow_log_unless_verbose(tiny_run, tmp_path):
         assert not _tf_lines(bare), "TensorFlow logs, but --verbose does not show it"
         pytest.skip("TensorFlow prints no start-up log on this machine")
     assert any("oneDNN" in line or "cuda" in line.lower() for line in _tf_lines(verbose))
+
+
+_BLAS_THREADS = """
+import ctypes, glob, os, sys
+sys.path.insert(0, {repo!r})
+import importlib.util
+spec = importlib.util.spec_from_file_location("s", {startup!r})
+startup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(startup)
+if sys.argv[1] == "command":
+    startup.one_blas_thread()
+import numpy as np
+libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas64_*.so"))
+if not libs:
+    print("no bundled OpenBLAS")
+else:
+    lib = ctypes.CDLL(libs[0])
+    print(lib.scipy_openblas_get_num_threads64_())
+"""
+
+
+@pytest.mark.parametrize("preset, how, expected", [
+    (None, "command", "1"), ("2", "command", "2"), (None, "library", None)])
+def test_a_command_starts_numpy_with_one_blas_thread_unless_told(preset, how, expected):
+    # NumPy's OpenBLAS reads the variable once, when NumPy loads: a fresh interpreter each
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    code = _BLAS_THREADS.format(repo=str(REPO), startup=str(REPO / "retina_tf" / "_startup.py"))
+    proc = subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.strip() == "no bundled OpenBLAS":
+        pytest.skip("this NumPy has no bundled OpenBLAS to ask")
+    threads = proc.stdout.strip()
+    if expected is None:  # imported as a library: OpenBLAS's own default, a thread per core
+        assert int(threads) > 1 or os.cpu_count() == 1, threads
+    else:
+        assert threads == expected
+
+
+def test_the_command_start_sets_one_blas_thread_before_anything_loads_numpy(monkeypatch):
+    from retina_tf import _startup
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["retina-predict", "--help"])  # a console script
+    _startup.quiet_start_for_commands()  # TensorFlow is imported already: only the variable
+    _startup.loaded()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # not a command: left alone
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    _startup.quiet_start_for_commands()
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
