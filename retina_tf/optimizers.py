@@ -24,27 +24,66 @@ def _handle(variable):
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
-class _FusedAdamStep:
-    """``update_step`` of Keras's Adam as one ``ResourceApplyAdam``, Keras's formula:
+class _FusedStep:
+    """Runs each float32 variable's update as one fused kernel, with the step's scalars (the
+    learning rate, the betas and their powers, ...) made once per step for all variables rather
+    than once per variable, which would add a few operations per variable to the step Keras
+    traces. ``update_step``, Keras's hook, still updates one variable alone."""
+
+    def _fused(self, gradient, variable) -> bool:
+        raise NotImplementedError
+
+    def _scalars(self, learning_rate) -> dict:
+        raise NotImplementedError
+
+    def _apply_fused(self, gradient, variable, scalars: dict) -> None:
+        raise NotImplementedError
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._fused(gradient, variable):
+            return super().update_step(gradient, variable, learning_rate)
+        self._apply_fused(gradient, variable, self._scalars(learning_rate))
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        # Keras's loop over the variables (keras/src/backend/tensorflow/optimizer.py), with
+        # the scalars made once on each device (update() hands each device its own values)
+        scalars = {}
+
+        def apply(variable, gradient, learning_rate):
+            if not self._fused(gradient, variable):
+                return super(_FusedStep, self).update_step(gradient, variable, learning_rate)
+            if variable.device not in scalars:
+                scalars[variable.device] = self._scalars(learning_rate)
+            self._apply_fused(gradient, variable, scalars[variable.device])
+
+        for gradient, variable in grads_and_vars:
+            distribution.extended.update(variable, apply, args=(gradient, learning_rate),
+                                         group=False)
+
+
+class _FusedAdamStep(_FusedStep):
+    """Keras's Adam step as one ``ResourceApplyAdam`` per variable, Keras's formula:
     m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2),
     w -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)."""
 
-    def update_step(self, gradient, variable, learning_rate):
+    def _fused(self, gradient, variable) -> bool:
         # no fused kernel for these; below float32 the kernel's 1 - b2 is far off (bfloat16:
         # 0.999 rounds to 1)
-        if (self.amsgrad or tf.as_dtype(variable.dtype) != tf.float32
-                or isinstance(gradient, tf.IndexedSlices)):
-            return super().update_step(gradient, variable, learning_rate)
+        return not (self.amsgrad or tf.as_dtype(variable.dtype) != tf.float32
+                    or isinstance(gradient, tf.IndexedSlices))
+
+    def _scalars(self, learning_rate) -> dict:
+        step = tf.cast(self.iterations + 1, tf.float32)
+        beta_1, beta_2 = tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32)
+        return dict(beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+                    lr=tf.cast(learning_rate, tf.float32), beta1=beta_1, beta2=beta_2,
+                    epsilon=tf.cast(self.epsilon, tf.float32))
+
+    def _apply_fused(self, gradient, variable, scalars: dict) -> None:
         i = self._get_variable_index(variable)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         tf.raw_ops.ResourceApplyAdam(
             var=_handle(variable), m=_handle(self._momentums[i]),
-            v=_handle(self._velocities[i]), beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype), beta1=beta_1,
-            beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype))
+            v=_handle(self._velocities[i]), grad=tf.cast(gradient, tf.float32), **scalars)
 
 
 # Keras's class names, as BatchNormalization in models/blocks.py keeps its own.
@@ -60,17 +99,21 @@ class AdamW(_FusedAdamStep, keras.optimizers.AdamW):
 
 
 @keras.saving.register_keras_serializable(package="retina_tf")
-class SGD(keras.optimizers.SGD):
+class SGD(_FusedStep, keras.optimizers.SGD):
     """Keras's ``SGD``; with momentum (Polyak 1964; Nesterov's with ``nesterov=True``, Sutskever
     et al. 2013) each variable's update is TensorFlow's fused ``ResourceApplyKerasMomentum``,
     Keras's formula: m = momentum m - lr g; w += m, or w += momentum m - lr g (Nesterov)."""
 
-    def update_step(self, gradient, variable, learning_rate):
-        if (self.momentum == 0 or tf.as_dtype(variable.dtype) != tf.float32
-                or isinstance(gradient, tf.IndexedSlices)):
-            return super().update_step(gradient, variable, learning_rate)
-        dtype, i = variable.dtype, self._get_variable_index(variable)
+    def _fused(self, gradient, variable) -> bool:
+        return not (self.momentum == 0 or tf.as_dtype(variable.dtype) != tf.float32
+                    or isinstance(gradient, tf.IndexedSlices))
+
+    def _scalars(self, learning_rate) -> dict:
+        return dict(lr=tf.cast(learning_rate, tf.float32),
+                    momentum=tf.cast(self.momentum, tf.float32))
+
+    def _apply_fused(self, gradient, variable, scalars: dict) -> None:
+        i = self._get_variable_index(variable)
         tf.raw_ops.ResourceApplyKerasMomentum(
             var=_handle(variable), accum=_handle(self.momentums[i]),
-            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
-            momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)
+            grad=tf.cast(gradient, tf.float32), use_nesterov=self.nesterov, **scalars)

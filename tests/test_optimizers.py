@@ -84,6 +84,8 @@ def test_a_training_step_runs_the_fused_kernel_and_lowers_the_loss(optimizer, ke
         n.op for f in definition.library.function for n in f.node_def]
     assert op_types.count(kernel) == len(variables) == 4
     assert "Sqrt" not in op_types and "Mul" not in op_types
+    if kernel == "ResourceApplyAdam":  # beta_1^t and beta_2^t once per step, for every variable
+        assert op_types.count("Pow") == 2
 
 
 def test_saved_state_moves_between_keras_and_fused_adam(tmp_path):
