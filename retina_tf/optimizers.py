@@ -12,6 +12,8 @@ Keras's own step, as does SGD without momentum. The variables, the weight decay 
 with Keras's optimizer resumes with these and the other way round.
 """
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -40,24 +42,23 @@ class _FusedStep:
         raise NotImplementedError
 
     def update_step(self, gradient, variable, learning_rate):
+        return self._update(variable, gradient, learning_rate, scalars={})
+
+    def _update(self, variable, gradient, learning_rate, scalars: dict):
+        """One variable's update; ``scalars``: the step's scalars by device, made by the first
+        variable on each that needs them."""
         if not self._fused(gradient, variable):
             return super().update_step(gradient, variable, learning_rate)
-        self._apply_fused(gradient, variable, self._scalars(learning_rate))
+        if variable.device not in scalars:
+            scalars[variable.device] = self._scalars(learning_rate)
+        self._apply_fused(gradient, variable, scalars[variable.device])
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
-        # Keras's loop over the variables (keras/src/backend/tensorflow/optimizer.py), with
-        # the scalars made once on each device (update() hands each device its own values)
-        scalars = {}
-
-        def apply(variable, gradient, learning_rate):
-            if not self._fused(gradient, variable):
-                return super(_FusedStep, self).update_step(gradient, variable, learning_rate)
-            if variable.device not in scalars:
-                scalars[variable.device] = self._scalars(learning_rate)
-            self._apply_fused(gradient, variable, scalars[variable.device])
-
+        # Keras's loop over the variables (keras/src/backend/tensorflow/optimizer.py), the
+        # scalars shared by all (update() hands each device its own values)
+        update = functools.partial(self._update, scalars={})
         for gradient, variable in grads_and_vars:
-            distribution.extended.update(variable, apply, args=(gradient, learning_rate),
+            distribution.extended.update(variable, update, args=(gradient, learning_rate),
                                          group=False)
 
 
