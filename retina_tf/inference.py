@@ -271,6 +271,19 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
     precision = resolve_precision(precision, model)
     if precision == "float32":
         return model
+    _say_if_emulated()
+    return _bfloat16_copy(model)
+
+
+def _say_if_emulated() -> None:
+    """Once for each choice of bfloat16, however many copies it makes."""
+    if not native_bfloat16() and not tf.config.list_logical_devices("GPU"):
+        log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
+                 "expect it slower than --precision=float32")
+
+
+def _bfloat16_copy(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with its weights, computing in bfloat16."""
     if isinstance(model, SegmentationModel):  # clone_model would lose a functional subclass
         copy = type(model).from_config(model.get_config())
     else:
@@ -281,9 +294,6 @@ def computing_in(model: keras.Model, precision: str) -> keras.Model:
 
 def _in_bfloat16(copy: keras.Model) -> keras.Model:
     """``copy`` (a model of its own) set to compute in bfloat16 (``mixed_bfloat16``)."""
-    if not native_bfloat16() and not tf.config.list_logical_devices("GPU"):
-        log.info("bfloat16: this CPU has no AVX512-BF16 or AMX, so TensorFlow emulates it: "
-                 "expect it slower than --precision=float32")
     # Keras 3 has no public walk over nested layers; _flatten_layers is what Model.layers uses.
     for layer in copy._flatten_layers(include_self=True, recursive=True):
         layer.dtype_policy = "mixed_bfloat16"
@@ -542,7 +552,10 @@ class Segmenter:
         # what the forward pass runs: in bfloat16 the batch normalizations folded into the
         # convolutions (fold_batch_norms; 2.5x faster for unet_drive on a CPU with AMX), a
         # copy of its own, so the bfloat16 copy of the whole model is made only if asked for
-        folded = fold_batch_norms(model) if self.precision == "bfloat16" else model
+        folded = model
+        if self.precision == "bfloat16":
+            _say_if_emulated()
+            folded = fold_batch_norms(model)
         self.network = _in_bfloat16(folded) if folded is not model else self.model
         self.preprocessor = preprocessor
         # the model knows its own constraint best (it changes with the inference scales)
@@ -593,7 +606,8 @@ class Segmenter:
         made on first use)."""
         if self._model is None:
             with tf.init_scope():  # eagerly, also when first asked for inside a traced function
-                self._model = computing_in(self._source, self.precision)
+                self._model = (self._source if self.precision == "float32"
+                               else _bfloat16_copy(self._source))  # emulation said in __init__
         return self._model
 
     @classmethod

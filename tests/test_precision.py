@@ -67,20 +67,32 @@ def test_a_bfloat16_segmenter_copies_the_whole_model_only_when_asked_for(monkeyp
     import retina_tf.inference as inference
     keras.utils.set_random_seed(0)
     model = build_model("unet", depth=2, base_filters=4)
-    copies = []
-    monkeypatch.setattr(inference, "computing_in",
-                        lambda m, p: copies.append(p) or computing_in(m, p))
+    copies, copy = [], inference._bfloat16_copy
+    monkeypatch.setattr(inference, "_bfloat16_copy", lambda m: copies.append(m) or copy(m))
     seg = Segmenter(model, None, model.size_multiple, precision="bfloat16")
     assert copies == [] and seg.network is not model
     x = np.random.default_rng(0).random((1, 16, 16, 1)).astype("float32")
     folded = keras.ops.convert_to_numpy(seg._forward(x))
     traced = keras.ops.convert_to_numpy(
         tf.function(lambda t: seg.model(t, training=False))(x)).astype("float32")
-    assert copies == ["bfloat16"] and seg.model is seg.model  # made once, in the trace
+    assert copies == [model] and seg.model is seg.model  # made once, in the trace
     assert {v.dtype for v in seg.model.weights} == {"float32"}
     assert {layer.compute_dtype for layer in seg.model._flatten_layers()
             if isinstance(layer, keras.layers.Conv2D)} == {"bfloat16"}
     np.testing.assert_allclose(folded, keras.ops.sigmoid(traced), atol=0.02)
+
+
+def test_emulated_bfloat16_is_said_once_per_segmenter(monkeypatch, caplog):
+    """The folded network and the whole model are two bfloat16 copies of one choice."""
+    import retina_tf.inference as inference
+    monkeypatch.setattr(inference, "native_bfloat16", lambda *args: False)
+    model = build_model("unet", depth=2, base_filters=4)
+    seg = Segmenter(model, None, model.size_multiple, precision="bfloat16")
+    assert seg.model is not seg.network  # both copies made
+    said = [r for r in caplog.records if "TensorFlow emulates it" in r.getMessage()]
+    assert len(said) == 1
+    computing_in(model, "bfloat16")  # a choice of its own
+    assert len([r for r in caplog.records if "TensorFlow emulates it" in r.getMessage()]) == 2
 
 
 def test_the_precision_flag_reaches_the_commands():
