@@ -474,6 +474,52 @@ class ScalePlan:
                 "vessels may be missed: a photograph of higher resolution segments better")
 
 
+# --- a vessel map far from any the model learned ----------------------------------------------
+
+# Segmenter.segment warns when a photograph's vessel mask covers under VESSEL_SHARE_LOW times the
+# smallest share of a training image's FOV its labels mark as vessel (run.json "vessel_share"),
+# or over VESSEL_SHARE_HIGH times the largest. ripav_rite (RITE labels: 7-17 %) found 2-4 % on
+# CHASE_DB1 photographs and 0.2-3 % on some STARE ones, whose labels mark 6-14 %: most vessels
+# missed, in silence. The shipped vessel models stay inside these bounds on every labelled set
+# at hand (4-15 %).
+VESSEL_SHARE_LOW = 0.5
+VESSEL_SHARE_HIGH = 2.0
+
+
+def label_vessel_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
+                       ) -> dict[str, float | int] | None:
+    """The least and the largest share of an image's FOV that its label marks as vessel (the
+    last channel of a training target), over the training images; run.json ``vessel_share``.
+    None without a labelled FOV pixel."""
+    shares = [float(np.mean(np.asarray(t)[..., -1][np.asarray(f) > 0] > 0.5))
+              for t, f in zip(targets, fovs) if np.any(np.asarray(f) > 0)]
+    if not shares:
+        return None
+    return {"min": min(shares), "max": max(shares), "images": len(shares)}
+
+
+def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
+                         source: str | os.PathLike = "the image") -> str | None:
+    """A one-line warning when the vessel ``mask`` (H, W[, K]: the last channel is the vessel
+    map) covers a share of ``fov`` far outside ``known`` (run.json ``vessel_share``; see
+    :data:`VESSEL_SHARE_LOW`), else None."""
+    fov = np.asarray(fov) > 0
+    if not known or not fov.any():
+        return None
+    vessel = np.asarray(mask)
+    vessel = vessel[..., -1] if vessel.ndim == 3 else vessel
+    share = float(np.mean(vessel[fov] > 0))
+    low, high = float(known["min"]), float(known["max"])
+    if VESSEL_SHARE_LOW * low <= share <= VESSEL_SHARE_HIGH * high:
+        return None
+    what = ("most vessels are probably missed" if share < low else
+            "much of what it marks is probably not vessel")
+    return (f"warning: {source}: {share:.1%} of its FOV segmented as vessel, against "
+            f"{low:.1%}-{high:.1%} in the labels of the model's training images: {what}. The "
+            "photograph may be unlike any the model learned (another camera, a wrong FOV); "
+            "look at it with --visualize")
+
+
 # Whole-image passes over more pixels than this run in tiles: memory stays that of one tile
 # (unet_drive's one pass adds about 0.9 GB per Mpixel; tiles are 1.5x slower, their overlap).
 TILE_ABOVE_PIXELS = 2_000_000
@@ -778,7 +824,8 @@ class Segmenter:
                 plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV. An A/V
         model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
-        threshold, each vessel pixel artery or vein, as ``_av.png`` draws it.
+        threshold, each vessel pixel artery or vein, as ``_av.png`` draws it. A mask far from
+        the vessel share of the training labels is warned of (:func:`vessel_share_warning`).
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.
@@ -800,7 +847,11 @@ class Segmenter:
         prob = self.probability_at_inference_scale(image, fov, plan, threshold, source) \
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
-        return prob, av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
+        mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
+        warning = vessel_share_warning(mask, fov, self.run_info.get("vessel_share"), source)
+        if warning:
+            log.warning(warning)
+        return prob, mask
 
     @property
     def auto_min_scale(self) -> float:

@@ -47,7 +47,13 @@ from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, model_fingerprint, read_error_maps
 from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
-from retina_tf.inference import Segmenter, fov_diameter, load_keras_model, native_bfloat16
+from retina_tf.inference import (
+    Segmenter,
+    fov_diameter,
+    label_vessel_share,
+    load_keras_model,
+    native_bfloat16,
+)
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
 from retina_tf.models import build_model, check_arguments, model_class
@@ -1167,7 +1173,8 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                   "input_channels": pre.channels, "num_classes": num_classes,
                   "pretrained": str(pretrained) if pretrained else None,
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
-                  "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs]))},
+                  "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs])),
+                  "vessel_share": label_vessel_share(train_set.targets, train_set.fovs)},
         # weighted_metrics: only these receive the FOV map as sample_weight
         compile_args={"loss": loss, "weighted_metrics": [SegmentationF1(name="f1")]},
         jit_ok=loss.supports_jit, validation=validation, callbacks=callbacks, finish=finish)

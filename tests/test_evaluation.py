@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.config import EvalConfig
-from retina_tf.data.io import DatasetError, read_image
+from retina_tf.data.io import DatasetError, read_image, read_sample
 from retina_tf.data.patches import extract_patches, recompose_patches
 from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError, ModelFileError
@@ -430,6 +430,47 @@ def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp
     mask = read_mask(out / "01_test_mask.png")
     coloured = read_image(out / "01_test_av.png").any(axis=-1)
     np.testing.assert_array_equal(coloured, mask)  # arteries and veins exactly on the mask
+
+
+def test_a_vessel_map_far_from_the_training_labels_share_is_warned_of():
+    from retina_tf.inference import label_vessel_share, vessel_share_warning
+    fov = np.zeros((10, 10), bool)
+    fov[:, :5] = True  # 50 FOV pixels
+    labels = [np.zeros((10, 10, 1), np.float32) for _ in range(2)]
+    labels[0][:4, :1] = 1    # 4 of 50: 8 %
+    labels[1][:8, :1] = 1    # 16 %
+    labels[1][:, 9] = 1      # outside the FOV: not counted
+    known = label_vessel_share(labels, [fov, fov])
+    assert known == {"min": pytest.approx(0.08), "max": pytest.approx(0.16), "images": 2}
+    mask = np.zeros((10, 10), bool)
+    for vessel_pixels, warned in ((2, False), (1, True), (16, False), (17, True)):
+        mask[:] = False
+        mask.flat[np.flatnonzero(fov)[:vessel_pixels]] = True  # 4 %, 2 %, 32 %, 34 %
+        warning = vessel_share_warning(mask, fov, known, "eye.png")
+        assert (warning is not None) == warned, vessel_pixels
+    low = vessel_share_warning(np.zeros((10, 10, 3), bool), fov, known, "eye.png")
+    assert low.startswith("warning: eye.png: 0.0% of its FOV") and "8.0%-16.0%" in low
+    assert "missed" in low
+    assert "not vessel" in vessel_share_warning(np.ones((10, 10), bool), fov, known, "eye.png")
+    assert vessel_share_warning(np.zeros((10, 10), bool), fov, None, "eye.png") is None
+
+
+def test_the_av_model_warns_of_a_photograph_where_it_misses_most_vessels(shared_data, caplog):
+    # ripav_rite, trained on RITE, finds 0.2 % vessel on STARE's im0324 (its labels: 8 %), whose
+    # blue channel is nearly empty; on a RITE test photograph it stays silent
+    from retina_tf.data.catalog import list_samples
+    seg = Segmenter.from_pretrained("ripav_rite")
+    stare = [s for s in list_samples("stare", str(shared_data / "STARE"), "all")
+             if s.name == "im0324"]
+    rite = [s for s in list_samples("rite", str(shared_data / "RITE"), "test")
+            if s.name == "01_test"]
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        for sample in stare + rite:
+            data = read_sample(sample)
+            seg.segment(data.image, data.fov, source=sample.image)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(stare[0].image) in warnings[0], warnings
+    assert "most vessels are probably missed" in warnings[0]
 
 
 def test_the_av_vote_of_a_vessel_model_is_refused_before_segmenting():

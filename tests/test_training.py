@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retina_tf.data.io import read_sample
+from retina_tf.data.pipeline import resolve_samples
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.training import WarmupDecay, make_strategy, train
@@ -70,6 +72,15 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
     assert info["model"] == "unet" and info["size_multiple"] == 4
     model = keras.saving.load_model(run / "model.keras", compile=False)
     assert model.count_params() == info["parameters"]
+    # the vessel share of the training labels, for predict's warning of a far-off vessel map
+    shares = []
+    for sample in resolve_samples("synthetic", str(synthetic), "training"):
+        if sample.name in info["data"]["training_images"]:
+            data = read_sample(sample)
+            shares.append(data.vessel[data.fov].mean())
+    assert len(shares) == info["vessel_share"]["images"] == len(info["data"]["training_images"])
+    assert info["vessel_share"]["min"] == pytest.approx(min(shares))
+    assert info["vessel_share"]["max"] == pytest.approx(max(shares))
 
 
 class _Interrupt(keras.callbacks.Callback):
