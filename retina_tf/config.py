@@ -191,6 +191,7 @@ class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
     extra_data: tuple[str, ...] = ()
     balance_datasets: bool = True
     camera_variants: int = 0
+    camera_channel_gamma: float = 0.0
     vessel_probability: float = 0.5
     val_images: int = 2
     loss: str = "bce_dice"
@@ -401,6 +402,8 @@ RULES: dict[str, _Rule] = {
     "scale_range": (lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1] < math.inf),
                     "must be two positive factors LO,HI with LO <= HI (e.g. 0.6,1.6)"),
     "camera_variants": _at_least(0, "0 = off"),
+    "camera_channel_gamma": (lambda v: 0.0 <= v <= 3.0, "must be in [0, 3]: a channel's "
+                             "exponent is drawn from [exp(-g), exp(g)]"),
     "vessel_probability": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "val_images": _at_least(0, "0 = no validation images"),
     "pos_weight": (lambda v: 0.0 < v < math.inf, "must be > 0"),

@@ -427,6 +427,10 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_integer("camera_variants", 0, "Augment: this many extra copies of each training "
                      "image with random camera changes (white balance, colour, contrast, gamma, "
                      "blur, noise, JPEG, uneven illumination; retina_tf.data.camera); 0: off.")
+    d.DEFINE_float("camera_channel_gamma", 0.0, "With --camera_variants: half the copies get a "
+                   "tone curve per colour channel, exponent exp(u) with u drawn from [-g, g] "
+                   "for each channel (cameras differ in how much blue and red they record); "
+                   "0: off.")
     d.DEFINE_integer("patches_per_epoch", 20000, "Patches per epoch (patch mode).")
     d.DEFINE_float("vessel_probability", 0.5,
                        "Probability that a patch is centred on a vessel pixel (else anywhere "

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from retina_tf import optimizers
 from retina_tf.config import MAEConfig, TrainConfig, to_flag_lines
-from retina_tf.data.camera import camera_variants
+from retina_tf.data.camera import CameraChange, camera_variants
 from retina_tf.data.catalog import SPLITS, Sample, normalize_dataset_name
 from retina_tf.data.io import SampleData, read_sample
 from retina_tf.data.pipeline import (
@@ -578,15 +578,19 @@ def training_sources(cfg) -> list[list[Sample]]:
 
 
 def camera_set(datas: Sequence[SampleData], pre: Preprocessor, task: str, count: int,
-               seed: int, groups: Sequence[int]) -> SegmentationSet | None:
-    """``count`` camera-changed copies of each image (:mod:`retina_tf.data.camera`),
-    preprocessed like the originals, named ``<name>@cameraK``."""
+               seed: int, groups: Sequence[int], channel_gamma: float = 0.0
+               ) -> SegmentationSet | None:
+    """``count`` camera-changed copies of each image (:mod:`retina_tf.data.camera`;
+    ``channel_gamma``: :attr:`CameraChange.channel_gamma`), preprocessed like the originals,
+    named ``<name>@cameraK``."""
     if count <= 0:
         return None
+    change = CameraChange(channel_gamma=channel_gamma)
     copies, copy_groups = [], []
     for i, (d, g) in enumerate(zip(progress(datas, "camera variants", name=lambda d: d.name),
                                    groups)):
-        for k, image in enumerate(camera_variants(d.image, count, seed * 1_000_003 + i)):
+        for k, image in enumerate(camera_variants(d.image, count, seed * 1_000_003 + i,
+                                                  change)):
             copies.append(dataclasses.replace(d, name=f"{d.name}@camera{k + 1}", image=image))
             copy_groups.append(g)
     out = build_set(copies, pre, task)
@@ -625,7 +629,8 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
 
     train_set = built(train)
     variants = camera_set([d for _, d, _ in train], pre, cfg.task,
-                          getattr(cfg, "camera_variants", 0), cfg.seed, train_set.groups)
+                          getattr(cfg, "camera_variants", 0), cfg.seed, train_set.groups,
+                          getattr(cfg, "camera_channel_gamma", 0.0))
     if variants is not None:
         train_set = train_set + variants
     return train_set, (built(val) if val else None), pre
@@ -875,6 +880,8 @@ def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
             "label_file_path": cfg.label_file_path or None,
             "extra_data": list(getattr(cfg, "extra_data", ())),
             "camera_variants": getattr(cfg, "camera_variants", 0),
+            **({"camera_channel_gamma": cfg.camera_channel_gamma}
+               if getattr(cfg, "camera_channel_gamma", 0.0) else {}),
             "training_images": [n for n in train_set.names if "@camera" not in n],
             "validation_images": list(val_set.names) if val_set is not None else []}
 

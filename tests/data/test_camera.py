@@ -51,6 +51,21 @@ def test_each_camera_change_can_be_switched_off():
     assert np.abs(out.astype(int) - photo).max() <= 1  # rounding only
 
 
+def test_channel_gamma_bends_each_colour_channel_on_its_own():
+    photo = np.empty((8, 8, 3), np.uint8)
+    photo[:] = (64, 128, 192)
+    only = CameraChange(white_balance=0, saturation=0, contrast=0, gamma=0, blur=0, noise=0,
+                        jpeg_quality=95, illumination=0, channel_gamma=0.9)
+    rng = np.random.default_rng(3)
+    outs = [apply_camera_change(photo, rng, only)[0, 0].astype(float) for _ in range(40)]
+    bent = [o for o in outs if np.abs(o - photo[0, 0]).max() > 1]
+    assert 10 <= len(bent) <= 30  # on about half the copies
+    for o in bent:  # each channel v -> 255 (v / 255)^e, e within exp(-0.9)..exp(0.9)
+        e = np.log((o + 0.5) / 255) / np.log(photo[0, 0] / 255)
+        assert np.all((e > np.exp(-0.9) - 0.02) & (e < np.exp(0.9) + 0.05)), (o, e)
+        assert np.ptp(e) > 0.05  # a curve per channel, not one for all
+
+
 @pytest.mark.parametrize("aug", [Augment.none(), Augment(rotate_degrees=15)])
 def test_scale_range_moves_image_and_label_together_and_scales_widths(aug):
     seg = _bars()
@@ -114,7 +129,8 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
     other = write_synthetic_dataset(tmp_path / "other", num_images=5, num_test=1, seed=9,
                                     size=(128, 112))
     args = tiny_train_args(tiny_synthetic, tmp_path / "logs", f"--extra_data=synthetic:{other}",
-                           "--camera_variants=2", "--scale_range=0.7,1.4", "--epochs=2")
+                           "--camera_variants=2", "--camera_channel_gamma=0.9",
+                           "--scale_range=0.7,1.4", "--epochs=2")
     cfg = dataclasses.replace(parse_config("train", args), task="vessel")
     train_set, val_set, _ = load_training_sets(cfg)
     # 3 + 3 originals (one of each set held out), each with 2 camera copies
@@ -126,10 +142,15 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
     for name, group, target in zip(train_set.names[6:], train_set.groups[6:],
                                    train_set.targets[6:]):
         np.testing.assert_array_equal(target, originals[name.split("@")[0], group])
+    # the per-channel tone curves reach the copies (and only them)
+    plain, _, _ = load_training_sets(dataclasses.replace(cfg, camera_channel_gamma=0.0))
+    same = [np.array_equal(a, b) for a, b in zip(plain.images, train_set.images)]
+    assert all(same[:6]) and not all(same[6:])
     run = train(cfg)
     assert "6 training images and 12 camera copies of them, 2 held out" in caplog.text
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
+    assert data["camera_channel_gamma"] == 0.9
     assert data["extra_data"] == [f"synthetic:{other}"]
 
 
