@@ -615,8 +615,8 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
         train += rows[:len(rows) - n_val]
         val += rows[len(rows) - n_val:]
     if cfg.val_images > 0 and not val:
-        log.warning("warning: no image held out: the last epoch is kept and the threshold "
-                    "stays 0.5, none chosen on held-out images")
+        log.warning("warning: no image held out: the epoch with the lowest training loss is "
+                    "kept and the threshold stays 0.5, none chosen on held-out images")
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(d.image for _, d, _ in train)

@@ -206,4 +206,4 @@ def test_fewer_training_images_than_val_images_is_said(tiny_synthetic, tmp_path,
     with caplog.at_level(logging.WARNING, logger="retina_tf"):
         assert load_training_sets(cfg)[1] is None
     assert "has 1 training image(s): 0 held out" in caplog.text
-    assert "no image held out: the last epoch is kept" in caplog.text
+    assert "no image held out: the epoch with the lowest training loss is kept" in caplog.text
