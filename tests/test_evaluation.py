@@ -473,6 +473,26 @@ def test_the_av_model_warns_of_a_photograph_where_it_misses_most_vessels(shared_
     assert "most vessels are probably missed" in warnings[0]
 
 
+def test_the_av_model_for_other_cameras_finds_the_vessels_ripav_rite_misses(shared_data, caplog):
+    # a CHASE_DB1 photograph: ripav_rite (RITE alone) finds a fifth of its vessels and warns;
+    # ripav_general (camera changes) most of them, in silence
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.pipeline import target_of
+    sample = list_samples("chase_db1", str(shared_data / "samples/CHASE_DB1"), "all")[0]
+    data = read_sample(sample)
+    truth = target_of(data, "vessel")[..., -1] > 0.5
+    f1 = {}
+    for name in ("ripav_rite", "ripav_general"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="retina_tf"):
+            _, mask = Segmenter.from_pretrained(name).segment(data.image, data.fov)
+        vessel = mask[..., -1][data.fov]
+        tp = np.sum(vessel & truth[data.fov])
+        f1[name] = 2 * tp / (vessel.sum() + truth[data.fov].sum())
+        assert ("most vessels are probably missed" in caplog.text) == (name == "ripav_rite")
+    assert f1["ripav_rite"] < 0.5 < 0.65 < f1["ripav_general"], f1
+
+
 def test_the_av_vote_of_a_vessel_model_is_refused_before_segmenting():
     with pytest.raises(ConfigError, match="--av_vote is for artery/vein models"):
         Segmenter.from_pretrained("vessel_general", av_vote=True)
