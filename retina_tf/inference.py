@@ -481,7 +481,7 @@ class ScalePlan:
 # or over VESSEL_SHARE_HIGH times the largest. ripav_rite (RITE labels: 7-17 %) found 2-4 % on
 # CHASE_DB1 photographs and 0.2-3 % on some STARE ones, whose labels mark 6-14 %: most vessels
 # missed, in silence. The shipped vessel models stay inside these bounds on every labelled set
-# at hand (4-15 %).
+# at hand (4-15 %; bench/vessel_share.py, docs/training.md).
 VESSEL_SHARE_LOW = 0.5
 VESSEL_SHARE_HIGH = 2.0
 
@@ -504,20 +504,23 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
     map) covers a share of ``fov`` far outside ``known`` (run.json ``vessel_share``; see
     :data:`VESSEL_SHARE_LOW`), else None."""
     fov = np.asarray(fov) > 0
-    if not known or not fov.any():
+    try:  # a run without the record (trained before it), or a hand-edited one: no warning
+        low, high = float(known["min"]), float(known["max"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not fov.any():
         return None
     vessel = np.asarray(mask)
     vessel = vessel[..., -1] if vessel.ndim == 3 else vessel
     share = float(np.mean(vessel[fov] > 0))
-    low, high = float(known["min"]), float(known["max"])
     if VESSEL_SHARE_LOW * low <= share <= VESSEL_SHARE_HIGH * high:
         return None
     what = ("most vessels are probably missed" if share < low else
             "much of what it marks is probably not vessel")
     return (f"warning: {source}: {share:.1%} of its FOV segmented as vessel, against "
             f"{low:.1%}-{high:.1%} in the labels of the model's training images: {what}. The "
-            "photograph may be unlike any the model learned (another camera, a wrong FOV); "
-            "look at it with --visualize")
+            "photograph may be unlike any the model learned (another camera, a wrong FOV): "
+            "look at the result over it (predict --visualize)")
 
 
 # Whole-image passes over more pixels than this run in tiles: memory stays that of one tile

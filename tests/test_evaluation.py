@@ -452,7 +452,8 @@ def test_a_vessel_map_far_from_the_training_labels_share_is_warned_of():
     assert low.startswith("warning: eye.png: 0.0% of its FOV") and "8.0%-16.0%" in low
     assert "missed" in low
     assert "not vessel" in vessel_share_warning(np.ones((10, 10), bool), fov, known, "eye.png")
-    assert vessel_share_warning(np.zeros((10, 10), bool), fov, None, "eye.png") is None
+    for unknown in (None, {}, {"min": 0.08}, {"min": "?", "max": 0.16}):  # none recorded
+        assert vessel_share_warning(np.zeros((10, 10), bool), fov, unknown, "eye.png") is None
 
 
 def test_the_av_model_warns_of_a_photograph_where_it_misses_most_vessels(shared_data, caplog):
