@@ -529,6 +529,10 @@ def _check_combinations(cfg: Any) -> None:
             parse_loss_spec(cfg.loss)
         except ValueError as err:
             raise ConfigError(f"--loss={cfg.loss}: {err}") from None
+    if getattr(cfg, "camera_channel_gamma", 0.0) and not getattr(cfg, "camera_variants", 0):
+        raise ConfigError(f"--camera_channel_gamma={cfg.camera_channel_gamma}: it changes the "
+                          "camera copies, and --camera_variants is 0 (none made): give "
+                          "--camera_variants=N too")
     if getattr(cfg, "mode", "patch") == "whole" and (crops or scales):
         flag = "--mixed_patch_sizes" if crops else "--scale_range"
         raise ConfigError(f"{flag}: resizes patches; --mode=whole trains on whole images at "

@@ -51,6 +51,14 @@ def test_each_camera_change_can_be_switched_off():
     assert np.abs(out.astype(int) - photo).max() <= 1  # rounding only
 
 
+def test_channel_gamma_without_camera_copies_is_refused():
+    from retina_tf.config import TrainConfig
+    with pytest.raises(ConfigError, match="--camera_channel_gamma=0.9: .* give "
+                                          "--camera_variants=N too"):
+        TrainConfig(camera_channel_gamma=0.9)
+    assert TrainConfig(camera_channel_gamma=0.9, camera_variants=1).camera_channel_gamma == 0.9
+
+
 def test_channel_gamma_bends_each_colour_channel_on_its_own():
     photo = np.empty((8, 8, 3), np.uint8)
     photo[:] = (64, 128, 192)
