@@ -1008,7 +1008,8 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
                   ", FOV diameter unknown") + scaled
     _warn(plan.warning(path))
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
-             f"({image.shape[1]}x{image.shape[0]}{scaled}, {mask[..., -1].mean():.1%} vessel)")
+             f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on "
+             f"{np.mean(mask[..., -1][fov > 0]) if fov.any() else 0.0:.1%} of the FOV)")
     return written
 
 

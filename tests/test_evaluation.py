@@ -419,17 +419,22 @@ def test_two_commands_writing_one_output_folder_keep_each_others_files_listed(tm
         ".retina_tf_outputs.json", "a_mask.png", "b_mask.png"]
 
 
-def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp_path):
+def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp_path, caplog):
     from retina_tf.config import PredictConfig
+    from retina_tf.data.fov import estimate_fov
     from retina_tf.data.io import read_mask
     from retina_tf.evaluation import predict
     out = tmp_path / "out"
     photo = shared_data / "RITE/test/images/01_test.tif"
-    predict(PredictConfig(model="ripav_rite", input=str(photo), output_dir=str(out),
-                          threshold=0.3))
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        predict(PredictConfig(model="ripav_rite", input=str(photo), output_dir=str(out),
+                              threshold=0.3))
     mask = read_mask(out / "01_test_mask.png")
     coloured = read_image(out / "01_test_av.png").any(axis=-1)
     np.testing.assert_array_equal(coloured, mask)  # arteries and veins exactly on the mask
+    # the line per photograph gives the share of the FOV segmented, as the warnings count it
+    fov = estimate_fov(read_image(photo))
+    assert f"vessel on {mask[fov].mean():.1%} of the FOV)" in caplog.text
 
 
 def test_a_vessel_map_far_from_the_training_labels_share_is_warned_of():
