@@ -37,8 +37,8 @@ class CameraChange:
         channel_gamma: a tone curve of each colour channel's own, exponent exp(u_c) with u_c in
             [-g, g] drawn per channel, with probability 1/2; 0: off. Cameras differ in how much
             of the blue and red they record, not only by a gain, which the preprocessing's
-            per-channel stretch undoes: CHASE_DB1's blue channel has its median at 7-12 % of
-            its maximum, RITE's at 28-51 %.
+            per-channel stretch undoes: CHASE_DB1's blue channel sits far below its brightest
+            pixels, RITE's much less (configs/ripav_general.cfg).
     """
 
     white_balance: float = 0.15
