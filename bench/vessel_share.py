@@ -30,12 +30,10 @@ FLAGS = flags.FLAGS
 def main(_):
     import logging
 
-    import numpy as np
-
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_sample
     from retina_tf.data.pipeline import target_of
-    from retina_tf.inference import Segmenter, vessel_share_warning
+    from retina_tf.inference import Segmenter, vessel_share, vessel_share_warning
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the warnings are counted here
     segs = {m: Segmenter.from_run(m) for m in FLAGS.models}
@@ -49,13 +47,12 @@ def main(_):
         labels, shares, warned = [], {m: [] for m in segs}, {m: 0 for m in segs}
         for sample in list_samples(dataset, folder, split):
             data = read_sample(sample)
-            fov = data.fov.astype(bool)
-            labels.append(float(np.mean(target_of(data, "vessel")[..., -1][fov] > 0.5)))
+            labels.append(vessel_share(target_of(data, "vessel"), data.fov))
             for name, seg in segs.items():
                 _, mask = seg.segment(data.image, data.fov, source=sample.image)
-                shares[name].append(float(np.mean(mask[..., -1][fov])))
+                shares[name].append(vessel_share(mask, data.fov))
                 known = seg.run_info.get("vessel_share")
-                warned[name] += vessel_share_warning(mask, fov, known) is not None
+                warned[name] += vessel_share_warning(mask, data.fov, known) is not None
         cells = [f"{min(v):.1%}-{max(v):.1%}, {warned[n]} warned" for n, v in shares.items()]
         print(f"| {dataset} {split} ({len(labels)}) | {min(labels):.1%}-{max(labels):.1%} | "
               + " | ".join(cells) + " |", flush=True)
@@ -64,10 +61,9 @@ def main(_):
 
 
 def _bounds(known):
-    from retina_tf.inference import VESSEL_SHARE_HIGH, VESSEL_SHARE_LOW
-    if not known:
-        return "none recorded"
-    return f"{VESSEL_SHARE_LOW * known['min']:.1%}-{VESSEL_SHARE_HIGH * known['max']:.1%}"
+    from retina_tf.inference import vessel_share_bounds
+    bounds = vessel_share_bounds(known)
+    return f"{bounds[0]:.1%}-{bounds[1]:.1%}" if bounds else "none recorded"
 
 
 if __name__ == "__main__":

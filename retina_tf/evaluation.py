@@ -47,6 +47,7 @@ from retina_tf.inference import (
     ScalePlan,
     Segmenter,
     resolve_threshold,
+    vessel_share,
 )
 from retina_tf.losses import vessel_width_map
 from retina_tf.metrics import (
@@ -1009,7 +1010,7 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     _warn(plan.warning(path))
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
              f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on "
-             f"{np.mean(mask[..., -1][fov > 0]) if fov.any() else 0.0:.1%} of the FOV)")
+             f"{vessel_share(mask, fov):.1%} of the FOV)")
     return written
 
 

@@ -486,16 +486,34 @@ VESSEL_SHARE_LOW = 0.5
 VESSEL_SHARE_HIGH = 2.0
 
 
+def vessel_share(mask: np.ndarray, fov: np.ndarray) -> float:
+    """The share of ``fov`` that ``mask`` marks as vessel: its last channel (H, W[, K]) above
+    0.5, a label or a model's decision alike; 0.0 for an empty FOV."""
+    fov = np.asarray(fov) > 0
+    vessel = np.asarray(mask)
+    vessel = vessel[..., -1] if vessel.ndim == 3 else vessel
+    return float(np.mean(vessel[fov] > 0.5)) if fov.any() else 0.0
+
+
 def label_vessel_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
                        ) -> dict[str, float | int] | None:
-    """The least and the largest share of an image's FOV that its label marks as vessel (the
-    last channel of a training target), over the training images; run.json ``vessel_share``.
-    None without a labelled FOV pixel."""
-    shares = [float(np.mean(np.asarray(t)[..., -1][np.asarray(f) > 0] > 0.5))
-              for t, f in zip(targets, fovs) if np.any(np.asarray(f) > 0)]
+    """The least and the largest :func:`vessel_share` of a training image's label (the last
+    channel of a training target), over the training images; run.json ``vessel_share``. None
+    without a labelled FOV pixel."""
+    shares = [vessel_share(t, f) for t, f in zip(targets, fovs) if np.any(np.asarray(f) > 0)]
     if not shares:
         return None
     return {"min": min(shares), "max": max(shares), "images": len(shares)}
+
+
+def vessel_share_bounds(known: dict | None) -> tuple[float, float] | None:
+    """The shares of the FOV outside which :func:`vessel_share_warning` warns, from run.json
+    ``vessel_share`` (``known``); None for a run without the record (trained before it) or a
+    hand-edited one without both bounds."""
+    try:
+        return VESSEL_SHARE_LOW * float(known["min"]), VESSEL_SHARE_HIGH * float(known["max"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
@@ -503,22 +521,17 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
     """A one-line warning when the vessel ``mask`` (H, W[, K]: the last channel is the vessel
     map) covers a share of ``fov`` far outside ``known`` (run.json ``vessel_share``; see
     :data:`VESSEL_SHARE_LOW`), else None."""
-    fov = np.asarray(fov) > 0
-    try:  # a run without the record (trained before it), or a hand-edited one: no warning
-        low, high = float(known["min"]), float(known["max"])
-    except (KeyError, TypeError, ValueError):
+    bounds = vessel_share_bounds(known)
+    if bounds is None or not np.any(np.asarray(fov) > 0):
         return None
-    if not fov.any():
+    share = vessel_share(mask, fov)
+    if bounds[0] <= share <= bounds[1]:
         return None
-    vessel = np.asarray(mask)
-    vessel = vessel[..., -1] if vessel.ndim == 3 else vessel
-    share = float(np.mean(vessel[fov] > 0))
-    if VESSEL_SHARE_LOW * low <= share <= VESSEL_SHARE_HIGH * high:
-        return None
-    what = ("most vessels are probably missed" if share < low else
+    what = ("most vessels are probably missed" if share < bounds[0] else
             "much of what it marks is probably not vessel")
     return (f"warning: {source}: {share:.1%} of its FOV segmented as vessel, against "
-            f"{low:.1%}-{high:.1%} in the labels of the model's training images: {what}. The "
+            f"{float(known['min']):.1%}-{float(known['max']):.1%} in the labels of the model's "
+            f"training images: {what}. The "
             "photograph may be unlike any the model learned (another camera, a wrong FOV): "
             "look at the result over it (predict --visualize)")
 
