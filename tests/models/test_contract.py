@@ -79,6 +79,10 @@ def _randomize_batch_norms(model) -> int:
 
 @pytest.mark.parametrize("name", [n for n in model_names() if n != "mae"])
 def test_folding_the_batch_norms_computes_the_same_function(name):
+    # seeded: an unseeded start failed once in a clean-clone CI run (hrnet_ocr, 4 of 2304
+    # logits off by 5e-4 of the largest; none in 30 seeded trials): float rounding, which
+    # folding moves, magnified at random through the randomized statistics
+    keras.utils.set_random_seed(0)
     model = build_model(name, input_channels=1, **TINY[name])
     x = _input(model)
     model(x, training=False)
