@@ -13,6 +13,11 @@ than vessels or texture found where there is none).
 
     .venv/bin/python bench/inference_scale.py --model=vessel_general --settings=auto \
         --datasets=hrf:data/HRF,chase_db1:data/CHASE_DB1 --near_px=3
+
+``--segmented_size`` asks whether enlarging the probabilities back loses anything: it also
+scores each setting's mask at the size it was segmented at, against the labels and FOV shrunk
+there (OpenCV area; a pixel is vessel where the label covers at least half of it), and reports
+the share of the FOV that the labels and the masks mark as vessel.
 """
 
 import os
@@ -35,7 +40,31 @@ flags.DEFINE_list("fusions", [], "Fusions of two settings: mean:a+b or max:a+b."
 flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks.")
 flags.DEFINE_integer("near_px", 0, "Report the share of false positives within this many px of "
                      "a labelled vessel (0: not reported).")
+flags.DEFINE_boolean("segmented_size", False, "Also score each setting's mask at the size it "
+                     "was segmented at, and report the FOV share marked as vessel.")
 FLAGS = flags.FLAGS
+
+
+def _segmented_size_counts(seg, image, fov, truth, threshold):
+    """TP, FP, FN of ``seg``'s mask at the size it segments ``image`` at, against ``truth``
+    and ``fov`` shrunk there (area; at least half of a pixel)."""
+    import cv2
+    import numpy as np
+
+    plan = seg.scale_plan(image, fov)
+    h, w = image.shape[:2]
+    top, bottom, left, right = plan.box or (0, h, 0, w)
+    size = plan.size if plan.rescaled else (right - left, bottom - top)
+
+    def shrink(a):
+        return cv2.resize(a[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
+
+    pred = seg.probability(shrink(image))[..., -1] >= threshold
+    small_fov = shrink(fov.astype(np.float32)) >= 0.5
+    small_truth = shrink(truth.astype(np.float32)) >= 0.5
+    pred &= small_fov
+    return [(pred & small_truth).sum(), (pred & ~small_truth).sum(),
+            (~pred & small_truth & small_fov).sum()]
 
 
 def main(_):
@@ -57,12 +86,14 @@ def main(_):
     settings = list(dict.fromkeys(FLAGS.settings + [s for _, _, a, b in fusions for s in (a, b)]))
     segs = {s: Segmenter.from_run(FLAGS.model, inference_scale=s) for s in settings}
     names = FLAGS.settings + [f[0] for f in fusions]
-    table = {}
+    table, shares = {}, {}
     for spec in FLAGS.datasets:
         dataset, _, folder = spec.partition(":")
         if not folder:
             raise SystemExit(f"--datasets={spec}: give name:folder pairs (hrf:data/HRF)")
         counts = {n: np.zeros(4, np.int64) for n in names}  # TP, FP, FN, FP near a vessel
+        small = {s: np.zeros(3, np.int64) for s in settings}  # TP, FP, FN where segmented
+        fov_px = label_px = 0
         seconds = {n: 0.0 for n in names}
         factors = {s: [] for s in settings}
         samples = list_samples(dataset, folder, FLAGS.split)
@@ -87,30 +118,53 @@ def main(_):
                 counts[n] += [(pred & truth).sum(), (pred & ~truth).sum(),
                               (~pred & truth & fov).sum(), (pred & ~truth & near).sum()]
                 seconds[n] += took[n]
-            print(f"{dataset} {data.name}: " + ", ".join(f"{s} {took[s]:.1f} s" for s in settings),
-                  flush=True)
+            if FLAGS.segmented_size:
+                fov_px += fov.sum()
+                label_px += (truth & fov).sum()
+                for s, seg in segs.items():
+                    small[s] += _segmented_size_counts(seg, data.image, data.fov, truth,
+                                                       FLAGS.threshold)
+            line = ", ".join(f"{s} {took[s]:.1f} s" for s in settings)
+            if FLAGS.segmented_size:  # this photograph's shares of its FOV marked as vessel
+                line += f"; vessel: labels {truth[fov].mean():.1%}, " + ", ".join(
+                    f"{s} {(probs[s][fov] >= FLAGS.threshold).mean():.1%}" for s in settings)
+            print(f"{dataset} {data.name}: {line}", flush=True)
         for n in names:
             tp, fp, fn, fp_near = counts[n].tolist()
             factor = np.mean(factors[n]) if n in factors else float("nan")
+            at_size = float("nan")
+            if n in small and FLAGS.segmented_size:
+                s_tp, s_fp, s_fn = small[n].tolist()
+                at_size = 2 * s_tp / max(2 * s_tp + s_fp + s_fn, 1)
             table.setdefault(n, {})[dataset] = (2 * tp / max(2 * tp + fp + fn, 1),
                                                 seconds[n] / len(samples), factor,
-                                                fp_near / max(fp, 1))
+                                                fp_near / max(fp, 1), at_size,
+                                                (tp + fp) / max(fov_px, 1))
+        if FLAGS.segmented_size:
+            shares[dataset] = label_px / max(fov_px, 1)
     datasets = [d.partition(":")[0] for d in FLAGS.datasets]
     near = (f" / share of the false positives within {FLAGS.near_px} px of a labelled vessel"
             if FLAGS.near_px else "")
+    at_size = (" / F1 at the size segmented at / share of the FOV the mask marks as vessel"
+               if FLAGS.segmented_size else "")
     print(f"\n{FLAGS.model}: F1 pooled inside the FOV at {FLAGS.threshold:g} / seconds per "
-          f"image (resize factor, mean over the images){near}, "
+          f"image (resize factor, mean over the images){near}{at_size}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
     print("| setting | " + " | ".join(datasets) + " |")
     print("|---|" + "---|" * len(datasets))
     for n in names:
         cells = []
         for d in datasets:
-            f1, sec, factor, share = table[n][d]
+            f1, sec, factor, share, f1_at_size, vessel = table[n][d]
             scale = f" (x{factor:.2f})" if factor == factor else ""
             cells.append(f"{f1:.4f} / {sec:.1f} s{scale}" +
-                         (f" / {share:.2f}" if FLAGS.near_px else ""))
+                         (f" / {share:.2f}" if FLAGS.near_px else "") +
+                         (f" / {f1_at_size:.4f} / {vessel:.1%}"
+                          if FLAGS.segmented_size and f1_at_size == f1_at_size else ""))
         print(f"| {n} | " + " | ".join(cells) + " |")
+    if FLAGS.segmented_size:
+        print("| (labels: share of the FOV marked as vessel) | " +
+              " | ".join(f"{shares[d]:.1%}" for d in datasets) + " |")
 
 
 if __name__ == "__main__":
