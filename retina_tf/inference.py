@@ -536,6 +536,74 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
             "look at the result over it (predict --visualize)")
 
 
+# --- an artery/vein decision far from any the model learned ----------------------------------
+
+# Segmenter.segment warns when an A/V model's ratio of artery to vein pixels is under
+# ARTERY_RATIO_LOW times the least ratio of a training image's labels (run.json "artery_share")
+# or over ARTERY_RATIO_HIGH times the largest. Labels give arteries 35-55 % of the A/V pixels
+# (RITE, LES-AV, HRF-AV: arteries are the thinner); ripav_rite and ripav_general called 65-79 %
+# of a CHASE_DB1 photograph's vessels arteries, the wide veins leaving the disc included, and
+# 0-98 % of a STARE one's, in silence (bench/vessel_share.py, docs/training.md).
+ARTERY_RATIO_LOW = 2 / 3
+ARTERY_RATIO_HIGH = 1.5
+
+
+def artery_share(av: np.ndarray, fov: np.ndarray) -> float | None:
+    """The share of the pixels inside ``fov`` that ``av`` (H, W, 3: artery, vein, vessel; a
+    label or :func:`retina_tf.postprocess.av_mask`'s decision) calls artery, of those it calls
+    artery or vein but not both (a label's crossings); None where there are none."""
+    inside = np.asarray(fov) > 0
+    artery, vein = np.asarray(av)[..., 0] > 0.5, np.asarray(av)[..., 1] > 0.5
+    arteries = np.count_nonzero(artery & ~vein & inside)
+    both = arteries + np.count_nonzero(vein & ~artery & inside)
+    return float(arteries / both) if both else None
+
+
+def label_artery_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
+                       ) -> dict[str, float | int] | None:
+    """The least and the largest :func:`artery_share` of a training image's A/V label, over
+    the training images; run.json ``artery_share``. None for vessel targets (one channel) or
+    labels without an artery or vein pixel."""
+    shares = [artery_share(t, f) for t, f in zip(targets, fovs) if np.shape(t)[-1] == 3]
+    shares = [x for x in shares if x is not None]
+    if not shares:
+        return None
+    return {"min": min(shares), "max": max(shares), "images": len(shares)}
+
+
+def _odds(share: float) -> float:
+    return share / (1.0 - share) if share < 1.0 else float("inf")
+
+
+def artery_share_bounds(known: dict | None) -> tuple[float, float] | None:
+    """The artery shares outside which :func:`artery_share_warning` warns, from run.json
+    ``artery_share`` (``known``): the ratios of artery to vein pixels :data:`ARTERY_RATIO_LOW`
+    times the least and :data:`ARTERY_RATIO_HIGH` times the largest, as shares. None without
+    both bounds."""
+    try:
+        low, high = (ARTERY_RATIO_LOW * _odds(float(known["min"])),
+                     ARTERY_RATIO_HIGH * _odds(float(known["max"])))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return low / (1.0 + low), (high / (1.0 + high) if high != float("inf") else 1.0)
+
+
+def artery_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
+                         source: str | os.PathLike = "the image") -> str | None:
+    """A one-line warning when an A/V ``mask`` (H, W, 3) calls a share of its vessel pixels
+    artery far outside ``known`` (run.json ``artery_share``; see :data:`ARTERY_RATIO_LOW`),
+    else None."""
+    bounds = artery_share_bounds(known)
+    share = artery_share(mask, fov) if np.shape(mask)[-1:] == (3,) else None
+    if bounds is None or share is None or bounds[0] <= share <= bounds[1]:
+        return None
+    return (f"warning: {source}: {share:.0%} of its vessel pixels called artery, against "
+            f"{float(known['min']):.0%}-{float(known['max']):.0%} in the labels of the model's "
+            "training images: many are probably called wrong. The photograph may be unlike any "
+            "the model learned (another camera): look at the result over it (predict "
+            "--visualize)")
+
+
 # Whole-image passes over more pixels than this run in tiles: memory stays that of one tile
 # (unet_drive's one pass adds about 0.9 GB per Mpixel; tiles are 1.5x slower, their overlap).
 TILE_ABOVE_PIXELS = 2_000_000
@@ -841,7 +909,8 @@ class Segmenter:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV. An A/V
         model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
         threshold, each vessel pixel artery or vein, as ``_av.png`` draws it. A mask far from
-        the vessel share of the training labels is warned of (:func:`vessel_share_warning`).
+        the vessel share of the training labels is warned of (:func:`vessel_share_warning`),
+        and so is an A/V mask far from their share of arteries (:func:`artery_share_warning`).
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.
@@ -864,9 +933,12 @@ class Segmenter:
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
-        warning = vessel_share_warning(mask, fov, self.run_info.get("vessel_share"), source)
-        if warning:
-            log.warning(warning)
+        for warning in (vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
+                                             source),
+                        artery_share_warning(mask, fov, self.run_info.get("artery_share"),
+                                             source)):
+            if warning:
+                log.warning(warning)
         return prob, mask
 
     @property

@@ -50,6 +50,7 @@ from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold
 from retina_tf.inference import (
     Segmenter,
     fov_diameter,
+    label_artery_share,
     label_vessel_share,
     load_keras_model,
     native_bfloat16,
@@ -1181,7 +1182,9 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                   "pretrained": str(pretrained) if pretrained else None,
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
                   "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs])),
-                  "vessel_share": label_vessel_share(train_set.targets, train_set.fovs)},
+                  "vessel_share": label_vessel_share(train_set.targets, train_set.fovs),
+                  **({"artery_share": label_artery_share(train_set.targets, train_set.fovs)}
+                     if num_classes == 3 else {})},
         # weighted_metrics: only these receive the FOV map as sample_weight
         compile_args={"loss": loss, "weighted_metrics": [SegmentationF1(name="f1")]},
         jit_ok=loss.supports_jit, validation=validation, callbacks=callbacks, finish=finish)

@@ -13,13 +13,13 @@ import pytest
 import tensorflow as tf
 
 from retina_tf.data.catalog import list_samples
-from retina_tf.data.io import DatasetError, read_image
+from retina_tf.data.io import DatasetError, read_image, read_sample
 from retina_tf.data.labelfile import write_label_file
 from retina_tf.data.pipeline import with_context
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.evaluation import evaluate, predict
 from retina_tf.flags import parse_config
-from retina_tf.inference import Segmenter
+from retina_tf.inference import Segmenter, artery_share
 from retina_tf.models.rip_av import RIPAV
 from retina_tf.pretraining import pretrain_rip, read_rip_records
 from retina_tf.training import train
@@ -101,6 +101,12 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["task"] == "av" and info["num_classes"] == 3
     assert info["pretrained"] == str(logdir / "rip")
+    # the artery share of its training labels, for the warning of a far-off A/V decision
+    shares = [artery_share(d.av, d.fov) for d in map(read_sample, list_samples(
+        "synthetic", data, "training")) if d.name in info["data"]["training_images"]]
+    assert info["artery_share"] == {"min": pytest.approx(min(shares)),
+                                    "max": pytest.approx(max(shares)), "images": len(shares)}
+    assert 0 < min(shares) < max(shares) < 1
     model = keras.saving.load_model(run / "model.keras", compile=False)
     assert isinstance(model, RIPAV) and model.distance_head and model.context_fusion
     assert model.av_weight == 1.0

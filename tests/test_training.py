@@ -81,6 +81,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
     assert len(shares) == info["vessel_share"]["images"] == len(info["data"]["training_images"])
     assert info["vessel_share"]["min"] == pytest.approx(min(shares))
     assert info["vessel_share"]["max"] == pytest.approx(max(shares))
+    assert "artery_share" not in info  # a vessel model's run
 
 
 class _Interrupt(keras.callbacks.Callback):
