@@ -982,7 +982,7 @@ def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
 def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
                  out: OutputFolder, threshold: float) -> list[Path]:
     image = read_image(path)
-    seg.check_image_size(image, path)
+    seg.check_image_size(image, path, warn_gray=False)  # segment warns, once
     fov = _fov_for(path, image, fov_source)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
     prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)

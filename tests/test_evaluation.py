@@ -461,6 +461,18 @@ def test_a_vessel_map_far_from_the_training_labels_share_is_warned_of():
         assert vessel_share_warning(np.zeros((10, 10), bool), fov, unknown, "eye.png") is None
 
 
+def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, caplog):
+    from retina_tf.config import PredictConfig
+    from retina_tf.data.io import write_image_atomic
+    from retina_tf.evaluation import predict
+    photo = generate_fundus(5, size=(160, 160)).image.mean(axis=-1).astype(np.uint8)
+    write_image_atomic(tmp_path / "gray.png", photo)
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        predict(PredictConfig(model="ripav_general", input=str(tmp_path / "gray.png"),
+                              output_dir=str(tmp_path / "out")))
+    assert caplog.text.count("gray.png is a gray photograph: telling arteries from veins") == 1
+
+
 def test_an_av_decision_far_from_the_training_labels_artery_share_is_warned_of():
     from retina_tf.inference import artery_share, artery_share_warning, label_artery_share
     fov = np.ones((10, 10), bool)
