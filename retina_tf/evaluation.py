@@ -1014,23 +1014,51 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     return written
 
 
-def _report(done: int, failed: dict[Path, str], out_dir: Path) -> None:
-    """The closing summary: how many images were written and each failure with its reason."""
+class _WarningCount(logging.Handler):
+    """Counts the warnings retina_tf logs while it is attached (one photograph's)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+@contextlib.contextmanager
+def _counting_warnings():
+    counter = _WarningCount()
+    logger = logging.getLogger("retina_tf")
+    logger.addHandler(counter)
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+
+
+def _names(paths: list[Path], most: int = 5) -> str:
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(p.name for p in paths[:most]) + more
+
+
+def _report(done: int, failed: dict[Path, str], out_dir: Path,
+            warned: list[Path] | None = None) -> None:
+    """The closing summary: how many images were written, those warned of above (a long
+    folder's warnings scroll away) and each failure with its reason."""
+    warned_of = f"; {len(warned)} with a warning above: {_names(warned)}" if warned else ""
     if not failed:
-        log.info(f"done: {done} image(s) segmented, outputs in {out_dir}")
+        log.info(f"done: {done} image(s) segmented, outputs in {out_dir}{warned_of}")
         return
     written = f"outputs in {out_dir}" if done else "nothing written"
-    lines = [f"done: {done} image(s) segmented, {written}; {len(failed)} failed:"]
+    lines = [f"done: {done} image(s) segmented, {written}{warned_of}; {len(failed)} failed:"]
     lines += [f"  {reason}" for reason in failed.values()]
     log.warning("\n".join(lines))
 
 
 def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
-    names = ", ".join(p.name for p in list(failed)[:5])
-    more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
     rest = f"the others were written to {out_dir}" if len(failed) < total else "none was written"
-    return RetinaTFError(f"{len(failed)} of {total} images failed ({names}{more}; reasons "
-                         f"above); {rest}")
+    return RetinaTFError(f"{len(failed)} of {total} images failed ({_names(list(failed))}; "
+                         f"reasons above); {rest}")
 
 
 def predict(cfg: PredictConfig) -> list[Path]:
@@ -1043,9 +1071,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
     A/V models, ``<stem>_av_overlay.png`` (arteries red, veins blue over the photograph).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
-    are written the run fails with the list. Outputs never collide (see :func:`output_names`),
-    files in ``--output_dir`` that retina_tf did not write are replaced only with
-    ``--overwrite``, and retina_tf's own outputs in ``--input`` are never taken for images.
+    are written the run fails with the list; the closing line also names the images warned
+    of. Outputs never collide (see :func:`output_names`), files in ``--output_dir`` that
+    retina_tf did not write are replaced only with ``--overwrite``, and retina_tf's own outputs
+    in ``--input`` are never taken for images.
 
     Raises:
         ConfigError: missing --input / --output_dir, or an output that would replace a file
@@ -1069,10 +1098,12 @@ def predict(cfg: PredictConfig) -> list[Path]:
                for s in _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
+    warned: list[Path] = []
     with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
         for path in progress(inputs, "predict", name=lambda p: p.name):
             try:
-                with out.all_or_nothing():  # all of an image's files, or none after a Ctrl-C
+                # all of an image's files, or none after a Ctrl-C
+                with out.all_or_nothing(), _counting_warnings() as warnings:
                     written += _predict_one(seg, path, bases[path], cfg, fov_source, out,
                                             threshold)
             except DatasetError as err:
@@ -1080,7 +1111,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
                     raise
                 failed[path] = _one_line(path, err)
                 log.warning(f"skipped: {failed[path]}")
-    _report(len(inputs) - len(failed), failed, out.path)
+                continue
+            if warnings.count:
+                warned.append(path)
+    _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)
     return written

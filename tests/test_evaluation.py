@@ -473,6 +473,21 @@ def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, 
     assert caplog.text.count("gray.png is a gray photograph: telling arteries from veins") == 1
 
 
+def test_predict_names_the_photographs_of_a_folder_it_warned_of(shared_data, tmp_path, caplog):
+    from retina_tf.config import PredictConfig
+    from retina_tf.evaluation import predict
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(shared_data / "samples/CHASE_DB1/Image_01L.jpg", photos)  # arteries warned of
+    shutil.copy(shared_data / "RITE/test/images/01_test.tif", photos)
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        predict(PredictConfig(model="ripav_general", input=str(photos),
+                              output_dir=str(tmp_path / "out")))
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert done == [f"done: 2 image(s) segmented, outputs in {tmp_path / 'out'}; 1 with a "
+                    "warning above: Image_01L.jpg"]
+
+
 def test_an_av_decision_far_from_the_training_labels_artery_share_is_warned_of():
     from retina_tf.inference import artery_share, artery_share_warning, label_artery_share
     fov = np.ones((10, 10), bool)
