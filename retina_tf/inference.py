@@ -540,7 +540,7 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
 
 # Segmenter.segment warns when an A/V model's ratio of artery to vein pixels is under
 # ARTERY_RATIO_LOW times the least ratio of a training image's labels (run.json "artery_share")
-# or over ARTERY_RATIO_HIGH times the largest. Labels give arteries 35-55 % of the A/V pixels
+# or over ARTERY_RATIO_HIGH times the largest. Labels give arteries 34-56 % of the A/V pixels
 # (RITE, LES-AV, HRF-AV: arteries are the thinner); ripav_rite and ripav_general called 65-79 %
 # of a CHASE_DB1 photograph's vessels arteries, the wide veins leaving the disc included, and
 # 0-98 % of a STARE one's, in silence (bench/vessel_share.py, docs/training.md).
@@ -555,8 +555,8 @@ def artery_share(av: np.ndarray, fov: np.ndarray) -> float | None:
     inside = np.asarray(fov) > 0
     artery, vein = np.asarray(av)[..., 0] > 0.5, np.asarray(av)[..., 1] > 0.5
     arteries = np.count_nonzero(artery & ~vein & inside)
-    both = arteries + np.count_nonzero(vein & ~artery & inside)
-    return float(arteries / both) if both else None
+    counted = arteries + np.count_nonzero(vein & ~artery & inside)
+    return float(arteries / counted) if counted else None
 
 
 def label_artery_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
