@@ -681,7 +681,14 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         "deployer_must_add": deployer_notes(seg, fmt),
         "never_exported": [] if fmt == "keras" else [
             "test-time augmentation (--tta)", "the A/V segment vote (--av_vote)",
-            "inference scales other than the training ones (--eval_scales)"],
+            "inference scales other than the training ones (--eval_scales)",
+            "predict's warning of a mask far from the training labels' share of vessel (or of "
+            "arteries): their shares are in 'training_labels', the rule in "
+            "retina_tf.inference.vessel_share_warning (artery_share_warning)"],
+        # the least and largest share of the FOV (and of the vessel pixels called artery) in
+        # the training labels, for a service that wants predict's warnings
+        "training_labels": {key: seg.run_info[key] for key in ("vessel_share", "artery_share")
+                            if seg.run_info.get(key)},
     }
 
 

@@ -416,6 +416,11 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     assert note in " ".join(DEPLOY_DOC.read_text().split())  # the same words in the docs
     info = json.loads((out / "export.json").read_text())
     assert info["channels"] == ["artery", "vein", "vessel"] and info["deployer_must_add"]
+    # the shares behind predict's warnings, for a service that wants them
+    run_info = Segmenter.from_pretrained("ripav_rite").run_info
+    assert info["training_labels"] == {key: run_info[key]
+                                       for key in ("vessel_share", "artery_share")}
+    assert "artery_share_warning" in (out / "README.txt").read_text()
     image = generate_fundus(2, size=(128, 128)).image
     got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
     assert got["probability"].shape == (128, 128, 3) and got["mask"].shape == (128, 128)
