@@ -48,20 +48,12 @@ FLAGS = flags.FLAGS
 def _segmented_size_counts(seg, image, fov, truth, threshold):
     """TP, FP, FN of ``seg``'s mask at the size it segments ``image`` at, against ``truth``
     and ``fov`` shrunk there (area; at least half of a pixel)."""
-    import cv2
     import numpy as np
 
-    plan = seg.scale_plan(image, fov)
-    h, w = image.shape[:2]
-    top, bottom, left, right = plan.box or (0, h, 0, w)
-    size = plan.size if plan.rescaled else (right - left, bottom - top)
-
-    def shrink(a):
-        return cv2.resize(a[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
-
-    pred = seg.probability(shrink(image))[..., -1] >= threshold
-    small_fov = shrink(fov.astype(np.float32)) >= 0.5
-    small_truth = shrink(truth.astype(np.float32)) >= 0.5
+    plan = seg.scale_plan(image, fov)  # as probability_at_inference_scale shrinks it
+    pred = seg.probability(plan.resized(image))[..., -1] >= threshold
+    small_fov = plan.resized(fov.astype(np.float32)) >= 0.5
+    small_truth = plan.resized(truth.astype(np.float32)) >= 0.5
     pred &= small_fov
     return [(pred & small_truth).sum(), (pred & ~small_truth).sum(),
             (~pred & small_truth & small_fov).sum()]

@@ -462,6 +462,12 @@ class ScalePlan:
             text += f", the training FOV is {self.training_fov_diameter:.0f} px"
         return text
 
+    def resized(self, array: np.ndarray) -> np.ndarray:
+        """The part of ``array`` (the photograph, or a map of its size) that is segmented: the
+        FOV's box or all of it, resized to :attr:`size` (OpenCV area)."""
+        top, bottom, left, right = self.box or (0, self.height, 0, self.width)
+        return cv2.resize(array[top:bottom, left:right], self.size, interpolation=cv2.INTER_AREA)
+
     def warning(self, source) -> str | None:
         """A one-line warning when ``auto`` enlarged the photograph less than its FOV needs
         (:data:`AUTO_MAX_SCALE`), else None: its thin vessels are narrower than any the model
@@ -500,7 +506,14 @@ def label_vessel_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
     """The least and the largest :func:`vessel_share` of a training image's label (the last
     channel of a training target), over the training images; run.json ``vessel_share``. None
     without a labelled FOV pixel."""
-    shares = [vessel_share(t, f) for t, f in zip(targets, fovs) if np.any(np.asarray(f) > 0)]
+    return _least_and_largest([vessel_share(t, f) for t, f in zip(targets, fovs)
+                               if np.any(np.asarray(f) > 0)])
+
+
+def _least_and_largest(shares: list[float | None]) -> dict[str, float | int] | None:
+    """run.json's record of the training labels' shares: ``{"min", "max", "images"}`` over
+    those known (not None); None without any."""
+    shares = [x for x in shares if x is not None]
     if not shares:
         return None
     return {"min": min(shares), "max": max(shares), "images": len(shares)}
@@ -564,11 +577,8 @@ def label_artery_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
     """The least and the largest :func:`artery_share` of a training image's A/V label, over
     the training images; run.json ``artery_share``. None for vessel targets (one channel) or
     labels without an artery or vein pixel."""
-    shares = [artery_share(t, f) for t, f in zip(targets, fovs) if np.shape(t)[-1] == 3]
-    shares = [x for x in shares if x is not None]
-    if not shares:
-        return None
-    return {"min": min(shares), "max": max(shares), "images": len(shares)}
+    return _least_and_largest([artery_share(t, f) for t, f in zip(targets, fovs)
+                               if np.shape(t)[-1] == 3])
 
 
 def _odds(share: float) -> float:
@@ -1025,9 +1035,8 @@ class Segmenter:
                                "--inference_scale")
         h, w = image.shape[:2]
         top, bottom, left, right = plan.box or (0, h, 0, w)
-        part = image[top:bottom, left:right]
-        resized = cv2.resize(part, plan.size, interpolation=cv2.INTER_AREA)
-        prob = cv2.resize(self.probability(resized, threshold), (right - left, bottom - top),
+        prob = cv2.resize(self.probability(plan.resized(image), threshold),
+                          (right - left, bottom - top),
                           interpolation=cv2.INTER_LINEAR).reshape(bottom - top, right - left, -1)
         if plan.box is None:
             return prob
