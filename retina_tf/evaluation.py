@@ -78,7 +78,7 @@ THIN_AV_WIDTH = 4.0
 
 # read_image decodes these (and their gzipped forms, as STARE's .ppm.gz)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".ppm", ".pgm",
-                  ".bmp", ".webp")
+                  ".bmp", ".webp", ".dcm", ".dicom")
 
 # Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.

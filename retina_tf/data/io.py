@@ -203,6 +203,59 @@ def _tiff_upright_as_stored(data: bytes) -> bytes:
     return data
 
 
+def _is_dicom(data: bytes) -> bool:
+    """A DICOM (Part 10) file: 128 bytes of preamble, then ``DICM``."""
+    return data[128:132] == b"DICM"
+
+
+def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
+    """The picture of a DICOM file (ophthalmic photography: how many fundus cameras and
+    clinical archives export), read with pydicom: YBR colour (a JPEG's) converted to RGB,
+    MONOCHROME1 inverted so that bright is bright, and the file's ``BitsStored`` mapped to 8
+    bits (the file says its bit depth: :func:`bit_depth` is not needed). One picture per file:
+    a multi-frame file (a stereo pair, a series) is refused rather than read in part.
+    """
+    import pydicom  # here: only DICOM files need it
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if "PixelData" not in ds:  # a report, a measurement, or a file cut short
+            raise DatasetError(f"{path} is a DICOM file without a picture (no pixel data): "
+                               "give the file of the photograph, or copy it again")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames, bits = int(ds.get("NumberOfFrames") or 1), int(ds.BitsStored)
+        photometric = str(ds.PhotometricInterpretation)
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 (pydicom raises many kinds on a broken file)
+        raise DatasetError(f"{path} is not a readable DICOM file: {err}") from None
+    if rows * columns > MAX_PIXELS:
+        raise _too_large(path)
+    if frames > 1:
+        raise DatasetError(f"{path} holds {frames} pictures (frames) in one DICOM file: "
+                           "retina_tf segments one picture per file; save each frame as a file")
+    if int(ds.get("PixelRepresentation", 0)) != 0 or not 1 <= bits <= 16:
+        raise DatasetError(f"{path} stores signed or {bits}-bit pixels, not a photograph's "
+                           "8 to 16 unsigned bits: export it as an 8-bit PNG or TIFF")
+    try:
+        array = ds.pixel_array  # pydicom converts YBR (JPEG) to RGB
+    except Exception as err:  # noqa: BLE001 (a missing decoder, corrupt data)
+        syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "its transfer syntax")
+        why = re.sub(r"\s*\n\s*", "; ", str(err).strip()).replace(":;", ":")  # one line
+        raise DatasetError(f"{path}: pydicom cannot decode its pixels ({syntax}): {why}"
+                           ) from None
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+        array, bits = apply_color_lut(array, ds), int(ds.RedPaletteColorLookupTableDescriptor[2])
+    top = 2 ** bits - 1
+    array = np.minimum(array, top)
+    if photometric == "MONOCHROME1":
+        array = top - array
+    if bits != 8 or array.dtype != np.uint8:
+        array = np.rint(array * np.float32(255.0 / top)).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
 def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
     uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
@@ -214,6 +267,8 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     """
     path = Path(path)
     data = _read_bytes(path) if data is None else data
+    if _is_dicom(data):
+        return _decode_dicom(path, data)
     if data[:6] in (b"GIF87a", b"GIF89a"):
         try:
             with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as gif:
@@ -281,11 +336,11 @@ def _over_black(array: np.ndarray) -> np.ndarray:
 def read_image(path: PathLike) -> np.ndarray:
     """Reads a fundus image as uint8 RGB.
 
-    Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE). GIFs are read
-    with Pillow (first frame); grayscale files are replicated to three channels; 16-bit files are
-    scaled to 8 bit by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a
-    16-bit PNG maps 4095 to 255). A file with an EXIF orientation is turned upright, as
-    viewers show it.
+    Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE), and DICOM
+    files with pydicom installed (:func:`_decode_dicom`). GIFs are read with Pillow (first
+    frame); grayscale files are replicated to three channels; 16-bit files are scaled to 8 bit
+    by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a 16-bit PNG maps
+    4095 to 255). A file with an EXIF orientation is turned upright, as viewers show it.
 
     Args:
         path: the image file.

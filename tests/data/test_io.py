@@ -467,3 +467,122 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
     from retina_tf.data.io import _opencv_pixel_limit
     assert [_opencv_pixel_limit(t) for t in ("1000", "1MB", "3kb", "2Mb", "", None, "1 kB")] \
         == [1000, 1 << 20, 3 << 10, 2 << 20, 1 << 30, 1 << 30, 1 << 30]
+
+
+def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int = 8,
+           jpeg: bool = False, frames: int = 1, transfer_syntax=None) -> Path:
+    """A DICOM ophthalmic photograph as cameras export it: raw pixels, or a JPEG (Pillow's
+    YCbCr, as DICOM's YBR_FULL_422 says) encapsulated as JPEG Baseline."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = transfer_syntax or (JPEGBaseline8Bit if jpeg
+                                                 else ExplicitVRLittleEndian)
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # ophthalmic photography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.Modality = "OP"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if jpeg or transfer_syntax:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+        ds.PixelData = encapsulate([buffer.getvalue()] * frames)
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = np.concatenate([pixels.ravel()] * frames).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp_path: Path):
+    rgb = read_image(shared_data / "DRIVE" / "test" / "images" / "01_test.tif")
+    assert np.array_equal(read_image(_dicom(tmp_path / "raw.dcm", rgb, "RGB")), rgb)
+    # a JPEG-compressed one (YBR colour) comes back in RGB order, not as luma and chroma
+    jpeg = read_image(_dicom(tmp_path / "jpeg.dcm", rgb, "YBR_FULL_422", jpeg=True))
+    assert jpeg.shape == rgb.shape and np.abs(jpeg.astype(int) - rgb).mean() < 2
+    np.testing.assert_allclose(jpeg.mean(axis=(0, 1)), rgb.mean(axis=(0, 1)), atol=1)
+    # 12-bit gray data in 16 bits: the file's BitsStored maps 4095 to 255, even where the
+    # brightest pixel is darker (bit_depth would read 1000 as 10-bit)
+    gray = np.array([[0, 1000], [2047, 4095]], np.uint16)
+    expected = np.rint(gray * (255 / 4095)).astype(np.uint8)
+    got = read_image(_dicom(tmp_path / "gray.dcm", gray, "MONOCHROME2", bits=12))
+    assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=-1))
+    dark = read_image(_dicom(tmp_path / "dark.dcm", gray[:1], "MONOCHROME2", bits=12))
+    assert dark[0, 1, 0] == round(1000 * 255 / 4095)
+    # MONOCHROME1 stores bright as low values: read inverted, as a viewer shows it
+    inverted = read_image(_dicom(tmp_path / "m1.dcm", 4095 - gray, "MONOCHROME1", bits=12))
+    assert np.array_equal(inverted, got)
+    # palette colour: each index looked up in the file's 16-bit colour tables
+    path = _dicom(tmp_path / "palette.dcm", np.array([[0, 1], [2, 1]], np.uint8),
+                  "PALETTE COLOR")
+    import pydicom
+    ds = pydicom.dcmread(path)
+    table = {"Red": [65535, 0, 0], "Green": [0, 65535, 0], "Blue": [0, 0, 32896]}
+    for colour, values in table.items():
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [3, 0, 16])
+        ds[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(ds, f"{colour}PaletteColorLookupTableData",
+                np.array(values, np.uint16).tobytes())
+    ds.save_as(path)
+    assert read_image(path).tolist() == [[[255, 0, 0], [0, 255, 0]], [[0, 0, 128], [0, 255, 0]]]
+    # a DICOM file is one whatever its name, and a gzipped one too
+    plain = tmp_path / "IM000001"
+    plain.write_bytes((tmp_path / "raw.dcm").read_bytes())
+    gz = tmp_path / "raw.dcm.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    assert np.array_equal(read_image(plain), rgb) and np.array_equal(read_image(gz), rgb)
+
+
+def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
+    from pydicom.uid import JPEGLSLossless
+
+    rgb = np.full((16, 16, 3), 100, np.uint8)
+    path = _dicom(tmp_path / "pair.dcm", rgb, "RGB", frames=2)
+    with pytest.raises(DatasetError, match=r"pair.dcm holds 2 pictures \(frames\) in one DICOM "
+                                           r"file: .* save each frame as a file"):
+        read_image(path)
+    # a compression pydicom needs a plug-in for: the plug-ins it names, on one line
+    path = _dicom(tmp_path / "jls.dcm", rgb, "RGB", transfer_syntax=JPEGLSLossless)
+    with pytest.raises(DatasetError, match=r"jls.dcm: pydicom cannot decode its pixels "
+                                           r"\(JPEG-LS Lossless .*\): .*pylibjpeg") as err:
+        read_image(path)
+    assert "\n" not in str(err.value)
+    # no picture in it (a report); a broken file
+    import pydicom
+    ds = pydicom.dcmread(_dicom(tmp_path / "report.dcm", rgb, "RGB"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "report.dcm")
+    with pytest.raises(DatasetError, match="report.dcm is a DICOM file without a picture"):
+        read_image(tmp_path / "report.dcm")
+    # cut short in its header, or in its pixels
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes((tmp_path / "pair.dcm").read_bytes()[:300])
+    with pytest.raises(DatasetError, match="cut.dcm is a DICOM file without a picture .* copy "
+                                           "it again"):
+        read_image(cut)
+    one = _dicom(tmp_path / "one.dcm", rgb, "RGB")
+    one.write_bytes(one.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="one.dcm: pydicom cannot decode its pixels"):
+        read_image(one)
+
+
+def test_a_folder_of_dicom_photographs_is_segmented(tmp_path: Path):
+    from retina_tf.evaluation import list_inputs
+    _dicom(tmp_path / "a.dcm", np.zeros((8, 8, 3), np.uint8), "RGB")
+    _dicom(tmp_path / "b.DICOM", np.zeros((8, 8, 3), np.uint8), "RGB")
+    (tmp_path / "notes.txt").write_text("not a photograph")
+    assert [p.name for p in list_inputs(tmp_path)] == ["a.dcm", "b.DICOM"]
