@@ -234,9 +234,11 @@ def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
     if frames > 1:
         raise DatasetError(f"{path} holds {frames} pictures (frames) in one DICOM file: "
                            "retina_tf segments one picture per file; save each frame as a file")
-    if int(ds.get("PixelRepresentation", 0)) != 0 or not 1 <= bits <= 16:
-        raise DatasetError(f"{path} stores signed or {bits}-bit pixels, not a photograph's "
-                           "8 to 16 unsigned bits: export it as an 8-bit PNG or TIFF")
+    signed = int(ds.get("PixelRepresentation", 0)) != 0
+    if signed or not 1 <= bits <= 16:
+        raise DatasetError(f"{path} stores {'signed ' if signed else ''}{bits}-bit pixels, not "
+                           "a photograph's 8 to 16 unsigned bits: export it as an 8-bit PNG "
+                           "or TIFF")
     try:
         array = ds.pixel_array  # pydicom converts YBR (JPEG) to RGB
     except Exception as err:  # noqa: BLE001 (a missing decoder, corrupt data)

@@ -568,6 +568,13 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
     ds.save_as(tmp_path / "report.dcm")
     with pytest.raises(DatasetError, match="report.dcm is a DICOM file without a picture"):
         read_image(tmp_path / "report.dcm")
+    # a CT-like file of signed values is no photograph
+    path = _dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", bits=12)
+    ds = pydicom.dcmread(path)
+    ds.PixelRepresentation = 1
+    ds.save_as(path)
+    with pytest.raises(DatasetError, match="ct.dcm stores signed 12-bit pixels"):
+        read_image(path)
     # cut short in its header, or in its pixels
     cut = tmp_path / "cut.dcm"
     cut.write_bytes((tmp_path / "pair.dcm").read_bytes()[:300])
