@@ -549,6 +549,59 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
             "look at the result over it (predict --visualize)")
 
 
+# --- a gray photograph whose vessels are bright (an angiogram) -------------------------------
+
+# Segmenter.segment warns when a gray photograph's thin structures are mostly brighter than
+# their surround (bright_line_ratio over BRIGHT_LINE_RATIO): fluorescein and ICG angiograms are
+# gray and show the vessels bright, where every model here learned colour photographs, whose
+# vessels are dark. vessel_general marks the dark gaps between bright vessels instead, on 4.6 %
+# of the FOV of an inverted DRIVE photograph: inside the vessel share warning's bounds.
+BRIGHT_LINE_RATIO = 1.15
+# bright_line_ratio measures at this FOV diameter, with a top-hat this wide: vessels up to about
+# 10 px wide there.
+LINE_CHECK_FOV = 560
+LINE_CHECK_KERNEL = 15
+
+
+def bright_line_ratio(image: np.ndarray, fov: np.ndarray) -> float | None:
+    """How much the thin structures of ``image`` (uint8, (H, W) or (H, W, 3)) stand out bright
+    rather than dark inside ``fov``: the mean of the largest 5 % of the white top-hat of its
+    luminance over that of the black top-hat (an ellipse of :data:`LINE_CHECK_KERNEL` px, the
+    photograph resized so that its FOV is :data:`LINE_CHECK_FOV` px across, the FOV's rim left
+    out). Under 1 where the vessels are dark, as in colour and red-free photographs; None for a
+    FOV too small to measure."""
+    image, fov = np.asarray(image), np.asarray(fov) > 0
+    lum = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    factor = LINE_CHECK_FOV / (fov_diameter(fov) or max(fov.shape))
+    size = (max(int(round(fov.shape[1] * factor)), 1), max(int(round(fov.shape[0] * factor)), 1))
+    lum = cv2.resize(lum.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (LINE_CHECK_KERNEL,) * 2)
+    inside = cv2.erode(fov, kernel) > 0  # the black frame is no dark line
+    count = np.count_nonzero(inside) // 20
+    if count < 100:
+        return None
+    dark, bright = (np.partition(cv2.morphologyEx(lum, op, kernel)[inside], -count)[-count:]
+                    for op in (cv2.MORPH_BLACKHAT, cv2.MORPH_TOPHAT))
+    return float(bright.mean() / max(dark.mean(), 1e-6))
+
+
+def bright_vessels_warning(image: np.ndarray, fov: np.ndarray,
+                           source: str | os.PathLike = "the image") -> str | None:
+    """A one-line warning for a gray photograph whose thin structures are mostly bright
+    (:func:`bright_line_ratio` over :data:`BRIGHT_LINE_RATIO`: an angiogram?), else None.
+    Colour photographs are not measured: angiograms are gray."""
+    if not is_gray(np.asarray(image)):
+        return None
+    ratio = bright_line_ratio(image, fov)
+    if ratio is None or ratio <= BRIGHT_LINE_RATIO:
+        return None
+    return (f"warning: {source} is gray with bright thin structures (a fluorescein or ICG "
+            "angiogram?): the models learned colour photographs, whose vessels are dark, so "
+            "this map is probably wrong; angiograms need a model trained on labelled ones "
+            "(docs/data.md)")
+
+
 # --- an artery/vein decision far from any the model learned ----------------------------------
 
 # Segmenter.segment warns when an A/V model's ratio of artery to vein pixels is under
@@ -920,7 +973,8 @@ class Segmenter:
         model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
         threshold, each vessel pixel artery or vein, as ``_av.png`` draws it. A mask far from
         the vessel share of the training labels is warned of (:func:`vessel_share_warning`),
-        and so is an A/V mask far from their share of arteries (:func:`artery_share_warning`).
+        and so is an A/V mask far from their share of arteries (:func:`artery_share_warning`)
+        and a gray photograph with bright vessels (:func:`bright_vessels_warning`).
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.
@@ -943,7 +997,8 @@ class Segmenter:
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
-        for warning in (vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
+        for warning in (bright_vessels_warning(image, fov, source),
+                        vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
                                              source),
                         artery_share_warning(mask, fov, self.run_info.get("artery_share"),
                                              source)):

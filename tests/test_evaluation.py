@@ -476,6 +476,39 @@ def test_a_vessel_map_far_from_the_training_labels_share_is_warned_of():
         assert vessel_share_warning(np.zeros((10, 10), bool), fov, unknown, "eye.png") is None
 
 
+def test_a_gray_photograph_with_bright_vessels_is_warned_of(shared_data, tmp_path, caplog):
+    from retina_tf.config import PredictConfig
+    from retina_tf.evaluation import predict
+    from retina_tf.inference import BRIGHT_LINE_RATIO, bright_line_ratio, bright_vessels_warning
+    drive = shared_data / "DRIVE" / "test"
+    photo = read_image(drive / "images" / "01_test.tif")
+    fov = read_image(drive / "mask" / "01_test_mask.gif")[..., 0] > 0
+    gray = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    angiogram = np.where(fov, 255 - gray, 0).astype(np.uint8)  # vessels bright, as in one
+    assert bright_line_ratio(gray, fov) < 1 < BRIGHT_LINE_RATIO < bright_line_ratio(angiogram,
+                                                                                    fov)
+    # dark vessels of a red-free (gray) photograph are no angiogram, nor is any colour picture
+    assert bright_vessels_warning(np.dstack([gray] * 3), fov, "redfree.png") is None
+    assert bright_vessels_warning(np.where(fov[..., None], 255 - photo, 0).astype(np.uint8),
+                                  fov, "negative.png") is None
+    # twice the size, a mask of a few pixels: measured at the same FOV, or not at all
+    big = cv2.resize(angiogram, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    big_fov = cv2.resize(fov.astype(np.uint8), None, fx=2, fy=2) > 0
+    assert bright_line_ratio(big, big_fov) == pytest.approx(bright_line_ratio(angiogram, fov),
+                                                            rel=0.05)
+    assert bright_line_ratio(angiogram, np.pad(np.ones((5, 5), bool), 40)) is None
+    cv2.imwrite(str(tmp_path / "fa.png"), angiogram)
+    cv2.imwrite(str(tmp_path / "redfree.png"), gray)
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        predict(PredictConfig(input=str(tmp_path), output_dir=str(tmp_path / "out")))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"warning: {tmp_path / 'fa.png'} is gray with bright thin structures (a "
+                      "fluorescein or ICG angiogram?): the models learned colour photographs, "
+                      "whose vessels are dark, so this map is probably wrong; angiograms need "
+                      "a model trained on labelled ones (docs/data.md)"]
+    assert caplog.records[-1].getMessage().endswith("1 with a warning above: fa.png")
+
+
 def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, caplog):
     from retina_tf.config import PredictConfig
     from retina_tf.data.io import write_image_atomic

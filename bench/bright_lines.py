@@ -1,0 +1,62 @@
+"""How bright the thin structures of gray photographs are against dark, per labelled dataset: the
+measurement behind predict's warning of a gray photograph with bright vessels, an angiogram
+(retina_tf.inference.bright_vessels_warning, docs/training.md).
+
+    .venv/bin/python bench/bright_lines.py \\
+        --datasets=drive:data/DRIVE:all,stare:data/STARE:all,chase_db1:data/CHASE_DB1:all,hrf:data/HRF:all
+
+Each colour photograph is made gray two ways (its luminance, its green channel: a red-free
+photograph) and its gray negative inside the FOV stands in for an angiogram (vessels bright; no
+fluorescein angiogram with labels is at hand). Per dataset: the least and largest
+``bright_line_ratio`` of each, and how many would be warned of.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from retina_tf.flags import run_reported  # noqa: E402
+
+flags.DEFINE_list("datasets", None, "name:folder:split of catalog datasets "
+                  "(stare:data/STARE:all).")
+flags.mark_flag_as_required("datasets")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import cv2
+    import numpy as np
+
+    from retina_tf.data.catalog import list_samples
+    from retina_tf.data.io import read_sample
+    from retina_tf.inference import BRIGHT_LINE_RATIO, bright_line_ratio
+
+    kinds = ("luminance", "green (red-free)", "negative (angiogram)")
+    print(f"bright_line_ratio (warned of above {BRIGHT_LINE_RATIO:g}): least-largest, warned\n")
+    print(f"| dataset | photographs | {' | '.join(kinds)} |")
+    print("|---|---|" + "---|" * len(kinds))
+    for spec in FLAGS.datasets:
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"--datasets={spec}: give name:folder:split")
+        ratios = []
+        for sample in list_samples(*parts):
+            data = read_sample(sample)
+            fov = data.fov > 0
+            gray = cv2.cvtColor(data.image, cv2.COLOR_RGB2GRAY)
+            negative = np.where(fov, 255 - gray, 0).astype(np.uint8)
+            ratios.append([bright_line_ratio(x, fov) for x in (gray, data.image[..., 1],
+                                                               negative)])
+        cells = []
+        for column in np.array(ratios, np.float64).T:
+            warned = int(np.sum(column > BRIGHT_LINE_RATIO))
+            cells.append(f"{column.min():.2f}-{column.max():.2f}, {warned}")
+        print(f"| {parts[0]} | {len(ratios)} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    run_reported(main)
