@@ -36,6 +36,7 @@ from retina_tf.data.io import (
     atomic_write_bytes,
     file_stem,
     fsync_dir,
+    is_dicom_file,
     read_fov_mask,
     read_image,
     read_sample,
@@ -826,14 +827,20 @@ def _warn(message: str | None) -> None:
         log.warning(message)
 
 
+def _has_image_suffix(name: str) -> bool:
+    """An image file's extension (:data:`IMAGE_SUFFIXES`), or the ``.gz`` of one."""
+    return os.path.splitext(name.lower().removesuffix(".gz"))[1] in IMAGE_SUFFIXES
+
+
 def _image_files(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (by extension, ``.gz`` of one too), hidden files left
-    out."""
-    def is_image(name: str) -> bool:
-        name = name.lower().removesuffix(".gz")
-        return os.path.splitext(name)[1] in IMAGE_SUFFIXES
+    """The image files of ``folder``: by extension (``.gz`` of one too), and DICOM files by
+    their content whatever their names (``IM000001``, a UID), a DICOM CD's index ``DICOMDIR``
+    left out; hidden files left out."""
+    def is_image(p: Path) -> bool:
+        return _has_image_suffix(p.name) or (p.name.upper() != "DICOMDIR"
+                                             and is_dicom_file(p))
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and is_image(p.name))
+                  and is_image(p))
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -863,8 +870,8 @@ def list_inputs(path: Path) -> list[Path]:
                      f"(the FOV is estimated unless --fov={path} is given)")
         return inputs
     if not files:
-        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} and "
-                           "their .gz)")
+        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, "
+                           "their .gz, and DICOM files)")
     masks = sum(p.name not in ours for p in files)
     kinds = [f"{masks} end in '_mask' (taken for FOV masks)"] if masks else []
     if len(files) > masks:
@@ -943,8 +950,9 @@ def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | No
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
     """The base name of each input's outputs: its stem, or its whole file name where stems
-    clash (``a.png`` and ``a.jpg`` write ``a.png_prob.png`` and ``a.jpg_prob.png``)."""
-    bases = {p: file_stem(p) for p in paths}
+    clash (``a.png`` and ``a.jpg`` write ``a.png_prob.png`` and ``a.jpg_prob.png``) or it has
+    no image extension (a DICOM file named by a UID, ``1.2.840.1.7``)."""
+    bases = {p: file_stem(p) if _has_image_suffix(p.name) else p.name for p in paths}
     while True:
         counts = Counter(bases.values())
         clashing = [p for p, base in bases.items() if counts[base] > 1 and base != p.name]

@@ -31,8 +31,8 @@ from retina_tf.data.fov import estimate_fov, given_fov_warning
 from retina_tf.errors import DatasetError, OutputError
 
 __all__ = ["DatasetError", "SampleData", "atomic_write_bytes", "file_stem", "read_av",
-           "fov_of_array", "is_gray", "read_fov_mask", "read_image", "read_mask", "read_sample",
-           "write_image_atomic"]
+           "fov_of_array", "is_dicom_file", "is_gray", "read_fov_mask", "read_image", "read_mask",
+           "read_sample", "write_image_atomic"]
 
 if TYPE_CHECKING:
     from retina_tf.data.catalog import Sample
@@ -206,6 +206,16 @@ def _tiff_upright_as_stored(data: bytes) -> bytes:
 def _is_dicom(data: bytes) -> bool:
     """A DICOM (Part 10) file: 128 bytes of preamble, then ``DICM``."""
     return data[128:132] == b"DICM"
+
+
+def is_dicom_file(path: PathLike) -> bool:
+    """Whether ``path`` is a DICOM file, by its first 132 bytes (cameras and CDs name them
+    ``IM000001`` or by a UID, with no image extension)."""
+    try:
+        with open(path, "rb") as f:
+            return _is_dicom(f.read(132))
+    except OSError:
+        return False
 
 
 def _decode_dicom(path: Path, data: bytes) -> np.ndarray:

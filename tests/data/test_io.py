@@ -588,8 +588,16 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
 
 
 def test_a_folder_of_dicom_photographs_is_segmented(tmp_path: Path):
-    from retina_tf.evaluation import list_inputs
-    _dicom(tmp_path / "a.dcm", np.zeros((8, 8, 3), np.uint8), "RGB")
-    _dicom(tmp_path / "b.DICOM", np.zeros((8, 8, 3), np.uint8), "RGB")
+    from retina_tf.evaluation import list_inputs, output_names
+    photo = np.zeros((8, 8, 3), np.uint8)
+    # as cameras and CDs name them: an extension, none, or a UID; DICOMDIR is the CD's index
+    for name in ("a.dcm", "b.DICOM", "IM000001", "1.2.840.1.7", "1.2.840.1.8", "DICOMDIR"):
+        _dicom(tmp_path / name, photo, "RGB")
     (tmp_path / "notes.txt").write_text("not a photograph")
-    assert [p.name for p in list_inputs(tmp_path)] == ["a.dcm", "b.DICOM"]
+    (tmp_path / "1.2.840.1.9").write_bytes(b"\0" * 200)  # neither
+    inputs = list_inputs(tmp_path)
+    assert [p.name for p in inputs] == ["1.2.840.1.7", "1.2.840.1.8", "IM000001", "a.dcm",
+                                        "b.DICOM"]
+    # outputs named by the whole name where it has no image extension
+    assert sorted(output_names(inputs).values()) == ["1.2.840.1.7", "1.2.840.1.8", "IM000001",
+                                                     "a", "b"]
