@@ -470,18 +470,25 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
 
 
 def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int = 8,
-           jpeg: bool = False, frames: int = 1, transfer_syntax=None) -> Path:
-    """A DICOM ophthalmic photograph as cameras export it: raw pixels, or a JPEG (Pillow's
-    YCbCr, as DICOM's YBR_FULL_422 says) encapsulated as JPEG Baseline."""
+           jpeg: bool = False, j2k: bool = False, frames: int = 1, transfer_syntax=None
+           ) -> Path:
+    """A DICOM ophthalmic photograph as cameras export it: raw pixels, a JPEG (Pillow's
+    YCbCr, as DICOM's YBR_FULL_422 says) encapsulated as JPEG Baseline, or a lossless JPEG 2000
+    (YBR_RCT: its reversible colour transform)."""
     import io
 
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
-    meta.TransferSyntaxUID = transfer_syntax or (JPEGBaseline8Bit if jpeg
-                                                 else ExplicitVRLittleEndian)
+    meta.TransferSyntaxUID = transfer_syntax or (JPEGBaseline8Bit if jpeg else JPEG2000Lossless
+                                                 if j2k else ExplicitVRLittleEndian)
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # ophthalmic photography
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = Dataset()
@@ -497,9 +504,13 @@ def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int = 8,
     ds.PhotometricInterpretation = photometric
     if frames > 1:
         ds.NumberOfFrames = frames
-    if jpeg or transfer_syntax:
+    if jpeg or j2k or transfer_syntax:
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+        if j2k:
+            Image.fromarray(pixels).save(buffer, "JPEG2000", irreversible=False, no_jp2=True,
+                                         mct=1)
+        else:
+            Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
         ds.PixelData = encapsulate([buffer.getvalue()] * frames)
         ds["PixelData"].VR = "OB"
     else:
@@ -515,6 +526,7 @@ def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp
     jpeg = read_image(_dicom(tmp_path / "jpeg.dcm", rgb, "YBR_FULL_422", jpeg=True))
     assert jpeg.shape == rgb.shape and np.abs(jpeg.astype(int) - rgb).mean() < 2
     np.testing.assert_allclose(jpeg.mean(axis=(0, 1)), rgb.mean(axis=(0, 1)), atol=1)
+    assert np.array_equal(read_image(_dicom(tmp_path / "j2k.dcm", rgb, "YBR_RCT", j2k=True)), rgb)
     # 12-bit gray data in 16 bits: the file's BitsStored maps 4095 to 255, even where the
     # brightest pixel is darker (bit_depth would read 1000 as 10-bit)
     gray = np.array([[0, 1000], [2047, 4095]], np.uint16)
