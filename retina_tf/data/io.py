@@ -349,7 +349,7 @@ def read_image(path: PathLike) -> np.ndarray:
     """Reads a fundus image as uint8 RGB.
 
     Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE), and DICOM
-    files with pydicom installed (:func:`_decode_dicom`). GIFs are read with Pillow (first
+    files whatever their names (:func:`_decode_dicom`). GIFs are read with Pillow (first
     frame); grayscale files are replicated to three channels; 16-bit files are scaled to 8 bit
     by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a 16-bit PNG maps
     4095 to 255). A file with an EXIF orientation is turned upright, as viewers show it.
