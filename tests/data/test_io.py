@@ -1,6 +1,7 @@
 """Tests for retina_tf.data.io: every file format of the public datasets, and bad files."""
 
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -8,8 +9,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image, ImageOps
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    generate_uid,
+)
 
 from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
@@ -475,17 +486,6 @@ def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int = 8,
     """A DICOM ophthalmic photograph as cameras export it: raw pixels, a JPEG (Pillow's
     YCbCr, as DICOM's YBR_FULL_422 says) encapsulated as JPEG Baseline, or a lossless JPEG 2000
     (YBR_RCT: its reversible colour transform)."""
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        JPEG2000Lossless,
-        JPEGBaseline8Bit,
-        generate_uid,
-    )
-
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = transfer_syntax or (JPEGBaseline8Bit if jpeg else JPEG2000Lossless
                                                  if j2k else ExplicitVRLittleEndian)
@@ -541,7 +541,6 @@ def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp
     # palette colour: each index looked up in the file's 16-bit colour tables
     path = _dicom(tmp_path / "palette.dcm", np.array([[0, 1], [2, 1]], np.uint8),
                   "PALETTE COLOR")
-    import pydicom
     ds = pydicom.dcmread(path)
     table = {"Red": [65535, 0, 0], "Green": [0, 65535, 0], "Blue": [0, 0, 32896]}
     for colour, values in table.items():
@@ -560,8 +559,6 @@ def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp
 
 
 def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
-    from pydicom.uid import JPEGLSLossless
-
     rgb = np.full((16, 16, 3), 100, np.uint8)
     path = _dicom(tmp_path / "pair.dcm", rgb, "RGB", frames=2)
     with pytest.raises(DatasetError, match=r"pair.dcm holds 2 pictures \(frames\) in one DICOM "
@@ -573,8 +570,7 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
                                            r"\(JPEG-LS Lossless .*\): .*pylibjpeg") as err:
         read_image(path)
     assert "\n" not in str(err.value)
-    # no picture in it (a report); a broken file
-    import pydicom
+    # no picture in it (a report)
     ds = pydicom.dcmread(_dicom(tmp_path / "report.dcm", rgb, "RGB"))
     del ds.PixelData
     ds.save_as(tmp_path / "report.dcm")
@@ -599,7 +595,7 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
         read_image(one)
 
 
-def test_a_folder_of_dicom_photographs_is_segmented(tmp_path: Path):
+def test_dicom_files_in_a_folder_are_found_and_their_outputs_named(tmp_path: Path):
     from retina_tf.evaluation import list_inputs, output_names
     photo = np.zeros((8, 8, 3), np.uint8)
     # as cameras and CDs name them: an extension, none, or a UID; DICOMDIR is the CD's index
