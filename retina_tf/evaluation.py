@@ -47,6 +47,7 @@ from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
     ScalePlan,
     Segmenter,
+    artery_share,
     resolve_threshold,
     vessel_share,
 )
@@ -86,6 +87,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".p
 MANIFEST_NAME = ".retina_tf_outputs.json"
 STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
 CURVE_FILES = ("roc_curve.png", "pr_curve.png")
+# predict's table of every photograph of a run: what was segmented, how, and what was warned of
+PREDICTIONS_CSV = "predictions.csv"
 
 
 def read_manifest(folder: str | os.PathLike) -> set[str]:
@@ -988,7 +991,9 @@ def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
 
 
 def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
-                 out: OutputFolder, threshold: float) -> list[Path]:
+                 out: OutputFolder, threshold: float) -> tuple[list[Path], dict[str, Any]]:
+    """Segments and writes one photograph: the files written and its row of
+    :data:`PREDICTIONS_CSV` (less the warnings, which the caller collects)."""
     image = read_image(path)
     seg.check_image_size(image, path, warn_gray=False)  # segment warns, once
     fov = _fov_for(path, image, fov_source)
@@ -1016,26 +1021,51 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
         scaled = (f", FOV {plan.fov_diameter:.0f} px" if plan.fov_diameter else
                   ", FOV diameter unknown") + scaled
     _warn(plan.warning(path))
+    share = vessel_share(mask, fov)
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
-             f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on "
-             f"{vessel_share(mask, fov):.1%} of the FOV)")
-    return written
+             f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on {share:.1%} of the FOV)")
+    row = {"input": str(path), "outputs": base, "width": image.shape[1],
+           "height": image.shape[0],
+           "fov_diameter": f"{plan.fov_diameter:.0f}" if plan.fov_diameter else "",
+           "segmented_at": f"{plan.size[0]}x{plan.size[1]}" if plan.rescaled else "",
+           "vessel_share": f"{share:.4f}"}
+    if seg.task == "av":
+        arteries = artery_share(mask, fov)
+        row["artery_share"] = "" if arteries is None else f"{arteries:.4f}"
+    return written, row
 
 
-class _WarningCount(logging.Handler):
-    """Counts the warnings retina_tf logs while it is attached (one photograph's)."""
+def predictions_csv(rows: list[dict[str, Any]], task: str) -> str:
+    """:data:`PREDICTIONS_CSV`'s text: one line per photograph in input order, ``input``,
+    ``outputs`` (the base name of its files), its ``width`` and ``height``, ``fov_diameter``
+    (px; empty where unknown), ``segmented_at`` (the size it was resized to; empty where it
+    was segmented as it is), ``vessel_share`` (of the FOV), for A/V models ``artery_share`` (of
+    the vessel pixels called artery or vein), the ``warnings`` logged for it (`` | ``
+    between two) and the ``error`` that skipped it."""
+    columns = ["input", "outputs", "width", "height", "fov_diameter", "segmented_at",
+               "vessel_share", *(["artery_share"] if task == "av" else []), "warnings",
+               "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+class _Warnings(logging.Handler):
+    """Keeps the warnings retina_tf logs while it is attached (one photograph's)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.count = 0
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
+        self.messages.append(record.getMessage())
 
 
 @contextlib.contextmanager
-def _counting_warnings():
-    counter = _WarningCount()
+def _collecting_warnings():
+    counter = _Warnings()
     logger = logging.getLogger("retina_tf")
     logger.addHandler(counter)
     try:
@@ -1044,9 +1074,12 @@ def _counting_warnings():
         logger.removeHandler(counter)
 
 
-def _names(paths: list[Path], most: int = 5) -> str:
-    more = f" and {len(paths) - most} more" if len(paths) > most else ""
-    return ", ".join(p.name for p in paths[:most]) + more
+_NAMES_SHOWN = 5  # a closing line names this many photographs, then "and N more"
+
+
+def _names(paths: list[Path]) -> str:
+    more = f" and {len(paths) - _NAMES_SHOWN} more" if len(paths) > _NAMES_SHOWN else ""
+    return ", ".join(p.name for p in paths[:_NAMES_SHOWN]) + more
 
 
 def _report(done: int, failed: dict[Path, str], out_dir: Path,
@@ -1054,6 +1087,8 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path,
     """The closing summary: how many images were written, those warned of above (a long
     folder's warnings scroll away) and each failure with its reason."""
     warned_of = f"; {len(warned)} with a warning above: {_names(warned)}" if warned else ""
+    if warned and len(warned) > _NAMES_SHOWN:  # the table has them all
+        warned_of += f" (all in {PREDICTIONS_CSV})"
     if not failed:
         log.info(f"done: {done} image(s) segmented, outputs in {out_dir}{warned_of}")
         return
@@ -1077,6 +1112,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     ``save_probabilities`` adds ``<stem>_prob.npy`` (float32, H x W x K); ``visualize`` adds
     ``<stem>_overlay.png`` (the vessel probability as a cyan tint over the photograph) and, for
     A/V models, ``<stem>_av_overlay.png`` (arteries red, veins blue over the photograph).
+    ``predictions.csv`` lists every photograph, its vessel share, warnings and any error
+    (:func:`predictions_csv`), written when the last one is done.
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list; the closing line also names the images warned
@@ -1102,26 +1139,31 @@ def predict(cfg: PredictConfig) -> list[Path]:
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     bases = output_names(inputs)
-    out.check([bases[p] + s for p in inputs
-               for s in _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)])
+    out.check([PREDICTIONS_CSV] + [bases[p] + s for p in inputs for s in _prediction_suffixes(
+        seg, cfg.save_probabilities, cfg.visualize)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
     warned: list[Path] = []
+    rows: list[dict[str, Any]] = []
     with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
         for path in progress(inputs, "predict", name=lambda p: p.name):
             try:
                 # all of an image's files, or none after a Ctrl-C
-                with out.all_or_nothing(), _counting_warnings() as warnings:
-                    written += _predict_one(seg, path, bases[path], cfg, fov_source, out,
-                                            threshold)
+                with out.all_or_nothing(), _collecting_warnings() as warnings:
+                    files, row = _predict_one(seg, path, bases[path], cfg, fov_source, out,
+                                              threshold)
             except DatasetError as err:
                 if len(inputs) == 1:
                     raise
                 failed[path] = _one_line(path, err)
                 log.warning(f"skipped: {failed[path]}")
+                rows.append({"input": str(path), "error": failed[path]})
                 continue
-            if warnings.count:
+            written += files
+            rows.append({**row, "warnings": " | ".join(warnings.messages)})
+            if warnings.messages:
                 warned.append(path)
+    written.append(out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task)))
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)

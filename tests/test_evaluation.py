@@ -156,7 +156,8 @@ def test_predict_writes_probability_and_mask_of_the_input_size(trained, tmp_path
     assert b.shape == (120, 110) and set(np.unique(b)) <= {0, 255}
     # plus the manifest of what retina_tf wrote there (so re-runs may replace those files)
     assert sorted(p.name for p in out.iterdir()) == [".retina_tf_outputs.json", "a_mask.png",
-                                                     "a_prob.png", "b_mask.png", "b_prob.png"]
+                                                     "a_prob.png", "b_mask.png", "b_prob.png",
+                                                     "predictions.csv"]
 
 
 def test_predict_names_a_missing_input(trained, tmp_path):
@@ -325,7 +326,7 @@ print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.m
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == "(120, 128, 1) float32 bool True True UNet unet 10"
     written = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
-    assert written == ["p_mask.png", "p_prob.png"]
+    assert written == ["p_mask.png", "p_prob.png", "predictions.csv"]
 
 
 def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_named(
@@ -509,6 +510,45 @@ def test_a_gray_photograph_with_bright_vessels_is_warned_of(shared_data, tmp_pat
     assert caplog.records[-1].getMessage().endswith("1 with a warning above: fa.png")
 
 
+def test_predict_lists_every_photograph_in_predictions_csv(shared_data, tmp_path, caplog):
+    import csv
+
+    from retina_tf.config import PredictConfig
+    from retina_tf.errors import RetinaTFError
+    from retina_tf.evaluation import predict
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(shared_data / "DRIVE/test/images/01_test.tif", photos)
+    gray = cv2.cvtColor(read_image(photos / "01_test.tif"), cv2.COLOR_RGB2GRAY)
+    negative = cv2.resize(np.where(gray > 20, 255 - gray, 0).astype(np.uint8), (200, 200))
+    for i in range(6):  # six angiogram-like pictures: more than the closing line names
+        cv2.imwrite(str(photos / f"fa{i}.png"), negative)
+    cv2.imwrite(str(photos / "tiny.png"), negative[:40, :40])
+    with caplog.at_level(logging.INFO, logger="retina_tf"), \
+            pytest.raises(RetinaTFError, match="1 of 8 images failed"):
+        predict(PredictConfig(input=str(photos), output_dir=str(tmp_path / "out")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "6 with a warning above: fa0.png, fa1.png, fa2.png, fa3.png, fa4.png and 1 more " \
+           "(all in predictions.csv); 1 failed:" in messages[-1]
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["input"] for r in rows] == [str(photos / n) for n in (
+        "01_test.tif", *(f"fa{i}.png" for i in range(6)), "tiny.png")]
+    drive = rows[0]
+    # the figures the photograph's line gives, and no warning
+    line = next(m for m in messages if m.startswith(str(photos / "01_test.tif")))
+    assert (drive["outputs"], drive["width"], drive["height"]) == ("01_test", "565", "584")
+    assert f"FOV {drive['fov_diameter']} px" in line and drive["segmented_at"] == ""
+    shown = float(re.search(r"vessel on ([0-9.]+)% of the FOV", line)[1])
+    assert abs(100 * float(drive["vessel_share"]) - shown) <= 0.05 + 1e-6
+    assert drive["warnings"] == drive["error"] == ""
+    assert all("angiogram?" in r["warnings"] and r["error"] == "" for r in rows[1:7])
+    assert rows[1]["segmented_at"]  # 200 px: enlarged towards the training FOV
+    assert rows[-1]["error"].endswith("too small to segment: this model needs at least 96x96 "
+                                      "(its training patch size)")
+    assert rows[-1]["vessel_share"] == ""
+
+
 def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, caplog):
     from retina_tf.config import PredictConfig
     from retina_tf.data.io import write_image_atomic
@@ -534,6 +574,13 @@ def test_predict_names_the_photographs_of_a_folder_it_warned_of(shared_data, tmp
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
     assert done == [f"done: 2 image(s) segmented, outputs in {tmp_path / 'out'}; 1 with a "
                     "warning above: Image_01L.jpg"]
+    # predictions.csv gives each A/V map's artery share, beside the warning it called for
+    import csv
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = {Path(r["input"]).name: r for r in csv.DictReader(f)}
+    chase, rite = rows["Image_01L.jpg"], rows["01_test.tif"]
+    assert float(chase["artery_share"]) > 0.652 and "called artery" in chase["warnings"]
+    assert 0.317 < float(rite["artery_share"]) < 0.652 and rite["warnings"] == ""
 
 
 def test_an_av_decision_far_from_the_training_labels_artery_share_is_warned_of():

@@ -112,14 +112,15 @@ def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     assert not list(out.glob(f"{STAGING_PREFIX}*"))
     _predict(inputs / "a.png", out, "--save_probabilities")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "a_mask.png", "a_prob.npy", "a_prob.png"]
+        "a_mask.png", "a_prob.npy", "a_prob.png", "predictions.csv"]
 
 
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
     inputs = tmp_path / "in"
     _fundus(inputs / "a.png", 2)
     written = _predict(inputs, tmp_path / "out", "--save_probabilities")
-    assert sorted(p.name for p in written) == ["a_mask.png", "a_prob.npy", "a_prob.png"]
+    assert sorted(p.name for p in written) == ["a_mask.png", "a_prob.npy", "a_prob.png",
+                                               "predictions.csv"]
     prob = np.load(tmp_path / "out" / "a_prob.npy")
     assert prob.dtype == np.float32 and prob.shape == (128, 128, 1)
     png = cv2.imread(str(tmp_path / "out" / "a_prob.png"), cv2.IMREAD_UNCHANGED)
@@ -206,7 +207,8 @@ def test_predict_folder_writes_every_good_file_then_fails_with_a_summary(
     assert "2 image(s) segmented" in err and "b_broken.jpg is a corrupt JPEG" in err
     assert "c_tiny.png is 32x32 pixels" in err
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "a_mask.png", "a_prob.png",
-                                                     "d_mask.png", "d_prob.png"]
+                                                     "d_mask.png", "d_prob.png",
+                                                     "predictions.csv"]
     for name in ("a.png", "d.png"):
         (inputs / name).unlink()
     with pytest.raises(RetinaTFError, match=r"2 of 2 images failed .*; none was written$"):
@@ -244,7 +246,7 @@ def test_stems_that_clash_keep_their_extension_in_output_names(tmp_path: Path):
     _predict(tmp_path / "in", tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [MANIFEST_NAME, "a.jpg_mask.png", "a.jpg_prob.png", "a.png_mask.png",
-                     "a.png_prob.png"]
+                     "a.png_prob.png", "predictions.csv"]
     a_png = cv2.imread(str(tmp_path / "out" / "a.png_prob.png"))
     a_jpg = cv2.imread(str(tmp_path / "out" / "a.jpg_prob.png"))
     assert not np.array_equal(a_png, a_jpg)  # two images, two results
@@ -262,7 +264,7 @@ def test_predict_into_its_input_folder_twice_skips_its_own_outputs(tmp_path: Pat
     _predict(folder, folder)  # no --overwrite needed to replace its own outputs
     assert sorted(p.name for p in folder.iterdir()) == first
     assert "1 image(s) segmented" in capsys.readouterr().out
-    assert read_manifest(folder) == {"a_prob.png", "a_mask.png"}
+    assert read_manifest(folder) == {"a_prob.png", "a_mask.png", "predictions.csv"}
 
 
 def test_predict_never_replaces_a_file_it_did_not_write(tmp_path: Path):
