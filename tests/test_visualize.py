@@ -161,7 +161,8 @@ def test_predict_visualize_writes_overlays_over_the_photograph(tmp_path):
     out = tmp_path / "out"
     written = predict(PredictConfig(model="unet_drive", input=str(tmp_path / "in" / "p.png"),
                                     output_dir=str(out), visualize=True))
-    assert sorted(p.name for p in written) == ["p_mask.png", "p_overlay.png", "p_prob.png"]
+    assert sorted(p.name for p in written) == ["p_mask.png", "p_overlay.png", "p_prob.png",
+                                               "predictions.csv"]
     picture = read_image(out / "p_overlay.png")
     prob = read_image(out / "p_prob.png").astype(np.float32) / 255
     quiet = prob < ALPHA_FLOOR - 0.01   # (8-bit probabilities)
