@@ -1113,7 +1113,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     ``<stem>_overlay.png`` (the vessel probability as a cyan tint over the photograph) and, for
     A/V models, ``<stem>_av_overlay.png`` (arteries red, veins blue over the photograph).
     ``predictions.csv`` lists every photograph, its vessel share, warnings and any error
-    (:func:`predictions_csv`), written when the last one is done.
+    (:func:`predictions_csv`), written when the last one is done (those done so far, after a
+    Ctrl-C or a failure to write).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list; the closing line also names the images warned
@@ -1145,24 +1146,30 @@ def predict(cfg: PredictConfig) -> list[Path]:
     failed: dict[Path, str] = {}
     warned: list[Path] = []
     rows: list[dict[str, Any]] = []
-    with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
-        for path in progress(inputs, "predict", name=lambda p: p.name):
-            try:
-                # all of an image's files, or none after a Ctrl-C
-                with out.all_or_nothing(), _collecting_warnings() as warnings:
-                    files, row = _predict_one(seg, path, bases[path], cfg, fov_source, out,
-                                              threshold)
-            except DatasetError as err:
-                if len(inputs) == 1:
-                    raise
-                failed[path] = _one_line(path, err)
-                log.warning(f"skipped: {failed[path]}")
-                rows.append({"input": str(path), "error": failed[path]})
-                continue
-            written += files
-            rows.append({**row, "warnings": " | ".join(warnings.messages)})
-            if warnings.messages:
-                warned.append(path)
+    try:
+        with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
+            for path in progress(inputs, "predict", name=lambda p: p.name):
+                try:
+                    # all of an image's files, or none after a Ctrl-C
+                    with out.all_or_nothing(), _collecting_warnings() as warnings:
+                        files, row = _predict_one(seg, path, bases[path], cfg, fov_source, out,
+                                                  threshold)
+                except DatasetError as err:
+                    if len(inputs) == 1:
+                        raise
+                    failed[path] = _one_line(path, err)
+                    log.warning(f"skipped: {failed[path]}")
+                    rows.append({"input": str(path), "error": failed[path]})
+                    continue
+                written += files
+                rows.append({**row, "warnings": " | ".join(warnings.messages)})
+                if warnings.messages:
+                    warned.append(path)
+    except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
+        if rows:
+            with contextlib.suppress(Exception):
+                out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task))
+        raise
     written.append(out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task)))
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:

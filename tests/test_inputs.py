@@ -113,6 +113,15 @@ def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     _predict(inputs / "a.png", out, "--save_probabilities")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "a_mask.png", "a_prob.npy", "a_prob.png", "predictions.csv"]
+    # in a folder, the photographs done before the failure are in predictions.csv
+    (out / "predictions.csv").unlink()
+    _fundus(inputs / "b.png", 3)
+    (out / f"{STAGING_PREFIX}{os.getpid()}" / "b_prob.npy").mkdir(parents=True)
+    with pytest.raises(RetinaTFError, match="b_prob.npy"):
+        _predict(inputs, out, "--save_probabilities")
+    table = (out / "predictions.csv").read_text().splitlines()
+    assert len(table) == 2 and table[1].startswith(f"{inputs / 'a.png'},a,128,128,")
+    assert not (out / "b_prob.png").exists()
 
 
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
