@@ -1065,13 +1065,13 @@ class _Warnings(logging.Handler):
 
 @contextlib.contextmanager
 def _collecting_warnings():
-    counter = _Warnings()
+    handler = _Warnings()
     logger = logging.getLogger("retina_tf")
-    logger.addHandler(counter)
+    logger.addHandler(handler)
     try:
-        yield counter
+        yield handler
     finally:
-        logger.removeHandler(counter)
+        logger.removeHandler(handler)
 
 
 _NAMES_SHOWN = 5  # a closing line names this many photographs, then "and N more"
@@ -1146,6 +1146,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
     failed: dict[Path, str] = {}
     warned: list[Path] = []
     rows: list[dict[str, Any]] = []
+
+    def write_table() -> Path:
+        return out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task))
+
     try:
         with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
             for path in progress(inputs, "predict", name=lambda p: p.name):
@@ -1168,9 +1172,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
         if rows:
             with contextlib.suppress(Exception):
-                out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task))
+                write_table()
         raise
-    written.append(out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task)))
+    written.append(write_table())
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)
