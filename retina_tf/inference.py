@@ -554,8 +554,9 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
 # Segmenter.segment warns when a gray photograph's thin structures are mostly brighter than
 # their surround (bright_line_ratio over BRIGHT_LINE_RATIO): fluorescein and ICG angiograms are
 # gray and show the vessels bright, where every model here learned colour photographs, whose
-# vessels are dark. vessel_general marks the dark gaps between bright vessels instead, on 4.6 %
-# of the FOV of an inverted DRIVE photograph: inside the vessel share warning's bounds.
+# vessels are dark. vessel_general marks the dark gaps between bright vessels instead: on 28 of
+# the gray negatives of the 40 DRIVE photographs inside the vessel share warning's bounds
+# (bench/bright_lines.py, docs/training.md).
 BRIGHT_LINE_RATIO = 1.15
 # bright_line_ratio measures at this FOV diameter, with a top-hat this wide: vessels up to about
 # 10 px wide there.
