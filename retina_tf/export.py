@@ -685,11 +685,14 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
             "predict's warning of a mask far from the training labels' share of vessel (or of "
             "arteries): their shares are in 'training_labels', the rule in "
             "retina_tf.inference.vessel_share_warning (artery_share_warning)",
-            "predict's warning of a gray photograph with bright vessels (an angiogram): "
+            "predict's warning of a gray photograph with bright vessels (an angiogram): the "
+            "training images' measure is in 'training_images', the rule in "
             "retina_tf.inference.bright_vessels_warning"],
         # the least and largest share of the FOV (and of the vessel pixels called artery) in
         # the training labels, for a service that wants predict's warnings
         "training_labels": {key: seg.run_info[key] for key in ("vessel_share", "artery_share")
+                            if seg.run_info.get(key)},
+        "training_images": {key: seg.run_info[key] for key in ("bright_line_ratio",)
                             if seg.run_info.get(key)},
     }
 

@@ -552,9 +552,10 @@ def vessel_share_warning(mask: np.ndarray, fov: np.ndarray, known: dict | None,
 # --- a gray photograph whose vessels are bright (an angiogram) -------------------------------
 
 # Segmenter.segment warns when a gray photograph's thin structures are mostly brighter than
-# their surround (bright_line_ratio over BRIGHT_LINE_RATIO): fluorescein and ICG angiograms are
-# gray and show the vessels bright, where every model here learned colour photographs, whose
-# vessels are dark. vessel_general marks the dark gaps between bright vessels instead: on 28 of
+# their surround (bright_line_ratio over BRIGHT_LINE_RATIO) and those of the model's training
+# images were not (run.json "bright_line_ratio"): fluorescein and ICG angiograms are gray and
+# show the vessels bright, where every shipped model learned colour photographs, whose vessels
+# are dark. vessel_general marks the dark gaps between bright vessels instead: on 28 of
 # the gray negatives of the 40 DRIVE photographs inside the vessel share warning's bounds
 # (bench/bright_lines.py, docs/training.md).
 BRIGHT_LINE_RATIO = 1.15
@@ -565,17 +566,19 @@ LINE_CHECK_KERNEL = 15
 
 
 def bright_line_ratio(image: np.ndarray, fov: np.ndarray) -> float | None:
-    """How much the thin structures of ``image`` (uint8, (H, W) or (H, W, 3)) stand out bright
-    rather than dark inside ``fov``: the mean of the largest 5 % of the white top-hat of its
-    luminance over that of the black top-hat (an ellipse of :data:`LINE_CHECK_KERNEL` px, the
-    photograph resized so that its FOV is :data:`LINE_CHECK_FOV` px across, the FOV's rim left
-    out). Under 1 where the vessels are dark, as in colour and red-free photographs; None for a
-    FOV too small to measure."""
-    image, fov = np.asarray(image), np.asarray(fov) > 0
-    lum = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    """How much the thin structures of ``image`` ((H, W), (H, W, 1) or RGB (H, W, 3); uint8, or
+    a preprocessed float image) stand out bright rather than dark inside ``fov``: the mean of
+    the largest 5 % of the white top-hat of its luminance over that of the black top-hat (an
+    ellipse of :data:`LINE_CHECK_KERNEL` px, the photograph resized so that its FOV is
+    :data:`LINE_CHECK_FOV` px across, the FOV's rim left out). Under 1 where the vessels are
+    dark, as in colour and red-free photographs (and after the fundus preprocessing: DRIVE's
+    0.60-0.74 against 0.62-0.75 as photographs); None for a FOV too small to measure."""
+    image, fov = np.asarray(image, np.float32), np.asarray(fov) > 0
+    lum = image if image.ndim == 2 else image[..., 0] if image.shape[-1] == 1 else \
+        cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     factor = LINE_CHECK_FOV / (fov_diameter(fov) or max(fov.shape))
     size = (max(int(round(fov.shape[1] * factor)), 1), max(int(round(fov.shape[0] * factor)), 1))
-    lum = cv2.resize(lum.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    lum = cv2.resize(lum, size, interpolation=cv2.INTER_AREA)
     fov = cv2.resize(fov.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (LINE_CHECK_KERNEL,) * 2)
     inside = cv2.erode(fov, kernel) > 0  # the black frame is no dark line
@@ -587,19 +590,32 @@ def bright_line_ratio(image: np.ndarray, fov: np.ndarray) -> float | None:
     return float(bright.mean() / max(dark.mean(), 1e-6))
 
 
-def bright_vessels_warning(image: np.ndarray, fov: np.ndarray,
+def training_bright_lines(images: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
+                          ) -> dict[str, float | int] | None:
+    """The least and the largest :func:`bright_line_ratio` of the (preprocessed) training
+    images; run.json ``bright_line_ratio``. None where no FOV is large enough to measure."""
+    return _least_and_largest([bright_line_ratio(i, f) for i, f in zip(images, fovs)])
+
+
+def bright_vessels_warning(image: np.ndarray, fov: np.ndarray, known: dict | None,
                            source: str | os.PathLike = "the image") -> str | None:
     """A one-line warning for a gray photograph whose thin structures are mostly bright
-    (:func:`bright_line_ratio` over :data:`BRIGHT_LINE_RATIO`: an angiogram?), else None.
-    Colour photographs are not measured: angiograms are gray."""
-    if not is_gray(np.asarray(image)):
+    (:func:`bright_line_ratio` over :data:`BRIGHT_LINE_RATIO`: an angiogram?) given to a model
+    whose training images' were not (``known``: run.json ``bright_line_ratio``), else None.
+    Colour photographs are not measured (angiograms are gray), nor for a run without the record
+    (trained before it) or one trained on bright vessels (a model of angiograms)."""
+    try:
+        dark_trained = float(known["max"]) <= BRIGHT_LINE_RATIO
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not dark_trained or not is_gray(np.asarray(image)):
         return None
     ratio = bright_line_ratio(image, fov)
     if ratio is None or ratio <= BRIGHT_LINE_RATIO:
         return None
     return (f"warning: {source} is gray with bright thin structures (a fluorescein or ICG "
-            "angiogram?): the models learned colour photographs, whose vessels are dark, so "
-            "this map is probably wrong; angiograms need a model trained on labelled ones "
+            "angiogram?): the model learned photographs whose vessels are dark, so this map "
+            "is probably wrong; angiograms need a model trained on labelled ones "
             "(docs/data.md)")
 
 
@@ -998,7 +1014,8 @@ class Segmenter:
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
-        for warning in (bright_vessels_warning(image, fov, source),
+        for warning in (bright_vessels_warning(image, fov, self.run_info.get("bright_line_ratio"),
+                                               source),
                         vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
                                              source),
                         artery_share_warning(mask, fov, self.run_info.get("artery_share"),

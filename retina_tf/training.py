@@ -54,6 +54,7 @@ from retina_tf.inference import (
     label_vessel_share,
     load_keras_model,
     native_bfloat16,
+    training_bright_lines,
 )
 from retina_tf.losses import SegmentationLoss
 from retina_tf.metrics import SegmentationF1
@@ -1183,6 +1184,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
                   "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs])),
                   "vessel_share": label_vessel_share(train_set.targets, train_set.fovs),
+                  "bright_line_ratio": training_bright_lines(train_set.images, train_set.fovs),
                   **({"artery_share": label_artery_share(train_set.targets, train_set.fovs)}
                      if num_classes == 3 else {})},
         # weighted_metrics: only these receive the FOV map as sample_weight

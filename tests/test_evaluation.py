@@ -488,10 +488,18 @@ def test_a_gray_photograph_with_bright_vessels_is_warned_of(shared_data, tmp_pat
     angiogram = np.where(fov, 255 - gray, 0).astype(np.uint8)  # vessels bright, as in one
     assert bright_line_ratio(gray, fov) < 1 < BRIGHT_LINE_RATIO < bright_line_ratio(angiogram,
                                                                                     fov)
+    # the shipped models learned dark vessels (run.json's record of their training images)
+    known = Segmenter.from_pretrained("vessel_general").run_info["bright_line_ratio"]
+    assert known["max"] < 1 and known["images"] == 36
+    gray_angiogram = np.dstack([angiogram] * 3)
+    assert "angiogram?" in bright_vessels_warning(gray_angiogram, fov, known, "fa.png")
     # dark vessels of a red-free (gray) photograph are no angiogram, nor is any colour picture
-    assert bright_vessels_warning(np.dstack([gray] * 3), fov, "redfree.png") is None
+    assert bright_vessels_warning(np.dstack([gray] * 3), fov, known, "redfree.png") is None
     assert bright_vessels_warning(np.where(fov[..., None], 255 - photo, 0).astype(np.uint8),
-                                  fov, "negative.png") is None
+                                  fov, known, "negative.png") is None
+    # a model of angiograms (bright training vessels), or a run without the record: no warning
+    for other in ({"min": 1.3, "max": 1.7, "images": 9}, None, {}):
+        assert bright_vessels_warning(gray_angiogram, fov, other, "fa.png") is None
     # twice the size, a mask of a few pixels: measured at the same FOV, or not at all
     big = cv2.resize(angiogram, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
     big_fov = cv2.resize(fov.astype(np.uint8), None, fx=2, fy=2) > 0
@@ -504,9 +512,9 @@ def test_a_gray_photograph_with_bright_vessels_is_warned_of(shared_data, tmp_pat
         predict(PredictConfig(input=str(tmp_path), output_dir=str(tmp_path / "out")))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [f"warning: {tmp_path / 'fa.png'} is gray with bright thin structures (a "
-                      "fluorescein or ICG angiogram?): the models learned colour photographs, "
-                      "whose vessels are dark, so this map is probably wrong; angiograms need "
-                      "a model trained on labelled ones (docs/data.md)"]
+                      "fluorescein or ICG angiogram?): the model learned photographs whose "
+                      "vessels are dark, so this map is probably wrong; angiograms need a model "
+                      "trained on labelled ones (docs/data.md)"]
     assert caplog.records[-1].getMessage().endswith("1 with a warning above: fa.png")
 
 

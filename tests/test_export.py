@@ -420,6 +420,7 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     run_info = Segmenter.from_pretrained("ripav_rite").run_info
     assert info["training_labels"] == {key: run_info[key]
                                        for key in ("vessel_share", "artery_share")}
+    assert info["training_images"] == {"bright_line_ratio": run_info["bright_line_ratio"]}
     readme = (out / "README.txt").read_text()
     assert "artery_share_warning" in readme and "bright_vessels_warning" in readme
     image = generate_fundus(2, size=(128, 128)).image

@@ -82,6 +82,10 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
     assert info["vessel_share"]["min"] == pytest.approx(min(shares))
     assert info["vessel_share"]["max"] == pytest.approx(max(shares))
     assert "artery_share" not in info  # a vessel model's run
+    # how bright its training images' thin structures are, for predict's angiogram warning:
+    # the synthetic photographs' vessels are dark
+    ratio = info["bright_line_ratio"]
+    assert ratio["images"] == len(shares) and 0 < ratio["min"] <= ratio["max"] < 1
 
 
 class _Interrupt(keras.callbacks.Callback):
