@@ -571,11 +571,13 @@ def bright_line_ratio(image: np.ndarray, fov: np.ndarray) -> float | None:
     the largest 5 % of the white top-hat of its luminance over that of the black top-hat (an
     ellipse of :data:`LINE_CHECK_KERNEL` px, the photograph resized so that its FOV is
     :data:`LINE_CHECK_FOV` px across, the FOV's rim left out). Under 1 where the vessels are
-    dark, as in colour and red-free photographs (and after the fundus preprocessing: DRIVE's
-    0.60-0.74 against 0.62-0.75 as photographs); None for a FOV too small to measure."""
-    image, fov = np.asarray(image, np.float32), np.asarray(fov) > 0
-    lum = image if image.ndim == 2 else image[..., 0] if image.shape[-1] == 1 else \
-        cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    dark, as in colour and red-free photographs, before the fundus preprocessing and after it;
+    None for a FOV too small to measure."""
+    image, fov = np.asarray(image), np.asarray(fov) > 0
+    if image.ndim == 3 and image.shape[-1] == 3:  # in its own type: a photograph's uint8
+        image = cv2.cvtColor(image if image.dtype == np.uint8 else image.astype(np.float32),
+                             cv2.COLOR_RGB2GRAY)
+    lum = (image[..., 0] if image.ndim == 3 else image).astype(np.float32)
     factor = LINE_CHECK_FOV / (fov_diameter(fov) or max(fov.shape))
     size = (max(int(round(fov.shape[1] * factor)), 1), max(int(round(fov.shape[0] * factor)), 1))
     lum = cv2.resize(lum, size, interpolation=cv2.INTER_AREA)
