@@ -835,6 +835,12 @@ def _has_image_suffix(name: str) -> bool:
     return os.path.splitext(name.lower().removesuffix(".gz"))[1] in IMAGE_SUFFIXES
 
 
+def _input_stem(path: Path) -> str:
+    """A photograph's name less its image extension; the whole name where it has none (a DICOM
+    file named by a UID, ``1.2.840.1.7``, keeps its last part)."""
+    return file_stem(path) if _has_image_suffix(path.name) else path.name
+
+
 def _image_files(folder: Path) -> list[Path]:
     """The image files of ``folder``: by extension (``.gz`` of one too), and DICOM files by
     their content whatever their names (``IM000001``, a UID), a DICOM CD's index ``DICOMDIR``
@@ -897,7 +903,7 @@ def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:
     Raises:
         DatasetError: when no candidate matches, or several do (both are named).
     """
-    stem = file_stem(image_path)
+    stem = _input_stem(image_path)
     wanted = {stem, stem + "_mask"}
     matches = [p for p in candidates if file_stem(p) in wanted
                and p.resolve() != image_path.resolve()]
@@ -955,7 +961,7 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
     """The base name of each input's outputs: its stem, or its whole file name where stems
     clash (``a.png`` and ``a.jpg`` write ``a.png_prob.png`` and ``a.jpg_prob.png``) or it has
     no image extension (a DICOM file named by a UID, ``1.2.840.1.7``)."""
-    bases = {p: file_stem(p) if _has_image_suffix(p.name) else p.name for p in paths}
+    bases = {p: _input_stem(p) for p in paths}
     while True:
         counts = Counter(bases.values())
         clashing = [p for p, base in bases.items() if counts[base] > 1 and base != p.name]

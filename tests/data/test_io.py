@@ -596,7 +596,7 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
 
 
 def test_dicom_files_in_a_folder_are_found_and_their_outputs_named(tmp_path: Path):
-    from retina_tf.evaluation import list_inputs, output_names
+    from retina_tf.evaluation import find_fov_mask, list_inputs, output_names
     photo = np.zeros((8, 8, 3), np.uint8)
     # as cameras and CDs name them: an extension, none, or a UID; DICOMDIR is the CD's index
     for name in ("a.dcm", "b.DICOM", "IM000001", "1.2.840.1.7", "1.2.840.1.8", "DICOMDIR"):
@@ -606,6 +606,8 @@ def test_dicom_files_in_a_folder_are_found_and_their_outputs_named(tmp_path: Pat
     inputs = list_inputs(tmp_path)
     assert [p.name for p in inputs] == ["1.2.840.1.7", "1.2.840.1.8", "IM000001", "a.dcm",
                                         "b.DICOM"]
-    # outputs named by the whole name where it has no image extension
+    # outputs named by the whole name where it has no image extension, and FOV masks found so
     assert sorted(output_names(inputs).values()) == ["1.2.840.1.7", "1.2.840.1.8", "IM000001",
                                                      "a", "b"]
+    masks = [tmp_path / "fov" / n for n in ("1.2.840.1_mask.png", "1.2.840.1.7_mask.png")]
+    assert find_fov_mask(inputs[0], masks) == masks[1]
