@@ -1150,7 +1150,6 @@ def predict(cfg: PredictConfig) -> list[Path]:
         seg, cfg.save_probabilities, cfg.visualize)])
     written: list[Path] = []
     failed: dict[Path, str] = {}
-    warned: list[Path] = []
     rows: list[dict[str, Any]] = []
 
     def write_table() -> Path:
@@ -1173,14 +1172,13 @@ def predict(cfg: PredictConfig) -> list[Path]:
                     continue
                 written += files
                 rows.append({**row, "warnings": " | ".join(warnings.messages)})
-                if warnings.messages:
-                    warned.append(path)
     except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
         if rows:
             with contextlib.suppress(Exception):
                 write_table()
         raise
     written.append(write_table())
+    warned = [Path(row["input"]) for row in rows if row.get("warnings")]
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)

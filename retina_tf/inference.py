@@ -511,8 +511,8 @@ def label_vessel_share(targets: Sequence[np.ndarray], fovs: Sequence[np.ndarray]
 
 
 def _least_and_largest(shares: list[float | None]) -> dict[str, float | int] | None:
-    """run.json's record of the training labels' shares: ``{"min", "max", "images"}`` over
-    those known (not None); None without any."""
+    """run.json's record of a measure of the training images or their labels: ``{"min",
+    "max", "images"}`` over those known (not None); None without any."""
     shares = [x for x in shares if x is not None]
     if not shares:
         return None
