@@ -23,8 +23,8 @@ from absl import flags  # noqa: E402
 
 from retina_tf.flags import run_reported  # noqa: E402
 
-flags.DEFINE_list("datasets", None, "name:folder:split of catalog datasets "
-                  "(stare:data/STARE:all).")
+flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of catalog datasets "
+                  "(stare:data/STARE:all; the training split unless given).")
 flags.mark_flag_as_required("datasets")
 flags.DEFINE_string("model", None, "Also segment the negatives with this run or shipped model.")
 FLAGS = flags.FLAGS
@@ -43,6 +43,7 @@ def main(_):
         vessel_share,
         vessel_share_warning,
     )
+    from retina_tf.training import parse_extra_data
 
     seg = Segmenter.from_run(FLAGS.model, precision="auto") if FLAGS.model else None
     kinds = ["luminance", "green (red-free)", "negative (angiogram)"]
@@ -52,9 +53,7 @@ def main(_):
     print(f"| dataset | photographs | {' | '.join(kinds)} |")
     print("|---|---|" + "---|" * len(kinds))
     for spec in FLAGS.datasets:
-        parts = spec.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--datasets={spec}: give name:folder:split")
+        parts = parse_extra_data(spec, "--datasets")
         ratios, shares, share_warned, either = [], [], 0, 0
         for sample in list_samples(*parts):
             data = read_sample(sample)

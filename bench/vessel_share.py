@@ -25,8 +25,8 @@ from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_list("models", ["unet_drive", "vessel_general", "ripav_rite"],
                   "Run folders or shipped model names.")
-flags.DEFINE_list("datasets", None, "name:folder:split of catalog datasets "
-                  "(stare:data/STARE:all).")
+flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of catalog datasets "
+                  "(stare:data/STARE:all; the training split unless given).")
 flags.mark_flag_as_required("datasets")
 flags.DEFINE_boolean("av_tta", False, "A/V models segment with --tta --tta_transpose --av_vote.")
 FLAGS = flags.FLAGS
@@ -45,6 +45,7 @@ def main(_):
         vessel_share,
         vessel_share_warning,
     )
+    from retina_tf.training import parse_extra_data
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the warnings are counted here
     segs = {m: Segmenter.from_run(m) for m in FLAGS.models}
@@ -54,10 +55,7 @@ def main(_):
                      for m in av})
     vessel_rows, artery_rows = [], []
     for spec in FLAGS.datasets:
-        parts = spec.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--datasets={spec}: give name:folder:split")
-        dataset, folder, split = parts
+        dataset, folder, split = parse_extra_data(spec, "--datasets")
         labels, label_arteries = [], []
         shares, warned = {m: [] for m in segs}, {m: 0 for m in segs}
         arteries, warned_av = {m: [] for m in av}, {m: 0 for m in av}

@@ -540,18 +540,19 @@ def model_kwargs(cfg: TrainConfig, input_channels: int, num_classes: int) -> dic
     return {**kwargs, **derived}
 
 
-def parse_extra_data(entry: str) -> tuple[str, str, str]:
-    """``DATASET:FOLDER[:SPLIT]`` of ``--extra_data`` as (dataset, folder, split)."""
+def parse_extra_data(entry: str, flag: str = "--extra_data") -> tuple[str, str, str]:
+    """``DATASET:FOLDER[:SPLIT]`` (of ``--extra_data``, or the ``flag`` named in errors) as
+    (dataset, folder, split)."""
     dataset, _, rest = entry.partition(":")
     folder, split = rest, "training"
     head, _, last = rest.rpartition(":")
     if head and last in SPLITS:
         folder, split = head, last
     elif head and last.isalpha():  # a word, not a folder: a split misspelt
-        raise ConfigError(f"--extra_data={entry}: {last!r} is not a split; give one of "
+        raise ConfigError(f"{flag}={entry}: {last!r} is not a split; give one of "
                           f"{', '.join(SPLITS)}")
     if not dataset or not folder:
-        raise ConfigError(f"--extra_data={entry}: give DATASET:FOLDER[:SPLIT], e.g. "
+        raise ConfigError(f"{flag}={entry}: give DATASET:FOLDER[:SPLIT], e.g. "
                           "stare:data/STARE:all")
     return normalize_dataset_name(dataset), folder, split
 
