@@ -172,11 +172,11 @@ class OutputFolder:
         Raises:
             ConfigError: as :meth:`check`.
         """
-        self.check(names)
         if not set(names) - self._listed:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        # another command writing here lists its files meanwhile: keep them, and ours
+        # another command writing here lists its files meanwhile (maybe these names): keep
+        # them, and check against the manifest as it is now
         with taking_turns(self.path):
             self._listed |= read_manifest(self.path)
             self.check(names)

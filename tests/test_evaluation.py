@@ -430,9 +430,13 @@ def test_two_commands_writing_one_output_folder_keep_each_others_files_listed(tm
     first.save_png("a_mask.png", np.zeros((4, 4), np.uint8))
     second.save_png("b_mask.png", np.zeros((4, 4), np.uint8))
     assert read_manifest(tmp_path / "out") == {"a_mask.png", "b_mask.png"}
+    # the same name from both (two predicts of one folder): the second replaces the first's
+    # file, which was listed after it opened the folder (it was refused as the user's)
+    first.save_png("c_mask.png", np.zeros((4, 4), np.uint8))
+    second.save_png("c_mask.png", np.ones((4, 4), np.uint8))
     OutputFolder(tmp_path / "out").check(["a_mask.png", "b_mask.png"])  # a re-run may replace
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        ".retina_tf_outputs.json", "a_mask.png", "b_mask.png"]
+        ".retina_tf_outputs.json", "a_mask.png", "b_mask.png", "c_mask.png"]
 
 
 def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp_path, caplog):
