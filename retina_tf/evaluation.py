@@ -64,6 +64,8 @@ from retina_tf.progress import progress
 from retina_tf.run_folder import (
     atomic_write_text,
     is_shipped,
+    kill_point,
+    lock_open_file,
     process_exists,
     reading_run,
     run_dir_of,
@@ -89,6 +91,9 @@ STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
 CURVE_FILES = ("roc_curve.png", "pr_curve.png")
 # predict's table of every photograph of a run: what was segmented, how, and what was warned of
 PREDICTIONS_CSV = "predictions.csv"
+# predict's record of the photographs of a folder done so far, on disk as each is written: the
+# same command run again after a kill (or a failure) segments only the others
+PREDICT_JOURNAL = ".retina_tf_predict.jsonl"
 
 
 def read_manifest(folder: str | os.PathLike) -> set[str]:
@@ -188,6 +193,7 @@ class OutputFolder:
     def save_png(self, name: str, image: np.ndarray) -> Path:
         """Writes ``image`` atomically as ``name``; returns its path."""
         self.claim([name])
+        kill_point(self._file(name))
         visualize.save_png(self._file(name), image)
         return self.path / name
 
@@ -1105,9 +1111,124 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path,
 
 
 def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
-    rest = f"the others were written to {out_dir}" if len(failed) < total else "none was written"
+    rest = (f"the others were written to {out_dir} (the same command again tries only the "
+            "failed ones)" if len(failed) < total else "none was written")
     return RetinaTFError(f"{len(failed)} of {total} images failed ({_names(list(failed))}; "
                          f"reasons above); {rest}")
+
+
+class _Journal:
+    """:data:`PREDICT_JOURNAL`: predict's record, in its output folder, of each photograph done
+    (its row of :data:`PREDICTIONS_CSV`, its files, the photograph's size and modification
+    time), one JSON line written to disk (fsync) as soon as its files are in place; the first
+    line holds the settings. A run with the same settings (model file, threshold, inference
+    flags) skips the photographs it lists whose files are all there and that have not changed
+    since; other settings start it afresh. It is removed when a run ends with every photograph
+    done. A second predict writing the same folder at the same time keeps no record (a lock)."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]):
+        self.path = folder / PREDICT_JOURNAL
+        self.settings = json.loads(to_json(settings))  # as read back: tuples as lists
+        self._file = None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._off = False  # another predict writes this folder
+        if self.path.is_file() and self._open():
+            self._entries = self._read()
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        return str(path.resolve())
+
+    @staticmethod
+    def _stat(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def _open(self) -> bool:
+        try:
+            self._file = open(self.path, "a+", encoding="utf-8")
+        except OSError:
+            self._off = True
+            return False
+        if lock_open_file(self._file):
+            return True
+        self._file.close()
+        self._file, self._off = None, True
+        log.info(f"another predict is writing {self.path.parent}: this run keeps no record to "
+                 "resume from")
+        return False
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        self._file.seek(0)
+        lines = self._file.read().splitlines()
+        try:
+            same = json.loads(lines[0]) == {"settings": self.settings}
+        except (IndexError, ValueError):
+            same = False
+        if not same:
+            if lines:
+                log.info(f"{self.path.parent}: a run with other settings was stopped here; "
+                         "its photographs are segmented again")
+            self._start()
+            return {}
+        entries = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                entries[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+        return entries
+
+    def _start(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._write({"settings": self.settings})
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def done(self, files: dict[Path, list[str]]) -> dict[Path, dict[str, Any]]:
+        """The rows of the photographs of ``files`` (each one's output names) that a run with
+        these settings segmented, whose files are all there and that are unchanged since."""
+        kept = {}
+        for path, names in files.items():
+            entry = self._entries.get(self._key(path))
+            if (entry and entry.get("files") == names and entry.get("stat") == self._stat(path)
+                    and all((self.path.parent / n).is_file() for n in names)):
+                kept[path] = {**entry["row"], "input": str(path)}
+        return kept
+
+    def add(self, path: Path, row: dict[str, Any], names: list[str]) -> None:
+        """Records a photograph whose files ``names`` are in place."""
+        if self._off or (self._file is None and not self._open()):
+            return
+        if self._file.tell() == 0:  # a new record
+            self._start()
+        self._entries[self._key(path)] = entry = {
+            "key": self._key(path), "stat": self._stat(path), "files": names, "row": row}
+        self._write(entry)
+
+    def close(self, finished: bool) -> None:
+        """Closes the record; ``finished`` (every photograph done) also removes it."""
+        if self._file is None:
+            return
+        if finished:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        self._file.close()
+        self._file = None
+
+
+def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> dict[str, Any]:
+    """What decides a photograph's outputs: the model file, threshold, precision and the
+    inference and output flags (not where the photographs and outputs are)."""
+    flags = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("input", "output_dir", "overwrite", "model", "logdir", "run_name")}
+    return {**flags, "model_sha256": model_fingerprint(seg.run_dir), "threshold": threshold,
+            "precision": seg.precision}
 
 
 def predict(cfg: PredictConfig) -> list[Path]:
@@ -1120,7 +1241,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     A/V models, ``<stem>_av_overlay.png`` (arteries red, veins blue over the photograph).
     ``predictions.csv`` lists every photograph, its vessel share, warnings and any error
     (:func:`predictions_csv`), written when the last one is done (those done so far, after a
-    Ctrl-C or a failure to write).
+    Ctrl-C or a failure to write). Run the same command again after a kill (or with failures)
+    and the photographs already done with the same settings are kept, not segmented again
+    (:data:`PREDICT_JOURNAL`).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list; the closing line also names the images warned
@@ -1146,18 +1269,25 @@ def predict(cfg: PredictConfig) -> list[Path]:
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     bases = output_names(inputs)
-    out.check([PREDICTIONS_CSV] + [bases[p] + s for p in inputs for s in _prediction_suffixes(
-        seg, cfg.save_probabilities, cfg.visualize)])
-    written: list[Path] = []
+    suffixes = _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)
+    names = {p: [bases[p] + s for s in suffixes] for p in inputs}
+    out.check([PREDICTIONS_CSV] + [n for p in inputs for n in names[p]])
+    journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
+    rows = journal.done(names)  # photograph -> its row of the table, in any order
+    written = [out.path / n for p in rows for n in names[p]]
+    if rows:
+        log.info(f"{len(rows)} of {len(inputs)} image(s) were segmented with these settings by "
+                 f"an earlier run into {out.path} that was stopped: kept, not segmented again")
     failed: dict[Path, str] = {}
-    rows: list[dict[str, Any]] = []
 
     def write_table() -> Path:
-        return out.write_text(PREDICTIONS_CSV, predictions_csv(rows, seg.task))
+        return out.write_text(PREDICTIONS_CSV, predictions_csv(
+            [rows[p] for p in inputs if p in rows], seg.task))
 
     try:
         with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
-            for path in progress(inputs, "predict", name=lambda p: p.name):
+            for path in progress([p for p in inputs if p not in rows], "predict",
+                                 name=lambda p: p.name):
                 try:
                     # all of an image's files, or none after a Ctrl-C
                     with out.all_or_nothing(), _collecting_warnings() as warnings:
@@ -1168,17 +1298,20 @@ def predict(cfg: PredictConfig) -> list[Path]:
                         raise
                     failed[path] = _one_line(path, err)
                     log.warning(f"skipped: {failed[path]}")
-                    rows.append({"input": str(path), "error": failed[path]})
+                    rows[path] = {"input": str(path), "error": failed[path]}
                     continue
                 written += files
-                rows.append({**row, "warnings": " | ".join(warnings.messages)})
+                rows[path] = {**row, "warnings": " | ".join(warnings.messages)}
+                journal.add(path, rows[path], names[path])
     except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
         if rows:
             with contextlib.suppress(Exception):
                 write_table()
+        journal.close(finished=False)
         raise
     written.append(write_table())
-    warned = [Path(row["input"]) for row in rows if row.get("warnings")]
+    journal.close(finished=not failed)
+    warned = [p for p in inputs if rows.get(p, {}).get("warnings")]
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
     if failed:
         raise _failure_error(failed, len(inputs), out.path)

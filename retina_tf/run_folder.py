@@ -150,10 +150,11 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
 _KILL_COUNTS: dict[str, int] = {}  # writes seen per file name, for RETINA_TF_KILL_AT
 
 
-def _kill_point(path: Path) -> None:
-    """Test hook of the kill harness (tests/test_kill_harness.py): ``RETINA_TF_KILL_AT=<name>``
-    or ``<name>#<n>`` SIGKILLs this process while the n-th (default first) file of that name is
-    being written: its temporary file exists and is half full."""
+def kill_point(path: Path) -> None:
+    """Test hook of the kill harness (tests/test_kill_harness.py, and predict's resume test):
+    ``RETINA_TF_KILL_AT=<name>`` or ``<name>#<n>`` SIGKILLs this process while the n-th
+    (default first) file of that name is being written: its temporary file exists and is half
+    full."""
     spec = os.environ.get("RETINA_TF_KILL_AT")
     if not spec:
         return
@@ -163,6 +164,7 @@ def _kill_point(path: Path) -> None:
     _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
     if _KILL_COUNTS[name] == int(nth or 1):
         tmp = path.with_name(f".{path.name}.killed.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(b"\0" * 1024)  # what a kill in the middle of a write leaves
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -170,7 +172,7 @@ def _kill_point(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """:func:`atomic_write_bytes` with the kill harness's hook."""
-    _kill_point(Path(path))
+    kill_point(Path(path))
     atomic_write_bytes(path, data)
 
 
@@ -320,6 +322,13 @@ def _flock(fd: int, kind: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def lock_open_file(f) -> bool:
+    """Takes an exclusive lock on the open file ``f`` for as long as it stays open (the system
+    drops it however the process ends); False where another process holds it. True where the
+    system has no such locks."""
+    return fcntl is None or _flock(f.fileno(), fcntl.LOCK_EX)
 
 
 def hold_run(run_dir: Path) -> None:

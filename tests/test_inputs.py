@@ -4,6 +4,7 @@ naming the file, instead of giving a silent wrong answer (reproductions of the i
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ from retina_tf.data.synthetic import generate_fundus, write_synthetic_dataset
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.evaluation import (
     MANIFEST_NAME,
+    PREDICT_JOURNAL,
     STAGING_PREFIX,
     evaluate,
     find_fov_mask,
@@ -25,7 +27,7 @@ from retina_tf.evaluation import (
 )
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
-from retina_tf.run_folder import PRETRAINED_DIR
+from retina_tf.run_folder import PRETRAINED_DIR, lock_open_file
 from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +126,72 @@ def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     assert not (out / "b_prob.png").exists()
 
 
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+@pytest.mark.slow
+def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, capsys):
+    """A folder run killed (SIGKILL) while writing its third photograph's mask and started
+    again with the same command keeps the two photographs done, untouched, segments the rest,
+    and ends with the files and table of a run never killed; it used to segment all again."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for seed, name in enumerate("abcde"):
+        _fundus(inputs / f"{name}.png", seed)
+    _predict(inputs, tmp_path / "never_killed")
+    argv = ["--model=unet_drive", f"--input={inputs}", f"--output_dir={out}"]
+    killed = commands.script("predict.py", *argv,
+                             env={**os.environ, "RETINA_TF_KILL_AT": "c_mask.png"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    done = ["a_mask.png", "a_prob.png", "b_mask.png", "b_prob.png"]
+    assert sorted(_outputs(out)) == done + ["c_prob.png"] or sorted(_outputs(out)) == done
+    before = {n: (out / n).stat().st_mtime_ns for n in done}
+
+    again = commands.script("predict.py", *argv)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said[-2000:]
+    assert ("2 of 5 image(s) were segmented with these settings by an earlier run into "
+            f"{out} that was stopped: kept" in said)
+    assert "a.png ->" not in said and "b.png ->" not in said and "c.png ->" in said
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == before  # not written again
+    assert _outputs(out) == _outputs(tmp_path / "never_killed")  # predictions.csv too
+    assert not (out / PREDICT_JOURNAL).exists() and not list(out.glob(f"{STAGING_PREFIX}*"))
+
+    # a photograph changed since the stop is segmented again, the others kept
+    killed = commands.script("predict.py", *argv,
+                             env={**os.environ, "RETINA_TF_KILL_AT": "d_mask.png"})
+    assert killed.returncode == -signal.SIGKILL
+    _fundus(inputs / "a.png", 7)  # another photograph under the same name
+    capsys.readouterr()
+    _predict(inputs, out)
+    said = capsys.readouterr().out
+    assert "2 of 5 image(s) were segmented with these settings" in said
+    assert [n for n in "abcde" if f"{n}.png ->" in said] == ["a", "d", "e"]
+    assert _outputs(out)["a_prob.png"] != _outputs(tmp_path / "never_killed")["a_prob.png"]
+    # other settings: all segmented again
+    killed = commands.script("predict.py", *argv, "--threshold=0.3",
+                             env={**os.environ, "RETINA_TF_KILL_AT": "c_mask.png"})
+    assert killed.returncode == -signal.SIGKILL
+    _predict(inputs, out)
+    said = capsys.readouterr().out
+    assert "a run with other settings was stopped here; its photographs are segmented" in said
+    assert all(f"{n}.png ->" in said for n in "abcde")
+
+
+def test_a_second_predict_into_a_folder_being_written_keeps_no_record(tmp_path: Path, capsys):
+    """Two predicts of one folder at once: the one that finds the record locked neither
+    reads nor writes it (it would mix two runs' rows), and both still write every file."""
+    _fundus(tmp_path / "in" / "a.png", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / PREDICT_JOURNAL, "a+") as other:  # as the other predict holds it
+        assert lock_open_file(other)
+        _predict(tmp_path / "in", out)
+        assert (out / PREDICT_JOURNAL).read_text() == ""
+    assert "another predict is writing" in capsys.readouterr().out
+    assert (out / "a_mask.png").is_file() and (out / "predictions.csv").is_file()
+
+
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
     inputs = tmp_path / "in"
     _fundus(inputs / "a.png", 2)
@@ -215,9 +283,19 @@ def test_predict_folder_writes_every_good_file_then_fails_with_a_summary(
     err = capsys.readouterr().err
     assert "2 image(s) segmented" in err and "b_broken.jpg is a corrupt JPEG" in err
     assert "c_tiny.png is 32x32 pixels" in err
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "a_mask.png", "a_prob.png",
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, PREDICT_JOURNAL,
+                                                     "a_mask.png", "a_prob.png",
                                                      "d_mask.png", "d_prob.png",
                                                      "predictions.csv"]
+    # the same command again, one bad file mended: only the two that failed are tried
+    _fundus(inputs / "c_tiny.png", 3)
+    with pytest.raises(RetinaTFError, match=r"1 of 4 images failed \(b_broken\.jpg; reasons"):
+        _predict(inputs, out)
+    said = capsys.readouterr().out
+    assert "2 of 4 image(s) were segmented with these settings" in said
+    assert "a.png ->" not in said and "c_tiny.png ->" in said and "d.png ->" not in said
+    assert len((out / "predictions.csv").read_text().splitlines()) == 5  # all four, in order
+    write_image_atomic(inputs / "c_tiny.png", np.full((32, 32, 3), 120, np.uint8))
     for name in ("a.png", "d.png"):
         (inputs / name).unlink()
     with pytest.raises(RetinaTFError, match=r"2 of 2 images failed .*; none was written$"):
