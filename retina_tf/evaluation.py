@@ -1007,7 +1007,7 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     """Segments and writes one photograph: the files written and its row of
     :data:`PREDICTIONS_CSV` (less the warnings, which the caller collects)."""
     image = read_image(path)
-    seg.check_image_size(image, path, warn_gray=False)  # segment warns, once
+    seg.check_image_size(image, path, warn=False)  # segment warns, once
     fov = _fov_for(path, image, fov_source)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
     prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)

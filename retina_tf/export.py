@@ -687,7 +687,10 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
             "retina_tf.inference.vessel_share_warning (artery_share_warning)",
             "predict's warning of a gray photograph with bright vessels (an angiogram): the "
             "training images' measure is in 'training_images', the rule in "
-            "retina_tf.inference.bright_vessels_warning"],
+            "retina_tf.inference.bright_vessels_warning",
+            "predict's warning of a photograph whose blue channel is brighter than its red "
+            "(channels in BGR order): the input must be RGB, the rule in "
+            "retina_tf.data.io.channel_order_warning"],
         # the least and largest share of the FOV (and of the vessel pixels called artery) in
         # the training labels, for a service that wants predict's warnings
         "training_labels": {key: seg.run_info[key] for key in ("vessel_share", "artery_share")

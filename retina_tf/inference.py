@@ -33,7 +33,7 @@ from retina_tf.config import (
     parse_inference_scale,
 )
 from retina_tf.data.fov import estimate_fov, given_fov_warning
-from retina_tf.data.io import atomic_write_bytes, fov_of_array, is_gray
+from retina_tf.data.io import atomic_write_bytes, channel_order_warning, fov_of_array, is_gray
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
@@ -965,11 +965,12 @@ class Segmenter:
         return max(int(self.run_info.get("patch_size") or 0), self.size_multiple, 1)
 
     def check_image_size(self, image: np.ndarray, source: str | os.PathLike = "the image",
-                         warn_gray: bool = True) -> None:
+                         warn: bool = True) -> None:
         """Raises DatasetError naming ``source`` when ``image`` is not a uint8 RGB (H, W, 3)
         array (the message says how to convert it) or is below :attr:`min_image_size` (a 32x32
-        image would otherwise come back as 0 % vessel, in silence); with ``warn_gray``, warns
-        when an A/V model is given a gray photograph (off where :meth:`segment` follows)."""
+        image would otherwise come back as 0 % vessel, in silence); with ``warn``, warns of
+        channels in BGR order (:func:`~retina_tf.data.io.channel_order_warning`) and when an
+        A/V model is given a gray photograph (off where :meth:`segment` follows)."""
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise DatasetError(f"{source} is a {image.dtype} array of shape {image.shape}; "
@@ -980,7 +981,12 @@ class Segmenter:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
                                f"needs at least {self.min_image_size}x{self.min_image_size} "
                                "(its training patch size)")
-        if warn_gray and self.task == "av" and is_gray(image):
+        if not warn:
+            return
+        swapped = channel_order_warning(image, source)
+        if swapped:
+            log.warning(swapped)
+        if self.task == "av" and is_gray(image):
             log.warning(f"{source} is a gray photograph: telling arteries from veins needs "
                         "colour, so its artery/vein maps are unreliable (its vessel map is not)")
 

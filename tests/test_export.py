@@ -423,6 +423,7 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     assert info["training_images"] == {"bright_line_ratio": run_info["bright_line_ratio"]}
     readme = (out / "README.txt").read_text()
     assert "artery_share_warning" in readme and "bright_vessels_warning" in readme
+    assert "channel_order_warning" in readme
     image = generate_fundus(2, size=(128, 128)).image
     got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
     assert got["probability"].shape == (128, 128, 3) and got["mask"].shape == (128, 128)

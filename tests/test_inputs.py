@@ -313,6 +313,17 @@ def test_a_given_fov_mask_of_the_frame_is_warned_of_in_python_as_in_files(caplog
     assert "inverted.png: the FOV mask keeps the darker part of the photograph" in caplog.text
 
 
+def test_an_opencv_array_given_to_segment_is_warned_of_once(tmp_path: Path, caplog):
+    """cv2.imread gives BGR; Segmenter.segment takes RGB."""
+    path = _fundus(tmp_path / "a.png", 1)
+    seg = Segmenter.from_pretrained("unet_drive")
+    seg.segment(read_image(path), source=path)
+    assert not caplog.records
+    seg.segment(cv2.imread(str(path)), source=path)
+    warned = [r.getMessage() for r in caplog.records if "BGR order" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0]
+
+
 @pytest.mark.slow
 def test_predict_cli_reports_the_bad_file_and_exits_non_zero(shared_data: Path, tmp_path: Path):
     inputs = tmp_path / "in"

@@ -26,6 +26,7 @@ from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
     DatasetError,
     SampleData,
+    channel_order_warning,
     read_av,
     read_image,
     read_mask,
@@ -437,6 +438,20 @@ def test_a_label_with_no_vessel_is_warned_of(tmp_path: Path, caplog):
     write_image_atomic(tmp_path / "label.gif", np.zeros((20, 24), bool))
     assert not read_sample(sample).vessel.any()
     assert "label.gif: no vessel pixel inside the field of view" in caplog.text
+
+
+def test_a_photograph_with_its_channels_in_bgr_order_is_warned_of(shared_data: Path):
+    """OpenCV arrays and files written from them hold blue first: the FOV (estimated from the
+    red channel) and an A/V map went wrong in silence (bench/channel_order.py)."""
+    for path in (shared_data / "DRIVE" / "test" / "images" / "01_test.tif",
+                 shared_data / "STARE" / "stare-images" / "im0319.ppm.gz"):  # bluest, least blue
+        rgb = read_image(path)
+        assert channel_order_warning(rgb, path) is None
+        message = channel_order_warning(np.ascontiguousarray(rgb[..., ::-1]), path)
+        assert f"{path}: its blue channel is brighter than its red" in message
+        assert "BGR order" in message
+    gray = np.repeat(read_image(path)[..., 1:2], 3, axis=-1)
+    assert channel_order_warning(gray, path) is None  # an angiogram or red-free photograph
 
 
 def test_a_given_fov_mask_of_the_frame_or_the_whole_image_is_warned_of(tmp_path: Path, caplog):
