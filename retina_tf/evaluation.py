@@ -1124,7 +1124,8 @@ class _Journal:
     line holds the settings. A run with the same settings (model file, threshold, inference
     flags) skips the photographs it lists whose files are all there and that have not changed
     since; other settings start it afresh. It is removed when a run ends with every photograph
-    done. A second predict writing the same folder at the same time keeps no record (a lock)."""
+    it lists done. A second predict writing the same folder at the same time keeps no record (a
+    lock)."""
 
     def __init__(self, folder: Path, settings: dict[str, Any]):
         self.path = folder / PREDICT_JOURNAL
@@ -1132,6 +1133,7 @@ class _Journal:
         self._file = None
         self._entries: dict[str, dict[str, Any]] = {}
         self._off = False  # another predict writes this folder
+        self._inputs: set[str] = set()  # this run's photographs (:meth:`done`)
         if self.path.is_file() and self._open():
             self._entries = self._read()
 
@@ -1193,6 +1195,7 @@ class _Journal:
     def done(self, files: dict[Path, list[str]]) -> dict[Path, dict[str, Any]]:
         """The rows of the photographs of ``files`` (each one's output names) that a run with
         these settings segmented, whose files are all there and that are unchanged since."""
+        self._inputs = {self._key(p) for p in files}
         kept = {}
         for path, names in files.items():
             entry = self._entries.get(self._key(path))
@@ -1212,10 +1215,11 @@ class _Journal:
         self._write(entry)
 
     def close(self, finished: bool) -> None:
-        """Closes the record; ``finished`` (every photograph done) also removes it."""
+        """Closes the record; ``finished`` (every photograph done) also removes it, unless it
+        lists photographs of another run (a stopped folder run, this one a file of it)."""
         if self._file is None:
             return
-        if finished:
+        if finished and set(self._entries) <= self._inputs:
             with contextlib.suppress(OSError):
                 self.path.unlink()
         self._file.close()

@@ -146,6 +146,8 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     done = ["a_mask.png", "a_prob.png", "b_mask.png", "b_prob.png"]
     assert sorted(_outputs(out)) == done + ["c_prob.png"] or sorted(_outputs(out)) == done
     before = {n: (out / n).stat().st_mtime_ns for n in done}
+    _predict(inputs / "a.png", out)  # one photograph of the folder: kept, the record too
+    assert (out / PREDICT_JOURNAL).is_file()
 
     again = commands.script("predict.py", *argv)
     said = again.stdout + again.stderr
