@@ -257,6 +257,7 @@ class PredictConfig(RunRef, InferenceConfig):
 
     model: str = "vessel_general"
     input: str | None = None
+    recursive: bool = False
     fov: str | None = None
     output_dir: str | None = None
     overwrite: bool = False

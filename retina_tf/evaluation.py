@@ -858,9 +858,10 @@ def _image_files(folder: Path) -> list[Path]:
                   and is_image(p))
 
 
-def list_inputs(path: Path) -> list[Path]:
+def list_inputs(path: Path, recursive: bool = False, skip: Path | None = None) -> list[Path]:
     """The images to segment: ``path`` itself, or the image files of the folder ``path`` less
-    FOV masks (names ending in ``_mask``) and the files retina_tf wrote there (its manifest).
+    FOV masks (names ending in ``_mask``) and the files retina_tf wrote there (its manifest);
+    with ``recursive``, of the folders inside it too (:func:`input_folders`).
 
     Raises:
         DatasetError: when ``path`` does not exist or the folder yields no image; the message
@@ -870,13 +871,15 @@ def list_inputs(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{path}: no such file or folder")
+    if recursive:
+        return _tree_inputs(path, skip)
     files = _image_files(path)
     ours = read_manifest(path)
     inputs = [p for p in files if p.name not in ours and not _is_mask_name(p)]
     folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if folders:
         log.info(f"{len(folders)} subfolder(s) not searched: {', '.join(folders[:3])}"
-                 f"{' ...' if len(folders) > 3 else ''} (give each as --input)")
+                 f"{' ...' if len(folders) > 3 else ''} (give each as --input, or --recursive)")
     if inputs:
         masks = [p.name for p in files if p.name not in ours and _is_mask_name(p)]
         if masks:
@@ -894,6 +897,38 @@ def list_inputs(path: Path) -> list[Path]:
     raise DatasetError(f"{path}: no images to segment: of its {len(files)} image files, "
                        f"{' and '.join(kinds)}; put the photographs there, or rename any whose "
                        "name ends in '_mask'")
+
+
+def input_folders(root: Path, skip: Path | None = None) -> list[Path]:
+    """``root`` and every folder inside it, each before the folders inside it and in name
+    order, less hidden ones and ``skip`` (an output folder inside ``root``) with their
+    contents; links to folders are not followed (a link to a parent would never end)."""
+    skip = skip.resolve() if skip else None
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
+                               and (Path(folder) / d).resolve() != skip)
+        found.append(Path(folder))
+    return found
+
+
+def _tree_inputs(root: Path, skip: Path | None) -> list[Path]:
+    """:func:`list_inputs` of ``root`` and the folders inside it."""
+    inputs, masks = [], []
+    for folder in input_folders(root, skip):
+        ours = read_manifest(folder)
+        for p in _image_files(folder):
+            if p.name not in ours:
+                (masks if _is_mask_name(p) else inputs).append(p)
+    if masks:
+        log.info(f"{len(masks)} file(s) ending in '_mask' taken for FOV masks, not segmented: "
+                 f"{', '.join(str(p.relative_to(root)) for p in masks[:3])}"
+                 f"{' ...' if len(masks) > 3 else ''}")
+    if not inputs:
+        raise DatasetError(f"{root}: no images to segment in it or the folders inside it (looked "
+                           f"for {', '.join(IMAGE_SUFFIXES)}, their .gz, and DICOM files, not "
+                           "ending in '_mask' and not retina_tf's outputs)")
+    return inputs
 
 
 def _is_mask_name(path: Path) -> bool:
@@ -944,6 +979,14 @@ def _fov_source(fov_arg: str | None, inputs: list[Path] = ()) -> Path | list[Pat
     if not fov_path.is_file():
         raise DatasetError(f"--fov={fov_arg}: no such file or folder")
     return fov_path
+
+
+def _mirrored(fov_arg: str | None, rel: Path) -> str | None:
+    """``--fov`` for the photographs of the folder ``rel`` under ``--input`` (``--recursive``):
+    a mask file serves all; a folder of masks is read at the same place under it."""
+    if not fov_arg or not rel.parts or Path(fov_arg).is_file():
+        return fov_arg
+    return str(Path(fov_arg) / rel)
 
 
 def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | None
@@ -1249,6 +1292,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     and the photographs already done with the same settings are kept, not segmented again
     (:data:`PREDICT_JOURNAL`).
 
+    With ``recursive``, the folders inside ``input`` are searched too (:func:`input_folders`),
+    each photograph's outputs written to the same place under ``output_dir``.
+
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list; the closing line also names the images warned
     of. Outputs never collide (see :func:`output_names`), files in ``--output_dir`` that
@@ -1265,17 +1311,30 @@ def predict(cfg: PredictConfig) -> list[Path]:
     if not cfg.input or not cfg.output_dir:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
-    inputs = list_inputs(Path(cfg.input))
-    fov_source = _fov_source(cfg.fov, inputs)
+    root = Path(cfg.input)
+    inputs = list_inputs(root, cfg.recursive, Path(cfg.output_dir))
+    # each photograph's folder under --input, and so of its outputs under --output_dir
+    where = {p: p.parent.relative_to(root) if cfg.recursive and root.is_dir() else Path()
+             for p in inputs}
+    folders = sorted(set(where.values()))
+    fov_sources = {rel: _fov_source(_mirrored(cfg.fov, rel), [p for p in inputs
+                                                              if where[p] == rel])
+                   for rel in folders}
     seg = load_segmenter(cfg)
     log.info(f"segmenting {len(inputs)} image(s) with {seg.run_dir.name} ({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
-    bases = output_names(inputs)
+    outs = {rel: OutputFolder(out.path / rel, cfg.overwrite) if rel.parts else out
+            for rel in folders}
+    bases = {}
+    for rel in folders:  # names clash within a folder only
+        bases.update(output_names([p for p in inputs if where[p] == rel]))
     suffixes = _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)
-    names = {p: [bases[p] + s for s in suffixes] for p in inputs}
-    out.check([PREDICTIONS_CSV] + [n for p in inputs for n in names[p]])
+    out.check([PREDICTIONS_CSV])
+    for p in inputs:
+        outs[where[p]].check([bases[p] + s for s in suffixes])
+    names = {p: [(where[p] / (bases[p] + s)).as_posix() for s in suffixes] for p in inputs}
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
     rows = journal.done(names)  # photograph -> its row of the table, in any order
     written = [out.path / n for p in rows for n in names[p]]
@@ -1294,8 +1353,10 @@ def predict(cfg: PredictConfig) -> list[Path]:
                                  name=lambda p: p.name):
                 try:
                     # all of an image's files, or none after a Ctrl-C
-                    with out.all_or_nothing(), _collecting_warnings() as warnings:
-                        files, row = _predict_one(seg, path, bases[path], cfg, fov_source, out,
+                    with outs[where[path]].all_or_nothing(), \
+                            _collecting_warnings() as warnings:
+                        files, row = _predict_one(seg, path, bases[path], cfg,
+                                                  fov_sources[where[path]], outs[where[path]],
                                                   threshold)
                 except DatasetError as err:
                     if len(inputs) == 1:
@@ -1305,7 +1366,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
                     rows[path] = {"input": str(path), "error": failed[path]}
                     continue
                 written += files
-                rows[path] = {**row, "warnings": " | ".join(warnings.messages)}
+                rows[path] = {**row, "outputs": (where[path] / bases[path]).as_posix(),
+                              "warnings": " | ".join(warnings.messages)}
                 journal.add(path, rows[path], names[path])
     except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
         if rows:

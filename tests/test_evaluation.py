@@ -369,7 +369,7 @@ def test_only_names_ending_in_mask_are_taken_for_fov_masks(tmp_path, caplog):
     assert [p.name for p in inputs] == ["eye.png", "eye_masked_lens.png"]
     assert (f"taken for FOV masks, not segmented: eye_mask.png (the FOV is estimated unless "
             f"--fov={tmp_path} is given)") in caplog.text
-    assert "1 subfolder(s) not searched: sub (give each as --input)" in caplog.text
+    assert "1 subfolder(s) not searched: sub (give each as --input, or --recursive)" in caplog.text
 
 
 def test_a_folder_lists_every_image_type_read_image_reads_and_nothing_else(tmp_path):

@@ -180,6 +180,58 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     assert all(f"{n}.png ->" in said for n in "abcde")
 
 
+@pytest.mark.slow
+def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: Path, capsys):
+    """Clinic archives and DICOM CDs nest photographs in folders (patient / visit); without
+    --recursive only the top folder's are segmented, and the subfolders are named."""
+    tree, out = tmp_path / "in", tmp_path / "out"
+    _fundus(tree / "a.png", 1)
+    _fundus(tree / "p1" / "v1" / "b.png", 2)
+    _fundus(tree / "p2" / "b.png", 3)  # the same name in another folder: no clash
+    _fundus(tree / ".hidden" / "x.png", 4)
+    _predict(tree, out)
+    assert "2 subfolder(s) not searched: p1, p2 (give each as --input, or --recursive)" in (
+        capsys.readouterr().out)
+    shutil.rmtree(out)
+
+    argv = ["--model=unet_drive", f"--input={tree}", f"--output_dir={out}", "--recursive"]
+    killed = commands.script("predict.py", *argv,
+                             env={**os.environ, "RETINA_TF_KILL_AT": "b_mask.png#2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    again = commands.script("predict.py", *argv)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 of 3 image(s) were segmented with these settings" in again.stdout + again.stderr
+    found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert found == [MANIFEST_NAME, "a_mask.png", "a_prob.png", f"p1/v1/{MANIFEST_NAME}",
+                     "p1/v1/b_mask.png", "p1/v1/b_prob.png", f"p2/{MANIFEST_NAME}",
+                     "p2/b_mask.png", "p2/b_prob.png", "predictions.csv"]
+    table = (out / "predictions.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in table[1:]] == [
+        [str(tree / "a.png"), "a"], [str(tree / "p1" / "v1" / "b.png"), "p1/v1/b"],
+        [str(tree / "p2" / "b.png"), "p2/b"]]
+    b1 = cv2.imread(str(out / "p1" / "v1" / "b_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert not np.array_equal(b1, cv2.imread(str(out / "p2" / "b_prob.png"),
+                                             cv2.IMREAD_UNCHANGED))
+
+    # a --fov folder is read at the same place; a folder of masks missing there is named
+    half = np.zeros((128, 128), bool)
+    half[:, :64] = True
+    for mask in ("a_mask.png", "p1/v1/b_mask.png", "p2/b_mask.png"):
+        write_image_atomic(tmp_path / "fov" / mask, half)
+    _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}")
+    b2 = cv2.imread(str(out / "p2" / "b_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert b2[:, 64:].max() == 0 and b2[:, :64].max() > 0
+    shutil.rmtree(tmp_path / "fov" / "p1")
+    with pytest.raises(DatasetError, match=r"fov/p1/v1: no such file or folder"):
+        _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}")
+
+    # into the tree itself, twice: outputs beside each photograph, never taken for photographs
+    for _ in range(2):
+        _predict(tree, tree, "--recursive")
+        assert "3 image(s) segmented" in capsys.readouterr().out
+    assert (tree / "p1" / "v1" / "b_mask.png").is_file()
+
+
 def test_a_second_predict_into_a_folder_being_written_keeps_no_record(tmp_path: Path, capsys):
     """Two predicts of one folder at once: the one that finds the record locked neither
     reads nor writes it (it would mix two runs' rows), and both still write every file."""
