@@ -126,6 +126,11 @@ def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     assert not (out / "b_prob.png").exists()
 
 
+# segmented at 128 px as they are, not enlarged to the training FOV: these tests are about
+# which photographs are segmented and where their files go
+NATIVE = "--inference_scale=native"
+
+
 def _outputs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
 
@@ -138,15 +143,15 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     inputs, out = tmp_path / "in", tmp_path / "out"
     for seed, name in enumerate("abcde"):
         _fundus(inputs / f"{name}.png", seed)
-    _predict(inputs, tmp_path / "never_killed")
-    argv = ["--model=unet_drive", f"--input={inputs}", f"--output_dir={out}"]
+    _predict(inputs, tmp_path / "never_killed", NATIVE)
+    argv = ["--model=unet_drive", f"--input={inputs}", f"--output_dir={out}", NATIVE]
     killed = commands.script("predict.py", *argv,
                              env={**os.environ, "RETINA_TF_KILL_AT": "c_mask.png"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = ["a_mask.png", "a_prob.png", "b_mask.png", "b_prob.png"]
     assert sorted(_outputs(out)) == done + ["c_prob.png"] or sorted(_outputs(out)) == done
     before = {n: (out / n).stat().st_mtime_ns for n in done}
-    _predict(inputs / "a.png", out)  # one photograph of the folder: kept, the record too
+    _predict(inputs / "a.png", out, NATIVE)  # one photograph of the folder: kept, the record too
     assert (out / PREDICT_JOURNAL).is_file()
 
     again = commands.script("predict.py", *argv)
@@ -165,7 +170,7 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     assert killed.returncode == -signal.SIGKILL
     _fundus(inputs / "a.png", 7)  # another photograph under the same name
     capsys.readouterr()
-    _predict(inputs, out)
+    _predict(inputs, out, NATIVE)
     said = capsys.readouterr().out
     assert "2 of 5 image(s) were segmented with these settings" in said
     assert [n for n in "abcde" if f"{n}.png ->" in said] == ["a", "d", "e"]
@@ -174,7 +179,7 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     killed = commands.script("predict.py", *argv, "--threshold=0.3",
                              env={**os.environ, "RETINA_TF_KILL_AT": "c_mask.png"})
     assert killed.returncode == -signal.SIGKILL
-    _predict(inputs, out)
+    _predict(inputs, out, NATIVE)
     said = capsys.readouterr().out
     assert "a run with other settings was stopped here; its photographs are segmented" in said
     assert all(f"{n}.png ->" in said for n in "abcde")
@@ -189,12 +194,13 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
     _fundus(tree / "p1" / "v1" / "b.png", 2)
     _fundus(tree / "p2" / "b.png", 3)  # the same name in another folder: no clash
     _fundus(tree / ".hidden" / "x.png", 4)
-    _predict(tree, out)
+    _predict(tree, out, NATIVE)
     assert "2 subfolder(s) not searched: p1, p2 (give each as --input, or --recursive)" in (
         capsys.readouterr().out)
     shutil.rmtree(out)
 
-    argv = ["--model=unet_drive", f"--input={tree}", f"--output_dir={out}", "--recursive"]
+    argv = ["--model=unet_drive", f"--input={tree}", f"--output_dir={out}", "--recursive",
+            NATIVE]
     killed = commands.script("predict.py", *argv,
                              env={**os.environ, "RETINA_TF_KILL_AT": "b_mask.png#2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -218,16 +224,16 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
     half[:, :64] = True
     for mask in ("a_mask.png", "p1/v1/b_mask.png", "p2/b_mask.png"):
         write_image_atomic(tmp_path / "fov" / mask, half)
-    _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}")
+    _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}", NATIVE)
     b2 = cv2.imread(str(out / "p2" / "b_prob.png"), cv2.IMREAD_UNCHANGED)
     assert b2[:, 64:].max() == 0 and b2[:, :64].max() > 0
     shutil.rmtree(tmp_path / "fov" / "p1")
     with pytest.raises(DatasetError, match=r"fov/p1/v1: no such file or folder"):
-        _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}")
+        _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}", NATIVE)
 
     # into the tree itself, twice: outputs beside each photograph, never taken for photographs
     for _ in range(2):
-        _predict(tree, tree, "--recursive")
+        _predict(tree, tree, "--recursive", NATIVE)
         assert "3 image(s) segmented" in capsys.readouterr().out
     assert (tree / "p1" / "v1" / "b_mask.png").is_file()
 
