@@ -268,6 +268,42 @@ def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _pictures(data: bytes) -> tuple[int, str]:
+    """How many full-size pictures a file holds (TIFF pages, GIF / PNG / WebP animation frames;
+    pages smaller than the first, a thumbnail or a pyramid's levels, not counted) and what they
+    are called; (1, "") for a single picture or where Pillow cannot tell."""
+    tiff = data[:4] in (b"II*\x00", b"MM\x00*")
+    animated = (data[:6] in (b"GIF87a", b"GIF89a") or (data[:8] == b"\x89PNG\r\n\x1a\n"
+                                                       and b"acTL" in data[:4096])
+                or (data[:4] == b"RIFF" and data[8:12] == b"WEBP" and b"ANIM" in data[:4096]))
+    if not (tiff or animated):
+        return 1, ""
+    try:
+        with warnings.catch_warnings():  # of a broken file: OpenCV's decoder has its one line
+            warnings.simplefilter("ignore")
+            with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as picture:
+                frames = int(getattr(picture, "n_frames", 1))
+                if frames <= 1:
+                    return 1, ""
+                size, count = picture.size, 1
+                for i in range(1, frames):
+                    picture.seek(i)
+                    count += picture.size[0] >= size[0] and picture.size[1] >= size[1]
+    except Exception:  # noqa: BLE001 (OpenCV's decoder then has its say)
+        return 1, ""
+    return count, "pages" if tiff else "frames"
+
+
+def _one_picture(path: Path, data: bytes) -> None:
+    """Refuses a file of several full-size pictures (:func:`_pictures`): OpenCV and Pillow
+    read its first alone, and the others would be left out in silence."""
+    count, kind = _pictures(data)
+    if count > 1:
+        raise DatasetError(f"{path} holds {count} pictures ({kind}) in one file: retina_tf "
+                           "segments one picture per file and would read only the first; save "
+                           "each as a file of its own")
+
+
 def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
     uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
@@ -281,6 +317,7 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     data = _read_bytes(path) if data is None else data
     if _is_dicom(data):
         return _decode_dicom(path, data)
+    _one_picture(path, data)
     if data[:6] in (b"GIF87a", b"GIF89a"):
         try:
             with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as gif:

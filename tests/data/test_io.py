@@ -440,6 +440,24 @@ def test_a_label_with_no_vessel_is_warned_of(tmp_path: Path, caplog):
     assert "label.gif: no vessel pixel inside the field of view" in caplog.text
 
 
+def test_a_file_of_several_pictures_is_refused_not_read_in_part(tmp_path: Path):
+    """A TIFF of two pages (a stereo pair) or an animation read as its first picture alone,
+    in silence; a page smaller than the first (a thumbnail) is no second picture."""
+    rng = np.random.default_rng(0)
+    first, second = (Image.fromarray(rng.integers(0, 255, (60, 80, 3), np.uint8))
+                     for _ in range(2))
+    for name in ("pair.tif", "pair.gif", "pair.png", "pair.webp"):
+        first.save(tmp_path / name, save_all=True, append_images=[second])
+        kind = "pages" if name.endswith(".tif") else "frames"
+        with pytest.raises(DatasetError, match=rf"pair\.{name[5:]} holds 2 pictures \({kind}\) "
+                           "in one file: .* save each as a file of its own"):
+            read_image(tmp_path / name)
+    first.save(tmp_path / "thumb.tif", save_all=True, append_images=[second.resize((20, 15))])
+    assert np.array_equal(read_image(tmp_path / "thumb.tif"), np.asarray(first))
+    first.save(tmp_path / "one.tif")
+    assert np.array_equal(read_image(tmp_path / "one.tif"), np.asarray(first))
+
+
 def test_a_photograph_with_its_channels_in_bgr_order_is_warned_of(shared_data: Path):
     """OpenCV arrays and files written from them hold blue first: the FOV (estimated from the
     red channel) and an A/V map went wrong in silence (bench/channel_order.py)."""
