@@ -204,7 +204,7 @@ def test_losses_match_hand_computed_terms():
 def _fit(model, x, y, steps=6):
     data = tf.data.Dataset.from_tensors((x, y, np.ones(y.shape[:3] + (1,), "float32"))).repeat()
     model.compile(optimizer=Adam(3e-3), jit_compile=False)
-    return model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0).history
+    return model.fit(data, epochs=2, steps_per_epoch=steps, shuffle=False, verbose=0).history
 
 
 @pytest.mark.parametrize("fusion", ["pgfusion", "gate"])
@@ -228,7 +228,7 @@ def test_a_few_steps_lower_each_loss(fusion):
 
 def test_adversarial_option_trains_a_discriminator():
     keras.utils.set_random_seed(7)
-    model = RIPAV(adversarial_weight=0.01, **TINY)
+    model = RIPAV(adversarial_weight=0.01, distance_head=False, **TINY)  # no distance targets
     assert model.discriminator is not None
     x, av = _batch(seed=8)
     before = [w.copy() for w in model.discriminator.get_weights()]
