@@ -1212,8 +1212,8 @@ class _Journal:
             same = False
         if not same:
             if lines:
-                log.info(f"{self.path.parent}: a run with other settings was stopped here; "
-                         "its photographs are segmented again")
+                log.info(f"{self.path.parent}: an unfinished run with other settings left its "
+                         "record here; its photographs are segmented again")
             self._start()
             return {}
         entries = {}
@@ -1278,6 +1278,25 @@ def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> d
             "precision": seg.precision}
 
 
+def _output_layout(where: dict[Path, Path], out: OutputFolder, suffixes: list[str]
+                   ) -> tuple[dict[Path, OutputFolder], dict[Path, str], dict[Path, list[str]]]:
+    """Where each photograph's outputs go, given its folder under ``--input`` (``where``): the
+    output folder at the same place under ``out``, its files' base name (stems clash within a
+    folder only: :func:`output_names`) and their names relative to ``out``. Raises ConfigError
+    up front for a file retina_tf must not replace (:meth:`OutputFolder.check`)."""
+    folders = sorted(set(where.values()))
+    outs = {rel: OutputFolder(out.path / rel, out.overwrite) if rel.parts else out
+            for rel in folders}
+    bases = {}
+    for rel in folders:
+        bases.update(output_names([p for p in where if where[p] == rel]))
+    out.check([PREDICTIONS_CSV])
+    for p, rel in where.items():
+        outs[rel].check([bases[p] + s for s in suffixes])
+    names = {p: [(rel / (bases[p] + s)).as_posix() for s in suffixes] for p, rel in where.items()}
+    return outs, bases, names
+
+
 def predict(cfg: PredictConfig) -> list[Path]:
     """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` (at
     ``--threshold``, else the run's stored threshold) per input image, the size of the input;
@@ -1316,31 +1335,22 @@ def predict(cfg: PredictConfig) -> list[Path]:
     # each photograph's folder under --input, and so of its outputs under --output_dir
     where = {p: p.parent.relative_to(root) if cfg.recursive and root.is_dir() else Path()
              for p in inputs}
-    folders = sorted(set(where.values()))
     fov_sources = {rel: _fov_source(_mirrored(cfg.fov, rel), [p for p in inputs
                                                               if where[p] == rel])
-                   for rel in folders}
+                   for rel in set(where.values())}
     seg = load_segmenter(cfg)
     log.info(f"segmenting {len(inputs)} image(s) with {seg.run_dir.name} ({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
-    outs = {rel: OutputFolder(out.path / rel, cfg.overwrite) if rel.parts else out
-            for rel in folders}
-    bases = {}
-    for rel in folders:  # names clash within a folder only
-        bases.update(output_names([p for p in inputs if where[p] == rel]))
-    suffixes = _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize)
-    out.check([PREDICTIONS_CSV])
-    for p in inputs:
-        outs[where[p]].check([bases[p] + s for s in suffixes])
-    names = {p: [(where[p] / (bases[p] + s)).as_posix() for s in suffixes] for p in inputs}
+    outs, bases, names = _output_layout(
+        where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize))
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
     rows = journal.done(names)  # photograph -> its row of the table, in any order
     written = [out.path / n for p in rows for n in names[p]]
     if rows:
         log.info(f"{len(rows)} of {len(inputs)} image(s) were segmented with these settings by "
-                 f"an earlier run into {out.path} that was stopped: kept, not segmented again")
+                 f"an unfinished run into {out.path}: kept, not segmented again")
     failed: dict[Path, str] = {}
 
     def write_table() -> Path:

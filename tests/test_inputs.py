@@ -157,8 +157,8 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     again = commands.script("predict.py", *argv)
     said = again.stdout + again.stderr
     assert again.returncode == 0, said[-2000:]
-    assert ("2 of 5 image(s) were segmented with these settings by an earlier run into "
-            f"{out} that was stopped: kept" in said)
+    assert ("2 of 5 image(s) were segmented with these settings by an unfinished run into "
+            f"{out}: kept, not segmented again" in said)
     assert "a.png ->" not in said and "b.png ->" not in said and "c.png ->" in said
     assert {n: (out / n).stat().st_mtime_ns for n in done} == before  # not written again
     assert _outputs(out) == _outputs(tmp_path / "never_killed")  # predictions.csv too
@@ -181,7 +181,8 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     assert killed.returncode == -signal.SIGKILL
     _predict(inputs, out, NATIVE)
     said = capsys.readouterr().out
-    assert "a run with other settings was stopped here; its photographs are segmented" in said
+    assert "an unfinished run with other settings left its record here; its photographs are " \
+        "segmented again" in said
     assert all(f"{n}.png ->" in said for n in "abcde")
 
 
