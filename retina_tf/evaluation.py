@@ -1205,7 +1205,8 @@ class _Journal:
 
     def _read(self) -> dict[str, dict[str, Any]]:
         self._file.seek(0)
-        lines = self._file.read().splitlines()
+        text = self._file.read()
+        lines = text.splitlines()
         try:
             same = json.loads(lines[0]) == {"settings": self.settings}
         except (IndexError, ValueError):
@@ -1223,6 +1224,8 @@ class _Journal:
                 entries[entry["key"]] = entry
             except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                 continue
+        if not text.endswith("\n"):  # ended, so that the next line starts on its own
+            self._file.write("\n")
         return entries
 
     def _start(self) -> None:

@@ -239,6 +239,24 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
     assert (tree / "p1" / "v1" / "b_mask.png").is_file()
 
 
+def test_a_record_line_cut_short_by_a_kill_loses_that_line_only(tmp_path: Path):
+    from retina_tf.evaluation import _Journal
+    photos = [_fundus(tmp_path / f"{n}.png", i) for i, n in enumerate("abc")]
+    for p in photos:
+        (tmp_path / f"{p.stem}_mask.png").write_bytes(b"x")
+    names = {p: [f"{p.stem}_mask.png"] for p in photos}
+    first = _Journal(tmp_path, {"threshold": 0.5})
+    first.add(photos[0], {"input": str(photos[0])}, names[photos[0]])
+    first.close(finished=False)
+    with open(tmp_path / PREDICT_JOURNAL, "a") as f:
+        f.write('{"key": "' + str(photos[1])[:10])  # b's line, as a kill leaves it
+    second = _Journal(tmp_path, {"threshold": 0.5})
+    assert list(second.done(names)) == [photos[0]]
+    second.add(photos[2], {"input": str(photos[2])}, names[photos[2]])
+    second.close(finished=False)
+    assert list(_Journal(tmp_path, {"threshold": 0.5}).done(names)) == [photos[0], photos[2]]
+
+
 def test_a_second_predict_into_a_folder_being_written_keeps_no_record(tmp_path: Path, capsys):
     """Two predicts of one folder at once: the one that finds the record locked neither
     reads nor writes it (it would mix two runs' rows), and both still write every file."""
