@@ -149,7 +149,7 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
                              env={**os.environ, "RETINA_TF_KILL_AT": "c_mask.png"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = ["a_mask.png", "a_prob.png", "b_mask.png", "b_prob.png"]
-    assert sorted(_outputs(out)) == done + ["c_prob.png"] or sorted(_outputs(out)) == done
+    assert sorted(_outputs(out)) == done  # c's first file is in the (hidden) staging folder
     before = {n: (out / n).stat().st_mtime_ns for n in done}
     _predict(inputs / "a.png", out, NATIVE)  # one photograph of the folder: kept, the record too
     assert (out / PREDICT_JOURNAL).is_file()
@@ -240,6 +240,7 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
 
 
 def test_a_record_line_cut_short_by_a_kill_loses_that_line_only(tmp_path: Path):
+    """The next line was written on after the cut one, and lost with it."""
     from retina_tf.evaluation import _Journal
     photos = [_fundus(tmp_path / f"{n}.png", i) for i, n in enumerate("abc")]
     for p in photos:
@@ -397,7 +398,7 @@ def test_an_opencv_array_given_to_segment_is_warned_of_once(tmp_path: Path, capl
     path = _fundus(tmp_path / "a.png", 1)
     seg = Segmenter.from_pretrained("unet_drive")
     seg.segment(read_image(path), source=path)
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name.startswith("retina_tf")]
     seg.segment(cv2.imread(str(path)), source=path)
     warned = [r.getMessage() for r in caplog.records if "BGR order" in r.getMessage()]
     assert len(warned) == 1 and str(path) in warned[0]
