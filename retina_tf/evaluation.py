@@ -1138,11 +1138,13 @@ def _names(paths: list[Path]) -> str:
 
 
 def _report(done: int, failed: dict[Path, str], out_dir: Path,
-            warned: list[Path] | None = None) -> None:
+            warned: list[Path] | None = None, warned_before: bool = False) -> None:
     """The closing summary: how many images were written, those warned of above (a long
-    folder's warnings scroll away) and each failure with its reason."""
-    warned_of = f"; {len(warned)} with a warning above: {_names(warned)}" if warned else ""
-    if warned and len(warned) > _NAMES_SHOWN:  # the table has them all
+    folder's warnings scroll away; ``warned_before``: some by an earlier, unfinished run, whose
+    warnings only the table holds) and each failure with its reason."""
+    where = f"in {PREDICTIONS_CSV}" if warned_before else "above"
+    warned_of = f"; {len(warned)} with a warning {where}: {_names(warned)}" if warned else ""
+    if warned and len(warned) > _NAMES_SHOWN and not warned_before:  # the table has them all
         warned_of += f" (all in {PREDICTIONS_CSV})"
     if not failed:
         log.info(f"done: {done} image(s) segmented, outputs in {out_dir}{warned_of}")
@@ -1350,6 +1352,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
         where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize))
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
     rows = journal.done(names)  # photograph -> its row of the table, in any order
+    kept = set(rows)
     written = [out.path / n for p in rows for n in names[p]]
     if rows:
         log.info(f"{len(rows)} of {len(inputs)} image(s) were segmented with these settings by "
@@ -1391,7 +1394,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     written.append(write_table())
     journal.close(finished=not failed)
     warned = [p for p in inputs if rows.get(p, {}).get("warnings")]
-    _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None)
+    _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None,
+            warned_before=bool(set(warned) & kept))
     if failed:
         raise _failure_error(failed, len(inputs), out.path)
     return written
