@@ -1155,9 +1155,11 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path,
     log.warning("\n".join(lines))
 
 
-def _failure_error(failed: dict[Path, str], total: int, out_dir: Path) -> RetinaTFError:
-    rest = (f"the others were written to {out_dir} (the same command again tries only the "
-            "failed ones)" if len(failed) < total else "none was written")
+def _failure_error(failed: dict[Path, str], total: int, out_dir: Path,
+                   resumable: bool = True) -> RetinaTFError:
+    again = " (the same command again tries only the failed ones)" if resumable else ""
+    rest = f"the others were written to {out_dir}{again}" if len(failed) < total else \
+        "none was written"
     return RetinaTFError(f"{len(failed)} of {total} images failed ({_names(list(failed))}; "
                          f"reasons above); {rest}")
 
@@ -1261,6 +1263,11 @@ class _Journal:
         self._entries[self._key(path)] = entry = {
             "key": self._key(path), "stat": self._stat(path), "files": names, "row": row}
         self._write(entry)
+
+    @property
+    def recording(self) -> bool:
+        """Whether this run keeps the record (no other predict held it)."""
+        return not self._off
 
     def close(self, finished: bool) -> None:
         """Closes the record; ``finished`` (every photograph done) also removes it, unless it
@@ -1397,7 +1404,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     _report(len(inputs) - len(failed), failed, out.path, warned if len(inputs) > 1 else None,
             warned_before=bool(set(warned) & kept))
     if failed:
-        raise _failure_error(failed, len(inputs), out.path)
+        raise _failure_error(failed, len(inputs), out.path, resumable=journal.recording)
     return written
 
 

@@ -262,14 +262,18 @@ def test_a_second_predict_into_a_folder_being_written_keeps_no_record(tmp_path: 
     """Two predicts of one folder at once: the one that finds the record locked neither
     reads nor writes it (it would mix two runs' rows), and both still write every file."""
     _fundus(tmp_path / "in" / "a.png", 1)
+    write_image_atomic(tmp_path / "in" / "b.png", np.full((32, 32, 3), 120, np.uint8))
     out = tmp_path / "out"
     out.mkdir()
     with open(out / PREDICT_JOURNAL, "a+") as other:  # as the other predict holds it
         assert lock_open_file(other)
-        _predict(tmp_path / "in", out)
+        with pytest.raises(RetinaTFError) as failed:
+            _predict(tmp_path / "in", out)
         assert (out / PREDICT_JOURNAL).read_text() == ""
     assert "another predict is writing" in capsys.readouterr().out
     assert (out / "a_mask.png").is_file() and (out / "predictions.csv").is_file()
+    # nor does it promise that the same command again tries only the failed one
+    assert str(failed.value).endswith(f"the others were written to {out}")
 
 
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
@@ -358,7 +362,8 @@ def test_predict_folder_writes_every_good_file_then_fails_with_a_summary(
     (inputs / "b_broken.jpg").write_bytes(_corrupt_middle(jpeg))
     write_image_atomic(inputs / "c_tiny.png", np.full((32, 32, 3), 120, np.uint8))
     _fundus(inputs / "d.png", 2)
-    with pytest.raises(RetinaTFError, match=r"2 of 4 images failed \(b_broken\.jpg, c_tiny"):
+    with pytest.raises(RetinaTFError, match=r"2 of 4 images failed \(b_broken\.jpg, c_tiny.* "
+                       r"\(the same command again tries only the failed ones\)$"):
         _predict(inputs, out)
     err = capsys.readouterr().err
     assert "2 image(s) segmented" in err and "b_broken.jpg is a corrupt JPEG" in err
