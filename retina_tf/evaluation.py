@@ -873,28 +873,25 @@ def list_inputs(path: Path, recursive: bool = False, skip: Path | None = None) -
         raise DatasetError(f"{path}: no such file or folder")
     if recursive:
         return _tree_inputs(path, skip)
-    files = _image_files(path)
-    ours = read_manifest(path)
-    inputs = [p for p in files if p.name not in ours and not _is_mask_name(p)]
+    inputs, masks, outputs = _folder_images(path)
     folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if folders:
         log.info(f"{len(folders)} subfolder(s) not searched: {', '.join(folders[:3])}"
                  f"{' ...' if len(folders) > 3 else ''} (give each as --input, or --recursive)")
     if inputs:
-        masks = [p.name for p in files if p.name not in ours and _is_mask_name(p)]
         if masks:
             log.info(f"{len(masks)} file(s) ending in '_mask' taken for FOV masks, not "
-                     f"segmented: {', '.join(masks[:3])}{' ...' if len(masks) > 3 else ''} "
+                     f"segmented: {', '.join(p.name for p in masks[:3])}"
+                     f"{' ...' if len(masks) > 3 else ''} "
                      f"(the FOV is estimated unless --fov={path} is given)")
         return inputs
-    if not files:
+    if not masks and not outputs:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, "
                            "their .gz, and DICOM files)")
-    masks = sum(p.name not in ours for p in files)
-    kinds = [f"{masks} end in '_mask' (taken for FOV masks)"] if masks else []
-    if len(files) > masks:
-        kinds.append(f"{len(files) - masks} are retina_tf outputs (listed in {MANIFEST_NAME})")
-    raise DatasetError(f"{path}: no images to segment: of its {len(files)} image files, "
+    kinds = [f"{len(masks)} end in '_mask' (taken for FOV masks)"] if masks else []
+    if outputs:
+        kinds.append(f"{outputs} are retina_tf outputs (listed in {MANIFEST_NAME})")
+    raise DatasetError(f"{path}: no images to segment: of its {len(masks) + outputs} image files, "
                        f"{' and '.join(kinds)}; put the photographs there, or rename any whose "
                        "name ends in '_mask'")
 
@@ -912,14 +909,23 @@ def input_folders(root: Path, skip: Path | None = None) -> list[Path]:
     return found
 
 
+def _folder_images(folder: Path) -> tuple[list[Path], list[Path], int]:
+    """The image files of ``folder`` (:func:`_image_files`) as photographs and FOV masks (names
+    ending in ``_mask``), and how many others are retina_tf's outputs (its manifest)."""
+    files = _image_files(folder)
+    ours = read_manifest(folder)
+    theirs = [p for p in files if p.name not in ours]
+    return ([p for p in theirs if not _is_mask_name(p)], [p for p in theirs if _is_mask_name(p)],
+            len(files) - len(theirs))
+
+
 def _tree_inputs(root: Path, skip: Path | None) -> list[Path]:
     """:func:`list_inputs` of ``root`` and the folders inside it."""
     inputs, masks = [], []
     for folder in input_folders(root, skip):
-        ours = read_manifest(folder)
-        for p in _image_files(folder):
-            if p.name not in ours:
-                (masks if _is_mask_name(p) else inputs).append(p)
+        photographs, its_masks, _ = _folder_images(folder)
+        inputs += photographs
+        masks += its_masks
     if masks:
         log.info(f"{len(masks)} file(s) ending in '_mask' taken for FOV masks, not segmented: "
                  f"{', '.join(str(p.relative_to(root)) for p in masks[:3])}"
@@ -1048,7 +1054,7 @@ def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
 def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
                  out: OutputFolder, threshold: float) -> tuple[list[Path], dict[str, Any]]:
     """Segments and writes one photograph: the files written and its row of
-    :data:`PREDICTIONS_CSV` (less the warnings, which the caller collects)."""
+    :data:`PREDICTIONS_CSV` (less its outputs' name and warnings, which the caller has)."""
     image = read_image(path)
     seg.check_image_size(image, path, warn=False)  # segment warns, once
     fov = _fov_for(path, image, fov_source)
@@ -1079,8 +1085,7 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     share = vessel_share(mask, fov)
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
              f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on {share:.1%} of the FOV)")
-    row = {"input": str(path), "outputs": base, "width": image.shape[1],
-           "height": image.shape[0],
+    row = {"input": str(path), "width": image.shape[1], "height": image.shape[0],
            "fov_diameter": f"{plan.fov_diameter:.0f}" if plan.fov_diameter else "",
            "segmented_at": f"{plan.size[0]}x{plan.size[1]}" if plan.rescaled else "",
            "vessel_share": f"{share:.4f}"}
