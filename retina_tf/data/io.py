@@ -242,8 +242,7 @@ def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
     if rows * columns > MAX_PIXELS:
         raise _too_large(path)
     if frames > 1:
-        raise DatasetError(f"{path} holds {frames} pictures (frames) in one DICOM file: "
-                           "retina_tf segments one picture per file; save each frame as a file")
+        raise _several_pictures(path, frames, "frames", "DICOM file")
     signed = int(ds.get("PixelRepresentation", 0)) != 0
     if signed or not 1 <= bits <= 16:
         raise DatasetError(f"{path} stores {'signed ' if signed else ''}{bits}-bit pixels, not "
@@ -294,14 +293,21 @@ def _pictures(data: bytes) -> tuple[int, str]:
     return count, "pages" if tiff else "frames"
 
 
+def _several_pictures(path: Path, count: int, kind: str, container: str = "file"
+                      ) -> DatasetError:
+    """The error of a file of ``count`` pictures (``kind``: "pages", "frames"), refused
+    rather than read in part."""
+    return DatasetError(f"{path} holds {count} pictures ({kind}) in one {container}: retina_tf "
+                        f"segments one picture per file; save each {kind[:-1]} as a file of its "
+                        "own")
+
+
 def _one_picture(path: Path, data: bytes) -> None:
     """Refuses a file of several full-size pictures (:func:`_pictures`): OpenCV and Pillow
     read its first alone, and the others would be left out in silence."""
     count, kind = _pictures(data)
     if count > 1:
-        raise DatasetError(f"{path} holds {count} pictures ({kind}) in one file: retina_tf "
-                           "segments one picture per file and would read only the first; save "
-                           "each as a file of its own")
+        raise _several_pictures(path, count, kind)
 
 
 def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
@@ -386,8 +392,9 @@ def read_image(path: PathLike) -> np.ndarray:
     """Reads a fundus image as uint8 RGB.
 
     Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE), and DICOM
-    files whatever their names (:func:`_decode_dicom`). GIFs are read with Pillow (first
-    frame); grayscale files are replicated to three channels; 16-bit files are scaled to 8 bit
+    files whatever their names (:func:`_decode_dicom`). GIFs are read with Pillow; a file of
+    several pictures (TIFF pages, animation frames) is refused (:func:`_one_picture`);
+    grayscale files are replicated to three channels; 16-bit files are scaled to 8 bit
     by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a 16-bit PNG maps
     4095 to 255). A file with an EXIF orientation is turned upright, as viewers show it.
 

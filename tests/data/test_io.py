@@ -450,7 +450,7 @@ def test_a_file_of_several_pictures_is_refused_not_read_in_part(tmp_path: Path):
         first.save(tmp_path / name, save_all=True, append_images=[second])
         kind = "pages" if name.endswith(".tif") else "frames"
         with pytest.raises(DatasetError, match=rf"pair\.{name[5:]} holds 2 pictures \({kind}\) "
-                           "in one file: .* save each as a file of its own"):
+                           rf"in one file: .* save each {kind[:-1]} as a file of its own"):
             read_image(tmp_path / name)
     first.save(tmp_path / "thumb.tif", save_all=True, append_images=[second.resize((20, 15))])
     assert np.array_equal(read_image(tmp_path / "thumb.tif"), np.asarray(first))
