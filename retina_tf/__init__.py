@@ -28,7 +28,14 @@ from retina_tf.config import (
     RipPretrainConfig,
     TrainConfig,
 )
-from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError, RetinaTFError
+from retina_tf.errors import (
+    ConfigError,
+    DatasetError,
+    ModelFileError,
+    OutputError,
+    RetinaTFError,
+    TrainingDiverged,
+)
 from retina_tf.evaluation import evaluate, predict
 from retina_tf.inference import Segmenter, load_keras_model, shipped_models
 from retina_tf.models import build_model, load_all, model_names
@@ -41,5 +48,6 @@ _startup.loaded()
 __all__ = ["ConfigError", "DataConfig", "DatasetError", "ErrorMapConfig", "EvalConfig",
            "InferenceConfig", "MAEConfig", "ModelFileError", "OutputError", "PredictConfig",
            "RetinaTFError", "RipPatchConfig", "RipPretrainConfig", "Segmenter", "TrainConfig",
+           "TrainingDiverged",
            "WarmupDecay", "build_model", "evaluate", "load_keras_model", "model_names",
            "predict", "pretrain_mae", "pretrain_rip", "shipped_models", "train"]

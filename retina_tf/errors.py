@@ -29,6 +29,11 @@ class ModelFileError(RetinaTFError, ValueError):
     """A model file or run folder is missing, corrupt or not a retina_tf run."""
 
 
+class TrainingDiverged(RetinaTFError):
+    """The training loss became NaN or infinite; the message names the epoch and step, what the
+    run folder keeps, and what to change."""
+
+
 class OutputError(RetinaTFError, OSError):
     """An output cannot be written (disk full, no permission): ``filename`` names it."""
 

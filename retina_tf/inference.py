@@ -79,11 +79,25 @@ def load_keras_model(path: str | os.PathLike) -> keras.Model:
                              ".keras archive: truncated or another format); copy or export "
                              "it again")
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except Exception as err:  # Keras raises many types for damaged archives; a bug chains too
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileError(f"{path} is corrupt or not a Keras model file ({first_line}); "
                              "copy or export it again") from err
+    # NaN weights give NaN probabilities, which become empty masks without a word
+    bad = nonfinite_weights(model)
+    if bad:
+        raise ModelFileError(f"{path} holds weights that are not finite (NaN or infinite: "
+                             f"{len(bad)} of {len(model.weights)} variables, {bad[0]} first): "
+                             "it comes from a training that diverged; train it again with a "
+                             "lower --learning_rate")
+    return model
+
+
+def nonfinite_weights(model: keras.Model) -> list[str]:
+    """The paths of ``model``'s variables holding NaN or an infinity."""
+    return [w.path for w in model.weights
+            if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
 
 
 def _read_run_json(run_dir: Path) -> dict:

@@ -45,10 +45,13 @@ def _validate(prob: np.ndarray, label: np.ndarray,
                              f"{prob.shape}")
         fov = fov.astype(bool)
     prob = prob.astype(np.float32, copy=False)
-    if not np.all((prob >= 0.0) & (prob <= 1.0)):  # also catches NaN
+    if np.isnan(prob).any():
+        raise ValueError("the probability map holds NaN: the model that made it has weights "
+                         "that are not finite (a diverged training) or was given an input "
+                         "that is not")
+    if not np.all((prob >= 0.0) & (prob <= 1.0)):
         raise ValueError("probabilities must lie in [0, 1], found values in "
-                         f"[{prob.min()}, {prob.max()}] "
-                         f"(NaN: {bool(np.isnan(prob).any())}); apply a sigmoid to logits first")
+                         f"[{prob.min()}, {prob.max()}]; apply a sigmoid to logits first")
     return prob, label.astype(bool), fov
 
 

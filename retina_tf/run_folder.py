@@ -456,6 +456,8 @@ class TrainingState:
         self.elapsed_seconds = float(elapsed_seconds)
         self.stopped = bool(stopped)
         self.seed_states = seed_states or []
+        # set when this process's training stopped at a non-finite loss; never in a backup
+        self.diverged: Exception | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "history": self.history,

@@ -45,7 +45,7 @@ from retina_tf.data.pipeline import (
 )
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, model_fingerprint, read_error_maps
-from retina_tf.errors import ConfigError, DatasetError, RetinaTFError
+from retina_tf.errors import ConfigError, DatasetError, RetinaTFError, TrainingDiverged
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import (
     Segmenter,
@@ -54,6 +54,7 @@ from retina_tf.inference import (
     label_vessel_share,
     load_keras_model,
     native_bfloat16,
+    nonfinite_weights,
     training_bright_lines,
 )
 from retina_tf.losses import SegmentationLoss
@@ -79,6 +80,7 @@ from retina_tf.run_folder import (
     has_backup,
     hold_run,
     parse_flag_lines,
+    read_weights_attrs,
     release_run,
     remove_stray_temporaries,
     restore_training,
@@ -403,10 +405,45 @@ class LearningRateAndSpeed(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._start
         logs["steps_per_second"] = self.steps_per_epoch / seconds
         logs["pixels_per_second"] = self.steps_per_epoch * self.pixels_per_step / seconds
-        opt = self.model.optimizer
-        lr = opt.learning_rate
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(
-            lr(opt.iterations) if callable(lr) else lr))
+        logs["learning_rate"] = current_learning_rate(self.model)
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    """The learning rate the optimizer's schedule gives at its current step."""
+    opt = model.optimizer
+    lr = opt.learning_rate
+    return float(keras.ops.convert_to_numpy(lr(opt.iterations) if callable(lr) else lr))
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Raises :class:`~retina_tf.errors.TrainingDiverged` at the first step whose loss is NaN or
+    infinite (as ``keras.callbacks.TerminateOnNaN(raise_error=True)``, naming the epoch, step
+    and learning rate), and at the end of an epoch whose weights are: a NaN weight need not
+    show in the loss (a clipped cross-entropy stays finite). Either way before the epoch's
+    validation, checkpoints and backup see the weights."""
+
+    def __init__(self, steps_per_epoch: int):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(f"the training loss became {float(loss)} at epoch {self._epoch}, step "
+                       f"{batch + 1} of {self.steps_per_epoch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = nonfinite_weights(self.model)
+        if bad:
+            self._stop(f"{len(bad)} weight variables ({bad[0]} first) became NaN or "
+                       f"infinite in epoch {self._epoch}")
+
+    def _stop(self, what: str) -> None:
+        raise TrainingDiverged(f"{what} (learning rate {current_learning_rate(self.model):.3g}):"
+                               " the weights diverged; train with a lower --learning_rate")
 
 
 class AverageWeights(keras.callbacks.SwapEMAWeights):
@@ -718,6 +755,10 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     a function ``start_epoch -> Dataset`` that continues the data stream where the restored
     epoch ended. The backup stays until :func:`retina_tf.run_folder.finish_run`.
 
+    A step whose loss, or an epoch whose weights, are not finite ends ``fit`` there
+    (:class:`StopOnDivergence`): the state's ``.diverged`` holds the error, and the checkpoints
+    are those of the epochs before.
+
     Returns the state (``.history``: every epoch's logs, restored ones included; ``.epoch``),
     the minutes of training over all restarts and the best checkpoint's path.
     """
@@ -763,14 +804,21 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
         RunBackup(run_dir, state, write=bool(cfg.resume)),
     ]
     callbacks += list(extra_callbacks or [])
+    callbacks.insert(0, StopOnDivergence(steps))  # first: no callback sees a diverged step
     if state.epoch < cfg.epochs and not state.stopped:
         data = dataset(state.epoch) if callable(dataset) else dataset
         if isinstance(strategy, MultiWorker):
             fit_across_workers(model, data)
-        model.fit(data, epochs=cfg.epochs, initial_epoch=state.epoch, steps_per_epoch=steps,
-                  callbacks=callbacks,
-                  shuffle=False,  # the tf.data pipeline already samples at random
-                  verbose=1 if sys.stdout.isatty() else 2)
+        try:
+            model.fit(data, epochs=cfg.epochs, initial_epoch=state.epoch, steps_per_epoch=steps,
+                      callbacks=callbacks,
+                      shuffle=False,  # the tf.data pipeline already samples at random
+                      verbose=1 if sys.stdout.isatty() else 2)
+        except TrainingDiverged as err:  # every worker raises at the same step (one loss)
+            for callback in callbacks:  # TensorBoard closes its event files, as after fit
+                if isinstance(callback, keras.callbacks.TensorBoard):
+                    callback.on_train_end()
+            state.diverged = err
     return state, state.elapsed_seconds / 60.0, best_path
 
 
@@ -831,11 +879,15 @@ def already_trained(cfg, run_dir: Path) -> bool:
                         defaults_text=to_flag_lines(type(cfg)())) != "finished":
         return False
     try:
-        run = json.loads((run_dir / "metrics.json").read_text()).get("epochs_run")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        run, diverged = metrics.get("epochs_run"), metrics.get("stopped")
     except (OSError, ValueError, AttributeError):
-        run = None
+        run = diverged = None
     said = f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'})"
-    if isinstance(run, int) and run < cfg.epochs:  # stopped by --time_budget_minutes
+    if diverged:
+        log.warning(f"warning: {said}, but only {run} of its {cfg.epochs} epochs: {diverged}. "
+                    "--overwrite with a lower --learning_rate trains it again.")
+    elif isinstance(run, int) and run < cfg.epochs:  # stopped by --time_budget_minutes
         log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs, and a "
                  "finished run keeps no state to go on from: --overwrite with a larger "
                  f"--time_budget_minutes (0: none) trains all {cfg.epochs}.")
@@ -1046,13 +1098,21 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
 
     state, minutes, best_path = fit_run(model, job.dataset, job.steps, job.pixels_per_step,
                                         fit_cfg, run_dir, job.validation, job.callbacks)
-    load_best_weights(model, best_path)
+    if state.diverged is None:
+        load_best_weights(model, best_path)
+    else:
+        kept, which = _load_finite_weights(model, best_path, run_dir / LAST_WEIGHTS)
+        if kept is None:
+            raise TrainingDiverged(f"{state.diverged}; no epoch was completed before, so "
+                                   "nothing was saved") from state.diverged
     sync_from_chief(strategy, model)  # the chief's best checkpoint on every worker
     save_model_file(float32_model(model), run_dir / "model.keras")
     losses = state.history.get("loss", [])
     metrics: dict[str, Any] = {"training_minutes": round(minutes, 2), "epochs_run": state.epoch,
                                "loss_history": losses, "history": state.history,
                                "best_checkpoint": best_checkpoint(best_path)}
+    if state.diverged is not None:
+        metrics["stopped"] = f"{state.diverged}; the weights of epoch {kept} were saved"
     words = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     if job.finish is not None:
         extra, words = job.finish(model)
@@ -1061,7 +1121,23 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     finish_run(run_dir)
     if is_chief(strategy):  # a worker's copy goes with its temporary folder
         log.info(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min{words}")
+    if state.diverged is not None:  # the epochs before it are kept, and the command fails
+        raise TrainingDiverged(
+            f"{state.diverged}. {run_dir / 'model.keras'} holds epoch {kept}, {which} of the "
+            f"{state.epoch} completed before; --overwrite trains the run again from the start"
+        ) from state.diverged
     return run_dir
+
+
+def _load_finite_weights(model: keras.Model, best_path: Path, last_path: Path
+                         ) -> tuple[int | None, str]:
+    """After a divergence: the best checkpoint's weights in ``model``, else the last
+    completed epoch's; returns that epoch and which it is, or None when neither can be read."""
+    for path, which in ((best_path, "the best"), (last_path, "the last")):
+        if path.is_file() and weights_file_is_whole(path):
+            model.load_weights(path)
+            return int(read_weights_attrs(path)["epoch"]), which
+    return None, ""
 
 
 def train(cfg: TrainConfig,

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import resolve_samples
+from retina_tf.errors import ModelFileError, TrainingDiverged
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
 from retina_tf.training import WarmupDecay, make_strategy, train
@@ -106,6 +107,72 @@ def test_an_interrupted_run_resumes_where_it_stopped(synthetic, tmp_path):
     assert metrics["epochs_run"] == 4 and len(metrics["loss_history"]) == 4
     assert len(metrics["history"]["val_f1"]) == 4
     assert not (run / "backup").exists()
+
+
+class _Poison(keras.callbacks.Callback):
+    """Sets the first kernel to NaN before step ``step`` of epoch ``epoch`` (1-based): the
+    weights of a training that diverged there."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__()
+        self.at = (epoch - 1, step - 1)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._epoch, batch) == self.at:
+            kernel = self.model.trainable_weights[0]
+            kernel.assign(np.full(kernel.shape, np.nan, kernel.dtype))
+
+
+def test_a_diverged_training_stops_at_once_and_keeps_the_epochs_before(synthetic, tmp_path,
+                                                                     caplog):
+    cfg = tiny_flags(synthetic, tmp_path)
+    # the loss stays finite here (the cross-entropy clips NaN probabilities): the weights tell
+    with pytest.raises(TrainingDiverged, match=r"became NaN or infinite in epoch 3 \(learning "
+                       r"rate .*\): the weights diverged; train with a lower --learning_rate\. "
+                       r".*model\.keras holds epoch [12], the best of the 2 completed before"):
+        train(cfg, extra_callbacks=[_Poison(3, 2)])
+    run = tmp_path / "tiny"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and "in epoch 3" in metrics["stopped"]
+    assert np.isfinite(metrics["loss_history"]).all() and not (run / "backup").exists()
+    # the same command again trains nothing and says why the run is short
+    caplog.clear()
+    assert train(cfg) == run
+    assert "but only 2 of its 4 epochs: " in caplog.text and "in epoch 3" in caplog.text
+    # model.keras is the best epoch's: finite, and segments as the best checkpoint does
+    model = load_keras_model(run / "model.keras")
+    best = load_keras_model(run / "model.keras")
+    best.load_weights(run / "checkpoints" / "best.weights.h5")
+    for a, b in zip(model.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # a model file with weights that are not finite is refused by name, not segmented empty
+    model.trainable_weights[0].assign(np.full(model.trainable_weights[0].shape, np.nan))
+    model.save(tmp_path / "nan.keras")
+    with pytest.raises(ModelFileError, match=r"nan\.keras holds weights that are not finite"):
+        load_keras_model(tmp_path / "nan.keras")
+
+
+def test_a_training_diverged_in_its_first_epoch_saves_nothing(synthetic, tmp_path):
+    cfg = tiny_flags(synthetic, tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"in epoch 1 .* no epoch was completed before, "
+                       r"so nothing was saved"):
+        train(cfg, extra_callbacks=[_Poison(1, 1)])
+    assert not (tmp_path / "tiny" / "model.keras").exists()
+    # with nothing kept, the next command with other flags needs no --overwrite
+    train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+
+
+def test_train_cli_says_in_one_line_that_the_training_diverged(synthetic, tmp_path):
+    proc = commands.script("train.py", *tiny_train_args(synthetic, tmp_path),
+                           "--learning_rate=1e30")
+    assert proc.returncode == 1, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "the weights diverged; train with a lower --learning_rate" in \
+        error[0] and "learning rate 1e+30" in error[0], proc.stderr
+    assert not (tmp_path / "tiny" / "model.keras").exists()
 
 
 def test_same_seed_same_model(synthetic, tmp_path):
