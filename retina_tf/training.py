@@ -418,9 +418,10 @@ def current_learning_rate(model: keras.Model) -> float:
 class StopOnDivergence(keras.callbacks.Callback):
     """Raises :class:`~retina_tf.errors.TrainingDiverged` at the first step whose loss is NaN or
     infinite (as ``keras.callbacks.TerminateOnNaN(raise_error=True)``, naming the epoch, step
-    and learning rate), and at the end of an epoch whose weights are: a NaN weight need not
-    show in the loss (a clipped cross-entropy stays finite). Either way before the epoch's
-    validation, checkpoints and backup see the weights."""
+    and learning rate), and at the end of an epoch whose weights are: they need not show in
+    the loss (a batch norm's moving statistics are not used in training; a clipped
+    cross-entropy stays finite). Either way before the epoch's validation, checkpoints and
+    backup see the weights."""
 
     def __init__(self, steps_per_epoch: int):
         super().__init__()
