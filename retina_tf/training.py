@@ -1150,6 +1150,8 @@ def train(cfg: TrainConfig,
     Raises:
         ConfigError: a pre-training model, a loss setting the model cannot honour, a patch size
             the model cannot take, or a run folder with other settings.
+        TrainingDiverged: the loss or the weights became NaN or infinite; ``model.keras``
+            holds the best epoch before, if one was completed.
     """
     if cfg.logical_cpus:
         configure_logical_cpus(cfg.logical_cpus, cfg.strategy)
