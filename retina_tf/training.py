@@ -1125,7 +1125,8 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     if state.diverged is not None:  # the epochs before it are kept, and the command fails
         raise TrainingDiverged(
             f"{state.diverged}. {run_dir / 'model.keras'} holds epoch {kept}, {which} of the "
-            f"{state.epoch} completed before; --overwrite trains the run again from the start"
+            f"{state.epoch} completed before: --pretrained={run_dir} with another --run_name "
+            "goes on from it, --overwrite trains the run again from the start"
         ) from state.diverged
     return run_dir
 
