@@ -30,8 +30,8 @@ class ModelFileError(RetinaTFError, ValueError):
 
 
 class TrainingDiverged(RetinaTFError):
-    """The training loss became NaN or infinite; the message names the epoch and step, what the
-    run folder keeps, and what to change."""
+    """The training loss or the weights became NaN or infinite; the message names where, what
+    the run folder keeps, and what to change."""
 
 
 class OutputError(RetinaTFError, OSError):

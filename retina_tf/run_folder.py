@@ -456,7 +456,7 @@ class TrainingState:
         self.elapsed_seconds = float(elapsed_seconds)
         self.stopped = bool(stopped)
         self.seed_states = seed_states or []
-        # set when this process's training stopped at a non-finite loss; never in a backup
+        # the error when this process's training diverged (StopOnDivergence); never backed up
         self.diverged: Exception | None = None
 
     def to_dict(self) -> dict[str, Any]:
