@@ -48,6 +48,7 @@ from retina_tf.inference import (
     ScalePlan,
     Segmenter,
     artery_share,
+    environment,
     resolve_threshold,
     vessel_share,
 )
@@ -723,7 +724,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                   "inference_scale": seg.inference_scale, "precision": seg.precision,
                   "training_fov_diameter": seg.run_info.get("fov_diameter"),
                   "metrics": result, "per_image_mean": per_image["mean"],
-                  "per_image_std": per_image["std"], "per_image": scores.per_image}
+                  "per_image_std": per_image["std"], "per_image": scores.per_image,
+                  "environment": environment()}
         out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         # keyed as its folder eval_<data>_<split>: a training split is not a test

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import platform
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -248,6 +249,28 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides its settings and data: the versions of retina_tf,
+    Python, TensorFlow, Keras, NumPy and OpenCV, the CPU (its model, and whether it computes
+    bfloat16 natively) and the GPUs TensorFlow sees. Training stores it in ``run.json`` and
+    evaluation in its ``metrics.json``, so that a figure can be traced to what made it."""
+    from retina_tf import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {"retina_tf": __version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "opencv": cv2.__version__, "cpu": cpu, "native_bfloat16": native_bfloat16(),
+            "gpus": gpus}
 
 
 def native_bfloat16(cpu: set[str] | None = None) -> bool:

@@ -49,6 +49,7 @@ from retina_tf.errors import ConfigError, DatasetError, RetinaTFError, TrainingD
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import (
     Segmenter,
+    environment,
     fov_diameter,
     label_artery_share,
     label_vessel_share,
@@ -1089,7 +1090,11 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     # Only now, with the data read and the model built, does the run folder get written.
     open_run_folder(cfg, run_dir)
     run_info = {"model": cfg.model, "model_config": model.get_config(),
-                "parameters": int(model.count_params()), **job.run_info}
+                "parameters": int(model.count_params()), **job.run_info,
+                "environment": environment()}
+    started = _environment_at_start(run_dir) if has_backup(run_dir) else None
+    if started is not None and started != run_info["environment"]:
+        run_info["environment_at_start"] = started  # a resumed run keeps where it began
     atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
     # --overwrite was this command's action, not a setting of the run: recorded, training again
     # from flags.txt would wipe the finished run
@@ -1129,6 +1134,17 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
             "goes on from it, --overwrite trains the run again from the start"
         ) from state.diverged
     return run_dir
+
+
+def _environment_at_start(run_dir: Path) -> dict[str, Any] | None:
+    """The environment an interrupted run began in, from its ``run.json`` (None if unknown)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    return info.get("environment_at_start") or info.get("environment")
 
 
 def _load_finite_weights(model: keras.Model, best_path: Path, last_path: Path

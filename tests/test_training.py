@@ -71,6 +71,12 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
     assert again.model_config["base_filters"] == 8 and again.patch_size == 32
     info = json.loads((run / "run.json").read_text())
     assert info["model"] == "unet" and info["size_multiple"] == 4
+    # what made it: the versions this process runs, and the machine
+    env = info["environment"]
+    assert (env["tensorflow"], env["keras"], env["numpy"]) == (tf.__version__, keras.__version__,
+                                                               np.__version__)
+    assert env["retina_tf"] and env["python"] and env["cpu"] and env["gpus"] == []
+    assert "environment_at_start" not in info
     model = keras.saving.load_model(run / "model.keras", compile=False)
     assert model.count_params() == info["parameters"]
     # the vessel share of the training labels, for predict's warning of a far-off vessel map
@@ -101,7 +107,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(synthetic, tmp_path):
         train(cfg, extra_callbacks=[_Interrupt()])
     assert sorted(p.name for p in (tmp_path / "tiny" / "backup").glob("*.json")) == [
         "epoch-0001.json", "epoch-0002.json"]  # the previous complete backup is kept
+    # as if begun with another TensorFlow: the resumed run keeps both environments
+    info_path = tmp_path / "tiny" / "run.json"
+    info = json.loads(info_path.read_text())
+    info["environment"]["tensorflow"] = "2.0.0"
+    info_path.write_text(json.dumps(info))
     run = train(tiny_flags(synthetic, tmp_path))
+    info = json.loads(info_path.read_text())
+    assert info["environment_at_start"]["tensorflow"] == "2.0.0"
+    assert info["environment"]["tensorflow"] == tf.__version__
     metrics = json.loads((run / "metrics.json").read_text())
     # the history before the interruption is kept, and only epochs 3 and 4 ran again
     assert metrics["epochs_run"] == 4 and len(metrics["loss_history"]) == 4
