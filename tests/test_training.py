@@ -156,7 +156,7 @@ def test_a_diverged_training_stops_at_once_and_keeps_the_epochs_before(synthetic
     caplog.clear()
     assert train(cfg) == run
     assert "but only 2 of its 4 epochs: " in caplog.text and "in epoch 3" in caplog.text
-    # model.keras is the best epoch's: finite, and segments as the best checkpoint does
+    # model.keras holds the best checkpoint's weights (finite: it loads)
     model = load_keras_model(run / "model.keras")
     best = load_keras_model(run / "model.keras")
     best.load_weights(run / "checkpoints" / "best.weights.h5")
