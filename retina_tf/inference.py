@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -256,8 +257,6 @@ def environment() -> dict[str, Any]:
     Python, TensorFlow, Keras, NumPy and OpenCV, the CPU (its model, and whether it computes
     bfloat16 natively) and the GPUs TensorFlow sees. Training stores it in ``run.json`` and
     evaluation in its ``metrics.json``, so that a figure can be traced to what made it."""
-    from retina_tf import __version__
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -267,7 +266,9 @@ def environment() -> dict[str, Any]:
         pass
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
-    return {"retina_tf": __version__, "python": platform.python_version(),
+    # the package, set up before any of its modules, has its version from its first lines
+    return {"retina_tf": sys.modules["retina_tf"].__version__,
+            "python": platform.python_version(),
             "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
             "opencv": cv2.__version__, "cpu": cpu, "native_bfloat16": native_bfloat16(),
             "gpus": gpus}
