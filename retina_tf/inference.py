@@ -240,16 +240,22 @@ PRECISIONS = CHOICES["precision"]
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first CPU's ``field`` in /proc/cpuinfo ("flags", "model name"); None where there is
+    none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def environment() -> dict[str, Any]:
@@ -257,13 +263,7 @@ def environment() -> dict[str, Any]:
     Python, TensorFlow, Keras, NumPy and OpenCV, the CPU (its model, and whether it computes
     bfloat16 natively) and the GPUs TensorFlow sees. Training stores it in ``run.json`` and
     evaluation in its ``metrics.json``, so that a figure can be traced to what made it."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
     # the package, set up before any of its modules, has its version from its first lines

@@ -903,10 +903,7 @@ def already_trained(cfg, run_dir: Path) -> bool:
 def _warn_changed_source(run_dir: Path) -> None:
     """A warning when the run a finished run started from (``--pretrained``) has been trained
     again or removed since: the run keeps the weights it started from then."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return
+    info = _stored_run_info(run_dir)
     source, then = info.get("pretrained"), info.get("pretrained_sha256")
     if not (source and then):
         return
@@ -1136,14 +1133,18 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     return run_dir
 
 
+def _stored_run_info(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``run.json`` as it is on disk; empty where it cannot be read."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _environment_at_start(run_dir: Path) -> dict[str, Any] | None:
     """The environment an interrupted run began in, from its ``run.json`` (None if unknown)."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict):
-        return None
+    info = _stored_run_info(run_dir)
     return info.get("environment_at_start") or info.get("environment")
 
 
