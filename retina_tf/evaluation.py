@@ -16,7 +16,7 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from retina_tf.data.io import (
     file_stem,
     fsync_dir,
     is_dicom_file,
+    picture_count,
     read_fov_mask,
     read_image,
     read_sample,
@@ -997,41 +998,94 @@ def _mirrored(fov_arg: str | None, rel: Path) -> str | None:
     return str(Path(fov_arg) / rel)
 
 
-def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | None
-             ) -> np.ndarray:
+def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | None,
+             label: str | None = None) -> np.ndarray:
     """The FOV of one image: the given mask, the matching mask of the ``--fov`` folder, or an
-    estimate (with a warning on stderr when the estimate looks wrong)."""
+    estimate (with a warning on stderr when the estimate looks wrong). ``label``: how the lines
+    name the image (a frame of a file of several), else by its path."""
+    label = label or str(image_path)
     if source is None:
         fov = estimate_fov(image)
-        for warning in estimate_warnings(image, fov, str(image_path)):
+        for warning in estimate_warnings(image, fov, label):
             _warn(warning)
         return fov
     mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
     fov = read_fov_mask(mask_path)
     if fov.shape != image.shape[:2]:
-        raise DatasetError(f"{image_path}: its FOV mask {mask_path} is {fov.shape[1]}x"
+        raise DatasetError(f"{label}: its FOV mask {mask_path} is {fov.shape[1]}x"
                            f"{fov.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
     return fov
 
 
-def output_names(paths: list[Path]) -> dict[Path, str]:
+class Photograph(NamedTuple):
+    """One photograph for :func:`predict`: a file, or one frame of a DICOM file or page of a
+    TIFF that holds several (``index``, 0 first, of ``count`` ``kind``)."""
+
+    path: Path
+    index: int | None = None
+    count: int = 1
+    kind: str = ""  # "frames", "pages"
+
+    @property
+    def name(self) -> str:
+        """The file's name, and the frame's or page's number (1 first) in a file of several."""
+        if self.index is None:
+            return self.path.name
+        return f"{self.path.name} {self.kind[:-1]} {self.index + 1}"
+
+    @property
+    def label(self) -> str:
+        """How lines and the table name it: the path, and ``(frame 2 of 3)``."""
+        if self.index is None:
+            return str(self.path)
+        return f"{self.path} ({self.kind[:-1]} {self.index + 1} of {self.count})"
+
+    def base(self, stem: str) -> str:
+        """Its outputs' base name from its file's (``IM0001_frame2``, ``pair_page1``; numbers
+        of as many digits as the file's last, so that they sort)."""
+        if self.index is None:
+            return stem
+        return f"{stem}_{self.kind[:-1]}{self.index + 1:0{len(str(self.count))}d}"
+
+
+def _frame(photo: Photograph) -> int | str:
+    """Its :data:`PREDICTIONS_CSV` ``frame``: its number in a file of several, 1 first."""
+    return "" if photo.index is None else photo.index + 1
+
+
+def photographs(path: Path) -> list[Photograph]:
+    """The photographs of one input file: one per frame of a DICOM file or page of a TIFF
+    that holds several (:func:`~retina_tf.data.io.picture_count`), else the file."""
+    count, kind = picture_count(path)
+    if count == 1:
+        return [Photograph(path)]
+    return [Photograph(path, i, count, kind) for i in range(count)]
+
+
+def output_names(paths: list[Path] | list[Photograph]) -> dict:
     """The base name of each input's outputs: its stem, or its whole file name where stems
     clash (``a.png`` and ``a.jpg`` write ``a.png_prob.png`` and ``a.jpg_prob.png``) or it has
-    no image extension (a DICOM file named by a UID, ``1.2.840.1.7``)."""
-    bases = {p: _input_stem(p) for p in paths}
+    no image extension (a DICOM file named by a UID, ``1.2.840.1.7``); a frame or page of a
+    file of several adds its number (:meth:`Photograph.base`)."""
+    photos = {p: p if isinstance(p, Photograph) else Photograph(p) for p in paths}
+    bases = {p: ph.base(_input_stem(ph.path)) for p, ph in photos.items()}
     while True:
         counts = Counter(bases.values())
-        clashing = [p for p, base in bases.items() if counts[base] > 1 and base != p.name]
+        clashing = [p for p, base in bases.items()
+                    if counts[base] > 1 and base != photos[p].base(photos[p].path.name)]
         if not clashing:
             return bases
         for p in clashing:  # file names are unique in a folder, so this ends
-            bases[p] = p.name
+            bases[p] = photos[p].base(photos[p].path.name)
 
 
-def _one_line(path: Path, err: Exception) -> str:
-    """An error as one line that names the file."""
+def _one_line(photo: Photograph, err: Exception) -> str:
+    """An error as one line that names the file (and the frame or page of a file of
+    several)."""
     text = " ".join(str(err).split())
-    return text if str(path) in text else f"{path}: {text}"
+    if str(photo.path) in text:
+        return text.replace(str(photo.path), photo.label, 1)
+    return f"{photo.label}: {text}"
 
 
 # An A/V model's per-class probability maps, beside the vessel map and mask.
@@ -1053,13 +1107,14 @@ def _prediction_suffixes(seg: Segmenter, save_probabilities: bool = False,
     return suffixes + (["_prob.npy"] if save_probabilities else [])
 
 
-def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
+def _predict_one(seg: Segmenter, photo: Photograph, base: str, cfg, fov_source,
                  out: OutputFolder, threshold: float) -> tuple[list[Path], dict[str, Any]]:
     """Segments and writes one photograph: the files written and its row of
     :data:`PREDICTIONS_CSV` (less its outputs' name and warnings, which the caller has)."""
-    image = read_image(path)
+    image = read_image(photo.path, photo.index)
+    path = photo.label  # how the lines name it
     seg.check_image_size(image, path, warn=False)  # segment warns, once
-    fov = _fov_for(path, image, fov_source)
+    fov = _fov_for(photo.path, image, fov_source, path)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
     prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
@@ -1087,7 +1142,8 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
     share = vessel_share(mask, fov)
     log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
              f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on {share:.1%} of the FOV)")
-    row = {"input": str(path), "width": image.shape[1], "height": image.shape[0],
+    row = {"input": str(photo.path), "frame": _frame(photo), "width": image.shape[1],
+           "height": image.shape[0],
            "fov_diameter": f"{plan.fov_diameter:.0f}" if plan.fov_diameter else "",
            "segmented_at": f"{plan.size[0]}x{plan.size[1]}" if plan.rescaled else "",
            "vessel_share": f"{share:.4f}"}
@@ -1099,18 +1155,20 @@ def _predict_one(seg: Segmenter, path: Path, base: str, cfg, fov_source,
 
 def predictions_csv(rows: list[dict[str, Any]], task: str) -> str:
     """:data:`PREDICTIONS_CSV`'s text: one line per photograph in input order, ``input``,
-    ``outputs`` (the base name of its files), its ``width`` and ``height``, ``fov_diameter``
-    (px; empty where unknown), ``segmented_at`` (the size it was resized to; empty where it
-    was segmented as it is), ``vessel_share`` (of the FOV), for A/V models ``artery_share`` (of
-    the vessel pixels called artery or vein), the ``warnings`` logged for it (`` | ``
-    between two) and the ``error`` that skipped it."""
-    columns = ["input", "outputs", "width", "height", "fov_diameter", "segmented_at",
-               "vessel_share", *(["artery_share"] if task == "av" else []), "warnings",
-               "error"]
+    ``frame`` where a file holds several (the number of its DICOM frame or TIFF page, 1
+    first; empty for a file of one), ``outputs`` (the base name of its files), its ``width``
+    and ``height``, ``fov_diameter`` (px; empty where unknown), ``segmented_at`` (the size it
+    was resized to; empty where it was segmented as it is), ``vessel_share`` (of the FOV), for
+    A/V models ``artery_share`` (of the vessel pixels called artery or vein), the ``warnings``
+    logged for it (`` | `` between two) and the ``error`` that skipped it."""
+    frames = any(row.get("frame") not in (None, "") for row in rows)
+    columns = ["input", *(["frame"] if frames else []), "outputs", "width", "height",
+               "fov_diameter", "segmented_at", "vessel_share",
+               *(["artery_share"] if task == "av" else []), "warnings", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: v for k, v in row.items() if k != "frame" or frames} for row in rows)
     return buffer.getvalue()
 
 
@@ -1139,13 +1197,13 @@ def _collecting_warnings():
 _NAMES_SHOWN = 5  # a closing line names this many photographs, then "and N more"
 
 
-def _names(paths: list[Path]) -> str:
+def _names(paths: list[Photograph]) -> str:
     more = f" and {len(paths) - _NAMES_SHOWN} more" if len(paths) > _NAMES_SHOWN else ""
     return ", ".join(p.name for p in paths[:_NAMES_SHOWN]) + more
 
 
-def _report(done: int, failed: dict[Path, str], out_dir: Path,
-            warned: list[Path] | None = None, warned_before: bool = False) -> None:
+def _report(done: int, failed: dict[Photograph, str], out_dir: Path,
+            warned: list[Photograph] | None = None, warned_before: bool = False) -> None:
     """The closing summary: how many images were written, those warned of above (a long
     folder's warnings scroll away; ``warned_before``: some by an earlier, unfinished run, whose
     warnings only the table holds) and each failure with its reason."""
@@ -1162,7 +1220,7 @@ def _report(done: int, failed: dict[Path, str], out_dir: Path,
     log.warning("\n".join(lines))
 
 
-def _failure_error(failed: dict[Path, str], total: int, out_dir: Path,
+def _failure_error(failed: dict[Photograph, str], total: int, out_dir: Path,
                    resumable: bool = True) -> RetinaTFError:
     again = " (the same command again tries only the failed ones)" if resumable else ""
     rest = f"the others were written to {out_dir}{again}" if len(failed) < total else \
@@ -1192,8 +1250,9 @@ class _Journal:
             self._entries = self._read()
 
     @staticmethod
-    def _key(path: Path) -> str:
-        return str(path.resolve())
+    def _key(photo: Photograph) -> str:
+        key = str(photo.path.resolve())
+        return key if photo.index is None else f"{key}#{photo.index + 1}"
 
     @staticmethod
     def _stat(path: Path) -> list[int]:
@@ -1249,26 +1308,28 @@ class _Journal:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def done(self, files: dict[Path, list[str]]) -> dict[Path, dict[str, Any]]:
+    def done(self, files: dict[Photograph, list[str]]) -> dict[Photograph, dict[str, Any]]:
         """The rows of the photographs of ``files`` (each one's output names) that a run with
         these settings segmented, whose files are all there and that are unchanged since."""
         self._inputs = {self._key(p) for p in files}
         kept = {}
-        for path, names in files.items():
-            entry = self._entries.get(self._key(path))
-            if (entry and entry.get("files") == names and entry.get("stat") == self._stat(path)
+        for photo, names in files.items():
+            entry = self._entries.get(self._key(photo))
+            if (entry and entry.get("files") == names
+                    and entry.get("stat") == self._stat(photo.path)
                     and all((self.path.parent / n).is_file() for n in names)):
-                kept[path] = {**entry["row"], "input": str(path)}
+                kept[photo] = {**entry["row"], "input": str(photo.path)}
         return kept
 
-    def add(self, path: Path, row: dict[str, Any], names: list[str]) -> None:
+    def add(self, photo: Photograph, row: dict[str, Any], names: list[str]) -> None:
         """Records a photograph whose files ``names`` are in place."""
         if self._off or (self._file is None and not self._open()):
             return
         if self._file.tell() == 0:  # a new record
             self._start()
-        self._entries[self._key(path)] = entry = {
-            "key": self._key(path), "stat": self._stat(path), "files": names, "row": row}
+        key = self._key(photo)
+        self._entries[key] = entry = {"key": key, "stat": self._stat(photo.path),
+                                      "files": names, "row": row}
         self._write(entry)
 
     @property
@@ -1297,8 +1358,9 @@ def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> d
             "precision": seg.precision}
 
 
-def _output_layout(where: dict[Path, Path], out: OutputFolder, suffixes: list[str]
-                   ) -> tuple[dict[Path, OutputFolder], dict[Path, str], dict[Path, list[str]]]:
+def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: list[str]
+                   ) -> tuple[dict[Path, OutputFolder], dict[Photograph, str],
+                              dict[Photograph, list[str]]]:
     """Where each photograph's outputs go, given its folder under ``--input`` (``where``): the
     output folder at the same place under ``out``, its files' base name (stems clash within a
     folder only: :func:`output_names`) and their names relative to ``out``. Raises ConfigError
@@ -1331,7 +1393,9 @@ def predict(cfg: PredictConfig) -> list[Path]:
     (:data:`PREDICT_JOURNAL`).
 
     With ``recursive``, the folders inside ``input`` are searched too (:func:`input_folders`),
-    each photograph's outputs written to the same place under ``output_dir``.
+    each photograph's outputs written to the same place under ``output_dir``. Each frame of a
+    DICOM file and page of a TIFF that holds several is segmented as a photograph of its own
+    (:func:`photographs`; outputs ``<stem>_frame2_...``, a ``frame`` column in the table).
 
     Every image of a folder is tried: a bad one is reported and skipped, and after the others
     are written the run fails with the list; the closing line also names the images warned
@@ -1350,15 +1414,19 @@ def predict(cfg: PredictConfig) -> list[Path]:
         raise ConfigError("predict needs --input (an image file or a folder of images) and "
                           "--output_dir")
     root = Path(cfg.input)
-    inputs = list_inputs(root, cfg.recursive, Path(cfg.output_dir))
-    # each photograph's folder under --input, and so of its outputs under --output_dir
-    where = {p: p.parent.relative_to(root) if cfg.recursive and root.is_dir() else Path()
-             for p in inputs}
-    fov_sources = {rel: _fov_source(_mirrored(cfg.fov, rel), [p for p in inputs
-                                                              if where[p] == rel])
-                   for rel in set(where.values())}
+    files = list_inputs(root, cfg.recursive, Path(cfg.output_dir))
+    # each file's folder under --input, and so of its outputs under --output_dir
+    folder = {p: p.parent.relative_to(root) if cfg.recursive and root.is_dir() else Path()
+              for p in files}
+    fov_sources = {rel: _fov_source(_mirrored(cfg.fov, rel), [p for p in files
+                                                              if folder[p] == rel])
+                   for rel in set(folder.values())}
+    inputs = [photo for path in files for photo in photographs(path)]
+    where = {photo: folder[photo.path] for photo in inputs}
     seg = load_segmenter(cfg)
-    log.info(f"segmenting {len(inputs)} image(s) with {seg.run_dir.name} ({seg.run_dir})")
+    of_files = f" in {len(files)} file(s)" if len(files) != len(inputs) else ""
+    log.info(f"segmenting {len(inputs)} image(s){of_files} with {seg.run_dir.name} "
+             f"({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
@@ -1371,7 +1439,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     if rows:
         log.info(f"{len(rows)} of {len(inputs)} image(s) were segmented with these settings by "
                  f"an unfinished run into {out.path}: kept, not segmented again")
-    failed: dict[Path, str] = {}
+    failed: dict[Photograph, str] = {}
 
     def write_table() -> Path:
         return out.write_text(PREDICTIONS_CSV, predictions_csv(
@@ -1379,26 +1447,27 @@ def predict(cfg: PredictConfig) -> list[Path]:
 
     try:
         with reading_run(seg.run_dir):  # no training --overwrite of the run while it segments
-            for path in progress([p for p in inputs if p not in rows], "predict",
-                                 name=lambda p: p.name):
+            for photo in progress([p for p in inputs if p not in rows], "predict",
+                                  name=lambda p: p.name):
                 try:
                     # all of an image's files, or none after a Ctrl-C
-                    with outs[where[path]].all_or_nothing(), \
+                    with outs[where[photo]].all_or_nothing(), \
                             _collecting_warnings() as warnings:
-                        files, row = _predict_one(seg, path, bases[path], cfg,
-                                                  fov_sources[where[path]], outs[where[path]],
-                                                  threshold)
+                        outputs, row = _predict_one(seg, photo, bases[photo], cfg,
+                                                    fov_sources[where[photo]],
+                                                    outs[where[photo]], threshold)
                 except DatasetError as err:
                     if len(inputs) == 1:
                         raise
-                    failed[path] = _one_line(path, err)
-                    log.warning(f"skipped: {failed[path]}")
-                    rows[path] = {"input": str(path), "error": failed[path]}
+                    failed[photo] = _one_line(photo, err)
+                    log.warning(f"skipped: {failed[photo]}")
+                    rows[photo] = {"input": str(photo.path), "frame": _frame(photo),
+                                   "error": failed[photo]}
                     continue
-                written += files
-                rows[path] = {**row, "outputs": (where[path] / bases[path]).as_posix(),
-                              "warnings": " | ".join(warnings.messages)}
-                journal.add(path, rows[path], names[path])
+                written += outputs
+                rows[photo] = {**row, "outputs": (where[photo] / bases[photo]).as_posix(),
+                               "warnings": " | ".join(warnings.messages)}
+                journal.add(photo, rows[photo], names[photo])
     except BaseException:  # a Ctrl-C, a full disk: the table of those done, if it can be written
         if rows:
             with contextlib.suppress(Exception):

@@ -1,6 +1,8 @@
 """Bad, odd and clashing inputs and outputs of predict / evaluate: each fails or warns clearly,
 naming the file, instead of giving a silent wrong answer (reproductions of the issue's cases)."""
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, bit_depth, read_image, read_mask, write_image_atomic
@@ -29,6 +32,7 @@ from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import PRETRAINED_DIR, lock_open_file
 from tests import commands
+from tests.data.dicom import write_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = PRETRAINED_DIR / "unet_drive"
@@ -186,6 +190,58 @@ def test_predict_killed_in_a_folder_resumes_where_it_stopped(tmp_path: Path, cap
     assert all(f"{n}.png ->" in said for n in "abcde")
 
 
+def test_predict_segments_each_frame_and_page_of_a_file_of_several(tmp_path: Path, capsys):
+    """A stereo pair or a series in one TIFF or DICOM file (refused before): each page and
+    frame segmented as the same picture in a file of its own is, named by its number, a row
+    each in the table; a frame that cannot be decoded fails alone, and the same command again
+    keeps the frames done (the record holds each one)."""
+    inputs, alone = tmp_path / "in", tmp_path / "alone"
+    pictures = [generate_fundus(seed, (128, 128)).image for seed in range(4)]
+    for i, picture in enumerate(pictures):
+        write_image_atomic(alone / f"{i}.png", picture)
+    inputs.mkdir()
+    first, second = (Image.fromarray(p) for p in pictures[:2])
+    first.save(inputs / "pair.tif", save_all=True,
+               append_images=[first.resize((32, 32)), second])  # a thumbnail between: no page
+    write_dicom(inputs / "IM0001", pictures[2], "RGB", more=(pictures[3],))
+    _predict(inputs, tmp_path / "out", NATIVE)
+    said = capsys.readouterr().out
+    assert "segmenting 4 image(s) in 2 file(s)" in said
+    assert f"{inputs / 'pair.tif'} (page 2 of 2) -> {tmp_path / 'out' / 'pair_page2'}_" in said
+    _predict(alone, tmp_path / "out_alone", NATIVE)
+    got, expected = _outputs(tmp_path / "out"), _outputs(tmp_path / "out_alone")
+    for base, i in (("pair_page1", 0), ("pair_page2", 1), ("IM0001_frame1", 2),
+                    ("IM0001_frame2", 3)):
+        for suffix in ("_prob.png", "_mask.png"):
+            assert got[base + suffix] == expected[f"{i}{suffix}"], base + suffix
+    assert len(got) == 9  # and predictions.csv
+    table = list(csv.DictReader(io.StringIO(got["predictions.csv"].decode())))
+    assert [(Path(r["input"]).name, r["frame"], r["outputs"]) for r in table] == [
+        ("IM0001", "1", "IM0001_frame1"), ("IM0001", "2", "IM0001_frame2"),
+        ("pair.tif", "1", "pair_page1"), ("pair.tif", "2", "pair_page2")]
+    shares = [r["vessel_share"]
+              for r in csv.DictReader(io.StringIO(expected["predictions.csv"].decode()))]
+    assert [r["vessel_share"] for r in table] == shares[2:] + shares[:2]  # 0-3.png in order
+
+    # the second of two JPEG frames cannot be decoded: it fails alone, the first is kept
+    broken, out = tmp_path / "broken", tmp_path / "out_broken"
+    broken.mkdir()
+    write_dicom(broken / "series.dcm", pictures[0], "YBR_FULL_422", jpeg=True,
+                more=(b"\xff\xd8\xff\xe0 not a JPEG \xff\xd9",))
+    capsys.readouterr()
+    with pytest.raises(RetinaTFError, match=r"1 of 2 images failed \(series\.dcm frame 2; "):
+        _predict(broken, out, NATIVE)
+    said = capsys.readouterr()
+    assert f"{broken / 'series.dcm'} (frame 2 of 2): pydicom cannot decode its pixels" in said.err
+    assert sorted(_outputs(out)) == ["predictions.csv", "series_frame1_mask.png",
+                                     "series_frame1_prob.png"]
+    with pytest.raises(RetinaTFError, match=r"1 of 2 images failed \(series\.dcm frame 2; "):
+        _predict(broken, out, NATIVE)
+    said = capsys.readouterr()
+    assert "1 of 2 image(s) were segmented with these settings by an unfinished run" in said.out
+    assert "(frame 1 of 2) ->" not in said.out
+
+
 @pytest.mark.slow
 def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: Path, capsys):
     """Clinic archives and DICOM CDs nest photographs in folders (patient / visit); without
@@ -241,19 +297,19 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
 
 def test_a_record_line_cut_short_by_a_kill_loses_that_line_only(tmp_path: Path):
     """The next line was written on after the cut one, and lost with it."""
-    from retina_tf.evaluation import _Journal
-    photos = [_fundus(tmp_path / f"{n}.png", i) for i, n in enumerate("abc")]
+    from retina_tf.evaluation import Photograph, _Journal
+    photos = [Photograph(_fundus(tmp_path / f"{n}.png", i)) for i, n in enumerate("abc")]
     for p in photos:
-        (tmp_path / f"{p.stem}_mask.png").write_bytes(b"x")
-    names = {p: [f"{p.stem}_mask.png"] for p in photos}
+        (tmp_path / f"{p.path.stem}_mask.png").write_bytes(b"x")
+    names = {p: [f"{p.path.stem}_mask.png"] for p in photos}
     first = _Journal(tmp_path, {"threshold": 0.5})
-    first.add(photos[0], {"input": str(photos[0])}, names[photos[0]])
+    first.add(photos[0], {"input": str(photos[0].path)}, names[photos[0]])
     first.close(finished=False)
     with open(tmp_path / PREDICT_JOURNAL, "a") as f:
-        f.write('{"key": "' + str(photos[1])[:10])  # b's line, as a kill leaves it
+        f.write('{"key": "' + str(photos[1].path)[:10])  # b's line, as a kill leaves it
     second = _Journal(tmp_path, {"threshold": 0.5})
     assert list(second.done(names)) == [photos[0]]
-    second.add(photos[2], {"input": str(photos[2])}, names[photos[2]])
+    second.add(photos[2], {"input": str(photos[2].path)}, names[photos[2]])
     second.close(finished=False)
     assert list(_Journal(tmp_path, {"threshold": 0.5}).done(names)) == [photos[0], photos[2]]
 

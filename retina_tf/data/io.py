@@ -218,12 +218,13 @@ def is_dicom_file(path: PathLike) -> bool:
         return False
 
 
-def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
+def _decode_dicom(path: Path, data: bytes, picture: int | None = None) -> np.ndarray:
     """The picture of a DICOM file (ophthalmic photography: how many fundus cameras and
     clinical archives export), read with pydicom: YBR colour (a JPEG's) converted to RGB,
     MONOCHROME1 inverted so that bright is bright, and the file's ``BitsStored`` mapped to 8
-    bits (the file says its bit depth: :func:`bit_depth` is not needed). One picture per file:
-    a multi-frame file (a stereo pair, a series) is refused rather than read in part.
+    bits (the file says its bit depth: :func:`bit_depth` is not needed). A multi-frame file (a
+    stereo pair, a series) is read one frame at a time (``picture``, 0 first), and refused
+    rather than read in part without one.
     """
     import pydicom  # here: only DICOM files need it
 
@@ -241,14 +242,17 @@ def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
         raise DatasetError(f"{path} is not a readable DICOM file: {err}") from None
     if rows * columns > MAX_PIXELS:
         raise _too_large(path)
-    if frames > 1:
+    if frames > 1 and picture is None:
         raise _several_pictures(path, frames, "frames", "DICOM file")
+    _check_picture(path, picture, frames, "frames")
     signed = int(ds.get("PixelRepresentation", 0)) != 0
     if signed or not 1 <= bits <= 16:
         raise DatasetError(f"{path} stores {'signed ' if signed else ''}{bits}-bit pixels, not "
                            "a photograph's 8 to 16 unsigned bits: export it as an 8-bit PNG "
                            "or TIFF")
     try:
+        if frames > 1:
+            ds.pixel_array_options(index=picture)  # that frame alone is decoded
         array = ds.pixel_array  # pydicom converts YBR (JPEG) to RGB
     except Exception as err:  # noqa: BLE001 (a missing decoder, corrupt data)
         syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "its transfer syntax")
@@ -267,63 +271,103 @@ def _decode_dicom(path: Path, data: bytes) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _pictures(data: bytes) -> tuple[int, str]:
-    """How many full-size pictures a file holds (TIFF pages, GIF / PNG / WebP animation frames;
-    pages smaller than the first, a thumbnail or a pyramid's levels, not counted) and what they
-    are called; (1, "") for a single picture or where Pillow cannot tell."""
+def _full_size_pictures(data: bytes) -> tuple[list[int], str]:
+    """The full-size pictures of a file, by their index in it (TIFF pages, GIF / PNG / WebP
+    animation frames; pages smaller than the first, a thumbnail or a pyramid's levels, left
+    out), and what they are called; ([0], "") for a single picture or where Pillow cannot
+    tell."""
     tiff = data[:4] in (b"II*\x00", b"MM\x00*")
     animated = (data[:6] in (b"GIF87a", b"GIF89a") or (data[:8] == b"\x89PNG\r\n\x1a\n"
                                                        and b"acTL" in data[:4096])
                 or (data[:4] == b"RIFF" and data[8:12] == b"WEBP" and b"ANIM" in data[:4096]))
     if not (tiff or animated):
-        return 1, ""
+        return [0], ""
     try:
         with warnings.catch_warnings():  # of a broken file: OpenCV's decoder has its one line
             warnings.simplefilter("ignore")
             with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as picture:
                 frames = int(getattr(picture, "n_frames", 1))
                 if frames <= 1:
-                    return 1, ""
-                size, count = picture.size, 1
+                    return [0], ""
+                size, full = picture.size, [0]
                 for i in range(1, frames):
                     picture.seek(i)
-                    count += picture.size[0] >= size[0] and picture.size[1] >= size[1]
+                    if picture.size[0] >= size[0] and picture.size[1] >= size[1]:
+                        full.append(i)
     except Exception:  # noqa: BLE001 (OpenCV's decoder then has its say)
+        return [0], ""
+    return (full, "pages" if tiff else "frames") if len(full) > 1 else ([0], "")
+
+
+def picture_count(path: PathLike) -> tuple[int, str]:
+    """How many photographs a file holds that :func:`read_image` reads one at a time (its
+    ``picture``), and what they are called: the frames of a DICOM file, the full-size pages of
+    a TIFF (a stereo pair, a series); (1, "") for a file of one picture, for an animation
+    (GIF, PNG, WebP: refused, no photographs) and for a file that cannot be read (reading it
+    then says why)."""
+    path = Path(path)
+    try:
+        if not path.name.lower().endswith(".gz"):  # most files: their first bytes tell
+            with open(path, "rb") as f:
+                head = f.read(132)
+            if not (_is_dicom(head) or head[:4] in (b"II*\x00", b"MM\x00*")):
+                return 1, ""
+        data = _read_bytes(path)
+    except (OSError, DatasetError):
         return 1, ""
-    return count, "pages" if tiff else "frames"
+    if _is_dicom(data):
+        try:
+            import pydicom  # here: only DICOM files need it
+
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            frames = int(header.get("NumberOfFrames") or 1)
+        except Exception:  # noqa: BLE001 (reading it says what is wrong)
+            return 1, ""
+        return (frames, "frames") if frames > 1 else (1, "")
+    pages, kind = _full_size_pictures(data)
+    return (len(pages), kind) if kind == "pages" else (1, "")
+
+
+def _check_picture(path: Path, picture: int | None, count: int, kind: str) -> None:
+    """Refuses a ``picture`` index a file of ``count`` pictures does not have."""
+    if picture is not None and not 0 <= picture < count:
+        held = f"{count} {kind}" if count > 1 else "one picture"
+        raise DatasetError(f"{path} holds {held}: there is no picture {picture} (0 is the "
+                           "first)")
 
 
 def _several_pictures(path: Path, count: int, kind: str, container: str = "file"
                       ) -> DatasetError:
     """The error of a file of ``count`` pictures (``kind``: "pages", "frames"), refused
     rather than read in part."""
-    return DatasetError(f"{path} holds {count} pictures ({kind}) in one {container}: retina_tf "
-                        f"segments one picture per file; save each {kind[:-1]} as a file of its "
-                        "own")
+    # predict reads them one at a time (picture_count); an animation is no photograph
+    split = (f"bin/predict.py segments each {kind[:-1]}; elsewhere "
+             if container != "file" or kind == "pages" else "")
+    return DatasetError(f"{path} holds {count} pictures ({kind}) in one {container}: {split}"
+                        f"save each {kind[:-1]} as a file of its own")
 
 
-def _one_picture(path: Path, data: bytes) -> None:
-    """Refuses a file of several full-size pictures (:func:`_pictures`): OpenCV and Pillow
-    read its first alone, and the others would be left out in silence."""
-    count, kind = _pictures(data)
-    if count > 1:
-        raise _several_pictures(path, count, kind)
-
-
-def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
+def _decode(path: PathLike, data: bytes | None = None, picture: int | None = None
+            ) -> np.ndarray:
     """Decodes a file as displayed: ``HxW`` for one-channel files, ``HxWx3`` RGB otherwise,
     uint8, turned upright by the file's EXIF orientation (phones and some cameras store pictures
     sideways with a tag saying so; viewers, and the user who drew the labels, see them upright).
 
     Grayscale files stay 2-D so that index maps (HRF-AV) keep their values; RGB files whose
     three channels are equal (HRF masks) are returned as given, callers collapse them.
-    ``data``: the file's bytes, when the caller has read them already.
+    ``data``: the file's bytes, when the caller has read them already. ``picture``: which
+    frame of a DICOM file or page of a TIFF (:func:`picture_count`); a file of several
+    full-size pictures is refused without one (OpenCV and Pillow would read its first alone,
+    the others left out in silence).
     """
     path = Path(path)
     data = _read_bytes(path) if data is None else data
     if _is_dicom(data):
-        return _decode_dicom(path, data)
-    _one_picture(path, data)
+        return _decode_dicom(path, data, picture)
+    pictures, kind = _full_size_pictures(data)
+    if len(pictures) > 1 and (picture is None or kind != "pages"):
+        raise _several_pictures(path, len(pictures), kind)
+    _check_picture(path, picture, len(pictures), kind)
     if data[:6] in (b"GIF87a", b"GIF89a"):
         try:
             with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as gif:
@@ -344,8 +388,14 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
         _check_jpeg(path, data)
     level = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:  # a broken file gets the one line below, not OpenCV's decoder errors too
-        array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
-                             cv2.IMREAD_UNCHANGED)
+        if len(pictures) > 1:  # that page alone, turned upright by OpenCV by its own tag
+            page = pictures[picture]
+            _, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED,
+                                         None, (page, page + 1))
+            array = pages[0] if len(pages) == 1 else None
+        else:
+            array = cv2.imdecode(np.frombuffer(_tiff_upright_as_stored(data), np.uint8),
+                                 cv2.IMREAD_UNCHANGED)
     except cv2.error as err:  # the one decoder error that is not a None: the size limit
         raise _too_large(path) if "CV_IO_MAX_IMAGE_PIXELS" in str(err) else DatasetError(
             f"{path} cannot be decoded as an image: {err}") from err
@@ -354,7 +404,7 @@ def _decode(path: PathLike, data: bytes | None = None) -> np.ndarray:
     if array is None:
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
                            "truncated): copy or export the file again")
-    orientation = _exif_orientation(data)
+    orientation = _exif_orientation(data) if len(pictures) == 1 else 1
     if orientation != 1:
         array = np.ascontiguousarray(_UPRIGHT[orientation](array))
     if array.ndim == 3:
@@ -388,18 +438,21 @@ def _over_black(array: np.ndarray) -> np.ndarray:
     return np.rint(colour * (alpha / np.float32(top))).astype(array.dtype)
 
 
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(path: PathLike, picture: int | None = None) -> np.ndarray:
     """Reads a fundus image as uint8 RGB.
 
     Handles .tif/.tiff/.jpg/.JPG/.png/.gif/.ppm and their ``.gz`` forms (STARE), and DICOM
     files whatever their names (:func:`_decode_dicom`). GIFs are read with Pillow; a file of
-    several pictures (TIFF pages, animation frames) is refused (:func:`_one_picture`);
+    several pictures (DICOM frames, TIFF pages) is read one ``picture`` at a time (0 first, of
+    :func:`picture_count`) and refused without one, an animation refused (:func:`_decode`);
     grayscale files are replicated to three channels; 16-bit files are scaled to 8 bit
     by the bit depth of their data (:func:`bit_depth`: 12-bit data stored in a 16-bit PNG maps
     4095 to 255). A file with an EXIF orientation is turned upright, as viewers show it.
 
     Args:
         path: the image file.
+        picture: which frame or page of a file of several (0 first); 0 or None for a file of
+            one picture.
 
     Returns:
         ``HxWx3`` uint8 RGB array.
@@ -408,7 +461,7 @@ def read_image(path: PathLike) -> np.ndarray:
         DatasetError: when the file is missing, unreadable, truncated, corrupt (a JPEG whose
             decoder warns) or of an unknown format.
     """
-    array = _decode(path)
+    array = _decode(path, picture=picture)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     return array

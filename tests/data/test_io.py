@@ -1,7 +1,6 @@
 """Tests for retina_tf.data.io: every file format of the public datasets, and bad files."""
 
 import gzip
-import io
 import os
 import subprocess
 import sys
@@ -12,27 +11,21 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    generate_uid,
-)
+from pydicom.uid import JPEGLSLossless
 
 from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
     DatasetError,
     SampleData,
     channel_order_warning,
+    picture_count,
     read_av,
     read_image,
     read_mask,
     read_sample,
     write_image_atomic,
 )
+from tests.data.dicom import write_dicom
 
 
 def _parse_ppm(data: bytes) -> np.ndarray:
@@ -442,7 +435,9 @@ def test_a_label_with_no_vessel_is_warned_of(tmp_path: Path, caplog):
 
 def test_a_file_of_several_pictures_is_refused_not_read_in_part(tmp_path: Path):
     """A TIFF of two pages (a stereo pair) or an animation read as its first picture alone,
-    in silence; a page smaller than the first (a thumbnail) is no second picture."""
+    in silence; a page smaller than the first (a thumbnail) is no second picture. A TIFF's
+    pages are read one at a time by their number (predict segments each); an animation is
+    refused even so."""
     rng = np.random.default_rng(0)
     first, second = (Image.fromarray(rng.integers(0, 255, (60, 80, 3), np.uint8))
                      for _ in range(2))
@@ -450,12 +445,43 @@ def test_a_file_of_several_pictures_is_refused_not_read_in_part(tmp_path: Path):
         first.save(tmp_path / name, save_all=True, append_images=[second])
         kind = "pages" if name.endswith(".tif") else "frames"
         with pytest.raises(DatasetError, match=rf"pair\.{name[5:]} holds 2 pictures \({kind}\) "
-                           rf"in one file: .* save each {kind[:-1]} as a file of its own"):
+                           rf"in one file: (.* )?save each {kind[:-1]} as a file of its own"):
             read_image(tmp_path / name)
+        assert picture_count(tmp_path / name) == ((2, "pages") if kind == "pages" else (1, ""))
+    with pytest.raises(DatasetError, match="pair.gif holds 2 pictures"):
+        read_image(tmp_path / "pair.gif", 0)
+    # a thumbnail between the pages: no picture of its own
+    first.save(tmp_path / "pair.tif", save_all=True,
+               append_images=[second.resize((20, 15)), second])
+    assert picture_count(tmp_path / "pair.tif") == (2, "pages")
+    assert np.array_equal(read_image(tmp_path / "pair.tif", 0), np.asarray(first))
+    assert np.array_equal(read_image(tmp_path / "pair.tif", 1), np.asarray(second))
+    with pytest.raises(DatasetError, match=r"pair.tif holds 2 pages: there is no picture 2"):
+        read_image(tmp_path / "pair.tif", 2)
     first.save(tmp_path / "thumb.tif", save_all=True, append_images=[second.resize((20, 15))])
     assert np.array_equal(read_image(tmp_path / "thumb.tif"), np.asarray(first))
+    assert picture_count(tmp_path / "thumb.tif") == (1, "")
     first.save(tmp_path / "one.tif")
     assert np.array_equal(read_image(tmp_path / "one.tif"), np.asarray(first))
+    assert np.array_equal(read_image(tmp_path / "one.tif", 0), np.asarray(first))
+    with pytest.raises(DatasetError, match="one.tif holds one picture: there is no picture 1"):
+        read_image(tmp_path / "one.tif", 1)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_page_of_a_tiff_is_turned_upright_as_a_tiff_of_one_page(tmp_path: Path,
+                                                                      orientation: int):
+    rng = np.random.default_rng(orientation)
+    first, second = (Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8))
+                     for _ in range(2))
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    first.save(tmp_path / "pair.tif", save_all=True, append_images=[second], exif=tags)
+    for i, page in enumerate((first, second)):
+        page.save(tmp_path / f"page{i}.tif", exif=tags)
+        alone = read_image(tmp_path / f"page{i}.tif")
+        assert np.array_equal(read_image(tmp_path / "pair.tif", i), alone)
+    assert alone.shape[:2] == ((40, 30) if orientation >= 5 else (30, 40))  # turned
 
 
 def test_a_photograph_with_its_channels_in_bgr_order_is_warned_of(shared_data: Path):
@@ -513,66 +539,28 @@ def test_a_photograph_over_the_decoders_size_limit_gets_one_line(tmp_path: Path)
         == [1000, 1 << 20, 3 << 10, 2 << 20, 1 << 30, 1 << 30, 1 << 30]
 
 
-def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int = 8,
-           jpeg: bool = False, j2k: bool = False, frames: int = 1, transfer_syntax=None
-           ) -> Path:
-    """A DICOM ophthalmic photograph as cameras export it: raw pixels, a JPEG (Pillow's
-    YCbCr, as DICOM's YBR_FULL_422 says) encapsulated as JPEG Baseline, or a lossless JPEG 2000
-    (YBR_RCT: its reversible colour transform)."""
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = transfer_syntax or (JPEGBaseline8Bit if jpeg else JPEG2000Lossless
-                                                 if j2k else ExplicitVRLittleEndian)
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # ophthalmic photography
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Modality = "OP"
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-    ds.BitsAllocated = 8 if bits <= 8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    if pixels.ndim == 3:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if jpeg or j2k or transfer_syntax:
-        buffer = io.BytesIO()
-        if j2k:
-            Image.fromarray(pixels).save(buffer, "JPEG2000", irreversible=False, no_jp2=True,
-                                         mct=1)
-        else:
-            Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
-        ds.PixelData = encapsulate([buffer.getvalue()] * frames)
-        ds["PixelData"].VR = "OB"
-    else:
-        ds.PixelData = np.concatenate([pixels.ravel()] * frames).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp_path: Path):
     rgb = read_image(shared_data / "DRIVE" / "test" / "images" / "01_test.tif")
-    assert np.array_equal(read_image(_dicom(tmp_path / "raw.dcm", rgb, "RGB")), rgb)
+    assert np.array_equal(read_image(write_dicom(tmp_path / "raw.dcm", rgb, "RGB")), rgb)
     # a JPEG-compressed one (YBR colour) comes back in RGB order, not as luma and chroma
-    jpeg = read_image(_dicom(tmp_path / "jpeg.dcm", rgb, "YBR_FULL_422", jpeg=True))
+    jpeg = read_image(write_dicom(tmp_path / "jpeg.dcm", rgb, "YBR_FULL_422", jpeg=True))
     assert jpeg.shape == rgb.shape and np.abs(jpeg.astype(int) - rgb).mean() < 2
     np.testing.assert_allclose(jpeg.mean(axis=(0, 1)), rgb.mean(axis=(0, 1)), atol=1)
-    assert np.array_equal(read_image(_dicom(tmp_path / "j2k.dcm", rgb, "YBR_RCT", j2k=True)), rgb)
+    j2k = write_dicom(tmp_path / "j2k.dcm", rgb, "YBR_RCT", j2k=True)
+    assert np.array_equal(read_image(j2k), rgb)
     # 12-bit gray data in 16 bits: the file's BitsStored maps 4095 to 255, even where the
     # brightest pixel is darker (bit_depth would read 1000 as 10-bit)
     gray = np.array([[0, 1000], [2047, 4095]], np.uint16)
     expected = np.rint(gray * (255 / 4095)).astype(np.uint8)
-    got = read_image(_dicom(tmp_path / "gray.dcm", gray, "MONOCHROME2", bits=12))
+    got = read_image(write_dicom(tmp_path / "gray.dcm", gray, "MONOCHROME2", bits=12))
     assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=-1))
-    dark = read_image(_dicom(tmp_path / "dark.dcm", gray[:1], "MONOCHROME2", bits=12))
+    dark = read_image(write_dicom(tmp_path / "dark.dcm", gray[:1], "MONOCHROME2", bits=12))
     assert dark[0, 1, 0] == round(1000 * 255 / 4095)
     # MONOCHROME1 stores bright as low values: read inverted, as a viewer shows it
-    inverted = read_image(_dicom(tmp_path / "m1.dcm", 4095 - gray, "MONOCHROME1", bits=12))
+    inverted = read_image(write_dicom(tmp_path / "m1.dcm", 4095 - gray, "MONOCHROME1", bits=12))
     assert np.array_equal(inverted, got)
     # palette colour: each index looked up in the file's 16-bit colour tables
-    path = _dicom(tmp_path / "palette.dcm", np.array([[0, 1], [2, 1]], np.uint8),
+    path = write_dicom(tmp_path / "palette.dcm", np.array([[0, 1], [2, 1]], np.uint8),
                   "PALETTE COLOR")
     ds = pydicom.dcmread(path)
     table = {"Red": [65535, 0, 0], "Green": [0, 65535, 0], "Blue": [0, 0, 32896]}
@@ -593,24 +581,26 @@ def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp
 
 def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
     rgb = np.full((16, 16, 3), 100, np.uint8)
-    path = _dicom(tmp_path / "pair.dcm", rgb, "RGB", frames=2)
+    path = write_dicom(tmp_path / "pair.dcm", rgb, "RGB", frames=2)
     with pytest.raises(DatasetError, match=r"pair.dcm holds 2 pictures \(frames\) in one DICOM "
                                            r"file: .* save each frame as a file"):
         read_image(path)
+    with pytest.raises(DatasetError, match=r"pair.dcm holds 2 frames: there is no picture 2"):
+        read_image(path, 2)
     # a compression pydicom needs a plug-in for: the plug-ins it names, on one line
-    path = _dicom(tmp_path / "jls.dcm", rgb, "RGB", transfer_syntax=JPEGLSLossless)
+    path = write_dicom(tmp_path / "jls.dcm", rgb, "RGB", transfer_syntax=JPEGLSLossless)
     with pytest.raises(DatasetError, match=r"jls.dcm: pydicom cannot decode its pixels "
                                            r"\(JPEG-LS Lossless .*\): .*pylibjpeg") as err:
         read_image(path)
     assert "\n" not in str(err.value)
     # no picture in it (a report)
-    ds = pydicom.dcmread(_dicom(tmp_path / "report.dcm", rgb, "RGB"))
+    ds = pydicom.dcmread(write_dicom(tmp_path / "report.dcm", rgb, "RGB"))
     del ds.PixelData
     ds.save_as(tmp_path / "report.dcm")
     with pytest.raises(DatasetError, match="report.dcm is a DICOM file without a picture"):
         read_image(tmp_path / "report.dcm")
     # a CT-like file of signed values is no photograph
-    path = _dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", bits=12)
+    path = write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", bits=12)
     ds = pydicom.dcmread(path)
     ds.PixelRepresentation = 1
     ds.save_as(path)
@@ -622,10 +612,28 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
     with pytest.raises(DatasetError, match="cut.dcm is a DICOM file without a picture .* copy "
                                            "it again"):
         read_image(cut)
-    one = _dicom(tmp_path / "one.dcm", rgb, "RGB")
+    one = write_dicom(tmp_path / "one.dcm", rgb, "RGB")
     one.write_bytes(one.read_bytes()[:-100])
     with pytest.raises(DatasetError, match="one.dcm: pydicom cannot decode its pixels"):
         read_image(one)
+
+
+@pytest.mark.parametrize("compression", ["raw", "jpeg"])
+def test_each_frame_of_a_dicom_file_reads_as_the_picture_it_holds(tmp_path: Path,
+                                                                  compression: str):
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (24, 32, 3), np.uint8) for _ in range(3)]
+    jpeg = compression == "jpeg"
+    path = write_dicom(tmp_path / "series.dcm", frames[0], "YBR_FULL_422" if jpeg else "RGB",
+                       jpeg=jpeg, more=tuple(frames[1:]))
+    assert picture_count(path) == (3, "frames")
+    for i, frame in enumerate(frames):
+        alone = write_dicom(tmp_path / f"frame{i}.dcm", frame, "YBR_FULL_422" if jpeg else "RGB",
+                            jpeg=jpeg)
+        assert picture_count(alone) == (1, "")
+        assert np.array_equal(read_image(path, i), read_image(alone))
+        if not jpeg:
+            assert np.array_equal(read_image(path, i), frame)
 
 
 def test_dicom_files_in_a_folder_are_found_and_their_outputs_named(tmp_path: Path):
@@ -633,7 +641,7 @@ def test_dicom_files_in_a_folder_are_found_and_their_outputs_named(tmp_path: Pat
     photo = np.zeros((8, 8, 3), np.uint8)
     # as cameras and CDs name them: an extension, none, or a UID; DICOMDIR is the CD's index
     for name in ("a.dcm", "b.DICOM", "IM000001", "1.2.840.1.7", "1.2.840.1.8", "DICOMDIR"):
-        _dicom(tmp_path / name, photo, "RGB")
+        write_dicom(tmp_path / name, photo, "RGB")
     (tmp_path / "notes.txt").write_text("not a photograph")
     (tmp_path / "1.2.840.1.9").write_bytes(b"\0" * 200)  # neither
     inputs = list_inputs(tmp_path)
