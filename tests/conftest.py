@@ -19,13 +19,6 @@ def _start_tensorflow_quietly() -> None:
     module.start_tensorflow_quietly()
 
 
-# One TensorFlow thread per op in each pytest-xdist worker (and in the commands it runs) when
-# the workers are as many as the cores (make test's): two threads each made them compete for
-# the cores (4 % slower; docs/results/speed.md). Set before TensorFlow starts: its thread pools
-# are sized once.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) >= (os.cpu_count() or 1):
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 _start_tensorflow_quietly()
 
 from retina_tf.flags import configure_logging  # noqa: E402
