@@ -35,7 +35,14 @@ from retina_tf.config import (
     parse_inference_scale,
 )
 from retina_tf.data.fov import estimate_fov, given_fov_warning
-from retina_tf.data.io import atomic_write_bytes, channel_order_warning, fov_of_array, is_gray
+from retina_tf.data.io import (
+    atomic_write_bytes,
+    channel_order_warning,
+    fov_of_array,
+    is_gray,
+    read_fov_mask,
+    read_image,
+)
 from retina_tf.data.patches import extract_patches, pad_to_multiple, recompose_patches
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError, DatasetError, ModelFileError
@@ -1028,7 +1035,8 @@ class Segmenter:
             log.warning(f"{source} is a gray photograph: telling arteries from veins needs "
                         "colour, so its artery/vein maps are unreliable (its vessel map is not)")
 
-    def segment(self, image: np.ndarray, fov: np.ndarray | None = None,
+    def segment(self, image: np.ndarray | str | os.PathLike,
+                fov: np.ndarray | str | os.PathLike | None = None,
                 threshold: float | None = None,
                 match_scale: bool = True, source: str | os.PathLike = "the image",
                 plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -1043,8 +1051,13 @@ class Segmenter:
         (:meth:`probability_at_inference_scale`), else as it is.
 
         Args:
+            image: uint8 RGB (H, W, 3) (a PIL image or a tensor too), or an image file, read
+                as ``predict`` reads it (:func:`~retina_tf.data.io.read_image`; one frame of a
+                file of several: ``read_image(path, picture)``).
+            fov: the FOV mask (bool, 0/1 or 0/255), or its file; None: estimated.
             threshold: the mask's probability threshold; None: the run's (:attr:`threshold`).
-            source: where the image came from (a file name), for messages.
+            source: where the image came from (a file name), for messages; an image file
+                names itself.
             plan: :meth:`scale_plan` of ``image`` and ``fov``, where the caller has it already.
 
         Raises:
@@ -1053,6 +1066,11 @@ class Segmenter:
                 :attr:`min_image_size`, or a ``fov`` of another height and width.
         """
         threshold = self.threshold if threshold is None else check_threshold(threshold)
+        if isinstance(image, (str, os.PathLike)):
+            source = image if source == "the image" else source
+            image = read_image(image)
+        if isinstance(fov, (str, os.PathLike)):
+            fov = read_fov_mask(fov)
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)

@@ -612,14 +612,32 @@ def test_a_fov_mask_array_reads_as_its_file_and_a_wrong_size_is_named(shipped: S
         shipped.segment(image, fov=u8 * 0, source="a.png")
 
 
-def test_a_pil_image_or_a_tensor_segments_as_its_array(shipped: Segmenter, tmp_path: Path):
+def test_a_pil_image_a_tensor_or_a_file_segments_as_its_array(shipped: Segmenter,
+                                                                tmp_path: Path, caplog):
     import tensorflow as tf
-    from PIL import Image
     path = _fundus(tmp_path / "a.png", 2)
     prob, _ = shipped.segment(read_image(path))
     with Image.open(path) as pil:
         np.testing.assert_array_equal(shipped.segment(pil)[0], prob)
     np.testing.assert_array_equal(shipped.segment(tf.constant(read_image(path)))[0], prob)
+    for given in (path, str(path)):  # a file, read as predict reads it
+        np.testing.assert_array_equal(shipped.segment(given)[0], prob)
+    half = np.zeros((128, 128), bool)
+    half[:, :64] = True
+    write_image_atomic(tmp_path / "a_mask.png", half)
+    np.testing.assert_array_equal(shipped.segment(path, fov=tmp_path / "a_mask.png")[0],
+                                  shipped.segment(read_image(path), fov=half)[0])
+    with pytest.raises(DatasetError, match="b.png does not exist"):
+        shipped.segment(tmp_path / "b.png")
+    Image.fromarray(read_image(path)).save(tmp_path / "pair.tif", save_all=True,
+                                           append_images=[Image.open(path)])
+    with pytest.raises(DatasetError, match=r"pair.tif holds 2 pictures .*read_image\(path, "
+                                           r"picture\)"):
+        shipped.segment(tmp_path / "pair.tif")
+    write_image_atomic(tmp_path / "bgr.png", np.ascontiguousarray(read_image(path)[..., ::-1]))
+    caplog.clear()
+    shipped.segment(tmp_path / "bgr.png")  # its warnings name the file
+    assert f"{tmp_path / 'bgr.png'}: its blue channel is brighter than its red" in caplog.text
 
 
 def test_segmenter_options_are_checked_as_the_flags_are():

@@ -341,8 +341,8 @@ def _several_pictures(path: Path, count: int, kind: str, container: str = "file"
     """The error of a file of ``count`` pictures (``kind``: "pages", "frames"), refused
     rather than read in part."""
     # predict reads them one at a time (picture_count); an animation is no photograph
-    split = (f"bin/predict.py segments each {kind[:-1]}; elsewhere "
-             if container != "file" or kind == "pages" else "")
+    split = (f"bin/predict.py segments each {kind[:-1]} (in Python: read_image(path, "
+             "picture)); elsewhere " if container != "file" or kind == "pages" else "")
     return DatasetError(f"{path} holds {count} pictures ({kind}) in one {container}: {split}"
                         f"save each {kind[:-1]} as a file of its own")
 
