@@ -484,6 +484,17 @@ def test_each_page_of_a_tiff_is_turned_upright_as_a_tiff_of_one_page(tmp_path: P
     assert alone.shape[:2] == ((40, 30) if orientation >= 5 else (30, 40))  # turned
 
 
+def test_the_pages_of_a_16_bit_tiff_are_scaled_as_a_tiff_of_one_page(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    pages = [rng.integers(0, 4096, (30, 40, 3)).astype(np.uint16) for _ in range(2)]  # 12-bit
+    assert cv2.imwritemulti(str(tmp_path / "pair.tif"), pages)
+    for i, page in enumerate(pages):
+        assert cv2.imwrite(str(tmp_path / f"page{i}.tif"), page)
+        alone = read_image(tmp_path / f"page{i}.tif")
+        assert np.array_equal(read_image(tmp_path / "pair.tif", i), alone)
+        assert alone.max() > 200  # 4095 is 255, not 16
+
+
 def test_a_photograph_with_its_channels_in_bgr_order_is_warned_of(shared_data: Path):
     """OpenCV arrays and files written from them hold blue first: the FOV (estimated from the
     red channel) and an A/V map went wrong in silence (bench/channel_order.py)."""
