@@ -24,11 +24,13 @@ import functools
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 import typing
 
+import tensorflow as tf
 from absl import app, flags
 
 from retina_tf._startup import wants_verbose
@@ -747,6 +749,11 @@ def _verbose(fv: flags.FlagValues) -> bool:
     return wants_verbose(sys.argv)
 
 
+def _first_line(text: object) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()),
+                "(no message)")
+
+
 def _one_line(text: object) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return "; ".join(lines) or "(no message)"
@@ -761,14 +768,35 @@ def _os_error_message(err: OSError) -> tuple[str, str]:
         err.errno, "check that path and the disk (--verbose shows the traceback)")
 
 
+# TensorFlow's words for a tensor that did not fit: its shape, type and device
+_OOM = re.compile(r"OOM when allocating tensor with shape\[([^\]]*)\] and type (\w+) on "
+                  r"\S*?device:(\w+:\d+)")
+# what a command can lower to need less memory, and how
+_MEMORY_FLAGS = {"batch_size": "--batch_size", "patch_size": "--patch_size",
+                 "tile_size": "--tile_size (say 512: whole-image inference in tiles)"}
+
+
+def _out_of_memory(err: tf.errors.ResourceExhaustedError, fv: flags.FlagValues
+                   ) -> list[str]:
+    """TensorFlow's out-of-memory error (a GPU's mostly) as one line naming the device and the
+    tensor, and one saying which of the command's flags need less."""
+    found = _OOM.search(str(err))
+    what = (f"out of memory on {found[3]}: a {found[2]} tensor of shape [{found[1]}] did not "
+            "fit" if found else f"out of memory: {_first_line(err.message)}")
+    knobs = [text for name, text in _MEMORY_FLAGS.items() if name in fv]
+    less = f"a smaller {' or '.join(knobs)} needs less; " if knobs else ""
+    return [what, f"{less}--verbose shows the traceback"]
+
+
 @contextlib.contextmanager
 def report_errors(fv: flags.FlagValues = FLAGS):
     """Turns a user's error into one or two lines on stderr and an exit status.
 
     Usage errors (absl flag errors, ``app.UsageError``, :class:`~retina_tf.errors.ConfigError`)
     exit 2; other :class:`~retina_tf.errors.RetinaTFError` and OSError (a missing input, an
-    unwritable or full output folder: the message names the file) exit 1; a remaining
-    ValueError exits 1 with a hint; Ctrl-C exits 130 and SIGTERM 143 (:class:`Terminated`:
+    unwritable or full output folder: the message names the file) exit 1; TensorFlow's
+    out-of-memory error exits 1 naming the device, the tensor and the flags that need less; a
+    remaining ValueError exits 1 with a hint; Ctrl-C exits 130 and SIGTERM 143 (:class:`Terminated`:
     temporary files are cleaned up as after Ctrl-C). ``--verbose`` adds the traceback. Any
     other exception is a bug in retina_tf and goes through with its traceback.
     """
@@ -794,6 +822,8 @@ def report_errors(fv: flags.FlagValues = FLAGS):
                 lines.append(_OS_HINTS[err.errno])
         elif isinstance(err, OSError):
             lines, status = list(_os_error_message(err)), 1
+        elif isinstance(err, tf.errors.ResourceExhaustedError):
+            lines, status = _out_of_memory(err, fv), 1
         elif isinstance(err, ValueError):
             lines, status = [_one_line(err), "--verbose shows the traceback"], 1
         else:

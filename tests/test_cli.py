@@ -183,6 +183,26 @@ def test_report_errors_sorts_errors_into_exit_statuses(tmp_path, capsys):
     assert status == 2 and len(lines) == 2
 
 
+def test_out_of_memory_is_one_line_with_the_flags_that_need_less(capsys):
+    """A tensor too large for the device (on a GPU mostly; here a real one of 1 TB on the CPU):
+    the device, the tensor and what to lower, not TensorFlow's page of graph and traceback."""
+    import tensorflow as tf
+    with pytest.raises(tf.errors.ResourceExhaustedError) as oom:
+        tf.random.normal((2 ** 19, 2 ** 19))
+    for script, knobs in (("train", "--batch_size or --patch_size"),
+                          ("predict", "--tile_size (say 512")):
+        fv = new_flag_values(script)
+        fv([script])
+        with pytest.raises(SystemExit) as exit_info:
+            with report_errors(fv):
+                raise oom.value
+        lines = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 1 and len(lines) == 2, lines
+        assert lines[0].endswith("error: out of memory on CPU:0: a float tensor of shape "
+                                 "[524288,524288] did not fit")
+        assert f"a smaller {knobs}" in lines[1] and "--verbose" in lines[1]
+
+
 def test_report_errors_shows_the_traceback_only_with_verbose(capsys):
     _, lines = _report(ConfigError("bad"), capsys)
     assert not any("Traceback" in line for line in lines)
