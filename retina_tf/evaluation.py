@@ -945,27 +945,33 @@ def _is_mask_name(path: Path) -> bool:
     return file_stem(path).lower().endswith("_mask")
 
 
-def find_fov_mask(image_path: Path, candidates: list[Path]) -> Path:
+def find_fov_mask(image_path: Path, candidates: list[Path], frame_stem: str | None = None
+                  ) -> Path:
     """The FOV mask of ``image_path`` among ``candidates`` (the files of the ``--fov`` folder):
     the one whose stem is the image's stem or the stem + ``_mask`` (DRIVE: ``01_test.tif`` ->
-    ``01_test_mask.gif``). Exact stems only: image ``1.png`` never takes ``10_mask.png``.
+    ``01_test_mask.gif``). Exact stems only: image ``1.png`` never takes ``10_mask.png``. A
+    frame or page of a file of several (``frame_stem``, its outputs' base: ``IM0001_frame2``)
+    takes a mask of its own name first, else its file's.
 
     Raises:
         DatasetError: when no candidate matches, or several do (both are named).
     """
-    stem = _input_stem(image_path)
-    wanted = {stem, stem + "_mask"}
-    matches = [p for p in candidates if file_stem(p) in wanted
-               and p.resolve() != image_path.resolve()]
+    stems = [*([frame_stem] if frame_stem else []), _input_stem(image_path)]
+    for stem in stems:
+        matches = [p for p in candidates if file_stem(p) in (stem, stem + "_mask")
+                   and p.resolve() != image_path.resolve()]
+        if matches:
+            break
     folder = candidates[0].parent if candidates else "the --fov folder"
     if len(matches) > 1:
         raise DatasetError(f"{image_path}: several FOV masks match in {folder}: "
                            f"{', '.join(p.name for p in matches)}; keep one, or give the mask "
                            "file itself with --fov")
     if not matches:
+        names = [f"{stem}{end}.<ext>" for stem in stems for end in ("", "_mask")]
         raise DatasetError(f"{image_path}: no FOV mask for it in {folder} (looked for "
-                           f"{stem}.<ext> and {stem}_mask.<ext>); add it, or leave out --fov "
-                           "to have the FOV estimated")
+                           f"{', '.join(names[:-1])} and {names[-1]}); add it, or leave out "
+                           "--fov to have the FOV estimated")
     return matches[0]
 
 
@@ -998,21 +1004,22 @@ def _mirrored(fov_arg: str | None, rel: Path) -> str | None:
     return str(Path(fov_arg) / rel)
 
 
-def _fov_for(image_path: Path, image: np.ndarray, source: Path | list[Path] | None,
-             label: str | None = None) -> np.ndarray:
-    """The FOV of one image: the given mask, the matching mask of the ``--fov`` folder, or an
-    estimate (with a warning on stderr when the estimate looks wrong). ``label``: how the lines
-    name the image (a frame of a file of several), else by its path."""
-    label = label or str(image_path)
+def _fov_for(photo: Photograph, image: np.ndarray, source: Path | list[Path] | None
+             ) -> np.ndarray:
+    """The FOV of one photograph: the given mask, the matching mask of the ``--fov`` folder (a
+    frame of a file of several: one of its own name first, :func:`find_fov_mask`), or an
+    estimate (with a warning on stderr when the estimate looks wrong)."""
     if source is None:
         fov = estimate_fov(image)
-        for warning in estimate_warnings(image, fov, label):
+        for warning in estimate_warnings(image, fov, photo.label):
             _warn(warning)
         return fov
-    mask_path = find_fov_mask(image_path, source) if isinstance(source, list) else source
+    frame_stem = photo.base(_input_stem(photo.path)) if photo.index is not None else None
+    mask_path = (find_fov_mask(photo.path, source, frame_stem) if isinstance(source, list)
+                 else source)
     fov = read_fov_mask(mask_path)
     if fov.shape != image.shape[:2]:
-        raise DatasetError(f"{label}: its FOV mask {mask_path} is {fov.shape[1]}x"
+        raise DatasetError(f"{photo.label}: its FOV mask {mask_path} is {fov.shape[1]}x"
                            f"{fov.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
     return fov
 
@@ -1114,7 +1121,7 @@ def _predict_one(seg: Segmenter, photo: Photograph, base: str, cfg, fov_source,
     image = read_image(photo.path, photo.index)
     path = photo.label  # how the lines name it
     seg.check_image_size(image, path, warn=False)  # segment warns, once
-    fov = _fov_for(photo.path, image, fov_source, path)
+    fov = _fov_for(photo, image, fov_source)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
     prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,

@@ -242,6 +242,27 @@ def test_predict_segments_each_frame_and_page_of_a_file_of_several(tmp_path: Pat
     assert "(frame 1 of 2) ->" not in said.out
 
 
+def test_a_fov_folder_gives_a_frame_its_own_mask_before_its_files(tmp_path: Path, capsys):
+    inputs, masks = tmp_path / "in", tmp_path / "masks"
+    inputs.mkdir()
+    first, second = (Image.fromarray(generate_fundus(seed, (128, 128)).image) for seed in (1, 2))
+    first.save(inputs / "pair.tif", save_all=True, append_images=[second])
+    left, right = np.zeros((128, 128), bool), np.zeros((128, 128), bool)
+    left[:, :64], right[:, 64:] = True, True
+    write_image_atomic(masks / "pair_page2_mask.png", left)  # page 2's own
+    write_image_atomic(masks / "pair_mask.png", right)  # the file's: page 1 takes it
+    _predict(inputs, tmp_path / "out", f"--fov={masks}", NATIVE)
+    for page, inside in (("page1", right), ("page2", left)):
+        prob = cv2.imread(str(tmp_path / "out" / f"pair_{page}_prob.png"), cv2.IMREAD_UNCHANGED)
+        assert prob[~inside].max() == 0 and prob[inside].max() > 0, page
+    (masks / "pair_mask.png").unlink()
+    with pytest.raises(RetinaTFError, match=r"1 of 2 images failed \(pair\.tif page 1;"):
+        _predict(inputs, tmp_path / "out2", f"--fov={masks}", NATIVE)
+    assert ("pair.tif (page 1 of 2): no FOV mask for it in " f"{masks} (looked for "
+            "pair_page1.<ext>, pair_page1_mask.<ext>, pair.<ext> and pair_mask.<ext>)"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.slow
 def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: Path, capsys):
     """Clinic archives and DICOM CDs nest photographs in folders (patient / visit); without
