@@ -36,7 +36,7 @@ from retina_tf.data.pipeline import (
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
-from retina_tf.evaluation import list_inputs
+from retina_tf.evaluation import list_inputs, photographs
 from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.progress import progress
@@ -75,8 +75,10 @@ def held_out_names(dataset: str | None, data_dir: str | None) -> set[str]:
     return {s.name for s in samples}
 
 
-def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[Path], list[np.ndarray]]:
-    """The image files of ``dirs`` and their RGB arrays; an excluded (test) image is an error."""
+def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[str], list[np.ndarray]]:
+    """The names of the photographs in ``dirs`` (file stems; ``IM0001_frame2`` for each frame
+    or page of a file of several: :func:`~retina_tf.evaluation.photographs`) and their RGB
+    arrays; an excluded (test) image is an error."""
     if not dirs:
         raise ConfigError("--pretrain_dirs names no folder of images to pre-train on: give "
                           "folders of unlabelled fundus images, e.g. --pretrain_dirs=data/a,data/b")
@@ -89,8 +91,10 @@ def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[Path], 
                                f"--pretrain_dirs ({len(leaked)} such files in {d}); pre-train on "
                                "training images and other datasets only")
         files += found
-    return files, [read_image(f) for f in progress(files, "pretrain_mae: reading",
-                                                   name=lambda f: f.name)]
+    photos = [photo for f in files for photo in photographs(f)]
+    return ([photo.base(file_stem(photo.path)) for photo in photos],
+            [read_image(photo.path, photo.index)
+             for photo in progress(photos, "pretrain_mae: reading", name=lambda p: p.name)])
 
 
 class ReconstructionImages(keras.callbacks.Callback):
@@ -136,17 +140,16 @@ def pretrain_mae(cfg: MAEConfig) -> Path:
 
 def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) -> TrainingJob:
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
-    files, images = pretraining_images(cfg.pretrain_dirs, exclude)
+    names, images = pretraining_images(cfg.pretrain_dirs, exclude)
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(images)
-    names = [file_stem(f) for f in files]
     prepared = [(pre(im), estimate_fov(im))
                 for im in progress(images, "pretrain_mae: preprocessing", names=names)]
     seg = SegmentationSet(names=names, images=[x for x, _ in prepared],
                           targets=[np.zeros(im.shape[:2] + (1,), np.float32) for im in images],
                           fovs=[fov for _, fov in prepared])
-    log.info(f"pre-training on {len(files)} unlabelled images from {len(cfg.pretrain_dirs)} "
+    log.info(f"pre-training on {len(names)} unlabelled images from {len(cfg.pretrain_dirs)} "
              f"folder(s) ({len(exclude)} test images of {cfg.dataset} kept out); run folder "
              f"{run_dir_of(cfg)}")
     config = read_model_config(cfg.model_config)
@@ -180,7 +183,7 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) ->
         preprocessor=pre,
         run_info={"model": "mae", "task": "pretrain", "input_channels": pre.channels,
                   "encoder_parameters": int(model.encoder.count_params()),
-                  "images": len(files), "pretrain_dirs": list(cfg.pretrain_dirs)},
+                  "images": len(names), "pretrain_dirs": list(cfg.pretrain_dirs)},
         callbacks=callbacks, finish=finish)
 
 

@@ -15,6 +15,7 @@ from retina_tf.models import build_model
 from retina_tf.pretraining import held_out_names, pretraining_images
 from retina_tf.training import load_pretrained, train
 from tests import commands
+from tests.data.dicom import write_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = '"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "num_heads": 2'
@@ -86,8 +87,15 @@ def test_test_images_of_the_evaluation_dataset_are_refused(tmp_path):
                                    size=(64, 64))
     with pytest.raises(DatasetError, match="test image of the evaluation dataset"):
         pretraining_images([str(data / "test" / "images")], {"01_test", "03_test"})
-    files, images = pretraining_images([str(data / "training" / "images")], {"03_test"})
-    assert len(files) == len(images) == 2 and images[0].shape == (64, 64, 3)
+    names, images = pretraining_images([str(data / "training" / "images")], {"03_test"})
+    assert len(names) == len(images) == 2 and images[0].shape == (64, 64, 3)
+    # every frame of a file of several is a photograph to pre-train on
+    folder = tmp_path / "series"
+    folder.mkdir()
+    write_dicom(folder / "IM0001", images[0], "RGB", more=(images[1],))
+    names, frames = pretraining_images([str(folder)], {"03_test"})
+    assert names == ["IM0001_frame1", "IM0001_frame2"]
+    assert np.array_equal(frames[0], images[0]) and np.array_equal(frames[1], images[1])
     with pytest.raises(ValueError, match="pretrain_dirs"):
         pretraining_images([], set())
 
