@@ -149,9 +149,10 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) ->
     seg = SegmentationSet(names=names, images=[x for x, _ in prepared],
                           targets=[np.zeros(im.shape[:2] + (1,), np.float32) for im in images],
                           fovs=[fov for _, fov in prepared])
+    guard = (f"{len(exclude)} test images of {cfg.dataset} kept out" if cfg.dataset else
+             "no --dataset: no test images to keep out")
     log.info(f"pre-training on {len(names)} unlabelled images from {len(cfg.pretrain_dirs)} "
-             f"folder(s) ({len(exclude)} test images of {cfg.dataset} kept out); run folder "
-             f"{run_dir_of(cfg)}")
+             f"folder(s) ({guard}); run folder {run_dir_of(cfg)}")
     config = read_model_config(cfg.model_config)
     config.update(input_channels=pre.channels, mask_ratio=cfg.mask_ratio,
                   norm_pix_loss=cfg.norm_pix_loss, seed=cfg.seed)
