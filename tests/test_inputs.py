@@ -258,7 +258,7 @@ def test_a_fov_folder_gives_a_frame_its_own_mask_before_its_files(tmp_path: Path
     (masks / "pair_mask.png").unlink()
     with pytest.raises(RetinaTFError, match=r"1 of 2 images failed \(pair\.tif page 1;"):
         _predict(inputs, tmp_path / "out2", f"--fov={masks}", NATIVE)
-    assert ("pair.tif (page 1 of 2): no FOV mask for it in " f"{masks} (looked for "
+    assert (f"pair.tif (page 1 of 2): no FOV mask for it in {masks} (looked for "
             "pair_page1.<ext>, pair_page1_mask.<ext>, pair.<ext> and pair_mask.<ext>)"
             in capsys.readouterr().err)
 
