@@ -561,7 +561,8 @@ def define_eval_flags(d: _Definer) -> None:
 
 
 def define_predict_flags(d: _Definer) -> None:
-    d.DEFINE_string("input", None, "predict: an image file or a folder of images (DICOM too).")
+    d.DEFINE_string("input", None, "predict: an image file or a folder of images (DICOM too; "
+                    "each frame of a multi-frame DICOM or TIFF is segmented).")
     d.DEFINE_boolean("recursive", False, "predict: also the images in the folders inside "
                      "--input, and in theirs; each one's outputs go to the same place under "
                      "--output_dir, and a --fov folder is read the same way.")
