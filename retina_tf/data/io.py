@@ -166,7 +166,7 @@ def _too_large(path: Path) -> DatasetError:
 
 def _exif_orientation(data: bytes) -> int:
     """The EXIF orientation of a JPEG, TIFF, PNG or WebP file (1, upright, when it has none)."""
-    if not (data[:3] == b"\xff\xd8\xff" or data[:4] in (b"II*\x00", b"MM\x00*")
+    if not (data[:3] == b"\xff\xd8\xff" or _is_tiff(data)
             or data[:8] == b"\x89PNG\r\n\x1a\n" or data[8:12] == b"WEBP"):
         return 1
     try:
@@ -206,6 +206,11 @@ def _tiff_upright_as_stored(data: bytes) -> bytes:
 def _is_dicom(data: bytes) -> bool:
     """A DICOM (Part 10) file: 128 bytes of preamble, then ``DICM``."""
     return data[128:132] == b"DICM"
+
+
+def _is_tiff(data: bytes) -> bool:
+    """A TIFF file, by its byte order mark and magic number (Intel or Motorola)."""
+    return data[:4] in (b"II*\x00", b"MM\x00*")
 
 
 def is_dicom_file(path: PathLike) -> bool:
@@ -276,7 +281,7 @@ def _full_size_pictures(data: bytes) -> tuple[list[int], str]:
     animation frames; pages smaller than the first, a thumbnail or a pyramid's levels, left
     out), and what they are called; ([0], "") for a single picture or where Pillow cannot
     tell."""
-    tiff = data[:4] in (b"II*\x00", b"MM\x00*")
+    tiff = _is_tiff(data)
     animated = (data[:6] in (b"GIF87a", b"GIF89a") or (data[:8] == b"\x89PNG\r\n\x1a\n"
                                                        and b"acTL" in data[:4096])
                 or (data[:4] == b"RIFF" and data[8:12] == b"WEBP" and b"ANIM" in data[:4096]))
@@ -310,7 +315,7 @@ def picture_count(path: PathLike) -> tuple[int, str]:
         if not path.name.lower().endswith(".gz"):  # most files: their first bytes tell
             with open(path, "rb") as f:
                 head = f.read(132)
-            if not (_is_dicom(head) or head[:4] in (b"II*\x00", b"MM\x00*")):
+            if not (_is_dicom(head) or _is_tiff(head)):
                 return 1, ""
         data = _read_bytes(path)
     except (OSError, DatasetError):
