@@ -45,11 +45,11 @@ def _validate(prob: np.ndarray, label: np.ndarray,
                              f"{prob.shape}")
         fov = fov.astype(bool)
     prob = prob.astype(np.float32, copy=False)
-    if np.isnan(prob).any():
-        raise ValueError("the probability map holds NaN: the model that made it has weights "
-                         "that are not finite (a diverged training) or was given an input "
-                         "that is not")
-    if not np.all((prob >= 0.0) & (prob <= 1.0)):
+    if not np.all((prob >= 0.0) & (prob <= 1.0)):  # NaN too; told apart only when it fails
+        if np.isnan(prob).any():
+            raise ValueError("the probability map holds NaN: the model that made it has "
+                             "weights that are not finite (a diverged training) or was given "
+                             "an input that is not")
         raise ValueError("probabilities must lie in [0, 1], found values in "
                          f"[{prob.min()}, {prob.max()}]; apply a sigmoid to logits first")
     return prob, label.astype(bool), fov
