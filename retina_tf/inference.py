@@ -109,7 +109,8 @@ def nonfinite_weights(model: keras.Model) -> list[str]:
             if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
 
 
-def _read_run_json(run_dir: Path) -> dict:
+def read_run_json(run_dir: Path) -> dict:
+    """A run folder's ``run.json``; ModelFileError where it cannot be read as an object."""
     path = run_dir / "run.json"
     try:
         info = json.loads(path.read_text())
@@ -883,7 +884,7 @@ class Segmenter:
             if missing:
                 raise ModelFileError(f"the run folder {run_dir} lacks {', '.join(missing)}; it is "
                                      "incomplete: export or train it again")
-            info = _read_run_json(run_dir)
+            info = read_run_json(run_dir)
             if info.get("task") == "pretrain":  # an encoder's training, not a segmentation model
                 raise ModelFileError(f"{run_dir} is a pre-training run ({info.get('model')}): it "
                                      "does not segment; fine-tune it first with bin/train.py "

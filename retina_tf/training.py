@@ -45,7 +45,13 @@ from retina_tf.data.pipeline import (
 )
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.error_maps import ERROR_MAPS_DIR, model_fingerprint, read_error_maps
-from retina_tf.errors import ConfigError, DatasetError, RetinaTFError, TrainingDiverged
+from retina_tf.errors import (
+    ConfigError,
+    DatasetError,
+    ModelFileError,
+    RetinaTFError,
+    TrainingDiverged,
+)
 from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
 from retina_tf.inference import (
     Segmenter,
@@ -56,6 +62,7 @@ from retina_tf.inference import (
     load_keras_model,
     native_bfloat16,
     nonfinite_weights,
+    read_run_json,
     training_bright_lines,
 )
 from retina_tf.losses import SegmentationLoss
@@ -1136,10 +1143,9 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
 def _stored_run_info(run_dir: Path) -> dict[str, Any]:
     """A run folder's ``run.json`` as it is on disk; empty where it cannot be read."""
     try:
-        info = json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
+        return read_run_json(Path(run_dir))
+    except ModelFileError:
         return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _environment_at_start(run_dir: Path) -> dict[str, Any] | None:
