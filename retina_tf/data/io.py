@@ -315,22 +315,29 @@ def picture_count(path: PathLike) -> tuple[int, str]:
         if not path.name.lower().endswith(".gz"):  # most files: their first bytes tell
             with open(path, "rb") as f:
                 head = f.read(132)
-            if not (_is_dicom(head) or _is_tiff(head)):
+            if _is_dicom(head):
+                return _dicom_frames(path)  # its header alone, not its pixels
+            if not _is_tiff(head):
                 return 1, ""
         data = _read_bytes(path)
     except (OSError, DatasetError):
         return 1, ""
     if _is_dicom(data):
-        try:
-            import pydicom  # here: only DICOM files need it
-
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            frames = int(header.get("NumberOfFrames") or 1)
-        except Exception:  # noqa: BLE001 (reading it says what is wrong)
-            return 1, ""
-        return (frames, "frames") if frames > 1 else (1, "")
+        return _dicom_frames(io.BytesIO(data))
     pages, kind = _full_size_pictures(data)
     return (len(pages), kind) if kind == "pages" else (1, "")
+
+
+def _dicom_frames(source) -> tuple[int, str]:
+    """:func:`picture_count` of a DICOM file (a path or a file object), from its header."""
+    try:
+        import pydicom  # here: only DICOM files need it
+
+        header = pydicom.dcmread(source, stop_before_pixels=True)
+        frames = int(header.get("NumberOfFrames") or 1)
+    except Exception:  # noqa: BLE001 (reading it says what is wrong)
+        return 1, ""
+    return (frames, "frames") if frames > 1 else (1, "")
 
 
 def _check_picture(path: Path, picture: int | None, count: int, kind: str) -> None:
