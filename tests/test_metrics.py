@@ -381,3 +381,24 @@ def test_ripav_cleanup_removes_specks_and_fills_small_holes():
     ring[25:35, 25:35] = False  # a 100-px hole: kept
     out = ripav_cleanup(mask | ring)
     assert out[10:12, 10:12].all() and not out[30, 30] and not out[27:33, 27:33].any()
+
+
+def test_second_observer_benchmark_scores_a_copy_of_the_first_as_perfect(shared_data, tmp_path):
+    # bench/second_observer.py: an observer who drew what the first drew agrees fully; a
+    # missing second observer's file is named.
+    import shutil
+    import sys
+
+    from tests import commands
+
+    chase = tmp_path / "CHASE_DB1"
+    shutil.copytree(shared_data / "samples" / "CHASE_DB1", chase)
+    for first in chase.glob("*_1stHO.png"):
+        shutil.copy(first, str(first).replace("_1stHO", "_2ndHO"))
+    script = commands.REPO / "bench" / "second_observer.py"
+    proc = commands.run([sys.executable, script, f"--datasets=chase_db1:{chase}:all"])
+    assert proc.returncode == 0, proc.stderr
+    assert "chase_db1 (all) | 2 | 1.000 / 1.000 ± 0.000 | 1.000 | 1.000" in proc.stdout
+    (chase / "Image_01R_2ndHO.png").unlink()
+    proc = commands.run([sys.executable, script, f"--datasets=chase_db1:{chase}:all"])
+    assert proc.returncode == 1 and "Image_01R_2ndHO.png: missing" in proc.stderr
