@@ -190,6 +190,7 @@ class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
     scale_range: tuple[float, ...] = ()
     extra_data: tuple[str, ...] = ()
     balance_datasets: bool = True
+    dataset_weights: tuple[float, ...] = ()
     camera_variants: int = 0
     camera_channel_gamma: float = 0.0
     vessel_probability: float = 0.5
@@ -402,6 +403,9 @@ RULES: dict[str, _Rule] = {
     "mixed_patch_sizes": (lambda v: all(x > 0 for x in v), "must be positive integers"),
     "scale_range": (lambda v: not v or (len(v) == 2 and 0 < v[0] <= v[1] < math.inf),
                     "must be two positive factors LO,HI with LO <= HI (e.g. 0.6,1.6)"),
+    "dataset_weights": (lambda v: all(0.0 < x < math.inf for x in v),
+                        "must be positive numbers, one per set (--dataset, then each "
+                        "--extra_data)"),
     "camera_variants": _at_least(0, "0 = off"),
     "camera_channel_gamma": (lambda v: 0.0 <= v <= 3.0, "must be in [0, 3]: a channel's "
                              "exponent is drawn from [exp(-g), exp(g)]"),
@@ -530,6 +534,16 @@ def _check_combinations(cfg: Any) -> None:
             parse_loss_spec(cfg.loss)
         except ValueError as err:
             raise ConfigError(f"--loss={cfg.loss}: {err}") from None
+    weights, extra = getattr(cfg, "dataset_weights", ()), getattr(cfg, "extra_data", ())
+    if weights:
+        sets = len(extra) + (1 if cfg.dataset or cfg.data_dir or cfg.label_file_path else 0)
+        flag = f"--dataset_weights={','.join(f'{w:g}' for w in weights)}"
+        if len(weights) != sets:
+            raise ConfigError(f"{flag}: {len(weights)} weight(s) for {sets} set(s); give one per "
+                              "set, --dataset first, then each --extra_data in order")
+        if not getattr(cfg, "balance_datasets", True):
+            raise ConfigError(f"{flag}: weights the sets' shares, which --nobalance_datasets "
+                              "turns off: leave one of them out")
     if getattr(cfg, "camera_channel_gamma", 0.0) and not getattr(cfg, "camera_variants", 0):
         raise ConfigError(f"--camera_channel_gamma={cfg.camera_channel_gamma}: it changes the "
                           "camera copies, and --camera_variants is 0 (none made): give "

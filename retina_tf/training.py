@@ -867,7 +867,7 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
                          augment, cfg.seed, start=start, crop_sizes=sizes,
                          scale_range=getattr(cfg, "scale_range", ()),
                          groups=train_set.groups if getattr(cfg, "balance_datasets", True)
-                         else None)
+                         else None, group_weights=getattr(cfg, "dataset_weights", ()))
 
 
 def _check_patch_size(cfg, model: keras.Model) -> None:

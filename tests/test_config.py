@@ -100,6 +100,13 @@ def test_from_run_needs_a_run_folder(tmp_path):
                                                      "--mode=whole trains on whole images"),
     ({"mixed_patch_sizes": (24, 48), "scale_range": (0.8, 1.25)},
      "--mixed_patch_sizes and --scale_range both change the patch scale"),
+    ({"dataset_weights": (2.0, 0.0)}, "dataset_weights=(2.0, 0.0): must be positive numbers"),
+    ({"dataset": "drive", "extra_data": ("stare:data/STARE:all",), "dataset_weights": (2, 1, 1)},
+     "--dataset_weights=2,1,1: 3 weight(s) for 2 set(s); give one per set, --dataset first"),
+    ({"extra_data": ("stare:data/STARE:all",), "dataset_weights": (2, 1)},
+     "--dataset_weights=2,1: 2 weight(s) for 1 set(s)"),
+    ({"dataset": "drive", "extra_data": ("stare:data/STARE:all",), "dataset_weights": (2, 1),
+      "balance_datasets": False}, "which --nobalance_datasets turns off"),
 ])
 def test_a_config_refuses_what_its_flag_refuses(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -308,7 +308,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
                   vessel_probability: float = 0.5, augment: Augment | None = None,
                   seed: int = 0, start: int = 0, context_size: int = 0,
                   crop_sizes: Sequence[int] = (), scale_range: Sequence[float] = (),
-                  groups: Sequence[int] | None = None) -> tf.data.Dataset:
+                  groups: Sequence[int] | None = None,
+                  group_weights: Sequence[float] = ()) -> tf.data.Dataset:
     """Endless batches of random patches ``(x, y, w)``.
 
     Centres are drawn uniformly from FOV pixels, or with probability ``vessel_probability`` from
@@ -323,7 +324,8 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     ``(lo, hi)``, each patch is a crop of side ``patch_size / s`` resized to ``patch_size``, ``s``
     drawn log-uniformly in ``[lo, hi]``: vessels ``s`` times as wide, as a camera of another
     resolution shows them. With ``groups`` (one group number per image, e.g. its dataset), each
-    patch first draws a group uniformly, so a larger set does not dominate.
+    patch first draws a group uniformly, so a larger set does not dominate, or with
+    ``group_weights`` (one per group, in the order of the group numbers) in proportion to them.
     """
     if not 0.0 <= vessel_probability <= 1.0:
         raise ConfigError(f"--vessel_probability={vessel_probability}: must be in [0, 1]")
@@ -384,6 +386,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     starts = tf.constant(np.stack([fov_starts, vessel_starts]))
     sizes = tf.constant(np.stack([fov_sizes, vessel_sizes]))
     n_groups = len(group_ids)
+    if group_weights and len(group_weights) != n_groups:
+        raise ValueError(f"{len(group_weights)} group weights for {n_groups} groups")
+    # where the group's share ends on [0, 1): a uniform draw falls in group k's interval
+    bounds = tf.constant(np.cumsum(group_weights)[:-1] / np.sum(group_weights), tf.float32) \
+        if group_weights else None
     contexts = None
     if context_size:  # as the model's own context_of at inference: area resize of the image
         contexts = tf.constant(np.concatenate([
@@ -395,8 +402,14 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         on_vessel = tf.random.stateless_uniform([], s[0]) < vessel_probability
         pool = tf.cond(on_vessel, lambda: vessel_pool, lambda: fov_pool)
         kind = tf.cast(on_vessel, tf.int32)
-        group = 0 if n_groups == 1 else tf.random.stateless_uniform(
-            [], _seeds(seed_scalar + 104729, 1)[0], 0, n_groups, dtype=tf.int32)
+        group_seed = _seeds(seed_scalar + 104729, 1)[0]
+        if n_groups == 1:
+            group = 0
+        elif bounds is None:
+            group = tf.random.stateless_uniform([], group_seed, 0, n_groups, dtype=tf.int32)
+        else:
+            u = tf.random.stateless_uniform([], group_seed)
+            group = tf.reduce_sum(tf.cast(bounds <= u, tf.int32))
         j = starts[kind, group] + tf.random.stateless_uniform([], s[1], 0, sizes[kind, group],
                                                               dtype=tf.int64)
         flat = pool[j]

@@ -110,13 +110,17 @@ def test_groups_balance_the_sources():
         [np.zeros((40, 40, 1), np.float32), np.zeros((160, 160, 1), np.float32)],
         [np.ones((40, 40), bool), np.ones((160, 160), bool)], groups=[0, 1])
 
-    def share_small(groups):
-        x = next(iter(patch_dataset(seg, 8, 512, 0.0, Augment.none(), seed=1,
-                                    groups=groups)))[0].numpy()
+    def share_small(groups, weights=()):
+        x = next(iter(patch_dataset(seg, 8, 512, 0.0, Augment.none(), seed=1, groups=groups,
+                                    group_weights=weights)))[0].numpy()
         return float((np.abs(x[:, 4, 4, 0] - 0.2) < 1e-3).mean())
 
     assert abs(share_small(None) - 1 / 17) < 0.04    # by FOV pixels: 1600 of 27200
     assert abs(share_small([0, 1]) - 0.5) < 0.08     # each source half the patches
+    assert abs(share_small([0, 1], (3, 1)) - 0.75) < 0.08  # --dataset_weights=3,1
+    assert abs(share_small([0, 1], (1, 4)) - 0.2) < 0.08
+    with pytest.raises(ValueError, match="3 group weights for 2 groups"):
+        share_small([0, 1], (1, 1, 1))
 
 
 def test_extra_data_entries_parse_and_bad_ones_say_how():
@@ -138,7 +142,7 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
                                     size=(128, 112))
     args = tiny_train_args(tiny_synthetic, tmp_path / "logs", f"--extra_data=synthetic:{other}",
                            "--camera_variants=2", "--camera_channel_gamma=0.9",
-                           "--scale_range=0.7,1.4", "--epochs=2")
+                           "--scale_range=0.7,1.4", "--dataset_weights=2,1", "--epochs=2")
     cfg = dataclasses.replace(parse_config("train", args), task="vessel")
     train_set, val_set, _ = load_training_sets(cfg)
     # 3 + 3 originals (one of each set held out), each with 2 camera copies
@@ -160,6 +164,7 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
     assert data["camera_channel_gamma"] == 0.9
     assert data["extra_data"] == [f"synthetic:{other}"]
+    assert "--dataset_weights=2.0,1.0" in (run / "flags.txt").read_text().splitlines()
 
 
 def test_a_set_given_twice_is_refused_naming_the_image(tiny_synthetic, tmp_path):
