@@ -940,6 +940,8 @@ def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
     return {"dataset": cfg.dataset or None, "data_dir": cfg.data_dir or None,
             "label_file_path": cfg.label_file_path or None,
             "extra_data": list(getattr(cfg, "extra_data", ())),
+            **({"dataset_weights": list(cfg.dataset_weights)}
+               if getattr(cfg, "dataset_weights", ()) else {}),
             "camera_variants": getattr(cfg, "camera_variants", 0),
             **({"camera_channel_gamma": cfg.camera_channel_gamma}
                if getattr(cfg, "camera_channel_gamma", 0.0) else {}),

@@ -164,7 +164,7 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
     assert data["camera_channel_gamma"] == 0.9
     assert data["extra_data"] == [f"synthetic:{other}"]
-    assert "--dataset_weights=2.0,1.0" in (run / "flags.txt").read_text().splitlines()
+    assert data["dataset_weights"] == [2.0, 1.0]
 
 
 def test_a_set_given_twice_is_refused_naming_the_image(tiny_synthetic, tmp_path):
