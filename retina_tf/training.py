@@ -1217,6 +1217,10 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
     copies = sum("@camera" in n for n in train_set.names)  # --camera_variants
     images = (f"{len(train_set) - copies} training images and {copies} camera copies of them"
               if copies else f"{len(train_set)} training images")
+    weights = getattr(cfg, "dataset_weights", ())
+    if weights:  # the shares, in the order the sets were given
+        images += " (" + " / ".join(f"{w / sum(weights):.0%}" for w in weights) + \
+            " of the patches from each set)"
     log.info(f"{images}, {len(val_set) if val_set else 0} held out for "
              f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
              f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}")

@@ -159,7 +159,8 @@ def test_training_on_two_sets_with_camera_copies(tiny_synthetic, tmp_path, caplo
     same = [np.array_equal(a, b) for a, b in zip(plain.images, train_set.images)]
     assert all(same[:6]) and not all(same[6:])
     run = train(cfg)
-    assert "6 training images and 12 camera copies of them, 2 held out" in caplog.text
+    assert ("6 training images and 12 camera copies of them (67% / 33% of the patches from "
+            "each set), 2 held out") in caplog.text
     data = json.loads((run / "run.json").read_text())["data"]
     assert data["camera_variants"] == 2 and len(data["training_images"]) == 6
     assert data["camera_channel_gamma"] == 0.9
