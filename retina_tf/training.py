@@ -259,8 +259,16 @@ def check_same_flags(strategy: tf.distribute.Strategy, cfg) -> None:
     flags = {k: v for k, v in parse_flag_lines(to_flag_lines(cfg)).items()
              if k not in FLAGS_NOT_IN_TRAINING | PER_MACHINE_FLAGS}
     h = float(zlib.crc32(json.dumps(flags, sort_keys=True).encode()) % (1 << 20))
-    total, squares = _all_sum(strategy, "float64")(tf.constant([h, h * h], tf.float64)).numpy()
+    summed = _all_sum(strategy, "float64")
+    total, squares = summed(tf.constant([h, h * h], tf.float64)).numpy()
     if strategy.num_replicas_in_sync * squares != total * total:  # not all equal
+        # A second all-reduce before leaving: a worker that left as soon as it had its sums
+        # reset the connection a slower one still read them from, which then said a worker had
+        # stopped answering. Here the last to finish may read a reset: it knows the answer.
+        try:
+            summed(tf.zeros([2], tf.float64))
+        except tf.errors.OpError:
+            pass
         raise ConfigError("the workers of TF_CONFIG were given different training flags: give "
                           "every worker the same command (only paths such as --data_dir may "
                           "differ between machines)")
