@@ -862,20 +862,20 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
         return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
                                    start=start)
     sizes = cfg.mixed_patch_sizes
+    shares = {"groups": train_set.groups if getattr(cfg, "balance_datasets", True) else None,
+              "group_weights": getattr(cfg, "dataset_weights", ())}
     if model.context_fusion and model.context_factor == 0:  # the whole image as context
         return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
                              augment, cfg.seed, start=start, context_size=model.context_size,
-                             crop_sizes=sizes)
+                             crop_sizes=sizes, **shares)
     if model.context_fusion:  # wide crops, split into patch + context
         return with_context(
             patch_dataset(train_set, cfg.patch_size * model.context_factor, cfg.batch_size,
-                          cfg.vessel_probability, augment, cfg.seed, start=start),
+                          cfg.vessel_probability, augment, cfg.seed, start=start, **shares),
             cfg.patch_size, model.context_size)
     return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
                          augment, cfg.seed, start=start, crop_sizes=sizes,
-                         scale_range=getattr(cfg, "scale_range", ()),
-                         groups=train_set.groups if getattr(cfg, "balance_datasets", True)
-                         else None, group_weights=getattr(cfg, "dataset_weights", ()))
+                         scale_range=getattr(cfg, "scale_range", ()), **shares)
 
 
 def _check_patch_size(cfg, model: keras.Model) -> None:

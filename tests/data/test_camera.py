@@ -123,6 +123,26 @@ def test_groups_balance_the_sources():
         share_small([0, 1], (1, 1, 1))
 
 
+@pytest.mark.parametrize("context_factor", [0, 2])
+def test_context_fusion_patches_keep_the_sets_shares(context_factor):
+    # RIP-AV's patches with their context (the whole image, or a wider crop) are drawn from
+    # the sets in the shares --dataset_weights gives, as plain patches are
+    from retina_tf.config import TrainConfig
+    from retina_tf.models.rip_av import RIPAV
+    from retina_tf.training import training_dataset
+    seg = SegmentationSet(
+        ["a", "b"], [np.full((64, 64, 1), v, np.float32) for v in (0.2, 0.8)],
+        [np.zeros((64, 64, 1), np.float32)] * 2, [np.ones((64, 64), bool)] * 2, groups=[0, 1])
+    model = RIPAV(widths=(8, 8, 16, 16, 16), depths=(1, 1, 1, 1), context_size=32,
+                  context_factor=context_factor)
+    cfg = TrainConfig(dataset="drive", extra_data=("stare:data/STARE:all",),
+                      dataset_weights=(3.0, 1.0), patch_size=16, batch_size=512,
+                      vessel_probability=0.0)
+    x = next(iter(training_dataset(cfg, model, seg, Augment.none(), steps=1)))[0]
+    first = float((np.abs(x["image"].numpy()[:, 8, 8, 0] - 0.2) < 1e-3).mean())
+    assert abs(first - 0.75) < 0.08
+
+
 def test_extra_data_entries_parse_and_bad_ones_say_how():
     assert parse_extra_data("stare:data/STARE:all") == ("stare", "data/STARE", "all")
     assert parse_extra_data("STARE:data/STARE") == ("stare", "data/STARE", "training")
