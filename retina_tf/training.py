@@ -259,19 +259,26 @@ def check_same_flags(strategy: tf.distribute.Strategy, cfg) -> None:
     flags = {k: v for k, v in parse_flag_lines(to_flag_lines(cfg)).items()
              if k not in FLAGS_NOT_IN_TRAINING | PER_MACHINE_FLAGS}
     h = float(zlib.crc32(json.dumps(flags, sort_keys=True).encode()) % (1 << 20))
-    summed = _all_sum(strategy, "float64")
-    total, squares = summed(tf.constant([h, h * h], tf.float64)).numpy()
+    total, squares = _all_sum(strategy, "float64")(tf.constant([h, h * h], tf.float64)).numpy()
     if strategy.num_replicas_in_sync * squares != total * total:  # not all equal
-        # A second all-reduce before leaving: a worker that left as soon as it had its sums
-        # reset the connection a slower one still read them from, which then said a worker had
-        # stopped answering. Here the last to finish may read a reset: it knows the answer.
-        try:
-            summed(tf.zeros([2], tf.float64))
-        except tf.errors.OpError:
-            pass
+        leave_together(strategy)
         raise ConfigError("the workers of TF_CONFIG were given different training flags: give "
                           "every worker the same command (only paths such as --data_dir may "
                           "differ between machines)")
+
+
+def leave_together(strategy: tf.distribute.Strategy) -> None:
+    """Under ``multi_worker``, one more all-reduce before every worker leaves on a decision
+    the last collective gave them all: a worker that left as soon as it had its result closed
+    the connection that a slower one still read it from, which then said a worker had stopped
+    answering. A worker still reading this one's result when the others leave knows the
+    decision already, so an error here is ignored."""
+    if not isinstance(strategy, MultiWorker):
+        return
+    try:
+        _all_sum(strategy, "float64")(tf.zeros([1], tf.float64))
+    except tf.errors.OpError:
+        pass
 
 
 def sync_from_chief(strategy: tf.distribute.Strategy, model: keras.Model,
@@ -1024,6 +1031,7 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
         chief = is_chief(strategy)
         finished = already_trained(cfg, run_dir) if chief else False
         if bool(from_chief(strategy, [float(finished)])[0]):
+            leave_together(strategy)
             return run_dir
         with compute_precision(cfg.mixed_precision):
             if chief:

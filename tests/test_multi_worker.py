@@ -182,6 +182,17 @@ def test_a_worker_killed_during_an_epoch_and_the_cluster_restarted_resumes(unint
     for a, b in zip(weights, load_keras_model(reference / "model.keras").get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
+    # the same command once more: every worker learns from the chief that the run is finished
+    before = (run / "model.keras").stat().st_mtime_ns
+    cluster.start(train_py, attempt=3)
+    try:
+        codes = [cluster.wait(i, timeout=120) for i in (0, 1)]
+    finally:
+        cluster.stop()
+    assert codes == [0, 0], cluster.output(0, 3)[-3000:] + cluster.output(1, 3)[-3000:]
+    assert "is already trained with these flags" in cluster.output(0, 3)
+    assert (run / "model.keras").stat().st_mtime_ns == before
+
 
 def test_tf_config_is_checked_before_tensorflow_reads_it():
     check_tf_config('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", '
