@@ -88,6 +88,11 @@ class DataConfig(_Checked):
     cache_dir: str | None = None
     seed: int = 0
 
+    @property
+    def names_data(self) -> bool:
+        """Whether ``dataset``, ``data_dir`` or ``label_file_path`` says which images to use."""
+        return bool(self.dataset or self.data_dir or self.label_file_path)
+
 
 @dataclasses.dataclass(**_FROZEN)
 class RunRef(_Checked):
@@ -536,7 +541,7 @@ def _check_combinations(cfg: Any) -> None:
             raise ConfigError(f"--loss={cfg.loss}: {err}") from None
     weights, extra = getattr(cfg, "dataset_weights", ()), getattr(cfg, "extra_data", ())
     if weights:
-        sets = len(extra) + (1 if cfg.dataset or cfg.data_dir or cfg.label_file_path else 0)
+        sets = len(extra) + cfg.names_data
         flag = f"--dataset_weights={','.join(f'{w:g}' for w in weights)}"
         if len(weights) != sets:
             raise ConfigError(f"{flag}: {len(weights)} weight(s) for {sets} set(s); give one per "

@@ -239,8 +239,7 @@ def _with_the_runs_data(cfg: EvalConfig | ErrorMapConfig, run_dir: Path, split: 
     """``cfg`` with the data ``run_dir`` was trained on (its ``flags.txt``) when ``cfg`` names
     none: ``evaluate --model=logs/<run>`` scores the run on its own test split, and
     ``make_error_maps`` maps its training split."""
-    if (cfg.dataset or cfg.data_dir or cfg.label_file_path
-            or getattr(cfg, "test_label_file_path", None)):
+    if cfg.names_data or cfg.test_label_file_path:
         return cfg
     try:
         trained = from_run(run_dir)

@@ -623,7 +623,7 @@ def training_sources(cfg) -> list[list[Sample]]:
     with ``--extra_data`` and no ``--dataset`` / ``--data_dir`` / label file, the extra sets
     alone."""
     extra = getattr(cfg, "extra_data", ())
-    alone = extra and not (cfg.dataset or cfg.data_dir or cfg.label_file_path)
+    alone = extra and not cfg.names_data
     sources = [] if alone else [resolve_samples(cfg.dataset, cfg.data_dir, "training",
                                                 cfg.label_file_path)]
     names = [] if alone else [f"--label_file_path={cfg.label_file_path}" if cfg.label_file_path
