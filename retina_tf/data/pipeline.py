@@ -391,6 +391,11 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     # where the group's share ends on [0, 1): a uniform draw falls in group k's interval
     bounds = tf.constant(np.cumsum(group_weights)[:-1] / np.sum(group_weights), tf.float32) \
         if group_weights else None
+
+    def draw_group(seed):
+        if bounds is None:  # uniformly
+            return tf.random.stateless_uniform([], seed, 0, n_groups, dtype=tf.int32)
+        return tf.reduce_sum(tf.cast(bounds <= tf.random.stateless_uniform([], seed), tf.int32))
     contexts = None
     if context_size:  # as the model's own context_of at inference: area resize of the image
         contexts = tf.constant(np.concatenate([
@@ -402,14 +407,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
         on_vessel = tf.random.stateless_uniform([], s[0]) < vessel_probability
         pool = tf.cond(on_vessel, lambda: vessel_pool, lambda: fov_pool)
         kind = tf.cast(on_vessel, tf.int32)
-        group_seed = _seeds(seed_scalar + 104729, 1)[0]
-        if n_groups == 1:
-            group = 0
-        elif bounds is None:
-            group = tf.random.stateless_uniform([], group_seed, 0, n_groups, dtype=tf.int32)
-        else:
-            u = tf.random.stateless_uniform([], group_seed)
-            group = tf.reduce_sum(tf.cast(bounds <= u, tf.int32))
+        group = 0 if n_groups == 1 else draw_group(_seeds(seed_scalar + 104729, 1)[0])
         j = starts[kind, group] + tf.random.stateless_uniform([], s[1], 0, sizes[kind, group],
                                                               dtype=tf.int64)
         flat = pool[j]
