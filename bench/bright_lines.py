@@ -21,11 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from bench.datasets_flag import dataset_specs, define_datasets_flag  # noqa: E402
 from retina_tf.flags import run_reported  # noqa: E402
 
-flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of catalog datasets "
-                  "(stare:data/STARE:all; the training split unless given).")
-flags.mark_flag_as_required("datasets")
+define_datasets_flag()
 flags.DEFINE_string("model", None, "Also segment the negatives with this run or shipped model.")
 FLAGS = flags.FLAGS
 
@@ -43,7 +42,6 @@ def main(_):
         vessel_share,
         vessel_share_warning,
     )
-    from retina_tf.training import parse_extra_data
 
     seg = Segmenter.from_run(FLAGS.model, precision="auto") if FLAGS.model else None
     kinds = ["luminance", "green (red-free)", "negative (angiogram)"]
@@ -52,8 +50,7 @@ def main(_):
     print(f"bright_line_ratio (warned of above {BRIGHT_LINE_RATIO:g}): least-largest, warned\n")
     print(f"| dataset | photographs | {' | '.join(kinds)} |")
     print("|---|---|" + "---|" * len(kinds))
-    for spec in FLAGS.datasets:
-        parts = parse_extra_data(spec, "--datasets")
+    for parts in dataset_specs():
         ratios, shares, share_warned, either = [], [], 0, 0
         for sample in list_samples(*parts):
             data = read_sample(sample)

@@ -23,11 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from bench.datasets_flag import dataset_specs, define_datasets_flag  # noqa: E402
 from retina_tf.flags import run_reported  # noqa: E402
 
-flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of catalog datasets "
-                  "(stare:data/STARE:all; the training split unless given).")
-flags.mark_flag_as_required("datasets")
+define_datasets_flag()
 flags.DEFINE_string("model", None, "Also segment and score each photograph and its BGR copy "
                     "with this run or shipped model.")
 FLAGS = flags.FLAGS
@@ -44,7 +43,6 @@ def main(_):
     from retina_tf.data.pipeline import target_of
     from retina_tf.evaluation import SetScores
     from retina_tf.inference import Segmenter
-    from retina_tf.training import parse_extra_data
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the table, not each warning
     seg = Segmenter.from_run(FLAGS.model, precision="auto") if FLAGS.model else None
@@ -55,8 +53,7 @@ def main(_):
     print("| dataset | photographs | as RGB | as BGR | BGR: estimated FOV over "
           f"{FOV_COVERAGE_RANGE[1]:.0%} of the frame |" + "".join(f" {c} |" for c in scored))
     print("|---|---|---|---|---|" + "---|" * len(scored))
-    for spec in FLAGS.datasets:
-        parts = parse_extra_data(spec, "--datasets")
+    for parts in dataset_specs():
         ratios, whole = [], 0
         scores = [SetScores(seg.task, seg.threshold) for _ in range(2)] if seg else []
         for sample in list_samples(*parts):

@@ -19,11 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from bench.datasets_flag import dataset_specs, define_datasets_flag  # noqa: E402
 from retina_tf.flags import run_reported  # noqa: E402
 
-flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of drive, stare or chase_db1 "
-                  "(stare:data/STARE:all; the training split unless given).")
-flags.mark_flag_as_required("datasets")
+define_datasets_flag("drive, stare or chase_db1")
 FLAGS = flags.FLAGS
 
 # The first observer's file name -> the second's, per dataset's official layout.
@@ -40,9 +39,8 @@ def main(_):
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import DatasetError, read_mask, read_sample
     from retina_tf.metrics import counts_metrics
-    from retina_tf.training import parse_extra_data
 
-    sets = [parse_extra_data(spec, "--datasets") for spec in FLAGS.datasets]
+    sets = dataset_specs()
     for (dataset, _, _), spec in zip(sets, FLAGS.datasets):
         if dataset not in SECOND:
             raise DatasetError(f"--datasets={spec}: no second observer in {dataset}; give one of "

@@ -21,13 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
+from bench.datasets_flag import dataset_specs, define_datasets_flag  # noqa: E402
 from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_list("models", ["unet_drive", "vessel_general", "ripav_rite"],
                   "Run folders or shipped model names.")
-flags.DEFINE_list("datasets", None, "DATASET:FOLDER[:SPLIT] of catalog datasets "
-                  "(stare:data/STARE:all; the training split unless given).")
-flags.mark_flag_as_required("datasets")
+define_datasets_flag()
 flags.DEFINE_boolean("av_tta", False, "A/V models segment with --tta --tta_transpose --av_vote.")
 FLAGS = flags.FLAGS
 
@@ -45,7 +44,6 @@ def main(_):
         vessel_share,
         vessel_share_warning,
     )
-    from retina_tf.training import parse_extra_data
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the warnings are counted here
     segs = {m: Segmenter.from_run(m) for m in FLAGS.models}
@@ -54,8 +52,7 @@ def main(_):
         segs.update({m: Segmenter.from_run(m, tta=True, tta_transpose=True, av_vote=True)
                      for m in av})
     vessel_rows, artery_rows = [], []
-    for spec in FLAGS.datasets:
-        dataset, folder, split = parse_extra_data(spec, "--datasets")
+    for dataset, folder, split in dataset_specs():
         labels, label_arteries = [], []
         shares, warned = {m: [] for m in segs}, {m: 0 for m in segs}
         arteries, warned_av = {m: [] for m in av}, {m: 0 for m in av}
