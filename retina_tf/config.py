@@ -549,9 +549,6 @@ def _check_combinations(cfg: Any) -> None:
         if not getattr(cfg, "balance_datasets", True):
             raise ConfigError(f"{flag}: weights the sets' shares, which --nobalance_datasets "
                               "turns off: leave one of them out")
-        if getattr(cfg, "mode", "patch") == "whole":
-            raise ConfigError(f"{flag}: weights the sets' shares of the patches; --mode=whole "
-                              "draws every whole image equally often: train on patches")
     if getattr(cfg, "camera_channel_gamma", 0.0) and not getattr(cfg, "camera_variants", 0):
         raise ConfigError(f"--camera_channel_gamma={cfg.camera_channel_gamma}: it changes the "
                           "camera copies, and --camera_variants is 0 (none made): give "

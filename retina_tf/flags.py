@@ -424,11 +424,13 @@ def define_train_flags(d: _Definer) -> None:
                   "DATASET:FOLDER[:SPLIT] (split training by default; all for every labelled "
                   "image), e.g. stare:data/STARE:all. The last --val_images of each are held "
                   "out.")
-    d.DEFINE_boolean("balance_datasets", True, "With --extra_data: draw patches from each "
-                     "dataset equally often, whatever its number of images.")
-    d.DEFINE_list("dataset_weights", [], "With --extra_data: each set's share of the patches, "
-                  "--dataset first, then each --extra_data in order (e.g. 2,1: twice as many "
-                  "from --dataset as from the other set); empty: equal shares.")
+    d.DEFINE_boolean("balance_datasets", True, "With --extra_data: draw patches (whole images "
+                     "with --mode=whole) from each dataset equally often, whatever its number of "
+                     "images.")
+    d.DEFINE_list("dataset_weights", [], "With --extra_data: each set's share of the patches "
+                  "(whole images with --mode=whole), --dataset first, then each --extra_data "
+                  "in order (e.g. 2,1: twice as many from --dataset as from the other set); "
+                  "empty: equal shares.")
     d.DEFINE_integer("camera_variants", 0, "Augment: this many extra copies of each training "
                      "image with random camera changes (white balance, colour, contrast, gamma, "
                      "blur, noise, JPEG, uneven illumination; retina_tf.data.camera); 0: off.")

@@ -865,12 +865,12 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
     ``start_epoch`` epochs of ``steps`` batches have been drawn."""
     start = start_epoch * steps * cfg.batch_size
     multiple = model.size_multiple
-    if cfg.mode == "whole":
-        return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
-                                   start=start)
-    sizes = cfg.mixed_patch_sizes
     shares = {"groups": train_set.groups if getattr(cfg, "balance_datasets", True) else None,
               "group_weights": getattr(cfg, "dataset_weights", ())}
+    if cfg.mode == "whole":
+        return whole_image_dataset(train_set, cfg.batch_size, multiple, augment, cfg.seed,
+                                   start=start, **shares)
+    sizes = cfg.mixed_patch_sizes
     if model.context_fusion and model.context_factor == 0:  # the whole image as context
         return patch_dataset(train_set, cfg.patch_size, cfg.batch_size, cfg.vessel_probability,
                              augment, cfg.seed, start=start, context_size=model.context_size,
@@ -1236,7 +1236,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
     weights = getattr(cfg, "dataset_weights", ())
     if weights:  # the shares, in the order the sets were given
         images += " (" + " / ".join(f"{w / sum(weights):.0%}" for w in weights) + \
-            " of the patches from each set)"
+            f" of the {'images' if cfg.mode == 'whole' else 'patches'} from each set)"
     log.info(f"{images}, {len(val_set) if val_set else 0} held out for "
              f"validation; preprocessing {pre.steps}; strategy {type(strategy).__name__} with "
              f"{strategy.num_replicas_in_sync} replica(s); run folder {run_dir}")

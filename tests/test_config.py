@@ -107,8 +107,6 @@ def test_from_run_needs_a_run_folder(tmp_path):
      "--dataset_weights=2,1: 2 weight(s) for 1 set(s)"),
     ({"dataset": "drive", "extra_data": ("stare:data/STARE:all",), "dataset_weights": (2, 1),
       "balance_datasets": False}, "which --nobalance_datasets turns off"),
-    ({"dataset": "drive", "extra_data": ("stare:data/STARE:all",), "dataset_weights": (2, 1),
-      "mode": "whole"}, "--mode=whole draws every whole image equally often"),
 ])
 def test_a_config_refuses_what_its_flag_refuses(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

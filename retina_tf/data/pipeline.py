@@ -386,16 +386,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     starts = tf.constant(np.stack([fov_starts, vessel_starts]))
     sizes = tf.constant(np.stack([fov_sizes, vessel_sizes]))
     n_groups = len(group_ids)
-    if group_weights and len(group_weights) != n_groups:
-        raise ValueError(f"{len(group_weights)} group weights for {n_groups} groups")
-    # where the group's share ends on [0, 1): a uniform draw falls in group k's interval
-    bounds = tf.constant(np.cumsum(group_weights)[:-1] / np.sum(group_weights), tf.float32) \
-        if group_weights else None
-
-    def draw_group(seed):
-        if bounds is None:  # uniformly
-            return tf.random.stateless_uniform([], seed, 0, n_groups, dtype=tf.int32)
-        return tf.reduce_sum(tf.cast(bounds <= tf.random.stateless_uniform([], seed), tf.int32))
+    draw_group = _group_draw(n_groups, group_weights)
     contexts = None
     if context_size:  # as the model's own context_of at inference: area resize of the image
         contexts = tf.constant(np.concatenate([
@@ -441,6 +432,22 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     return without_autotune(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
+def _group_draw(n_groups: int, weights: Sequence[float] = ()):
+    """A function of a stateless seed that draws a group number in ``[0, n_groups)``:
+    uniformly, or in proportion to ``weights`` (one per group)."""
+    if weights and len(weights) != n_groups:
+        raise ValueError(f"{len(weights)} group weights for {n_groups} groups")
+    # where the group's share ends on [0, 1): a uniform draw falls in group k's interval
+    bounds = tf.constant(np.cumsum(weights)[:-1] / np.sum(weights), tf.float32) \
+        if weights else None
+
+    def draw(seed):
+        if bounds is None:
+            return tf.random.stateless_uniform([], seed, 0, n_groups, dtype=tf.int32)
+        return tf.reduce_sum(tf.cast(bounds <= tf.random.stateless_uniform([], seed), tf.int32))
+    return draw
+
+
 def padded_size(seg: SegmentationSet, multiple: int, square: bool = False) -> tuple[int, int]:
     h = max(im.shape[0] for im in seg.images)
     w = max(im.shape[1] for im in seg.images)
@@ -451,23 +458,45 @@ def padded_size(seg: SegmentationSet, multiple: int, square: bool = False) -> tu
 
 def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int = 16,
                         augment: Augment | None = None, seed: int = 0, shuffle: bool = True,
-                        repeat: bool = True, start: int = 0) -> tf.data.Dataset:
+                        repeat: bool = True, start: int = 0,
+                        groups: Sequence[int] | None = None,
+                        group_weights: Sequence[float] = ()) -> tf.data.Dataset:
     """Batches of whole images zero-padded (bottom/right) to a multiple of ``multiple``.
 
     With rot90 augmentation the padding is square so every rotation keeps the shape. Padding
     has FOV weight 0. ``start`` skips that many images of the (shuffled, repeated) stream.
+    With ``groups`` of more than one group number (one per image, e.g. its dataset) and
+    ``repeat``, each item first draws a group, uniformly or in proportion to
+    ``group_weights``, then one of its images uniformly (as :func:`patch_dataset`).
     """
     augment = augment if augment is not None else Augment()
     channels = seg.images[0].shape[-1]
     n_extras = seg.extras[0].shape[-1] if seg.extras else 0
     h, w = padded_size(seg, multiple, square=augment.rot90)
     stack = tf.constant(_stack(seg, h, w))
-    ds = tf.data.Dataset.from_tensor_slices(tf.range(len(seg), dtype=tf.int64))
-    if shuffle:
-        ds = ds.shuffle(len(seg), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1))).skip(start)
+    group_of = None if groups is None else np.asarray(groups, np.int64)
+    if group_of is not None and group_of.shape != (len(seg),):
+        raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
+    if repeat and group_of is not None and len(np.unique(group_of)) > 1:
+        order = np.argsort(group_of, kind="stable")  # each group's images contiguous
+        _, first, counts = np.unique(group_of[order], return_index=True, return_counts=True)
+        members, firsts, counts = (tf.constant(v, tf.int64) for v in (order, first, counts))
+        draw_group = _group_draw(len(counts), group_weights)
+
+        def pick(seed_scalar):
+            s = _seeds(seed_scalar + 104729, 2)
+            g = draw_group(s[0])
+            i = firsts[g] + tf.random.stateless_uniform([], s[1], 0, counts[g], dtype=tf.int64)
+            return members[i], seed_scalar
+
+        ds = tf.data.Dataset.random(seed=seed + 1).skip(start).map(pick)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(tf.range(len(seg), dtype=tf.int64))
+        if shuffle:
+            ds = ds.shuffle(len(seg), seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed + 1))).skip(start)
 
     def load(i, seed_scalar):
         item = tf.gather(stack, i)

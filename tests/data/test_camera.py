@@ -143,6 +143,29 @@ def test_context_fusion_patches_keep_the_sets_shares(context_factor):
     assert abs(first - 0.75) < 0.08
 
 
+@pytest.mark.parametrize("balance, weights, share", [
+    (False, (), 0.2), (True, (), 0.5), (True, (3.0, 1.0), 0.75)])
+def test_whole_images_keep_the_sets_shares(balance, weights, share):
+    # --mode=whole draws the sets' images in the shares patches get: one image of the first
+    # set against four of the second
+    from retina_tf.config import TrainConfig
+    from retina_tf.models.unet import UNet
+    from retina_tf.training import training_dataset
+    seg = SegmentationSet(
+        list("abcde"), [np.full((8, 8, 1), v, np.float32) for v in (0.2, 0.8, 0.8, 0.8, 0.8)],
+        [np.zeros((8, 8, 1), np.float32)] * 5, [np.ones((8, 8), bool)] * 5,
+        groups=[0, 1, 1, 1, 1])
+    cfg = TrainConfig(dataset="drive", extra_data=("stare:data/STARE:all",), mode="whole",
+                      balance_datasets=balance, dataset_weights=weights, batch_size=500)
+    model = UNet(depth=2, base_filters=4)
+    first, second = (x.numpy() for x, *_ in
+                     training_dataset(cfg, model, seg, Augment.none(), steps=1).take(2))
+    assert abs(float((np.abs(first[:, 4, 4, 0] - 0.2) < 1e-3).mean()) - share) < 0.06
+    # a resumed run (one epoch of one batch drawn) continues the same stream
+    later = training_dataset(cfg, model, seg, Augment.none(), steps=1, start_epoch=1)
+    assert np.array_equal(next(iter(later))[0].numpy(), second)
+
+
 def test_extra_data_entries_parse_and_bad_ones_say_how():
     assert parse_extra_data("stare:data/STARE:all") == ("stare", "data/STARE", "all")
     assert parse_extra_data("STARE:data/STARE") == ("stare", "data/STARE", "training")
