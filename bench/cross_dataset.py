@@ -26,6 +26,8 @@ from retina_tf.flags import run_reported  # noqa: E402
 
 flags.DEFINE_list("runs", None, "Rows: NAME=RUN (run folder or shipped model name).")
 flags.DEFINE_multi_string("test", None, "A column: NAME=DATASET:FOLDER:SPLIT (repeat).")
+flags.DEFINE_boolean("tta", None, "Passed to every evaluate (--notta: none); default: each "
+                     "run's own choice, as evaluate's.")
 flags.DEFINE_string("out", "logs/cross_dataset", "Folder of each cell's evaluate output and "
                     "of table.md / table.json.")
 flags.mark_flags_as_required(["runs", "test"])
@@ -61,9 +63,10 @@ def main(_):
         for col, dataset, folder, split in tests:
             out = out_root / f"{row}__{col}".replace(" ", "_").replace("+", "_")
             cfg = EvalConfig(model=run, dataset=dataset, data_dir=folder, eval_split=split,
-                             output_dir=str(out), overwrite=True)
+                             output_dir=str(out), overwrite=True, tta=FLAGS.tta)
+            tta = "" if FLAGS.tta is None else " --tta" if FLAGS.tta else " --notta"
             commands.append(f"python bin/evaluate.py --model={run} --dataset={dataset} "
-                            f"--data_dir={folder} --eval_split={split} --output_dir={out}")
+                            f"--data_dir={folder} --eval_split={split} --output_dir={out}{tta}")
             report = evaluate(cfg)
             names = [r["name"] for r in report["per_image"]]
             cells[row, col] = {"f1": report["metrics"]["f1"],

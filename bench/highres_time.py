@@ -31,6 +31,8 @@ flags.DEFINE_list("settings", ["auto"], "--inference_scale settings to time.")
 flags.DEFINE_integer("tile_size", 0, "--tile_size (0: automatic).")
 flags.DEFINE_enum("precision", "float32", ["auto", "float32", "bfloat16"],
                   "--precision (predict's default is auto).")
+flags.DEFINE_boolean("tta", False, "Segment with flip TTA (vessel_general's default in "
+                     "predict); off: the network once.")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (after one warm-up).",
                      lower_bound=1)
 flags.DEFINE_string("child", None, "Internal: time this one setting and print JSON.")
@@ -64,7 +66,7 @@ def _time_one(setting: str, path: str) -> dict:
     from retina_tf.inference import Segmenter
 
     seg = Segmenter.from_run(FLAGS.model, inference_scale=setting, tile_size=FLAGS.tile_size,
-                             precision=FLAGS.precision)
+                             precision=FLAGS.precision, tta=FLAGS.tta)
 
     def once():
         image = read_image(path)
@@ -95,7 +97,8 @@ def main(_):
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f"--child={setting}",
              f"--model={FLAGS.model}", f"--tile_size={FLAGS.tile_size}",
-             f"--runs={FLAGS.runs}", f"--photograph={path}", f"--precision={FLAGS.precision}"],
+             f"--runs={FLAGS.runs}", f"--photograph={path}", f"--precision={FLAGS.precision}",
+             f"--tta={FLAGS.tta}"],
             capture_output=True, text=True)
         result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not result:

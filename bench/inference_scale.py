@@ -76,7 +76,7 @@ def main(_):
             raise SystemExit(f"--fusions={text}: give mean:a+b or max:a+b")
         fusions.append((text, how, a, b))
     settings = list(dict.fromkeys(FLAGS.settings + [s for _, _, a, b in fusions for s in (a, b)]))
-    segs = {s: Segmenter.from_run(FLAGS.model, inference_scale=s) for s in settings}
+    segs = {s: Segmenter.from_run(FLAGS.model, inference_scale=s, tta=False) for s in settings}
     names = FLAGS.settings + [f[0] for f in fusions]
     table, shares = {}, {}
     for spec in FLAGS.datasets:

@@ -68,11 +68,13 @@ def main(_):
             loads.append(time.perf_counter() - start)
         print(f"Segmenter.from_run({FLAGS.model!r}, precision={p!r}): median "
               f"{np.median(loads):.3f} s")
-    settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, **extra)
+    settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, tta=False,
+                                                **extra)
                 for mode, extra in modes for p in FLAGS.precisions}
     if FLAGS.unfolded:
         for mode, extra in modes:
-            seg = Segmenter.from_run(FLAGS.model, inference=mode, precision="bfloat16", **extra)
+            seg = Segmenter.from_run(FLAGS.model, inference=mode, precision="bfloat16",
+                                     tta=False, **extra)
             seg.network = seg.model  # read when the forward pass is first traced
             settings[(mode, "bfloat16, batch norms unfolded")] = seg
     times = {key: [] for key in settings}

@@ -51,6 +51,7 @@ from retina_tf.inference import (
     artery_share,
     environment,
     resolve_threshold,
+    tta_line,
     vessel_share,
 )
 from retina_tf.losses import vessel_width_map
@@ -518,16 +519,58 @@ def choose_threshold(run: str | os.PathLike | Segmenter, images,
     return threshold_choice(scores, labels, names, thresholds)
 
 
-def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
-    """Writes a :func:`choose_threshold` result into ``run_dir/run.json`` (atomically): from
-    then on evaluate, predict, make_error_maps, compare and export use it unless
-    ``--threshold`` is given."""
+# Flip TTA costs four times the inference: a run keeps it on only for this much held-out F1.
+MIN_TTA_GAIN = 0.001
+
+
+def choose_tta(run: str | os.PathLike, images) -> dict[str, Any]:
+    """Whether a run segments with flip TTA by default: on when averaging the four flips
+    raises the pooled F1 of its held-out images, at its stored threshold, by
+    :data:`MIN_TTA_GAIN` (the flips-averaging of Ronneberger et al., MICCAI 2015 and of
+    nnU-Net, Isensee et al., Nature Methods 2021, chosen as :func:`choose_threshold` chooses).
+
+    Args:
+        run: a run folder or a shipped model name.
+        images: held-out samples (``retina_tf.data.pipeline.resolve_samples``), never test
+            images.
+
+    Returns:
+        ``{"tta", "tta_from": {"images", "f1", "f1_tta", "threshold", "rule"}}``, for
+        :func:`store_choice`.
+    """
+    plain, flips = (Segmenter.from_run(run, tta=tta) for tta in (False, True))
+    threshold, pixels, names = plain.threshold, {False: [], True: []}, []
+    for sample in progress(list(images), "TTA", name=lambda s: Path(s.image).name):
+        data = read_sample(sample)
+        for tta, seg in ((False, plain), (True, flips)):
+            prob = seg.probability_at_inference_scale(data.image, data.fov, source=sample.image)
+            pixels[tta].append(_held_out_pixels(prob, target_of(data, seg.task), data.fov))
+        names.append(data.name)
+    if not names:
+        raise DatasetError("no held-out images to choose on")
+    f1 = {tta: float(f1_by_threshold(*(np.concatenate(part) for part in zip(*pixels[tta])),
+                                     [threshold])[0]) for tta in (False, True)}
+    return {"tta": f1[True] - f1[False] >= MIN_TTA_GAIN,
+            "tta_from": {"images": names, "f1": f1[False], "f1_tta": f1[True],
+                         "threshold": threshold,
+                         "rule": f"on when flip TTA gains {MIN_TTA_GAIN:g} F1 or more"}}
+
+
+def store_choice(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
+    """Writes a :func:`choose_threshold` or :func:`choose_tta` result into
+    ``run_dir/run.json`` (atomically): from then on evaluate, predict, make_error_maps, compare
+    and export use it unless ``--threshold`` (``--tta`` / ``--notta``) is given."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist: {run_dir} is not a run folder")
     info = json.loads(path.read_text())
-    info.update({"threshold": choice["threshold"], "threshold_from": choice["threshold_from"]})
+    info.update(choice)
     atomic_write_text(path, to_json(info))
+
+
+def store_threshold(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:
+    """:func:`store_choice` of a :func:`choose_threshold` result."""
+    store_choice(run_dir, {key: choice[key] for key in ("threshold", "threshold_from")})
 
 
 def images_seen_in_training(run_info: dict, names: list[str], dataset: str | None = None,
@@ -667,6 +710,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
     _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
+    if line := tta_line(seg, cfg.tta):
+        log.info(line)
     log.info(seg.describe_inference_scale())
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
     scores = SetScores(task, threshold, cfg.whole_image_metrics, av_by_width=True,
@@ -1361,7 +1406,7 @@ def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> d
     flags = {k: v for k, v in dataclasses.asdict(cfg).items()
              if k not in ("input", "output_dir", "overwrite", "model", "logdir", "run_name")}
     return {**flags, "model_sha256": model_fingerprint(seg.run_dir), "threshold": threshold,
-            "precision": seg.precision}
+            "tta": seg.tta, "precision": seg.precision}
 
 
 def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: list[str]
@@ -1434,6 +1479,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     log.info(f"segmenting {len(inputs)} image(s){of_files} with {seg.run_dir.name} "
              f"({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
+    if line := tta_line(seg, cfg.tta):
+        log.info(line)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
     outs, bases, names = _output_layout(

@@ -580,6 +580,11 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         scales = ", ".join(f"{s:g}" for s in seg.model.scales)
         notes.append(f"the scale fusion is exported at the training scales ({scales}) only; "
                      "other inference scales (--eval_scales) need retina_tf")
+    if seg.tta and seg.task != "av":  # the run's own choice (run.json tta)
+        notes.append("for the results as retina_tf gives them (the run segments with flip TTA "
+                     "by default, chosen on its held-out images): average the export's "
+                     "probabilities over the photograph and its horizontal, vertical and "
+                     "double flips (each flipped back)")
     if seg.task == "av":
         notes.append("for the A/V results as measured (--tta --tta_transpose --av_vote): "
                      "average the export's probabilities over the 8 flips and transposes of "

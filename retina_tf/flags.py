@@ -549,7 +549,9 @@ def define_eval_flags(d: _Definer) -> None:
     d.DEFINE_integer("stride", 16, "Sliding-window stride.")
     d.DEFINE_list("eval_scales", None, "Multi-scale models (hmsa): inference scales, e.g. "
                   "0.5,1.0,2.0 (default: the training scales).")
-    d.DEFINE_boolean("tta", False, "Test-time augmentation: average over flips (about 4x slower).")
+    d.DEFINE_boolean("tta", None, "Test-time augmentation: average over flips (about 4x "
+                     "slower); default: the run's choice, made on its held-out images (run.json "
+                     "tta; vessel_general: on), else off.")
     d.DEFINE_boolean("tta_transpose", False, "With --tta, also average over the flips of the "
                      "transposed image (8 views, about 8x slower); for models trained with "
                      "--rot90.")

@@ -16,16 +16,19 @@ from retina_tf.data.io import read_image, read_mask, read_sample
 from retina_tf.data.pipeline import SegmentationSet, resolve_samples
 from retina_tf.errors import DatasetError, ModelFileError
 from retina_tf.evaluation import (
+    MIN_TTA_GAIN,
     THRESHOLD_GRID,
     choose_threshold,
+    choose_tta,
     evaluate,
     f1_by_threshold,
     predict,
+    store_choice,
     threshold_choice,
     threshold_line,
     write_error_maps,
 )
-from retina_tf.export import run_threshold
+from retina_tf.export import deployer_notes, run_threshold
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, stored_threshold
 from retina_tf.metrics import ConfusionMatrix
@@ -222,3 +225,44 @@ def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_
                                            data_dir=str(data), output_dir=str(tmp_path / "maps")))
     assert json.loads((maps / "error_maps.json").read_text())["threshold"] == 0.9
     assert run_threshold(copy) == 0.9
+
+
+@pytest.mark.slow
+def test_a_runs_tta_choice_is_used_unless_the_flag_says_otherwise(tiny_run, tmp_path, capsys):
+    data, run, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "threshold": 0.5}))
+    held_out = [s for s in resolve_samples("synthetic", data, "training")
+                if s.name in info["data"]["validation_images"]]
+    choice = choose_tta(copy, held_out)
+    # its two F1s are those the threshold's choice counts with and without the flips
+    for tta, key in ((False, "f1"), (True, "f1_tta")):
+        again = choose_threshold(Segmenter.from_run(copy, tta=tta), held_out)["threshold_from"]
+        assert choice["tta_from"][key] == pytest.approx(again["f1_at_0.5"], abs=1e-6)
+    gain = choice["tta_from"]["f1_tta"] - choice["tta_from"]["f1"]
+    assert choice["tta"] == (gain >= MIN_TTA_GAIN)
+    assert Segmenter.from_run(copy).tta is False  # no choice stored: off
+    store_choice(copy, {**choice, "tta": True})
+    assert Segmenter.from_run(copy).tta is True
+    assert Segmenter.from_run(copy, tta=False).tta is False
+
+    photo = resolve_samples("synthetic", data, "test")[0].image
+    masks = {}
+    for name, extra in (("run", []), ("notta", ["--notta"])):
+        predict(parse_config("predict", [f"--model={copy}", f"--input={photo}",
+                                         f"--output_dir={tmp_path / name}",
+                                         "--precision=float32", *extra]))
+        masks[name] = read_mask(tmp_path / name / f"{photo.stem}_mask.png")
+    out = capsys.readouterr().out
+    assert out.count("flip TTA (the run's choice: F1 ") == 1  # not with --notta
+    for tta, name in ((True, "run"), (False, "notta")):
+        mask = Segmenter.from_run(copy, tta=tta, precision="float32").segment(
+            read_image(photo))[1]
+        np.testing.assert_array_equal(masks[name], mask[..., 0])
+    assert any("flip TTA" in note for note in deployer_notes(Segmenter.from_run(copy),
+                                                             "saved_model"))
+    (copy / "run.json").write_text(json.dumps({**info, "tta": "yes"}))
+    with pytest.raises(ModelFileError, match="\"tta\": 'yes' is neither true nor false"):
+        Segmenter.from_run(copy, tta=False)
