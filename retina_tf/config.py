@@ -210,6 +210,7 @@ class TrainConfig(DataConfig, RunRef, _Optimization, _Augmentation):
     error_maps: str | None = None
     stride: int = 16
     eval_scales: tuple[float, ...] | None = None
+    choose_tta: bool = False
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -550,6 +551,9 @@ def _check_combinations(cfg: Any) -> None:
         if not getattr(cfg, "balance_datasets", True):
             raise ConfigError(f"{flag}: weights the sets' shares, which --nobalance_datasets "
                               "turns off: leave one of them out")
+    if getattr(cfg, "choose_tta", False) and not getattr(cfg, "val_images", 2):
+        raise ConfigError("--choose_tta: chooses on the held-out training images, and "
+                          "--val_images=0 holds none out: give --val_images=2 or more")
     if getattr(cfg, "camera_channel_gamma", 0.0) and not getattr(cfg, "camera_variants", 0):
         raise ConfigError(f"--camera_channel_gamma={cfg.camera_channel_gamma}: it changes the "
                           "camera copies, and --camera_variants is 0 (none made): give "

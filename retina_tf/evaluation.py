@@ -523,37 +523,65 @@ def choose_threshold(run: str | os.PathLike | Segmenter, images,
 MIN_TTA_GAIN = 0.001
 
 
-def choose_tta(run: str | os.PathLike, images) -> dict[str, Any]:
+def choose_tta(run: str | os.PathLike | Segmenter, images,
+               threshold: float | None = None) -> dict[str, Any]:
     """Whether a run segments with flip TTA by default: on when averaging the four flips
-    raises the pooled F1 of its held-out images, at its stored threshold, by
-    :data:`MIN_TTA_GAIN` (the flips-averaging of Ronneberger et al., MICCAI 2015 and of
-    nnU-Net, Isensee et al., Nature Methods 2021, chosen as :func:`choose_threshold` chooses).
+    raises the pooled F1 of its held-out images, at its threshold, by :data:`MIN_TTA_GAIN`
+    (the flips-averaging of Ronneberger et al., MICCAI 2015 and of nnU-Net, Isensee et al.,
+    Nature Methods 2021, chosen as :func:`choose_threshold` chooses).
 
     Args:
-        run: a run folder or a shipped model name.
-        images: held-out samples (``retina_tf.data.pipeline.resolve_samples``), never test
-            images.
+        run: a run folder, a shipped model name, or a loaded :class:`Segmenter`.
+        images: held-out images, never test images: a preprocessed :class:`SegmentationSet`
+            (as validation during training), or samples
+            (``retina_tf.data.pipeline.resolve_samples``; read as :func:`evaluate` does).
+        threshold: the mask threshold (None: the run's stored one).
 
     Returns:
         ``{"tta", "tta_from": {"images", "f1", "f1_tta", "threshold", "rule"}}``, for
         :func:`store_choice`.
     """
-    plain, flips = (Segmenter.from_run(run, tta=tta) for tta in (False, True))
-    threshold, pixels, names = plain.threshold, {False: [], True: []}, []
-    for sample in progress(list(images), "TTA", name=lambda s: Path(s.image).name):
-        data = read_sample(sample)
-        for tta, seg in ((False, plain), (True, flips)):
-            prob = seg.probability_at_inference_scale(data.image, data.fov, source=sample.image)
-            pixels[tta].append(_held_out_pixels(prob, target_of(data, seg.task), data.fov))
-        names.append(data.name)
-    if not names:
+    seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run, tta=False)
+    threshold = seg.threshold if threshold is None else threshold
+    if isinstance(images, SegmentationSet):
+        items = [(name, lambda i=i: (images.images[i], images.targets[i], images.fovs[i]))
+                 for i, name in enumerate(images.names)]
+    else:
+        def read(sample):
+            data = read_sample(sample)
+            return data.image, target_of(data, seg.task), data.fov
+        items = [(s.name, lambda s=s: read(s)) for s in images]
+    if not items:
         raise DatasetError("no held-out images to choose on")
+    pixels: dict[bool, list] = {False: [], True: []}
+    given = seg.tta
+    try:
+        for name, load in progress(items, "TTA", name=lambda item: item[0]):
+            image, target, fov = load()
+            for tta in (False, True):
+                seg.tta = tta  # read by each call
+                prob = seg.probability_preprocessed(image) \
+                    if isinstance(images, SegmentationSet) else \
+                    seg.probability_at_inference_scale(image, fov, source=name)
+                pixels[tta].append(_held_out_pixels(prob, target, fov))
+    finally:
+        seg.tta = given
     f1 = {tta: float(f1_by_threshold(*(np.concatenate(part) for part in zip(*pixels[tta])),
                                      [threshold])[0]) for tta in (False, True)}
     return {"tta": f1[True] - f1[False] >= MIN_TTA_GAIN,
-            "tta_from": {"images": names, "f1": f1[False], "f1_tta": f1[True],
+            "tta_from": {"images": [name for name, _ in items], "f1": f1[False], "f1_tta": f1[True],
                          "threshold": threshold,
                          "rule": f"on when flip TTA gains {MIN_TTA_GAIN:g} F1 or more"}}
+
+
+def tta_choice_line(choice: dict[str, Any]) -> str:
+    """``flip TTA made the run's default (F1 0.8187 against 0.8163 once, on the 2 held-out
+    images)``, for training's log."""
+    info = choice["tta_from"]
+    n = len(info["images"])
+    return (f"flip TTA {'made' if choice['tta'] else 'not made'} the run's default (F1 "
+            f"{info['f1_tta']:.4f} against {info['f1']:.4f} once, on the {n} held-out "
+            f"image{'' if n == 1 else 's'})")
 
 
 def store_choice(run_dir: str | os.PathLike, choice: dict[str, Any]) -> None:

@@ -445,6 +445,9 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_integer("val_images", 2,
                          "Training images held out (the last ones) for model selection on "
                          "whole images; 0 = none.")
+    d.DEFINE_boolean("choose_tta", False, "At the end of training, make flip TTA the run's "
+                     "default (run.json tta) when it raises the held-out images' F1 by 0.001 "
+                     "or more (inference then takes 4x as long; --notta turns it off).")
     d.DEFINE_boolean("flip", True, "Augment: random flips.")
     d.DEFINE_boolean("rot90", True, "Augment: random 90-degree rotations.")
     d.DEFINE_float("rotate_degrees", 0.0, "Augment: free rotation by an angle drawn from "

@@ -884,6 +884,8 @@ class Segmenter:
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
                  run_name: str | None = None, **overrides) -> Segmenter:
         """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder.
+        ``overrides`` are :class:`Segmenter`'s keywords; ``tta`` defaults to the run's own
+        choice (``run.json`` ``tta``, :func:`retina_tf.evaluation.choose_tta`), else off.
 
         Raises:
             ModelFileError: when the run folder is not found, lacks one of those files, one

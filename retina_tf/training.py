@@ -52,7 +52,15 @@ from retina_tf.errors import (
     RetinaTFError,
     TrainingDiverged,
 )
-from retina_tf.evaluation import choose_threshold, evaluate_set, store_threshold, threshold_line
+from retina_tf.evaluation import (
+    choose_threshold,
+    choose_tta,
+    evaluate_set,
+    store_choice,
+    store_threshold,
+    threshold_line,
+    tta_choice_line,
+)
 from retina_tf.inference import (
     Segmenter,
     environment,
@@ -1294,6 +1302,11 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         else:
             store_threshold(run_dir, choice)
             log.info(threshold_line(choice))
+        if cfg.choose_tta:  # on the same held-out images, at the threshold just stored
+            tta = choose_tta(validation.segmenter(), val_set,
+                             threshold=read_run_json(run_dir).get("threshold", 0.5))
+            store_choice(run_dir, tta)
+            log.info(tta_choice_line(tta))
         return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "
                                         f"{result['auc_roc']:.4f}")
 

@@ -96,6 +96,8 @@ def test_from_run_needs_a_run_folder(tmp_path):
      "label_file_path and dataset both say which images to use"),
     ({"loss": "dice:0"}, "--loss=dice:0: loss spec 'dice:0' weighs every term 0"),
     ({"loss": "dcie:1"}, "--loss=dcie:1: unknown loss term 'dcie'"),
+    ({"choose_tta": True, "val_images": 0}, "--choose_tta: chooses on the held-out training "
+                                             "images, and --val_images=0 holds none out"),
     ({"mode": "whole", "scale_range": (0.8, 1.25)}, "--scale_range: resizes patches; "
                                                      "--mode=whole trains on whole images"),
     ({"mixed_patch_sizes": (24, 48), "scale_range": (0.8, 1.25)},

@@ -26,6 +26,7 @@ from retina_tf.evaluation import (
     store_choice,
     threshold_choice,
     threshold_line,
+    tta_choice_line,
     write_error_maps,
 )
 from retina_tf.export import deployer_notes, run_threshold
@@ -146,7 +147,7 @@ def tiny_run(tiny_synthetic, tmp_path_factory):
     try:
         run = train(parse_config("train", tiny_train_args(
             tiny_synthetic, tmp_path_factory.mktemp("threshold_logs"), "--epochs=2",
-            "--image_summary_every=0")))
+            "--image_summary_every=0", "--choose_tta")))
     finally:
         logging.getLogger("retina_tf").removeHandler(lines)
     return tiny_synthetic, run, lines.lines
@@ -163,26 +164,40 @@ def test_training_stores_the_threshold_of_its_held_out_images(tiny_run):
     # the same image read and segmented as evaluate does gives the same figures
     held_out = [s for s in resolve_samples("synthetic", data, "training")
                 if s.name in source["images"]]
-    again = choose_threshold(run, held_out)["threshold_from"]
+    plain = Segmenter.from_run(run, tta=False)  # as the threshold was chosen
+    again = choose_threshold(plain, held_out)["threshold_from"]
     assert again["f1_at_0.5"] == pytest.approx(source["f1_at_0.5"], abs=1e-4)
     assert max(f1_by_threshold(*_pixels(run, held_out))) == pytest.approx(
         source.get("best_f1", source["f1"]), abs=1e-4)
+    # --choose_tta: the flips' choice on the same image, at that threshold
+    tta = info["tta_from"]
+    assert tta["images"] == source["images"] and tta["threshold"] == chosen
+    assert info["tta"] == (tta["f1_tta"] - tta["f1"] >= MIN_TTA_GAIN)
+    assert tta_choice_line(info) in lines
+    again = choose_tta(run, held_out, threshold=chosen)["tta_from"]
+    assert (again["f1"], again["f1_tta"]) == pytest.approx((tta["f1"], tta["f1_tta"]), abs=1e-4)
 
 
 def _pixels(run, samples):
-    seg = Segmenter.from_run(run)
+    seg = Segmenter.from_run(run, tta=False)
     data = read_sample(samples[0])
     prob = seg.probability_at_inference_scale(data.image, data.fov)[..., -1]
     return prob[data.fov], data.vessel[data.fov]
 
 
-@pytest.mark.slow
-def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_path, capsys):
-    data, run, _ = tiny_run
+def _copy_of(run, tmp_path, **fields):
+    """A copy of the run folder with these run.json fields set; the copy and its run.json."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     info = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({**info, "threshold": 0.9}))
+    (copy / "run.json").write_text(json.dumps({**info, **fields}))
+    return copy, info
+
+
+@pytest.mark.slow
+def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_path, capsys):
+    data, run, _ = tiny_run
+    copy, _ = _copy_of(run, tmp_path, threshold=0.9, tta=False)
     with open(copy / "flags.txt", "a") as f:
         f.write("--threshold=0.5\n")  # an older version's line: no override
     # evaluated with the run's own flags.txt as flagfile (it names the dataset); in float32,
@@ -230,10 +245,7 @@ def test_every_command_uses_the_stored_threshold_unless_given_one(tiny_run, tmp_
 @pytest.mark.slow
 def test_a_runs_tta_choice_is_used_unless_the_flag_says_otherwise(tiny_run, tmp_path, capsys):
     data, run, _ = tiny_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    info = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({**info, "threshold": 0.5}))
+    copy, info = _copy_of(run, tmp_path, threshold=0.5, tta=False)
     held_out = [s for s in resolve_samples("synthetic", data, "training")
                 if s.name in info["data"]["validation_images"]]
     choice = choose_tta(copy, held_out)
@@ -243,7 +255,7 @@ def test_a_runs_tta_choice_is_used_unless_the_flag_says_otherwise(tiny_run, tmp_
         assert choice["tta_from"][key] == pytest.approx(again["f1_at_0.5"], abs=1e-6)
     gain = choice["tta_from"]["f1_tta"] - choice["tta_from"]["f1"]
     assert choice["tta"] == (gain >= MIN_TTA_GAIN)
-    assert Segmenter.from_run(copy).tta is False  # no choice stored: off
+    assert Segmenter.from_run(copy).tta is False  # the run's choice: off
     store_choice(copy, {**choice, "tta": True})
     assert Segmenter.from_run(copy).tta is True
     assert Segmenter.from_run(copy, tta=False).tta is False
