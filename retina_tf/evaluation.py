@@ -478,6 +478,22 @@ def threshold_line(choice: dict[str, Any]) -> str:
             f"image{'' if n == 1 else 's'}; {info['f1_at_0.5']:.3f} at 0.5)")
 
 
+def _held_out(seg: Segmenter, images, label: str):
+    """``(name, segment, target, fov)`` for each held-out image, where ``segment()`` gives
+    ``seg``'s probability maps as ``seg`` is set when called: a preprocessed
+    :class:`SegmentationSet` segmented as validation during training does, or samples read and
+    segmented as :func:`evaluate` does (at the inference scale; ``label`` names the progress)."""
+    if isinstance(images, SegmentationSet):
+        for name, image, target, fov in zip(images.names, images.images, images.targets,
+                                            images.fovs):
+            yield name, lambda image=image: seg.probability_preprocessed(image), target, fov
+        return
+    for sample in progress(list(images), label, name=lambda s: Path(s.image).name):
+        data = read_sample(sample)
+        yield (data.name, lambda data=data, sample=sample: seg.probability_at_inference_scale(
+            data.image, data.fov, source=sample.image), target_of(data, seg.task), data.fov)
+
+
 def choose_threshold(run: str | os.PathLike | Segmenter, images,
                      thresholds=THRESHOLD_GRID,
                      probabilities: list[np.ndarray] | None = None) -> dict[str, Any]:
@@ -500,19 +516,10 @@ def choose_threshold(run: str | os.PathLike | Segmenter, images,
     """
     seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run)
     pixels, names = [], []
-    if isinstance(images, SegmentationSet):
-        for i, (name, target, fov) in enumerate(zip(images.names, images.targets, images.fovs)):
-            prob = probabilities[i] if probabilities is not None else \
-                seg.probability_preprocessed(images.images[i])
-            pixels.append(_held_out_pixels(prob, target, fov))
-            names.append(name)
-    else:
-        for sample in progress(list(images), "threshold", name=lambda s: Path(s.image).name):
-            data = read_sample(sample)
-            prob = seg.probability_at_inference_scale(data.image, data.fov,
-                                                      source=sample.image)
-            pixels.append(_held_out_pixels(prob, target_of(data, seg.task), data.fov))
-            names.append(data.name)
+    for i, (name, segment, target, fov) in enumerate(_held_out(seg, images, "threshold")):
+        prob = probabilities[i] if probabilities is not None else segment()
+        pixels.append(_held_out_pixels(prob, target, fov))
+        names.append(name)
     if not names:
         raise DatasetError("no held-out images to choose a threshold on")
     scores, labels = (np.concatenate(part) for part in zip(*pixels))
@@ -523,8 +530,8 @@ def choose_threshold(run: str | os.PathLike | Segmenter, images,
 MIN_TTA_GAIN = 0.001
 
 
-def choose_tta(run: str | os.PathLike | Segmenter, images,
-               threshold: float | None = None) -> dict[str, Any]:
+def choose_tta(run: str | os.PathLike | Segmenter, images, threshold: float | None = None,
+               probabilities: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Whether a run segments with flip TTA by default: on when averaging the four flips
     raises the pooled F1 of its held-out images, at its threshold, by :data:`MIN_TTA_GAIN`
     (the flips-averaging of Ronneberger et al., MICCAI 2015 and of nnU-Net, Isensee et al.,
@@ -536,6 +543,8 @@ def choose_tta(run: str | os.PathLike | Segmenter, images,
             (as validation during training), or samples
             (``retina_tf.data.pipeline.resolve_samples``; read as :func:`evaluate` does).
         threshold: the mask threshold (None: the run's stored one).
+        probabilities: the maps of a :class:`SegmentationSet` without TTA when already
+            computed (:func:`evaluate_set`'s, at the end of training).
 
     Returns:
         ``{"tta", "tta_from": {"images", "f1", "f1_tta", "threshold", "rule"}}``, for
@@ -543,33 +552,23 @@ def choose_tta(run: str | os.PathLike | Segmenter, images,
     """
     seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run, tta=False)
     threshold = seg.threshold if threshold is None else threshold
-    if isinstance(images, SegmentationSet):
-        items = [(name, lambda i=i: (images.images[i], images.targets[i], images.fovs[i]))
-                 for i, name in enumerate(images.names)]
-    else:
-        def read(sample):
-            data = read_sample(sample)
-            return data.image, target_of(data, seg.task), data.fov
-        items = [(s.name, lambda s=s: read(s)) for s in images]
-    if not items:
-        raise DatasetError("no held-out images to choose on")
     pixels: dict[bool, list] = {False: [], True: []}
-    given = seg.tta
+    names, given = [], seg.tta
     try:
-        for name, load in progress(items, "TTA", name=lambda item: item[0]):
-            image, target, fov = load()
+        for i, (name, segment, target, fov) in enumerate(_held_out(seg, images, "TTA")):
             for tta in (False, True):
                 seg.tta = tta  # read by each call
-                prob = seg.probability_preprocessed(image) \
-                    if isinstance(images, SegmentationSet) else \
-                    seg.probability_at_inference_scale(image, fov, source=name)
+                prob = probabilities[i] if probabilities is not None and not tta else segment()
                 pixels[tta].append(_held_out_pixels(prob, target, fov))
+            names.append(name)
     finally:
         seg.tta = given
+    if not names:
+        raise DatasetError("no held-out images to choose on")
     f1 = {tta: float(f1_by_threshold(*(np.concatenate(part) for part in zip(*pixels[tta])),
                                      [threshold])[0]) for tta in (False, True)}
     return {"tta": f1[True] - f1[False] >= MIN_TTA_GAIN,
-            "tta_from": {"images": [name for name, _ in items], "f1": f1[False], "f1_tta": f1[True],
+            "tta_from": {"images": names, "f1": f1[False], "f1_tta": f1[True],
                          "threshold": threshold,
                          "rule": f"on when flip TTA gains {MIN_TTA_GAIN:g} F1 or more"}}
 

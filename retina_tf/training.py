@@ -1295,6 +1295,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
         result, probs = evaluate_set(validation.segmenter(), val_set, cfg.task)
         # evaluate and predict use this threshold unless --threshold is given
+        threshold = 0.5
         try:
             choice = choose_threshold(validation.segmenter(), val_set, probabilities=probs)
         except DatasetError as err:
@@ -1302,9 +1303,10 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         else:
             store_threshold(run_dir, choice)
             log.info(threshold_line(choice))
+            threshold = choice["threshold"]
         if cfg.choose_tta:  # on the same held-out images, at the threshold just stored
-            tta = choose_tta(validation.segmenter(), val_set,
-                             threshold=read_run_json(run_dir).get("threshold", 0.5))
+            tta = choose_tta(validation.segmenter(), val_set, threshold=threshold,
+                             probabilities=probs)
             store_choice(run_dir, tta)
             log.info(tta_choice_line(tta))
         return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "
