@@ -361,9 +361,7 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
                + np.flatnonzero(m) % m.shape[1] for i, m in enumerate(masks)]
         return np.concatenate(out).astype(np.int64)
 
-    group_of = np.zeros(len(seg), np.int64) if groups is None else np.asarray(groups, np.int64)
-    if group_of.shape != (len(seg),):
-        raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
+    group_of = _group_numbers(seg, groups)
     group_ids = np.unique(group_of)
     vessel_masks = [(t.max(axis=-1) > 0) & f for t, f in zip(seg.targets, seg.fovs)]
     # a set whose labels hold no vessel draws its "vessel" centres anywhere in its FOV; the
@@ -432,6 +430,14 @@ def patch_dataset(seg: SegmentationSet, patch_size: int = 48, batch_size: int = 
     return without_autotune(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
+def _group_numbers(seg: SegmentationSet, groups: Sequence[int] | None) -> np.ndarray:
+    """One group number per image of ``seg`` (all 0 without ``groups``)."""
+    group_of = np.zeros(len(seg), np.int64) if groups is None else np.asarray(groups, np.int64)
+    if group_of.shape != (len(seg),):
+        raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
+    return group_of
+
+
 def _group_draw(n_groups: int, weights: Sequence[float] = ()):
     """A function of a stateless seed that draws a group number in ``[0, n_groups)``:
     uniformly, or in proportion to ``weights`` (one per group)."""
@@ -474,10 +480,8 @@ def whole_image_dataset(seg: SegmentationSet, batch_size: int = 1, multiple: int
     n_extras = seg.extras[0].shape[-1] if seg.extras else 0
     h, w = padded_size(seg, multiple, square=augment.rot90)
     stack = tf.constant(_stack(seg, h, w))
-    group_of = None if groups is None else np.asarray(groups, np.int64)
-    if group_of is not None and group_of.shape != (len(seg),):
-        raise ValueError(f"{len(group_of)} group numbers for {len(seg)} images")
-    if repeat and group_of is not None and len(np.unique(group_of)) > 1:
+    group_of = _group_numbers(seg, groups)
+    if repeat and len(np.unique(group_of)) > 1:
         order = np.argsort(group_of, kind="stable")  # each group's images contiguous
         _, first, counts = np.unique(group_of[order], return_index=True, return_counts=True)
         members, firsts, counts = (tf.constant(v, tf.int64) for v in (order, first, counts))
