@@ -464,7 +464,7 @@ class StopOnDivergence(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self._stop(f"the training loss became {float(loss)} at epoch {self._epoch}, step "
+            self._stop(f"the training loss became {float(loss)} in epoch {self._epoch}, step "
                        f"{batch + 1} of {self.steps_per_epoch}")
 
     def on_epoch_end(self, epoch, logs=None):

@@ -218,18 +218,18 @@ def test_fit_lowers_both_losses(tmp_path):
     fov = np.ones_like(vessel)
 
     def error_loss():
-        return float(masked_mse(model(x, training=False)["error_attention"], error))
+        # with the batch's own statistics, as the steps saw it: the moving statistics of a
+        # few batches of two images lag behind, and whether the inference loss had fallen
+        # yet depended on the CPU's float order (0.267 -> 0.343 after 40 steps on an AVX2 one)
+        return float(masked_mse(model(x, training=True)["error_attention"], error))
 
     before = error_loss()
     # 1e-2: at 3e-3 the steps moved the error loss (weighted 0.5) by less than the float
-    # differences between CPUs with and without AVX-512 (0.2666 -> 0.2685 on an AVX2 one). 40
-    # steps: after 20 the inference loss, on moving statistics of 20 batches of two images,
-    # still went up for some seeds and float orders (0.267 -> 0.423); after 40 it fell for each.
-    history = fit_toy(model, x, y, Adam(1e-2), epochs=8, steps_per_epoch=5,
-                      fov=fov)
+    # differences between CPUs with and without AVX-512 (0.2666 -> 0.2685 on an AVX2 one)
+    history = fit_toy(model, x, y, Adam(1e-2), epochs=4, steps_per_epoch=5, fov=fov)
     assert history["loss"][-1] < history["loss"][0]
     assert "f1" in history  # metrics see the segmentation channel only
-    assert error_loss() < before
+    assert error_loss() < 0.5 * before  # about a quarter of it after 20 steps, for each seed
 
 
 def test_with_scales_shares_weights_and_reload(tiny, tmp_path):
