@@ -514,7 +514,7 @@ def test_a_gray_photograph_with_bright_vessels_is_warned_of(shared_data, tmp_pat
     cv2.imwrite(str(tmp_path / "fa.png"), angiogram)
     cv2.imwrite(str(tmp_path / "redfree.png"), gray)
     with caplog.at_level(logging.INFO, logger="retina_tf"):
-        predict(PredictConfig(input=str(tmp_path), output_dir=str(tmp_path / "out")))
+        predict(PredictConfig(input=str(tmp_path), output_dir=str(tmp_path / "out"), tta=False))
     warned = [r.getMessage() for r in caplog.records  # not TensorFlow's retracing notice
               if r.levelno == logging.WARNING and r.name.startswith("retina_tf")]
     assert warned == [f"warning: {tmp_path / 'fa.png'} is gray with bright thin structures (a "
@@ -540,7 +540,7 @@ def test_predict_lists_every_photograph_in_predictions_csv(shared_data, tmp_path
     cv2.imwrite(str(photos / "tiny.png"), negative[:40, :40])
     with caplog.at_level(logging.INFO, logger="retina_tf"), \
             pytest.raises(RetinaTFError, match="1 of 8 images failed"):
-        predict(PredictConfig(input=str(photos), output_dir=str(tmp_path / "out")))
+        predict(PredictConfig(input=str(photos), output_dir=str(tmp_path / "out"), tta=False))
     messages = [r.getMessage() for r in caplog.records]
     assert "6 with a warning above: fa0.png, fa1.png, fa2.png, fa3.png, fa4.png and 1 more " \
            "(all in predictions.csv); 1 failed:" in messages[-1]
