@@ -346,7 +346,8 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
         folders.format(drive / "test") + "01_test.tif,01_manual1.gif,01_test_mask.gif\n")
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         report = evaluate(EvalConfig(model="vessel_general", label_file_path=training,
-                                     eval_split="all", output_dir=str(tmp_path / "b")))
+                                     eval_split="all", output_dir=str(tmp_path / "b"),
+                                     tta=False))
     assert [r["name"] for r in report["per_image"]] == ["21_training", "01_test"]
     # vessel_general trained on 21_training: said, and 01_test not named
     assert "1 of the 2 images (21_training) have the names of images vessel_general trained on" \
