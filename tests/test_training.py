@@ -15,7 +15,8 @@ from retina_tf.data.pipeline import resolve_samples
 from retina_tf.errors import ModelFileError, TrainingDiverged
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
-from retina_tf.training import WarmupDecay, make_strategy, train
+from retina_tf.optimizers import Adam
+from retina_tf.training import StopOnDivergence, WarmupDecay, make_strategy, train
 from tests import commands
 from tests.conftest import tiny_train_args
 
@@ -171,6 +172,22 @@ def test_a_diverged_training_stops_at_once_and_keeps_the_epochs_before(synthetic
     model.save(tmp_path / "nan.keras")
     with pytest.raises(ModelFileError, match=r"nan\.keras holds weights that are not finite"):
         load_keras_model(tmp_path / "nan.keras")
+
+
+def test_a_loss_that_is_not_finite_stops_at_its_step():
+    # whether a real divergence reaches the loss first depends on the CPU (see above): the
+    # per-step check, on its own
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=Adam(0.005), loss="mse")
+    stop = StopOnDivergence(steps_per_epoch=8)
+    stop.set_model(model)
+    stop.on_epoch_begin(2)
+    stop.on_train_batch_end(0, {"loss": 0.7})
+    for loss in (float("nan"), float("inf")):
+        with pytest.raises(TrainingDiverged, match=rf"^the training loss became {loss} in epoch "
+                           r"3, step 2 of 8 \(learning rate 0\.005\): the weights diverged; "
+                           r"train with a lower --learning_rate$"):
+            stop.on_train_batch_end(1, {"loss": loss})
 
 
 def test_a_training_diverged_in_its_first_epoch_saves_nothing(synthetic, tmp_path):
