@@ -62,6 +62,7 @@ from retina_tf.evaluation import (
     tta_choice_line,
 )
 from retina_tf.inference import (
+    DEFAULT_THRESHOLD,
     Segmenter,
     environment,
     fov_diameter,
@@ -1295,11 +1296,12 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
         result, probs = evaluate_set(validation.segmenter(), val_set, cfg.task)
         # evaluate and predict use this threshold unless --threshold is given
-        threshold = 0.5
+        threshold = DEFAULT_THRESHOLD
         try:
             choice = choose_threshold(validation.segmenter(), val_set, probabilities=probs)
         except DatasetError as err:
-            log.warning(f"warning: no threshold stored ({err}); the run's threshold is 0.5")
+            log.warning(f"warning: no threshold stored ({err}); the run's threshold is "
+                        f"{DEFAULT_THRESHOLD}")
         else:
             store_threshold(run_dir, choice)
             log.info(threshold_line(choice))
