@@ -505,7 +505,14 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.seconds > 0 and time.monotonic() - self._start >= self.seconds:
-            log.info(f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}")
+            said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}"
+            total = self.params.get("epochs")
+            if total and epoch + 1 < total:
+                # a flagfile's budget is measured on one CPU: on a slower one the schedule is
+                # cut short, which the user should hear before reading the scores
+                said += (f" of {total}, before the learning rate schedule ended "
+                         f"(--time_budget_minutes=0 trains all {total})")
+            log.info(said)
             self.model.stop_training = True
 
 

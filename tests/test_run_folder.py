@@ -1,6 +1,7 @@
 """Run folders that survive kills, full disks and reruns (retina_tf.run_folder via train())."""
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -227,10 +228,13 @@ def test_the_history_has_one_entry_per_epoch_with_validation_every_other(synthet
     assert 0 <= history["val_f1"][1] <= 1 and 0 <= history["val_f1"][2] <= 1
 
 
-def test_the_epoch_a_time_budget_ends_is_validated(synthetic, tmp_path):
+def test_the_epoch_a_time_budget_ends_is_validated(synthetic, tmp_path, caplog):
     """It was not, so a budget-stopped run kept an earlier epoch, or no validated one at all."""
-    run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=5",
-                           "--time_budget_minutes=0.0001"))
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=5",
+                               "--time_budget_minutes=0.0001"))
+    assert ("time budget of 0.0 min reached after epoch 1 of 3, before the learning rate "
+            "schedule ended (--time_budget_minutes=0 trains all 3)") in caplog.messages
     metrics = _metrics(run)
     assert metrics["epochs_run"] == 1 and 0 <= metrics["history"]["val_f1"][0] <= 1
     assert metrics["best_checkpoint"]["epoch"] == 1
