@@ -493,27 +493,48 @@ class AverageWeights(keras.callbacks.SwapEMAWeights):
 
 class TimeBudget(keras.callbacks.Callback):
     """Stops training at the end of the epoch in which ``minutes`` of wall time are used up,
-    counting ``elapsed_seconds`` spent before a restart."""
+    counting ``elapsed_seconds`` spent before a restart. When the last epoch's pace says that
+    the budget will stop training before its last epoch (a flagfile's budget on a CPU slower
+    than the one it was measured on), it says so once, from a process's second epoch on, so that
+    the user can go on without the budget at once. ``clock``: seconds, monotonic."""
 
-    def __init__(self, minutes: float, elapsed_seconds: float = 0.0):
+    def __init__(self, minutes: float, elapsed_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.seconds = minutes * 60.0
         self.elapsed_seconds = elapsed_seconds
+        self.clock = clock
 
     def on_train_begin(self, logs=None):
-        self._start = time.monotonic() - self.elapsed_seconds
+        self._start = self.clock() - self.elapsed_seconds
+        self._last_end = None  # the first epoch of a process also traces: not its pace
+        self._foretold = False
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.seconds > 0 and time.monotonic() - self._start >= self.seconds:
-            said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {epoch + 1}"
-            total = self.params.get("epochs")
-            if total and epoch + 1 < total:
-                # a flagfile's budget is measured on one CPU: on a slower one the schedule is
-                # cut short, which the user should hear before reading the scores
+        if self.seconds <= 0:
+            return
+        now, total, done = self.clock(), self.params.get("epochs"), epoch + 1
+        elapsed = now - self._start
+        if elapsed >= self.seconds:
+            said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {done}"
+            if total and done < total:
                 said += (f" of {total}, before the learning rate schedule ended "
                          f"(--time_budget_minutes=0 trains all {total})")
             log.info(said)
             self.model.stop_training = True
+        elif self._last_end is not None and total and not self._foretold:
+            pace = max(now - self._last_end, 1e-9)
+            last = done + math.ceil((self.seconds - elapsed) / pace)
+            if last < total:
+                self._foretold = True
+                per = f"{pace:.0f} s" if pace < 90 else f"{pace / 60:.1f} min"
+                log.info(f"at {per} per epoch the time budget of "
+                         f"{self.seconds / 60:.1f} min ends training after about epoch {last} "
+                         f"of {total}, before the learning rate schedule ends; to train all "
+                         f"{total} (about {(elapsed + (total - done) * pace) / 60:.0f} min in "
+                         "all), stop it (Ctrl-C) and run the same command with "
+                         "--time_budget_minutes=0: it goes on after its last completed epoch")
+        self._last_end = now
 
 
 class FollowChief(keras.callbacks.Callback):
