@@ -218,7 +218,7 @@ def test_a_few_steps_lower_each_loss(fusion):
 
     def losses():
         # with the batch's own statistics, as the steps saw it: read with the moving statistics
-        # of 32 steps, the losses fell by 3-5 % only, within the float differences of CPUs
+        # of 32 steps, some losses fell by 3 % only, within the float differences of CPUs
         out = model(x, training=True)
         return np.array([float(_np(model.segmentation_loss(av, out["logits"]))),
                          float(_np(model.distance_loss(av, dist, out["distance"]))),
