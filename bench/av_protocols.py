@@ -41,8 +41,9 @@ def main(_):
     from retina_tf.inference import Segmenter
     from retina_tf.postprocess import vote_av_segments
 
-    def segmenter(**options):
-        return Segmenter.from_run(FLAGS.model, **options)
+    def segmenter(**options):  # the network alone unless options say otherwise
+        return Segmenter.from_run(FLAGS.model, **{"tta": False, "tta_transpose": False,
+                                                  "av_vote": False, **options})
 
     passes = {"whole image": segmenter(inference="whole"),
               "whole, flip TTA": segmenter(inference="whole", tta=True),

@@ -43,7 +43,8 @@ def main(_):
         vessel_share_warning,
     )
 
-    seg = Segmenter.from_run(FLAGS.model, precision="auto", tta=False) if FLAGS.model else None
+    seg = (Segmenter.from_run(FLAGS.model, precision="auto", tta=False, av_vote=False)
+           if FLAGS.model else None)
     kinds = ["luminance", "green (red-free)", "negative (angiogram)"]
     if seg:
         kinds.append(f"{FLAGS.model} on the negative: vessel share, share warnings, either")

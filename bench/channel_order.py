@@ -45,7 +45,8 @@ def main(_):
     from retina_tf.inference import Segmenter
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the table, not each warning
-    seg = Segmenter.from_run(FLAGS.model, precision="auto", tta=False) if FLAGS.model else None
+    seg = (Segmenter.from_run(FLAGS.model, precision="auto", tta=False, av_vote=False)
+           if FLAGS.model else None)
     scored = []
     if seg:
         scored = ["vessel F1 RGB / BGR"] + (["A/V accuracy RGB / BGR"] if seg.task == "av" else [])

@@ -82,7 +82,7 @@ def main(_):
         image = read_image(list_samples("drive", FLAGS.data_dir, "test")[0].image)
     else:
         image = generate_fundus(0).image
-    seg = Segmenter.from_run(FLAGS.model, tta=False)  # the network, as exported
+    seg = Segmenter.from_run(FLAGS.model, tta=False, av_vote=False)  # the network, as exported
     x = seg.preprocessor(image)
     padded = pad_to_multiple(x, seg.size_multiple)[None]
     h, w = padded.shape[1:3]

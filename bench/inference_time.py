@@ -69,12 +69,12 @@ def main(_):
         print(f"Segmenter.from_run({FLAGS.model!r}, precision={p!r}): median "
               f"{np.median(loads):.3f} s")
     settings = {(mode, p): Segmenter.from_run(FLAGS.model, inference=mode, precision=p, tta=False,
-                                                **extra)
+                                                av_vote=False, **extra)
                 for mode, extra in modes for p in FLAGS.precisions}
     if FLAGS.unfolded:
         for mode, extra in modes:
             seg = Segmenter.from_run(FLAGS.model, inference=mode, precision="bfloat16",
-                                     tta=False, **extra)
+                                     tta=False, av_vote=False, **extra)
             seg.network = seg.model  # read when the forward pass is first traced
             settings[(mode, "bfloat16, batch norms unfolded")] = seg
     times = {key: [] for key in settings}

@@ -46,7 +46,7 @@ def main(_):
     )
 
     logging.getLogger("retina_tf").setLevel(logging.ERROR)  # the warnings are counted here
-    segs = {m: Segmenter.from_run(m, tta=False) for m in FLAGS.models}
+    segs = {m: Segmenter.from_run(m, tta=False, av_vote=False) for m in FLAGS.models}
     av = [m for m, s in segs.items() if s.run_info.get("artery_share")]
     if FLAGS.av_tta:
         segs.update({m: Segmenter.from_run(m, tta=True, tta_transpose=True, av_vote=True)

@@ -113,9 +113,10 @@ class InferenceConfig(_Checked):
         stride: sliding-window stride in pixels.
         window: sliding-window size (0: the training patch size).
         eval_scales: inference scales of multi-scale models (None: the training scales).
-        tta, tta_transpose: test-time augmentation over flips (and transposes); tta None:
-            the run's choice (``run.json`` ``tta``, made on its held-out images), else off.
-        av_vote, av_link: A/V models: one decision per vessel segment, linked at junctions.
+        tta, tta_transpose: test-time augmentation over flips (and transposes); None: the
+            run's choice (``run.json``, made on its held-out images), else off.
+        av_vote, av_link: A/V models: one decision per vessel segment, linked at junctions;
+            av_vote None: the run's choice, else off.
         threshold: probability threshold of the binary mask; None: the run's stored threshold
             (``run.json``, chosen F1-optimal on its held-out training images), else 0.5.
         inference_scale: the size a photograph is segmented at: "auto" (the training FOV
@@ -133,8 +134,8 @@ class InferenceConfig(_Checked):
     window: int = 0
     eval_scales: tuple[float, ...] | None = None
     tta: bool | None = None
-    tta_transpose: bool = False
-    av_vote: bool = False
+    tta_transpose: bool | None = None
+    av_vote: bool | None = None
     av_link: float = 1.0
     threshold: float | None = None
     inference_scale: str = "auto"

@@ -46,6 +46,7 @@ from retina_tf.data.pipeline import SegmentationSet, data_key, resolve_samples, 
 from retina_tf.error_maps import ERROR_MAPS_DIR, ERROR_MAPS_JSON, error_map, model_fingerprint
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 from retina_tf.inference import (
+    RUN_CHOICES,
     ScalePlan,
     Segmenter,
     artery_share,
@@ -737,7 +738,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
     _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
-    if line := tta_line(seg, cfg.tta):
+    if line := tta_line(seg, cfg):
         log.info(line)
     log.info(seg.describe_inference_scale())
     factors: list[float] = []  # each image's resize factor, for per_image.csv and metrics.json
@@ -1433,7 +1434,7 @@ def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> d
     flags = {k: v for k, v in dataclasses.asdict(cfg).items()
              if k not in ("input", "output_dir", "overwrite", "model", "logdir", "run_name")}
     return {**flags, "model_sha256": model_fingerprint(seg.run_dir), "threshold": threshold,
-            "tta": seg.tta, "precision": seg.precision}
+            **{key: getattr(seg, key) for key in RUN_CHOICES}, "precision": seg.precision}
 
 
 def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: list[str]
@@ -1506,7 +1507,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     log.info(f"segmenting {len(inputs)} image(s){of_files} with {seg.run_dir.name} "
              f"({seg.run_dir})")
     threshold, _ = resolve_threshold(seg, cfg.threshold)
-    if line := tta_line(seg, cfg.tta):
+    if line := tta_line(seg, cfg):
         log.info(line)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)

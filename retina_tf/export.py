@@ -586,7 +586,9 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
                      "probabilities over the photograph and its horizontal, vertical and "
                      "double flips (each flipped back)")
     if seg.task == "av":
-        notes.append("for the A/V results as measured (--tta --tta_transpose --av_vote): "
+        how = ("retina_tf's default for this run, chosen on held-out images"
+               if seg.run_info.get("av_vote") else "--tta --tta_transpose --av_vote")
+        notes.append(f"for the A/V results as measured ({how}): "
                      "average the export's probabilities over the 8 flips and transposes of "
                      "the photograph (each undone), then give each vessel segment one "
                      "artery/vein decision with retina_tf.postprocess.vote_av_segments, "

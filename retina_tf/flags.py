@@ -554,12 +554,14 @@ def define_eval_flags(d: _Definer) -> None:
                   "0.5,1.0,2.0 (default: the training scales).")
     d.DEFINE_boolean("tta", None, "Test-time augmentation: average over flips (about 4x "
                      "slower); default: the run's choice, made on its held-out images (run.json "
-                     "tta; vessel_general: on), else off.")
-    d.DEFINE_boolean("tta_transpose", False, "With --tta, also average over the flips of the "
+                     "tta; vessel_general, ripav_rite, ripav_general: on), else off.")
+    d.DEFINE_boolean("tta_transpose", None, "With --tta, also average over the flips of the "
                      "transposed image (8 views, about 8x slower); for models trained with "
-                     "--rot90.")
-    d.DEFINE_boolean("av_vote", False, "A/V models: one artery/vein decision per vessel segment "
-                     "between junctions of the predicted vessel map (retina_tf.postprocess).")
+                     "--rot90. Default: the run's choice (ripav_rite, ripav_general: on), else "
+                     "off.")
+    d.DEFINE_boolean("av_vote", None, "A/V models: one artery/vein decision per vessel segment "
+                     "between junctions of the predicted vessel map (retina_tf.postprocess). "
+                     "Default: the run's choice (ripav_rite, ripav_general: on), else off.")
     d.DEFINE_float("av_link", 1.0, "With --av_vote: strength of the links that make vessel "
                    "segments share a class across branchings and, pairwise, through crossings "
                    "(0: every segment decides alone).")

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 # The mask threshold of a run that stores none.
 DEFAULT_THRESHOLD = 0.5
+# run.json's switches a run chose for itself on its held-out images (or the run it was
+# fine-tuned from); Segmenter.from_run uses them unless told otherwise
+RUN_CHOICES = ("tta", "tta_transpose", "av_vote")
 
 # Window batches computed at once: one batch of small windows at a time keeps two cores only
 # 1.3 busy (the small layers of a batch do not split well over threads); two in flight keep them
@@ -168,16 +171,32 @@ def stored_threshold(run_info: dict, run_dir: str | Path | None = None) -> tuple
     return DEFAULT_THRESHOLD, "the default: the run stores none"
 
 
-def tta_line(seg: Segmenter, given: bool | None) -> str | None:
-    """The line that says a run's own choice turned flip TTA on (``given``: ``--tta``, None
-    when not given), for the commands' reports; None otherwise."""
-    if given is not None or not seg.tta or not seg.run_info.get("tta"):
+def tta_line(seg: Segmenter, given: Any) -> str | None:
+    """The line that says a run's own choice (``run.json``, :data:`RUN_CHOICES`) turned on TTA
+    or the A/V vote, for the commands' reports; None when it turned on neither. ``given``: the
+    command's :class:`InferenceConfig` (a flag left out is None there)."""
+    chosen = [key for key in ("tta", "av_vote") if getattr(given, key) is None
+              and getattr(seg, key) and seg.run_info.get(key)]
+    if not chosen:
         return None
     info = seg.run_info.get("tta_from") or {}
     n = len(info.get("images") or [])
-    gain = (f": F1 {info['f1_tta']:.4f} against {info['f1']:.4f} on its {n} held-out training "
-            f"image{'' if n == 1 else 's'}" if n and "f1" in info and "f1_tta" in info else "")
-    return f"{seg.tta_name} (the run's choice{gain}); --notta is 4x faster"
+    whose = f"{info['run']}'s" if info.get("run") else "its"
+    gain = ""
+    if n and all(getattr(given, key) is None for key in RUN_CHOICES):  # the choice as made
+        for words, plain, chose, digits in (("F1", "f1", "f1_tta", 4),
+                                            ("A/V accuracy", "av_acc", "av_acc_chosen", 3)):
+            if plain in info and chose in info:
+                gain = (f": {words} {info[chose]:.{digits}f} against {info[plain]:.{digits}f} "
+                        f"on {whose} {n} held-out training image{'' if n == 1 else 's'}")
+                break
+    what = [seg.tta_name] if "tta" in chosen else []
+    if "av_vote" in chosen:
+        what.append("one A/V decision per vessel segment")
+    off = " ".join(f"--no{key}" for key in chosen)
+    faster = f"is {8 if seg.tta_transpose else 4}x faster" if "tta" in chosen else \
+        "decides pixel by pixel"
+    return f"{' and '.join(what)} (the run's choice{gain}); {off} {faster}"
 
 
 def resolve_threshold(seg: Segmenter, given: float | None, label: str = ""
@@ -884,8 +903,10 @@ class Segmenter:
     def from_run(cls, model: str | os.PathLike, logdir: str | None = None,
                  run_name: str | None = None, **overrides) -> Segmenter:
         """Loads ``model.keras``, ``preprocessor.json`` and ``run.json`` from a run folder.
-        ``overrides`` are :class:`Segmenter`'s keywords; ``tta`` defaults to the run's own
-        choice (``run.json`` ``tta``, :func:`retina_tf.evaluation.choose_tta`), else off.
+        ``overrides`` are :class:`Segmenter`'s keywords; ``tta``, ``tta_transpose`` and
+        ``av_vote`` default to the run's own choice (``run.json``, :data:`RUN_CHOICES`; flips:
+        :func:`retina_tf.evaluation.choose_tta`; the shipped A/V models: all three), else off.
+        Without TTA the run's ``tta_transpose`` is dropped with it.
 
         Raises:
             ModelFileError: when the run folder is not found, lacks one of those files, one
@@ -913,15 +934,18 @@ class Segmenter:
                                      "again") from err
         kwargs = dict(size_multiple=info.get("size_multiple", 16),
                       window=info.get("patch_size", 48),
-                      fully_convolutional=info.get("fully_convolutional", True), run_info=info,
-                      tta=info.get("tta", False))  # its held-out images' choice
-        if not isinstance(kwargs["tta"], bool):
-            raise ModelFileError(f"{run_dir / 'run.json'}: \"tta\": {kwargs['tta']!r} is "
-                                 "neither true nor false; fix or remove it")
+                      fully_convolutional=info.get("fully_convolutional", True), run_info=info)
+        for key in RUN_CHOICES:  # its held-out images' choice
+            kwargs[key] = info.get(key, False)
+            if not isinstance(kwargs[key], bool):
+                raise ModelFileError(f"{run_dir / 'run.json'}: \"{key}\": {kwargs[key]!r} is "
+                                     "neither true nor false; fix or remove it")
         # None keeps the run's value (or the default); anything else, 0 and False included, is
         # set, but a window of 0 means the training patch size (as --window=0)
         kwargs.update({k: v for k, v in overrides.items()
                        if v is not None and not (k == "window" and v == 0)})
+        if not kwargs["tta"] and overrides.get("tta_transpose") is None:
+            kwargs["tta_transpose"] = False  # the run's transposes go with its TTA
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
         return seg

@@ -450,7 +450,7 @@ def test_the_av_picture_colours_the_mask_at_the_threshold_given(shared_data, tmp
     photo = shared_data / "RITE/test/images/01_test.tif"
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         predict(PredictConfig(model="ripav_rite", input=str(photo), output_dir=str(out),
-                              threshold=0.3))
+                              threshold=0.3, tta=False))  # the vote on, as by default
     mask = read_mask(out / "01_test_mask.png")
     coloured = read_image(out / "01_test_av.png").any(axis=-1)
     np.testing.assert_array_equal(coloured, mask)  # arteries and veins exactly on the mask
@@ -572,7 +572,7 @@ def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, 
     write_image_atomic(tmp_path / "gray.png", photo)
     with caplog.at_level(logging.WARNING, logger="retina_tf"):
         predict(PredictConfig(model="ripav_general", input=str(tmp_path / "gray.png"),
-                              output_dir=str(tmp_path / "out")))
+                              output_dir=str(tmp_path / "out"), tta=False, av_vote=False))
     assert caplog.text.count("gray.png is a gray photograph: telling arteries from veins") == 1
 
 
@@ -585,7 +585,7 @@ def test_predict_names_the_photographs_of_a_folder_it_warned_of(shared_data, tmp
     shutil.copy(shared_data / "RITE/test/images/01_test.tif", photos)
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         predict(PredictConfig(model="ripav_general", input=str(photos),
-                              output_dir=str(tmp_path / "out")))
+                              output_dir=str(tmp_path / "out"), tta=False, av_vote=False))
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
     assert done == [f"done: 2 image(s) segmented, outputs in {tmp_path / 'out'}; 1 with a "
                     "warning above: Image_01L.jpg"]
@@ -634,7 +634,7 @@ def test_the_av_model_warns_of_a_photograph_where_it_misses_most_vessels(shared_
     # ripav_rite, trained on RITE, finds 0.2 % vessel on STARE's im0324 (its labels: 8 %), whose
     # blue channel is nearly empty; on a RITE test photograph it stays silent
     from retina_tf.data.catalog import list_samples
-    seg = Segmenter.from_pretrained("ripav_rite")
+    seg = Segmenter.from_pretrained("ripav_rite", tta=False, av_vote=False)  # segmenting once
     stare = [s for s in list_samples("stare", str(shared_data / "STARE"), "all")
              if s.name == "im0324"]
     rite = [s for s in list_samples("rite", str(shared_data / "RITE"), "test")
@@ -662,7 +662,8 @@ def test_the_av_model_for_other_cameras_finds_the_vessels_ripav_rite_misses(shar
     for name in ("ripav_rite", "ripav_general"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="retina_tf"):
-            _, mask = Segmenter.from_pretrained(name).segment(data.image, data.fov)
+            _, mask = Segmenter.from_pretrained(name, tta=False, av_vote=False).segment(
+                data.image, data.fov)
         vessel = mask[..., -1][data.fov]
         tp = np.sum(vessel & truth[data.fov])
         f1[name] = 2 * tp / (vessel.sum() + truth[data.fov].sum())
@@ -684,6 +685,7 @@ def test_task_av_needs_an_av_model_and_task_vessel_scores_its_vessel_map(shared_
                             **lesav))
     assert not (tmp_path / "a").exists()
     out = tmp_path / "v"  # LES-AV has A/V labels: without --task, A/V figures too
-    evaluate(EvalConfig(model="ripav_rite", task="vessel", output_dir=str(out), **lesav))
+    evaluate(EvalConfig(model="ripav_rite", task="vessel", output_dir=str(out), tta=False,
+                        av_vote=False, **lesav))
     header = (out / "per_image.csv").read_text().splitlines()[0].split(",")
     assert "f1" in header and not [c for c in header if c.startswith("av_")]

@@ -278,3 +278,37 @@ def test_a_runs_tta_choice_is_used_unless_the_flag_says_otherwise(tiny_run, tmp_
     (copy / "run.json").write_text(json.dumps({**info, "tta": "yes"}))
     with pytest.raises(ModelFileError, match="\"tta\": 'yes' is neither true nor false"):
         Segmenter.from_run(copy, tta=False)
+    (copy / "run.json").write_text(json.dumps({**info, "av_vote": 1}))
+    with pytest.raises(ModelFileError, match="\"av_vote\": 1 is neither true nor false"):
+        Segmenter.from_run(copy)
+
+
+def test_an_av_models_own_tta_and_vote_are_used_unless_the_flags_say_otherwise(tmp_path, caplog):
+    # the shipped A/V models hold the evaluation chosen on ripav_rite's held-out images: the 8
+    # flips and transposes, and one decision per vessel segment
+    from retina_tf.data.io import write_image_atomic
+    from retina_tf.data.synthetic import generate_fundus
+    assert {(s.tta, s.tta_transpose, s.av_vote) for s in (
+        Segmenter.from_pretrained("ripav_rite"), Segmenter.from_pretrained("ripav_general"))} \
+        == {(True, True, True)}
+    photo = tmp_path / "photo.png"
+    write_image_atomic(photo, generate_fundus(6, size=(128, 128)).image)
+    settings = {"run": [], "plain": ["--notta", "--noav_vote"], "notta": ["--notta"]}
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        for name, extra in settings.items():
+            predict(parse_config("predict", ["--model=ripav_rite", f"--input={photo}",
+                                             f"--output_dir={tmp_path / name}",
+                                             "--inference_scale=native",
+                                             "--save_probabilities", *extra]))
+    assert "tta_transpose" not in caplog.text  # --notta drops the run's transposes with it
+    out = caplog.text
+    assert out.count("flip and transpose TTA and one A/V decision per vessel segment (the run's "
+                     "choice: A/V accuracy 0.934 against 0.905 on its 2 held-out training "
+                     "images); --notta --noav_vote is 8x faster") == 1
+    assert out.count("one A/V decision per vessel segment (the run's choice); --noav_vote") == 1
+    for name, (tta, vote) in {"run": (True, True), "plain": (False, False),
+                              "notta": (False, True)}.items():
+        seg = Segmenter.from_pretrained("ripav_rite", tta=tta, tta_transpose=tta, av_vote=vote,
+                                        inference_scale="native")
+        np.testing.assert_allclose(np.load(tmp_path / name / "photo_prob.npy"),
+                                   seg.segment(read_image(photo))[0], atol=1e-6)
