@@ -31,8 +31,9 @@ flags.DEFINE_list("settings", ["auto"], "--inference_scale settings to time.")
 flags.DEFINE_integer("tile_size", 0, "--tile_size (0: automatic).")
 flags.DEFINE_enum("precision", "float32", ["auto", "float32", "bfloat16"],
                   "--precision (predict's default is auto).")
-flags.DEFINE_boolean("tta", False, "Segment with flip TTA (vessel_general's default in "
-                     "predict); off: the network once.")
+flags.DEFINE_boolean("tta", False, "Segment with flip TTA and the run's own transposes and "
+                     "A/V vote (predict's default for vessel_general and the A/V models); off: "
+                     "the network once.")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (after one warm-up).",
                      lower_bound=1)
 flags.DEFINE_string("child", None, "Internal: time this one setting and print JSON.")
@@ -66,7 +67,8 @@ def _time_one(setting: str, path: str) -> dict:
     from retina_tf.inference import Segmenter
 
     seg = Segmenter.from_run(FLAGS.model, inference_scale=setting, tile_size=FLAGS.tile_size,
-                             precision=FLAGS.precision, tta=FLAGS.tta)
+                             precision=FLAGS.precision, tta=FLAGS.tta,
+                             av_vote=None if FLAGS.tta else False)
 
     def once():
         image = read_image(path)

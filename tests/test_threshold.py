@@ -304,7 +304,7 @@ def test_an_av_models_own_tta_and_vote_are_used_unless_the_flags_say_otherwise(t
     out = caplog.text
     assert out.count("flip and transpose TTA and one A/V decision per vessel segment (the run's "
                      "choice: A/V accuracy 0.934 against 0.905 on its 2 held-out training "
-                     "images); --notta --noav_vote is 8x faster") == 1
+                     "images); --notta --noav_vote is about 7x faster") == 1
     assert out.count("one A/V decision per vessel segment (the run's choice); --noav_vote") == 1
     for name, (tta, vote) in {"run": (True, True), "plain": (False, False),
                               "notta": (False, True)}.items():
