@@ -64,6 +64,7 @@ from retina_tf.metrics import (
     format_table,
     roc_pr_auc,
 )
+from retina_tf.postprocess import vote_av_segments
 from retina_tf.progress import progress
 from retina_tf.run_folder import (
     atomic_write_text,
@@ -574,11 +575,78 @@ def choose_tta(run: str | os.PathLike | Segmenter, images, threshold: float | No
                          "rule": f"on when flip TTA gains {MIN_TTA_GAIN:g} F1 or more"}}
 
 
+# An A/V run's evaluations, cheapest first: (name, tta, tta_transpose, av_vote).
+AV_EVALUATIONS = (("once", False, False, False), ("the vote", False, False, True),
+                  ("flips", True, False, False), ("flips and the vote", True, False, True),
+                  ("8 views", True, True, False), ("8 views and the vote", True, True, True))
+
+
+def choose_av_evaluation(run: str | os.PathLike | Segmenter, images, transpose: bool = True,
+                         threshold: float | None = None) -> dict[str, Any]:
+    """How an A/V run segments by default: of :data:`AV_EVALUATIONS` (flip TTA, the 8 flips and
+    transposes, each with and without the linked segment vote of
+    :func:`retina_tf.postprocess.vote_av_segments`), the one with the highest all-pixel A/V
+    accuracy on its held-out images, a costlier one only for :data:`MIN_TTA_GAIN` or more over
+    every cheaper one (RIP-AV, Dai et al., MICCAI 2024, evaluates with TTA; the vote follows
+    graph-based A/V labelling, Dashtbozorg et al. 2014).
+
+    Args:
+        run, images: as :func:`choose_tta` (an A/V run; held-out images, never test images).
+        transpose: also try the transposes (for runs trained with ``--rot90``).
+        threshold: the vessel mask the vote cuts into segments (None: the run's).
+
+    Returns:
+        ``{"tta", "tta_transpose", "av_vote", "tta_from": {"images", "av_acc", "av_acc_chosen",
+        "evaluations", "rule"}}``, for :func:`store_choice`.
+    """
+    seg = run if isinstance(run, Segmenter) else Segmenter.from_run(
+        run, tta=False, tta_transpose=False, av_vote=False)
+    threshold = seg.threshold if threshold is None else threshold
+    candidates = [e for e in AV_EVALUATIONS if transpose or not e[2]]
+    metrics = {name: AVMetrics() for name, *_ in candidates}
+    names, given = [], (seg.tta, seg.tta_transpose, seg.av_vote)
+    try:
+        for name, segment, target, fov in _held_out(seg, images, "A/V evaluation"):
+            seg.av_vote = False  # the vote is applied here, to each view's average
+            for tta, transpose_ in {(e[1], e[2]) for e in candidates}:
+                seg.tta, seg.tta_transpose = tta, transpose_
+                prob = segment()
+                if prob.shape[-1] != 3:
+                    raise ConfigError("an A/V evaluation is chosen for artery/vein models; "
+                                      "this one segments vessels only (choose_tta)")
+                for evaluation, *switches in candidates:
+                    if tuple(switches[:2]) == (tta, transpose_):
+                        voted = vote_av_segments(prob, link=seg.av_link, threshold=threshold) \
+                            if switches[2] else prob
+                        metrics[evaluation].update(voted, np.asarray(target) > 0.5, fov)
+            names.append(name)
+    finally:
+        seg.tta, seg.tta_transpose, seg.av_vote = given
+    if not names:
+        raise DatasetError("no held-out images to choose on")
+    acc = {name: float(m.result()["acc"]) for name, m in metrics.items()}
+    chosen = candidates[0]
+    for candidate in candidates[1:]:  # costlier: must beat every cheaper one by the gain
+        if all(acc[candidate[0]] - acc[e[0]] >= MIN_TTA_GAIN
+               for e in candidates[:candidates.index(candidate)]):
+            chosen = candidate
+    return {"tta": chosen[1], "tta_transpose": chosen[2], "av_vote": chosen[3],
+            "tta_from": {"images": names, "av_acc": acc["once"], "av_acc_chosen": acc[chosen[0]],
+                         "chosen": chosen[0], "evaluations": acc,
+                         "rule": f"the most accurate (all-pixel A/V accuracy); a costlier "
+                                 f"evaluation only for {MIN_TTA_GAIN:g} or more over each "
+                                 f"cheaper one"}}
+
+
 def tta_choice_line(choice: dict[str, Any]) -> str:
     """``flip TTA made the run's default (F1 0.8187 against 0.8163 once, on the 2 held-out
     images)``, for training's log."""
     info = choice["tta_from"]
     n = len(info["images"])
+    if "av_acc" in info:  # choose_av_evaluation's
+        return (f"{info['chosen']} made the run's default (A/V accuracy "
+                f"{info['av_acc_chosen']:.4f} against {info['av_acc']:.4f} once, on the {n} "
+                f"held-out image{'' if n == 1 else 's'})")
     return (f"flip TTA {'made' if choice['tta'] else 'not made'} the run's default (F1 "
             f"{info['f1_tta']:.4f} against {info['f1']:.4f} once, on the {n} held-out "
             f"image{'' if n == 1 else 's'})")

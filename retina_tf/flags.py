@@ -447,7 +447,9 @@ def define_train_flags(d: _Definer) -> None:
                          "whole images; 0 = none.")
     d.DEFINE_boolean("choose_tta", False, "At the end of training, make flip TTA the run's "
                      "default (run.json tta) when it raises the held-out images' F1 by 0.001 "
-                     "or more (inference then takes 4x as long; --notta turns it off).")
+                     "or more (inference then takes 4x as long; --notta turns it off). A/V "
+                     "models: of flips, the 8 flips and transposes (with --rot90) and the "
+                     "segment vote, each with and without, the most accurate on A/V.")
     d.DEFINE_boolean("flip", True, "Augment: random flips.")
     d.DEFINE_boolean("rot90", True, "Augment: random 90-degree rotations.")
     d.DEFINE_float("rotate_degrees", 0.0, "Augment: free rotation by an angle drawn from "

@@ -14,10 +14,12 @@ from retina_tf.compare import compare
 from retina_tf.config import CompareConfig, ErrorMapConfig
 from retina_tf.data.io import read_image, read_mask, read_sample
 from retina_tf.data.pipeline import SegmentationSet, resolve_samples
-from retina_tf.errors import DatasetError, ModelFileError
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError
 from retina_tf.evaluation import (
+    AV_EVALUATIONS,
     MIN_TTA_GAIN,
     THRESHOLD_GRID,
+    choose_av_evaluation,
     choose_threshold,
     choose_tta,
     evaluate,
@@ -312,3 +314,39 @@ def test_an_av_models_own_tta_and_vote_are_used_unless_the_flags_say_otherwise(t
                                         inference_scale="native")
         np.testing.assert_allclose(np.load(tmp_path / name / "photo_prob.npy"),
                                    seg.segment(read_image(photo))[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_av_training_chooses_its_tta_and_vote_on_its_held_out_images(tiny_synthetic,
+                                                                        tmp_path):
+    lines = _Lines()
+    logging.getLogger("retina_tf").addHandler(lines)
+    try:
+        run = train(parse_config("train", tiny_train_args(
+            tiny_synthetic, tmp_path, "--task=av", "--epochs=1", "--image_summary_every=0",
+            "--choose_tta")))
+    finally:
+        logging.getLogger("retina_tf").removeHandler(lines)
+    info = json.loads((run / "run.json").read_text())
+    source = info["tta_from"]
+    acc = source["evaluations"]
+    assert list(acc) == [name for name, *_ in AV_EVALUATIONS]  # trained with --rot90
+    # the chosen one beats each cheaper one by the gain, and no costlier one beats it so
+    names = list(acc)
+    chosen = names.index(source["chosen"])
+    assert all(acc[names[chosen]] - acc[n] >= MIN_TTA_GAIN for n in names[:chosen])
+    assert not any(all(acc[n] - acc[m] >= MIN_TTA_GAIN for m in names[:i])
+                   for i, n in enumerate(names) if i > chosen)
+    switches = dict(zip(names, (e[1:] for e in AV_EVALUATIONS)))[source["chosen"]]
+    assert (info["tta"], info["tta_transpose"], info["av_vote"]) == switches
+    assert source["av_acc"] == acc["once"] and source["av_acc_chosen"] == acc[source["chosen"]]
+    assert tta_choice_line(info) in lines.lines
+    # the same image read and segmented as evaluate does gives the same accuracies
+    held_out = [s for s in resolve_samples("synthetic", tiny_synthetic, "training")
+                if s.name in source["images"]]
+    again = choose_av_evaluation(run, held_out, threshold=info["threshold"])["tta_from"]
+    assert again["evaluations"] == pytest.approx(acc, abs=1e-3)
+    seg = Segmenter.from_run(run)  # and evaluate, predict segment so
+    assert (seg.tta, seg.tta_transpose, seg.av_vote) == switches
+    with pytest.raises(ConfigError, match="segments vessels only"):
+        choose_av_evaluation("unet_drive", held_out)
