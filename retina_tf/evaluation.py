@@ -596,29 +596,30 @@ def choose_av_evaluation(run: str | os.PathLike | Segmenter, images, transpose: 
         threshold: the vessel mask the vote cuts into segments (None: the run's).
 
     Returns:
-        ``{"tta", "tta_transpose", "av_vote", "tta_from": {"images", "av_acc", "av_acc_chosen",
-        "evaluations", "rule"}}``, for :func:`store_choice`.
+        ``{"tta", "tta_transpose", "av_vote", "tta_from": {"images", "av_acc" (once),
+        "av_acc_chosen", "chosen" (its name), "evaluations" (each one's accuracy), "rule"}}``,
+        for :func:`store_choice`.
     """
     seg = run if isinstance(run, Segmenter) else Segmenter.from_run(
         run, tta=False, tta_transpose=False, av_vote=False)
     threshold = seg.threshold if threshold is None else threshold
     candidates = [e for e in AV_EVALUATIONS if transpose or not e[2]]
+    views = dict.fromkeys((tta, turned) for _, tta, turned, _ in candidates)  # the passes
     metrics = {name: AVMetrics() for name, *_ in candidates}
     names, given = [], (seg.tta, seg.tta_transpose, seg.av_vote)
     try:
         for name, segment, target, fov in _held_out(seg, images, "A/V evaluation"):
-            seg.av_vote = False  # the vote is applied here, to each view's average
-            for tta, transpose_ in {(e[1], e[2]) for e in candidates}:
-                seg.tta, seg.tta_transpose = tta, transpose_
+            seg.av_vote = False  # the vote is applied here, to each pass's probabilities
+            for tta, turned in views:
+                seg.tta, seg.tta_transpose = tta, turned
                 prob = segment()
                 if prob.shape[-1] != 3:
                     raise ConfigError("an A/V evaluation is chosen for artery/vein models; "
                                       "this one segments vessels only (choose_tta)")
-                for evaluation, *switches in candidates:
-                    if tuple(switches[:2]) == (tta, transpose_):
-                        voted = vote_av_segments(prob, link=seg.av_link, threshold=threshold) \
-                            if switches[2] else prob
-                        metrics[evaluation].update(voted, np.asarray(target) > 0.5, fov)
+                for evaluation, *_, vote in (e for e in candidates if e[1:3] == (tta, turned)):
+                    voted = vote_av_segments(prob, link=seg.av_link, threshold=threshold) \
+                        if vote else prob
+                    metrics[evaluation].update(voted, np.asarray(target) > 0.5, fov)
             names.append(name)
     finally:
         seg.tta, seg.tta_transpose, seg.av_vote = given
@@ -626,16 +627,16 @@ def choose_av_evaluation(run: str | os.PathLike | Segmenter, images, transpose: 
         raise DatasetError("no held-out images to choose on")
     acc = {name: float(m.result()["acc"]) for name, m in metrics.items()}
     chosen = candidates[0]
-    for candidate in candidates[1:]:  # costlier: must beat every cheaper one by the gain
-        if all(acc[candidate[0]] - acc[e[0]] >= MIN_TTA_GAIN
-               for e in candidates[:candidates.index(candidate)]):
+    for i, candidate in enumerate(candidates[1:], 1):  # costlier: beats each cheaper by the gain
+        if all(acc[candidate[0]] - acc[cheaper[0]] >= MIN_TTA_GAIN
+               for cheaper in candidates[:i]):
             chosen = candidate
     return {"tta": chosen[1], "tta_transpose": chosen[2], "av_vote": chosen[3],
             "tta_from": {"images": names, "av_acc": acc["once"], "av_acc_chosen": acc[chosen[0]],
                          "chosen": chosen[0], "evaluations": acc,
-                         "rule": f"the most accurate (all-pixel A/V accuracy); a costlier "
+                         "rule": "the most accurate (all-pixel A/V accuracy); a costlier "
                                  f"evaluation only for {MIN_TTA_GAIN:g} or more over each "
-                                 f"cheaper one"}}
+                                 "cheaper one"}}
 
 
 def tta_choice_line(choice: dict[str, Any]) -> str:
