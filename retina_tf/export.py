@@ -59,6 +59,7 @@ from retina_tf.inference import (
     BOX_AT_MOST,
     BOX_MARGIN,
     BOX_MARGIN_PIXELS,
+    RUN_CHOICES,
     SCALE_TOLERANCE,
     Segmenter,
     export_run,
@@ -586,13 +587,21 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
                      "probabilities over the photograph and its horizontal, vertical and "
                      "double flips (each flipped back)")
     if seg.task == "av":
-        how = ("retina_tf's default for this run, chosen on held-out images"
-               if seg.run_info.get("av_vote") else "--tta --tta_transpose --av_vote")
-        notes.append(f"for the A/V results as measured ({how}): "
-                     "average the export's probabilities over the 8 flips and transposes of "
-                     "the photograph (each undone), then give each vessel segment one "
-                     "artery/vein decision with retina_tf.postprocess.vote_av_segments, "
-                     "Python code on SciPy and scikit-image that no graph format holds")
+        # what the run chose on its held-out images, else the evaluation RIP-AV was measured with
+        own = any(key in seg.run_info for key in RUN_CHOICES)
+        tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) if own \
+            else (True,) * 3
+        steps = [f"average the export's probabilities over the "
+                 f"{'8 flips and transposes' if turned else '4 flips'} of the photograph (each "
+                 "undone)"] if tta else []
+        if vote:
+            steps.append("give each vessel segment one artery/vein decision with "
+                         "retina_tf.postprocess.vote_av_segments, Python code on SciPy and "
+                         "scikit-image that no graph format holds")
+        how = ("retina_tf's default for this run, chosen on held-out images" if own else
+               "--tta --tta_transpose --av_vote")
+        if steps:
+            notes.append(f"for the A/V results as measured ({how}): " + ", then ".join(steps))
     return notes
 
 

@@ -348,5 +348,8 @@ def test_an_av_training_chooses_its_tta_and_vote_on_its_held_out_images(tiny_syn
     assert again["evaluations"] == pytest.approx(acc, abs=1e-3)
     seg = Segmenter.from_run(run)  # and evaluate, predict segment so
     assert (seg.tta, seg.tta_transpose, seg.av_vote) == switches
+    # an export tells a deployer to add what the run chose, and only that
+    notes = " ".join(deployer_notes(seg, "saved_model"))
+    assert ("flips" in notes, "transposes" in notes, "vote_av_segments" in notes) == switches
     with pytest.raises(ConfigError, match="segments vessels only"):
         choose_av_evaluation("unet_drive", held_out)
