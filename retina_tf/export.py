@@ -35,8 +35,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -753,31 +753,27 @@ def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> d
     if out.exists() and not overwrite:
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
+    # Named before it is made (as atomic_write_bytes's file): Ctrl-C or SIGTERM at any moment,
+    # even just after the mkdir, still finds it to remove (mkdtemp's name comes only later).
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
+    old = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private
-    except OSError as err:
-        raise OutputError(err.errno, err.strerror, str(out)) from err
-    try:
+        try:
+            tmp.mkdir()  # 0777 less the umask
+        except FileExistsError:
+            tmp = None  # somebody else's folder
+            raise
         info = fill(tmp)
         (tmp / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / README).write_text(_readme(info))
         for path in [p for p in tmp.rglob("*") if p.is_file()]:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
         if out.exists():  # with --overwrite: set aside until the new export is in place
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old is not None:
-                old.rename(out)
-            raise
+        tmp.rename(out)
         fsync_dir(out.parent)
         if old is not None and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -789,7 +785,11 @@ def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> d
             raise
         raise OutputError(err.errno, err.strerror, str(err.filename or out)) from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():  # stopped between renames
+            with contextlib.suppress(OSError):
+                old.rename(out)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_model(cfg: ExportConfig) -> Path:
