@@ -33,10 +33,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
-import secrets
-import shutil
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +43,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from retina_tf.config import CHOICES, ExportConfig
-from retina_tf.data.io import fsync_dir
+from retina_tf.data.io import atomic_folder
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
 from retina_tf.inference import (
@@ -753,43 +750,16 @@ def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> d
     if out.exists() and not overwrite:
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
                           "give another folder")
-    # Named before it is made (as atomic_write_bytes's file): Ctrl-C or SIGTERM at any moment,
-    # even just after the mkdir, still finds it to remove (mkdtemp's name comes only later).
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
-    old = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.mkdir()  # 0777 less the umask
-        except FileExistsError:
-            tmp = None  # somebody else's folder
-            raise
-        info = fill(tmp)
-        (tmp / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / README).write_text(_readme(info))
-        for path in [p for p in tmp.rglob("*") if p.is_file()]:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():  # with --overwrite: set aside until the new export is in place
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        fsync_dir(out.parent)
-        if old is not None and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old is not None:
-            old.unlink(missing_ok=True)
+        with atomic_folder(out) as tmp:
+            info = fill(tmp)
+            (tmp / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / README).write_text(_readme(info))
         return info
     except OSError as err:
         if isinstance(err, OutputError):
             raise
         raise OutputError(err.errno, err.strerror, str(err.filename or out)) from err
-    finally:
-        if old is not None and old.exists() and not out.exists():  # stopped between renames
-            with contextlib.suppress(OSError):
-                old.rename(out)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_model(cfg: ExportConfig) -> Path:

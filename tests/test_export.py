@@ -232,32 +232,6 @@ def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("step", ["mkdir", "rename"])
-def test_an_interruption_at_any_instant_keeps_the_old_export_and_leaves_no_temporary(
-        tiny_run, tmp_path, monkeypatch, step):
-    # a signal in the instant after the temporary folder is made (before any name of it is
-    # kept), or between setting the old export aside and renaming the new one into place
-    out = tmp_path / "export"
-    export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
-                              input_size="32x32"))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    original = getattr(Path, step)
-
-    def interrupted(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        if self.parent == tmp_path and (self.name.endswith(".tmp") if step == "mkdir"
-                                        else self.name == "export"):
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(Path, step, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
-                                  input_size="64x64", overwrite=True))
-    monkeypatch.undo()
-    assert [p.name for p in tmp_path.iterdir()] == ["export"]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-
 # --- the network alone: ONNX, TFLite ----------------------------------------------------------
 
 def test_onnx_network_matches_keras_on_a_drive_image(tiny_run, shared_data, tmp_path, capsys):

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import warnings
 import zlib
 from pathlib import Path
@@ -740,6 +741,57 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise OutputError(err.errno, err.strerror, str(path)) from err
         raise
+
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike):
+    """Yields a new, empty temporary folder beside ``path`` to fill. When the block ends without
+    an error, its files are flushed to disk and it is renamed to ``path`` (what was there is set
+    aside until the new folder is in place, then deleted); on an error, Ctrl-C or SIGTERM it is
+    deleted. So ``path`` is at every moment what it was before or the whole new folder.
+
+    Raises:
+        OutputError: when the folder cannot be made or put in place; it names the path.
+    """
+    path = Path(path)
+    # Named before it is made (as atomic_write_bytes's file): Ctrl-C or SIGTERM at any moment,
+    # even just after the mkdir, still finds it to remove (mkdtemp's name comes only later).
+    tmp: Path | None = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    old = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.mkdir()  # 0777 less the umask
+            except FileExistsError:
+                tmp = None  # somebody else's
+                raise
+        except OSError as err:
+            raise OutputError(err.errno, err.strerror, str(path)) from err
+        yield tmp
+        try:
+            for file in [p for p in tmp.rglob("*") if p.is_file()]:
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            if os.path.lexists(path):
+                old = path.with_name(f".{path.name}.{secrets.token_hex(8)}.old")
+                path.rename(old)
+            tmp.rename(path)
+            fsync_dir(path.parent)
+        except OSError as err:
+            raise OutputError(err.errno, err.strerror, str(path)) from err
+        if old is not None and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
+    finally:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(path):
+            # stopped between the two renames: the old one goes back
+            with contextlib.suppress(OSError):
+                old.rename(path)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclasses.dataclass

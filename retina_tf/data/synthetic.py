@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import cv2
 import numpy as np
 
 from retina_tf.data.av import encode_av_rgb
-from retina_tf.data.io import write_image_atomic
+from retina_tf.data.io import atomic_folder, write_image_atomic
 from retina_tf.errors import ConfigError
 from retina_tf.progress import progress
 
@@ -670,22 +668,11 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 20, se
         raise ConfigError(f"{root} holds files the synthetic set did not write "
                           f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
                           "move them out, or give a new folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with atomic_folder(root) as building:
         _write_samples(building, num_images, num_test, seed, size)
         settings = {"num_images": num_images, "num_test": num_test, "seed": seed,
                     "size": list(size)}
         (building / SYNTHETIC_MARKER).write_text(json.dumps(settings, indent=2) + "\n")
-        old = None
-        if root.exists():  # the set written before, or an empty folder
-            old = root.with_name(building.name + "-old")
-            root.rename(old)
-        building.rename(root)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)  # left only by a failure
     return root
 
 

@@ -381,6 +381,48 @@ def test_an_interrupt_as_the_temporary_file_is_made_leaves_nothing(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+
+def _folder(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+@pytest.mark.parametrize("moment", ["made", "block", "set aside"])
+def test_a_folder_interrupted_at_any_moment_is_the_old_one_and_nothing_else(tmp_path,
+                                                                             monkeypatch, moment):
+    # Ctrl-C in the instant after the temporary folder is made, while it is filled, or between
+    # setting the old folder aside and renaming the new one into place
+    from retina_tf.data.io import atomic_folder
+    out = tmp_path / "export"
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask and _folder(out) == {"a.txt": b"old"}
+    step = {"made": "mkdir", "block": None, "set aside": "rename"}[moment]
+    if step:
+        original = getattr(Path, step)
+
+        def interrupted(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if self.parent == tmp_path and (self.name.endswith(".tmp") if step == "mkdir"
+                                            else self == out):
+                raise KeyboardInterrupt
+            return result
+
+        monkeypatch.setattr(Path, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out) as tmp:
+            (tmp / "b.txt").write_text("new")
+            if moment == "block":
+                raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and _folder(out) == {
+        "a.txt": b"old"}
+    with atomic_folder(out) as tmp:  # and uninterrupted, the new one replaces it whole
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and _folder(out) == {
+        "b.txt": b"new"}
+
 @pytest.mark.parametrize("name, levels", [("fov.png", 0), ("fov.jpg", 1)])
 def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, levels: int):
     sample = _tiny_sample(tmp_path)
