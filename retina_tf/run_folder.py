@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 from retina_tf.config import DataConfig, RunRef
-from retina_tf.data.io import atomic_write_bytes
+from retina_tf.data.io import atomic_write_bytes, process_exists
 from retina_tf.error_maps import ERROR_MAPS_DIR
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 
@@ -659,16 +659,6 @@ def worker_run_folder(run_dir: Path, task_id: int) -> Iterator[Path]:
                  "removed at the end")
         yield folder
     log.info(f"worker {task_id}: done; removed {folder}")
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 # --- before a run starts ---------------------------------------------------------------------

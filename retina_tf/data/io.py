@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import gzip
 import io
 import logging
@@ -744,6 +745,32 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_killed_folders(path: Path) -> None:
+    """What an :func:`atomic_folder` of ``path`` whose process was killed left beside it: its
+    temporary folder is deleted and, if it died between its two renames, the folder it had set
+    aside is put back. Those of live processes (another command writing) are left alone."""
+    for left in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
+        pid = left.name[len(path.name) + 2:].partition("-")[0]
+        if left.suffix not in (".tmp", ".old") or not pid.isdigit() or process_exists(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if left.suffix == ".old" and not os.path.lexists(path):
+                left.rename(path)
+            elif left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left)
+            else:
+                left.unlink()
+
 @contextlib.contextmanager
 def atomic_folder(path: PathLike):
     """Yields a new, empty temporary folder beside ``path`` to fill. When the block ends without
@@ -755,9 +782,10 @@ def atomic_folder(path: PathLike):
         OutputError: when the folder cannot be made or put in place; it names the path.
     """
     path = Path(path)
+    _clear_killed_folders(path)
     # Named before it is made (as atomic_write_bytes's file): Ctrl-C or SIGTERM at any moment,
     # even just after the mkdir, still finds it to remove (mkdtemp's name comes only later).
-    tmp: Path | None = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp: Path | None = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     old = None
     try:
         try:
@@ -775,7 +803,7 @@ def atomic_folder(path: PathLike):
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
             if os.path.lexists(path):
-                old = path.with_name(f".{path.name}.{secrets.token_hex(8)}.old")
+                old = tmp.with_suffix(".old")
                 path.rename(old)
             tmp.rename(path)
             fsync_dir(path.parent)

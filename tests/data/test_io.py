@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from retina_tf.data.io import (
     read_sample,
     write_image_atomic,
 )
+from tests import commands
 from tests.data.dicom import write_dicom
 
 
@@ -422,6 +424,40 @@ def test_a_folder_interrupted_at_any_moment_is_the_old_one_and_nothing_else(tmp_
         (tmp / "b.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and _folder(out) == {
         "b.txt": b"new"}
+
+
+def test_what_a_killed_folder_write_left_is_cleared_by_the_next_one(tmp_path):
+    # a process killed between setting the old folder aside and renaming its new one in: the
+    # next write of that folder deletes its temporary folder and puts the old one back first;
+    # a live process's temporary folder is left alone, and so is every other folder's
+    from retina_tf.data.io import atomic_folder
+    out = tmp_path / "export"
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    killer = tmp_path / "killed.py"
+    killer.write_text(
+        "import os, signal\nfrom pathlib import Path\nfrom retina_tf.data.io import atomic_folder\n"
+        "def rename(self, to):  # SIGKILL right after the old folder is set aside\n"
+        "    os.rename(self, to)\n"
+        "    if self.name == 'export':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "Path.rename = rename\n"
+        f"with atomic_folder({str(out)!r}) as tmp:\n"
+        "    (tmp / 'b.txt').write_text('new')\n")
+    assert commands.run([sys.executable, killer]).returncode == -signal.SIGKILL
+    killer.unlink()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".old", ".tmp"]  # no export
+    live = tmp_path / f".export.{os.getpid()}-ab.tmp"
+    live.mkdir()
+    with atomic_folder(tmp_path / "other"):
+        pass
+    assert len(list(tmp_path.iterdir())) == 4
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out):
+            assert _folder(out) == {"a.txt": b"old"}
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export", "other"]
+    assert _folder(out) == {"a.txt": b"old"}
 
 @pytest.mark.parametrize("name, levels", [("fov.png", 0), ("fov.jpg", 1)])
 def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, levels: int):
