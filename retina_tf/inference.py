@@ -1055,8 +1055,9 @@ class Segmenter:
     def check_image_size(self, image: np.ndarray, source: str | os.PathLike = "the image",
                          warn: bool = True) -> None:
         """Raises DatasetError naming ``source`` when ``image`` is not a uint8 RGB (H, W, 3)
-        array (the message says how to convert it) or is below :attr:`min_image_size` (a 32x32
-        image would otherwise come back as 0 % vessel, in silence); with ``warn``, warns of
+        array (the message says how to convert it), is below :attr:`min_image_size` (a 32x32
+        image would otherwise come back as 0 % vessel, in silence) or is one flat colour; with
+        ``warn``, warns of
         channels in BGR order (:func:`~retina_tf.data.io.channel_order_warning`) and when an
         A/V model is given a gray photograph (off where :meth:`segment` follows)."""
         image = np.asarray(image)
@@ -1069,6 +1070,11 @@ class Segmenter:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "
                                f"needs at least {self.min_image_size}x{self.min_image_size} "
                                "(its training patch size)")
+        low, high = image.min(axis=(0, 1)), image.max(axis=(0, 1))
+        if (high.astype(int) - low <= 2).all():  # would come back as about 76 % vessel
+            raise DatasetError(f"{source} is one flat colour (RGB {', '.join(map(str, high))}): "
+                               "there is nothing to segment; check the file (a failed capture "
+                               "or export?)")
         if not warn:
             return
         swapped = channel_order_warning(image, source)

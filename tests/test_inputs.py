@@ -574,6 +574,20 @@ def test_images_smaller_than_a_training_patch_are_rejected(shipped: Segmenter, t
         shipped.segment(read_image(path))
 
 
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_a_photograph_of_one_flat_colour_is_rejected(shipped: Segmenter, tmp_path: Path,
+                                                     value: int):
+    # a failed capture: standardized, it is all zeros, and came back as 76 % vessel
+    path = tmp_path / "in" / "blank.png"
+    write_image_atomic(path, np.full((200, 240, 3), value, np.uint8))
+    with pytest.raises(DatasetError, match=rf"blank\.png is one flat colour \(RGB {value}, "
+                                           rf"{value}, {value}\): there is nothing to segment"):
+        shipped.segment(read_image(path), source=path)
+    image = np.full((200, 240, 3), value, np.uint8)
+    image[100, 120] = 128  # one pixel is enough to try
+    assert shipped.segment(image)[1].shape[:2] == (200, 240)  # (with its 0 % warning)
+
 def test_estimated_fov_of_a_crop_warns_but_whole_photographs_do_not(shared_data: Path,
                                                                      tmp_path: Path, capsys):
     image = read_image(shared_data / "DRIVE" / "test" / "images" / "02_test.tif")
