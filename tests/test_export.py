@@ -231,7 +231,6 @@ def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
-
 # --- the network alone: ONNX, TFLite ----------------------------------------------------------
 
 def test_onnx_network_matches_keras_on_a_drive_image(tiny_run, shared_data, tmp_path, capsys):
