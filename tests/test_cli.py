@@ -403,7 +403,15 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line(argv, prog):
     proc = subprocess.Popen([*argv, "--help"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.5)
+    # once TensorFlow's library is mapped the import is under way (seconds of it left): a fixed
+    # sleep would, on a loaded machine, interrupt the interpreter's start instead
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "TensorFlow never loaded"
+        if "tensorflow" in maps.read_text():
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == f"{prog}: interrupted", err[-2000:]
