@@ -77,8 +77,10 @@ def progress(items: Iterable[T], what: str, unit: str = "images",
                          f"{duration(now - began)}" + (f"; {duration(now - start)} elapsed"
                                                        f"{left(done, now)}" if done else ""))
 
+    watcher = None
     if heartbeat > 0 and total:
-        threading.Thread(target=watch, name=f"progress: {what}", daemon=True).start()
+        watcher = threading.Thread(target=watch, name=f"progress: {what}", daemon=True)
+        watcher.start()
     try:
         for done, item in enumerate(items, 1):
             state[1] = names[done - 1] if names is not None else name(item)
@@ -95,3 +97,5 @@ def progress(items: Iterable[T], what: str, unit: str = "images",
                                f"{left(done, now) if done < total else ''}")
     finally:
         stop.set()
+        if watcher is not None:  # no heartbeat after the loop (bounded: never hang an exit)
+            watcher.join(timeout=1.0)

@@ -82,7 +82,7 @@ def test_a_slow_item_gets_a_heartbeat_also_when_item_lines_are_hidden(lines):
     beats = lines()
     assert beats and all(re.fullmatch(r"validation: 0/1 images, big\.tif running for 0:0\d", b)
                          for b in beats), beats
-    time.sleep(0.5)  # the watcher stops with the loop
+    time.sleep(0.5)  # the watcher ended with the loop: no line after it
     assert lines() == beats and threading.active_count() == before
 
 
