@@ -169,7 +169,6 @@ def kill_point(path: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-
 def write_durably(path: Path, data: bytes) -> None:
     """:func:`atomic_write_bytes` with the kill harness's hook."""
     kill_point(Path(path))

@@ -574,7 +574,6 @@ def test_images_smaller_than_a_training_patch_are_rejected(shipped: Segmenter, t
         shipped.segment(read_image(path))
 
 
-
 @pytest.mark.parametrize("value", [0, 255])
 def test_a_photograph_of_one_flat_colour_is_rejected(shipped: Segmenter, tmp_path: Path,
                                                      value: int):

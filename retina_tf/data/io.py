@@ -744,8 +744,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         raise
 
 
-
 def process_exists(pid: int) -> bool:
+    """True while a process of that id runs (signal 0 tests without sending)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -770,6 +770,7 @@ def _clear_killed_folders(path: Path) -> None:
                 shutil.rmtree(left)
             else:
                 left.unlink()
+
 
 @contextlib.contextmanager
 def atomic_folder(path: PathLike):

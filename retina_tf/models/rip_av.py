@@ -159,7 +159,6 @@ class RIPClassifier(SegmentationModel, keras.Model):
                 "dropout": self.dropout}
 
 
-
 @keras.saving.register_keras_serializable(package="retina_tf")
 class PatchContextFusion(layers.Layer):
     """Patch Context Fusion (RIP-AV, Dai et al. 2024): channel attention between the features of

@@ -383,7 +383,6 @@ def test_an_interrupt_as_the_temporary_file_is_made_leaves_nothing(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-
 def _folder(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in path.iterdir()}
 
