@@ -1336,10 +1336,12 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
             log.info(threshold_line(choice))
             threshold = choice["threshold"]
         if cfg.choose_tta:  # on the same held-out images, at the threshold just stored
-            tta = choose_av_evaluation(  # A/V models: TTA and the vote, by A/V accuracy
-                validation.segmenter(), val_set, transpose=cfg.rot90, threshold=threshold) \
-                if cfg.task == "av" else choose_tta(validation.segmenter(), val_set,
-                                                    threshold=threshold, probabilities=probs)
+            if cfg.task == "av":  # TTA and the vote, by A/V accuracy
+                tta = choose_av_evaluation(validation.segmenter(), val_set,
+                                           transpose=cfg.rot90, threshold=threshold)
+            else:
+                tta = choose_tta(validation.segmenter(), val_set, threshold=threshold,
+                                 probabilities=probs)
             store_choice(run_dir, tta)
             log.info(tta_choice_line(tta))
         return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "

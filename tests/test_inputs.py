@@ -587,6 +587,7 @@ def test_a_photograph_of_one_flat_colour_is_rejected(shipped: Segmenter, tmp_pat
     image[100, 120] = 128  # one pixel is enough to try
     assert shipped.segment(image)[1].shape[:2] == (200, 240)  # (with its 0 % warning)
 
+
 def test_estimated_fov_of_a_crop_warns_but_whole_photographs_do_not(shared_data: Path,
                                                                      tmp_path: Path, capsys):
     image = read_image(shared_data / "DRIVE" / "test" / "images" / "02_test.tif")

@@ -18,6 +18,7 @@ from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
     DatasetError,
     SampleData,
+    atomic_folder,
     channel_order_warning,
     picture_count,
     read_av,
@@ -392,7 +393,6 @@ def test_a_folder_interrupted_at_any_moment_is_the_old_one_and_nothing_else(tmp_
                                                                              monkeypatch, moment):
     # Ctrl-C in the instant after the temporary folder is made, while it is filled, or between
     # setting the old folder aside and renaming the new one into place
-    from retina_tf.data.io import atomic_folder
     out = tmp_path / "export"
     with atomic_folder(out) as tmp:
         (tmp / "a.txt").write_text("old")
@@ -429,7 +429,6 @@ def test_what_a_killed_folder_write_left_is_cleared_by_the_next_one(tmp_path):
     # a process killed between setting the old folder aside and renaming its new one in: the
     # next write of that folder deletes its temporary folder and puts the old one back first;
     # a live process's temporary folder is left alone, and so is every other folder's
-    from retina_tf.data.io import atomic_folder
     out = tmp_path / "export"
     with atomic_folder(out) as tmp:
         (tmp / "a.txt").write_text("old")
@@ -457,6 +456,7 @@ def test_what_a_killed_folder_write_left_is_cleared_by_the_next_one(tmp_path):
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "export", "other"]
     assert _folder(out) == {"a.txt": b"old"}
+
 
 @pytest.mark.parametrize("name, levels", [("fov.png", 0), ("fov.jpg", 1)])
 def test_an_empty_fov_mask_is_refused_naming_it(tmp_path: Path, name: str, levels: int):
