@@ -15,7 +15,7 @@ import numpy as np
 
 from retina_tf.config import DataConfig
 from retina_tf.data.catalog import guess_dataset
-from retina_tf.data.io import read_image, read_sample
+from retina_tf.data.io import clear_killed_writes, read_image, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file
 from retina_tf.data.pipeline import preprocess_cached
 from retina_tf.data.preprocess import Preprocessor
@@ -130,6 +130,8 @@ def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:
 
 
 def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) -> None:
+    for folder in (out, out / "fov", out / "vessel", out / "preview"):
+        clear_killed_writes(folder)
     files = export_label_files(dataset, data_dir, out)
     try:
         _check_and_fit(cfg, files, out)
@@ -164,6 +166,7 @@ def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path) -> None:
         save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
     if cfg.cache_dir:
         samples = [sample for path in files.values() for sample in read_label_file(path)]
+        clear_killed_writes(cfg.cache_dir)
         for sample in progress(samples, "preprocess: caching", name=lambda s: s.name):
             preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)
         print(f"cached preprocessed images in {cfg.cache_dir}")

@@ -34,6 +34,7 @@ from retina_tf.data.fov import estimate_fov, estimate_warnings
 from retina_tf.data.io import (
     DatasetError,
     atomic_write_bytes,
+    clear_killed_writes,
     file_stem,
     fsync_dir,
     is_dicom_file,
@@ -155,8 +156,10 @@ class OutputFolder:
             staging.rmdir()
 
     def _remove_stale_staging(self) -> None:
+        """Removes what killed processes left here: staging folders and temporary files."""
         if not self.path.is_dir():
             return
+        clear_killed_writes(self.path)
         for folder in self.path.glob(f"{STAGING_PREFIX}*"):
             pid = folder.name.removeprefix(STAGING_PREFIX)
             if pid.isdigit() and not process_exists(int(pid)):

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 from retina_tf.config import DataConfig, RunRef
-from retina_tf.data.io import atomic_write_bytes, process_exists
+from retina_tf.data.io import atomic_write_bytes, process_exists, temporary_name
 from retina_tf.error_maps import ERROR_MAPS_DIR
 from retina_tf.errors import ConfigError, ModelFileError, RetinaTFError
 
@@ -163,7 +163,7 @@ def kill_point(path: Path) -> None:
         return
     _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
     if _KILL_COUNTS[name] == int(nth or 1):
-        tmp = path.with_name(f".{path.name}.killed.tmp")
+        tmp = temporary_name(path)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(b"\0" * 1024)  # what a kill in the middle of a write leaves
         os.kill(os.getpid(), signal.SIGKILL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,3 +154,19 @@ def run(args: list, cwd=None, env=None, timeout: float = 300,
 def script(name: str, *flags, **kwargs) -> subprocess.CompletedProcess:
     """``python bin/<name> <flags>`` (see ``run``)."""
     return run([sys.executable, REPO / "bin" / name, *flags], **kwargs)
+
+
+def killed_while_writing(path: Path) -> Path:
+    """What a process SIGKILLed in the middle of ``atomic_write_bytes(path, ...)`` left (no
+    cleanup runs): its temporary file, flushed and not yet renamed; returned."""
+    before = set(path.parent.glob(".*")) if path.parent.is_dir() else set()
+    with tempfile.TemporaryDirectory() as folder:
+        killer = Path(folder) / "killed.py"
+        killer.write_text(
+            "import os, signal, sys\nfrom retina_tf.data.io import atomic_write_bytes\n"
+            "os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "atomic_write_bytes(sys.argv[1], b'half')\n")
+        killed = run([sys.executable, killer, path])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = set(path.parent.glob(".*")) - before
+    return left

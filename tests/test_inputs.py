@@ -130,6 +130,19 @@ def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     assert not (out / "b_prob.png").exists()
 
 
+def test_a_temporary_file_of_a_killed_write_is_cleared_by_the_next_run_there(tmp_path: Path):
+    """A process killed (SIGKILL: no cleanup runs) in the middle of an atomic write into an
+    output folder, here of predict's manifest, left its temporary file there for good."""
+    out = tmp_path / "out"
+    left = commands.killed_while_writing(out / MANIFEST_NAME)
+    live = out / f".predictions.csv.{os.getpid()}-ab.tmp"  # another command writing now
+    live.write_text("x")
+    (out / ".notes.1-2.txt").write_text("the user's")
+    _predict(_fundus(tmp_path / "a.png", 2), out)
+    assert not left.exists() and live.exists() and (out / ".notes.1-2.txt").exists()
+    assert {"a_mask.png", "a_prob.png"} <= read_manifest(out)
+
+
 # segmented at 128 px as they are, not enlarged to the training FOV: these tests are about
 # which photographs are segmented and where their files go
 NATIVE = "--inference_scale=native"

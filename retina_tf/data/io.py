@@ -710,6 +710,11 @@ def fsync_dir(folder: PathLike) -> None:
         os.close(fd)
 
 
+def temporary_name(path: Path) -> Path:
+    """``.<name>.<pid>-<hex>.tmp`` beside ``path``: this process's temporary for it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Writes ``data`` durably and atomically: to a temporary name beside ``path``, flushed to
     disk (fsync), then renamed into place, so a kill or power loss leaves either the old file or
@@ -726,8 +731,9 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     except OSError as err:
         raise OutputError(err.errno, err.strerror, str(path)) from err
     # Named before it is made: Ctrl-C or SIGTERM at any moment, even inside the open, still
-    # finds it to remove (mkstemp's name arrives only once the file exists).
-    tmp_name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # finds it to remove (mkstemp's name arrives only once the file exists); the process id
+    # lets clear_killed_writes tell a killed writer's leftover from a live one's file.
+    tmp_name = temporary_name(path)
     try:
         handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(handle, "wb") as tmp:
@@ -755,17 +761,23 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def _clear_killed_folders(path: Path) -> None:
-    """What an :func:`atomic_folder` of ``path`` whose process was killed left beside it: its
-    temporary folder is deleted and, if it died between its two renames, the folder it had set
-    aside is put back. Those of live processes (another command writing) are left alone."""
-    for left in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
-        pid = left.name[len(path.name) + 2:].partition("-")[0]
-        if left.suffix not in (".tmp", ".old") or not pid.isdigit() or process_exists(int(pid)):
+def clear_killed_writes(folder: PathLike, name: str | None = None) -> None:
+    """Clears what writes into ``folder`` by :func:`atomic_write_bytes` and
+    :func:`atomic_folder` (of ``name`` alone, when given) left when their process was killed
+    (``kill -9``, out of memory), where no ``finally`` runs: temporary files and folders are
+    deleted, and a folder set aside by a process that died between its two renames is put
+    back. Those of live processes (another command writing) are left alone."""
+    folder = Path(folder)
+    pattern = f".{glob.escape(name)}.*-*" if name is not None else ".*.*-*"
+    for left in sorted(folder.glob(pattern)):
+        target, _, pid = left.stem[1:].rpartition(".")  # .<target>.<pid>-<hex>.tmp|.old
+        pid = pid.partition("-")[0]
+        if (left.suffix not in (".tmp", ".old") or not target or name not in (None, target)
+                or not pid.isdigit() or process_exists(int(pid))):
             continue
         with contextlib.suppress(OSError):
-            if left.suffix == ".old" and not os.path.lexists(path):
-                left.rename(path)
+            if left.suffix == ".old" and not os.path.lexists(folder / target):
+                left.rename(folder / target)
             elif left.is_dir() and not left.is_symlink():
                 shutil.rmtree(left)
             else:
@@ -783,10 +795,10 @@ def atomic_folder(path: PathLike):
         OutputError: when the folder cannot be made or put in place; it names the path.
     """
     path = Path(path)
-    _clear_killed_folders(path)
+    clear_killed_writes(path.parent, path.name)
     # Named before it is made (as atomic_write_bytes's file): Ctrl-C or SIGTERM at any moment,
     # even just after the mkdir, still finds it to remove (mkdtemp's name comes only later).
-    tmp: Path | None = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp: Path | None = temporary_name(path)
     old = None
     try:
         try:

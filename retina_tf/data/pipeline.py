@@ -24,7 +24,12 @@ import tensorflow as tf
 
 from retina_tf.config import CHOICES, PATCH_SCALE_CONFLICT
 from retina_tf.data.catalog import Sample, list_samples
-from retina_tf.data.io import DatasetError, SampleData, atomic_write_bytes
+from retina_tf.data.io import (
+    DatasetError,
+    SampleData,
+    atomic_write_bytes,
+    clear_killed_writes,
+)
 from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import Preprocessor
 from retina_tf.errors import ConfigError
@@ -194,6 +199,8 @@ def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vesse
     """Preprocesses read samples into a :class:`SegmentationSet`."""
     if not datas:
         raise DatasetError("no samples to build a dataset from (empty split)")
+    if cache_dir is not None:
+        clear_killed_writes(cache_dir)
     images = []
     for i, d in enumerate(datas):
         if samples is not None and cache_dir is not None:

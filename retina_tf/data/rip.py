@@ -43,7 +43,7 @@ from retina_tf import visualize
 from retina_tf.config import RipPatchConfig
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.catalog import list_samples, normalize_dataset_name
-from retina_tf.data.io import DatasetError, atomic_write_bytes, read_sample
+from retina_tf.data.io import DatasetError, atomic_write_bytes, clear_killed_writes, read_sample
 from retina_tf.errors import ConfigError
 from retina_tf.progress import progress
 
@@ -590,6 +590,7 @@ def write_rip_patches(cfg: RipPatchConfig) -> Path:
 
     out_dir = Path(cfg.rip_patches)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_killed_writes(out_dir)
     config = {"dataset": dataset, "data_dir": str(cfg.data_dir), "split": "training",
               "sizes": list(sizes), "out_size": out_size, "per_class": cfg.rip_per_class,
               "min_fraction": cfg.rip_min_fraction, "absent_fraction": absent,

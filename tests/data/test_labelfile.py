@@ -115,9 +115,14 @@ def test_a_byte_order_mark_is_read_past_and_a_name_listed_twice_is_refused(synth
 def test_preprocess_cli_writes_label_files_and_previews(synthetic_dir, tmp_path):
     out = tmp_path / "prep"
     cache = tmp_path / "cache"
+    # what killed earlier runs left in each folder is cleared
+    left = [commands.killed_while_writing(folder / name) for folder, name in (
+        (out, "training.txt"), (out / "fov", "a_fov.png"), (out / "preview", "a.png"),
+        (cache, "a.npy"))]
     proc = commands.script("preprocess.py", "--dataset=synthetic", f"--data_dir={synthetic_dir}",
                            f"--out_dir={out}", f"--cache_dir={cache}", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(path.exists() for path in left)
     assert "training:" in proc.stdout and "test:" in proc.stdout
     assert len(read_label_file(out / "training.txt")) == 2
     assert len(read_label_file(out / "test.txt")) == 2

@@ -235,6 +235,7 @@ def tiny_av_dataset(tmp_path_factory):
 
 def test_cli_writes_consistent_csv_npz_and_preview(tiny_av_dataset, tmp_path):
     out = tmp_path / "rip"
+    commands.killed_while_writing(out / "patches.npz")  # an earlier run's: cleared
     proc = commands.script(
         "generate_rip_patches.py", "--dataset=synthetic",
          f"--data_dir={tiny_av_dataset}", f"--rip_patches={out}", "--rip_sizes=24,48",
