@@ -82,7 +82,7 @@ def main(_):
         image = read_image(list_samples("drive", FLAGS.data_dir, "test")[0].image)
     else:
         image = generate_fundus(0).image
-    seg = Segmenter.from_run(FLAGS.model, tta=False, av_vote=False)  # the network, as exported
+    seg = Segmenter.from_run(FLAGS.model, tta=False, av_vote=False)  # one view, as exported
     x = seg.preprocessor(image)
     padded = pad_to_multiple(x, seg.size_multiple)[None]
     h, w = padded.shape[1:3]
@@ -106,7 +106,7 @@ def main(_):
         if fmt == "retina_tf":
             return (lambda: seg.segment(image)), "Segmenter.segment, end to end"
         if fmt == "saved_model":
-            serve = timed(fmt, lambda: tf.saved_model.load(str(export(fmt)))
+            serve = timed(fmt, lambda: tf.saved_model.load(str(export(fmt, tta=False)))
                           ).signatures["serving_default"]
             tensor = tf.constant(image)
             return (lambda: serve(image=tensor)), "serving_default, end to end"

@@ -332,6 +332,8 @@ class ExportConfig(_Checked):
         overwrite: replace an existing ``out`` folder (saved_model, onnx, tflite).
         precision: "float32" (or "auto": the deployer's hardware is not known), or "bfloat16"
             for a saved_model that computes in bfloat16 (the weights stay float32).
+        tta, tta_transpose: the saved_model's test-time augmentation, averaged in its graph
+            as ``predict`` averages it; None: the run's own choice (as ``predict``).
     """
 
     run: str | None = None
@@ -341,6 +343,8 @@ class ExportConfig(_Checked):
     threshold: float | None = None
     overwrite: bool = False
     precision: str = "auto"
+    tta: bool | None = None
+    tta_transpose: bool | None = None
 
 
 # --- what a field may hold ------------------------------------------------------------------

@@ -91,9 +91,10 @@ _AV_CHANNELS = ["artery", "vein", "vessel"]
 
 # --- the run -------------------------------------------------------------------------------------
 
-def _load(run: str, precision: str = "float32") -> Segmenter:
-    """The run's default inference (as ``predict`` without options), loaded once."""
-    return Segmenter.from_run(find_run(run, flag="--run"), precision=precision)
+def _load(run: str, precision: str = "float32", **choices) -> Segmenter:
+    """The run's default inference (as ``predict`` without options, ``choices``: its
+    ``tta`` and ``tta_transpose`` given), loaded once."""
+    return Segmenter.from_run(find_run(run, flag="--run"), precision=precision, **choices)
 
 
 def run_threshold(run_dir: Path) -> float:
@@ -288,8 +289,22 @@ class _Serving(tf.Module):
                        lambda: prob)
 
     def _probability(self, image):
-        """:meth:`Segmenter.probability` without TTA: (H, W, K) probabilities."""
+        """:meth:`Segmenter.probability` (without the A/V vote): (H, W, K) probabilities,
+        averaged over the flipped (and transposed) views of the preprocessed image when the
+        run segments with test-time augmentation."""
         x = self._steps.preprocess(image)
+        if not self._seg.tta:
+            return self._preprocessed_probability(x)
+        views = []
+        for turn in (False, True) if self._seg.tta_transpose else (False,):
+            view = tf.transpose(x, [1, 0, 2]) if turn else x
+            for flip in ([], [1], [0], [0, 1]):
+                prob = self._preprocessed_probability(tf.reverse(view, flip) if flip else view)
+                prob = tf.reverse(prob, flip) if flip else prob
+                views.append(tf.transpose(prob, [1, 0, 2]) if turn else prob)
+        return tf.reduce_mean(tf.stack(views), axis=0)
+
+    def _preprocessed_probability(self, x):
         context = (self._seg.model.context_of(x[None]) if _context_size(self._seg) else None)
         if self._seg.inference == "sliding":  # the windows share one encoded context
             return self._sliding(x, None if context is None else
@@ -578,7 +593,8 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         scales = ", ".join(f"{s:g}" for s in seg.model.scales)
         notes.append(f"the scale fusion is exported at the training scales ({scales}) only; "
                      "other inference scales (--eval_scales) need retina_tf")
-    if seg.tta and seg.task != "av":  # the run's own choice (run.json tta)
+    in_graph = fmt == "saved_model" and seg.tta  # the views are averaged in the graph
+    if seg.run_info.get("tta") and seg.task != "av" and not in_graph:  # the run's own choice
         notes.append("for the results as retina_tf gives them (the run segments with flip TTA "
                      "by default, chosen on its held-out images): average the export's "
                      "probabilities over the photograph and its horizontal, vertical and "
@@ -590,7 +606,7 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
             else (True,) * 3
         steps = [f"average the export's probabilities over the "
                  f"{'8 flips and transposes' if turned else '4 flips'} of the photograph (each "
-                 "undone)"] if tta else []
+                 "undone)"] if tta and not in_graph else []
         if vote:
             steps.append("give each vessel segment one artery/vein decision with "
                          "retina_tf.postprocess.vote_av_segments, Python code on SciPy and "
@@ -600,6 +616,10 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         if steps:
             notes.append(f"for the A/V results as measured ({how}): " + ", then ".join(steps))
     return notes
+
+
+def _views(seg: Segmenter) -> str:
+    return "8 flips and transposes" if seg.tta_transpose else "4 flips"
 
 
 def _note_paragraph(seg: Segmenter, fmt: str) -> str | None:
@@ -674,6 +694,16 @@ def _recipe(seg: Segmenter) -> list[str]:
 
 def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dict:
     k = _num_classes(seg)
+    if fmt == "keras":
+        in_the_export = ("a run folder that retina_tf loads (Segmenter.from_run, or --model of "
+                         "evaluate and predict): its inference as a run's")
+    elif fmt == "saved_model":
+        in_the_export = "everything in 'preprocessing' and the network"
+        if seg.tta:
+            in_the_export += (f", its probabilities averaged over the {_views(seg)} of the "
+                              "photograph (test-time augmentation, each undone)")
+    else:
+        in_the_export = "the network only: preprocessed image in, probability out"
     return {
         "format": fmt,
         "run": seg.run_dir.name,
@@ -686,14 +716,13 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         "tensorflow_version": tf.__version__,
         **model,
         "preprocessing": _preprocessing(seg),
-        "in_the_export": ("a run folder that retina_tf loads (Segmenter.from_run, or --model "
-                          "of evaluate and predict): its inference as a run's"
-                          if fmt == "keras" else
-                          "everything in 'preprocessing' and the network" if fmt == "saved_model"
-                          else "the network only: preprocessed image in, probability out"),
+        "in_the_export": in_the_export,
+        **({"test_time_augmentation": _views(seg) if seg.tta else None}
+           if fmt == "saved_model" else {}),
         "deployer_must_add": deployer_notes(seg, fmt),
         "never_exported": [] if fmt == "keras" else [
-            "test-time augmentation (--tta)", "the A/V segment vote (--av_vote)",
+            *(["test-time augmentation (--tta)"] if fmt != "saved_model" else []),
+            "the A/V segment vote (--av_vote)",
             "inference scales other than the training ones (--eval_scales)",
             "predict's warning of a mask far from the training labels' share of vessel (or of "
             "arteries): their shares are in 'training_labels', the rule in "
@@ -788,6 +817,12 @@ def export_model(cfg: ExportConfig) -> Path:
     if cfg.input_size and cfg.format != "tflite":
         raise ConfigError(f"--input_size is for --format=tflite only (--format={cfg.format} "
                           "takes any size)")
+    given = [f"--{name}" for name in ("tta", "tta_transpose") if getattr(cfg, name) is not None]
+    if given and cfg.format != "saved_model":
+        raise ConfigError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                          f"--format=saved_model only (--format={cfg.format} "
+                          + ("keeps the run's choice)" if cfg.format == "keras" else
+                             "holds the network alone; its notes list the views to average)"))
     if cfg.threshold is not None and cfg.format == "keras":
         raise ConfigError("--threshold is for --format=saved_model, onnx or tflite (a keras "
                           "export keeps the run's threshold; evaluate and predict take "
@@ -800,7 +835,7 @@ def export_model(cfg: ExportConfig) -> Path:
     if out.resolve() == run_dir or out.resolve() in run_dir.parents:
         raise ConfigError(f"--out={out} is the run folder or holds it: the export would "
                           "replace the run; give another folder")
-    seg = _load(str(run_dir), precision)
+    seg = _load(str(run_dir), precision, tta=cfg.tta, tta_transpose=cfg.tta_transpose)
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None
 

@@ -556,7 +556,8 @@ def define_eval_flags(d: _Definer) -> None:
                   "0.5,1.0,2.0 (default: the training scales).")
     d.DEFINE_boolean("tta", None, "Test-time augmentation: average over flips (about 4x "
                      "slower); default: the run's choice, made on its held-out images (run.json "
-                     "tta; vessel_general, ripav_rite, ripav_general: on), else off.")
+                     "tta; vessel_general, ripav_rite, ripav_general: on), else off. "
+                     "export_model: in the saved_model's graph.")
     d.DEFINE_boolean("tta_transpose", None, "With --tta, also average over the flips of the "
                      "transposed image (8 views, about 8x slower); for models trained with "
                      "--rot90. Default: the run's choice (ripav_rite, ripav_general: on), else "

@@ -213,6 +213,37 @@ def test_a_bfloat16_saved_model_keeps_float32_weights_and_segments_alike(tiny_ru
     assert 0 < np.abs(prob - exact).max() < 0.02  # computed in bfloat16, not float32
 
 
+@pytest.mark.slow
+def test_a_runs_flips_are_averaged_in_its_saved_model_as_predict_averages_them(tiny_run,
+                                                                                 tmp_path):
+    """The SavedModel of a run that segments with test-time augmentation by default
+    (vessel_general, the A/V models) gave other probabilities than predict: one view."""
+    run = tmp_path / "tta_run"
+    shutil.copytree(tiny_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "tta": True, "tta_transpose": True}))
+    image = generate_fundus(8, size=(101, 90)).image  # not square: transposed views differ
+    views = Segmenter.from_run(run).probability(image)
+    assert np.abs(views - Segmenter.from_run(run, tta=False).probability(image)).max() > 1e-3
+    out = tmp_path / "export"
+    export_model(ExportConfig(run=str(run), format="saved_model", out=str(out)))
+    described = json.loads((out / "export.json").read_text())
+    assert described["test_time_augmentation"] == "8 flips and transposes"
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
+    prob, mask = Segmenter.from_run(run).segment(image, threshold=0.4)
+    np.testing.assert_allclose(got["probability"].numpy(), prob[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(got["mask"].numpy(), mask[..., 0])
+    # a deployer is told to add the flips only where the export lacks them (--notta)
+    assert not any("flips" in note for note in described["deployer_must_add"])
+    assert any("flips" in note for note in deployer_notes(Segmenter.from_run(run, tta=False),
+                                                          "saved_model"))
+    # the network alone holds no views: its notes list them, and --tta is refused
+    assert any("flips" in note for note in deployer_notes(Segmenter.from_run(run), "onnx"))
+    with pytest.raises(ConfigError, match="--tta is for --format=saved_model only"):
+        export_model(ExportConfig(run=str(run), format="onnx", out=str(tmp_path / "o"),
+                                  tta=True))
+
+
 def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
     out = tmp_path / "export"
     export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(out),
@@ -414,10 +445,11 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     proc = _run_script("--run=ripav_rite", "--format=saved_model", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     note = next(line for line in proc.stdout.splitlines() if line.startswith("note: "))
-    assert "vote_av_segments" in note and "flips and transposes" in note
+    assert "vote_av_segments" in note and "flips" not in note  # the views are in the graph
     assert note in " ".join(DEPLOY_DOC.read_text().split())  # the same words in the docs
     info = json.loads((out / "export.json").read_text())
     assert info["channels"] == ["artery", "vein", "vessel"] and info["deployer_must_add"]
+    assert info["test_time_augmentation"] == "8 flips and transposes"
     # the shares behind predict's warnings, for a service that wants them
     run_info = Segmenter.from_pretrained("ripav_rite").run_info
     assert info["training_labels"] == {key: run_info[key]
@@ -429,6 +461,8 @@ def test_shipped_av_model_exports_to_saved_model_and_says_what_it_lacks(tmp_path
     image = generate_fundus(2, size=(128, 128)).image
     got = tf.saved_model.load(str(out)).signatures["serving_default"](image=tf.constant(image))
     assert got["probability"].shape == (128, 128, 3) and got["mask"].shape == (128, 128)
+    prob, _ = Segmenter.from_pretrained("ripav_rite", av_vote=False).segment(image)
+    np.testing.assert_allclose(got["probability"].numpy(), prob, atol=1e-5)
 
 
 def test_a_terminated_export_leaves_nothing_behind(tmp_path):

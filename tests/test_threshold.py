@@ -275,7 +275,9 @@ def test_a_runs_tta_choice_is_used_unless_the_flag_says_otherwise(tiny_run, tmp_
         mask = Segmenter.from_run(copy, tta=tta, precision="float32").segment(
             read_image(photo))[1]
         np.testing.assert_array_equal(masks[name], mask[..., 0])
-    assert any("flip TTA" in note for note in deployer_notes(Segmenter.from_run(copy),
+    # an export without the flips tells a deployer to add them (a SavedModel holds them)
+    assert any("flip TTA" in note for note in deployer_notes(Segmenter.from_run(copy), "onnx"))
+    assert not any("flip" in note for note in deployer_notes(Segmenter.from_run(copy),
                                                              "saved_model"))
     (copy / "run.json").write_text(json.dumps({**info, "tta": "yes"}))
     with pytest.raises(ModelFileError, match="\"tta\": 'yes' is neither true nor false"):
@@ -348,8 +350,11 @@ def test_an_av_training_chooses_its_tta_and_vote_on_its_held_out_images(tiny_syn
     assert again["evaluations"] == pytest.approx(acc, abs=1e-3)
     seg = Segmenter.from_run(run)  # and evaluate, predict segment so
     assert (seg.tta, seg.tta_transpose, seg.av_vote) == switches
-    # an export tells a deployer to add what the run chose, and only that
-    notes = " ".join(deployer_notes(seg, "saved_model"))
+    # an export of the network tells a deployer to add what the run chose, and only that; a
+    # SavedModel holds the views, not the vote
+    notes = " ".join(deployer_notes(seg, "onnx"))
     assert ("flips" in notes, "transposes" in notes, "vote_av_segments" in notes) == switches
+    notes = " ".join(deployer_notes(seg, "saved_model"))
+    assert ("flips" in notes, "vote_av_segments" in notes) == (False, switches[2])
     with pytest.raises(ConfigError, match="segments vessels only"):
         choose_av_evaluation("unet_drive", held_out)
