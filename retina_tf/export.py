@@ -66,7 +66,7 @@ from retina_tf.inference import (
     stored_threshold,
 )
 from retina_tf.models.base import SegmentationModel
-from retina_tf.run_folder import find_run
+from retina_tf.run_folder import EXPORT_JSON, find_run
 
 __all__ = ["FORMATS", "export_model", "export_saved_model", "export_onnx", "export_tflite",
            "deployer_notes", "run_threshold", "tflite_input_size"]
@@ -74,7 +74,6 @@ __all__ = ["FORMATS", "export_model", "export_saved_model", "export_onnx", "expo
 log = logging.getLogger(__name__)
 
 FORMATS = CHOICES["format"]
-EXPORT_JSON = "export.json"
 README = "README.txt"
 ONNX_FILE = "model.onnx"
 TFLITE_FILE = "model.tflite"

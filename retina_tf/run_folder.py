@@ -57,6 +57,7 @@ LAST_WEIGHTS = Path("checkpoints") / "last.weights.h5"
 MODEL_FILE = "model.keras"
 # What a run folder needs for inference (export_run copies these).
 RUN_FILES = (MODEL_FILE, "run.json", "preprocessor.json")
+EXPORT_JSON = "export.json"  # in every export folder (retina_tf.export)
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # Flags that change what is printed or where, not the trained weights: they may differ when an
 # interrupted run is resumed or a finished one is run again.
@@ -99,6 +100,20 @@ def run_dir_of(cfg: RunRef) -> Path:
                            data.label_file_path)
 
 
+def _refuse_an_export(folder: Path, given: str) -> None:
+    """Raises ModelFileError when ``folder`` is a SavedModel, ONNX or TFLite export: made to
+    leave retina_tf, it is no run folder (a keras export is one)."""
+    try:
+        info = json.loads((folder / EXPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(info, dict) and info.get("format") not in (None, "keras"):
+        raise ModelFileError(
+            f"{given}: {folder} is a {info['format']} export of {info.get('run', 'a run')} "
+            f"({EXPORT_JSON}), for serving without retina_tf (docs/deploy.md); retina_tf's "
+            "commands take the run folder itself or a --format=keras export of it")
+
+
 def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str | None = None,
              flag: str = "--model", own_first: bool = False) -> Path:
     """A trained run folder (one with ``model.keras``) from a path (the folder or its
@@ -135,11 +150,12 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
             raise ModelFileError(f"{flag}={name}: {folder} holds a training that has not "
                                  f"finished (its completed epochs are in {BACKUP_DIR}/): run "
                                  "its training command again to finish it")
+        _refuse_an_export(folder, f"{flag}={name}")
         missing = [f for f in RUN_FILES if not (folder / f).is_file()]
         raise ModelFileError(f"{flag}={name}: the folder {folder} is not a complete run: it lacks "
                              f"{', '.join(missing)}; point {flag} at a run folder that training "
                              "finished (or one written by bin/export_model.py)")
-    tried = ", ".join(str(p) for p in places)
+    tried = ", ".join(str(p) for p in dict.fromkeys(places))
     raise ModelFileError(f"{flag}={name}: no trained model found; looked for {MODEL_FILE} in "
                          f"{tried} and among the shipped models "
                          f"({', '.join(shipped_models()) or 'none'}); train that run first")

@@ -43,6 +43,7 @@ from retina_tf.export import (
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, fov_diameter
 from retina_tf.models import build_model
+from retina_tf.run_folder import find_run
 from tests import commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +196,15 @@ def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_save
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="too small"):
         loaded.signatures["serving_default"](image=tf.zeros((20, 40, 3), tf.uint8))
+
+
+def test_an_export_for_serving_given_as_a_run_is_named_as_one(tiny_saved_model):
+    # it said "not a complete run ... (or one written by bin/export_model.py)", which it was
+    with pytest.raises(ModelFileError, match=r"--model=\S+: \S+tiny_sm is a saved_model export "
+                       r"of tiny \(export.json\), for serving without retina_tf"):
+        find_run(tiny_saved_model, flag="--model")
+    with pytest.raises(ModelFileError, match="is a saved_model export of tiny"):
+        Segmenter.from_run(tiny_saved_model)
 
 
 @pytest.mark.slow
