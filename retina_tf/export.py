@@ -64,6 +64,7 @@ from retina_tf.inference import (
     model_logits,
     resolve_threshold,
     stored_threshold,
+    tta_views,
 )
 from retina_tf.models.base import SegmentationModel
 from retina_tf.run_folder import EXPORT_JSON, find_run
@@ -295,12 +296,11 @@ class _Serving(tf.Module):
         if not self._seg.tta:
             return self._preprocessed_probability(x)
         views = []
-        for turn in (False, True) if self._seg.tta_transpose else (False,):
+        for flip, turn in tta_views(self._seg.tta_transpose):
             view = tf.transpose(x, [1, 0, 2]) if turn else x
-            for flip in ([], [1], [0], [0, 1]):
-                prob = self._preprocessed_probability(tf.reverse(view, flip) if flip else view)
-                prob = tf.reverse(prob, flip) if flip else prob
-                views.append(tf.transpose(prob, [1, 0, 2]) if turn else prob)
+            prob = self._preprocessed_probability(tf.reverse(view, flip) if flip else view)
+            prob = tf.reverse(prob, flip) if flip else prob
+            views.append(tf.transpose(prob, [1, 0, 2]) if turn else prob)
         return tf.reduce_mean(tf.stack(views), axis=0)
 
     def _preprocessed_probability(self, x):
@@ -603,9 +603,8 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         own = any(key in seg.run_info for key in RUN_CHOICES)
         tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) if own \
             else (True,) * 3
-        steps = [f"average the export's probabilities over the "
-                 f"{'8 flips and transposes' if turned else '4 flips'} of the photograph (each "
-                 "undone)"] if tta and not in_graph else []
+        steps = [f"average the export's probabilities over the {_views(turned)} of "
+                 "the photograph (each undone)"] if tta and not in_graph else []
         if vote:
             steps.append("give each vessel segment one artery/vein decision with "
                          "retina_tf.postprocess.vote_av_segments, Python code on SciPy and "
@@ -617,8 +616,9 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
     return notes
 
 
-def _views(seg: Segmenter) -> str:
-    return "8 flips and transposes" if seg.tta_transpose else "4 flips"
+def _views(transpose: bool) -> str:
+    """:func:`retina_tf.inference.tta_views` in words."""
+    return "8 flips and transposes" if transpose else "4 flips"
 
 
 def _note_paragraph(seg: Segmenter, fmt: str) -> str | None:
@@ -699,8 +699,9 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
     elif fmt == "saved_model":
         in_the_export = "everything in 'preprocessing' and the network"
         if seg.tta:
-            in_the_export += (f", its probabilities averaged over the {_views(seg)} of the "
-                              "photograph (test-time augmentation, each undone)")
+            in_the_export += (f", its probabilities averaged over the "
+                              f"{_views(seg.tta_transpose)} of the photograph (test-time "
+                              "augmentation, each undone)")
     else:
         in_the_export = "the network only: preprocessed image in, probability out"
     return {
@@ -716,7 +717,7 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         **model,
         "preprocessing": _preprocessing(seg),
         "in_the_export": in_the_export,
-        **({"test_time_augmentation": _views(seg) if seg.tta else None}
+        **({"test_time_augmentation": _views(seg.tta_transpose) if seg.tta else None}
            if fmt == "saved_model" else {}),
         "deployer_must_add": deployer_notes(seg, fmt),
         "never_exported": [] if fmt == "keras" else [

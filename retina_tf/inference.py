@@ -66,6 +66,15 @@ DEFAULT_THRESHOLD = 0.5
 # fine-tuned from); Segmenter.from_run uses them unless told otherwise
 RUN_CHOICES = ("tta", "tta_transpose", "av_vote")
 
+
+def tta_views(transpose: bool) -> list[tuple[tuple[int, ...], bool]]:
+    """Test-time augmentation's views, as (axes flipped, transposed first): the photograph and
+    its horizontal, vertical and double flips, and with ``transpose`` the same of its
+    transpose (the export's graph averages the same views)."""
+    return [(flip, turn) for turn in ((False, True) if transpose else (False,))
+            for flip in ((), (1,), (0,), (0, 1))]
+
+
 # Window batches computed at once: one batch of small windows at a time keeps two cores only
 # 1.3 busy (the small layers of a batch do not split well over threads); two in flight keep them
 # 1.9 busy and the RIP-AV evaluation 1.1-1.3x faster (bench/av_eval_time.py --in_flight=1,2).
@@ -992,9 +1001,8 @@ class Segmenter:
         if not self.tta:
             prob = self._probability(x)
         else:
-            views = [(f, t) for t in ((False, True) if self.tta_transpose else (False,))
-                     for f in ((), (1,), (0,), (0, 1))]
-            prob = np.mean([self._view_probability(x, f, t) for f, t in views], axis=0)
+            prob = np.mean([self._view_probability(x, f, t)
+                            for f, t in tta_views(self.tta_transpose)], axis=0)
         if self.av_vote:
             if prob.shape[-1] != 3:
                 raise ValueError(f"av_vote needs an artery/vein/vessel model, this one gives "
