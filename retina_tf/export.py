@@ -592,27 +592,32 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         scales = ", ".join(f"{s:g}" for s in seg.model.scales)
         notes.append(f"the scale fusion is exported at the training scales ({scales}) only; "
                      "other inference scales (--eval_scales) need retina_tf")
-    in_graph = fmt == "saved_model" and seg.tta  # the views are averaged in the graph
-    if seg.run_info.get("tta") and seg.task != "av" and not in_graph:  # the run's own choice
-        notes.append("for the results as retina_tf gives them (the run segments with flip TTA "
-                     "by default, chosen on its held-out images): average the export's "
-                     "probabilities over the photograph and its horizontal, vertical and "
-                     "double flips (each flipped back)")
-    if seg.task == "av":
-        # what the run chose on its held-out images, else the evaluation RIP-AV was measured with
-        own = any(key in seg.run_info for key in RUN_CHOICES)
-        tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) if own \
-            else (True,) * 3
-        steps = [f"average the export's probabilities over the {_views(turned)} of "
-                 "the photograph (each undone)"] if tta and not in_graph else []
-        if vote:
-            steps.append("give each vessel segment one artery/vein decision with "
-                         "retina_tf.postprocess.vote_av_segments, Python code on SciPy and "
-                         "scikit-image that no graph format holds")
+    # the views the run's results were measured with: its choice on held-out images, else
+    # (an A/V run without one) the evaluation RIP-AV was measured with
+    own = any(key in seg.run_info for key in RUN_CHOICES)
+    tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) \
+        if own or seg.task != "av" else (True,) * 3
+    turned, vote = tta and turned, vote and seg.task == "av"
+    steps = []
+    if tta and not (fmt == "saved_model" and seg.tta):  # else the graph averages the views
+        steps.append(f"average the export's probabilities over the {_views(turned)} of the "
+                     "photograph (each undone)")
+    elif tta and turned and not seg.tta_transpose:  # a SavedModel of the 4 flips only
+        steps.append("run this SavedModel (4 flips) on the transposed photograph too, transpose "
+                     "its probabilities back and average the two (or export without "
+                     "--notta_transpose)")
+    if vote:
+        steps.append("give each vessel segment one artery/vein decision with "
+                     "retina_tf.postprocess.vote_av_segments, Python code on SciPy and "
+                     "scikit-image that no graph format holds")
+    if steps and seg.task == "av":
         how = ("retina_tf's default for this run, chosen on held-out images" if own else
                "--tta --tta_transpose --av_vote")
-        if steps:
-            notes.append(f"for the A/V results as measured ({how}): " + ", then ".join(steps))
+        notes.append(f"for the A/V results as measured ({how}): " + ", then ".join(steps))
+    elif steps:
+        views = "flip and transpose TTA" if turned else "flip TTA"
+        notes.append(f"for the results as retina_tf gives them (the run segments with {views} "
+                     "by default, chosen on its held-out images): " + ", then ".join(steps))
     return notes
 
 

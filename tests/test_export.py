@@ -247,6 +247,9 @@ def test_a_runs_flips_are_averaged_in_its_saved_model_as_predict_averages_them(t
     assert not any("flips" in note for note in described["deployer_must_add"])
     assert any("flips" in note for note in deployer_notes(Segmenter.from_run(run, tta=False),
                                                           "saved_model"))
+    # and to add the transposes to a SavedModel of the flips alone (--notta_transpose)
+    four = deployer_notes(Segmenter.from_run(run, tta_transpose=False), "saved_model")
+    assert any("on the transposed photograph too" in note for note in four), four
     # the network alone holds no views: its notes list them, and --tta is refused
     assert any("flips" in note for note in deployer_notes(Segmenter.from_run(run), "onnx"))
     with pytest.raises(ConfigError, match="--tta is for --format=saved_model only"):
