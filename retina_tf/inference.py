@@ -267,6 +267,12 @@ def _to_uint8_rgb_hint(image: np.ndarray) -> str:
         return "repeat a gray image over three channels (np.dstack([g, g, g]))"
     if image.ndim == 3 and image.shape[-1] == 4:
         return "drop the alpha channel (image[..., :3])"
+    if image.ndim == 4 and image.shape[0] == 1:
+        return "give one image, not a batch of one (image[0])"
+    if image.ndim == 4:
+        return f"segment the {image.shape[0]} images one at a time (for one in images: ...)"
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] > 4:
+        return "move the channels last (np.moveaxis(image, 0, -1))"
     if np.issubdtype(image.dtype, np.floating):
         return ("scale floats to 0-255 first (np.clip(image * 255, 0, 255).round()"
                 ".astype(np.uint8) for values in [0, 1])")

@@ -624,10 +624,14 @@ def test_a_folder_of_masks_and_outputs_only_says_so(tmp_path: Path):
 
 
 def test_arrays_of_another_kind_are_refused_with_the_conversion(shipped: Segmenter):
-    """The library API: a float, 16-bit, gray or RGBA array is refused, saying how to convert."""
+    """The library API: a float, 16-bit, gray, RGBA, batched or channels-first array is refused,
+    saying how to convert."""
     image = generate_fundus(1, (128, 128)).image
     cases = {"floats to 0-255": image / 255.0, "16-bit": image.astype(np.uint16) * 257,
-             "three channels": image[..., 1], "alpha": np.dstack([image, image[..., :1]])}
+             "three channels": image[..., 1], "alpha": np.dstack([image, image[..., :1]]),
+             r"a batch of one \(image\[0\]\)": image[None],
+             "the 2 images one at a time": np.stack([image, image]),
+             r"channels last \(np.moveaxis": np.moveaxis(image, -1, 0)}
     for hint, array in cases.items():
         with pytest.raises(DatasetError, match=rf"takes uint8 RGB \(H, W, 3\).*{hint}"):
             shipped.segment(array)
