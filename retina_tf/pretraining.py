@@ -37,6 +37,7 @@ from retina_tf.data.preprocess import Preprocessor
 from retina_tf.data.rip import PATCHES_NPZ, RipPatch, cut_patches, rip_labels
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import list_inputs, photographs
+from retina_tf.models import check_arguments, model_arguments
 from retina_tf.models.rip_av import RIPClassifier
 from retina_tf.models.vit_mae import MAE, apply_preset
 from retina_tf.progress import progress
@@ -138,10 +139,27 @@ def pretrain_mae(cfg: MAEConfig) -> Path:
     return run_training(cfg, lambda strategy, run_dir: _mae_job(cfg, strategy, run_dir))
 
 
+def _mae_fields(cfg: MAEConfig, config: dict) -> dict:
+    """The MAE arguments that are also config fields (flags): ``--model_config``'s value where
+    the field is left at its default, else the field's; both set and different is an error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MAEConfig)}
+    values = {}
+    for name in ("mask_ratio", "norm_pix_loss", "seed"):
+        field = getattr(cfg, name)
+        if name in config and config[name] != field and field != defaults[name]:
+            raise ConfigError(f"--{name}={field} and --model_config's {name}={config[name]!r} "
+                              "disagree; give it once")
+        values[name] = config.get(name, field)
+    return values
+
+
 def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) -> TrainingJob:
+    pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
+    config = read_model_config(cfg.model_config)
+    config.update(input_channels=pre.channels, **_mae_fields(cfg, config))
+    check_arguments("mae", config)
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
     names, images = pretraining_images(cfg.pretrain_dirs, exclude)
-    pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(images)
     prepared = [(pre(im), estimate_fov(im))
@@ -153,9 +171,6 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) ->
              "no --dataset: no test images to keep out")
     log.info(f"pre-training on {len(names)} unlabelled images from {len(cfg.pretrain_dirs)} "
              f"folder(s) ({guard}); run folder {run_dir_of(cfg)}")
-    config = read_model_config(cfg.model_config)
-    config.update(input_channels=pre.channels, mask_ratio=cfg.mask_ratio,
-                  norm_pix_loss=cfg.norm_pix_loss, seed=cfg.seed)
     with strategy.scope():
         model = MAE(**apply_preset(config))
     size = model.encoder.image_size
@@ -241,6 +256,13 @@ def pretrain_rip(cfg: RipPretrainConfig) -> Path:
 
 
 def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
+    # one --model_config may serve the classifier and the rip_av run fine-tuned from it:
+    # rip_av's other arguments (context, heads) are left out, anything else is an error
+    config = read_model_config(cfg.model_config)
+    classifier = set(model_arguments("rip_classifier"))
+    for key in [k for k in config if k not in classifier and k in model_arguments("rip_av")]:
+        config.pop(key)
+    check_arguments("rip_classifier", config)
     x, y, pre, names = rip_patch_set(cfg)
     order = np.random.default_rng(cfg.seed).permutation(len(x))
     n_held = max(len(x) // 10, 1)
@@ -248,11 +270,7 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
     log.info(f"RIP pre-training on {len(train_idx)} patches ({int(y[train_idx, 0].sum())} with "
              f"artery, {int(y[train_idx, 1].sum())} with vein) from {len(names)} training "
              f"images, {n_held} held out; run folder {run_dir_of(cfg)}")
-    config = read_model_config(cfg.model_config)
     config.update(input_channels=pre.channels)
-    for key in [k for k in config if k not in ("input_channels", "encoder", "widths", "depths",
-                                               "layer_scale_init", "dropout")]:
-        config.pop(key)  # the rip_av config's other keys (context, heads) may be shared
     with strategy.scope():
         model = RIPClassifier(**config)
     steps = epoch_steps(cfg, max(cfg.patches_per_epoch // cfg.batch_size, 1))

@@ -8,11 +8,19 @@ import keras
 import numpy as np
 import pytest
 
+from retina_tf.config import MAEConfig, RipPretrainConfig
 from retina_tf.data.io import DatasetError
 from retina_tf.data.synthetic import write_synthetic_dataset
+from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
 from retina_tf.models import build_model
-from retina_tf.pretraining import held_out_names, pretraining_images
+from retina_tf.pretraining import (
+    _mae_fields,
+    held_out_names,
+    pretrain_mae,
+    pretrain_rip,
+    pretraining_images,
+)
 from retina_tf.training import load_pretrained, train
 from tests import commands
 from tests.data.dicom import write_dicom
@@ -107,3 +115,30 @@ def test_held_out_names_lists_the_test_images_or_says_why_not(tmp_path):
     assert held_out_names(None, str(data)) == set()
     with pytest.raises(DatasetError, match="--data_dir=.*nowhere.*--dataset="):
         held_out_names("synthetic", str(tmp_path / "nowhere"))
+
+
+def test_model_config_keys_are_used_or_refused_never_dropped(tmp_path):
+    """MAE's mask_ratio, norm_pix_loss and seed in --model_config were replaced by the flags'
+    defaults, and RIP pre-training dropped any key it did not know, a misspelt one too."""
+    cfg = MAEConfig(pretrain_dirs=("x",), model_config={"mask_ratio": 0.5, "seed": 3})
+    assert _mae_fields(cfg, dict(cfg.model_config)) == {"mask_ratio": 0.5, "norm_pix_loss": True,
+                                                        "seed": 3}
+    cfg = MAEConfig(pretrain_dirs=("x",), mask_ratio=0.6, model_config={"mask_ratio": 0.6})
+    assert _mae_fields(cfg, dict(cfg.model_config))["mask_ratio"] == 0.6
+    cfg = MAEConfig(pretrain_dirs=("x",), mask_ratio=0.6, model_config={"mask_ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"--mask_ratio=0.6 and --model_config's "
+                                          r"mask_ratio=0.5 disagree"):
+        _mae_fields(cfg, dict(cfg.model_config))
+    logdir = tmp_path / "runs"
+    with pytest.raises(ConfigError, match=r"model 'mae' does not take mask_ratoi"):
+        pretrain_mae(MAEConfig(pretrain_dirs=(str(tmp_path),), logdir=str(logdir),
+                               model_config={"preset": "cpu_small", "mask_ratoi": 0.5}))
+    # one config for the classifier and its rip_av run: rip_av's keys are left to rip_av
+    shared = {"widths": [8, 8, 16, 16, 16], "context_size": 32, "av_weight": 1.0}
+    with pytest.raises(ConfigError, match=r"model 'rip_classifier' does not take widhts "):
+        pretrain_rip(RipPretrainConfig(rip_patches=str(tmp_path), logdir=str(logdir),
+                                       model_config={**shared, "widhts": [8, 8, 16, 16, 16]}))
+    with pytest.raises(DatasetError, match="run bin/generate_rip_patches.py"):  # passed the check
+        pretrain_rip(RipPretrainConfig(rip_patches=str(tmp_path / "none"), logdir=str(logdir),
+                                       model_config=shared))
+    assert not logdir.exists() or not any(logdir.iterdir())
