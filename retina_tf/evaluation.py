@@ -22,6 +22,7 @@ import numpy as np
 
 from retina_tf import visualize
 from retina_tf.config import (
+    DataConfig,
     ErrorMapConfig,
     EvalConfig,
     InferenceConfig,
@@ -237,7 +238,26 @@ def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
                              precision=cfg.precision)
     why = " (--precision=auto on this CPU)" if cfg.precision == "auto" else ""
     log.info(f"{seg.run_dir.name} computes in {seg.precision}{why}")
+    if isinstance(cfg, DataConfig):
+        _note_training_flags(cfg, seg)
     return seg
+
+
+def _note_training_flags(cfg: DataConfig, seg: Segmenter) -> None:
+    """Notes the data flags set away from their defaults that a trained run does not follow
+    (a flagfile's, the run's own values, pass silently)."""
+    default, pre, name = DataConfig(), seg.preprocessor, seg.run_dir.name
+    given = [step for step in cfg.preprocess if step != "none"]
+    if cfg.preprocess != default.preprocess and sorted(given) != sorted(pre.steps):
+        log.warning(f"note: {name} segments with its own preprocessing "
+                    f"({','.join(pre.steps) or 'none'}); --preprocess={','.join(cfg.preprocess)} "
+                    "is ignored (it sets a training's)")
+    if cfg.channel != default.channel and pre.grayscale and cfg.channel != pre.channel:
+        log.warning(f"note: {name} converts to gray with its own channel ({pre.channel}); "
+                    f"--channel={cfg.channel} is ignored (it sets a training's)")
+    if cfg.cache_dir:
+        log.warning(f"note: --cache_dir={cfg.cache_dir} is ignored: it caches a training's "
+                    "preprocessed images")
 
 
 def _with_the_runs_data(cfg: EvalConfig | ErrorMapConfig, run_dir: Path, split: str

@@ -191,6 +191,25 @@ def test_tta_transpose_without_tta_is_said_to_do_nothing(caplog):
     assert not caplog.records
 
 
+def test_training_data_flags_a_run_does_not_follow_are_noted(caplog):
+    """evaluate's --preprocess, --channel and --cache_dir (data flags it shares with train) were
+    ignored without a word; a flagfile's values, the run's own, pass silently."""
+    from retina_tf.evaluation import load_segmenter
+    load_segmenter(EvalConfig(model="unet_drive", preprocess=("none",), channel="green",
+                              cache_dir="cache"))
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("note:")]
+    assert notes == [
+        "note: unet_drive segments with its own preprocessing (grayscale,standardize,clahe,"
+        "gamma); --preprocess=none is ignored (it sets a training's)",
+        "note: unet_drive converts to gray with its own channel (luminance); --channel=green is "
+        "ignored (it sets a training's)",
+        "note: --cache_dir=cache is ignored: it caches a training's preprocessed images"]
+    caplog.clear()
+    load_segmenter(parse_config("evaluate", [f"--flagfile={REPO / 'configs/rite_ripav.cfg'}",
+                                             "--model=ripav_rite", "--channel=green"]))
+    assert "note:" not in caplog.text  # its own steps; no gray conversion for a channel to pick
+
+
 def test_pretrained_takes_ones_own_run_before_the_shipped_model_of_its_name(tmp_path, caplog):
     """configs/drive_unet.cfg writes logs/unet_drive and vessel_general.cfg starts from
     --pretrained=unet_drive: the shipped model was taken instead, without a word."""
