@@ -138,7 +138,7 @@ class InferenceConfig(_Checked):
     av_vote: bool | None = None
     av_link: float = 1.0
     threshold: float | None = None
-    inference_scale: str = "auto"
+    inference_scale: str | float = "auto"
     tile_size: int = 0
     precision: str = "auto"
 
@@ -583,10 +583,22 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
     what is unambiguous: a string as its flag would be read, a list to a tuple, a path to a
     string, a NumPy number to a Python one."""
     args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-        if value is None:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, X | Y
+        if value is None and type(None) in args:
             return None
-        kind = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        for one in kinds[:-1]:
+            try:
+                return _as_kind(name, value, one)
+            except ValueError:
+                pass
+        try:
+            return _as_kind(name, value, kinds[-1])
+        except ValueError:
+            if len(kinds) == 1:
+                raise
+            raise ValueError(f"must be {' or '.join(map(_kind_name, kinds))}, not "
+                             f"{type(value).__name__}") from None
     if isinstance(value, str) and kind is not str:
         return convert_value(name, value, kind)
     origin = typing.get_origin(kind)

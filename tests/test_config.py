@@ -131,6 +131,11 @@ def test_a_config_reads_values_as_their_flags_do(tmp_path):
         parse_config("evaluate", ["--threshold=1.5"])
     with pytest.raises(flags.IllegalFlagValueError, match="LO <= HI"):
         parse_config("train", ["--scale_range=1.25,0.8"])
+    # a factor as the number it is (InferenceConfig's docs: "a factor (e.g. 2)"), or its text
+    assert config.PredictConfig(inference_scale=2).inference_scale == 2.0
+    assert config.EvalConfig(inference_scale="2").inference_scale == "2"
+    with pytest.raises(ConfigError, match="inference_scale=True: must be str or float, not bool"):
+        config.EvalConfig(inference_scale=True)
 
 
 def test_a_model_setting_given_twice_must_agree():
