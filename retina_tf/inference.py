@@ -823,6 +823,8 @@ class Segmenter:
             (:func:`resolve_precision`: bfloat16 on CPUs with AVX512-BF16 or AMX for models
             measured faster so). :attr:`precision` is the one chosen, :attr:`network` the
             network the forward pass runs.
+        threshold: the mask threshold :meth:`segment` uses (:attr:`threshold`); None: the
+            run's stored one.
 
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus
@@ -840,7 +842,7 @@ class Segmenter:
                  scales: Sequence[float] | None = None, av_vote: bool = False,
                  av_link: float = 1.0, tta_transpose: bool = False,
                  inference_scale: str | float = "auto", tile_size: int = 0,
-                 precision: str = "float32"):
+                 precision: str = "float32", threshold: float | None = None):
         if inference not in CHOICES["inference"]:
             raise ConfigError(f"inference={inference!r}: give auto, whole or sliding")
         if inference == "auto":
@@ -892,6 +894,10 @@ class Segmenter:
         if self.tta_transpose and not self.tta:  # a warning: the API logs no info by default
             log.warning("warning: tta_transpose (--tta_transpose) adds views to tta's: without "
                         "tta it does nothing")
+        if self.av_link != 1.0 and not self.av_vote:
+            log.warning("warning: av_link (--av_link) links av_vote's segments: without av_vote "
+                        "it does nothing")
+        self._threshold = None if threshold is None else check_threshold(threshold)
         self.inference_scale = parse_inference_scale(inference_scale)
         if int(tile_size) < 0 or 0 < int(tile_size) <= 2 * TILE_MARGIN:
             raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
@@ -980,13 +986,18 @@ class Segmenter:
 
     @property
     def threshold(self) -> float:
-        """The run's mask threshold (:func:`stored_threshold`: ``run.json``, else 0.5);
-        :meth:`segment` uses it unless given another."""
+        """The mask threshold: the one given to the constructor, else the run's
+        (:func:`stored_threshold`: ``run.json``, else 0.5); :meth:`segment` uses it unless
+        given another."""
+        if self._threshold is not None:
+            return self._threshold
         return stored_threshold(self.run_info, getattr(self, "run_dir", None))[0]
 
     @property
     def threshold_source(self) -> str:
         """Where :attr:`threshold` comes from, in words (for the commands' reports)."""
+        if self._threshold is not None:
+            return "given: threshold="
         return stored_threshold(self.run_info, getattr(self, "run_dir", None))[1]
 
     @property

@@ -191,6 +191,22 @@ def test_tta_transpose_without_tta_is_said_to_do_nothing(caplog):
     assert not caplog.records
 
 
+def test_a_segmenters_threshold_keyword_sets_its_masks(caplog):
+    """The README's "evaluation options as keywords": threshold= was a TypeError."""
+    image = generate_fundus(2, size=(128, 128)).image
+    seg = Segmenter.from_pretrained("unet_drive", threshold=0.3)
+    assert (seg.threshold, seg.threshold_source) == (0.3, "given: threshold=")
+    default = Segmenter.from_pretrained("unet_drive")
+    mask = seg.segment(image)[1]
+    np.testing.assert_array_equal(mask, default.segment(image, threshold=0.3)[1])
+    assert mask.sum() > default.segment(image)[1].sum()
+    with pytest.raises(ConfigError, match="threshold=1.5 must lie strictly between 0 and 1"):
+        Segmenter.from_pretrained("unet_drive", threshold=1.5)
+    Segmenter.from_pretrained("unet_drive", av_link=0.5)  # like tta_transpose without tta
+    assert "av_link (--av_link) links av_vote's segments: without av_vote it does nothing" \
+        in caplog.text
+
+
 def test_training_data_flags_a_run_does_not_follow_are_noted(caplog):
     """evaluate's --preprocess, --channel and --cache_dir (data flags it shares with train) were
     ignored without a word; a flagfile's values, the run's own, pass silently."""
