@@ -925,12 +925,12 @@ def training_dataset(cfg, model: keras.Model, train_set: SegmentationSet, augmen
 
 def _check_patch_size(cfg, model: keras.Model) -> None:
     multiple = model.size_multiple
+    if not model.fully_convolutional and cfg.patch_size != multiple:  # before the multiple
+        raise ConfigError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
+                          f"exactly {multiple} px (its image_size)")
     if cfg.patch_size % multiple:
         raise ConfigError(f"--patch_size={cfg.patch_size} must be a multiple of {multiple} "
                           f"for {cfg.model}")
-    if not model.fully_convolutional and cfg.patch_size != multiple:
-        raise ConfigError(f"--patch_size={cfg.patch_size}: {cfg.model} takes inputs of "
-                          f"exactly {multiple} px (its image_size)")
 
 
 def already_trained(cfg, run_dir: Path) -> bool:
