@@ -82,9 +82,13 @@ def preprocess() -> None:
 
 
 def _preprocess(cfg: DataConfig) -> None:
+    if cfg.label_file_path or cfg.test_label_file_path:
+        _check_label_files(cfg)
+        return
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required: preprocess writes the label files of a "
-                          "dataset in its official layout (e.g. --data_dir=data/DRIVE)")
+                          "dataset in its official layout (e.g. --data_dir=data/DRIVE), or "
+                          "checks your own with --label_file_path")
     targets = _preprocess_targets(cfg)
     failed = []
     for dataset, data_dir, out in targets:
@@ -141,19 +145,60 @@ def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) ->
         raise
 
 
-def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path) -> None:
+def _check_label_files(cfg: DataConfig) -> None:
+    """Your own label files (docs/data.md): every photograph, label and mask read as training
+    and evaluation read them, each bad one listed; with --out_dir, the preprocessing fitted on
+    the training split and its previews written there."""
+    files = {}
+    if cfg.label_file_path:
+        files["training"] = Path(cfg.label_file_path)
+        beside = files["training"].with_name("test.txt")
+        if not cfg.test_label_file_path and beside.is_file() \
+                and beside.resolve() != files["training"].resolve():
+            files["test"] = beside
+    if cfg.test_label_file_path:
+        files["test"] = Path(cfg.test_label_file_path)
+    out = Path(FLAGS.out_dir) if FLAGS.out_dir else None
+    if out is None and cfg.cache_dir:
+        raise ConfigError("--cache_dir with --label_file_path: give --out_dir too (the "
+                          "preprocessing the cache holds is fitted and saved there)")
+    if out is not None and "training" not in files:
+        raise ConfigError("--out_dir: the preprocessing is fitted on a training split; give "
+                          "--label_file_path (or leave --out_dir out to check the files only)")
+    if out is not None:
+        for folder in (out, out / "preview"):
+            clear_killed_writes(folder)
+    _check_and_fit(cfg, files, out)
+    if out is None:
+        print("every file is readable and fit to train or evaluate on (--out_dir also writes "
+              "the fitted preprocessing and previews)")
+
+
+def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path | None) -> None:
     for split, path in files.items():
         print(f"{split}: {path} ({len(read_label_file(path))} samples)")
+    # every label and mask read now, as training will: bad files are named here, each of them,
+    # not the first one a run meets
+    images, bad, total = [], [], 0
+    for split, path in files.items():
+        samples = read_label_file(path)
+        total += len(samples)
+        for sample in progress(samples, f"preprocess: reading {split}", name=lambda s: s.name):
+            try:
+                image = read_sample(sample).image
+            except DatasetError as err:
+                bad.append(str(err))
+                print(f"bad: {err}", file=sys.stderr)
+                continue
+            if split == "training":
+                images.append(image)
+    if bad:
+        raise DatasetError(f"{len(bad)} of the {total} photographs have a bad image, label or "
+                           "mask (listed above): fix or remove them and run again")
+    if out is None:
+        return
     train_samples = read_label_file(files["training"])
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
-    # every label and mask read now, as training will: a bad file is named here, not one a run
-    images = [read_sample(s).image
-              for s in progress(train_samples, "preprocess: reading", name=lambda s: s.name)]
-    for split, path in files.items():
-        if split != "training":
-            for sample in progress(read_label_file(path), f"preprocess: checking {split}",
-                                   name=lambda s: s.name):
-                read_sample(sample)
     if pre.standardize:
         pre.fit(images)
     pre.save(out / "preprocessor.json")

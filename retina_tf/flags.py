@@ -599,11 +599,15 @@ def _preprocess_flags(d: _Definer) -> None:
     layout, FOV masks where it ships none, previews, and optionally a cache of preprocessed
     images. Without ``--dataset``, the DRIVE (HRF-AV where its labels are ``*_AVmanual``) and
     CHASE_DB1 layouts are recognised, in ``--data_dir`` or in the folders inside it; a folder
-    that fails is named and the others are written."""
+    that fails is named and the others are written. Your own label files
+    (``--label_file_path``, ``--test_label_file_path``): every photograph, label and mask is
+    read as training reads it and each bad one listed; ``--out_dir`` adds the previews."""
     d.DEFINE_string("out_dir", None, "Where training.txt, test.txt, fov/ and previews go "
                     "(default: the dataset's folder; a subfolder per dataset when --data_dir "
-                    "holds several).")
-    d.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.")
+                    "holds several); with --label_file_path, where the previews go (none "
+                    "without it).")
+    d.DEFINE_integer("previews", 2, "Preprocessed training images to save as PNG previews.",
+                     lower_bound=0)
 
 
 def _synthetic_flags(d: _Definer) -> None:

@@ -142,6 +142,39 @@ def test_preprocess_cli_reads_every_label_and_names_a_bad_one(synthetic_dir, tmp
         proc.stderr[-2000:]
 
 
+def test_preprocess_cli_checks_your_own_label_files_and_lists_every_bad_one(synthetic_dir,
+                                                                            tmp_path):
+    """docs/data.md: preprocess reads a hand-written label file's every file (it asked for
+    --data_dir); all bad ones listed, not the first a training meets."""
+    train = synthetic_dir / "training"
+    names = sorted(p.name for p in (train / "images").iterdir())
+    labels = tmp_path / "labels"
+    shutil.copytree(train / "1st_manual", labels)
+    gifs = sorted(labels.iterdir())
+    write_image_atomic(gifs[0], np.zeros((10, 10), bool))  # another size than its photograph
+    write_image_atomic(gifs[1], ~read_mask(train / "1st_manual" / gifs[1].name))  # inverted
+    lines = "".join(f"{n},{g.name},\n" for n, g in zip(names, gifs))
+    (tmp_path / "training.txt").write_text(f"{train / 'images'},{labels},\n{lines}")
+    (tmp_path / "test.txt").write_text(f"{train / 'images'},{train / '1st_manual'},\n{lines}")
+    proc = commands.script("preprocess.py", f"--label_file_path={tmp_path / 'training.txt'}",
+                           timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{gifs[0].name} is 10x10" in proc.stderr and f"{gifs[1].name}: marks" in proc.stderr
+    assert f"2 of the {2 * len(names)} photographs have a bad image, label or mask" \
+        in proc.stderr
+    (tmp_path / "training.txt").write_text((tmp_path / "test.txt").read_text())
+    before = sorted(tmp_path.iterdir())
+    proc = commands.script("preprocess.py", f"--label_file_path={tmp_path / 'training.txt'}",
+                           timeout=120)
+    assert proc.returncode == 0 and "every file is readable" in proc.stdout, proc.stderr[-2000:]
+    assert sorted(tmp_path.iterdir()) == before  # a check writes nothing
+    proc = commands.script("preprocess.py", f"--label_file_path={tmp_path / 'training.txt'}",
+                           f"--out_dir={tmp_path / 'out'}", "--previews=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == sorted([
+        "preprocessor.json", "preview", f"{Path(names[0]).stem}.png"])
+
+
 def test_preprocess_cli_reports_a_wrong_folder(tmp_path):
     proc = commands.script("preprocess.py", "--dataset=drive", f"--data_dir={tmp_path}",
                            f"--out_dir={tmp_path / 'out'}", timeout=120)
