@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -896,8 +897,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         # keyed as its folder eval_<data>_<split>: a training split is not a test
         try:
             update_metrics_json(seg.run_dir, {f"eval_{name}_{cfg.eval_split}": report})
-        except PermissionError as err:  # a read-only run: the results are in out_dir
-            if not cfg.output_dir:
+        except OSError as err:  # a read-only run (OutputError): the results are in out_dir
+            if not cfg.output_dir or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             log.warning(f"warning: {seg.run_dir} is read-only: this evaluation is not added "
                         f"to its metrics.json ({err.strerror}); it is in {out_dir}")

@@ -1,5 +1,6 @@
 """Run folders that survive kills, full disks and reruns (retina_tf.run_folder via train())."""
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from retina_tf.config import EvalConfig
-from retina_tf.errors import ConfigError, DatasetError, ModelFileError
+from retina_tf.errors import ConfigError, DatasetError, ModelFileError, OutputError
 from retina_tf.evaluation import evaluate
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
@@ -514,16 +515,21 @@ def test_predict_keeps_a_training_off_the_run_while_it_segments(synthetic, tmp_p
 
 def test_an_evaluation_elsewhere_of_a_read_only_run_is_kept(synthetic, tmp_path, monkeypatch,
                                                             caplog):
-    from retina_tf import evaluation
     run = train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+    inside = (run.resolve(), run.resolve() / "eval_synthetic_test")
+    real_open = os.open
 
-    def read_only(run_dir, update):  # what a run folder without write permission does (root
-        raise PermissionError(13, "Permission denied")  # here writes anyway)
+    def read_only_run(path, flags, *args, **kwargs):  # the system's answer to a file made in a
+        # read-only run folder (a read-only mount; as root, permissions would not stop it)
+        if flags & os.O_CREAT and Path(path).parent.resolve() in inside:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "update_metrics_json", read_only)
+    monkeypatch.setattr(os, "open", read_only_run)
     report = evaluate(EvalConfig(model=str(run), output_dir=str(tmp_path / "eval")))
     assert (tmp_path / "eval" / "metrics.json").is_file() and 0 <= report["metrics"]["f1"] <= 1
     assert f"warning: {run} is read-only: this evaluation is not added to its metrics.json" \
         in caplog.text
-    with pytest.raises(PermissionError):  # its own folder inside the run: an error, as before
+    # its own folder inside the run: an error, as before
+    with pytest.raises(OutputError, match="Read-only file system"):
         evaluate(EvalConfig(model=str(run)))
