@@ -350,10 +350,14 @@ class ExportConfig(_Checked):
 # --- what a field may hold ------------------------------------------------------------------
 
 INFERENCE_SCALES = ("auto", "training", "native")
+# The largest --inference_scale factor: the FOV at 10x the training FOV diameter (5400 px for
+# the DRIVE models) is past any camera's; 100 (a typo for 1.0) ran for many minutes.
+MAX_INFERENCE_FACTOR = 10.0
 
 
 def parse_inference_scale(value: str | float) -> str | float:
-    """``--inference_scale`` checked: "auto", "training", "native" or a positive factor.
+    """``--inference_scale`` checked: "auto", "training", "native" or a positive factor up to
+    :data:`MAX_INFERENCE_FACTOR`.
 
     Raises:
         ConfigError: for anything else.
@@ -365,10 +369,10 @@ def parse_inference_scale(value: str | float) -> str | float:
         factor = float(text)
     except ValueError:
         factor = float("nan")
-    if not 0.0 < factor < float("inf"):
+    if not 0.0 < factor <= MAX_INFERENCE_FACTOR:
         raise ConfigError(f"--inference_scale={value}: give auto, training, native or a "
-                          "positive factor (2: the FOV segmented at twice the training FOV "
-                          "diameter)")
+                          f"positive factor up to {MAX_INFERENCE_FACTOR:g} (2: the FOV segmented "
+                          "at twice the training FOV diameter)")
     return factor
 
 
@@ -434,7 +438,8 @@ RULES: dict[str, _Rule] = {
     "threshold": (lambda v: 0.0 < v < 1.0,
                   "must be between 0 and 1, both excluded (a probability threshold)"),
     "inference_scale": (_is_inference_scale,
-                        "must be auto, training, native or a positive factor"),
+                        "must be auto, training, native or a positive factor up to "
+                        f"{MAX_INFERENCE_FACTOR:g}"),
     "tile_size": (lambda v: v == 0 or v > 128,
                   "must be 0 (automatic) or over 128 (pixels: two margins of 64 px of context)"),
     "eval_scales": (lambda v: all(0.0 < x < math.inf for x in v), "must be positive factors"),

@@ -541,8 +541,9 @@ def define_eval_flags(d: _Definer) -> None:
                     "training images' T (run.json fov_diameter): auto: resized to T, shrinking "
                     "by at most 3x (HRF's 3504x2336 at 1/3: thin vessels kept) and enlarging by "
                     "at most 3x; training: "
-                    "resized to T; native: as it is (large images in tiles); a factor f: "
-                    "resized to f x T. Within 20 % of the aim a photograph stays as it is.")
+                    "resized to T; native: as it is (large images in tiles); a factor f "
+                    "(up to 10): resized to f x T. Within 20 % of the aim a photograph stays "
+                    "as it is.")
     d.DEFINE_integer("tile_size", 0, "Whole-image inference in overlapping tiles of this side "
                      "in pixels (the network's memory is that of one tile); 0: tiles of 768 for "
                      "images over 2 Mpixel.")

@@ -136,6 +136,12 @@ def test_a_config_reads_values_as_their_flags_do(tmp_path):
     assert config.EvalConfig(inference_scale="2").inference_scale == "2"
     with pytest.raises(ConfigError, match="inference_scale=True: must be str or float, not bool"):
         config.EvalConfig(inference_scale=True)
+    # a factor past any camera's (100 for 1.0 segmented a 200 px image at 19841 px)
+    with pytest.raises(ConfigError, match="inference_scale=100.0: must be .* up to 10"):
+        config.EvalConfig(inference_scale=100)
+    with pytest.raises(flags.IllegalFlagValueError, match="positive factor up to 10"):
+        parse_config("predict", ["--inference_scale=100"])
+    assert config.PredictConfig(inference_scale="10").inference_scale == "10"
 
 
 def test_a_model_setting_given_twice_must_agree():
