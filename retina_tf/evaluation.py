@@ -1105,6 +1105,11 @@ def _tree_inputs(root: Path, skip: Path | None) -> list[Path]:
     return inputs
 
 
+# What a FOV mask's name adds to its photograph's stem in a --fov folder: DRIVE's, and
+# bin/preprocess.py's fov/ folder's.
+FOV_MASK_ENDS = ("_mask", "_fov")
+
+
 def _is_mask_name(path: Path) -> bool:
     """A FOV mask's name, as :func:`find_fov_mask` looks for it: ``<stem>_mask.<ext>``."""
     return file_stem(path).lower().endswith("_mask")
@@ -1114,17 +1119,19 @@ def find_fov_mask(image_path: Path, candidates: list[Path], frame_stem: str | No
                   ) -> Path:
     """The FOV mask of ``image_path`` among ``candidates`` (the files of the ``--fov`` folder):
     the one whose stem is the image's stem or the stem + ``_mask`` (DRIVE: ``01_test.tif`` ->
-    ``01_test_mask.gif``). Exact stems only: image ``1.png`` never takes ``10_mask.png``. A
-    frame or page of a file of several (``frame_stem``, its outputs' base: ``IM0001_frame2``)
-    takes a mask of its own name first, else its file's.
+    ``01_test_mask.gif``) or + ``_fov`` (``bin/preprocess.py``'s ``fov/``). Exact stems only:
+    image ``1.png`` never takes ``10_mask.png``. A frame or page of a file of several
+    (``frame_stem``, its outputs' base: ``IM0001_frame2``) takes a mask of its own name first,
+    else its file's.
 
     Raises:
         DatasetError: when no candidate matches, or several do (both are named).
     """
     stems = [*([frame_stem] if frame_stem else []), _input_stem(image_path)]
     for stem in stems:
-        matches = [p for p in candidates if file_stem(p) in (stem, stem + "_mask")
-                   and p.resolve() != image_path.resolve()]
+        names = (stem, *(stem + end for end in FOV_MASK_ENDS))
+        matches = [p for p in candidates
+                   if file_stem(p) in names and p.resolve() != image_path.resolve()]
         if matches:
             break
     folder = candidates[0].parent if candidates else "the --fov folder"
@@ -1133,7 +1140,7 @@ def find_fov_mask(image_path: Path, candidates: list[Path], frame_stem: str | No
                            f"{', '.join(p.name for p in matches)}; keep one, or give the mask "
                            "file itself with --fov")
     if not matches:
-        names = [f"{stem}{end}.<ext>" for stem in stems for end in ("", "_mask")]
+        names = [f"{stem}{end}.<ext>" for stem in stems for end in ("", *FOV_MASK_ENDS)]
         raise DatasetError(f"{image_path}: no FOV mask for it in {folder} (looked for "
                            f"{', '.join(names[:-1])} and {names[-1]}); add it, or leave out "
                            "--fov to have the FOV estimated")

@@ -582,8 +582,8 @@ def define_predict_flags(d: _Definer) -> None:
     d.DEFINE_boolean("recursive", False, "predict: also the images in the folders inside "
                      "--input, and in theirs; each one's outputs go to the same place under "
                      "--output_dir, and a --fov folder is read the same way.")
-    d.DEFINE_string("fov", None, "predict: FOV mask file or folder (<stem>*.png/gif/tif); "
-                    "estimated when absent.")
+    d.DEFINE_string("fov", None, "predict: FOV mask file or folder (holding <stem>.*, "
+                    "<stem>_mask.* or <stem>_fov.* for each image); estimated when absent.")
     d.DEFINE_boolean("save_probabilities", False, "predict: also write <stem>_prob.npy, the "
                      "float32 probabilities (H x W x K: vessel; or artery, vein, vessel).")
 

@@ -60,6 +60,9 @@ def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
     assert all(s.fov.parent == tmp_path / "fov" for s in train)
     fov = read_mask(train[0].fov, what="fov")
     assert fov.shape == (605, 700) and 0.5 < fov.mean() < 0.95
+    # and predict --fov takes that folder (its names: <stem>_fov.png)
+    from retina_tf.evaluation import find_fov_mask
+    assert find_fov_mask(train[3].image, sorted((tmp_path / "fov").iterdir())) == train[3].fov
 
 
 def test_export_writes_hrf_avs_vessel_labels_from_its_av_maps(shared_data, tmp_path):
