@@ -1140,10 +1140,11 @@ def find_fov_mask(image_path: Path, candidates: list[Path], frame_stem: str | No
                            f"{', '.join(p.name for p in matches)}; keep one, or give the mask "
                            "file itself with --fov")
     if not matches:
-        names = [f"{stem}{end}.<ext>" for stem in stems for end in ("", *FOV_MASK_ENDS)]
-        raise DatasetError(f"{image_path}: no FOV mask for it in {folder} (looked for "
-                           f"{', '.join(names[:-1])} and {names[-1]}); add it, or leave out "
-                           "--fov to have the FOV estimated")
+        names = " or ".join(f"{stem}.<ext>" for stem in stems)
+        ends = " or ".join(FOV_MASK_ENDS)
+        raise DatasetError(f"{image_path}: no FOV mask for it in {folder} (looked for {names}, "
+                           f"also with {ends} before the .<ext>); add it, or leave out --fov to "
+                           "have the FOV estimated")
     return matches[0]
 
 
