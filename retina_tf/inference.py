@@ -877,6 +877,10 @@ class Segmenter:
         if self.stride < 1 or self.batch_size < 1 or self.window < 1:
             raise ConfigError(f"stride={stride}, batch_size={batch_size}, window={window}: each "
                               "must be at least 1")
+        if inference == "sliding" and self.stride > self.window:
+            raise ConfigError(f"--stride={self.stride} is over --window={self.window}: the "
+                              "windows would leave pixels between them; give a stride up to "
+                              "the window (the default 16 overlaps them)")
         self.batches_in_flight = BATCHES_IN_FLIGHT
         self.run_info = run_info or {}
         self.tta = _switch("tta", tta)

@@ -429,6 +429,10 @@ def test_a_folder_lists_every_image_type_read_image_reads_and_nothing_else(tmp_p
 def test_a_sliding_window_off_the_size_multiple_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="--window=100: .* of 8 px; give e.g. --window=96"):
         Segmenter.from_pretrained("unet_drive", inference="sliding", window=100)
+    # a stride over the window (a ValueError of window_starts, exit 1, naming no flag)
+    with pytest.raises(ConfigError, match="--stride=97 is over --window=96: the windows would "
+                                          "leave pixels between them"):
+        Segmenter.from_pretrained("unet_drive", inference="sliding", stride=97)
 
 
 def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
