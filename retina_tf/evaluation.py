@@ -1018,12 +1018,14 @@ def _input_stem(path: Path) -> str:
 def _image_files(folder: Path) -> list[Path]:
     """The image files of ``folder``: by extension (``.gz`` of one too), and DICOM files by
     their content whatever their names (``IM000001``, a UID), a DICOM CD's index ``DICOMDIR``
-    left out; hidden files left out."""
+    left out; hidden files left out. A broken link named as an image is one, to be reported
+    as a failure rather than passed over."""
     def is_image(p: Path) -> bool:
+        if not p.is_file():
+            return p.is_symlink() and not p.exists() and _has_image_suffix(p.name)
         return _has_image_suffix(p.name) or (p.name.upper() != "DICOMDIR"
                                              and is_dicom_file(p))
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and is_image(p))
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image(p))
 
 
 def list_inputs(path: Path, recursive: bool = False, skip: Path | None = None) -> list[Path]:

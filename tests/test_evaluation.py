@@ -578,16 +578,17 @@ def test_predict_lists_every_photograph_in_predictions_csv(shared_data, tmp_path
     for i in range(6):  # six angiogram-like pictures: more than the closing line names
         cv2.imwrite(str(photos / f"fa{i}.png"), negative)
     cv2.imwrite(str(photos / "tiny.png"), negative[:40, :40])
+    (photos / "moved.jpg").symlink_to(tmp_path / "gone.jpg")  # was passed over in silence
     with caplog.at_level(logging.INFO, logger="retina_tf"), \
-            pytest.raises(RetinaTFError, match="1 of 8 images failed"):
+            pytest.raises(RetinaTFError, match="2 of 9 images failed"):
         predict(PredictConfig(input=str(photos), output_dir=str(tmp_path / "out"), tta=False))
     messages = [r.getMessage() for r in caplog.records]
     assert "6 with a warning above: fa0.png, fa1.png, fa2.png, fa3.png, fa4.png and 1 more " \
-           "(all in predictions.csv); 1 failed:" in messages[-1]
+           "(all in predictions.csv); 2 failed:" in messages[-1]
     with open(tmp_path / "out" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["input"] for r in rows] == [str(photos / n) for n in (
-        "01_test.tif", *(f"fa{i}.png" for i in range(6)), "tiny.png")]
+        "01_test.tif", *(f"fa{i}.png" for i in range(6)), "moved.jpg", "tiny.png")]
     drive = rows[0]
     # the figures the photograph's line gives, and no warning
     line = next(m for m in messages if m.startswith(str(photos / "01_test.tif")))
@@ -601,6 +602,8 @@ def test_predict_lists_every_photograph_in_predictions_csv(shared_data, tmp_path
     assert rows[-1]["error"].endswith("too small to segment: this model needs at least 96x96 "
                                       "(its training patch size)")
     assert rows[-1]["vessel_share"] == ""
+    assert rows[-2]["error"] == (f"{photos / 'moved.jpg'} is a link to {tmp_path / 'gone.jpg'}, "
+                                 "which does not exist")
 
 
 def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, caplog):

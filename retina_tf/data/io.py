@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        if path.is_symlink() and not path.exists():
+            what = f"is a link to {os.readlink(path)}, which does not exist"
         raise DatasetError(f"{path} {what}")
     try:
         data = path.read_bytes()
