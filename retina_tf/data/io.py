@@ -916,6 +916,10 @@ def read_sample(sample: Sample, fov_path: PathLike | None = None) -> SampleData:
         fov_estimated = True
     if vessel is not None:
         share = vessel[fov].mean()
+        if vessel.all():  # one level over 127: inverting it would leave no vessel either
+            raise DatasetError(f"{sample.label or sample.av}: vessel everywhere (one level, "
+                               "white): a label draws vessels white on black; check that it is "
+                               "this photograph's label")
         if share > MAX_VESSEL_SHARE:
             raise DatasetError(f"{sample.label or sample.av}: marks {share:.0%} of the field of "
                                "view as vessel: vessels must be the brighter of its two levels "

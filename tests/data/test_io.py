@@ -332,6 +332,11 @@ def test_an_inverted_label_is_refused_naming_it(tmp_path: Path):
     with pytest.raises(DatasetError, match=r"label\.gif: marks 9\d% of the field of view as "
                                            r"vessel: .* invert the label"):
         read_sample(sample)
+    # one white level: inverting would leave no vessel either (it was told to)
+    write_image_atomic(tmp_path / "label.gif", np.ones_like(label))
+    with pytest.raises(DatasetError, match=r"label\.gif: vessel everywhere \(one level, white\): "
+                                           r"a label draws vessels white on black; check"):
+        read_sample(sample)
 
 
 def test_read_sample_size_mismatch_names_both_files(tmp_path: Path):
