@@ -231,7 +231,10 @@ class OutputFolder:
 def load_segmenter(cfg: RunRef | InferenceConfig) -> Segmenter:
     """The run of ``cfg`` with its inference settings; says what it computes in, since
     ``--precision=auto`` differs by CPU (and the Python API's default is float32)."""
-    seg = Segmenter.from_run(cfg.model, cfg.logdir, run_dir_of(cfg).name,
+    # the run training would write (<model>_<dataset>): only where the config says the data
+    named = cfg.run_name or (run_dir_of(cfg).name if isinstance(cfg, DataConfig)
+                             and cfg.names_data else None)
+    seg = Segmenter.from_run(cfg.model, cfg.logdir, named,
                              inference=cfg.inference, window=cfg.window, stride=cfg.stride,
                              tta=cfg.tta, tta_transpose=cfg.tta_transpose,
                              scales=cfg.eval_scales, av_vote=cfg.av_vote, av_link=cfg.av_link,
