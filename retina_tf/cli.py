@@ -8,6 +8,7 @@ and ``python bin/<script>.py`` all run the functions here.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {fn.__doc__.splitlines()[0]}"
                  for name, fn in COMMANDS.items()]
+        asked = argv[1] if len(argv) > 1 and argv[1] not in ("-h", "--help") else None
+        if asked:  # named first, with the nearest command (absl does so for a flag)
+            near = difflib.get_close_matches(asked, COMMANDS, n=1)
+            sys.stderr.write(f"unknown command {asked!r}"
+                             + (f"; did you mean {near[0]!r}?" if near else "") + "\n")
         sys.stderr.write("usage: python -m retina_tf <command> [--flags] (--help per command)"
                          "\n\ncommands:\n" + "\n".join(lines) + "\n")
         raise SystemExit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)

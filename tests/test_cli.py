@@ -377,6 +377,15 @@ def test_console_scripts_and_python_m_run_the_same_commands():
     assert proc.returncode == 2 and "pretrain-mae" in proc.stderr
 
 
+def test_an_unknown_command_is_named_with_the_nearest_one(capsys):
+    from retina_tf.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["retina_tf", "comapre"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.splitlines()[0] == (
+        "unknown command 'comapre'; did you mean 'compare'?") and "pretrain-mae" in err
+
+
 def test_a_forked_command_reads_as_a_fresh_interpreter_does(tmp_path):
     """tests/commands.py, which runs most tests' commands, against a real ``python bin/...``."""
     args = ["predict.py", "--model=unet_drive", f"--input={tmp_path / 'none.png'}",
