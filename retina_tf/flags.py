@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
 import functools
 import importlib
@@ -249,6 +250,7 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> 
             if _is_run_flags(arg):  # older versions wrote the default --threshold there; the
                 # run's own threshold (run.json's, else that line) is what it stands for
                 lines = [line for line in lines if _flag_name(line) != "threshold"]
+            _refuse_unknown(lines, fv, arg.partition("=")[2])
             out += [line for line in lines if not _foreign(line, fv)]
             continue
         if not _foreign(arg, fv):
@@ -262,6 +264,20 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> 
             sys.stderr.write(f"{prog}: note: --{name} is a flag of {users}, not of {prog}; "
                              "ignored\n")
     return out
+
+
+def _refuse_unknown(lines: list[str], fv: flags.FlagValues, flagfile: str) -> None:
+    """Raises ConfigError naming ``flagfile`` for a line that sets no flag at all (absl's own
+    message would not say where the line came from)."""
+    for line in lines:
+        name = line.lstrip("-").partition("=")[0]
+        if not line.startswith("-") or _flag_name(line) or name in fv \
+                or (name.startswith("no") and name[2:] in fv):
+            continue
+        near = (difflib.get_close_matches(name, list(fv), n=1)  # this command's own first
+                or difflib.get_close_matches(name, list(_catalog()), n=1))
+        raise ConfigError(f"{flagfile}: unknown flag --{name}"
+                          + (f" (did you mean --{near[0]}?)" if near else ""))
 
 
 def _foreign(arg: str, fv: flags.FlagValues) -> bool:

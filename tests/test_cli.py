@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -342,6 +343,18 @@ def test_a_flagfile_serves_several_scripts_but_the_command_line_is_checked(monke
     assert "--model=nowhere" in lines[1] and len(lines) == 2
     proc = _run("evaluate.py", "--epochz=3")
     assert proc.returncode == 2 and "epochz" in proc.stderr
+
+
+
+def test_a_flagfiles_unknown_flag_is_named_with_the_flagfile(tmp_path):
+    from retina_tf.flags import parse_config
+    flagfile = tmp_path / "mine.cfg"
+    flagfile.write_text("--dataset=drive\n--modle=unet\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(flagfile))}: unknown flag --modle "
+                                          r"\(did you mean --model\?\)$"):
+        parse_config("evaluate", [f"--flagfile={flagfile}"])
+    flagfile.write_text("--dataset=drive\n--noflip\n--verbose\n")  # train's, and every one's
+    assert parse_config("evaluate", [f"--flagfile={flagfile}"]).dataset == "drive"
 
 
 def test_unet_flags_reach_only_models_that_take_them(monkeypatch):
