@@ -530,7 +530,9 @@ def tflite_input_size(seg: Segmenter, input_size: str | None) -> tuple[int, int]
     if not size:
         raise ConfigError(f"--input_size is needed: the training images' size of "
                           f"{seg.run_dir} is not known (dataset "
-                          f"{seg.run_info.get('dataset')!r}); give e.g. --input_size=592x576")
+                          f"{seg.run_info.get('dataset')!r}); give the height x width of "
+                          f"the photographs it will serve, each a multiple of {multiple} (e.g. "
+                          "--input_size=592x576)")
     return _pad(int(size[0]), multiple), _pad(int(size[1]), multiple)
 
 

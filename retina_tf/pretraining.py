@@ -167,7 +167,8 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) ->
     seg = SegmentationSet(names=names, images=[x for x, _ in prepared],
                           targets=[np.zeros(im.shape[:2] + (1,), np.float32) for im in images],
                           fovs=[fov for _, fov in prepared])
-    guard = (f"{len(exclude)} test images of {cfg.dataset} kept out" if cfg.dataset else
+    guard = (f"checked: none is one of the {len(exclude)} test images of {cfg.dataset}"
+             if cfg.dataset else
              "no --dataset: no test images to keep out")
     log.info(f"pre-training on {len(names)} unlabelled images from {len(cfg.pretrain_dirs)} "
              f"folder(s) ({guard}); run folder {run_dir_of(cfg)}")
