@@ -176,14 +176,13 @@ def _check_label_files(cfg: DataConfig) -> None:
 
 
 def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path | None) -> None:
+    listed = {split: read_label_file(path) for split, path in files.items()}
     for split, path in files.items():
-        print(f"{split}: {path} ({len(read_label_file(path))} samples)")
+        print(f"{split}: {path} ({len(listed[split])} samples)")
     # every label and mask read now, as training will: bad files are named here, each of them,
     # not the first one a run meets
-    images, bad, total = [], [], 0
-    for split, path in files.items():
-        samples = read_label_file(path)
-        total += len(samples)
+    images, bad = [], []
+    for split, samples in listed.items():
         for sample in progress(samples, f"preprocess: reading {split}", name=lambda s: s.name):
             try:
                 image = read_sample(sample).image
@@ -194,11 +193,12 @@ def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path | None) ->
             if split == "training":
                 images.append(image)
     if bad:
+        total = sum(map(len, listed.values()))
         raise DatasetError(f"{len(bad)} of the {total} photographs have a bad image, label or "
                            "mask (listed above): fix or remove them and run again")
     if out is None:
         return
-    train_samples = read_label_file(files["training"])
+    train_samples = listed["training"]
     pre = Preprocessor.from_steps(cfg.preprocess, channel=cfg.channel)
     if pre.standardize:
         pre.fit(images)
@@ -211,7 +211,7 @@ def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path | None) ->
         x = x[..., 0] if x.shape[-1] == 1 else x
         save_png(out / "preview" / f"{sample.name}.png", (x * 255).round().astype(np.uint8))
     if cfg.cache_dir:
-        samples = [sample for path in files.values() for sample in read_label_file(path)]
+        samples = [sample for split in listed.values() for sample in split]
         clear_killed_writes(cfg.cache_dir)
         for sample in progress(samples, "preprocess: caching", name=lambda s: s.name):
             preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)

@@ -592,18 +592,15 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
         if value is None and type(None) in args:
             return None
         kinds = [a for a in args if a is not type(None)]
-        for one in kinds[:-1]:
-            try:
-                return _as_kind(name, value, one)
-            except ValueError:
-                pass
-        try:
-            return _as_kind(name, value, kinds[-1])
-        except ValueError:
-            if len(kinds) == 1:
-                raise
+        if len(kinds) > 1:  # X | Y: the first that takes the value
+            for one in kinds:
+                try:
+                    return _as_kind(name, value, one)
+                except ValueError:
+                    pass
             raise ValueError(f"must be {' or '.join(map(_kind_name, kinds))}, not "
-                             f"{type(value).__name__}") from None
+                             f"{type(value).__name__}")
+        kind = kinds[0]
     if isinstance(value, str) and kind is not str:
         return convert_value(name, value, kind)
     origin = typing.get_origin(kind)

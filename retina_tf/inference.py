@@ -993,16 +993,17 @@ class Segmenter:
         """The mask threshold: the one given to the constructor, else the run's
         (:func:`stored_threshold`: ``run.json``, else 0.5); :meth:`segment` uses it unless
         given another."""
-        if self._threshold is not None:
-            return self._threshold
-        return stored_threshold(self.run_info, getattr(self, "run_dir", None))[0]
+        return self._threshold_and_source()[0]
 
     @property
     def threshold_source(self) -> str:
         """Where :attr:`threshold` comes from, in words (for the commands' reports)."""
+        return self._threshold_and_source()[1]
+
+    def _threshold_and_source(self) -> tuple[float, str]:
         if self._threshold is not None:
-            return "given: threshold="
-        return stored_threshold(self.run_info, getattr(self, "run_dir", None))[1]
+            return self._threshold, "given: threshold="
+        return stored_threshold(self.run_info, getattr(self, "run_dir", None))
 
     @property
     def task(self) -> str:

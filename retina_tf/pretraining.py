@@ -260,8 +260,8 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
     # one --model_config may serve the classifier and the rip_av run fine-tuned from it:
     # rip_av's other arguments (context, heads) are left out, anything else is an error
     config = read_model_config(cfg.model_config)
-    classifier = set(model_arguments("rip_classifier"))
-    for key in [k for k in config if k not in classifier and k in model_arguments("rip_av")]:
+    rip_av_only = set(model_arguments("rip_av")) - set(model_arguments("rip_classifier"))
+    for key in rip_av_only & set(config):
         config.pop(key)
     check_arguments("rip_classifier", config)
     x, y, pre, names = rip_patch_set(cfg)
