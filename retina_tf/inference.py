@@ -973,6 +973,13 @@ class Segmenter:
             kwargs["tta_transpose"] = False  # the run's transposes go with its TTA
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
+        unused = [f"{k}={v}" for k, v, default in (("window", overrides.get("window"), 0),
+                                                   ("stride", overrides.get("stride"), 16))
+                  if v is not None and v != default]
+        if seg.inference == "whole" and unused:  # from_run sets the window: said only here
+            log.warning(f"warning: {', '.join(unused)} (--window, --stride) set the sliding "
+                        f"windows; {run_dir.name} segments whole images, so they are unused "
+                        "(inference='sliding', --inference=sliding, uses them)")
         return seg
 
     @classmethod

@@ -191,6 +191,21 @@ def test_tta_transpose_without_tta_is_said_to_do_nothing(caplog):
     assert not caplog.records
 
 
+def test_windows_of_a_whole_image_model_are_said_to_be_unused(caplog):
+    """--window / --stride only shape sliding windows: unet_drive segments whole images."""
+    from retina_tf.config import PredictConfig
+    from retina_tf.evaluation import load_segmenter
+    load_segmenter(PredictConfig(model="unet_drive", window=96, stride=32))
+    assert "window=96, stride=32 (--window, --stride) set the sliding windows; unet_drive " \
+        "segments whole images, so they are unused" in caplog.text
+    caplog.clear()
+    load_segmenter(PredictConfig(model="unet_drive"))  # the defaults say nothing
+    Segmenter.from_pretrained("unet_drive", inference="sliding", window=96)
+    assert "unused" not in caplog.text
+    Segmenter.from_pretrained("unet_drive", window=64)
+    assert "window=64 (--window, --stride)" in caplog.text
+
+
 def test_a_segmenters_threshold_keyword_sets_its_masks(caplog):
     """The README's "evaluation options as keywords": threshold= was a TypeError."""
     image = generate_fundus(2, size=(128, 128)).image
