@@ -242,7 +242,7 @@ def _make_synthetic() -> None:
             print(f"{root / split}: {len(images)} image{'s' * (len(images) > 1)} ({names}) "
                   "with labels in 1st_manual/, FOV masks in mask/, A/V labels in av/")
     print(f"wrote a synthetic DRIVE-layout dataset of {FLAGS.num_images} "
-          f"{FLAGS.height}x{FLAGS.width} images (seed {FLAGS.seed}) to {root}")
+          f"{FLAGS.width}x{FLAGS.height} images (seed {FLAGS.seed}) to {root}")
 
 
 def export_model() -> None:

@@ -861,8 +861,8 @@ class SampleData:
 def _check_size(image_path: Path, image: np.ndarray, other_path: Path, other: np.ndarray,
                 what: str) -> None:
     if other.shape[:2] != image.shape[:2]:
-        raise DatasetError(f"{what} {other_path} is {other.shape[0]}x{other.shape[1]} (HxW) but "
-                           f"image {image_path} is {image.shape[0]}x{image.shape[1]}")
+        raise DatasetError(f"{what} {other_path} is {other.shape[1]}x{other.shape[0]} but image "
+                           f"{image_path} is {image.shape[1]}x{image.shape[0]} (width x height)")
 
 
 # Vessels cover 8-15 % of a fundus photograph's field of view (DRIVE, STARE, CHASE_DB1, HRF); a

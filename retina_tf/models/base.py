@@ -82,10 +82,10 @@ class SegmentationModel:
             m = self.size_multiple
             if shape[1] % m or shape[2] % m:
                 raise ValueError(
-                    f"{type(self).__name__}: an input of {shape[1]}x{shape[2]} px; height and "
-                    f"width must be multiples of its size_multiple, {m}: pad it (retina_tf.data."
-                    "patches.pad_to_multiple) or segment with retina_tf.inference.Segmenter, "
-                    "which pads")
+                    f"{type(self).__name__}: an input of {shape[1]}x{shape[2]} px "
+                    f"(height x width); both must be multiples of its size_multiple, {m}: pad "
+                    "it (retina_tf.data.patches.pad_to_multiple) or segment with "
+                    "retina_tf.inference.Segmenter, which pads")
         return super().__call__(inputs, *args, **kwargs)
 
     def with_scales(self, scales: Sequence[float]) -> SegmentationModel:

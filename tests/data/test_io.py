@@ -341,11 +341,12 @@ def test_an_inverted_label_is_refused_naming_it(tmp_path: Path):
 
 def test_read_sample_size_mismatch_names_both_files(tmp_path: Path):
     sample = _tiny_sample(tmp_path, label_shape=(20, 25))
-    with pytest.raises(DatasetError, match=r"label\.gif is 20x25 .*img\.tif is 20x24"):
+    with pytest.raises(DatasetError, match=r"label\.gif is 25x20 .*img\.tif is 24x20 "
+                                           r"\(width x height\)"):
         read_sample(sample)
     sample = _tiny_sample(tmp_path)
     write_image_atomic(tmp_path / "small_fov.png", np.ones((10, 24), bool))
-    with pytest.raises(DatasetError, match=r"small_fov\.png is 10x24 .*img\.tif is 20x24"):
+    with pytest.raises(DatasetError, match=r"small_fov\.png is 24x10 .*img\.tif is 24x20"):
         read_sample(sample, fov_path=tmp_path / "small_fov.png")
 
 

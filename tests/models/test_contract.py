@@ -59,8 +59,8 @@ def test_model_keeps_the_contract_and_reloads_identically(name, tmp_path):
         assert_reload_identical(model, x, tmp_path)
         if model.size_multiple > 1:  # off the multiple: said, not a shape error deep inside
             odd = x[:, :-1]
-            with pytest.raises(ValueError, match=rf"an input of {odd.shape[1]}x{odd.shape[2]} px; "
-                                                 "height and width must be multiples"):
+            with pytest.raises(ValueError, match=rf"an input of {odd.shape[1]}x{odd.shape[2]} px "
+                                                 r"\(height x width\); both must be multiples"):
                 model(odd, training=False)
 
 
