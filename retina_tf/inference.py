@@ -34,7 +34,7 @@ from retina_tf.config import (
     from_flag_lines,
     parse_inference_scale,
 )
-from retina_tf.data.fov import estimate_fov, given_fov_warning
+from retina_tf.data.fov import estimate_fov, estimate_warnings, given_fov_warning
 from retina_tf.data.io import (
     atomic_write_bytes,
     channel_order_warning,
@@ -1131,7 +1131,10 @@ class Segmenter:
         threshold, each vessel pixel artery or vein, as ``_av.png`` draws it. A mask far from
         the vessel share of the training labels is warned of (:func:`vessel_share_warning`),
         and so is an A/V mask far from their share of arteries (:func:`artery_share_warning`)
-        and a gray photograph with bright vessels (:func:`bright_vessels_warning`).
+        and a gray photograph with bright vessels (:func:`bright_vessels_warning`); so are an
+        estimated FOV that looks wrong (:func:`~retina_tf.data.fov.estimate_warnings`) and a
+        photograph enlarged less than its FOV needs (:meth:`ScalePlan.warning`), as ``predict``
+        warns of them, unless the caller gives ``fov`` or ``plan``.
 
         With ``match_scale``, the photograph is segmented at its inference scale
         (:meth:`probability_at_inference_scale`), else as it is.
@@ -1159,12 +1162,22 @@ class Segmenter:
             fov = read_fov_mask(fov)
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
-        fov = estimate_fov(image) if fov is None else _fov_of(fov, image, source)
+        # what predict warns of, warned of here where segment computes it: the FOV's estimate
+        # and the resize (a caller's fov and plan were warned of by the caller)
+        warnings = []
+        if fov is None:
+            fov = estimate_fov(image)
+            warnings += estimate_warnings(image, fov, str(source))
+        else:
+            fov = _fov_of(fov, image, source)
+        if match_scale and plan is None:
+            plan = self.scale_plan(image, fov)
+            warnings.append(plan.warning(source))
         prob = self.probability_at_inference_scale(image, fov, plan, threshold, source) \
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
-        for warning in (bright_vessels_warning(image, fov, self.run_info.get("bright_line_ratio"),
+        for warning in (*warnings, bright_vessels_warning(image, fov, self.run_info.get("bright_line_ratio"),
                                                source),
                         vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
                                              source),

@@ -206,6 +206,24 @@ def test_windows_of_a_whole_image_model_are_said_to_be_unused(caplog):
     assert "window=64 (--window, --stride)" in caplog.text
 
 
+def test_segment_warns_of_its_fov_estimate_and_resize_as_predict_does(caplog):
+    """Segmenter.segment estimated the FOV and planned the resize without the warnings that
+    predict gives for the same photograph; a caller's fov and plan stay the caller's to warn."""
+    seg = Segmenter.from_pretrained("unet_drive", tta=False)
+    small = generate_fundus(3, size=(128, 128)).image  # FOV ~110 px: enlarged x3 at most
+    seg.segment(small, source="small.png")
+    assert "warning: small.png: its FOV is" in caplog.text and "enlarged x3.00 at most" \
+        in caplog.text
+    caplog.clear()
+    inside = generate_fundus(3, size=(384, 384)).image[128:256, 128:256]  # no dark frame
+    seg.segment(inside, source="inside.png")
+    assert "inside.png: the estimated field of view covers 100% of the image" in caplog.text
+    caplog.clear()
+    seg.segment(small, np.ones(small.shape[:2], bool), plan=seg.scale_plan(small, np.ones(
+        small.shape[:2], bool)), source="given.png")
+    assert "given.png: its FOV" not in caplog.text and "estimated" not in caplog.text
+
+
 def test_a_segmenters_threshold_keyword_sets_its_masks(caplog):
     """The README's "evaluation options as keywords": threshold= was a TypeError."""
     image = generate_fundus(2, size=(128, 128)).image
