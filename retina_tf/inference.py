@@ -1177,7 +1177,8 @@ class Segmenter:
             if match_scale else self.probability(image, threshold)
         prob = prob * fov[..., None]
         mask = av_mask(prob, threshold) if prob.shape[-1] == 3 else prob >= threshold
-        for warning in (*warnings, bright_vessels_warning(image, fov, self.run_info.get("bright_line_ratio"),
+        for warning in (*warnings,
+                        bright_vessels_warning(image, fov, self.run_info.get("bright_line_ratio"),
                                                source),
                         vessel_share_warning(mask, fov, self.run_info.get("vessel_share"),
                                              source),

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 import zlib
@@ -1050,7 +1051,34 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
     or not, the resumed state, when the time budget stops); the other workers get its decisions
     and weights through collectives and write to a temporary folder removed at the end, as
     TensorFlow's multi-worker guide prescribes (every worker runs the same saving code).
+
+    The run is seeded with ``cfg.seed``; the caller's random state (Python's, NumPy's, the
+    TensorFlow and Keras global seeds) is put back afterwards, as it was.
     """
+    with _random_state_kept():
+        return _run_training(cfg, prepare)
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """The block's seeding (keras.utils.set_random_seed) undone after it: a library call
+    leaves its caller's random numbers as it found them."""
+    from keras.src.backend.common import global_state  # Keras keeps its global seed here
+    keras_keys = ("global_random_seed", "global_seed_generator")
+    python, numpy = random.getstate(), np.random.get_state()
+    tf_global = tf.compat.v1.get_seed(None)[0]  # TensorFlow's global seed, None where unset
+    saved = {key: global_state.get_global_attribute(key) for key in keras_keys}
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        tf.random.set_seed(tf_global)
+        for key, value in saved.items():
+            global_state.set_global_attribute(key, value)
+
+
+def _run_training(cfg, prepare) -> Path:
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
     strategy = make_strategy(cfg.strategy)

@@ -211,7 +211,21 @@ def test_train_cli_says_in_one_line_that_the_training_diverged(synthetic, tmp_pa
 
 
 def test_same_seed_same_model(synthetic, tmp_path):
+    """Seeded runs repeat; the caller's random numbers go on as if no training ran (it reseeded
+    Python, NumPy, TensorFlow and Keras with the run's seed and left them so)."""
+    import random
+
+    def draws():
+        return random.random(), np.random.rand(), float(keras.random.uniform(()))
+
+    keras.utils.set_random_seed(5)
+    draws()
+    expected = draws()
+    keras.utils.set_random_seed(5)
+    draws()
     a = train(tiny_flags(synthetic, tmp_path / "a", "--epochs=1", "--noresume"))
+    assert draws() == expected
+    assert tf.compat.v1.get_seed(None)[0] == 5  # TensorFlow's global seed
     b = train(tiny_flags(synthetic, tmp_path / "b", "--epochs=1", "--noresume"))
     la = json.loads((a / "metrics.json").read_text())["loss_history"]
     lb = json.loads((b / "metrics.json").read_text())["loss_history"]
