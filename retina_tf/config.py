@@ -589,10 +589,12 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
     string, a NumPy number to a Python one."""
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, X | Y
-        if value is None and type(None) in args:
+        # an empty text or tuple is None (as the flag "--dataset=" reads): one value each
+        empty = value is None or (isinstance(value, (str, tuple)) and not value)
+        if empty and type(None) in args:
             return None
-        kinds = [a for a in args if a is not type(None)]
-        if len(kinds) > 1:  # X | Y: the first that takes the value
+        kinds = _words_last([a for a in args if a is not type(None)])
+        if len(kinds) > 1:  # X | Y: the first that takes the value, a number before a word
             for one in kinds:
                 try:
                     return _as_kind(name, value, one)
@@ -627,6 +629,11 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
         if isinstance(value, Mapping):
             return value
     raise ValueError(f"must be {_kind_name(kind)}, not {type(value).__name__}")
+
+
+def _words_last(kinds: list) -> list:
+    """A union's types with ``str`` last: ``"0.5"`` for ``str | float`` is the number."""
+    return sorted(kinds, key=lambda kind: kind is str)
 
 
 def checked_value(name: str, value: Any, kind: Any, owner: str = "") -> Any:
@@ -672,10 +679,14 @@ def _flag_value(value: Any) -> str:
 
 def to_flag_lines(cfg: Any) -> str:
     """The config as flagfile lines (``--name=value``, ``--name`` / ``--noname`` for booleans,
-    None and an empty ``model_config`` left out), sorted by name."""
+    None where it is the default and an empty ``model_config`` left out, ``--name=`` for a
+    None that is not the default), sorted by name."""
     lines = []
     for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name):
         value = getattr(cfg, f.name)
+        if value is None and f.default is not None and f.default is not dataclasses.MISSING:
+            lines.append(f"--{f.name}=")  # e.g. rip_absent_fraction: None is a setting
+            continue
         if value is None or (isinstance(value, Mapping) and not value):
             continue
         if isinstance(value, bool):
@@ -690,10 +701,16 @@ def convert_value(name: str, text: str, kind: Any) -> Any:
     if name == "preprocess" and text.strip().lower() in PREPROCESS_ALIASES:
         return PREPROCESS_ALIASES[text.strip().lower()]
     args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-        if text == "":
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, X | Y
+        if text == "" and type(None) in args:
             return None
-        kind = next(a for a in args if a is not type(None))
+        kinds = _words_last([a for a in args if a is not type(None)])
+        for one in kinds[:-1]:  # X | Y: the first that reads it
+            try:
+                return convert_value(name, text, one)
+            except ConfigError:
+                pass
+        kind = kinds[-1]
         args = typing.get_args(kind)
     origin = typing.get_origin(kind)
     try:

@@ -49,6 +49,22 @@ def test_flag_lines_round_trip_every_config(cls):
     assert config.from_flag_lines(cls, config.to_flag_lines(cfg)) == cfg
 
 
+def test_flag_lines_round_trip_none_empty_and_union_values():
+    """A None that is not the default was dropped (rip_absent_fraction: "absent whenever not
+    present" came back as 0.0); "0.5" for a str | float field is the number; an empty text or
+    tuple is None, as its flag reads."""
+    for cfg in (config.RipPatchConfig(rip_absent_fraction=None),
+                config.EvalConfig(inference_scale=0.5), config.EvalConfig(eval_scales=()),
+                config.TrainConfig(dataset="", data_dir="")):
+        assert config.from_flag_lines(type(cfg), config.to_flag_lines(cfg)) == cfg
+    assert "--rip_absent_fraction=\n" in config.to_flag_lines(
+        config.RipPatchConfig(rip_absent_fraction=None))
+    assert config.EvalConfig(inference_scale="0.5").inference_scale == 0.5
+    assert config.EvalConfig(inference_scale="auto").inference_scale == "auto"
+    assert config.EvalConfig(eval_scales=()).eval_scales is None
+    assert config.TrainConfig(dataset="").dataset is None
+
+
 def test_configs_are_frozen_and_typed():
     cfg = config.TrainConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -131,17 +147,17 @@ def test_a_config_reads_values_as_their_flags_do(tmp_path):
         parse_config("evaluate", ["--threshold=1.5"])
     with pytest.raises(flags.IllegalFlagValueError, match="LO <= HI"):
         parse_config("train", ["--scale_range=1.25,0.8"])
-    # a factor as the number it is (InferenceConfig's docs: "a factor (e.g. 2)"), or its text
+    # a factor as the number it is (InferenceConfig's docs: "a factor (e.g. 2)"), its text too
     assert config.PredictConfig(inference_scale=2).inference_scale == 2.0
-    assert config.EvalConfig(inference_scale="2").inference_scale == "2"
-    with pytest.raises(ConfigError, match="inference_scale=True: must be str or float, not bool"):
+    assert config.EvalConfig(inference_scale="2").inference_scale == 2.0
+    with pytest.raises(ConfigError, match="inference_scale=True: must be float or str, not bool"):
         config.EvalConfig(inference_scale=True)
     # a factor past any camera's (100 for 1.0 segmented a 200 px image at 19841 px)
     with pytest.raises(ConfigError, match="inference_scale=100.0: must be .* up to 10"):
         config.EvalConfig(inference_scale=100)
     with pytest.raises(flags.IllegalFlagValueError, match="positive factor up to 10"):
         parse_config("predict", ["--inference_scale=100"])
-    assert config.PredictConfig(inference_scale="10").inference_scale == "10"
+    assert config.PredictConfig(inference_scale="10").inference_scale == 10.0
 
 
 def test_a_model_setting_given_twice_must_agree():
