@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from retina_tf import visualize
-from retina_tf.config import CompareConfig
+from retina_tf.config import CompareConfig, takes
 from retina_tf.data.io import read_sample
 from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
@@ -88,6 +88,7 @@ def _chosen_index(image: str | None, names: list[str]) -> int:
                       f"an index from 0 to {len(names) - 1}")
 
 
+@takes(CompareConfig)
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Evaluates every run of ``cfg.runs`` on the same split and writes ``compare.md`` (one
     table row per run: model, F1, AUC-ROC, Se, Sp, Acc, and A/V accuracies when every run is an

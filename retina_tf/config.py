@@ -659,6 +659,22 @@ def checked_value(name: str, value: Any, kind: Any, owner: str = "") -> Any:
     return value
 
 
+def takes(cls: type) -> Callable:
+    """Decorates a command's library function: a config of another kind is refused in one line
+    (``train(EvalConfig(...))`` or ``train({...})`` failed on a missing attribute)."""
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def checked(cfg, *args, **kwargs):
+            if not isinstance(cfg, cls):
+                how = (f": retina_tf.{cls.__name__}(**settings) makes one"
+                       if isinstance(cfg, Mapping) else "")
+                raise ConfigError(f"{function.__name__}() expects a config of type "
+                                  f"{cls.__name__}, got {type(cfg).__name__}{how}")
+            return function(cfg, *args, **kwargs)
+        return checked
+    return decorate
+
+
 # --- flag lines ------------------------------------------------------------------------------
 
 # WILeroy/retina_unet's boolean --preprocess: all four steps or none.

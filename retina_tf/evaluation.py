@@ -30,6 +30,7 @@ from retina_tf.config import (
     PredictConfig,
     RunRef,
     from_run,
+    takes,
 )
 from retina_tf.data.catalog import dataset_key
 from retina_tf.data.fov import estimate_fov, estimate_warnings
@@ -777,6 +778,7 @@ def _vote_words(seg: Segmenter) -> str:
     return f", one A/V decision per vessel segment{linked}"
 
 
+@takes(EvalConfig)
 def evaluate(cfg: EvalConfig) -> dict:
     """Segments the test split, prints confusion matrix and metrics, writes metrics.json (the
     threshold used and where it came from, the pooled figures, each image's and their mean and
@@ -1563,6 +1565,7 @@ def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: l
     return outs, bases, names
 
 
+@takes(PredictConfig)
 def predict(cfg: PredictConfig) -> list[Path]:
     """Writes ``<stem>_prob.png`` (8-bit vessel probability) and ``<stem>_mask.png`` (at
     ``--threshold``, else the run's stored threshold) per input image, the size of the input;
@@ -1671,6 +1674,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     return written
 
 
+@takes(ErrorMapConfig)
 def write_error_maps(cfg: ErrorMapConfig) -> Path:
     """Segments the training split with the run ``--model`` (a stage-1 hmsa run) and writes one
     0/255 PNG error map per image to ``--output_dir`` (default ``<run>/error_maps``), plus

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from retina_tf.config import CHOICES, ExportConfig
+from retina_tf.config import CHOICES, ExportConfig, takes
 from retina_tf.data.io import atomic_folder
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
@@ -798,6 +798,7 @@ def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> d
         raise OutputError(err.errno, err.strerror, str(err.filename or out)) from err
 
 
+@takes(ExportConfig)
 def export_model(cfg: ExportConfig) -> Path:
     """Exports the run ``cfg.run`` in ``cfg.format`` to the folder ``cfg.out`` (see the module
     docstring); logs what was written and, for a model no format holds whole, what a deployer

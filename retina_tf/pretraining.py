@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf import visualize
-from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config
+from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config, takes
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
 from retina_tf.data.io import DatasetError, file_stem, read_image
@@ -133,6 +133,7 @@ def reconstruction_grid(model: MAE, crops: np.ndarray, noise: np.ndarray) -> np.
     return (grid * 255).round().astype(np.uint8)
 
 
+@takes(MAEConfig)
 def pretrain_mae(cfg: MAEConfig) -> Path:
     """Pre-trains an MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR
     2022) as ``cfg`` says and returns the run folder."""
@@ -247,6 +248,7 @@ def rip_patch_set(cfg: RipPretrainConfig) -> tuple[np.ndarray, np.ndarray, Prepr
             pre, list(train_set.names))
 
 
+@takes(RipPretrainConfig)
 def pretrain_rip(cfg: RipPretrainConfig) -> Path:
     """RIP pre-training (Dai et al., "RIP-AV", MICCAI 2024): trains :class:`RIPClassifier`'s
     encoder to tell artery-only, vein-only and two-class patches apart (two sigmoid outputs)

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf import optimizers
-from retina_tf.config import MAEConfig, TrainConfig, to_flag_lines
+from retina_tf.config import MAEConfig, TrainConfig, takes, to_flag_lines
 from retina_tf.data.camera import CameraChange, camera_variants
 from retina_tf.data.catalog import SPLITS, Sample, normalize_dataset_name
 from retina_tf.data.io import SampleData, read_sample
@@ -1249,6 +1249,7 @@ def _load_finite_weights(model: keras.Model, best_path: Path, last_path: Path
     return None, ""
 
 
+@takes(TrainConfig)
 def train(cfg: TrainConfig,
           extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
     """Trains ``cfg.model`` as ``cfg`` says and returns the run folder (see

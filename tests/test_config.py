@@ -169,3 +169,19 @@ def test_a_model_setting_given_twice_must_agree():
     with pytest.raises(ConfigError, match=re.escape(
             "--model_config: input_channels=3, but the data give 1")):
         model_kwargs(config.TrainConfig(model_config={"input_channels": 3}), 1, 1)
+
+
+def test_a_command_given_another_config_says_which_it_takes():
+    """train(EvalConfig(...)) and train({...}) failed on a missing attribute."""
+    import retina_tf
+    with pytest.raises(ConfigError, match=r"^train\(\) expects a config of type TrainConfig, "
+                                          r"got EvalConfig$"):
+        retina_tf.train(config.EvalConfig(model="unet"))
+    with pytest.raises(ConfigError, match=r"got dict: retina_tf\.TrainConfig\(\*\*settings\)"):
+        retina_tf.train({"model": "unet"})
+    for function, cfg in ((retina_tf.evaluate, config.PredictConfig(input="x")),
+                          (retina_tf.predict, config.EvalConfig()),
+                          (retina_tf.pretrain_mae, config.TrainConfig()),
+                          (retina_tf.pretrain_rip, config.MAEConfig())):
+        with pytest.raises(ConfigError, match=rf"^{function.__name__}\(\) expects"):
+            function(cfg)

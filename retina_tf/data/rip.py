@@ -40,7 +40,7 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from retina_tf import visualize
-from retina_tf.config import RipPatchConfig
+from retina_tf.config import RipPatchConfig, takes
 from retina_tf.data.av import encode_av_rgb
 from retina_tf.data.catalog import list_samples, normalize_dataset_name
 from retina_tf.data.io import DatasetError, atomic_write_bytes, clear_killed_writes, read_sample
@@ -496,6 +496,7 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@takes(RipPatchConfig)
 def write_rip_patches(cfg: RipPatchConfig) -> Path:
     """Selects and cuts RIP-AV pre-training patches from the training split of an A/V dataset.
 
