@@ -254,6 +254,9 @@ def pretrain_rip(cfg: RipPretrainConfig) -> Path:
     encoder to tell artery-only, vein-only and two-class patches apart (two sigmoid outputs)
     and returns the run folder; ``bin/train.py --model=rip_av --pretrained=<run>`` fine-tunes
     from it. 10 % of the patches (at random, seeded) are held out to report accuracy."""
+    if not cfg.rip_patches:
+        raise ConfigError("--rip_patches is required: the folder bin/generate_rip_patches.py "
+                          "wrote its patches to (same --dataset / --data_dir)")
     cfg = dataclasses.replace(cfg, task=cfg.task or "av")  # the patches' images have A/V labels
     return run_training(cfg, lambda strategy, run_dir: _rip_job(cfg, strategy))
 

@@ -142,4 +142,6 @@ def test_model_config_keys_are_used_or_refused_never_dropped(tmp_path):
     with pytest.raises(DatasetError, match="run bin/generate_rip_patches.py"):  # passed the check
         pretrain_rip(RipPretrainConfig(rip_patches=str(tmp_path / "none"), logdir=str(logdir),
                                        model_config=shared))
+    with pytest.raises(ConfigError, match="--rip_patches is required"):  # was a TypeError
+        pretrain_rip(RipPretrainConfig(logdir=str(logdir)))
     assert not logdir.exists() or not any(logdir.iterdir())
