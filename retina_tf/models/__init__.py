@@ -6,6 +6,7 @@ Adding an architecture is one file in this package and one line in ``_REGISTRY``
 from __future__ import annotations
 
 import importlib
+import json
 
 import keras
 
@@ -60,7 +61,8 @@ def build_model(name: str, **config) -> keras.Model:
     take ``"preset"``, e.g. ``{"preset": "cpu_small"}``).
 
     Raises:
-        ConfigError: for an argument the model does not take (naming it and the ones it does).
+        ConfigError: for an argument the model does not take (naming it and the ones it does)
+            or a value it refuses (its own checks: ``depth must be >= 2``).
     """
     cls = model_class(name)
     check_arguments(name, config)
@@ -69,7 +71,11 @@ def build_model(name: str, **config) -> keras.Model:
             raise ConfigError(f"model {name!r} has no presets: drop \"preset\" from "
                               "--model_config")
         config = cls.from_preset_config(config)
-    return cls(**config)
+    try:
+        return cls(**config)
+    except (ValueError, TypeError) as err:  # the constructor's checks of its arguments
+        raise ConfigError(f"model {name!r}: {err} (--model_config "
+                          f"{json.dumps(dict(config), default=str)})") from err
 
 
 def load_all() -> None:

@@ -184,6 +184,10 @@ def test_a_model_without_inference_scales_refuses_them():
 def test_an_argument_the_model_does_not_take_is_named():
     with pytest.raises(ConfigError, match=r"'hmsa' does not take depth .*attention_channels"):
         build_model("hmsa", depth=3, **TINY["hmsa"])
+    # a value the model's own checks refuse: a ConfigError too (it was a ValueError)
+    with pytest.raises(ConfigError, match=r"model 'unet': depth must be >= 2, got 1 "
+                                          r"\(--model_config \{\"depth\": 1"):
+        build_model("unet", depth=1)
 
 
 def test_a_loss_flag_a_model_cannot_honour_is_an_error(tmp_path):
