@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import sys
@@ -134,13 +135,35 @@ def read_run_json(run_dir: Path) -> dict:
     return info
 
 
+def _uint8_rgb(image, source: str | os.PathLike = "the image") -> np.ndarray:
+    """``image`` as an array, or DatasetError naming ``source`` and how to convert it."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise DatasetError(f"{source} is a {image.dtype} array of shape {image.shape}; "
+                           f"segmenting takes uint8 RGB (H, W, 3), as "
+                           f"retina_tf.data.io.read_image returns: {_to_uint8_rgb_hint(image)}")
+    return image
+
+
 def check_threshold(threshold: float) -> float:
     """Raises ConfigError unless ``0 < threshold < 1`` (0 or 1 would make every pixel, or
     none, a vessel)."""
-    if not 0.0 < float(threshold) < 1.0:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):  # "abc", None: not a number at all
+        value = math.nan
+    if not 0.0 < value < 1.0:
         raise ConfigError(f"--threshold={threshold} must lie strictly between 0 and 1 "
                           "(e.g. 0.5)")
-    return float(threshold)
+    return value
+
+
+def _whole_number(name: str, value: Any) -> int:
+    """A Segmenter keyword that counts pixels or windows, as an int (ConfigError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)) \
+            or not str(value).strip().lstrip("-").isdigit():
+        raise ConfigError(f"{name}={value!r} (--{name}): give a whole number")
+    return int(value)
 
 
 def stored_threshold(run_info: dict, run_dir: str | Path | None = None) -> tuple[float, str]:
@@ -867,13 +890,13 @@ class Segmenter:
         # the model knows its own constraint best (it changes with the inference scales)
         self.size_multiple = int(model.size_multiple if contract else size_multiple)
         self.inference = inference
-        self.window = int(window)
+        self.window = _whole_number("window", window)
         if inference == "sliding" and self.window % self.size_multiple:
             fit = max(self.size_multiple, self.window // self.size_multiple * self.size_multiple)
             raise ConfigError(f"--window={self.window}: {type(model).__name__} takes windows of "
                               f"a multiple of {self.size_multiple} px; give e.g. --window={fit}")
-        self.stride = int(stride)
-        self.batch_size = int(batch_size)
+        self.stride = _whole_number("stride", stride)
+        self.batch_size = _whole_number("batch_size", batch_size)
         if self.stride < 1 or self.batch_size < 1 or self.window < 1:
             raise ConfigError(f"stride={stride}, batch_size={batch_size}, window={window}: each "
                               "must be at least 1")
@@ -903,10 +926,11 @@ class Segmenter:
                         "it does nothing")
         self._threshold = None if threshold is None else check_threshold(threshold)
         self.inference_scale = parse_inference_scale(inference_scale)
-        if int(tile_size) < 0 or 0 < int(tile_size) <= 2 * TILE_MARGIN:
+        tile_size = _whole_number("tile_size", tile_size)
+        if tile_size < 0 or 0 < tile_size <= 2 * TILE_MARGIN:
             raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
                               f"{2 * TILE_MARGIN} px (two margins of context)")
-        self.tile_size = int(tile_size)
+        self.tile_size = tile_size
         self._forward = tf.function(
             lambda x: logits_to_probability(model_logits(self.network(x, training=False))),
             reduce_retracing=True)
@@ -1075,8 +1099,13 @@ class Segmenter:
 
     def probability(self, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """uint8 RGB (H, W, 3) -> (H, W, K) float32 probabilities (``threshold``: the A/V
-        vote's, see :meth:`probability_preprocessed`)."""
-        return self.probability_preprocessed(self.preprocessor(np.asarray(image)), threshold)
+        vote's, see :meth:`probability_preprocessed`).
+
+        Raises:
+            DatasetError: for an image that is not uint8 RGB (the message says how to convert
+                it).
+        """
+        return self.probability_preprocessed(self.preprocessor(_uint8_rgb(image)), threshold)
 
     @property
     def min_image_size(self) -> int:
@@ -1097,11 +1126,7 @@ class Segmenter:
         ``warn``, warns of
         channels in BGR order (:func:`~retina_tf.data.io.channel_order_warning`) and when an
         A/V model is given a gray photograph (off where :meth:`segment` follows)."""
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise DatasetError(f"{source} is a {image.dtype} array of shape {image.shape}; "
-                               f"segmenting takes uint8 RGB (H, W, 3), as "
-                               f"retina_tf.data.io.read_image returns: {_to_uint8_rgb_hint(image)}")
+        image = _uint8_rgb(image, source)
         h, w = image.shape[:2]
         if min(h, w) < self.min_image_size:
             raise DatasetError(f"{source} is {w}x{h} pixels, too small to segment: this model "

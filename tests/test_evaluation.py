@@ -238,6 +238,14 @@ def test_a_segmenters_threshold_keyword_sets_its_masks(caplog):
     Segmenter.from_pretrained("unet_drive", av_link=0.5)  # like tta_transpose without tta
     assert "av_link (--av_link) links av_vote's segments: without av_vote it does nothing" \
         in caplog.text
+    # a keyword that is no number, and a float image given to probability: retina_tf's errors
+    # (a ValueError from float() or int(), and from the preprocessor)
+    with pytest.raises(ConfigError, match="--threshold=abc must lie strictly between 0 and 1"):
+        seg.segment(image, threshold="abc")
+    with pytest.raises(ConfigError, match=r"batch_size='x' \(--batch_size\): give a whole"):
+        Segmenter.from_pretrained("unet_drive", batch_size="x")
+    with pytest.raises(DatasetError, match=r"float32 array .* scale floats to 0-255 first"):
+        seg.probability(image.astype(np.float32) / 255)
 
 
 def test_training_data_flags_a_run_does_not_follow_are_noted(caplog):
