@@ -748,10 +748,20 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
     return "finished" if finished else "resume"
 
 
+# What makes a folder a run's, for --overwrite: files every run writes first (flags.txt,
+# run.json at the start; checkpoints/ and backup/ during training; the end's model.keras).
+RUN_MARKERS = (MODEL_FILE, "metrics.json", "run.json", "flags.txt", "preprocessor.json",
+               "checkpoints", BACKUP_DIR)
+
+
 def clear_run_folder(run_dir: Path) -> None:
     """Removes what a previous run wrote (``--overwrite``), leaving files retina_tf does not
-    write untouched."""
+    write untouched. A folder without a run's own files (``flags.txt``, ``run.json``, ...) is
+    left as it is: its ``images/`` or ``train/`` are someone else's (a dataset's ``training/``
+    given as the run folder lost its photographs)."""
     run_dir = Path(run_dir)
+    if not any((run_dir / name).exists() for name in RUN_MARKERS):
+        return
     for name in (MODEL_FILE, "metrics.json", "run.json", "flags.txt", "preprocessor.json"):
         (run_dir / name).unlink(missing_ok=True)
     # error maps too: EAR-Net's stage 2 would read the old model's as this one's

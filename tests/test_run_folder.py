@@ -23,6 +23,7 @@ from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
 from retina_tf.run_folder import (
     RunBusyError,
+    clear_run_folder,
     find_run,
     flag_differences,
     hold_run,
@@ -143,6 +144,21 @@ def test_stray_temporaries_of_a_killed_save_are_removed(synthetic, tmp_path):
     train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
     assert not any(p.exists() for p in stray)
     assert remove_stray_temporaries(run) == []
+
+
+def test_overwrite_clears_only_a_run_folder(tmp_path):
+    """--overwrite into a dataset's training/ (no run there) deleted its images/ folder."""
+    data = tmp_path / "training"
+    for name in ("images/01_training.tif", "1st_manual/01_manual1.gif", "train/notes.txt"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"someone else's")
+    clear_run_folder(data)
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()) == \
+        ["1st_manual/01_manual1.gif", "images/01_training.tif", "train/notes.txt"]
+    (data / "flags.txt").write_text("--epochs=1\n")  # a run's folder: its own files go
+    clear_run_folder(data)
+    assert not (data / "flags.txt").exists() and not (data / "images").exists()
+    assert (data / "1st_manual" / "01_manual1.gif").exists()
 
 
 def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
