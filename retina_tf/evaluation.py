@@ -1691,7 +1691,12 @@ def write_error_maps(cfg: ErrorMapConfig) -> Path:
 def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
     cfg = _with_the_runs_data(cfg, seg.run_dir, "training")
     samples = resolve_samples(cfg.dataset, cfg.data_dir, "training", cfg.label_file_path)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else seg.run_dir / ERROR_MAPS_DIR
+    if cfg.output_dir:
+        out_dir = Path(cfg.output_dir)
+    elif is_shipped(seg.run_dir):  # the package's own folder stays as shipped
+        out_dir = Path(cfg.logdir) / f"{seg.run_dir.name}_{ERROR_MAPS_DIR}"
+    else:
+        out_dir = seg.run_dir / ERROR_MAPS_DIR
     out = OutputFolder(out_dir, cfg.overwrite, owned=not cfg.output_dir)
     names = [f"{s.name}.png" for s in samples] + [ERROR_MAPS_JSON]
     out.check(names)
@@ -1700,8 +1705,12 @@ def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
     maps, shares = {}, {}
     for sample in progress(samples, "make_error_maps", name=lambda s: Path(s.image).name):
         data = read_sample(sample)
+        seg.check_image_size(data.image, sample.image)
+        _warn_of_estimate(data, sample)
         target = target_of(data, seg.task)[..., -1]
-        prob = seg.probability(data.image)[..., -1]  # error_map keeps FOV pixels only
+        # at the inference scale, as evaluate scores it (error_map keeps FOV pixels only)
+        prob = _probability_as_planned(seg, data, sample.image, "make_error_maps",
+                                       threshold)[0][..., -1]
         maps[data.name] = error_map(prob, target, data.fov, threshold)
         shares[data.name] = float(maps[data.name].sum() / max(data.fov.sum(), 1))
         log.info(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong")
@@ -1715,8 +1724,9 @@ def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
     out.write_text(ERROR_MAPS_JSON, to_json(summary))
-    update_metrics_json(seg.run_dir, {"error_maps": {"folder": str(out_dir),
-                                                     "mean_error_share_in_fov":
-                                                     summary["mean_error_share_in_fov"]}})
+    if not is_shipped(seg.run_dir):
+        update_metrics_json(seg.run_dir, {"error_maps": {
+            "folder": str(out_dir),
+            "mean_error_share_in_fov": summary["mean_error_share_in_fov"]}})
     log.info(f"mean error share {summary['mean_error_share_in_fov']:.2%}; wrote {out_dir}")
     return out_dir

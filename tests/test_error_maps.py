@@ -120,6 +120,28 @@ def test_make_error_maps_writes_the_stage1_errors(stage1):
     assert 0 <= summary["mean_error_share_in_fov"] <= 1
 
 
+def test_error_maps_of_a_shipped_model_at_its_inference_scale(tmp_path):
+    """make_error_maps segmented every photograph at its own size (--inference_scale ignored:
+    not the errors evaluate scores) and wrote into the shipped model's own folder."""
+    from retina_tf.config import ErrorMapConfig
+    from retina_tf.run_folder import PRETRAINED_DIR
+    data = write_synthetic_dataset(tmp_path / "small", num_images=2, size=(160, 160),
+                                   num_test=1)
+    shipped = PRETRAINED_DIR / "unet_drive"
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    folder = write_error_maps(ErrorMapConfig(model="unet_drive", dataset="synthetic",
+                                             data_dir=str(data), logdir=str(tmp_path / "logs")))
+    assert folder == tmp_path / "logs" / "unet_drive_error_maps"
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    seg = Segmenter.from_pretrained("unet_drive", precision="float32")
+    d = read_sample(resolve_samples("synthetic", data, "training")[0])
+    plan = seg.scale_plan(d.image, d.fov)
+    assert plan.factor > 1.5  # a FOV far smaller than DRIVE's: enlarged
+    prob = seg.probability_at_inference_scale(d.image, d.fov, plan)[..., -1] * d.fov
+    np.testing.assert_array_equal(read_mask(folder / f"{d.name}.png", what="error map"),
+                                  error_map(prob, d.vessel, d.fov, seg.threshold))
+
+
 @pytest.mark.slow
 def test_stage2_trains_from_stage1_and_evaluates(stage1, tmp_path):
     data, logdir, run, common = stage1
