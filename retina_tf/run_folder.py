@@ -516,15 +516,20 @@ def restore_training(model: keras.Model, run_dir: Path) -> TrainingState | None:
     backup_dir = Path(run_dir) / BACKUP_DIR
     for epoch, meta in _backups(backup_dir):
         weights = meta.with_suffix(".weights.h5")
+        bad = meta  # the file that fails is the one named
         try:
             state = json.loads(meta.read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not a backup's state")
+            bad = weights
             ok = weights_file_is_whole(weights)
         except (OSError, ValueError):
             ok = False
         if not ok:
             aside = _move_aside(backup_dir, [meta, weights])
-            log.info(f"warning: backup {weights} cannot be read (incomplete or corrupt); moved to "
-                     f"{aside} and resuming from an older state")
+            log.info(f"warning: backup {bad} cannot be read (incomplete or corrupt); moved to "
+                     f"{aside} with {(weights if bad == meta else meta).name} and resuming from "
+                     "an older state")
             continue
         model.load_weights(weights)
         generators = seed_generators(model)

@@ -835,6 +835,14 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
         mode = "max"
     restored = restore_training(model, run_dir) if cfg.resume else None
     best = best_checkpoint_score(run_dir, monitor) if restored is not None else None
+    scores = [s for s in ((restored.history or {}).get(monitor) or [])
+              if s is not None] if restored is not None else []
+    if best is None and scores:  # validated epochs, but their best checkpoint is unreadable
+        chosen = max(scores) if mode == "max" else min(scores)
+        log.warning(f"warning: the best checkpoint {best_path} cannot be read (damaged or "
+                    f"removed since): the best of epochs 1-{restored.epoch} ({monitor} "
+                    f"{chosen:.4f}) is lost; model.keras gets the best epoch from "
+                    f"{restored.epoch + 1} on")
     strategy = model.distribute_strategy
     state, best = state_from_chief(strategy, model, restored, best)
     if state is None:  # a fresh start: checkpoints of an attempt killed in its first epoch go

@@ -102,10 +102,16 @@ def test_an_unreadable_backup_is_moved_aside_and_the_previous_one_used(synthetic
     run = _interrupted(synthetic, tmp_path)
     newest = run / "backup" / "epoch-0002.weights.h5"
     newest.write_bytes(newest.read_bytes()[:1000])  # a partial file
+    # the best checkpoint damaged too: the best epoch so far cannot be kept, and it is said
+    best = run / "checkpoints" / "best.weights.h5"
+    best.write_bytes(best.read_bytes()[:1000])
     train(tiny_flags(synthetic, tmp_path))
-    out = capsys.readouterr().out
-    assert f"backup {newest} cannot be read" in out
+    out = "".join(capsys.readouterr())
+    assert f"backup {newest} cannot be read (incomplete or corrupt); moved to " in out
+    assert "with epoch-0002.json and resuming from an older state" in out
     assert "resuming" in out and "after epoch 1" in out
+    assert f"warning: the best checkpoint {best} cannot be read (damaged or removed since): the " \
+        "best of epochs 1-1 (val_f1 " in out
     m = _metrics(run)
     assert m["epochs_run"] == 4 and len(m["loss_history"]) == 4
     assert not (run / "backup").exists()  # removed, with unreadable/, once the run is done
