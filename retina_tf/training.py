@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -949,6 +950,7 @@ def already_trained(cfg, run_dir: Path) -> bool:
     if check_run_folder(run_dir, to_flag_lines(cfg), cfg.overwrite, cfg.resume,
                         defaults_text=to_flag_lines(type(cfg)())) != "finished":
         return False
+    _check_finished_files(run_dir)
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         run, diverged = metrics.get("epochs_run"), metrics.get("stopped")
@@ -967,6 +969,25 @@ def already_trained(cfg, run_dir: Path) -> bool:
                  "--run_name trains a new run beside it.")
     _warn_changed_source(run_dir)
     return True
+
+
+def _check_finished_files(run_dir: Path) -> None:
+    """Raises ModelFileError when a finished run's files are damaged since (a truncated
+    ``model.keras``, an emptied ``run.json``): "nothing to do" would leave it unusable."""
+    model = run_dir / "model.keras"
+    try:
+        with zipfile.ZipFile(model) as archive:
+            whole = archive.testzip() is None  # every member's checksum
+        read_run_json(run_dir)
+        Preprocessor.load(run_dir / "preprocessor.json")
+        problem = "" if whole else f"{model} is corrupt (a member fails its checksum)"
+    except zipfile.BadZipFile:
+        problem = f"{model} is corrupt (not a complete .keras archive)"
+    except (OSError, ValueError, TypeError, ModelFileError) as err:
+        problem = str(err)
+    if problem:
+        raise ModelFileError(f"{run_dir} holds a finished run with these flags, but {problem}; "
+                             "--overwrite trains it again from scratch")
 
 
 def _warn_changed_source(run_dir: Path) -> None:

@@ -174,6 +174,15 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     train(tiny_flags(synthetic, tmp_path, "--epochs=1", "--visualize"))
     assert "nothing to do" in capsys.readouterr().out
     assert (run / "model.keras").stat().st_mtime_ns == stamp
+    # damaged since: said (it was "nothing to do", exit 0, for a run evaluate cannot read)
+    for name, cut in (("model.keras", 100000), ("run.json", 0)):
+        whole = (run / name).read_bytes()
+        (run / name).write_bytes(whole[:cut])
+        with pytest.raises(ModelFileError, match=rf"{run} holds a finished run with these flags, "
+                                                 rf"but .*{name}.*; --overwrite trains it again"):
+            train(tiny_flags(synthetic, tmp_path, "--epochs=1"))
+        (run / name).write_bytes(whole)
+    stamp = (run / "model.keras").stat().st_mtime_ns
     # other training flags: refused, naming the flag and the ways out
     with pytest.raises(ConfigError, match=r"--epochs: 1 -> 2.*--overwrite.*--run_name"):
         train(tiny_flags(synthetic, tmp_path, "--epochs=2"))
