@@ -1209,6 +1209,8 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     run_info = {"model": cfg.model, "model_config": model.get_config(),
                 "parameters": int(model.count_params()), **job.run_info,
                 "environment": environment()}
+    if has_backup(run_dir):  # a resume: on the data it began with, or not at all
+        _check_same_data(run_dir, run_info, job.preprocessor)
     started = _environment_at_start(run_dir) if has_backup(run_dir) else None
     if started is not None and started != run_info["environment"]:
         run_info["environment_at_start"] = started  # a resumed run keeps where it began
@@ -1259,6 +1261,49 @@ def _stored_run_info(run_dir: Path) -> dict[str, Any]:
         return read_run_json(Path(run_dir))
     except ModelFileError:
         return {}
+
+
+def _check_same_data(run_dir: Path, run_info: dict[str, Any], pre: Preprocessor) -> None:
+    """Raises ConfigError when an interrupted run would go on with other images than it began
+    with, or with its preprocessing fitted anew to other values (a label file edited, images
+    added or replaced since): its weights learned from the first, and run.json and
+    preprocessor.json would record only the second."""
+    old, changed = _stored_run_info(run_dir).get("data") or {}, []
+    now = run_info.get("data") or {}
+    for key in ("training_images", "validation_images"):
+        if key in old and key in now and old[key] != now[key]:
+            gone, new = sorted(set(old[key]) - set(now[key])), sorted(set(now[key]) - set(old[key]))
+            words = [f"without {_some(gone)}" if gone else "", f"with {_some(new)}" if new else ""]
+            changed.append(f"{key.replace('_', ' ')} {' and '.join(w for w in words if w)}"
+                           if gone or new else f"{key.replace('_', ' ')} in another order")
+    try:
+        before = Preprocessor.load(run_dir / "preprocessor.json").get_config()
+    except ValueError:
+        before = None
+    if not changed and before is not None and not _same_values(before, pre.get_config()):
+        changed.append("images whose content changed (the preprocessing fitted on them differs "
+                       "from preprocessor.json's)")
+    if changed:
+        raise ConfigError(f"{run_dir} began training on other data: now {'; '.join(changed)} "
+                          "(the data folder or label file changed since). --overwrite trains it "
+                          "again from scratch on these, another --run_name trains a new run "
+                          "beside it")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Equal configs, their floats to a relative 1e-6 (one fit, read back from JSON)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def _environment_at_start(run_dir: Path) -> dict[str, Any] | None:

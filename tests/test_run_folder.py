@@ -97,6 +97,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one(synthetic, tmp_path, capsys):
     assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(wa, wb))
 
 
+def test_a_run_does_not_go_on_with_other_data_than_it_began_with(synthetic, tmp_path):
+    """A label file edited or an image replaced between the kill and the rerun: the run went on
+    with its preprocessing fitted anew and run.json rewritten, in silence."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    run = _interrupted(data, tmp_path)
+    images = sorted((data / "training" / "images").glob("*.tif"))
+    first = images[0].read_bytes()
+    images[0].write_bytes(images[1].read_bytes())  # the same names, another photograph
+    with pytest.raises(ConfigError, match=rf"{run} began training on other data: now images "
+                                          r"whose content changed .*--overwrite"):
+        train(tiny_flags(data, tmp_path))
+    images[0].write_bytes(first)
+    for folder in ("images", "1st_manual", "mask", "av"):  # one training image fewer
+        for path in (data / "training" / folder).glob(images[-1].name.split("_")[0] + "_*"):
+            path.unlink()
+    with pytest.raises(ConfigError, match=r"began training on other data: now training images "
+                                          r"without \d+_training; validation images without "
+                                          r"06_training"):
+        train(tiny_flags(data, tmp_path))
+    assert (run / "backup").is_dir()  # the interrupted run is kept as it was
+
+
 def test_an_unreadable_backup_is_moved_aside_and_the_previous_one_used(synthetic, tmp_path,
                                                                          capsys):
     run = _interrupted(synthetic, tmp_path)
