@@ -147,8 +147,11 @@ class OutputFolder:
         self._staging = self.path / f"{STAGING_PREFIX}{os.getpid()}"
         try:
             yield self
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(self._staging, ignore_errors=True)
+            if isinstance(err, OSError) and str(self._staging) in str(err.filename or ""):
+                # the file meant, not its staging copy (removed just now): a full disk's line
+                err.filename = str(err.filename).replace(str(self._staging), str(self.path))
             raise
         finally:
             staging, self._staging = self._staging, None

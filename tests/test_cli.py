@@ -312,6 +312,13 @@ def full_disk(tmp_path):
 def test_predict_names_the_file_it_cannot_write_on_a_full_disk(shared_data, full_disk):
     lines = _predict_fails_naming(shared_data, full_disk / "out")
     assert "No space left on device" in lines[0] and "disk is full" in lines[1]
+    # room for the list of outputs, not for a picture: the picture is named, not the staging
+    # copy it was written as first (removed by then)
+    filler = full_disk / "filler"
+    os.truncate(filler, filler.stat().st_size - 16384)
+    lines = _predict_fails_naming(shared_data, full_disk / "out")
+    assert ".retina_tf_staging" not in lines[0] and str(full_disk / "out" / "01_test_") in \
+        lines[0], lines
 
 
 # --- per-script flags ----------------------------------------------------------------------------
