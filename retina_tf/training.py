@@ -1211,6 +1211,7 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
                 "environment": environment()}
     if has_backup(run_dir):  # a resume: on the data it began with, or not at all
         _check_same_data(run_dir, run_info, job.preprocessor)
+        _note_other_strategy(run_dir, cfg)
     started = _environment_at_start(run_dir) if has_backup(run_dir) else None
     if started is not None and started != run_info["environment"]:
         run_info["environment_at_start"] = started  # a resumed run keeps where it began
@@ -1288,6 +1289,25 @@ def _check_same_data(run_dir: Path, run_info: dict[str, Any], pre: Preprocessor)
                           "(the data folder or label file changed since). --overwrite trains it "
                           "again from scratch on these, another --run_name trains a new run "
                           "beside it")
+
+
+def _note_other_strategy(run_dir: Path, cfg) -> None:
+    """A note when an interrupted run goes on under another distribution strategy than it
+    began with (train_distribute's run resumed by train.py): allowed, as on another machine,
+    but its epochs then differ from a run on either strategy alone."""
+    try:
+        old = parse_flag_lines((run_dir / "flags.txt").read_text())
+    except OSError:
+        return
+    default = type(cfg)()
+    before = (old.get("strategy", default.strategy), old.get("logical_cpus",
+                                                              str(default.logical_cpus)))
+    now = (cfg.strategy, str(cfg.logical_cpus))
+    if before != now:
+        log.warning(f"note: {run_dir.name} began with --strategy={before[0]} --logical_cpus="
+                    f"{before[1]} and goes on with --strategy={now[0]} --logical_cpus={now[1]}: "
+                    "its batches are split over other replicas from here, so it will not equal "
+                    "a run on either alone")
 
 
 def _some(names: list[str]) -> str:

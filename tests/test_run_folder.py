@@ -120,6 +120,15 @@ def test_a_run_does_not_go_on_with_other_data_than_it_began_with(synthetic, tmp_
     assert (run / "backup").is_dir()  # the interrupted run is kept as it was
 
 
+def test_a_run_going_on_under_another_strategy_is_noted(synthetic, tmp_path, caplog):
+    """train_distribute's run resumed by train.py went on with other replicas in silence."""
+    run = _interrupted(synthetic, tmp_path, 2, "--strategy=mirrored")
+    train(tiny_flags(synthetic, tmp_path))
+    assert f"note: {run.name} began with --strategy=mirrored --logical_cpus=0 and goes on " \
+        "with --strategy=auto --logical_cpus=0" in caplog.text
+    assert _metrics(run)["epochs_run"] == 4
+
+
 def test_an_unreadable_backup_is_moved_aside_and_the_previous_one_used(synthetic, tmp_path,
                                                                          capsys):
     run = _interrupted(synthetic, tmp_path)
