@@ -126,8 +126,12 @@ def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp
     said = f"using tiny's own (--dataset=synthetic --data_dir={data}, the test split)"
     assert said in caplog.text
     assert own["images"] == given["images"] == 2 and own["metrics"] == given["metrics"]
-    with pytest.raises(ConfigError, match="no images to use"):  # half a source is not completed
+    # half a source is not completed, and the missing half is named
+    with pytest.raises(ConfigError, match=r"^--dataset=synthetic needs --data_dir: the folder it "
+                                          r"is unpacked in \(e.g. --data_dir=data/synthetic\)"):
         evaluate(EvalConfig(model=str(run), dataset="synthetic", output_dir=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match=rf"^--data_dir={data} needs --dataset"):
+        evaluate(EvalConfig(model=str(run), data_dir=str(data), output_dir=str(tmp_path / "x")))
     # trained with a relative --data_dir, evaluated from another folder: named, not "missing"
     moved = tmp_path / "logs" / "moved"
     shutil.copytree(run, moved)

@@ -267,6 +267,12 @@ def normalize_dataset_name(dataset: str) -> str:
     return name
 
 
+def official_folder(dataset: str) -> str:
+    """The folder name a dataset unpacks to (``"DRIVE"``, ``"LES-AV"``), as the README's
+    ``data/<DATASET>`` layout names it; the name as given where it is not in the catalog."""
+    return _OFFICIAL_NAMES.get(dataset_key(dataset), dataset)
+
+
 def list_samples(dataset: str, data_dir: PathLike, split: str = "training") -> list[Sample]:
     """Lists the samples of one split of a dataset in its official layout.
 

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from retina_tf.config import CHOICES, PATCH_SCALE_CONFLICT
-from retina_tf.data.catalog import Sample, list_samples
+from retina_tf.data.catalog import Sample, list_samples, official_folder
 from retina_tf.data.io import (
     DatasetError,
     SampleData,
@@ -132,7 +132,13 @@ def resolve_samples(dataset: str | None = None, data_dir: str | os.PathLike | No
     """Samples from a seed-style label file, or from a dataset name and its folder."""
     if label_file:
         return read_label_file(label_file)
-    if not dataset or not data_dir:
+    if dataset and not data_dir:  # the half given named, not asked for again
+        raise ConfigError(f"--dataset={dataset} needs --data_dir: the folder it is unpacked "
+                          f"in (e.g. --data_dir=data/{official_folder(dataset)})")
+    if data_dir and not dataset:
+        raise ConfigError(f"--data_dir={data_dir} needs --dataset: which layout it holds "
+                          "(drive, stare, chase_db1, hrf, rite, ...)")
+    if not dataset:
         raise ConfigError("no images to use: give --label_file_path (a label file from "
                           "bin/preprocess.py), or --dataset and --data_dir")
     return list_samples(dataset, data_dir, split)
