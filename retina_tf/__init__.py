@@ -16,11 +16,14 @@ from retina_tf import _startup
 
 _startup.quiet_start_for_commands()  # before anything imports TensorFlow
 
-from retina_tf import losses, metrics  # noqa: F401  (registers the loss and metrics)
+# the loss and metrics register themselves; retina_tf.compare.compare runs bin/compare.py
+from retina_tf import compare, losses, metrics  # noqa: F401
 from retina_tf.config import (
+    CompareConfig,
     DataConfig,
     ErrorMapConfig,
     EvalConfig,
+    ExportConfig,
     InferenceConfig,
     MAEConfig,
     PredictConfig,
@@ -36,7 +39,8 @@ from retina_tf.errors import (
     RetinaTFError,
     TrainingDiverged,
 )
-from retina_tf.evaluation import evaluate, predict
+from retina_tf.evaluation import evaluate, predict, write_error_maps
+from retina_tf.export import export_model
 from retina_tf.inference import Segmenter, load_keras_model, shipped_models
 from retina_tf.models import build_model, load_all, model_names
 from retina_tf.pretraining import pretrain_mae, pretrain_rip
@@ -45,9 +49,9 @@ from retina_tf.training import WarmupDecay, train
 load_all()
 _startup.loaded()
 
-__all__ = ["ConfigError", "DataConfig", "DatasetError", "ErrorMapConfig", "EvalConfig",
-           "InferenceConfig", "MAEConfig", "ModelFileError", "OutputError", "PredictConfig",
-           "RetinaTFError", "RipPatchConfig", "RipPretrainConfig", "Segmenter", "TrainConfig",
-           "TrainingDiverged",
-           "WarmupDecay", "build_model", "evaluate", "load_keras_model", "model_names",
-           "predict", "pretrain_mae", "pretrain_rip", "shipped_models", "train"]
+__all__ = ["CompareConfig", "ConfigError", "DataConfig", "DatasetError", "ErrorMapConfig",
+           "EvalConfig", "ExportConfig", "InferenceConfig", "MAEConfig", "ModelFileError",
+           "OutputError", "PredictConfig", "RetinaTFError", "RipPatchConfig", "RipPretrainConfig",
+           "Segmenter", "TrainConfig", "TrainingDiverged", "WarmupDecay", "build_model",
+           "evaluate", "export_model", "load_keras_model", "model_names", "predict",
+           "pretrain_mae", "pretrain_rip", "shipped_models", "train", "write_error_maps"]

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -626,8 +627,8 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
             items = tuple(_as_kind(name, v, item) for v in value)
             return value if items == tuple(value) and type(value) is tuple else items
     elif kind in (Mapping, dict) or origin in (Mapping, dict):
-        if isinstance(value, Mapping):
-            return value
+        if isinstance(value, Mapping):  # a copy: the caller's dict, changed later, is not it
+            return copy.deepcopy(dict(value))
     raise ValueError(f"must be {_kind_name(kind)}, not {type(value).__name__}")
 
 

@@ -849,6 +849,10 @@ class Segmenter:
         threshold: the mask threshold :meth:`segment` uses (:attr:`threshold`); None: the
             run's stored one.
 
+    One Segmenter may serve several threads: a call only reads the weights, and TensorFlow's
+    traced functions take concurrent calls (results as one call after another). On a CPU it
+    gains little, TensorFlow already using every core for one image.
+
     Example:
         >>> from retina_tf.data.synthetic import generate_fundus
         >>> image = generate_fundus(0, size=(128, 128)).image      # any uint8 RGB photograph

@@ -69,6 +69,10 @@ def test_configs_are_frozen_and_typed():
     cfg = config.TrainConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
+    settings = {"depth": 3, "scales": [0.5, 1.0]}
+    cfg = config.TrainConfig(model_config=settings)
+    settings["depth"], settings["scales"][0] = 9, 2.0  # the caller's dict, not the config's
+    assert cfg.model_config == {"depth": 3, "scales": [0.5, 1.0]}
     assert config.from_flag_lines(config.TrainConfig, "--noflip\n--preprocess=none\n# c\n") == \
         config.TrainConfig(flip=False, preprocess=("none",))
     with pytest.raises(ConfigError, match="--epochz: not a setting of TrainConfig"):

@@ -27,6 +27,7 @@ _REGISTRY: dict[str, str] = {
 
 
 def model_names() -> list[str]:
+    """The registered architectures, the values of ``--model`` / ``TrainConfig.model``."""
     return sorted(_REGISTRY)
 
 
