@@ -51,6 +51,7 @@ from retina_tf.errors import (
     ConfigError,
     DatasetError,
     ModelFileError,
+    OutputError,
     RetinaTFError,
     TrainingDiverged,
 )
@@ -1009,7 +1010,10 @@ def open_run_folder(cfg, run_dir: Path) -> None:
     """Creates the run folder, empties it of an old run with ``--overwrite`` and removes the
     temporary files a killed run left; call once the data are read and the model is built, so
     an early failure leaves no folder behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a --logdir that is a file, on a read-only disk: named, as a write
+        raise OutputError(err.errno, err.strerror, str(run_dir)) from err
     hold_run(run_dir)  # a second training, or an evaluate, of this run is refused till the end
     if cfg.overwrite:
         clear_run_folder(run_dir)

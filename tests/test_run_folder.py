@@ -120,6 +120,14 @@ def test_a_run_does_not_go_on_with_other_data_than_it_began_with(synthetic, tmp_
     assert (run / "backup").is_dir()  # the interrupted run is kept as it was
 
 
+def test_a_logdir_that_is_a_file_is_an_output_error(synthetic, tmp_path):
+    """From Python it was a NotADirectoryError (the commands map any OSError to two lines)."""
+    (tmp_path / "logs").write_text("a file")
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'logs' / 'tiny'}: Not a "
+                                          "directory"):
+        train(tiny_flags(synthetic, tmp_path / "logs"))
+
+
 def test_a_run_going_on_under_another_strategy_is_noted(synthetic, tmp_path, caplog):
     """train_distribute's run resumed by train.py went on with other replicas in silence."""
     run = _interrupted(synthetic, tmp_path, 2, "--strategy=mirrored")
