@@ -878,7 +878,7 @@ class Segmenter:
         if scales:
             if not contract:
                 raise ConfigError(f"{type(model).__name__} has no inference scales: drop "
-                                  "--eval_scales")
+                                  "scales (--eval_scales)")
             model = model.with_scales([float(s) for s in scales])
         self.precision = resolve_precision(precision, model)
         self._source, self._model = model, None

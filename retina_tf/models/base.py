@@ -90,8 +90,8 @@ class SegmentationModel:
 
     def with_scales(self, scales: Sequence[float]) -> SegmentationModel:
         """This model inferring at ``scales`` (multi-scale models, e.g. HMSA)."""
-        raise ConfigError(f"{type(self).__name__} has no inference scales: drop --eval_scales "
-                          f"({list(scales)})")
+        raise ConfigError(f"{type(self).__name__} has no inference scales: drop scales "
+                          f"{list(scales)} (--eval_scales)")
 
     def training_extras(self, targets: Sequence[np.ndarray]) -> list[np.ndarray] | None:
         """Per-pixel targets the model derives from the labels (RIP-AV's distance maps),
