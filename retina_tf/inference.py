@@ -12,6 +12,7 @@ never ``model.predict`` on numpy (which sometimes uses one core).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -935,12 +936,10 @@ class Segmenter:
             raise ConfigError(f"--tile_size={tile_size}: give 0 (automatic) or a side over "
                               f"{2 * TILE_MARGIN} px (two margins of context)")
         self.tile_size = tile_size
-        self._forward = tf.function(
-            lambda x: logits_to_probability(model_logits(self.network(x, training=False))),
-            reduce_retracing=True)
-        self._context_features = tf.function(
-            lambda x: self.model.context_features(self.model.context_of(x), training=False),
-            reduce_retracing=True)
+        self._forward = _traced(
+            lambda x: logits_to_probability(model_logits(self.network(x, training=False))))
+        self._context_features = _traced(
+            lambda x: self.model.context_features(self.model.context_of(x), training=False))
 
     @property
     def model(self) -> keras.Model:
@@ -1447,10 +1446,18 @@ def over_batches(forward, in_flight: int | None = None
     key = (getattr(forward, "__name__", ""), in_flight)
     cache = owner.__dict__.setdefault("_over_batches", {})
     if key not in cache:
-        cache[key] = tf.function(lambda batches, *extra: tf.map_fn(
+        cache[key] = _traced(lambda batches, *extra: tf.map_fn(
             lambda batch: forward(batch, *extra), batches, parallel_iterations=in_flight,
-            fn_output_signature=tf.float32), reduce_retracing=True)
+            fn_output_signature=tf.float32))
     return cache[key]
+
+
+def _traced(function) -> tf.types.experimental.GenericFunction:
+    """``tf.function(function, reduce_retracing=True)``, counted as its own function.
+    TensorFlow counts traces per Python code: the same lambda made for every Segmenter made
+    the sixth Segmenter of a process warn of "excessive retracing" in a loop, though each traced
+    once; a partial is its own key."""
+    return tf.function(functools.partial(function), reduce_retracing=True)
 
 
 def tile_spans(length: int, tile: int, margin: int, multiple: int = 1

@@ -210,6 +210,18 @@ def test_windows_of_a_whole_image_model_are_said_to_be_unused(caplog):
     assert "window=64 (--window, --stride)" in caplog.text
 
 
+def test_many_segmenters_in_one_process_are_no_excessive_retracing(caplog):
+    """TensorFlow warned of "excessive retracing" from the sixth Segmenter of a process (a
+    notebook cell run again, compare of several runs), though each traced once."""
+    image = generate_fundus(1, size=(96, 96)).image
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(7):
+            seg = Segmenter.from_pretrained("unet_drive", tta=False, inference_scale="native")
+            seg.probability(image)
+    assert "retracing" not in caplog.text
+    assert seg._forward.experimental_get_tracing_count() == 1
+
+
 def test_segment_warns_of_its_fov_estimate_and_resize_as_predict_does(caplog):
     """Segmenter.segment estimated the FOV and planned the resize without the warnings that
     predict gives for the same photograph; a caller's fov and plan stay the caller's to warn."""
