@@ -3,7 +3,8 @@
 The library takes these frozen dataclasses and never changes them; the command-line scripts
 build them from their flags (:mod:`retina_tf.flags`), and a Python user builds them directly.
 Field names are the flag names, so a flagfile, a run folder's ``flags.txt`` and a config
-describe one run alike (:func:`to_flag_lines` / :func:`from_flag_lines`).
+describe one run alike (:func:`to_flag_lines` / :func:`from_flag_lines`; a flagfile of
+``configs/`` as a command reads it: :func:`from_flagfile`).
 
 Example:
     >>> from retina_tf.config import TrainConfig, to_flag_lines, from_flag_lines
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -37,7 +39,7 @@ from retina_tf.errors import ConfigError
 __all__ = ["DataConfig", "RunRef", "InferenceConfig", "TrainConfig", "MAEConfig",
            "RipPatchConfig", "RipPretrainConfig", "EvalConfig", "PredictConfig",
            "ErrorMapConfig", "ExportConfig", "CompareConfig", "to_flag_lines",
-           "from_flag_lines", "convert_value", "from_run",
+           "from_flag_lines", "from_flagfile", "convert_value", "from_run",
            "field_names",
            "read_model_config"]
 
@@ -772,6 +774,86 @@ def from_flag_lines(cls: type, text: str, ignore_unknown: bool = False) -> Any:
                               f"{', '.join(sorted(hints))})")
         values[name] = convert_value(name, value, hints[name])
     return cls(**values)
+
+
+# The U-Net's arguments that are also flags of bin/train.py (kept for the seed's command lines
+# and flagfiles), with the flags' defaults: they go into model_config for a model that takes
+# them (its class lists them in ``flag_arguments``: MODEL_FLAG_MODELS).
+MODEL_FLAGS: dict[str, Any] = {"depth": 4, "base_filters": 32, "transpose_conv": False,
+                               "batch_norm": True, "dropout": 0.0}
+MODEL_FLAG_MODELS = ("unet",)
+# Other spellings of a flag, accepted wherever the flag is (WILeroy/retina_unet's --visulize).
+FLAG_ALIASES = {"visulize": "visualize"}
+
+
+def _config_classes() -> list[type]:
+    return [TrainConfig, MAEConfig, RipPatchConfig, RipPretrainConfig, EvalConfig,
+            PredictConfig, ErrorMapConfig, ExportConfig, CompareConfig]
+
+
+def from_flagfile(cls: type, path: str | os.PathLike) -> Any:
+    """A config of type ``cls`` from a flagfile (``configs/*.cfg``, a run's ``flags.txt``), read
+    as the command of ``cls`` reads it, without absl: the flags of the other commands that
+    share the file are passed over, an unknown flag is refused naming the file, the U-Net flags
+    (``--depth``, ...) go into ``model_config``, ``--flagfile=`` lines are read in place.
+
+    Example: ``retina_tf.train(from_flagfile(TrainConfig, "configs/drive_unet.cfg"))``.
+
+    Raises:
+        ConfigError: an unknown flag, a value of the wrong type, or a U-Net flag that disagrees
+            with ``--model_config``.
+    """
+    hints = typing.get_type_hints(cls)
+    known = {f.name for c in _config_classes() for f in dataclasses.fields(c)}
+    known |= set(MODEL_FLAGS) | set(FLAG_ALIASES)
+    lines, model_flags = [], {}
+    for name, value, where in _flagfile_lines(Path(path)):
+        name = FLAG_ALIASES.get(name, name)
+        if value is None:  # --name, --noname
+            if name.startswith("no") and name not in known and name[2:] in known:
+                name, value = name[2:], "false"
+            else:
+                value = "true"
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            raise ConfigError(f"{where}: unknown flag --{name}"
+                              + (f" (did you mean --{near[0]}?)" if near else ""))
+        if name in MODEL_FLAGS and "model_config" in hints:
+            model_flags[name] = convert_value(name, value, type(MODEL_FLAGS[name]))
+        elif name in hints:
+            lines.append(f"--{name}={value}")
+    cfg = from_flag_lines(cls, "\n".join(lines))
+    if "model_config" not in hints:
+        return cfg
+    given = dict(cfg.model_config)
+    if cfg.model not in MODEL_FLAG_MODELS:  # as bin/train.py: at their defaults, passed over
+        for name, value in model_flags.items():
+            if value != MODEL_FLAGS[name]:
+                raise ConfigError(f"{path}: --{name}={value}: --model={cfg.model} does not take "
+                                  "it (a U-Net flag); give its arguments in --model_config")
+        return cfg
+    for name, value in model_flags.items():
+        if given.get(name, value) != value:
+            raise ConfigError(f"{path}: --{name}={value} and --model_config's "
+                              f"{name}={given[name]!r} disagree; give it once")
+    return dataclasses.replace(cfg, model_config={**MODEL_FLAGS, **model_flags, **given})
+
+
+def _flagfile_lines(path: Path, depth: int = 0):
+    """(name, value or None, the file) of each flag line of a flagfile, nested ones in place."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"--flagfile={path}: {err.strerror or err}") from err
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, eq, value = line[2:].partition("=")
+        if name == "flagfile" and depth < 10:
+            yield from _flagfile_lines(Path(value), depth + 1)
+        else:
+            yield name, value if eq else None, path
 
 
 def from_run(run_dir: str | Path, cls: type | None = None) -> Any:

@@ -37,6 +37,8 @@ from absl import app, flags
 from retina_tf._startup import wants_verbose
 from retina_tf.config import (
     CHOICES,
+    FLAG_ALIASES,
+    MODEL_FLAGS,
     RULES,
     SOURCES,
     CompareConfig,
@@ -75,11 +77,7 @@ SCRIPTS: dict[str, tuple[type, str]] = {
     "preprocess": (DataConfig, ""),
     "export_model": (ExportConfig, "retina_tf.export:export_model"),
 }
-# Model arguments that are also flags of bin/train.py (the U-Net's, kept for the seed's command
-# lines and flagfiles); they reach a model whose class lists them in ``flag_arguments``.
-MODEL_FLAGS = ("depth", "base_filters", "transpose_conv", "batch_norm", "dropout")
-# Other spellings of a flag, accepted wherever the flag is (WILeroy/retina_unet's --visulize).
-FLAG_ALIASES = {"visulize": "visualize"}
+# MODEL_FLAGS (config): they reach a model whose class lists them in ``flag_arguments``.
 # bin/<script>.py that runs another script's command with other flag defaults, and its
 # paragraph in the flag reference.
 VARIANTS: dict[str, tuple[str, dict[str, object], str]] = {
@@ -398,12 +396,13 @@ def define_model_flags(d: _Definer) -> None:
                         "train: architecture name. evaluate/predict: a run folder, a shipped "
                         "model name (e.g. unet_drive), or an architecture name meaning the run "
                         "folder --logdir/--run_name. predict without it: vessel_general.")
-    d.DEFINE_integer("depth", 4, "U-Net: number of resolution levels.")
-    d.DEFINE_integer("base_filters", 32, "U-Net: filters of the first level.")
-    d.DEFINE_boolean("transpose_conv", False,
+    d.DEFINE_integer("depth", MODEL_FLAGS["depth"], "U-Net: number of resolution levels.")
+    d.DEFINE_integer("base_filters", MODEL_FLAGS["base_filters"],
+                     "U-Net: filters of the first level.")
+    d.DEFINE_boolean("transpose_conv", MODEL_FLAGS["transpose_conv"],
                          "U-Net: transposed-conv upsampling instead of nearest + 1x1 conv.")
-    d.DEFINE_boolean("batch_norm", True, "Use batch normalization.")
-    d.DEFINE_float("dropout", 0.0, "Spatial dropout rate.")
+    d.DEFINE_boolean("batch_norm", MODEL_FLAGS["batch_norm"], "Use batch normalization.")
+    d.DEFINE_float("dropout", MODEL_FLAGS["dropout"], "Spatial dropout rate.")
     d.DEFINE_string("model_config", None,
                         "JSON dict of extra constructor arguments for the model.")
 
