@@ -15,6 +15,7 @@ from retina_tf.data.pipeline import resolve_samples
 from retina_tf.errors import ModelFileError, TrainingDiverged
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
+from retina_tf.models.base import SegmentationModel
 from retina_tf.optimizers import Adam
 from retina_tf.training import StopOnDivergence, WarmupDecay, make_strategy, train
 from tests import commands
@@ -328,3 +329,46 @@ def test_fewer_training_images_than_val_images_is_said(tiny_synthetic, tmp_path,
         assert load_training_sets(cfg)[1] is None
     assert "has 1 training image(s): 0 held out" in caplog.text
     assert "no image held out: the epoch with the lowest training loss is kept" in caplog.text
+
+
+@keras.saving.register_keras_serializable(package="retina_tf_tests")
+class _OutsideNet(SegmentationModel, keras.Model):
+    """A model defined outside the package (docs/adding_a_model.md, "From outside")."""
+
+    def __init__(self, input_channels: int = 1, num_classes: int = 1, width: int = 4, **kwargs):
+        inputs = keras.Input((None, None, input_channels), name="image")
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(inputs)
+        outputs = keras.layers.Conv2D(num_classes, 1, name="logits")(x)
+        kwargs.setdefault("name", "outside_net")
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.input_channels, self.num_classes, self.width = input_channels, num_classes, width
+
+    @property
+    def size_multiple(self) -> int:
+        return 1
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "trainable": self.trainable, "width": self.width,
+                "input_channels": self.input_channels, "num_classes": self.num_classes}
+
+
+def test_a_model_registered_from_outside_trains_and_segments(synthetic, tmp_path, monkeypatch):
+    """A pip user could not add a model without editing the package's private registry."""
+    from retina_tf import models
+    from retina_tf.errors import ConfigError
+    from retina_tf.inference import Segmenter
+    from retina_tf.models import model_names, register_model
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # the other tests' as it was
+    register_model("outside_net", _OutsideNet)
+    assert "outside_net" in model_names()
+    with pytest.raises(ConfigError, match="'unet' is the name of another model"):
+        register_model("unet", _OutsideNet)
+    with pytest.raises(ConfigError, match="give a class of both SegmentationModel"):
+        register_model("plain", keras.Model)
+    cfg = dataclasses.replace(tiny_flags(synthetic, tmp_path, "--epochs=1"), model="outside_net",
+                              model_config={"width": 6})
+    run = train(cfg)
+    seg = Segmenter.from_run(run)
+    assert isinstance(seg.model, _OutsideNet) and seg.model.width == 6
+    prob, _ = seg.segment(read_sample(resolve_samples("synthetic", synthetic, "test")[0]).image)
+    assert prob.shape[-1] == 1 and 0 <= prob.min() and prob.max() <= 1

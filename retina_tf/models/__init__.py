@@ -1,6 +1,7 @@
 """Model registry: ``build_model(name, **config)`` and ``model_names()``.
 
-Adding an architecture is one file in this package and one line in ``_REGISTRY``.
+Adding an architecture is one file in this package and one line in ``_REGISTRY``; from
+outside the package, :func:`register_model` (docs/adding_a_model.md).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import json
 import keras
 
 from retina_tf.errors import ConfigError
+from retina_tf.models.base import SegmentationModel
 
-# name -> "module:Class" (imported lazily so that building a U-Net does not import every model)
-_REGISTRY: dict[str, str] = {
+# name -> "module:Class" (imported lazily so that building a U-Net does not import every model),
+# or the class itself for one registered from outside the package
+_REGISTRY: dict[str, str | type] = {
     "unet": "retina_tf.models.unet:UNet",
     "ddrnet": "retina_tf.models.ddrnet:DDRNet",
     "hrnet_ocr": "retina_tf.models.hrnet_ocr:HRNetOCR",
@@ -35,8 +38,34 @@ def model_class(name: str) -> type:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r} (--model): choose one of "
                           f"{', '.join(model_names())}")
-    module, cls = _REGISTRY[name].split(":")
+    entry = _REGISTRY[name]
+    if isinstance(entry, type):
+        return entry
+    module, cls = entry.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def register_model(name: str, cls: type) -> None:
+    """Adds an architecture defined outside the package (your own module, a notebook) under
+    ``name``: ``TrainConfig(model=name)``, :func:`build_model` and loading its runs then work
+    in this process, as for the built-in ones. ``cls`` follows the contract of
+    :class:`~retina_tf.models.base.SegmentationModel` and is registered with Keras
+    (``@keras.saving.register_keras_serializable``); the commands in ``bin/`` know only the
+    package's models.
+
+    Raises:
+        ConfigError: for a class that is no ``SegmentationModel`` Keras model, or a name taken
+            by another model.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationModel)
+            and issubclass(cls, keras.Model)):
+        raise ConfigError(f"register_model({name!r}, {cls!r}): give a class of both "
+                          "SegmentationModel and keras.Model (class MyNet(SegmentationModel, "
+                          "keras.Model))")
+    if name in _REGISTRY and model_class(name) is not cls:
+        raise ConfigError(f"register_model: {name!r} is the name of another model "
+                          f"({model_class(name).__name__}); choose another")
+    _REGISTRY[name] = cls
 
 
 # Keras's own constructor arguments, taken by every model besides its listed ones.
