@@ -1000,9 +1000,12 @@ class Segmenter:
             kwargs["tta_transpose"] = False  # the run's transposes go with its TTA
         seg = cls(net, pre, **kwargs)
         seg.run_dir = run_dir
+        # set away from the defaults and from the run's own flags.txt (which compare and the
+        # run's flagfile pass on) for a model that never slides a window: said, not ignored
+        own = run_inference(run_dir)
         unused = [f"{k}={v}" for k, v, default in (("window", overrides.get("window"), 0),
                                                    ("stride", overrides.get("stride"), 16))
-                  if v is not None and v != default]
+                  if v is not None and v != default and v != getattr(own, k)]
         if seg.inference == "whole" and unused:  # from_run sets the window: said only here
             log.warning(f"warning: {', '.join(unused)} (--window, --stride) set the sliding "
                         f"windows; {run_dir.name} segments whole images, so they are unused "

@@ -788,3 +788,14 @@ def test_task_av_needs_an_av_model_and_task_vessel_scores_its_vessel_map(shared_
                         av_vote=False, **lesav))
     header = (out / "per_image.csv").read_text().splitlines()[0].split(",")
     assert "f1" in header and not [c for c in header if c.startswith("av_")]
+
+
+def test_a_runs_own_recorded_stride_is_not_called_unused(caplog):
+    """compare passes each run's flags.txt settings: ripav_rite's --stride=48 (whole images)."""
+    from retina_tf.inference import run_inference
+    own = run_inference(find_run("ripav_rite")).stride
+    assert own != 16
+    Segmenter.from_pretrained("ripav_rite", stride=own)
+    assert "unused" not in caplog.text
+    Segmenter.from_pretrained("ripav_rite", stride=own + 8)
+    assert f"stride={own + 8} (--window, --stride)" in caplog.text
