@@ -28,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common import global_state  # where Keras keeps its global seed
 
 from retina_tf import optimizers
 from retina_tf.config import MAEConfig, TrainConfig, takes, to_flag_lines
@@ -1096,7 +1097,6 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
 def _random_state_kept():
     """The block's seeding (keras.utils.set_random_seed) undone after it: a library call
     leaves its caller's random numbers as it found them."""
-    from keras.src.backend.common import global_state  # Keras keeps its global seed here
     keras_keys = ("global_random_seed", "global_seed_generator")
     python, numpy = random.getstate(), np.random.get_state()
     tf_global = tf.compat.v1.get_seed(None)[0]  # TensorFlow's global seed, None where unset
