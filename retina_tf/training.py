@@ -1022,6 +1022,15 @@ def open_run_folder(cfg, run_dir: Path) -> None:
         log.info(f"removed {path}, left by a killed run")
 
 
+def _one_image_size(train_set: SegmentationSet) -> dict[str, list[int]]:
+    """``{"image_size": [H, W]}`` where every training photograph (camera copies aside) has
+    that size: the size a fixed-size export (TFLite) takes for photographs like them, also for
+    data outside the catalog's known sizes."""
+    sizes = {tuple(image.shape[:2]) for name, image in zip(train_set.names, train_set.images)
+             if "@camera" not in name}
+    return {"image_size": list(sizes.pop())} if len(sizes) == 1 else {}
+
+
 def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
                 ) -> dict[str, Any]:
     """What training actually read, for run.json."""
@@ -1482,7 +1491,8 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         run_info={"task": cfg.task, "size_multiple": multiple, "patch_size": cfg.patch_size,
                   "mode": cfg.mode, "fully_convolutional": model.fully_convolutional,
                   "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
-                  "input_channels": pre.channels, "num_classes": num_classes,
+                  **_one_image_size(train_set), "input_channels": pre.channels,
+                  "num_classes": num_classes,
                   "pretrained": str(pretrained) if pretrained else None,
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
                   "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs])),
