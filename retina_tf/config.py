@@ -29,7 +29,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -815,9 +815,7 @@ def from_flagfile(cls: type, path: str | os.PathLike) -> Any:
             else:
                 value = "true"
         if name not in known:
-            near = difflib.get_close_matches(name, sorted(known), n=1)
-            raise ConfigError(f"{where}: unknown flag --{name}"
-                              + (f" (did you mean --{near[0]}?)" if near else ""))
+            raise unknown_flag(str(where), name, sorted(known))
         if name in MODEL_FLAGS and "model_config" in hints:
             model_flags[name] = convert_value(name, value, type(MODEL_FLAGS[name]))
         elif name in hints:
@@ -825,18 +823,38 @@ def from_flagfile(cls: type, path: str | os.PathLike) -> Any:
     cfg = from_flag_lines(cls, "\n".join(lines))
     if "model_config" not in hints:
         return cfg
-    given = dict(cfg.model_config)
-    if cfg.model not in MODEL_FLAG_MODELS:  # as bin/train.py: at their defaults, passed over
-        for name, value in model_flags.items():
-            if value != MODEL_FLAGS[name]:
-                raise ConfigError(f"{path}: --{name}={value}: --model={cfg.model} does not take "
-                                  "it (a U-Net flag); give its arguments in --model_config")
-        return cfg
-    for name, value in model_flags.items():
-        if given.get(name, value) != value:
-            raise ConfigError(f"{path}: --{name}={value} and --model_config's "
-                              f"{name}={given[name]!r} disagree; give it once")
-    return dataclasses.replace(cfg, model_config={**MODEL_FLAGS, **model_flags, **given})
+    takes = MODEL_FLAGS if cfg.model in MODEL_FLAG_MODELS else ()
+    return dataclasses.replace(cfg, model_config=fold_model_flags(
+        cfg.model, cfg.model_config, model_flags, takes, where=f"{path}: "))
+
+
+def fold_model_flags(model: str, config: Mapping[str, Any], given: Mapping[str, Any],
+                     takes: Collection[str], where: str = "") -> dict:
+    """``config`` (``--model_config``) with the U-Net flags folded in for a model that takes
+    them (``takes``: its ``flag_arguments``): those set (``given``), the flags' defaults for
+    the rest; a U-Net flag set away from its default for another model is an error. As
+    bin/train.py reads its flags and :func:`from_flagfile` a flagfile."""
+    config = dict(config)
+    for name, default in MODEL_FLAGS.items():
+        value = given.get(name, default)
+        if name in takes:
+            if name in given and config.get(name, value) != value:
+                raise ConfigError(f"{where}--{name}={value} and --model_config's "
+                                  f"{name}={config[name]!r} disagree; give it once")
+            config.setdefault(name, value)
+        elif value != default:
+            raise ConfigError(f"{where}--{name}={value}: --model={model} does not take it (a "
+                              "U-Net flag); give its arguments in --model_config")
+    return config
+
+
+def unknown_flag(where: str, name: str, *choices: Iterable[str]) -> ConfigError:
+    """``<where>: unknown flag --<name> (did you mean --<x>?)``, ``x`` the nearest name of the
+    first of ``choices`` that has one near."""
+    near = next((match for names in choices
+                 for match in difflib.get_close_matches(name, list(names), n=1)), None)
+    return ConfigError(f"{where}: unknown flag --{name}"
+                       + (f" (did you mean --{near}?)" if near else ""))
 
 
 def _flagfile_lines(path: Path, depth: int = 0):

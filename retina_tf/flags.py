@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import errno
 import functools
 import importlib
@@ -54,7 +53,9 @@ from retina_tf.config import (
     checked_value,
     convert_value,
     field_names,
+    fold_model_flags,
     read_model_config,
+    unknown_flag,
 )
 from retina_tf.data.catalog import DATASETS, dataset_key
 from retina_tf.data.io import atomic_write_bytes
@@ -272,10 +273,7 @@ def _refuse_unknown(lines: list[str], fv: flags.FlagValues, flagfile: str) -> No
         if not line.startswith("-") or _flag_name(line) or name in fv \
                 or (name.startswith("no") and name[2:] in fv):
             continue
-        near = (difflib.get_close_matches(name, list(fv), n=1)  # this command's own first
-                or difflib.get_close_matches(name, list(_catalog()), n=1))
-        raise ConfigError(f"{flagfile}: unknown flag --{name}"
-                          + (f" (did you mean --{near[0]}?)" if near else ""))
+        raise unknown_flag(flagfile, name, fv, _catalog())  # this command's own flags first
 
 
 def _foreign(arg: str, fv: flags.FlagValues) -> bool:
@@ -299,18 +297,10 @@ def _field_value(fv: flags.FlagValues, name: str, kind) -> object:
 def _model_config(fv: flags.FlagValues) -> dict:
     """``--model_config`` with the U-Net flags folded in for a model that takes them; a U-Net
     flag set away from its default for another model is an error."""
-    config = read_model_config(fv["model_config"].value)
-    takes = model_class(fv["model"].value).flag_arguments
-    for name in MODEL_FLAGS:
-        if name in takes:
-            if fv[name].present and config.get(name, fv[name].value) != fv[name].value:
-                raise ConfigError(f"--{name}={fv[name].value} and --model_config's "
-                                  f"{name}={config[name]!r} disagree; give it once")
-            config.setdefault(name, fv[name].value)
-        elif fv[name].value != fv[name].default:
-            raise ConfigError(f"--{name}={fv[name].value}: --model={fv['model'].value} does not "
-                              f"take it (a U-Net flag); give its arguments in --model_config")
-    return config
+    model = fv["model"].value
+    return fold_model_flags(model, read_model_config(fv["model_config"].value),
+                            {name: fv[name].value for name in MODEL_FLAGS if fv[name].present},
+                            model_class(model).flag_arguments)
 
 
 def script_config(script: str, fv: flags.FlagValues = FLAGS):
