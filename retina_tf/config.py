@@ -586,7 +586,7 @@ def _kind_name(kind: Any) -> str:
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
-def _as_kind(name: str, value: Any, kind: Any) -> Any:
+def as_kind(name: str, value: Any, kind: Any) -> Any:
     """``value`` as the field type ``kind`` (``ValueError`` when it is not one), converting
     what is unambiguous: a string as its flag would be read, a list to a tuple, a path to a
     string, a NumPy number to a Python one."""
@@ -600,7 +600,7 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
         if len(kinds) > 1:  # X | Y: the first that takes the value, a number before a word
             for one in kinds:
                 try:
-                    return _as_kind(name, value, one)
+                    return as_kind(name, value, one)
                 except ValueError:
                     pass
             raise ValueError(f"must be {' or '.join(map(_kind_name, kinds))}, not "
@@ -626,7 +626,7 @@ def _as_kind(name: str, value: Any, kind: Any) -> Any:
             value = value.tolist()
         if isinstance(value, (list, tuple)):
             item = typing.get_args(kind)[0]
-            items = tuple(_as_kind(name, v, item) for v in value)
+            items = tuple(as_kind(name, v, item) for v in value)
             return value if items == tuple(value) and type(value) is tuple else items
     elif kind in (Mapping, dict) or origin in (Mapping, dict):
         if isinstance(value, Mapping):  # a copy: the caller's dict, changed later, is not it
@@ -640,7 +640,7 @@ def _words_last(kinds: list) -> list:
 
 
 def checked_value(name: str, value: Any, kind: Any, owner: str = "") -> Any:
-    """``value`` of field ``name`` as its type ``kind`` (see :func:`_as_kind`) once it passes
+    """``value`` of field ``name`` as its type ``kind`` (see :func:`as_kind`) once it passes
     the field's rule.
 
     Raises:
@@ -648,7 +648,7 @@ def checked_value(name: str, value: Any, kind: Any, owner: str = "") -> Any:
     """
     where = f"{owner}: " if owner else ""
     try:
-        value = _as_kind(name, value, kind)
+        value = as_kind(name, value, kind)
     except ConfigError as err:  # a string its flag would not take
         raise ConfigError(f"{where}{err}") from None
     except (ValueError, TypeError) as err:

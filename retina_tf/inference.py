@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import numbers
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ import tensorflow as tf
 from retina_tf.config import (
     CHOICES,
     InferenceConfig,
+    as_kind,
     from_flag_lines,
     parse_inference_scale,
 )
@@ -160,11 +160,12 @@ def check_threshold(threshold: float) -> float:
 
 
 def _whole_number(name: str, value: Any) -> int:
-    """A Segmenter keyword that counts pixels or windows, as an int (ConfigError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)) \
-            or not str(value).strip().lstrip("-").isdigit():
-        raise ConfigError(f"{name}={value!r} (--{name}): give a whole number")
-    return int(value)
+    """A Segmenter keyword that counts pixels or windows, as an int read as a config reads one
+    (:func:`~retina_tf.config.as_kind`); ConfigError otherwise."""
+    try:
+        return as_kind(name, value, int)
+    except ValueError:  # ConfigError too, for text its flag would not take
+        raise ConfigError(f"{name}={value!r} (--{name}): give a whole number") from None
 
 
 def stored_threshold(run_info: dict, run_dir: str | Path | None = None) -> tuple[float, str]:
