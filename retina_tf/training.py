@@ -1223,11 +1223,12 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
                 "parameters": int(model.count_params()), **job.run_info,
                 "environment": environment()}
     if has_backup(run_dir):  # a resume: on the data it began with, or not at all
-        _check_same_data(run_dir, run_info, job.preprocessor)
+        began = _stored_run_info(run_dir)  # run.json as the run's start wrote it
+        _check_same_data(run_dir, began, run_info, job.preprocessor)
         _note_other_strategy(run_dir, cfg)
-    started = _environment_at_start(run_dir) if has_backup(run_dir) else None
-    if started is not None and started != run_info["environment"]:
-        run_info["environment_at_start"] = started  # a resumed run keeps where it began
+        started = began.get("environment_at_start") or began.get("environment")
+        if started is not None and started != run_info["environment"]:
+            run_info["environment_at_start"] = started  # a resumed run keeps where it began
     atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
     # --overwrite was this command's action, not a setting of the run: recorded, training again
     # from flags.txt would wipe the finished run
@@ -1277,12 +1278,13 @@ def _stored_run_info(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _check_same_data(run_dir: Path, run_info: dict[str, Any], pre: Preprocessor) -> None:
+def _check_same_data(run_dir: Path, began: dict[str, Any], run_info: dict[str, Any],
+                     pre: Preprocessor) -> None:
     """Raises ConfigError when an interrupted run would go on with other images than it began
     with, or with its preprocessing fitted anew to other values (a label file edited, images
     added or replaced since): its weights learned from the first, and run.json and
-    preprocessor.json would record only the second."""
-    old, changed = _stored_run_info(run_dir).get("data") or {}, []
+    preprocessor.json would record only the second. ``began``: run.json as the run began."""
+    old, changed = began.get("data") or {}, []
     now = run_info.get("data") or {}
     for key in ("training_images", "validation_images"):
         if key in old and key in now and old[key] != now[key]:
@@ -1337,12 +1339,6 @@ def _same_values(a: Any, b: Any) -> bool:
         return isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
             math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     return a == b
-
-
-def _environment_at_start(run_dir: Path) -> dict[str, Any] | None:
-    """The environment an interrupted run began in, from its ``run.json`` (None if unknown)."""
-    info = _stored_run_info(run_dir)
-    return info.get("environment_at_start") or info.get("environment")
 
 
 def _load_finite_weights(model: keras.Model, best_path: Path, last_path: Path
