@@ -31,6 +31,7 @@ from retina_tf.evaluation import (
     _trained_on_warning,
     _warn,
     _warn_of_estimate,
+    data_name,
 )
 from retina_tf.inference import Segmenter, resolve_threshold, run_inference
 from retina_tf.run_folder import find_run, reading_run
@@ -145,7 +146,7 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
         log.info(note)
     for run in runs:
         run.scores = SetScores(task, run.threshold)
-    dataset = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
+    dataset = data_name(cfg)
     log.info(f"comparing {len(runs)} runs on {len(samples)} {dataset} {cfg.eval_split} images "
              "(pixels inside the FOV; each run with its own inference settings)")
     for run in runs:  # what evaluate would say of each (flags.txt gives stride, TTA, scales)

@@ -23,6 +23,7 @@ import numpy as np
 
 from retina_tf import visualize
 from retina_tf.config import (
+    CompareConfig,
     DataConfig,
     ErrorMapConfig,
     EvalConfig,
@@ -280,43 +281,73 @@ def _with_the_runs_data(cfg: EvalConfig | ErrorMapConfig, run_dir: Path, split: 
     except ConfigError:
         return cfg
     if trained.label_file_path:
-        cfg = dataclasses.replace(cfg, label_file_path=trained.label_file_path)
-        where = f"--label_file_path={trained.label_file_path}"
+        # the run's own test list too (a flagfile's --test_label_file_path), else test.txt beside
+        cfg = dataclasses.replace(cfg, label_file_path=trained.label_file_path,
+                                  test_label_file_path=trained.test_label_file_path)
+        where = f"--label_file_path={trained.label_file_path}" + (
+            f" --test_label_file_path={trained.test_label_file_path}"
+            if trained.test_label_file_path else "")
     elif trained.dataset and trained.data_dir:
         cfg = dataclasses.replace(cfg, dataset=trained.dataset, data_dir=trained.data_dir)
         where = f"--dataset={trained.dataset} --data_dir={trained.data_dir}"
     else:
         return cfg
     log.info(f"no data given: using {run_dir.name}'s own ({where}, the {split} split)")
-    path = Path(trained.label_file_path or trained.data_dir)
-    if not path.is_absolute() and not path.exists():
-        flag = "--label_file_path" if trained.label_file_path else "--data_dir"
-        raise DatasetError(f"{path} (the run's, relative to the folder it was trained from) is "
-                           f"not in {Path.cwd()}: run from that folder or give {flag}")
+    for flag in ("label_file_path", "test_label_file_path", "data_dir"):
+        value = getattr(trained, flag)
+        path = Path(value) if value and getattr(cfg, flag) == value else None
+        if path is not None and not path.is_absolute() and not path.exists():
+            raise DatasetError(f"{path} (the run's, relative to the folder it was trained "
+                               f"from) is not in {Path.cwd()}: run from that folder or give "
+                               f"--{flag}")
     return cfg
 
 
-def _test_samples(cfg: EvalConfig):
-    if cfg.test_label_file_path:
-        return resolve_samples(label_file=cfg.test_label_file_path)
-    if cfg.label_file_path:
-        training = Path(cfg.label_file_path)
-        test = training.with_name("test.txt")
-        if cfg.eval_split != "training" and not test.is_file():
-            raise DatasetError(f"{test}: no test split beside --label_file_path={training}; "
-                               "give its label file with --test_label_file_path, or "
-                               "--eval_split=training")
-        files = {"training": [training], "test": [test],
-                 "all": [training] if test.resolve() == training.resolve() else [training, test]}
-        samples = [s for f in files[cfg.eval_split] for s in resolve_samples(label_file=f)]
-        names = Counter(s.name for s in samples)
-        twice = sorted(n for n, k in names.items() if k > 1)
-        if twice:
-            raise DatasetError(f"{training} and {test} both list {', '.join(twice[:3])}"
-                               f"{' and more' if len(twice) > 3 else ''}: an image is either "
-                               "training or test; take it out of one")
-        return samples
-    return resolve_samples(cfg.dataset, cfg.data_dir, cfg.eval_split)
+def split_label_files(cfg: EvalConfig | CompareConfig) -> list[Path]:
+    """The label files of ``cfg.eval_split`` for a run on label files (docs/data.md): the
+    training split is ``label_file_path``, the test split ``test_label_file_path`` or else
+    ``test.txt`` beside the training file, ``all`` both."""
+    training = Path(cfg.label_file_path) if cfg.label_file_path else None
+    test = (Path(cfg.test_label_file_path) if cfg.test_label_file_path
+            else training.with_name("test.txt"))
+    if training is None and cfg.eval_split != "test":
+        raise ConfigError(f"--eval_split={cfg.eval_split}: give the training split's label "
+                          "file with --label_file_path (--test_label_file_path lists the "
+                          "test split)")
+    if cfg.eval_split != "training" and not cfg.test_label_file_path and not test.is_file():
+        raise DatasetError(f"{test}: no test split beside --label_file_path={training}; "
+                           "give its label file with --test_label_file_path, or "
+                           "--eval_split=training")
+    if cfg.eval_split == "training":
+        return [training]
+    if cfg.eval_split == "test" or test.resolve() == training.resolve():
+        return [test]
+    return [training, test]
+
+
+def data_name(cfg: EvalConfig | CompareConfig) -> str:
+    """The data's name in folder names and metrics.json keys: the dataset, or the label
+    files' folder (with a label file's own name where it is not training.txt or test.txt,
+    so that two lists in one folder keep apart)."""
+    if cfg.dataset:
+        return cfg.dataset
+    files = split_label_files(cfg)
+    odd = [f.stem for f in files if f.stem not in ("training", "test")]
+    return "_".join([files[0].parent.name, *odd])
+
+
+def _test_samples(cfg: EvalConfig | CompareConfig):
+    if not (cfg.label_file_path or cfg.test_label_file_path):
+        return resolve_samples(cfg.dataset, cfg.data_dir, cfg.eval_split)
+    files = split_label_files(cfg)
+    samples = [s for f in files for s in resolve_samples(label_file=f)]
+    names = Counter(s.name for s in samples)
+    twice = sorted(n for n, k in names.items() if k > 1)
+    if twice and len(files) > 1:
+        raise DatasetError(f"{files[0]} and {files[1]} both list {', '.join(twice[:3])}"
+                           f"{' and more' if len(twice) > 3 else ''}: an image is either "
+                           "training or test; take it out of one")
+    return samples
 
 
 class SetScores:
@@ -808,7 +839,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     cfg = _with_the_runs_data(cfg, seg.run_dir, cfg.eval_split)
     samples = _test_samples(cfg)
-    name = cfg.dataset or Path(cfg.test_label_file_path or cfg.label_file_path).parent.name
+    name = data_name(cfg)
     if cfg.output_dir:
         out_dir = Path(cfg.output_dir)
     elif is_shipped(seg.run_dir):
@@ -890,6 +921,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
                             title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
         report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
+                  "label_files": None if cfg.dataset else [
+                      str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",
                   "inference": seg.inference, "tta": seg.tta,
                   "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
@@ -1548,13 +1581,16 @@ def _journal_settings(cfg: PredictConfig, seg: Segmenter, threshold: float) -> d
             **{key: getattr(seg, key) for key in RUN_CHOICES}, "precision": seg.precision}
 
 
-def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: list[str]
+def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: list[str],
+                   reads: dict[Path, str]
                    ) -> tuple[dict[Path, OutputFolder], dict[Photograph, str],
                               dict[Photograph, list[str]]]:
     """Where each photograph's outputs go, given its folder under ``--input`` (``where``): the
     output folder at the same place under ``out``, its files' base name (stems clash within a
     folder only: :func:`output_names`) and their names relative to ``out``. Raises ConfigError
-    up front for a file retina_tf must not replace (:meth:`OutputFolder.check`)."""
+    up front for a file retina_tf must not replace (:meth:`OutputFolder.check`), and, even with
+    ``--overwrite``, for one the run reads (``reads``: resolved path -> the flag that gives it;
+    a FOV mask ``<stem>_mask.png`` of ``--fov`` in the output folder)."""
     folders = sorted(set(where.values()))
     outs = {rel: OutputFolder(out.path / rel, out.overwrite) if rel.parts else out
             for rel in folders}
@@ -1563,6 +1599,11 @@ def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: l
         bases.update(output_names([p for p in where if where[p] == rel]))
     out.check([PREDICTIONS_CSV])
     for p, rel in where.items():
+        for target in [outs[rel].path / (bases[p] + s) for s in suffixes]:
+            if flag := reads.get(target.resolve()):
+                raise ConfigError(f"{target} is read by this prediction ({flag}) and would be "
+                                  "replaced by an output of the same name: give another "
+                                  "--output_dir")
         outs[rel].check([bases[p] + s for s in suffixes])
     names = {p: [(rel / (bases[p] + s)).as_posix() for s in suffixes] for p, rel in where.items()}
     return outs, bases, names
@@ -1623,8 +1664,12 @@ def predict(cfg: PredictConfig) -> list[Path]:
         log.info(line)
     log.info(seg.describe_inference_scale())
     out = OutputFolder(cfg.output_dir, cfg.overwrite)
+    reads = {p.resolve(): "--input" for p in files}
+    for source in fov_sources.values():
+        reads |= {p.resolve(): "--fov" for p in (source if isinstance(source, list)
+                                                 else [source] if source else [])}
     outs, bases, names = _output_layout(
-        where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize))
+        where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize), reads)
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
     rows = journal.done(names)  # photograph -> its row of the table, in any order
     kept = set(rows)

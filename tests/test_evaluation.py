@@ -452,6 +452,42 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
                             output_dir=str(tmp_path / "c")))
 
 
+def test_the_split_of_label_files_is_the_one_asked_for_and_a_runs_own_test_list_is_used(
+        shared_data, tmp_path, caplog):
+    drive = shared_data / "DRIVE"
+    folders = "{0}/images,{0}/1st_manual,{0}/mask\n"
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "training.txt").write_text(folders.format(drive / "training")
+                                      + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
+    (own / "val.txt").write_text(
+        folders.format(drive / "test") + "01_test.tif,01_manual1.gif,01_test_mask.gif\n")
+    files = dict(label_file_path=str(own / "training.txt"),
+                 test_label_file_path=str(own / "val.txt"))
+    # --eval_split=training scores the training list, not --test_label_file_path's
+    report = evaluate(EvalConfig(model="vessel_general", eval_split="training", tta=False,
+                                 output_dir=str(tmp_path / "a"), **files))
+    assert [r["name"] for r in report["per_image"]] == ["21_training"]
+    assert report["dataset"] == "own" and report["label_files"] == [files["label_file_path"]]
+    with pytest.raises(ConfigError, match="--eval_split=all: give the training split's"):
+        evaluate(EvalConfig(model="vessel_general", eval_split="all",
+                            test_label_file_path=files["test_label_file_path"]))
+    # a run trained with its own test list is scored on it, into eval_own_val_test: apart
+    # from a test.txt in the same folder
+    run = tmp_path / "run"
+    shutil.copytree(find_run("vessel_general"), run)
+    lines = [line for line in (run / "flags.txt").read_text().splitlines()
+             if not line.startswith(("--dataset", "--data_dir", "--extra_data"))]
+    (run / "flags.txt").write_text("\n".join(lines + [f"--{k}={v}" for k, v in files.items()]))
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        report = evaluate(EvalConfig(model=str(run), tta=False))
+    assert [r["name"] for r in report["per_image"]] == ["01_test"]
+    assert f"--test_label_file_path={files['test_label_file_path']}, the test split" \
+        in caplog.text
+    assert (run / "eval_own_val_test" / "metrics.json").is_file()
+    assert list(json.loads((run / "metrics.json").read_text()))[-1] == "eval_own_val_test"
+
+
 def test_only_names_ending_in_mask_are_taken_for_fov_masks(tmp_path, caplog):
     from retina_tf.evaluation import list_inputs
     image = generate_fundus(1, size=(64, 64)).image

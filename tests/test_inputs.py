@@ -104,6 +104,23 @@ def test_a_fov_folder_that_is_the_input_folder_takes_neither_photographs_nor_out
     assert right_half_empty("y")
 
 
+def test_an_fov_mask_the_prediction_reads_is_never_replaced_by_its_vessel_mask(tmp_path):
+    """predict into the photographs' folder with --fov=that folder: --overwrite (which the
+    refusal suggested) replaced the user's FOV mask eye_mask.png with the vessel mask."""
+    same = tmp_path / "same"
+    _fundus(same / "eye.png", 1)
+    half = np.zeros((128, 128), bool)
+    half[:, :64] = True
+    write_image_atomic(same / "eye_mask.png", half)
+    before = (same / "eye_mask.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(ConfigError, match=r"eye_mask.png is read by this prediction "
+                                              r"\(--fov\).*give another --output_dir"):
+            _predict(same, same, f"--fov={same}", *extra)
+    assert (same / "eye_mask.png").read_bytes() == before
+    assert sorted(p.name for p in same.iterdir()) == ["eye.png", "eye_mask.png"]
+
+
 def test_predict_writes_all_of_an_images_files_or_none(tmp_path: Path):
     """A Ctrl-C (here a failing last write) left an image with its probability map and no
     mask."""
@@ -766,3 +783,23 @@ def test_early_failures_leave_no_output_folder(tmp_path: Path):
                               f"--data_dir={tmp_path / 'nowhere'}",
                               f"--output_dir={tmp_path / 'eval'}"]))
     assert not (tmp_path / "out").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_label_file_in_utf16_reads_and_other_encodings_or_empty_labels_are_named(tmp_path):
+    """Excel's "Unicode Text" (UTF-16) gave a bare codec error naming no file, and a line with
+    no label name passed preprocess and failed at training, after every image was read."""
+    from retina_tf.data.labelfile import read_label_file
+    _fundus(tmp_path / "photos" / "øje 1.png", 1)
+    _fundus(tmp_path / "labels" / "øje 1.png", 2)
+    text = "photos,labels,\r\nøje 1.png,øje 1.png,\r\n"
+    utf16, latin1 = tmp_path / "utf16.txt", tmp_path / "latin1.txt"
+    utf16.write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    latin1.write_bytes(text.encode("latin-1"))
+    [sample] = read_label_file(utf16)
+    assert sample.name == "øje 1" and sample.label == tmp_path / "labels" / "øje 1.png"
+    with pytest.raises(DatasetError, match=f"{latin1}: not UTF-8 text .*save it as UTF-8"):
+        read_label_file(latin1)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("photos,labels,\nøje 1.png,,\n")
+    with pytest.raises(DatasetError, match=f"{empty}:2: the label name is empty"):
+        read_label_file(empty)

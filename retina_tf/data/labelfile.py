@@ -10,6 +10,7 @@ file's own folder; every following line names the three files inside them.
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,7 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
-    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would be part of the first folder
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
-             if ln.strip()]
+    lines = [ln.strip() for ln in _label_text(path).splitlines() if ln.strip()]
     if not lines:
         raise DatasetError(f"{path}: label file is empty")
     folders = [f.strip() for f in lines[0].split(",")]
@@ -48,6 +47,9 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
         files = [d / p if p else None for d, p in zip(dirs, parts)]
         if files[0] is None:
             raise DatasetError(f"{path}:{lineno}: the image name is empty")
+        if files[1] is None:  # found here, not after every image is read
+            raise DatasetError(f"{path}:{lineno}: the label name is empty (every photograph "
+                               "needs its vessel label; only the mask may be left empty)")
         for f in files:
             if f is not None and not f.is_file():
                 raise DatasetError(f"{path}:{lineno}: file not found: {f}")
@@ -61,6 +63,20 @@ def read_label_file(path: str | os.PathLike) -> list[Sample]:
     if not samples:
         raise DatasetError(f"{path}: label file lists no samples (empty split)")
     return samples
+
+
+def _label_text(path: Path) -> str:
+    """The label file's text: UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8",
+    which would otherwise be part of the first folder), or UTF-16 with one (Excel's "Unicode
+    Text"); other encodings are refused, not guessed."""
+    data = path.read_bytes()
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {err.start} is not); save it as "
+                           "UTF-8 (Excel: \"CSV UTF-8\")") from None
 
 
 def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
