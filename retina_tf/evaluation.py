@@ -73,11 +73,13 @@ from retina_tf.metrics import (
 from retina_tf.postprocess import vote_av_segments
 from retina_tf.progress import progress
 from retina_tf.run_folder import (
+    RunBusyError,
     atomic_write_text,
     is_shipped,
     kill_point,
     lock_open_file,
     reading_run,
+    refuse_shipped_folder,
     run_dir_of,
     taking_turns,
     to_json,
@@ -132,6 +134,7 @@ class OutputFolder:
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False, owned: bool = False):
         self.path = Path(path)
+        refuse_shipped_folder(self.path, "--output_dir")
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a folder: give --output_dir a folder")
         self.overwrite = bool(overwrite) or owned
@@ -1458,9 +1461,9 @@ class _Journal:
     time), one JSON line written to disk (fsync) as soon as its files are in place; the first
     line holds the settings. A run with the same settings (model file, threshold, inference
     flags) skips the photographs it lists whose files are all there and that have not changed
-    since; other settings start it afresh. It is removed when a run ends with every photograph
-    it lists done. A second predict writing the same folder at the same time keeps no record (a
-    lock)."""
+    since (and whose files no other run has written since); other settings start it afresh. It
+    is removed when a run ends with every photograph it lists done. It is locked while a predict
+    writes the folder: a second one at the same time is refused (:meth:`hold`)."""
 
     def __init__(self, folder: Path, settings: dict[str, Any]):
         self.path = folder / PREDICT_JOURNAL
@@ -1469,6 +1472,7 @@ class _Journal:
         self._entries: dict[str, dict[str, Any]] = {}
         self._off = False  # another predict writes this folder
         self._inputs: set[str] = set()  # this run's photographs (:meth:`done`)
+        self._made_folder = False  # by :meth:`hold`: removed again if nothing is written
         if self.path.is_file() and self._open():
             self._entries = self._read()
 
@@ -1491,10 +1495,23 @@ class _Journal:
         if lock_open_file(self._file):
             return True
         self._file.close()
-        self._file, self._off = None, True
-        log.info(f"another predict is writing {self.path.parent}: this run keeps no record to "
-                 "resume from")
-        return False
+        self._file = None
+        raise RunBusyError(f"another predict is writing {self.path.parent}: wait for it to "
+                           "end, or give another --output_dir (two at once would replace each "
+                           "other's files and predictions.csv)")
+
+    def hold(self) -> None:
+        """Takes the record's lock before the first photograph, creating the folder if need
+        be, so that a second predict into the folder is refused from the start."""
+        if self._file is not None or self._off:
+            return
+        self._made_folder = not self.path.parent.exists()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # said by the first output written, naming it
+            self._off = True
+            return
+        self._open()
 
     def _read(self) -> dict[str, dict[str, Any]]:
         self._file.seek(0)
@@ -1540,9 +1557,17 @@ class _Journal:
             entry = self._entries.get(self._key(photo))
             if (entry and entry.get("files") == names
                     and entry.get("stat") == self._stat(photo.path)
-                    and all((self.path.parent / n).is_file() for n in names)):
+                    and entry.get("outputs") == self._stats(names)):
                 kept[photo] = {**entry["row"], "input": str(photo.path)}
         return kept
+
+    def _stats(self, names: list[str]) -> list[list[int]] | None:
+        """Size and modification time of each output: another run may have written a file of
+        the same name since (a photograph of the same stem from another folder)."""
+        try:
+            return [self._stat(self.path.parent / n) for n in names]
+        except OSError:
+            return None
 
     def add(self, photo: Photograph, row: dict[str, Any], names: list[str]) -> None:
         """Records a photograph whose files ``names`` are in place."""
@@ -1552,7 +1577,7 @@ class _Journal:
             self._start()
         key = self._key(photo)
         self._entries[key] = entry = {"key": key, "stat": self._stat(photo.path),
-                                      "files": names, "row": row}
+                                      "files": names, "outputs": self._stats(names), "row": row}
         self._write(entry)
 
     @property
@@ -1565,9 +1590,11 @@ class _Journal:
         lists photographs of another run (a stopped folder run, this one a file of it)."""
         if self._file is None:
             return
-        if finished and set(self._entries) <= self._inputs:
+        if not self._entries or finished and set(self._entries) <= self._inputs:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+                if self._made_folder:  # a failure before the first photograph: as it was
+                    self.path.parent.rmdir()
         self._file.close()
         self._file = None
 
@@ -1671,6 +1698,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     outs, bases, names = _output_layout(
         where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize), reads)
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))
+    journal.hold()
     rows = journal.done(names)  # photograph -> its row of the table, in any order
     kept = set(rows)
     written = [out.path / n for p in rows for n in names[p]]

@@ -82,6 +82,16 @@ def is_shipped(run_dir: Path) -> bool:
     return PRETRAINED_DIR in Path(run_dir).resolve().parents
 
 
+def refuse_shipped_folder(path: str | os.PathLike, flag: str) -> None:
+    """Raises ConfigError for a folder to write inside the shipped models: a run or outputs
+    there change what ``--model=<name>`` gives every user of the installation (making a
+    shipped model is ``bin/export_model.py --format=keras``'s job)."""
+    resolved = Path(path).resolve()
+    if resolved == PRETRAINED_DIR or PRETRAINED_DIR in resolved.parents:
+        raise ConfigError(f"{flag}: {path} is inside retina_tf's shipped models "
+                          f"({PRETRAINED_DIR}); give a folder of your own")
+
+
 def default_run_dir(logdir: str, run_name: str | None, model: str, dataset: str | None = None,
                     label_file_path: str | None = None) -> Path:
     """Where training writes a run: ``<logdir>/<run_name>``, by default

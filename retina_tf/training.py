@@ -103,6 +103,7 @@ from retina_tf.run_folder import (
     hold_run,
     parse_flag_lines,
     read_weights_attrs,
+    refuse_shipped_folder,
     release_run,
     remove_stray_temporaries,
     restore_training,
@@ -1123,6 +1124,7 @@ def _random_state_kept():
 def _run_training(cfg, prepare) -> Path:
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
+    refuse_shipped_folder(run_dir, "--logdir, --run_name")
     strategy = make_strategy(cfg.strategy)
     if (cfg.jit_compile and strategy.num_replicas_in_sync > 1  # (the default has no devices)
             and any(":CPU:" in d.upper() for d in strategy.extended.worker_devices)):

@@ -30,7 +30,7 @@ from retina_tf.evaluation import (
 )
 from retina_tf.flags import parse_config
 from retina_tf.inference import Segmenter, load_keras_model
-from retina_tf.run_folder import PRETRAINED_DIR, lock_open_file
+from retina_tf.run_folder import PRETRAINED_DIR, RunBusyError, lock_open_file
 from tests import commands
 from tests.data.dicom import write_dicom
 
@@ -365,22 +365,46 @@ def test_a_record_line_cut_short_by_a_kill_loses_that_line_only(tmp_path: Path):
     assert list(_Journal(tmp_path, {"threshold": 0.5}).done(names)) == [photos[0], photos[2]]
 
 
-def test_a_second_predict_into_a_folder_being_written_keeps_no_record(tmp_path: Path, capsys):
-    """Two predicts of one folder at once: the one that finds the record locked neither
-    reads nor writes it (it would mix two runs' rows), and both still write every file."""
+def test_a_second_predict_into_a_folder_being_written_is_refused(tmp_path: Path):
+    """Two predicts of one folder at once replaced each other's files and predictions.csv in
+    silence (a.png of two input folders: the table named one, the files were the other's)."""
     _fundus(tmp_path / "in" / "a.png", 1)
-    write_image_atomic(tmp_path / "in" / "b.png", np.full((32, 32, 3), 120, np.uint8))
     out = tmp_path / "out"
     out.mkdir()
     with open(out / PREDICT_JOURNAL, "a+") as other:  # as the other predict holds it
         assert lock_open_file(other)
-        with pytest.raises(RetinaTFError) as failed:
+        with pytest.raises(RunBusyError, match=f"another predict is writing {out}: wait"):
             _predict(tmp_path / "in", out)
-        assert (out / PREDICT_JOURNAL).read_text() == ""
-    assert "another predict is writing" in capsys.readouterr().out
-    assert (out / "a_mask.png").is_file() and (out / "predictions.csv").is_file()
-    # nor does it promise that the same command again tries only the failed one
-    assert str(failed.value).endswith(f"the others were written to {out}")
+    assert [p.name for p in out.iterdir()] == [PREDICT_JOURNAL]
+
+
+def test_a_resumed_predict_segments_again_a_photograph_whose_files_another_run_replaced(
+        tmp_path: Path):
+    """A stopped predict, then one of another folder with a photograph of the same stem into
+    the same output folder: the first, resumed, kept the other's a_mask.png as its own."""
+    from retina_tf.evaluation import Photograph, _Journal
+    for folder, seed in (("one", 1), ("two", 2)):
+        _fundus(tmp_path / folder / "a.png", seed)
+    one, two = (Photograph(tmp_path / f / "a.png") for f in ("one", "two"))
+    names = ["a_mask.png"]
+    for photo, seed in ((one, 1), (two, 2)):  # each run writes a_mask.png, then records it
+        journal = _Journal(tmp_path, {"threshold": 0.5})
+        journal.hold()
+        _fundus(tmp_path / "a_mask.png", seed + 10, size=(64 + seed, 64))
+        journal.add(photo, {"input": str(photo.path)}, names)
+        journal.close(finished=False)
+    journal = _Journal(tmp_path, {"threshold": 0.5})
+    assert list(journal.done({one: names, two: names})) == [two]
+    journal.close(finished=False)
+
+
+def test_a_predict_that_fails_before_its_first_photograph_leaves_no_folder(tmp_path: Path):
+    with pytest.raises(DatasetError):
+        _predict(tmp_path / "missing.png", tmp_path / "out")
+    write_image_atomic(tmp_path / "flat.png", np.full((32, 32, 3), 120, np.uint8))
+    with pytest.raises(DatasetError):  # its one image is refused
+        _predict(tmp_path / "flat.png", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_save_probabilities_writes_the_float_maps_behind_the_png(tmp_path: Path):
@@ -803,3 +827,19 @@ def test_a_label_file_in_utf16_reads_and_other_encodings_or_empty_labels_are_nam
     empty.write_text("photos,labels,\nøje 1.png,,\n")
     with pytest.raises(DatasetError, match=f"{empty}:2: the label name is empty"):
         read_label_file(empty)
+
+
+def test_nothing_writes_into_the_shipped_models_folder(tmp_path):
+    """An explicit --output_dir or --logdir inside retina_tf/pretrained wrote predictions into
+    a shipped model's folder, or replaced the shipped unet_drive with a training's run."""
+    from retina_tf.config import TrainConfig
+    from retina_tf.training import train
+    before = sorted(p.relative_to(PRETRAINED_DIR) for p in PRETRAINED_DIR.rglob("*"))
+    photo = _fundus(tmp_path / "a.png", 1)
+    with pytest.raises(ConfigError, match=r"--output_dir: .*unet_drive is inside retina_tf's "
+                                          r"shipped models"):
+        _predict(photo, PRETRAINED_DIR / "unet_drive")
+    with pytest.raises(ConfigError, match="--logdir, --run_name: .* is inside retina_tf's"):
+        train(TrainConfig(logdir=str(PRETRAINED_DIR), run_name="unet_drive", overwrite=True,
+                          dataset="synthetic", data_dir=str(tmp_path)))
+    assert sorted(p.relative_to(PRETRAINED_DIR) for p in PRETRAINED_DIR.rglob("*")) == before
