@@ -29,6 +29,7 @@ from retina_tf.evaluation import (
     _probability_as_planned,
     _test_samples,
     _trained_on_warning,
+    _vote_words,
     _warn,
     _warn_of_estimate,
     data_name,
@@ -151,7 +152,7 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
              "(pixels inside the FOV; each run with its own inference settings)")
     for run in runs:  # what evaluate would say of each (flags.txt gives stride, TTA, scales)
         seg = run.segmenter
-        log.info(f"{run.label}: {seg.describe_inference()} in {seg.precision}, threshold "
+        log.info(f"{run.label}: {_computed(seg, task)} in {seg.precision}, threshold "
                  f"{run.threshold:g}; {seg.describe_inference_scale()}")
         _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
     panels: list[tuple[visualize.Title, np.ndarray]] = []
@@ -196,12 +197,17 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
             "image": names[chosen], "rows": rows, "files": written}
 
 
+def _computed(seg: Segmenter, task: str) -> str:
+    """How a run segments, as evaluate says it: the A/V vote too where A/V is scored."""
+    return seg.describe_inference() + (_vote_words(seg) if task == "av" else "")
+
+
 def _row(run: _Run, task: str) -> dict[str, Any]:
     result = run.scores.result()
     keys = [k for k, _ in COLUMNS + (AV_COLUMNS if task == "av" else ())]
     return {"run": run.label, "model": run.model, **{k: result[k] for k in keys},
             "image_f1": run.image_f1, "precision": run.segmenter.precision,
-            "threshold": run.threshold, "inference": run.segmenter.describe_inference()}
+            "threshold": run.threshold, "inference": _computed(run.segmenter, task)}
 
 
 def markdown_table(rows: list[dict[str, Any]], task: str) -> str:

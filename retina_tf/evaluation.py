@@ -709,6 +709,13 @@ def tta_choice_line(choice: dict[str, Any]) -> str:
     images)``, for training's log."""
     info = choice["tta_from"]
     n = len(info["images"])
+    if "av_acc" in info and info["chosen"] == "once":  # nothing beat it by the gain
+        best = max((k for k in info["evaluations"] if k != "once"),
+                   key=info["evaluations"].get, default=None)
+        than = (f"; the best other, {best}, {info['evaluations'][best]:.4f}: less than "
+                f"{MIN_TTA_GAIN:g} more" if best else "")
+        return (f"once (no TTA, no vote) kept as the run's default (A/V accuracy "
+                f"{info['av_acc']:.4f}{than}, on the {n} held-out image{'' if n == 1 else 's'})")
     if "av_acc" in info:  # choose_av_evaluation's
         return (f"{info['chosen']} made the run's default (A/V accuracy "
                 f"{info['av_acc_chosen']:.4f} against {info['av_acc']:.4f} once, on the {n} "
@@ -1224,15 +1231,15 @@ def _mirrored(fov_arg: str | None, rel: Path) -> str | None:
 
 
 def _fov_for(photo: Photograph, image: np.ndarray, source: Path | list[Path] | None
-             ) -> np.ndarray:
+             ) -> tuple[np.ndarray, Path | None]:
     """The FOV of one photograph: the given mask, the matching mask of the ``--fov`` folder (a
     frame of a file of several: one of its own name first, :func:`find_fov_mask`), or an
-    estimate (with a warning on stderr when the estimate looks wrong)."""
+    estimate (with a warning on stderr when the estimate looks wrong); and its file, if any."""
     if source is None:
         fov = estimate_fov(image)
         for warning in estimate_warnings(image, fov, photo.label):
             _warn(warning)
-        return fov
+        return fov, None
     frame_stem = photo.base(_input_stem(photo.path)) if photo.index is not None else None
     mask_path = (find_fov_mask(photo.path, source, frame_stem) if isinstance(source, list)
                  else source)
@@ -1240,7 +1247,7 @@ def _fov_for(photo: Photograph, image: np.ndarray, source: Path | list[Path] | N
     if fov.shape != image.shape[:2]:
         raise DatasetError(f"{photo.label}: its FOV mask {mask_path} is {fov.shape[1]}x"
                            f"{fov.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
-    return fov
+    return fov, mask_path
 
 
 class Photograph(NamedTuple):
@@ -1340,9 +1347,10 @@ def _predict_one(seg: Segmenter, photo: Photograph, base: str, cfg, fov_source,
     image = read_image(photo.path, photo.index)
     path = photo.label  # how the lines name it
     seg.check_image_size(image, path, warn=False)  # segment warns, once
-    fov = _fov_for(photo, image, fov_source)
+    fov, mask_file = _fov_for(photo, image, fov_source)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
-    prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan)
+    # a mask file as such, so that a warning of it names it
+    prob, mask = seg.segment(image, mask_file or fov, threshold, source=path, plan=plan)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
                                                       cfg.visualize)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),

@@ -260,9 +260,11 @@ def run_inference(run_dir: str | Path) -> InferenceConfig:
     return from_flag_lines(InferenceConfig, path.read_text(), ignore_unknown=True)
 
 
-def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np.ndarray:
+def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike,
+            mask_file: str | os.PathLike | None = None) -> np.ndarray:
     """A FOV mask as given (bool, 0/1, 0/255; one channel or three) as bool (H, W), read as
-    its file would be (:func:`retina_tf.data.io.fov_of_array`).
+    its file would be (:func:`retina_tf.data.io.fov_of_array`); a warning of it names its file
+    (``mask_file``), else the image.
 
     A 0/255 mask used as it is would scale the probabilities by 255 in silence.
     """
@@ -273,7 +275,7 @@ def _fov_of(fov: np.ndarray, image: np.ndarray, source: str | os.PathLike) -> np
                            f"{image.shape[1]} x {image.shape[0]}: give this photograph's "
                            "mask, or none to estimate it")
     fov = fov_of_array(fov, source)
-    warning = given_fov_warning(np.asarray(image), fov, str(source))
+    warning = given_fov_warning(np.asarray(image), fov, str(mask_file or source))
     if warning:
         log.warning(warning)
     return fov
@@ -1190,8 +1192,9 @@ class Segmenter:
         if isinstance(image, (str, os.PathLike)):
             source = image if source == "the image" else source
             image = read_image(image)
-        if isinstance(fov, (str, os.PathLike)):
-            fov = read_fov_mask(fov)
+        mask_file = fov if isinstance(fov, (str, os.PathLike)) else None
+        if mask_file is not None:
+            fov = read_fov_mask(mask_file)
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         # what predict warns of, warned of here where segment computes it: the FOV's estimate
@@ -1201,7 +1204,7 @@ class Segmenter:
             fov = estimate_fov(image)
             warnings += estimate_warnings(image, fov, str(source))
         else:
-            fov = _fov_of(fov, image, source)
+            fov = _fov_of(fov, image, source, mask_file)
         if match_scale and plan is None:
             plan = self.scale_plan(image, fov)
             warnings.append(plan.warning(source))

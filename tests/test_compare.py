@@ -292,3 +292,13 @@ def test_runs_given_as_paths_are_titled_by_their_folder_names():
                                                                      "unet_drive"]
     # two folders of one name keep their paths
     assert _short_labels(["a/run", "b/run"]) == ["a/run", "b/run"]
+
+
+def test_compare_says_an_av_run_votes_where_it_does():
+    """compare's log and computed column left the vote out where evaluate names it."""
+    from retina_tf.compare import _computed
+    seg = Segmenter.from_run("ripav_rite")
+    assert seg.av_vote and seg.av_link
+    assert _computed(seg, "av") == (seg.describe_inference() + ", one A/V decision per vessel "
+                                    f"segment, linked across junctions (strength {seg.av_link:g})")
+    assert _computed(seg, "vessel") == seg.describe_inference()  # the vote leaves vessels be

@@ -4,6 +4,7 @@ naming the file, instead of giving a silent wrong answer (reproductions of the i
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -532,6 +533,18 @@ def test_a_given_fov_mask_of_the_frame_is_warned_of_in_python_as_in_files(caplog
     assert not caplog.records
     seg.segment(sample.image, ~sample.fov, source="inverted.png")
     assert "inverted.png: the FOV mask keeps the darker part of the photograph" in caplog.text
+
+
+def test_predict_names_the_fov_mask_file_it_warns_of(tmp_path: Path, caplog):
+    """The warning named the photograph, not the --fov mask that is wrong."""
+    sample = generate_fundus(0, (96, 96))
+    write_image_atomic(tmp_path / "in" / "eye.png", sample.image)
+    write_image_atomic(tmp_path / "fov" / "eye_mask.png", ~sample.fov)
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        _predict(tmp_path / "in", tmp_path / "out", f"--fov={tmp_path / 'fov'}",
+                 "--inference_scale=native")
+    assert (f"{tmp_path / 'fov' / 'eye_mask.png'}: the FOV mask keeps the darker part"
+            in caplog.text)
 
 
 def test_an_opencv_array_given_to_segment_is_warned_of_once(tmp_path: Path, caplog):

@@ -358,3 +358,16 @@ def test_an_av_training_chooses_its_tta_and_vote_on_its_held_out_images(tiny_syn
     assert ("flips" in notes, "vote_av_segments" in notes) == (False, switches[2])
     with pytest.raises(ConfigError, match="segments vessels only"):
         choose_av_evaluation("unet_drive", held_out)
+
+
+def test_the_av_choice_line_says_once_was_kept_and_by_how_little_another_won():
+    # it read "once made the run's default (A/V accuracy 0.4364 against 0.4364 once, ...)"
+    acc = {"once": 0.4364, "the vote": 0.4370, "flips": 0.4350}
+    info = {"tta_from": {"images": ["a", "b"], "av_acc": 0.4364, "av_acc_chosen": 0.4364,
+                         "chosen": "once", "evaluations": acc}}
+    assert tta_choice_line(info) == (
+        "once (no TTA, no vote) kept as the run's default (A/V accuracy 0.4364; the best "
+        f"other, the vote, 0.4370: less than {MIN_TTA_GAIN:g} more, on the 2 held-out images)")
+    info["tta_from"].update(chosen="the vote", av_acc_chosen=0.4370)
+    assert tta_choice_line(info).startswith("the vote made the run's default (A/V accuracy "
+                                            "0.4370 against 0.4364 once")
