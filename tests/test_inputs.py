@@ -856,3 +856,30 @@ def test_nothing_writes_into_the_shipped_models_folder(tmp_path):
         train(TrainConfig(logdir=str(PRETRAINED_DIR), run_name="unet_drive", overwrite=True,
                           dataset="synthetic", data_dir=str(tmp_path)))
     assert sorted(p.relative_to(PRETRAINED_DIR) for p in PRETRAINED_DIR.rglob("*")) == before
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_labels_drawn_on_a_transparent_layer_or_in_two_colours_read_as_drawn(tmp_path, fmt):
+    """docs/data.md's rules held for PNG only: black strokes on a transparent GIF layer were
+    refused as inverted, red ones as vessel everywhere; red and blue vessels as not binary."""
+    from retina_tf.data.io import read_mask
+    vessel = np.zeros((40, 50), bool)
+    vessel[10:14, 5:45] = True
+    vessel[20:36, 30:33] = True
+    for palette in ([255, 255, 255, 0, 0, 0], [255, 255, 255, 255, 0, 0]):  # black, red
+        path = tmp_path / f"layer{palette[3]}.{fmt.lower()}"
+        layer = Image.fromarray(vessel.astype(np.uint8), "P")
+        layer.putpalette(palette + [0] * (768 - len(palette)))
+        layer.save(path, format=fmt, transparency=0)  # white, the background, transparent
+        assert np.array_equal(read_mask(path), vessel), path
+    colours = np.zeros((40, 50, 3), np.uint8)
+    colours[10:14, 5:45] = (200, 0, 0)  # arteries and veins drawn apart: all vessel
+    colours[20:36, 30:33] = (0, 0, 150)
+    path = tmp_path / f"colours.{fmt.lower()}"
+    Image.fromarray(colours).save(path, format=fmt)
+    assert np.array_equal(read_mask(path), vessel)
+    ramp = colours.copy()  # soft edges: many levels, refused as ever
+    ramp[15:20, 5:45] = np.arange(1, 41, dtype=np.uint8)[None, :, None] * (5, 0, 0)
+    Image.fromarray(ramp).save(path, format=fmt)
+    with pytest.raises(DatasetError, match="not binary"):
+        read_mask(path)

@@ -388,12 +388,16 @@ def _decode(path: PathLike, data: bytes | None = None, picture: int | None = Non
         try:
             with _pillow_reads_up_to_max_pixels(), Image.open(io.BytesIO(data)) as gif:
                 gif.seek(0)
-                frame = gif.convert("RGB")
+                # a transparent colour as black, as a PNG's alpha (_over_black)
+                transparent = "transparency" in gif.info
+                frame = gif.convert("RGBA" if transparent else "RGB")
         except Image.DecompressionBombError as err:
             raise _too_large(path) from err
         except (OSError, ValueError, SyntaxError) as err:
             raise DatasetError(f"{path} is not a readable GIF: {err}") from err
         array = np.asarray(frame)
+        if transparent:
+            array = _over_black(array)
         # Gray GIFs (DRIVE labels and masks) come back with three equal channels.
         if is_gray(array):
             return np.ascontiguousarray(array[..., 0])
@@ -520,12 +524,23 @@ def channel_order_warning(image: np.ndarray, source: object = "the image") -> st
             "as it is, its FOV and artery/vein maps may be wrong")
 
 
+# Up to this many colours (black included), a coloured mask is solid strokes: each non-black
+# colour is foreground. More are soft edges (antialiasing, JPEG), whose levels are refused.
+SOLID_COLOURS = 8
+
+
 def _gray_levels(array: np.ndarray) -> np.ndarray:
-    """Collapses a mask to one channel; a coloured mask counts every non-black pixel."""
+    """Collapses a mask to one channel; a coloured mask counts every non-black pixel (vessels
+    drawn in two colours, say red and blue, are both vessel)."""
     if array.ndim == 2:
         return array
     if is_gray(array):
         return array[..., 0]
+    if array.dtype == np.uint8 and array.shape[-1] == 3:
+        packed = (array[..., 0].astype(np.uint32) << 16 | array[..., 1].astype(np.uint32) << 8
+                  | array[..., 2])
+        if len(np.unique(packed)) <= SOLID_COLOURS:
+            return np.where(packed > 0, np.uint8(255), np.uint8(0))
     return array.max(axis=-1)
 
 
