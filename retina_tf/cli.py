@@ -263,6 +263,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     """``python -m retina_tf <command> [flags]``."""
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["--version"]:
+        print(f"retina_tf {sys.modules['retina_tf'].__version__}")
+        raise SystemExit(0)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {fn.__doc__.splitlines()[0]}"
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             near = difflib.get_close_matches(asked, COMMANDS, n=1)
             sys.stderr.write(f"unknown command {asked!r}"
                              + (f"; did you mean {near[0]!r}?" if near else "") + "\n")
-        sys.stderr.write("usage: python -m retina_tf <command> [--flags] (--help per command)"
-                         "\n\ncommands:\n" + "\n".join(lines) + "\n")
+        sys.stderr.write("usage: python -m retina_tf <command> [--flags] (--help per "
+                         "command; --version)\n\ncommands:\n" + "\n".join(lines) + "\n")
         raise SystemExit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
     sys.argv = [f"retina_tf {argv[1]}"] + argv[2:]
     command = COMMANDS[argv[1]]

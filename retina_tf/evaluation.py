@@ -1730,9 +1730,16 @@ def predict(cfg: PredictConfig) -> list[Path]:
                         outputs, row = _predict_one(seg, photo, bases[photo], cfg,
                                                     fov_sources[where[photo]],
                                                     outs[where[photo]], threshold)
-                except DatasetError as err:
-                    if len(inputs) == 1:
+                except (DatasetError, OSError) as err:
+                    # a name too long for the file system is this photograph's alone; a full
+                    # disk or a read-only folder stops the run
+                    own = not isinstance(err, OSError) or err.errno == errno.ENAMETOOLONG
+                    if len(inputs) == 1 or not own:
                         raise
+                    if isinstance(err, OSError):
+                        err = DatasetError(f"its output name {Path(err.filename).name} is too "
+                                           "long for the file system: give the photograph a "
+                                           "shorter name")
                     failed[photo] = _one_line(photo, err)
                     log.warning(f"skipped: {failed[photo]}")
                     rows[photo] = {"input": str(photo.path), "frame": _frame(photo),

@@ -883,6 +883,9 @@ def run_app(main, fv: flags.FlagValues = FLAGS) -> None:
     fv.register_key_flag_for_module(sys.argv[0], fv["verbose"])  # listed by --help
 
     def parse(argv):
+        if "--version" in argv[1:]:  # absl has no such flag; every command answers it
+            print(f"retina_tf {sys.modules['retina_tf'].__version__}")
+            raise SystemExit(0)
         with report_errors(fv):
             try:
                 return fv(keep_own_flags(argv, fv))

@@ -883,3 +883,19 @@ def test_labels_drawn_on_a_transparent_layer_or_in_two_colours_read_as_drawn(tmp
     Image.fromarray(ramp).save(path, format=fmt)
     with pytest.raises(DatasetError, match="not binary"):
         read_mask(path)
+
+
+def test_a_photograph_whose_output_name_is_too_long_is_skipped_and_the_rest_written(tmp_path):
+    """It stopped the folder run at that photograph, and every rerun at the same place."""
+    _fundus(tmp_path / "in" / "a.png", 1)
+    _, png = cv2.imencode(".png", generate_fundus(2, (128, 128)).image)
+    (tmp_path / "in" / ("s" * 248 + ".png")).write_bytes(png.tobytes())  # _prob.png: 257
+    with pytest.raises(RetinaTFError, match="1 of 2 images failed"):
+        _predict(tmp_path / "in", tmp_path / "out")
+    assert (tmp_path / "out" / "a_mask.png").is_file()
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = {Path(r["input"]).name: r for r in csv.DictReader(f)}
+    assert rows["a.png"]["error"] == ""
+    assert rows["s" * 248 + ".png"]["error"].endswith(
+        f"its output name {'s' * 248}_prob.png is too long for the file system: give the "
+        "photograph a shorter name")
