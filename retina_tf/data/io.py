@@ -530,8 +530,8 @@ SOLID_COLOURS = 8
 
 
 def _gray_levels(array: np.ndarray) -> np.ndarray:
-    """Collapses a mask to one channel; a coloured mask counts every non-black pixel (vessels
-    drawn in two colours, say red and blue, are both vessel)."""
+    """Collapses a mask to one channel; a coloured mask counts every pixel brighter than its
+    darkest colour (vessels drawn in two colours, say red and blue, are both vessel)."""
     if array.ndim == 2:
         return array
     if is_gray(array):
@@ -539,8 +539,12 @@ def _gray_levels(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8 and array.shape[-1] == 3:
         packed = (array[..., 0].astype(np.uint32) << 16 | array[..., 1].astype(np.uint32) << 8
                   | array[..., 2])
-        if len(np.unique(packed)) <= SOLID_COLOURS:
-            return np.where(packed > 0, np.uint8(255), np.uint8(0))
+        brightest = array.max(axis=-1)
+        levels = np.unique(brightest)
+        # the darkest is the background: black, or near it (DRIVE's 2nd_manual: (4, 2, 4))
+        if len(levels) > 2 and len(np.unique(packed)) <= SOLID_COLOURS:
+            return np.where(brightest > levels[0], np.uint8(255), np.uint8(0))
+        return brightest
     return array.max(axis=-1)
 
 
