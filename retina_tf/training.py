@@ -68,9 +68,11 @@ from retina_tf.evaluation import (
 )
 from retina_tf.inference import (
     DEFAULT_THRESHOLD,
+    SCALE_TOLERANCE,
     Segmenter,
     environment,
     fov_diameter,
+    inference_factor,
     label_artery_share,
     label_vessel_share,
     load_keras_model,
@@ -566,6 +568,24 @@ def _to_uint8_image(x: np.ndarray) -> np.ndarray:
     if x.shape[-1] not in (1, 3):
         x = x[..., :3] if x.shape[-1] > 3 else x[..., :1]
     return (x * 255).round().astype(np.uint8)
+
+
+def held_out_scale_note(val_set: SegmentationSet | None, trained_fov: float) -> str | None:
+    """A note of the held-out photographs that ``evaluate`` and ``predict`` would resize
+    (``--inference_scale=auto``: a FOV over :data:`SCALE_TOLERANCE` from the training FOV,
+    photographs of another camera): validation, the best epoch and the threshold see them at
+    their own size."""
+    if val_set is None:
+        return None
+    apart = [name for name, fov in zip(val_set.names, val_set.fovs)
+             if inference_factor("auto", fov_diameter(fov), trained_fov) != 1.0]
+    if not apart:
+        return None
+    return (f"note: {len(apart)} of the {len(val_set.names)} held-out images ("
+            f"{', '.join(apart[:3])}{' ...' if len(apart) > 3 else ''}) have a FOV over "
+            f"{SCALE_TOLERANCE:.0%} from the training FOV ({trained_fov:.0f} px): validation, "
+            "the best epoch and the threshold see them at their own size, where evaluate and "
+            "predict resize them")
 
 
 class WholeImageValidation(keras.callbacks.Callback):
@@ -1481,6 +1501,9 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         return {"validation": result}, (f"; validation F1 {result['f1']:.4f} AUC-ROC "
                                         f"{result['auc_roc']:.4f}")
 
+    trained_fov = float(np.median([fov_diameter(f) for f in train_set.fovs]))
+    if line := held_out_scale_note(val_set, trained_fov):
+        log.warning(line)
     return TrainingJob(
         model=model,
         dataset=lambda start_epoch: training_dataset(cfg, model, train_set, augment, steps,
@@ -1493,7 +1516,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
                   "num_classes": num_classes,
                   "pretrained": str(pretrained) if pretrained else None,
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,
-                  "fov_diameter": float(np.median([fov_diameter(f) for f in train_set.fovs])),
+                  "fov_diameter": trained_fov,
                   "vessel_share": label_vessel_share(train_set.targets, train_set.fovs),
                   "bright_line_ratio": training_bright_lines(train_set.images, train_set.fovs),
                   **({"artery_share": label_artery_share(train_set.targets, train_set.fovs)}

@@ -372,3 +372,23 @@ def test_a_model_registered_from_outside_trains_and_segments(synthetic, tmp_path
     assert isinstance(seg.model, _OutsideNet) and seg.model.width == 6
     prob, _ = seg.segment(read_sample(resolve_samples("synthetic", synthetic, "test")[0]).image)
     assert prob.shape[-1] == 1 and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_held_out_photographs_of_another_scale_are_noted_where_evaluate_would_resize_them():
+    """The threshold and best epoch were chosen on held-out images at their own size, where
+    evaluate resizes one whose FOV is over 20 % from the training FOV: said, not hidden."""
+    from retina_tf.data.pipeline import SegmentationSet
+    from retina_tf.training import held_out_scale_note
+
+    def disc(diameter: int, size: int = 200) -> np.ndarray:
+        yy, xx = np.mgrid[:size, :size]
+        return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (diameter / 2) ** 2
+
+    fovs = [disc(100), disc(118), disc(150)]
+    held_out = SegmentationSet(["a", "b", "c"], [None] * 3, [None] * 3, fovs)
+    assert held_out_scale_note(held_out, 100.0) == (
+        "note: 1 of the 3 held-out images (c) have a FOV over 20% from the training FOV "
+        "(100 px): validation, the best epoch and the threshold see them at their own size, "
+        "where evaluate and predict resize them")
+    assert held_out_scale_note(held_out.subset([0, 1]), 100.0) is None
+    assert held_out_scale_note(None, 100.0) is None
