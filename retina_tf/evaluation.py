@@ -1374,7 +1374,8 @@ def _predict_one(seg: Segmenter, photo: Photograph, base: str, cfg, fov_source,
                   ", FOV diameter unknown") + scaled
     _warn(plan.warning(path))
     share = vessel_share(mask, fov)
-    log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png "
+    npy = " and _prob.npy" if cfg.save_probabilities else ""
+    log.info(f"{path} -> {out.path / base}_{{{','.join(shown)}}}.png{npy} "
              f"({image.shape[1]}x{image.shape[0]}{scaled}, vessel on {share:.1%} of the FOV)")
     row = {"input": str(photo.path), "frame": _frame(photo), "width": image.shape[1],
            "height": image.shape[0],

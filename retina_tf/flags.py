@@ -590,7 +590,8 @@ def define_predict_flags(d: _Definer) -> None:
     d.DEFINE_string("fov", None, "predict: FOV mask file or folder (holding <stem>.*, "
                     "<stem>_mask.* or <stem>_fov.* for each image); estimated when absent.")
     d.DEFINE_boolean("save_probabilities", False, "predict: also write <stem>_prob.npy, the "
-                     "float32 probabilities (H x W x K: vessel; or artery, vein, vessel).")
+                     "float32 probabilities (H x W x K: vessel; or artery, vein, vessel, after the "
+                     "A/V vote where --av_vote).")
 
 
 def define_compare_flags(d: _Definer) -> None:

@@ -275,7 +275,7 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
     held, train_idx = order[:n_held], order[n_held:]
     log.info(f"RIP pre-training on {len(train_idx)} patches ({int(y[train_idx, 0].sum())} with "
              f"artery, {int(y[train_idx, 1].sum())} with vein) from {len(names)} training "
-             f"images, {n_held} held out; run folder {run_dir_of(cfg)}")
+             f"images, {n_held} patches held out; run folder {run_dir_of(cfg)}")
     config.update(input_channels=pre.channels)
     with strategy.scope():
         model = RIPClassifier(**config)
