@@ -857,6 +857,25 @@ def unknown_flag(where: str, name: str, *choices: Iterable[str]) -> ConfigError:
                        + (f" (did you mean --{near}?)" if near else ""))
 
 
+def nested_flagfile(value: str, including: Path) -> Path:
+    """Where a ``--flagfile=`` line of the flagfile ``including`` points: the path from the
+    current folder (absl's rule), else from the nearest folder holding ``including`` that has
+    it (``configs/*.cfg`` name each other from the clone's folder, which need not be the current
+    one).
+
+    Raises:
+        ConfigError: found neither way.
+    """
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute() or path.exists():
+        return path
+    for folder in Path(including).resolve().parents:
+        if (folder / path).is_file():
+            return folder / path
+    raise ConfigError(f"{including}: its --flagfile={value} is neither in the current folder "
+                      f"({Path.cwd()}) nor in a folder holding {including}")
+
+
 def _flagfile_lines(path: Path, depth: int = 0):
     """(name, value or None, the file) of each flag line of a flagfile, nested ones in place."""
     try:
@@ -869,7 +888,7 @@ def _flagfile_lines(path: Path, depth: int = 0):
             continue
         name, eq, value = line[2:].partition("=")
         if name == "flagfile" and depth < 10:
-            yield from _flagfile_lines(Path(value), depth + 1)
+            yield from _flagfile_lines(nested_flagfile(value, path), depth + 1)
         else:
             yield name, value if eq else None, path
 

@@ -364,6 +364,29 @@ def test_a_flagfiles_unknown_flag_is_named_with_the_flagfile(tmp_path):
     assert parse_config("evaluate", [f"--flagfile={flagfile}"]).dataset == "drive"
 
 
+def test_the_configs_read_from_any_folder_and_a_missing_nested_flagfile_is_named(
+        tmp_path, monkeypatch):
+    """From another folder, configs/drive_unet_fast.cfg's --flagfile=configs/drive_unet.cfg
+    failed with absl's 'error: ERROR:: Unable to open flagfile', naming neither file."""
+    from retina_tf.config import TrainConfig, from_flagfile
+    from retina_tf.flags import parse_config
+    fast = REPO / "configs" / "drive_unet_fast.cfg"
+    assert "--flagfile=configs/drive_unet.cfg" in fast.read_text()
+    here = parse_config("train", [f"--flagfile={fast}"])
+    monkeypatch.chdir(tmp_path)
+    assert parse_config("train", [f"--flagfile={fast}"]) == here
+    assert from_flagfile(TrainConfig, fast) == here
+    mine = tmp_path / "mine.cfg"
+    mine.write_text("# mine\n--flagfile=configs/nothere.cfg\n--epochs=3\n")
+    for read in (lambda: parse_config("train", [f"--flagfile={mine}"]),
+                 lambda: from_flagfile(TrainConfig, mine)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(mine))}: its --flagfile="
+                                              r"configs/nothere.cfg is neither in the current "):
+            read()
+    with pytest.raises(ConfigError, match=r"^--flagfile=missing.cfg: No such file"):
+        parse_config("train", ["--flagfile=missing.cfg"])
+
+
 def test_unet_flags_reach_only_models_that_take_them(monkeypatch):
     from retina_tf.flags import parse_config
 
