@@ -422,20 +422,23 @@ print(prob.shape, prob.dtype, mask.dtype, float(prob.min()) >= 0.0, float(prob.m
     assert written == ["p_mask.png", "p_prob.png", "predictions.csv"]
 
 
+def _drive_label_file(path: Path, drive: Path, split: str, name: str) -> Path:
+    """A one-line label file of DRIVE's ``split`` image ``name`` (``21``, ``01``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{0}/images,{0}/1st_manual,{0}/mask\n".format(drive / split)
+                    + f"{name}_{split}.tif,{name}_manual1.gif,{name}_{split}_mask.gif\n")
+    return path
+
+
 def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_named(
         shared_data, tmp_path, caplog):
     drive = shared_data / "DRIVE"
-    folders = "{0}/images,{0}/1st_manual,{0}/mask\n"
     own = tmp_path / "own"
-    own.mkdir()
-    (own / "training.txt").write_text(folders.format(drive / "training")
-                                      + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
-    training = str(own / "training.txt")
+    training = str(_drive_label_file(own / "training.txt", drive, "training", "21"))
     with pytest.raises(DatasetError, match="no test split beside"):
         evaluate(EvalConfig(model="vessel_general", label_file_path=training,
                             output_dir=str(tmp_path / "a")))
-    (own / "test.txt").write_text(
-        folders.format(drive / "test") + "01_test.tif,01_manual1.gif,01_test_mask.gif\n")
+    _drive_label_file(own / "test.txt", drive, "test", "01")
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         report = evaluate(EvalConfig(model="vessel_general", label_file_path=training,
                                      eval_split="all", output_dir=str(tmp_path / "b"),
@@ -444,9 +447,7 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
     # vessel_general trained on 21_training: said, and 01_test not named
     assert "1 of the 2 images (21_training) have the names of images vessel_general trained on" \
         in caplog.text
-    both = own / "test.txt"
-    both.write_text(folders.format(drive / "training")
-                    + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
+    _drive_label_file(own / "test.txt", drive, "training", "21")
     with pytest.raises(DatasetError, match="both list 21_training"):
         evaluate(EvalConfig(model="vessel_general", label_file_path=training, eval_split="all",
                             output_dir=str(tmp_path / "c")))
@@ -455,15 +456,10 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
 def test_the_split_of_label_files_is_the_one_asked_for_and_a_runs_own_test_list_is_used(
         shared_data, tmp_path, caplog):
     drive = shared_data / "DRIVE"
-    folders = "{0}/images,{0}/1st_manual,{0}/mask\n"
     own = tmp_path / "own"
-    own.mkdir()
-    (own / "training.txt").write_text(folders.format(drive / "training")
-                                      + "21_training.tif,21_manual1.gif,21_training_mask.gif\n")
-    (own / "val.txt").write_text(
-        folders.format(drive / "test") + "01_test.tif,01_manual1.gif,01_test_mask.gif\n")
-    files = dict(label_file_path=str(own / "training.txt"),
-                 test_label_file_path=str(own / "val.txt"))
+    files = dict(
+        label_file_path=str(_drive_label_file(own / "training.txt", drive, "training", "21")),
+        test_label_file_path=str(_drive_label_file(own / "val.txt", drive, "test", "01")))
     # --eval_split=training scores the training list, not --test_label_file_path's
     report = evaluate(EvalConfig(model="vessel_general", eval_split="training", tta=False,
                                  output_dir=str(tmp_path / "a"), **files))
