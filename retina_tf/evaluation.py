@@ -296,9 +296,8 @@ def _with_the_runs_data(cfg: EvalConfig | ErrorMapConfig, run_dir: Path, split: 
     else:
         return cfg
     log.info(f"no data given: using {run_dir.name}'s own ({where}, the {split} split)")
-    for flag in ("label_file_path", "test_label_file_path", "data_dir"):
-        value = getattr(trained, flag)
-        path = Path(value) if value and getattr(cfg, flag) == value else None
+    for flag in ("label_file_path", "test_label_file_path", "data_dir"):  # set from the run
+        path = Path(getattr(cfg, flag)) if getattr(cfg, flag) else None
         if path is not None and not path.is_absolute() and not path.exists():
             raise DatasetError(f"{path} (the run's, relative to the folder it was trained "
                                f"from) is not in {Path.cwd()}: run from that folder or give "
@@ -1479,7 +1478,7 @@ class _Journal:
         self.settings = json.loads(to_json(settings))  # as read back: tuples as lists
         self._file = None
         self._entries: dict[str, dict[str, Any]] = {}
-        self._off = False  # another predict writes this folder
+        self._off = False  # no record can be kept (the folder cannot be written)
         self._inputs: set[str] = set()  # this run's photographs (:meth:`done`)
         self._made_folder = False  # by :meth:`hold`: removed again if nothing is written
         if self.path.is_file() and self._open():
@@ -1635,12 +1634,13 @@ def _output_layout(where: dict[Photograph, Path], out: OutputFolder, suffixes: l
         bases.update(output_names([p for p in where if where[p] == rel]))
     out.check([PREDICTIONS_CSV])
     for p, rel in where.items():
-        for target in [outs[rel].path / (bases[p] + s) for s in suffixes]:
+        files = [bases[p] + s for s in suffixes]
+        for target in (outs[rel].path / f for f in files):
             if flag := reads.get(target.resolve()):
                 raise ConfigError(f"{target} is read by this prediction ({flag}) and would be "
                                   "replaced by an output of the same name: give another "
                                   "--output_dir")
-        outs[rel].check([bases[p] + s for s in suffixes])
+        outs[rel].check(files)
     names = {p: [(rel / (bases[p] + s)).as_posix() for s in suffixes] for p, rel in where.items()}
     return outs, bases, names
 

@@ -524,8 +524,9 @@ def channel_order_warning(image: np.ndarray, source: object = "the image") -> st
             "as it is, its FOV and artery/vein maps may be wrong")
 
 
-# Up to this many colours (black included), a coloured mask is solid strokes: each non-black
-# colour is foreground. More are soft edges (antialiasing, JPEG), whose levels are refused.
+# Up to this many colours (the background's included), a coloured mask is solid strokes: each
+# colour brighter than the darkest is foreground. More are soft edges (antialiasing, JPEG),
+# whose levels are refused.
 SOLID_COLOURS = 8
 
 
@@ -536,16 +537,17 @@ def _gray_levels(array: np.ndarray) -> np.ndarray:
         return array
     if is_gray(array):
         return array[..., 0]
-    if array.dtype == np.uint8 and array.shape[-1] == 3:
-        packed = (array[..., 0].astype(np.uint32) << 16 | array[..., 1].astype(np.uint32) << 8
-                  | array[..., 2])
-        brightest = array.max(axis=-1)
-        levels = np.unique(brightest)
-        # the darkest is the background: black, or near it (DRIVE's 2nd_manual: (4, 2, 4))
-        if len(levels) > 2 and len(np.unique(packed)) <= SOLID_COLOURS:
-            return np.where(brightest > levels[0], np.uint8(255), np.uint8(0))
+    brightest = array.max(axis=-1)
+    if array.dtype != np.uint8 or array.shape[-1] != 3:
         return brightest
-    return array.max(axis=-1)
+    levels = np.flatnonzero(np.bincount(brightest.ravel(), minlength=256))
+    if len(levels) <= 2:  # one colour on another (DRIVE's 2nd_manual: (252, 254, 252) on (4, 2, 4))
+        return brightest
+    packed = (array[..., 0].astype(np.uint32) << 16 | array[..., 1].astype(np.uint32) << 8
+              | array[..., 2])
+    if len(np.unique(packed)) > SOLID_COLOURS:
+        return brightest
+    return np.where(brightest > levels[0], np.uint8(255), np.uint8(0))
 
 
 def read_mask(path: PathLike, what: str = "label") -> np.ndarray:
