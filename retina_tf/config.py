@@ -807,9 +807,12 @@ def from_flagfile(cls: type, path: str | os.PathLike) -> Any:
     known = {f.name for c in _config_classes() for f in dataclasses.fields(c)}
     known |= set(MODEL_FLAGS) | set(FLAG_ALIASES)
     lines, model_flags = [], {}
-    for name, value, where in _flagfile_lines(Path(path)):
+    for line, where in flagfile_lines(Path(path)):
+        if not line.startswith("-"):
+            continue
+        name, eq, value = line.lstrip("-").partition("=")
         name = FLAG_ALIASES.get(name, name)
-        if value is None:  # --name, --noname
+        if not eq:  # --name, --noname
             if name.startswith("no") and name not in known and name[2:] in known:
                 name, value = name[2:], "false"
             else:
@@ -876,21 +879,27 @@ def nested_flagfile(value: str, including: Path) -> Path:
                       f"({Path.cwd()}) nor in a folder holding {including}")
 
 
-def _flagfile_lines(path: Path, depth: int = 0):
-    """(name, value or None, the file) of each flag line of a flagfile, nested ones in place."""
+def flagfile_lines(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, Path]]:
+    """Each flag line of a flagfile, stripped, with the file it is in, by absl's rules (blank
+    lines and ``#`` or ``//`` comments skipped, nested ``--flagfile=`` lines read in place, a
+    file already being read skipped), a nested one found by :func:`nested_flagfile`. The one
+    reader of the command line (:mod:`retina_tf.flags`) and of :func:`from_flagfile`."""
+    if path.resolve() in stack:
+        return []
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"--flagfile={path}: {err.strerror or err}") from err
+        raise ConfigError(f"--flagfile={path}: {err.strerror or err}") from None
+    lines = []
     for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("--"):
+        if not line.strip() or line.startswith(("#", "//")):
             continue
-        name, eq, value = line[2:].partition("=")
-        if name == "flagfile" and depth < 10:
-            yield from _flagfile_lines(nested_flagfile(value, path), depth + 1)
+        if line.startswith(("--flagfile=", "-flagfile=")):
+            nested = nested_flagfile(line.partition("=")[2].strip(), path)
+            lines += flagfile_lines(nested, (*stack, path.resolve()))
         else:
-            yield name, value if eq else None, path
+            lines.append((line.strip(), path))
+    return lines
 
 
 def from_run(run_dir: str | Path, cls: type | None = None) -> Any:

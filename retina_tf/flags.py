@@ -54,8 +54,8 @@ from retina_tf.config import (
     checked_value,
     convert_value,
     field_names,
+    flagfile_lines,
     fold_model_flags,
-    nested_flagfile,
     read_model_config,
     unknown_flag,
 )
@@ -247,7 +247,8 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> 
         if fv._is_flag_file_directive(arg):  # noqa: SLF001  (absl's own test)
             if arg.lstrip("-") == "flagfile" and args:  # --flagfile path
                 arg = f"--flagfile={args.pop(0)}"
-            lines = _flagfile_lines(Path(os.path.expanduser(arg.partition("=")[2])))
+            lines = [line for line, _ in flagfile_lines(
+                Path(os.path.expanduser(arg.partition("=")[2])))]
             if _is_run_flags(arg):  # older versions wrote the default --threshold there; the
                 # run's own threshold (run.json's, else that line) is what it stands for
                 lines = [line for line in lines if _flag_name(line) != "threshold"]
@@ -265,29 +266,6 @@ def keep_own_flags(argv: list[str], fv: flags.FlagValues, warn: bool = True) -> 
             sys.stderr.write(f"{prog}: note: --{name} is a flag of {users}, not of {prog}; "
                              "ignored\n")
     return out
-
-
-def _flagfile_lines(path: Path, stack: tuple[Path, ...] = ()) -> list[str]:
-    """The flag lines of a flagfile by absl's rules (blank lines and ``#`` or ``//`` comments
-    skipped, nested ``--flagfile=`` lines read in place, a file already being read skipped),
-    a nested one found also from the folders holding the file that names it
-    (:func:`~retina_tf.config.nested_flagfile`)."""
-    if path in stack:
-        return []
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"--flagfile={path}: {err.strerror or err}") from None
-    lines = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith(("#", "//")):
-            continue
-        if FLAGS._is_flag_file_directive(line):  # noqa: SLF001  (absl's own test)
-            nested = nested_flagfile(FLAGS._extract_filename(line), path)  # noqa: SLF001
-            lines += _flagfile_lines(nested, (*stack, path))
-        else:
-            lines.append(line.strip())
-    return lines
 
 
 def _refuse_unknown(lines: list[str], fv: flags.FlagValues, flagfile: str) -> None:

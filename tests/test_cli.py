@@ -387,6 +387,20 @@ def test_the_configs_read_from_any_folder_and_a_missing_nested_flagfile_is_named
         parse_config("train", ["--flagfile=missing.cfg"])
 
 
+def test_the_library_reads_a_flagfile_as_the_command_line_does(tmp_path):
+    """from_flagfile had a reader of its own: it passed over a single-dash flag that absl sets
+    and refused a flagfile that names itself (absl skips the repeat)."""
+    from retina_tf.config import TrainConfig, from_flagfile
+    from retina_tf.flags import parse_config
+    base = tmp_path / "base.cfg"
+    mine = tmp_path / "mine.cfg"
+    base.write_text(f"// base\n--flagfile={mine}\n--epochs=7\n--batch_size=4\n")
+    mine.write_text(f"# mine\n--flagfile={base}\n\n-epochs=3\n  --noflip\n")
+    given = parse_config("train", [f"--flagfile={mine}"])
+    assert (given.epochs, given.batch_size, given.flip) == (3, 4, False)
+    assert from_flagfile(TrainConfig, mine) == given
+
+
 def test_unet_flags_reach_only_models_that_take_them(monkeypatch):
     from retina_tf.flags import parse_config
 
