@@ -1348,8 +1348,7 @@ def _predict_one(seg: Segmenter, photo: Photograph, base: str, cfg, fov_source,
     seg.check_image_size(image, path, warn=False)  # segment warns, once
     fov, mask_file = _fov_for(photo, image, fov_source)
     plan = seg.scale_plan(image, fov)  # segmented by, and said in the line
-    # a mask file as such, so that a warning of it names it
-    prob, mask = seg.segment(image, mask_file or fov, threshold, source=path, plan=plan)
+    prob, mask = seg.segment(image, fov, threshold, source=path, plan=plan, fov_file=mask_file)
     out.claim([base + s for s in _prediction_suffixes(seg, cfg.save_probabilities,
                                                       cfg.visualize)])
     written = [out.save_png(f"{base}_prob.png", visualize.probability_image(prob[..., -1])),

@@ -1159,7 +1159,8 @@ class Segmenter:
                 fov: np.ndarray | str | os.PathLike | None = None,
                 threshold: float | None = None,
                 match_scale: bool = True, source: str | os.PathLike = "the image",
-                plan: ScalePlan | None = None) -> tuple[np.ndarray, np.ndarray]:
+                plan: ScalePlan | None = None, fov_file: str | os.PathLike | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Probability (H, W, K) and binary mask (H, W, K), zeroed outside the FOV. An A/V
         model's mask is its decision (:func:`retina_tf.postprocess.av_mask`): vessel at the
         threshold, each vessel pixel artery or vein, as ``_av.png`` draws it. A mask far from
@@ -1182,6 +1183,8 @@ class Segmenter:
             source: where the image came from (a file name), for messages; an image file
                 names itself.
             plan: :meth:`scale_plan` of ``image`` and ``fov``, where the caller has it already.
+            fov_file: the file a ``fov`` array was read from, for messages (a ``fov`` given
+                as a file names itself).
 
         Raises:
             ConfigError: for a threshold outside (0, 1).
@@ -1192,9 +1195,9 @@ class Segmenter:
         if isinstance(image, (str, os.PathLike)):
             source = image if source == "the image" else source
             image = read_image(image)
-        mask_file = fov if isinstance(fov, (str, os.PathLike)) else None
-        if mask_file is not None:
-            fov = read_fov_mask(mask_file)
+        mask_file = fov if isinstance(fov, (str, os.PathLike)) else fov_file
+        if isinstance(fov, (str, os.PathLike)):
+            fov = read_fov_mask(fov)
         image = np.asarray(image)  # a PIL image or a tensor as an array
         self.check_image_size(image, source)
         # what predict warns of, warned of here where segment computes it: the FOV's estimate
