@@ -43,6 +43,7 @@ from retina_tf.data.io import (
     fsync_dir,
     is_dicom_file,
     picture_count,
+    pixel_digest,
     process_exists,
     read_fov_mask,
     read_image,
@@ -794,6 +795,28 @@ def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
     return None
 
 
+def trained_on_by_pixels(run_info: dict, image: np.ndarray) -> str | None:
+    """The name of the image with ``image``'s pixels that a run trained on or chose its
+    checkpoint and threshold on (run.json's ``image_digests``,
+    :func:`~retina_tf.data.io.pixel_digest`): a test photograph copied into the training data
+    under another name or format; None: none (or a run that records no digests)."""
+    digests = (run_info.get("data") or {}).get("image_digests")
+    return digests.get(pixel_digest(image)) if digests else None
+
+
+def _pixels_seen_warning(seg: Segmenter, twins: list[tuple[str, str]], total: int
+                         ) -> str | None:
+    """A warning of the scored images (name, the name it was trained on as) whose pixels are
+    those of images ``seg``'s run trained on (:func:`trained_on_by_pixels`)."""
+    if not twins:
+        return None
+    listed = ", ".join(name if name == twin else f"{name} as {twin}" for name, twin in twins[:3])
+    listed += f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+    return (f"warning: {len(twins)} of the {total} images ({listed}) are, pixel for pixel, "
+            f"photographs {seg.run_dir.name} trained on or chose its checkpoint "
+            "and threshold on: their scores do not measure it on new images")
+
+
 def _warn_of_estimate(data, sample) -> None:
     """The warnings a read sample's estimated FOV calls for (none for a given mask)."""
     if data.fov_estimated:
@@ -878,6 +901,9 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
         why = f"{name} has no artery/vein labels" if no_av_labels else "--task=vessel"
         log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
     _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
+    seen = images_seen_in_training(seg.run_info, [s.name for s in samples], cfg.dataset,
+                                   cfg.eval_split)[0]
+    twins: list[tuple[str, str]] = []  # seen by their pixels, not their names
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     if line := tta_line(seg, cfg):
         log.info(line)
@@ -892,6 +918,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             data = read_sample(sample)
             seg.check_image_size(data.image, sample.image)
             _warn_of_estimate(data, sample)
+            if (twin := trained_on_by_pixels(seg.run_info, data.image)) and data.name not in seen:
+                twins.append((data.name, twin))
             target = target_of(data, task) > 0.5
             # Outside the FOV the prediction is background, as in the shipped masks and papers; a
             # photograph of another scale is resized near the training scale, as predict does.
@@ -905,6 +933,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                 sheet_rows.append(_write_pictures(out, data, prob, target, threshold, task,
                                                   scores.per_image[-1]))
         result = scores.result()
+        _warn(_pixels_seen_warning(seg, twins, len(samples)))
         log.info("")
         log.info(format_table(result))
         if scores.av is not None:
@@ -933,6 +962,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                   "label_files": None if cfg.dataset else [
                       str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",
+                  "seen_in_training": sorted({*seen, *(name for name, _ in twins)}),
                   "inference": seg.inference, "tta": seg.tta,
                   "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
                   "av_link": seg.av_link if seg.av_vote else None,

@@ -1064,7 +1064,9 @@ def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
             **({"camera_channel_gamma": cfg.camera_channel_gamma}
                if getattr(cfg, "camera_channel_gamma", 0.0) else {}),
             "training_images": [n for n in train_set.names if "@camera" not in n],
-            "validation_images": list(val_set.names) if val_set is not None else []}
+            "validation_images": list(val_set.names) if val_set is not None else [],
+            "image_digests": {digest: name for part in (train_set, val_set) if part is not None
+                              for name, digest in zip(part.names, part.digests or ()) if digest}}
 
 
 @dataclasses.dataclass
@@ -1314,6 +1316,12 @@ def _check_same_data(run_dir: Path, began: dict[str, Any], run_info: dict[str, A
             words = [f"without {_some(gone)}" if gone else "", f"with {_some(new)}" if new else ""]
             changed.append(f"{key.replace('_', ' ')} {' and '.join(w for w in words if w)}"
                            if gone or new else f"{key.replace('_', ' ')} in another order")
+    if not changed and "image_digests" in old and "image_digests" in now:
+        replaced = sorted(set(old["image_digests"].values())
+                          - {name for digest, name in now["image_digests"].items()
+                             if digest in old["image_digests"]})
+        if replaced:
+            changed.append(f"{_some(replaced)} with other pixels")
     try:
         before = Preprocessor.load(run_dir / "preprocessor.json").get_config()
     except ValueError:

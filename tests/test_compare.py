@@ -250,6 +250,21 @@ def test_compare_on_training_images_warns_as_evaluate_does(tiny_synthetic, av_ru
                               data_dir=str(tiny_synthetic), eval_split="training",
                               output_dir=str(tmp_path)))
     assert f"have the names of images {av_run.name} trained on" in caplog.text
+    # a training photograph as a test one (its labels too): told by its pixels
+    data = shutil.copytree(tiny_synthetic, tmp_path / "data")
+    trained_on = json.loads((av_run / "run.json").read_text())["data"]["training_images"][0]
+    number = trained_on.split("_")[0]
+    for folder, test, training in (("images", "01_test.tif", f"{trained_on}.tif"),
+                                   ("1st_manual", "01_manual1.gif", f"{number}_manual1.gif"),
+                                   ("mask", "01_test_mask.gif", f"{trained_on}_mask.gif"),
+                                   ("av", "01_test.png", f"{trained_on}.png")):
+        shutil.copy(data / "training" / folder / training, data / "test" / folder / test)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        compare(CompareConfig(runs=(str(av_run),), dataset="synthetic", data_dir=str(data),
+                              output_dir=str(tmp_path / "test")))
+    assert f"(01_test as {trained_on}) are, pixel for pixel, photographs " \
+        f"{av_run.name} trained on" in caplog.text
 
 
 @pytest.mark.slow

@@ -453,6 +453,33 @@ def test_a_label_files_all_split_is_training_and_test_and_trained_images_are_nam
                             output_dir=str(tmp_path / "c")))
 
 
+def test_a_photograph_trained_on_is_told_by_its_pixels_under_another_name(
+        trained, tmp_path, caplog):
+    """A training photograph copied into the test data under another name and format was
+    scored as a new image in silence (the check went by names)."""
+    data, run = trained
+    seen = json.loads((run / "run.json").read_text())["data"]["image_digests"]
+    assert sorted(seen.values()) == sorted(p.stem for p in (data / "training" / "images")
+                                           .glob("*.tif"))
+    own = tmp_path / "own"
+    own.mkdir()
+    for name, split, number in (("copy", "training", "03"), ("new", "test", "01")):
+        image = read_image(data / split / "images" / f"{number}_{split}.tif")
+        cv2.imwrite(str(own / f"{name}.png"), image[..., ::-1])  # OpenCV writes BGR
+        shutil.copy(data / split / "1st_manual" / f"{number}_manual1.gif",
+                    own / f"{name}_label.gif")
+        shutil.copy(data / split / "mask" / f"{number}_{split}_mask.gif",
+                    own / f"{name}_mask.gif")
+    (own / "test.txt").write_text(f"{own},{own},{own}\n" + "".join(
+        f"{n}.png,{n}_label.gif,{n}_mask.gif\n" for n in ("copy", "new")))
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        report = evaluate(EvalConfig(model=str(run), test_label_file_path=str(own / "test.txt"),
+                                     output_dir=str(tmp_path / "out")))
+    assert ("1 of the 2 images (copy as 03_training) are, pixel for pixel, photographs "
+            "tiny trained on") in caplog.text
+    assert report["seen_in_training"] == ["copy"]
+
+
 def test_the_split_of_label_files_is_the_one_asked_for_and_a_runs_own_test_list_is_used(
         shared_data, tmp_path, caplog):
     drive = shared_data / "DRIVE"

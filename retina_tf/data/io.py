@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import glob
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -708,6 +709,13 @@ def write_image_atomic(path: PathLike, array: np.ndarray) -> None:
     """
     path = Path(path)
     atomic_write_bytes(path, _encode(path, array))
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """A short hash of a photograph's pixels (and size): the same photograph under another
+    name, or converted to another lossless format, has the same one."""
+    image = np.ascontiguousarray(image)
+    return hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()[:16]
 
 
 def file_stem(path: PathLike) -> str:

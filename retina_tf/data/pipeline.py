@@ -29,6 +29,7 @@ from retina_tf.data.io import (
     SampleData,
     atomic_write_bytes,
     clear_killed_writes,
+    pixel_digest,
 )
 from retina_tf.data.labelfile import read_label_file
 from retina_tf.data.preprocess import Preprocessor
@@ -66,6 +67,9 @@ class SegmentationSet:
     extras: list[np.ndarray] | None = None
     # The source (dataset) number of each image, for balanced patch sampling; None: one source.
     groups: list[int] | None = None
+    # Each photograph's pixel_digest as read ("" for a generated copy), for evaluate to tell
+    # images a run trained on by their pixels; None: not recorded.
+    digests: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -73,19 +77,24 @@ class SegmentationSet:
     def subset(self, indices: Sequence[int]) -> SegmentationSet:
         fields = ("names", "images", "targets", "fovs")
         picked = [[getattr(self, f)[i] for i in indices] for f in fields]
-        extras = None if self.extras is None else [self.extras[i] for i in indices]
-        groups = None if self.groups is None else [self.groups[i] for i in indices]
-        return SegmentationSet(*picked, extras=extras, groups=groups)
+        extras, groups, digests = (None if getattr(self, f) is None
+                                   else [getattr(self, f)[i] for i in indices]
+                                   for f in ("extras", "groups", "digests"))
+        return SegmentationSet(*picked, extras=extras, groups=groups, digests=digests)
 
     def __add__(self, other: SegmentationSet) -> SegmentationSet:
-        """Both sets' images in one set (extras and groups only when both have them)."""
+        """Both sets' images in one set (extras and groups only when both have them; the
+        digests of either)."""
         def joined(field):
             a, b = getattr(self, field), getattr(other, field)
             return None if a is None or b is None else list(a) + list(b)
 
+        digests = None if self.digests is None and other.digests is None else \
+            (self.digests or [""] * len(self)) + (other.digests or [""] * len(other))
         return SegmentationSet(self.names + other.names, self.images + other.images,
                                self.targets + other.targets, self.fovs + other.fovs,
-                               extras=joined("extras"), groups=joined("groups"))
+                               extras=joined("extras"), groups=joined("groups"),
+                               digests=digests)
 
     def with_extras(self, extras: Sequence[np.ndarray]) -> SegmentationSet:
         """A copy whose ``y`` carries ``extras`` (one (H, W) or (H, W, E) map per image)."""
@@ -215,7 +224,8 @@ def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vesse
             images.append(pre(d.image))
     return SegmentationSet(names=[d.name for d in datas], images=images,
                            targets=[target_of(d, task) for d in datas],
-                           fovs=[d.fov.astype(bool) for d in datas])
+                           fovs=[d.fov.astype(bool) for d in datas],
+                           digests=[pixel_digest(d.image) for d in datas])
 
 
 def _stack(seg: SegmentationSet, height: int, width: int, offset: int = 0) -> np.ndarray:
