@@ -25,7 +25,7 @@ from retina_tf import visualize
 from retina_tf.config import MAEConfig, RipPretrainConfig, read_model_config, takes
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
-from retina_tf.data.io import DatasetError, file_stem, read_image
+from retina_tf.data.io import DatasetError, file_stem, pixel_digest, read_image
 from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
@@ -76,10 +76,22 @@ def held_out_names(dataset: str | None, data_dir: str | None) -> set[str]:
     return {s.name for s in samples}
 
 
-def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[str], list[np.ndarray]]:
+def held_out_digests(dataset: str | None, data_dir: str | None) -> dict[str, str]:
+    """The :func:`~retina_tf.data.io.pixel_digest` of each test photograph of the evaluation
+    dataset, with its name: a copy under another name or lossless format is caught too."""
+    if not dataset or not data_dir:
+        return {}
+    return {pixel_digest(read_image(s.image)): s.name
+            for s in list_samples(dataset, data_dir, "test")}
+
+
+def pretraining_images(dirs: list[str], exclude: set[str],
+                       exclude_pixels: dict[str, str] | None = None
+                       ) -> tuple[list[str], list[np.ndarray]]:
     """The names of the photographs in ``dirs`` (file stems; ``IM0001_frame2`` for each frame
     or page of a file of several: :func:`~retina_tf.evaluation.photographs`) and their RGB
-    arrays; an excluded (test) image is an error."""
+    arrays; an excluded (test) image is an error: by its name (``exclude``) or its pixels
+    (``exclude_pixels``, :func:`held_out_digests`)."""
     if not dirs:
         raise ConfigError("--pretrain_dirs names no folder of images to pre-train on: give "
                           "folders of unlabelled fundus images, e.g. --pretrain_dirs=data/a,data/b")
@@ -93,9 +105,14 @@ def pretraining_images(dirs: list[str], exclude: set[str]) -> tuple[list[str], l
                                "training images and other datasets only")
         files += found
     photos = [photo for f in files for photo in photographs(f)]
-    return ([photo.base(file_stem(photo.path)) for photo in photos],
-            [read_image(photo.path, photo.index)
-             for photo in progress(photos, "pretrain_mae: reading", name=lambda p: p.name)])
+    images = [read_image(photo.path, photo.index)
+              for photo in progress(photos, "pretrain_mae: reading", name=lambda p: p.name)]
+    for photo, image in zip(photos, images):
+        if name := (exclude_pixels or {}).get(pixel_digest(image)):
+            raise DatasetError(f"{photo.label}: its pixels are those of {name}, a test image of "
+                               "the evaluation dataset, in --pretrain_dirs; pre-train on "
+                               "training images and other datasets only")
+    return [photo.base(file_stem(photo.path)) for photo in photos], images
 
 
 class ReconstructionImages(keras.callbacks.Callback):
@@ -160,7 +177,8 @@ def _mae_job(cfg: MAEConfig, strategy: tf.distribute.Strategy, run_dir: Path) ->
     config.update(input_channels=pre.channels, **_mae_fields(cfg, config))
     check_arguments("mae", config)
     exclude = held_out_names(cfg.dataset, cfg.data_dir)
-    names, images = pretraining_images(cfg.pretrain_dirs, exclude)
+    names, images = pretraining_images(cfg.pretrain_dirs, exclude,
+                                       held_out_digests(cfg.dataset, cfg.data_dir))
     if pre.standardize:
         pre.fit(images)
     prepared = [(pre(im), estimate_fov(im))

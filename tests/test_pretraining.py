@@ -2,6 +2,7 @@
 ViT segmentation model from the run folder."""
 
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -9,13 +10,14 @@ import numpy as np
 import pytest
 
 from retina_tf.config import MAEConfig, RipPretrainConfig
-from retina_tf.data.io import DatasetError
+from retina_tf.data.io import DatasetError, read_image, write_image_atomic
 from retina_tf.data.synthetic import write_synthetic_dataset
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
 from retina_tf.models import build_model
 from retina_tf.pretraining import (
     _mae_fields,
+    held_out_digests,
     held_out_names,
     pretrain_mae,
     pretrain_rip,
@@ -98,6 +100,13 @@ def test_test_images_of_the_evaluation_dataset_are_refused(tmp_path):
         pretraining_images([str(data / "test" / "images")], {"01_test", "03_test"})
     names, images = pretraining_images([str(data / "training" / "images")], {"03_test"})
     assert len(names) == len(images) == 2 and images[0].shape == (64, 64, 3)
+    # a test photograph under another name and format: told by its pixels
+    copy = tmp_path / "mine" / "eye.png"
+    write_image_atomic(copy, read_image(data / "test" / "images" / "01_test.tif"))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(copy))}: its pixels are those of "
+                                           r"01_test, a test image of the evaluation dataset"):
+        pretraining_images([str(copy.parent)], {"01_test"},
+                           held_out_digests("synthetic", str(data)))
     # every frame of a file of several is a photograph to pre-train on
     folder = tmp_path / "series"
     folder.mkdir()
