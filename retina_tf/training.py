@@ -34,7 +34,7 @@ from retina_tf import optimizers
 from retina_tf.config import MAEConfig, TrainConfig, takes, to_flag_lines
 from retina_tf.data.camera import CameraChange, camera_variants
 from retina_tf.data.catalog import SPLITS, Sample, normalize_dataset_name
-from retina_tf.data.io import SampleData, read_sample
+from retina_tf.data.io import SampleData, pixel_digest, read_sample
 from retina_tf.data.pipeline import (
     Augment,
     SegmentationSet,
@@ -741,6 +741,12 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
         rows = [(s, d, number) for s, d in zip(samples, datas)]
         train += rows[:len(rows) - n_val]
         val += rows[len(rows) - n_val:]
+    first: dict[str, Path] = {}
+    for s, d, _ in train + val:  # the path check of training_sources, by pixels
+        other = first.setdefault(pixel_digest(d.image), Path(s.image))
+        if other != Path(s.image):
+            raise ConfigError(f"{s.image} has the pixels of {other}: that photograph would be "
+                              "trained on twice, or held out and trained on; list it once")
     if cfg.val_images > 0 and not val:
         log.warning("warning: no image held out: the epoch with the lowest training loss is "
                     "kept and the threshold stays 0.5, none chosen on held-out images")

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -226,3 +228,23 @@ def test_a_set_given_twice_is_refused_naming_the_image(tiny_synthetic, tmp_path)
         training_sources(TrainConfig(**base, extra_data=(f"synthetic:{alias}",)))
     with pytest.raises(ConfigError, match=rf"is also in --extra_data=synthetic:{other}"):
         training_sources(TrainConfig(extra_data=(f"synthetic:{other}", f"synthetic:{other}:all")))
+
+
+def test_a_photograph_given_twice_under_two_names_is_refused(tiny_synthetic, tmp_path):
+    """A copy of a training photograph in a second set passed the path check: trained on
+    twice, or held out in one set and trained on in the other."""
+    from retina_tf.config import TrainConfig
+    from retina_tf.training import load_training_sets
+    copy = shutil.copytree(tiny_synthetic, tmp_path / "copy")
+    first = sorted((copy / "training" / "images").glob("*.tif"))[0]
+    for folder in ("images", "1st_manual", "mask", "av"):  # one photograph of the copy left
+        for path in (copy / "training" / folder).iterdir():
+            if not path.name.startswith(first.name.split("_")[0]):
+                path.unlink()
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(tiny_synthetic),
+                      extra_data=(f"synthetic:{copy}",))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(first))} has the pixels of "
+                                          rf"{re.escape(str(tiny_synthetic))}/training/images/"
+                                          rf"{first.name}: that photograph would be trained on "
+                                          "twice, or held out and trained on; list it once$"):
+        load_training_sets(cfg)
