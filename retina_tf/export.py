@@ -67,7 +67,7 @@ from retina_tf.inference import (
     tta_views,
 )
 from retina_tf.models.base import SegmentationModel
-from retina_tf.run_folder import EXPORT_JSON, find_run
+from retina_tf.run_folder import EXPORT_JSON, PRETRAINED_DIR, RUN_MARKERS, find_run
 
 __all__ = ["FORMATS", "export_model", "export_saved_model", "export_onnx", "export_tflite",
            "deployer_notes", "run_threshold", "tflite_input_size"]
@@ -779,13 +779,36 @@ def _readme(info: dict) -> str:
 
 # --- writing -------------------------------------------------------------------------------------
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Raises ConfigError for an ``--out`` the export must not replace: one that exists without
+    ``--overwrite``; with it, anything but an earlier export (``export.json``), an empty folder
+    or a shipped model's (``--overwrite`` of a folder of other files, or of a training run,
+    deleted them all); and the current folder or one holding it."""
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError(f"--out={out} is the current folder or holds it; give a new folder "
+                          "for the export, e.g. --out=exports/<name>")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
+                          "give another folder")
+    if not out.is_dir():
+        raise ConfigError(f"--out={out} is a file, not an earlier export; give a folder")
+    held = sorted(p.name for p in out.iterdir())
+    if not held or (out / EXPORT_JSON).is_file() or out.resolve().parent == PRETRAINED_DIR:
+        return  # an earlier export, or a shipped model made anew (docs/deploy.md)
+    what = ("a training run" if any((out / name).exists() for name in RUN_MARKERS) else
+            f"{', '.join(held[:3])}{' ...' if len(held) > 3 else ''}")
+    raise ConfigError(f"--out={out} holds {what}, not an earlier export: --overwrite replaces "
+                      "only an export; give a new folder")
+
+
 def _write_folder(out: Path, overwrite: bool, fill: Callable[[Path], dict]) -> dict:
     """Fills a temporary folder beside ``out`` (``fill`` returns the export's description,
     written as export.json and README.txt), then renames it to ``out``: an interrupted export
     leaves no half-written ``out``."""
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
-                          "give another folder")
+    check_out(out, overwrite)
     try:
         with atomic_folder(out) as tmp:
             info = fill(tmp)
@@ -836,13 +859,11 @@ def export_model(cfg: ExportConfig) -> Path:
                           "export keeps the run's threshold; evaluate and predict take "
                           "--threshold)")
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:  # before the minutes of tracing
-        raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it, or "
-                          "give another folder")
     run_dir = find_run(cfg.run, flag="--run").resolve()
     if out.resolve() == run_dir or out.resolve() in run_dir.parents:
         raise ConfigError(f"--out={out} is the run folder or holds it: the export would "
                           "replace the run; give another folder")
+    check_out(out, cfg.overwrite)  # before the minutes of tracing
     seg = _load(str(run_dir), precision, tta=cfg.tta, tta_transpose=cfg.tta_transpose)
     threshold, _ = resolve_threshold(seg, cfg.threshold)
     size = tflite_input_size(seg, cfg.input_size) if cfg.format == "tflite" else None

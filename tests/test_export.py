@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,6 +274,29 @@ def test_the_export_folder_is_replaced_only_with_overwrite(tiny_run, tmp_path):
                                                       "model.tflite"]
     # no temporary or old folder is left beside it
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+
+def test_overwrite_replaces_only_an_earlier_export(tiny_run, tmp_path, monkeypatch):
+    """--overwrite deleted whatever the folder held (a project's sources, a training run)."""
+    mine = tmp_path / "project"
+    (mine / "src").mkdir(parents=True)
+    (mine / "src" / "important.py").write_text("keep me\n")
+    logdir = tmp_path / "logs"
+    shutil.copytree(tiny_run, logdir / "other_run")
+    for out, held in ((mine, "src, not an earlier export"),
+                      (logdir / "other_run", "a training run, not an earlier export")):
+        with pytest.raises(ConfigError, match=rf"^--out={re.escape(str(out))} holds {held}: "
+                                              "--overwrite replaces only an export"):
+            export_model(ExportConfig(run=str(tiny_run), out=str(out), overwrite=True))
+    assert (mine / "src" / "important.py").read_text() == "keep me\n"
+    assert (logdir / "other_run" / "model.keras").is_file()
+    monkeypatch.chdir(mine)
+    with pytest.raises(ConfigError, match=r"^--out=\. is the current folder or holds it"):
+        export_model(ExportConfig(run=str(tiny_run), out="."))
+    (tmp_path / "empty").mkdir()
+    export_model(ExportConfig(run=str(tiny_run), out=str(tmp_path / "empty"), overwrite=True))
+    assert (tmp_path / "empty" / "export.json").is_file()
 
 
 # --- the network alone: ONNX, TFLite ----------------------------------------------------------
