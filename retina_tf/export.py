@@ -43,6 +43,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from retina_tf.config import CHOICES, ExportConfig, takes
+from retina_tf.data.catalog import dataset_key
 from retina_tf.data.io import atomic_folder
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
@@ -525,15 +526,28 @@ def tflite_input_size(seg: Segmenter, input_size: str | None) -> tuple[int, int]
         return size
     if seg.inference == "sliding":
         return seg.window, seg.window
-    size = seg.run_info.get("image_size") or DATASET_IMAGE_SIZES.get(
-        str(seg.run_info.get("dataset")))
+    size = seg.run_info.get("image_size") or _datasets_image_size(seg.run_info)
     if not size:
         raise ConfigError(f"--input_size is needed: the training images' size of "
                           f"{seg.run_dir} is not known (dataset "
                           f"{seg.run_info.get('dataset')!r}); give the height x width of "
                           f"the photographs it will serve, each a multiple of {multiple} (e.g. "
                           "--input_size=592x576)")
-    return _pad(int(size[0]), multiple), _pad(int(size[1]), multiple)
+    height, width = _pad(int(size[0]), multiple), _pad(int(size[1]), multiple)
+    if _measured_views(seg)[2]:  # its transposed views must fit too
+        height = width = max(height, width)
+    return height, width
+
+
+def _datasets_image_size(run_info: dict) -> tuple[int, int] | None:
+    """The largest height and width of the photographs of the datasets a run trained on (one
+    that records no ``image_size``), where every one has a known size."""
+    extra = (run_info.get("data") or {}).get("extra_data") or []
+    names = [str(run_info.get("dataset"))] + [entry.split(":", 1)[0] for entry in extra]
+    sizes = [DATASET_IMAGE_SIZES.get(dataset_key(name)) for name in names]
+    if not all(sizes):
+        return None
+    return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
 def export_tflite(seg: Segmenter, path: Path, size: tuple[int, int]) -> dict:
@@ -594,12 +608,7 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         scales = ", ".join(f"{s:g}" for s in seg.model.scales)
         notes.append(f"the scale fusion is exported at the training scales ({scales}) only; "
                      "other inference scales (--eval_scales) need retina_tf")
-    # the views the run's results were measured with: its choice on held-out images, else
-    # (an A/V run without one) the evaluation RIP-AV was measured with
-    own = any(key in seg.run_info for key in RUN_CHOICES)
-    tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) \
-        if own or seg.task != "av" else (True,) * 3
-    turned, vote = tta and turned, vote and seg.task == "av"
+    own, tta, turned, vote = _measured_views(seg)
     steps = []
     if tta and not (fmt == "saved_model" and seg.tta):  # else the graph averages the views
         steps.append(f"average the export's probabilities over the {_views(turned)} of the "
@@ -621,6 +630,16 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         notes.append(f"for the results as retina_tf gives them (the run segments with {views} "
                      "by default, chosen on its held-out images): " + ", then ".join(steps))
     return notes
+
+
+def _measured_views(seg: Segmenter) -> tuple[bool, bool, bool, bool]:
+    """(whether the run chose them itself, TTA, its transposes, the A/V vote): the views the
+    run's results were measured with: its choice on held-out images, else (an A/V run without
+    one) the evaluation RIP-AV was measured with."""
+    own = any(key in seg.run_info for key in RUN_CHOICES)
+    tta, turned, vote = (bool(seg.run_info.get(key)) for key in RUN_CHOICES) \
+        if own or seg.task != "av" else (True,) * 3
+    return own, tta, tta and turned, vote and seg.task == "av"
 
 
 def _views(transpose: bool) -> str:

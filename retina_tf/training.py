@@ -1049,13 +1049,13 @@ def open_run_folder(cfg, run_dir: Path) -> None:
         log.info(f"removed {path}, left by a killed run")
 
 
-def _one_image_size(train_set: SegmentationSet) -> dict[str, list[int]]:
-    """``{"image_size": [H, W]}`` where every training photograph (camera copies aside) has
-    that size: the size a fixed-size export (TFLite) takes for photographs like them, also for
-    data outside the catalog's known sizes."""
-    sizes = {tuple(image.shape[:2]) for name, image in zip(train_set.names, train_set.images)
-             if "@camera" not in name}
-    return {"image_size": list(sizes.pop())} if len(sizes) == 1 else {}
+def _image_size(train_set: SegmentationSet) -> dict[str, list[int]]:
+    """``{"image_size": [H, W]}``: the largest height and width of the training photographs
+    (camera copies aside), the size a fixed-size export (TFLite) takes by default for
+    photographs like them, also for data outside the catalog's known sizes."""
+    sizes = [image.shape[:2] for name, image in zip(train_set.names, train_set.images)
+             if "@camera" not in name]
+    return {"image_size": [max(h for h, _ in sizes), max(w for _, w in sizes)]}
 
 
 def data_source(cfg, train_set: SegmentationSet, val_set: SegmentationSet | None
@@ -1526,7 +1526,7 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         run_info={"task": cfg.task, "size_multiple": multiple, "patch_size": cfg.patch_size,
                   "mode": cfg.mode, "fully_convolutional": model.fully_convolutional,
                   "dataset": cfg.dataset, "data": data_source(cfg, train_set, val_set),
-                  **_one_image_size(train_set), "input_channels": pre.channels,
+                  **_image_size(train_set), "input_channels": pre.channels,
                   "num_classes": num_classes,
                   "pretrained": str(pretrained) if pretrained else None,
                   "pretrained_sha256": model_fingerprint(pretrained) if pretrained else None,

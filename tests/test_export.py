@@ -372,6 +372,18 @@ def test_tflite_network_of_builtin_ops_matches_keras_on_a_drive_image(tiny_run, 
     assert np.abs(prob - _network_output(seg, x)).max() <= 1e-4
 
 
+def test_tflite_default_size_holds_every_training_photograph_and_its_transpose():
+    """vessel_general's default was DRIVE's alone (its STARE photographs did not fit) and
+    ripav_general's 592 x 576 (its transposed views, which its notes say to average, did
+    not)."""
+    from retina_tf.export import tflite_input_size
+    sizes = {name: tflite_input_size(Segmenter.from_pretrained(name), None)
+             for name in ("unet_drive", "vessel_general", "ripav_general")}
+    # DRIVE 584 x 565; STARE 605 x 700; each padded to the model's multiple (8, 8, 16)
+    assert sizes == {"unet_drive": (584, 568), "vessel_general": (608, 704),
+                     "ripav_general": (592, 592)}
+
+
 def test_a_tflite_input_size_off_the_size_multiple_is_refused(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="multiples of 2"):
         export_model(ExportConfig(run=str(tiny_run), format="tflite", out=str(tmp_path / "t"),
