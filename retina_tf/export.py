@@ -44,6 +44,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from retina_tf.config import CHOICES, ExportConfig, takes
 from retina_tf.data.catalog import dataset_key
+from retina_tf.data.fov import EDGE_FRACTION, MAX_FRAME_RATIO, MIN_CONTRAST
 from retina_tf.data.io import atomic_folder
 from retina_tf.data.tf_preprocess import estimate_fov, preprocess
 from retina_tf.errors import ConfigError, ModelFileError, OutputError
@@ -196,7 +197,9 @@ class _Serving(tf.Module):
             preprocess=tf.function(lambda image: preprocess(image, seg.preprocessor)),
             fov=tf.function(estimate_fov),
             forward=tf.function(self._forward, reduce_retracing=True))
-        image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
+        # any shape, checked in the graph: a loaded signature does not hold a caller to its
+        # shape, and a batch or a gray photograph failed deep inside with a misleading message
+        image = tf.TensorSpec(None, tf.uint8, name="image")
         self.serving_default = tf.function(self._serve, input_signature=[image])
         self.segment_with_fov = tf.function(
             self._serve_with_fov, input_signature=[
@@ -211,9 +214,11 @@ class _Serving(tf.Module):
 
     # signatures
     def _serve(self, image):
+        image = _photograph(image)
         return self._segment(image, self._steps.fov(image))
 
     def _serve_with_fov(self, image, fov):
+        image = _photograph(image)
         tf.debugging.assert_equal(tf.shape(fov), tf.shape(image)[:2], message=(
             "fov must have the image's height and width"))
         # as retina_tf refuses it: an empty mask would give an all-zero map without a word
@@ -222,10 +227,15 @@ class _Serving(tf.Module):
         return self._segment(image, fov > 0)
 
     def _preprocess(self, image):
+        image = _photograph(image)
         return {"preprocessed": self._steps.preprocess(image),
                 "fov": tf.cast(self._steps.fov(image), tf.uint8)}
 
     def _network(self, image, context=None):
+        multiple = self._seg.size_multiple
+        tf.debugging.assert_equal(tf.shape(image)[1:3] % multiple, 0, message=(
+            f"the network takes a batch padded to multiples of {multiple} in height and width "
+            "(zero padding at the bottom and right)"))
         return {"probability": self._steps.forward(image, context)}
 
     # the steps
@@ -349,6 +359,28 @@ class _Serving(tf.Module):
         return (total / covered[..., None])[:height, :width]
 
 
+def _photograph(image: tf.Tensor) -> tf.Tensor:
+    """``image`` as one uint8 [H, W, 3] RGB photograph, checked as ``predict`` checks it
+    (:meth:`Segmenter.check_image_size`): a batch, a gray or RGBA image or one flat colour
+    (nothing to segment) is refused with a message saying so."""
+    rank = tf.rank(image)
+    checks = [tf.debugging.assert_equal(rank, 3, message=(
+        "image must be one photograph, uint8 [height, width, 3] RGB: not a batch (call once per "
+        "photograph), a gray one as 3 equal channels"))]
+    with tf.control_dependencies(checks):
+        checks.append(tf.debugging.assert_equal(tf.shape(image)[-1], 3, message=(
+            "image must be uint8 [height, width, 3] RGB: a gray photograph as 3 equal "
+            "channels, an RGBA one without its alpha")))
+    with tf.control_dependencies(checks):
+        image = tf.identity(image)  # (tf.ensure_shape ran before the checks it waited for)
+        image.set_shape([None, None, 3])
+        spread = tf.reduce_max(image, axis=[0, 1]) - tf.reduce_min(image, axis=[0, 1])
+    with tf.control_dependencies([tf.debugging.assert_greater(
+            tf.reduce_max(spread), tf.constant(2, tf.uint8), message=(
+                "the photograph is one flat colour: nothing to segment"))]):
+        return tf.identity(image)
+
+
 def export_saved_model(seg: Segmenter, folder: Path, threshold: float) -> dict:
     """Writes the SavedModel of ``seg`` into ``folder``; returns its signatures' description."""
     module = _Serving(seg, threshold)
@@ -363,8 +395,10 @@ def export_saved_model(seg: Segmenter, folder: Path, threshold: float) -> dict:
     prob = "[H, W]" if module._classes == 1 else f"[H, W, {module._classes}]"
     channels = seg.preprocessor.channels
     side = f"{seg.window}, {seg.window}" if seg.inference == "sliding" else "H, W"
+    padded = "" if seg.inference == "sliding" else \
+        f", H and W padded to multiples of {seg.size_multiple}"
     network_inputs = {"image": f"float32 [N, {side}, {channels}], preprocessed (see "
-                               "'preprocessing')"}
+                               f"'preprocessing'){padded}"}
     if _context_size(seg):
         cs = _context_size(seg)
         network_inputs["context"] = (f"float32 [N, {cs}, {cs}, {channels}]: the whole "
@@ -612,7 +646,9 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
     steps = []
     if tta and not (fmt == "saved_model" and seg.tta):  # else the graph averages the views
         steps.append(f"average the export's probabilities over the {_views(turned)} of the "
-                     "photograph (each undone)")
+                     "preprocessed image, before its padding (x; x flipped left-right, up-down "
+                     "and both" + ("; the same of x transposed" if turned else "") + "), each "
+                     "map flipped (and transposed) back")
     elif tta and turned and not seg.tta_transpose:  # a SavedModel of the 4 flips only
         steps.append("run this SavedModel (4 flips) on the transposed photograph too, transpose "
                      "its probabilities back and average the two (or export without "
@@ -672,23 +708,47 @@ def _preprocessing(seg: Segmenter) -> dict:
     }
 
 
+# The FOV estimate (retina_tf.data.fov.estimate_fov) and diameter (retina_tf.inference.
+# fov_diameter) in words, with their constants, for a deployer of the network alone.
+FOV_RECIPE = (
+    "field of view: the mask given (non-zero inside), else estimated: r = cv2.medianBlur(R, 5); "
+    "t = Otsu's threshold of r (cv2.THRESH_OTSU); with c the cumulative 256-bin histogram of r "
+    "and N its pixels, frame = the least level with c >= c[t] / 2, retina = the least with "
+    f"c >= c[t] + (N - c[t]) / 2; the whole image is the FOV if c[t] is 0 or N, retina - frame "
+    f"< {MIN_CONTRAST} or frame > {MAX_FRAME_RATIO:g} retina; else "
+    f"m = r > frame + {EDGE_FRACTION:g} (retina - frame), opened (cv2.MORPH_OPEN) "
+    "with a 5 x 5 ellipse (cv2.getStructuringElement(cv2.MORPH_ELLIPSE)), its largest outer "
+    "contour (cv2.findContours RETR_EXTERNAL, CHAIN_APPROX_SIMPLE; cv2.contourArea) filled, "
+    "eroded by a 7 x 7 ellipse")
+DIAMETER_RECIPE = (
+    "its horizontal extent in pixels; the vertical one if a column at the left or right end of "
+    "the disc holds more than half the disc's height of FOV pixels (a disc cut at a side); if "
+    "the transposed mask is cut so too, the circle fitted by least squares (Kasa: solve "
+    "[u v 1] [d e f]^T = -(u^2 + v^2) for the centred points u, v; r^2 = (d^2 + e^2) / 4 - f) "
+    "through each row's first and last FOV pixel and each column's, leaving out those on the "
+    "disc's extreme columns (rows); D = 2 r + 1 where there are at least "
+    f"{ARC_MIN_POINTS} points, their RMS distance from the circle is at most "
+    f"{ARC_FIT_TOLERANCE:g} r + {ARC_FIT_PIXELS:g} px and they span at least "
+    f"{ARC_MIN_SPAN!r} of 2 r, else 0")
+
+
 def _recipe(seg: Segmenter) -> list[str]:
     """The preprocessing as numbered steps a deployer can follow (Preprocessor.__call__)."""
     pre = seg.preprocessor
     steps = []
+    steps.append(FOV_RECIPE)
     d = seg.run_info.get("fov_diameter")
     setting = seg.inference_scale
     if d and setting != "native":
         aim = d * (setting if isinstance(setting, float) else 1.0)
-        factor = (f"min(max({aim:g}/D, {seg.auto_min_scale:.4g}), {AUTO_MAX_SCALE:g})"
-                  if setting == "auto" else f"{aim:g}/D")
-        steps.append(f"field of view: the mask given, or estimated (retina_tf.data.fov); if "
-                     f"its diameter D (retina_tf.inference.fov_diameter: the horizontal extent, "
-                     "the vertical one for a disc cut at its left or right, the least-squares "
-                     "circle through the edge shown for one cut both ways, none for one cut on "
-                     f"all four sides) differs from {aim:g} px by more than "
-                     f"{SCALE_TOLERANCE:.0%}, resize the photograph by {factor} (OpenCV "
-                     "INTER_AREA), segment, and resize the probabilities back (bilinear); when "
+        factor = (f"f = min(max({aim!r} / D, {seg.auto_min_scale!r}), {AUTO_MAX_SCALE!r})"
+                  if setting == "auto" else f"f = {aim!r} / D")
+        steps.append(f"if the FOV's diameter D ({DIAMETER_RECIPE}) differs from {aim:g} px by "
+                     f"more than {SCALE_TOLERANCE:.0%} (|D / {aim:g} - 1| > {SCALE_TOLERANCE:g};"
+                     f" D = 0: never), resize the photograph by {factor} (OpenCV "
+                     "INTER_AREA, to max(round(W f), 1) x max(round(H f), 1), round half to "
+                     "even), segment it (the steps below), and resize the probabilities back "
+                     "(bilinear); when "
                      "enlarging, first cut the photograph to the FOV's bounding box plus "
                      f"max(round({BOX_MARGIN:g} D), {BOX_MARGIN_PIXELS}) px on every side "
                      f"(within the image) if that box is at most {BOX_AT_MOST:.0%} of the image, "
@@ -726,7 +786,7 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         in_the_export = "everything in 'preprocessing' and the network"
         if seg.tta:
             in_the_export += (f", its probabilities averaged over the "
-                              f"{_views(seg.tta_transpose)} of the photograph (test-time "
+                              f"{_views(seg.tta_transpose)} of the preprocessed image (test-time "
                               "augmentation, each undone)")
     else:
         in_the_export = "the network only: preprocessed image in, probability out"
@@ -747,7 +807,9 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
            if fmt == "saved_model" else {}),
         "deployer_must_add": deployer_notes(seg, fmt),
         "never_exported": [] if fmt == "keras" else [
-            *(["test-time augmentation (--tta)"] if fmt != "saved_model" else []),
+            *(["test-time augmentation (--tta)", "predict's refusal of a photograph of one "
+               "flat colour (nothing to segment: it would come back as noise)"]
+              if fmt != "saved_model" else []),
             "the A/V segment vote (--av_vote)",
             "inference scales other than the training ones (--eval_scales)",
             "predict's warning of a mask far from the training labels' share of vessel (or of "
@@ -786,7 +848,10 @@ def _readme(info: dict) -> str:
                   "", "In the file: " + info["in_the_export"] + ". Reproduce the "
                   "preprocessing below (its constants are in export.json):"]
     lines += [f"Mask threshold: {info['threshold']:g}. Output channels: "
-              f"{', '.join(info['channels'])}.", "", "Preprocessing and inference:"]
+              f"{', '.join(info['channels'])}." + (
+                  f" Computed in {info['precision']} (float32 weights): its probabilities "
+                  "differ a little from a float32 export's." if info["precision"] != "float32"
+                  else ""), "", "Preprocessing and inference:"]
     lines += [f"  {i}. {step}" for i, step in enumerate(info["preprocessing"]["recipe"], 1)]
     if info["deployer_must_add"]:
         lines += ["", "A deployer must add:"]

@@ -8,6 +8,7 @@ whatever the weights compute); the shipped models' exports are slow-marked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pytest
@@ -105,6 +107,31 @@ def _drive_input(shared_data: Path, seg: Segmenter) -> np.ndarray:
     """DRIVE's first test photograph preprocessed by the run and padded: the network's input."""
     image = read_image(shared_data / "DRIVE" / "test" / "images" / "01_test.tif")
     return pad_to_multiple(seg.preprocessor(image), seg.size_multiple)[None]
+
+
+def test_the_fov_estimate_followed_from_the_recipe_is_retina_tfs(shared_data):
+    """export.json named the FOV estimate's module only: a deployer of the network alone had
+    to guess it (a guess resized a CHASE_DB1 photograph to 587 px wide where retina_tf does
+    591, flipping 0.55 % of the mask)."""
+    from retina_tf.export import FOV_RECIPE
+    number = r"([\d.]+)"
+    gap, ratio, edge = (float(re.search(pattern, FOV_RECIPE)[1]) for pattern in (
+        rf"retina - frame < {number}", rf"frame > {number} retina", rf"frame \+ {number} "))
+    ellipse = functools.partial(cv2.getStructuringElement, cv2.MORPH_ELLIPSE)
+    for path in (shared_data / "DRIVE" / "test" / "images" / "01_test.tif",
+                 shared_data / "samples" / "CHASE_DB1" / "Image_01L.jpg"):
+        image = read_image(path)
+        r = cv2.medianBlur(image[..., 0], 5)  # as the recipe says, step by step
+        t = int(cv2.threshold(r, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0])
+        c = np.cumsum(np.bincount(r.ravel(), minlength=256))
+        frame, retina = np.argmax(c >= c[t] / 2), np.argmax(c >= c[t] + (c[-1] - c[t]) / 2)
+        assert retina - frame >= gap and frame <= ratio * retina  # a dark frame
+        m = cv2.morphologyEx((r > frame + edge * (retina - frame)).astype(np.uint8),
+                             cv2.MORPH_OPEN, ellipse((5, 5)))
+        contours = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+        fov = cv2.drawContours(np.zeros_like(m), [max(contours, key=cv2.contourArea)], -1, 1,
+                               cv2.FILLED)
+        np.testing.assert_array_equal(cv2.erode(fov, ellipse((7, 7))) > 0, estimate_fov(image))
 
 
 # --- flags --------------------------------------------------------------------------------------
@@ -195,8 +222,22 @@ def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_save
     unscaled = seg.probability(big)[..., 0] * estimate_fov(big)
     assert np.abs(out["probability"].numpy() - unscaled).mean() > 10 * diff.mean()
 
+    noise = np.random.default_rng(0).integers(0, 256, (20, 40, 3), np.uint8)
     with pytest.raises(tf.errors.InvalidArgumentError, match="too small"):
-        loaded.signatures["serving_default"](image=tf.zeros((20, 40, 3), tf.uint8))
+        loaded.signatures["serving_default"](image=tf.constant(noise))
+    # what predict refuses, refused with a message saying why (a batch failed as "too small",
+    # a gray photograph at a strided slice; RGBA and a flat colour were segmented in silence)
+    for image, said in ((sample.image[None], "not a batch"),
+                        (sample.image[..., 0], "a gray one as 3 equal channels"),
+                        (np.dstack([sample.image, sample.image[..., :1]]), "without its alpha"),
+                        (np.full((96, 96, 3), 255, np.uint8), "one flat colour")):
+        for name in ("serving_default", "preprocess"):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=said):
+                loaded.signatures[name](image=tf.constant(image))
+    multiple = info["preprocessing"]["size_multiple"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"multiples of {multiple}"):
+        loaded.signatures["network"](image=tf.zeros((1, 2 * multiple + 1, 2 * multiple,
+                                                     seg.preprocessor.channels)))
 
 
 def test_an_export_for_serving_given_as_a_run_is_named_as_one(tiny_saved_model):

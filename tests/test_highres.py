@@ -218,7 +218,7 @@ def test_the_saved_model_shrinks_a_large_photograph_as_retina_tf_does(tiny_run, 
     export_model(ExportConfig(run=str(tiny_run), format="saved_model", out=str(out)))
     description = json.loads((out / "export.json").read_text())
     assert description["preprocessing"]["inference_scale"] == "auto"
-    assert "max(" in description["preprocessing"]["recipe"][0]
+    assert "max(" in description["preprocessing"]["recipe"][1]  # [0]: the field of view
     loaded = tf.saved_model.load(str(out))
     seg = Segmenter.from_run(tiny_run)
     big = generate_fundus(1, size=(400, 400)).image

@@ -15,15 +15,15 @@ import numpy as np
 # Where the threshold sits between the frame's and the retina's typical red level. Low, because
 # the disc darkens towards its rim (vignetting); the opening below removes the frame noise that
 # a low threshold lets through (STARE frames reach red 30).
-_EDGE_FRACTION = 0.1
+EDGE_FRACTION = 0.1
 # Below this red-level gap between "frame" and "retina" there is no dark frame to find (e.g. a
 # crop inside the FOV): the whole image is the field of view.
-_MIN_CONTRAST = 10
+MIN_CONTRAST = 10
 # A camera's frame is near black beside the retina: the frame's median red level is at most 0.15
 # of the retina's in DRIVE, STARE, RITE and the CHASE_DB1, HRF and LES-AV samples. In a crop
 # inside the FOV the split is darker against brighter retina (0.58 and more in centre crops of
 # half and 0.6 of those photographs): no frame, all of it is the field of view.
-_MAX_FRAME_RATIO = 0.35
+MAX_FRAME_RATIO = 0.35
 
 
 def _disc(radius: int) -> np.ndarray:
@@ -93,9 +93,9 @@ def _bright_regions(image: np.ndarray) -> tuple[tuple[int, int], list]:
         return red.shape, []
     frame_level = int(np.searchsorted(cumulative, below / 2))
     retina_level = int(np.searchsorted(cumulative, below + (total - below) / 2))
-    if retina_level - frame_level < _MIN_CONTRAST or frame_level > _MAX_FRAME_RATIO * retina_level:
+    if retina_level - frame_level < MIN_CONTRAST or frame_level > MAX_FRAME_RATIO * retina_level:
         return red.shape, []
-    threshold = frame_level + _EDGE_FRACTION * (retina_level - frame_level)
+    threshold = frame_level + EDGE_FRACTION * (retina_level - frame_level)
 
     mask = (red > threshold).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(2))
@@ -172,7 +172,7 @@ def given_fov_warning(image: np.ndarray, fov: np.ndarray, source: str) -> str | 
                 f"has a dark frame around a field of view of {coverage:.0%} of it: the frame is "
                 "scored as retina; give the camera's mask, or none to estimate it")
     inside, outside = float(red[fov].mean()), float(red[~fov].mean())
-    if inside >= _MAX_FRAME_RATIO * outside:  # a light surround beside a right mask is not
+    if inside >= MAX_FRAME_RATIO * outside:  # a light surround beside a right mask is not
         return None
     return (f"warning: {source}: the FOV mask keeps the darker part of the photograph (mean red "
             f"level {inside:.0f} inside, {outside:.0f} outside): is it inverted? The field of "

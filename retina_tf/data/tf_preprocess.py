@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from retina_tf.data.fov import _EDGE_FRACTION, _MAX_FRAME_RATIO, _MIN_CONTRAST
+from retina_tf.data.fov import EDGE_FRACTION, MAX_FRAME_RATIO, MIN_CONTRAST
 from retina_tf.data.preprocess import Preprocessor
 
 _BINS = 256
@@ -349,13 +349,13 @@ def estimate_fov(image: tf.Tensor, erode: int = 3) -> tf.Tensor:
     retina_level = tf.searchsorted(cumulative, tf.reshape(below + (total - below) / 2, [1]),
                                    side="left")[0]
     threshold = (tf.cast(frame_level, tf.float64)
-                 + _EDGE_FRACTION * tf.cast(retina_level - frame_level, tf.float64))
+                 + EDGE_FRACTION * tf.cast(retina_level - frame_level, tf.float64))
     mask = tf.cast(red, tf.float64) > threshold
     mask = _dilate(_erode(mask, _disc(2)), _disc(2))
 
     no_frame = tf.reduce_any(tf.stack([
-        below == 0, below == total, retina_level - frame_level < _MIN_CONTRAST,
-        tf.cast(frame_level, tf.float64) > _MAX_FRAME_RATIO * tf.cast(retina_level, tf.float64)]))
+        below == 0, below == total, retina_level - frame_level < MIN_CONTRAST,
+        tf.cast(frame_level, tf.float64) > MAX_FRAME_RATIO * tf.cast(retina_level, tf.float64)]))
     everything = tf.ones_like(red, tf.bool)
 
     def found():
