@@ -963,7 +963,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                       str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",
                   "seen_in_training": sorted({*seen, *(name for name, _ in twins)}),
-                  "inference": seg.inference, "tta": seg.tta,
+                  "inference": seg.inference, **seg.inference_record(), "tta": seg.tta,
                   "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
                   "av_link": seg.av_link if seg.av_vote else None,
                   "threshold": threshold, "threshold_source": threshold_source,

@@ -1245,6 +1245,16 @@ class Segmenter:
             words += f" at scales {', '.join(f'{s:g}' for s in scales)}"
         return words
 
+    def inference_record(self) -> dict[str, Any]:
+        """What :meth:`describe_inference` says, for a report's JSON: ``window`` and
+        ``stride`` of sliding-window inference, the multi-scale model's ``scales`` (None where
+        they do not apply)."""
+        sliding = self.inference == "sliding"
+        scales = getattr(self._source, "scales", None)
+        return {"window": self.window if sliding else None,
+                "stride": self.stride if sliding else None,
+                "scales": [float(s) for s in scales] if scales else None}
+
     @property
     def _inference_scale_name(self) -> str:
         """E.g. "inference scale auto", "inference scale 0.05"."""

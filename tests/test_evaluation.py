@@ -109,11 +109,15 @@ def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_
     assert (overlay[..., 1] == 255).any()  # some true positives drawn green
     # evaluation results are also merged into the run's metrics.json
     assert "eval_synthetic_test" in json.loads((run / "metrics.json").read_text())
+    assert (report["inference"], report["window"], report["scales"]) == ("whole", None, None)
     whole = _run("evaluate.py", f"--model={run}", "--dataset=synthetic", f"--data_dir={data}",
-                 "--whole_image_metrics", f"--output_dir={tmp_path / 'whole'}")
+                 "--whole_image_metrics", f"--output_dir={tmp_path / 'whole'}",
+                 "--inference=sliding", "--window=64", "--stride=24")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    mw = json.loads((tmp_path / "whole" / "metrics.json").read_text())["metrics"]
-    assert mw["n_pixels"] == 2 * 96 * 96 > m["n_pixels"]
+    report = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert report["metrics"]["n_pixels"] == 2 * 96 * 96 > m["n_pixels"]
+    # the settings the figures were computed with, as the log says them
+    assert (report["inference"], report["window"], report["stride"]) == ("sliding", 64, 24)
 
 
 def test_evaluate_without_data_scores_the_run_on_its_own_test_split(trained, tmp_path, caplog,

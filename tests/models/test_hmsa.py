@@ -53,6 +53,15 @@ def test_output_shapes(tiny, h, w):
     assert (attention >= 0).all() and (attention <= 1).all()
 
 
+
+def test_the_inference_scales_are_recorded_as_said():
+    from retina_tf.data.preprocess import Preprocessor
+    from retina_tf.inference import Segmenter
+    seg = Segmenter(HMSA(**TINY), Preprocessor(), scales=[0.5, 1.0, 2.0])
+    assert seg.inference_record() == {"window": None, "stride": None, "scales": [0.5, 1.0, 2.0]}
+    assert seg.describe_inference().endswith("at scales 0.5, 1, 2")
+
+
 def test_size_multiple_covers_every_scaled_input(tiny):
     assert tiny.size_multiple == 32  # the 0.5 pass must reach 1/16 too
     assert scales_size_multiple(16, [1.0]) == 16
