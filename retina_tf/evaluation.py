@@ -444,14 +444,14 @@ def _counts(metrics) -> tuple[int, int, int, int]:
 
 
 def evaluate_set(segmenter: Segmenter, seg: SegmentationSet, task: str = "vessel",
-                 whole_image: bool = False, threshold: float = 0.5
+                 whole_image: bool = False, threshold: float = 0.5, label: str = "validation"
                  ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Metrics of a model over a preprocessed set (validation during training), and the
-    probability maps."""
+    probability maps; ``label`` names the work in progress lines."""
     scores = SetScores(task, threshold, whole_image)
     probs = []
     # validation during training: lines only when it runs long (the heartbeat)
-    for image, target, fov in progress(zip(seg.images, seg.targets, seg.fovs), "validation",
+    for image, target, fov in progress(zip(seg.images, seg.targets, seg.fovs), label,
                                        names=seg.names, level=logging.DEBUG):
         prob = segmenter.probability_preprocessed(image) * fov[..., None]
         probs.append(prob)

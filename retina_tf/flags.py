@@ -495,7 +495,8 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_integer("validate_every", 1, "Whole-image validation every N epochs, and after the "
                      "last (the time budget's last too).")
     d.DEFINE_integer("image_summary_every", 1,
-                     "TensorBoard image summaries every N epochs, of those validated (0 = never).")
+                     "TensorBoard image summaries every N epochs, of those validated, and at the "
+                     "last (0 = never).")
     d.DEFINE_boolean("resume", True, "Resume an interrupted run (BackupAndRestore).")
     d.DEFINE_string("pretrained", None,
                     "Start from the weights of this run folder (a path, a run name under "

@@ -594,7 +594,7 @@ class WholeImageValidation(keras.callbacks.Callback):
     for A/V models) and TensorBoard plots them; writes input / label / prediction image summaries
     every ``image_every`` epochs. With ``every`` > 1 it validates every ``every``-th epoch and
     the last (the one training stops after, by ``epochs`` or the time budget); images are
-    written in validated epochs only.
+    written in validated epochs only, every ``image_every``-th and the last.
     """
 
     def __init__(self, seg: SegmentationSet, preprocessor: Preprocessor, size_multiple: int,
@@ -632,7 +632,7 @@ class WholeImageValidation(keras.callbacks.Callback):
         for key in ("f1", "auc_roc", "auc_pr", "acc", "se", "sp", "av_acc", "av_acc_ripav"):
             if key in result:
                 logs[f"val_{key}"] = float(result[key])
-        if self.image_every and (epoch + 1) % self.image_every == 0:
+        if self.image_every and ((epoch + 1) % self.image_every == 0 or last):
             if self._writer is None:
                 self._writer = tf.summary.create_file_writer(str(self.log_dir / "images"))
             with self._writer.as_default():
@@ -1491,7 +1491,8 @@ def _segmentation_job(cfg: TrainConfig, strategy: tf.distribute.Strategy, run_di
         if validation is None:
             return {}, ""
         validation.set_model(model)  # also when a resumed run had no epoch left to fit
-        result, probs = evaluate_set(validation.segmenter(), val_set, cfg.task)
+        result, probs = evaluate_set(validation.segmenter(), val_set, cfg.task,
+                                     label="the kept model on the held-out images")
         # evaluate and predict use this threshold unless --threshold is given
         threshold = DEFAULT_THRESHOLD
         try:

@@ -55,7 +55,7 @@ def test_auto_strategy_on_a_cpu_machine_is_the_default_one():
 
 
 def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tmp_path):
-    cfg = tiny_flags(synthetic, tmp_path)
+    cfg = tiny_flags(synthetic, tmp_path, "--image_summary_every=3")
     run = train(cfg)
     metrics = json.loads((run / "metrics.json").read_text())
     losses = metrics["loss_history"]
@@ -65,6 +65,12 @@ def test_training_lowers_the_loss_and_writes_a_complete_run_folder(synthetic, tm
         assert (run / name).is_file(), name
     assert list((run / "train").glob("events.out.tfevents.*"))
     assert list((run / "validation").glob("events.out.tfevents.*"))
+    # held-out image summaries every third epoch and at the last (a run shorter than
+    # --image_summary_every had none)
+    steps = {event.step for path in (run / "validation" / "images").glob("events.out.*")
+             for event in tf.compat.v1.train.summary_iterator(str(path))
+             if any(v.tag == "prediction" for v in event.summary.value)}
+    assert steps == {2, 3}
     assert 0.0 <= metrics["validation"]["f1"] <= 1.0
     assert not (run / "backup").exists()  # removed once training completes
     # flags.txt is a flagfile that reproduces the run's settings

@@ -10,6 +10,7 @@ the last 1/patch-resolution tokens loses thin vessels.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import keras
@@ -443,6 +444,11 @@ class ViTSeg(SegmentationModel, keras.Model):
                               f"the encoders differ; give --model_config the pre-training "
                               f"encoder's sizes {sizes}{hint}")
         self.encoder.set_weights(theirs)
+        before, now = other.get_config()["image_size"], self.encoder.get_config()["image_size"]
+        if before != now:  # the sin-cos position embedding has no weights: any size loads
+            logging.getLogger(__name__).info(
+                f"note: the encoder was pre-trained on {before} px crops and is fine-tuned on "
+                f"{now} px ones (its position embedding is computed for each size)")
 
     def get_config(self) -> dict:
         enc = self.encoder.get_config()

@@ -1,3 +1,5 @@
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -124,12 +126,14 @@ def test_vit_seg_shapes_taps_registry_and_reload(tmp_path):
     assert_reload_identical(model, _images(1, seed=4), tmp_path)
 
 
-def test_encoder_weights_transfer_from_mae():
+def test_encoder_weights_transfer_from_mae(caplog):
     keras.utils.set_random_seed(5)
     mae = MAE(**ENC, **DEC)
     mae(_images(1))
     seg = ViTSeg(**dict(ENC, image_size=64))  # another crop size: same encoder weights
-    seg.load_pretrained(mae)
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        seg.load_pretrained(mae)
+    assert "pre-trained on 32 px crops and is fine-tuned on 64 px ones" in caplog.text
     for a, b in zip(seg.encoder.get_weights(), mae.encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="--pretrained: cannot start .* encoders differ"):
