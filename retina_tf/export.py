@@ -203,7 +203,7 @@ class _Serving(tf.Module):
         self.serving_default = tf.function(self._serve, input_signature=[image])
         self.segment_with_fov = tf.function(
             self._serve_with_fov, input_signature=[
-                image, tf.TensorSpec([None, None], tf.uint8, name="fov")])
+                image, tf.TensorSpec(None, tf.uint8, name="fov")])
         self.preprocess = tf.function(self._preprocess, input_signature=[image])
         side = seg.window if seg.inference == "sliding" else None
         batch = [tf.TensorSpec([None, side, side, self._channels], tf.float32, name="image")]
@@ -219,11 +219,17 @@ class _Serving(tf.Module):
 
     def _serve_with_fov(self, image, fov):
         image = _photograph(image)
+        checks = [tf.debugging.assert_equal(tf.rank(fov), 2, message=(
+            "fov must be one mask, uint8 [height, width] (one channel), non-zero inside"))]
+        with tf.control_dependencies(checks):
+            fov = tf.identity(fov)
+            fov.set_shape([None, None])
         tf.debugging.assert_equal(tf.shape(fov), tf.shape(image)[:2], message=(
             "fov must have the image's height and width"))
         # as retina_tf refuses it: an empty mask would give an all-zero map without a word
         tf.debugging.assert_greater(tf.reduce_sum(tf.cast(fov > 0, tf.int32)), 0, message=(
-            "the FOV mask is empty: give the mask of the photograph's field of view (255 inside)"))
+            "the FOV mask is empty: give the mask of the photograph's field of view (non-zero "
+            "inside)"))
         return self._segment(image, fov > 0)
 
     def _preprocess(self, image):
@@ -648,7 +654,7 @@ def deployer_notes(seg: Segmenter, fmt: str) -> list[str]:
         steps.append(f"average the export's probabilities over the {_views(turned)} of the "
                      "preprocessed image, before its padding (x; x flipped left-right, up-down "
                      "and both" + ("; the same of x transposed" if turned else "") + "), each "
-                     "map flipped (and transposed) back")
+                     + ("map flipped and transposed back" if turned else "map flipped back"))
     elif tta and turned and not seg.tta_transpose:  # a SavedModel of the 4 flips only
         steps.append("run this SavedModel (4 flips) on the transposed photograph too, transpose "
                      "its probabilities back and average the two (or export without "
@@ -692,12 +698,12 @@ def _note_paragraph(seg: Segmenter, fmt: str) -> str | None:
             f"inference; a deployer must add: {items}.")
 
 
-def _preprocessing(seg: Segmenter) -> dict:
+def _preprocessing(seg: Segmenter, input_size: list[int] | None = None) -> dict:
     pre = seg.preprocessor
     return {
         "steps": pre.steps,
         "settings": pre.get_config(),
-        "recipe": _recipe(seg),
+        "recipe": _recipe(seg, input_size),
         "size_multiple": seg.size_multiple,
         "inference": seg.inference,
         **({"window": seg.window, "stride": seg.stride} if seg.inference == "sliding" else {}),
@@ -719,21 +725,23 @@ FOV_RECIPE = (
     f"m = r > frame + {EDGE_FRACTION:g} (retina - frame), opened (cv2.MORPH_OPEN) "
     "with a 5 x 5 ellipse (cv2.getStructuringElement(cv2.MORPH_ELLIPSE)), its largest outer "
     "contour (cv2.findContours RETR_EXTERNAL, CHAIN_APPROX_SIMPLE; cv2.contourArea) filled, "
-    "eroded by a 7 x 7 ellipse")
+    "eroded by a 7 x 7 ellipse (no contour: the whole image)")
 DIAMETER_RECIPE = (
-    "its horizontal extent in pixels; the vertical one if a column at the left or right end of "
-    "the disc holds more than half the disc's height of FOV pixels (a disc cut at a side); if "
+    "its horizontal extent in pixels (last column - first column + 1); the vertical one if a "
+    "column at the left or right end of the disc holds more than half the disc's height of FOV "
+    "pixels (a disc cut at a side); if "
     "the transposed mask is cut so too, the circle fitted by least squares (Kasa: solve "
     "[u v 1] [d e f]^T = -(u^2 + v^2) for the centred points u, v; r^2 = (d^2 + e^2) / 4 - f) "
     "through each row's first and last FOV pixel and each column's, leaving out those on the "
     "disc's extreme columns (rows); D = 2 r + 1 where there are at least "
     f"{ARC_MIN_POINTS} points, their RMS distance from the circle is at most "
-    f"{ARC_FIT_TOLERANCE:g} r + {ARC_FIT_PIXELS:g} px and they span at least "
-    f"{ARC_MIN_SPAN!r} of 2 r, else 0")
+    f"{ARC_FIT_TOLERANCE:g} r + {ARC_FIT_PIXELS:g} px and they span (the larger of their x "
+    f"and y ranges) at least {ARC_MIN_SPAN!r} of 2 r, else 0")
 
 
-def _recipe(seg: Segmenter) -> list[str]:
-    """The preprocessing as numbered steps a deployer can follow (Preprocessor.__call__)."""
+def _recipe(seg: Segmenter, input_size: list[int] | None = None) -> list[str]:
+    """The preprocessing as numbered steps a deployer can follow (Preprocessor.__call__);
+    ``input_size``: a fixed-size (TFLite) network's."""
     pre = seg.preprocessor
     steps = []
     steps.append(FOV_RECIPE)
@@ -747,11 +755,13 @@ def _recipe(seg: Segmenter) -> list[str]:
                      f"more than {SCALE_TOLERANCE:.0%} (|D / {aim:g} - 1| > {SCALE_TOLERANCE:g};"
                      f" D = 0: never), resize the photograph by {factor} (OpenCV "
                      "INTER_AREA, to max(round(W f), 1) x max(round(H f), 1), round half to "
-                     "even), segment it (the steps below), and resize the probabilities back "
-                     "(bilinear); when "
+                     "even), segment it (the steps below up to the network's probabilities), "
+                     "resize the probabilities back to the photograph's size (bilinear) and go "
+                     "on at the last step; when "
                      "enlarging, first cut the photograph to the FOV's bounding box plus "
                      f"max(round({BOX_MARGIN:g} D), {BOX_MARGIN_PIXELS}) px on every side "
-                     f"(within the image) if that box is at most {BOX_AT_MOST:.0%} of the image, "
+                     f"(within the image) if that box is at most {BOX_AT_MOST:.0%} of the image's "
+                     "area, "
                      "and paste the probabilities back into zeros")
     if pre.grayscale:
         steps.append("x = 0.299 R + 0.587 G + 0.114 B (float32)" if pre.channel == "luminance"
@@ -759,8 +769,8 @@ def _recipe(seg: Segmenter) -> list[str]:
     else:
         steps.append("x = R, G, B (float32, each channel through every step)")
     if pre.standardize:
-        steps.append(f"x = (x - {pre.mean!r}) / {pre.std!r}; then per image and channel "
-                     "x = (x - min) / max(max - min, 1e-6) * 255")
+        steps.append(f"x = (x - {pre.mean!r}) / {pre.std!r}; then per channel, min and max "
+                     "over the whole image: x = (x - min) / max(max - min, 1e-6) * 255")
     steps.append("x = uint8(clip(x, 0, 255)) (truncating)")
     if pre.clahe:
         steps.append(f"CLAHE per channel: cv2.createCLAHE(clipLimit={pre.clahe_clip:g}, "
@@ -769,11 +779,21 @@ def _recipe(seg: Segmenter) -> list[str]:
         steps.append(f"gamma: x = LUT[x] with LUT[i] = uint8((i / 255) ** (1 / "
                      f"{pre.gamma_value:g}) * 255)")
     steps.append("x = float32(x) / 255, shape (H, W, C)")
-    if seg.inference == "whole":
+    if input_size and seg.inference == "whole":
+        steps.append(f"zero-pad at the bottom and right to the network's fixed input, "
+                     f"{input_size[0]} x {input_size[1]} (a transposed view too), run it, crop "
+                     "the probabilities back to (H, W); retina_tf pads to multiples of "
+                     f"{seg.size_multiple} instead, which differs a little near the right and "
+                     "bottom edges (export with --input_size=<that padded size> to match it "
+                     "exactly, and its transpose for transposed views)")
+    elif seg.inference == "whole":
         steps.append(f"zero-pad at the bottom and right to multiples of {seg.size_multiple}, run "
                      "the network, crop the probabilities back to (H, W)")
-    steps.append("zero the probabilities outside the field of view; mask = probability of the "
-                 "last channel >= threshold")
+    steps.append("zero the probabilities outside the field of view, at the photograph's own "
+                 "size; mask = probability of the last channel >= threshold" + (
+                     "; each mask pixel is artery where the artery probability >= the vein "
+                     "probability, else vein (retina_tf.postprocess.av_mask)"
+                     if seg.task == "av" else ""))
     return steps
 
 
@@ -801,7 +821,7 @@ def _description(seg: Segmenter, fmt: str, threshold: float, model: dict) -> dic
         "retina_tf_version": _version(),
         "tensorflow_version": tf.__version__,
         **model,
-        "preprocessing": _preprocessing(seg),
+        "preprocessing": _preprocessing(seg, model.get("input_size")),
         "in_the_export": in_the_export,
         **({"test_time_augmentation": _views(seg.tta_transpose) if seg.tta else None}
            if fmt == "saved_model" else {}),

@@ -209,6 +209,10 @@ def test_saved_model_segments_a_photograph_as_segmenter_does(tiny_run, tiny_save
     with pytest.raises(tf.errors.InvalidArgumentError, match="the FOV mask is empty"):
         loaded.signatures["segment_with_fov"](image=tf.constant(sample.image),
                                               fov=tf.constant(np.zeros_like(fov)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"fov must be one mask, uint8 "
+                                                              r"\[height, width\] \(one channel"):
+        loaded.signatures["segment_with_fov"](image=tf.constant(sample.image),
+                                              fov=tf.constant(fov[..., None]))
 
     # a photograph at 1.8x the training scale is segmented at the training scale; TensorFlow's
     # area resize differs from OpenCV's by a grey level at a few pixels
@@ -417,12 +421,18 @@ def test_tflite_default_size_holds_every_training_photograph_and_its_transpose()
     """vessel_general's default was DRIVE's alone (its STARE photographs did not fit) and
     ripav_general's 592 x 576 (its transposed views, which its notes say to average, did
     not)."""
-    from retina_tf.export import tflite_input_size
-    sizes = {name: tflite_input_size(Segmenter.from_pretrained(name), None)
-             for name in ("unet_drive", "vessel_general", "ripav_general")}
+    from retina_tf.export import _recipe, tflite_input_size
+    segs = {name: Segmenter.from_pretrained(name)
+            for name in ("unet_drive", "vessel_general", "ripav_general")}
+    sizes = {name: tflite_input_size(seg, None) for name, seg in segs.items()}
     # DRIVE 584 x 565; STARE 605 x 700; each padded to the model's multiple (8, 8, 16)
     assert sizes == {"unet_drive": (584, 568), "vessel_general": (608, 704),
                      "ripav_general": (592, 592)}
+    # the recipe pads to that size, and says how an A/V mask pixel is artery or vein
+    steps = _recipe(segs["ripav_general"], [592, 592])
+    assert "zero-pad at the bottom and right to the network's fixed input, 592 x 592" in \
+        steps[-2] and "artery where the artery probability >= the vein" in steps[-1]
+    assert "multiples of 8, run the network" in _recipe(segs["unet_drive"])[-2]
 
 
 def test_a_tflite_input_size_off_the_size_multiple_is_refused(tiny_run, tmp_path):
