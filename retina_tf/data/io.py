@@ -232,7 +232,9 @@ def _decode_dicom(path: Path, data: bytes, picture: int | None = None) -> np.nda
     """The picture of a DICOM file (ophthalmic photography: how many fundus cameras and
     clinical archives export), read with pydicom: YBR colour (a JPEG's) converted to RGB,
     MONOCHROME1 inverted so that bright is bright, and the file's ``BitsStored`` mapped to 8
-    bits (the file says its bit depth: :func:`bit_depth` is not needed). A multi-frame file (a
+    bits; where it says 16, by the data's largest value as a 16-bit PNG's (:func:`bit_depth`:
+    cameras store 12-bit data so, which read as 16-bit came out in 15 grey levels). A
+    multi-frame file (a
     stereo pair, a series) is read one frame at a time (``picture``, 0 first), and refused
     rather than read in part without one.
     """
@@ -245,6 +247,10 @@ def _decode_dicom(path: Path, data: bytes, picture: int | None = None) -> np.nda
                                "give the file of the photograph, or copy it again")
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames, bits = int(ds.get("NumberOfFrames") or 1), int(ds.BitsStored)
+        if "PhotometricInterpretation" not in ds:
+            raise DatasetError(f"{path}: its DICOM header has no Photometric Interpretation "
+                               "(0028,0004), which says how to read its colours: export it "
+                               "again with one (RGB, YBR_FULL or MONOCHROME2)")
         photometric = str(ds.PhotometricInterpretation)
     except DatasetError:
         raise
@@ -272,6 +278,8 @@ def _decode_dicom(path: Path, data: bytes, picture: int | None = None) -> np.nda
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
         array, bits = apply_color_lut(array, ds), int(ds.RedPaletteColorLookupTableDescriptor[2])
+    if bits == 16:
+        bits = bit_depth(int(array.max()))
     top = 2 ** bits - 1
     array = np.minimum(array, top)
     if photometric == "MONOCHROME1":
@@ -423,8 +431,11 @@ def _decode(path: PathLike, data: bytes | None = None, picture: int | None = Non
     finally:
         cv2.utils.logging.setLogLevel(level)
     if array is None:
+        hint = (" (a DICOM file without its 128-byte preamble and 'DICM' header, as old "
+                "archives write them? export it again from the archive)"
+                if path.suffix.lower() in (".dcm", ".dicom") else "")
         raise DatasetError(f"{path} cannot be decoded as an image (unknown format, corrupt or "
-                           "truncated): copy or export the file again")
+                           f"truncated){hint}: copy or export the file again")
     orientation = _exif_orientation(data) if len(pictures) == 1 else 1
     if orientation != 1:
         array = np.ascontiguousarray(_UPRIGHT[orientation](array))

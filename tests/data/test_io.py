@@ -653,6 +653,15 @@ def test_a_dicom_photograph_reads_as_the_picture_it_holds(shared_data: Path, tmp
     # MONOCHROME1 stores bright as low values: read inverted, as a viewer shows it
     inverted = read_image(write_dicom(tmp_path / "m1.dcm", 4095 - gray, "MONOCHROME1", bits=12))
     assert np.array_equal(inverted, got)
+    # BitsStored 16 with 12-bit data (how cameras store it): by the largest value, as a 16-bit
+    # PNG is read (as 16-bit, 4095 became 16 and the photograph 15 grey levels)
+    sixteen = read_image(write_dicom(tmp_path / "g16.dcm", gray, "MONOCHROME2", bits=16))
+    assert np.array_equal(sixteen, got)
+    assert np.array_equal(read_image(write_dicom(tmp_path / "m16.dcm", 4095 - gray,
+                                                 "MONOCHROME1", bits=16)), got)
+    full = np.array([[0, 1000], [30000, 65535]], np.uint16)
+    assert read_image(write_dicom(tmp_path / "f16.dcm", full, "MONOCHROME2", bits=16))[1, 0, 0] \
+        == round(30000 * 255 / 65535)
     # palette colour: each index looked up in the file's 16-bit colour tables
     path = write_dicom(tmp_path / "palette.dcm", np.array([[0, 1], [2, 1]], np.uint8),
                   "PALETTE COLOR")
@@ -693,6 +702,19 @@ def test_a_dicom_file_that_is_not_one_photograph_gets_one_line(tmp_path: Path):
     ds.save_as(tmp_path / "report.dcm")
     with pytest.raises(DatasetError, match="report.dcm is a DICOM file without a picture"):
         read_image(tmp_path / "report.dcm")
+    # no Photometric Interpretation: named (it failed as "'FileDataset' object has no
+    # attribute"), and one without its preamble and header told apart from a broken image
+    ds = pydicom.dcmread(write_dicom(tmp_path / "nophoto.dcm", rgb, "RGB"))
+    del ds.PhotometricInterpretation
+    ds.save_as(tmp_path / "nophoto.dcm")
+    with pytest.raises(DatasetError, match=r"nophoto.dcm: its DICOM header has no Photometric "
+                                           r"Interpretation \(0028,0004\)"):
+        read_image(tmp_path / "nophoto.dcm")
+    legacy = tmp_path / "legacy.dcm"
+    legacy.write_bytes(write_dicom(tmp_path / "full.dcm", rgb, "RGB").read_bytes()[132:])
+    with pytest.raises(DatasetError, match=r"legacy.dcm cannot be decoded as an image .*"
+                                           r"without its 128-byte preamble"):
+        read_image(legacy)
     # a CT-like file of signed values is no photograph
     path = write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", bits=12)
     ds = pydicom.dcmread(path)
