@@ -477,7 +477,8 @@ def define_train_flags(d: _Definer) -> None:
     d.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0 = from patches_per_epoch, or "
                          "one pass over the images in whole mode).")
     d.DEFINE_float("time_budget_minutes", 0.0,
-                       "Stop training after this many minutes of wall time (0 = no limit).")
+                       "Stop training at the end of the epoch in which this many minutes of "
+                       "wall time are used up (0 = no limit).")
     d.DEFINE_enum("optimizer", "adam", list(CHOICES["optimizer"]), "Optimizer.")
     d.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
     d.DEFINE_float("weight_decay", 1e-4, "Weight decay (adamw).")

@@ -526,8 +526,9 @@ class TimeBudget(keras.callbacks.Callback):
         if elapsed >= self.seconds:
             said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {done}"
             if total and done < total:
-                said += (f" of {total}, before the learning rate schedule ended "
-                         f"(--time_budget_minutes=0 trains all {total})")
+                said += (f" of {total}, before the learning rate schedule ended (a finished "
+                         "run keeps no state to go on from: --overwrite with "
+                         f"--time_budget_minutes=0, or a larger one, trains all {total} anew)")
             log.info(said)
             self.model.stop_training = True
         elif self._last_end is not None and total and not self._foretold:
@@ -1283,6 +1284,9 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
                                "best_checkpoint": best_checkpoint(best_path)}
     if state.diverged is not None:
         metrics["stopped"] = f"{state.diverged}; the weights of epoch {kept} were saved"
+    elif cfg.time_budget_minutes and state.epoch < fit_cfg.epochs:  # what ended it, recorded
+        metrics["time_budget"] = (f"{cfg.time_budget_minutes:g} min reached after epoch "
+                                  f"{state.epoch} of {fit_cfg.epochs}")
     words = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     if job.finish is not None:
         extra, words = job.finish(model)

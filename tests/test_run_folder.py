@@ -307,9 +307,11 @@ def test_the_epoch_a_time_budget_ends_is_validated(synthetic, tmp_path, caplog):
         run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=5",
                                "--time_budget_minutes=0.0001"))
     assert ("time budget of 0.0 min reached after epoch 1 of 3, before the learning rate "
-            "schedule ended (--time_budget_minutes=0 trains all 3)") in caplog.messages
+            "schedule ended (a finished run keeps no state to go on from: --overwrite with "
+            "--time_budget_minutes=0, or a larger one, trains all 3 anew)") in caplog.messages
     metrics = _metrics(run)
     assert metrics["epochs_run"] == 1 and 0 <= metrics["history"]["val_f1"][0] <= 1
+    assert metrics["time_budget"] == "0.0001 min reached after epoch 1 of 3"  # what ended it
     assert metrics["best_checkpoint"]["epoch"] == 1
 
 
@@ -343,7 +345,8 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
         "it (Ctrl-C) and run the same command with --time_budget_minutes=0: it goes on after its "
         "last completed epoch",
         "time budget of 5.0 min reached after epoch 9 of 17, before the learning rate schedule "
-        "ended (--time_budget_minutes=0 trains all 17)"]
+        "ended (a finished run keeps no state to go on from: --overwrite with "
+        "--time_budget_minutes=0, or a larger one, trains all 17 anew)"]
     caplog.clear()
     # a budget that holds every epoch says nothing; a resumed run counts the time before and
     # takes no pace from its first (tracing) epoch
@@ -352,7 +355,8 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
         assert _budget_run(5, 17, [10.0, 60.0], elapsed=250.0) == 2
     assert [m for m in caplog.messages if "budget" in m] == [
         "time budget of 5.0 min reached after epoch 2 of 17, before the learning rate schedule "
-        "ended (--time_budget_minutes=0 trains all 17)"]
+        "ended (a finished run keeps no state to go on from: --overwrite with "
+        "--time_budget_minutes=0, or a larger one, trains all 17 anew)"]
 
 
 def test_run_json_records_what_was_read(synthetic, tmp_path):
