@@ -1337,8 +1337,11 @@ def output_names(paths: list[Path] | list[Photograph]) -> dict:
                     if counts[base] > 1 and base != photos[p].base(photos[p].path.name)]
         if not clashing:
             return bases
-        for p in clashing:  # file names are unique in a folder, so this ends
-            bases[p] = photos[p].base(photos[p].path.name)
+        # file names are unique in a folder, so this ends; a file's frames keep one stem
+        files = {photos[p].path for p in clashing}
+        for p, photo in photos.items():
+            if photo.path in files:
+                bases[p] = photo.base(photo.path.name)
 
 
 def _one_line(photo: Photograph, err: Exception) -> str:

@@ -23,6 +23,7 @@ from retina_tf.evaluation import (
     MANIFEST_NAME,
     PREDICT_JOURNAL,
     STAGING_PREFIX,
+    Photograph,
     evaluate,
     find_fov_mask,
     output_names,
@@ -585,6 +586,12 @@ def test_stems_that_clash_keep_their_extension_in_output_names(tmp_path: Path):
     # a whole name that equals another stem falls back too
     clash = output_names([Path("x.png"), Path("x.jpg"), Path("x.png.jpg")])
     assert sorted(clash.values()) == ["x.jpg", "x.png", "x.png.jpg"]
+    # the frames of one file keep one stem where one of them clashes (frame 1 was written as
+    # scan.dcm_frame1, frame 2 as scan_frame2)
+    frames = [Photograph(Path("scan.dcm"), i, 2, "frames") for i in (0, 1)]
+    clash = output_names([*frames, Path("scan_frame1.png")])
+    assert [clash[f] for f in frames] == ["scan.dcm_frame1", "scan.dcm_frame2"]
+    assert clash[Path("scan_frame1.png")] == "scan_frame1.png"
 
 
 def test_predict_into_its_input_folder_twice_skips_its_own_outputs(tmp_path: Path, capsys):
