@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1439,14 +1440,29 @@ def predictions_csv(rows: list[dict[str, Any]], task: str) -> str:
 
 
 class _Warnings(logging.Handler):
-    """Keeps the warnings retina_tf logs while it is attached (one photograph's)."""
+    """Keeps the warnings retina_tf logs in this thread while it is attached (one
+    photograph's); another thread's (a service segmenting beside ``predict``) are not this
+    photograph's, and go where they would go without it."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+        elif logging.lastResort is not None and not self._others(record.name):
+            logging.lastResort.handle(record)  # as if this handler were not attached
+
+    def _others(self, name: str) -> bool:
+        """Whether a handler besides this one takes a record of the logger ``name``."""
+        logger: logging.Logger | None = logging.getLogger(name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
 
 
 @contextlib.contextmanager

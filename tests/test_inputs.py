@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import cv2
@@ -572,6 +573,19 @@ def test_predict_cli_reports_the_bad_file_and_exits_non_zero(shared_data: Path, 
 
 
 # ------------------------------------------------------------------------- 5: output names
+
+def test_a_photographs_warnings_are_its_own_thread_s():
+    """predict's table took the warnings another thread of the process logged meanwhile (a
+    service segmenting beside it) into every row."""
+    from retina_tf.evaluation import _collecting_warnings
+    log = logging.getLogger("retina_tf.inference")
+    with _collecting_warnings() as warned:
+        log.warning("warning: this photograph")
+        other = threading.Thread(target=log.warning, args=("warning: another request",))
+        other.start()
+        other.join()
+    assert warned.messages == ["warning: this photograph"]
+
 
 def test_stems_that_clash_keep_their_extension_in_output_names(tmp_path: Path):
     _fundus(tmp_path / "in" / "a.png", 1)
