@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -93,6 +94,7 @@ from retina_tf.run_folder import (
     BestCheckpoint,
     LastCheckpoint,
     RunBackup,
+    RunBusyError,
     TrainingState,
     atomic_write_text,
     best_checkpoint,
@@ -1126,10 +1128,25 @@ def run_training(cfg, prepare: Callable[[tf.distribute.Strategy, Path], Training
     TensorFlow's multi-worker guide prescribes (every worker runs the same saving code).
 
     The run is seeded with ``cfg.seed``; the caller's random state (Python's, NumPy's, the
-    TensorFlow and Keras global seeds) is put back afterwards, as it was.
+    TensorFlow and Keras global seeds) is put back afterwards, as it was. One training at a time
+    in a process: the seeds and the precision policy are the process's.
+
+    Raises:
+        RunBusyError: another thread of this process is training.
     """
-    with _random_state_kept():
-        return _run_training(cfg, prepare)
+    if not _ONE_TRAINING.acquire(blocking=False):
+        raise RunBusyError("another thread of this process is training: Keras's random seeds "
+                           "and precision policy are the whole process's, so a second training "
+                           "beside it would change both; train one after the other, or each "
+                           "in a process of its own")
+    try:
+        with _random_state_kept():
+            return _run_training(cfg, prepare)
+    finally:
+        _ONE_TRAINING.release()
+
+
+_ONE_TRAINING = threading.RLock()  # re-entered by a training that trains another first
 
 
 @contextlib.contextmanager

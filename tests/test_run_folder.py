@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -119,6 +120,23 @@ def test_a_run_does_not_go_on_with_other_data_than_it_began_with(synthetic, tmp_
                                           r"06_training"):
         train(tiny_flags(data, tmp_path))
     assert (run / "backup").is_dir()  # the interrupted run is kept as it was
+
+
+def test_a_second_training_in_the_same_process_is_refused_while_one_runs(synthetic, tmp_path):
+    """Two threads trained at once in one process: the run folder was no one's to lock (the
+    second got 'cannot write run.json') and the global seeds both set changed the other's
+    losses."""
+    done = {}
+    first = threading.Thread(target=lambda: done.update(run=train(tiny_flags(
+        synthetic, tmp_path / "a", "--epochs=3"))))
+    first.start()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "a" / "tiny").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RunBusyError, match="another thread of this process is training"):
+        train(tiny_flags(synthetic, tmp_path / "b"))
+    first.join()
+    assert (done["run"] / "model.keras").is_file() and not (tmp_path / "b").exists()
 
 
 def test_a_logdir_that_is_a_file_is_an_output_error(synthetic, tmp_path):
