@@ -26,9 +26,16 @@ _NOISE = re.compile(r"^([IWE]\d{4} [\d:. ]+\d+ [\w./-]+\.(cc|h|cpp):\d+\]"
 
 def _is_command() -> bool:
     prog = sys.argv[0] if sys.argv else ""
-    return (prog == "-m"  # python -m retina_tf, while the package is located
+    return ((prog == "-m" and _module_run().partition(".")[0] == "retina_tf")  # python -m
             or os.path.basename(prog).startswith("retina-")  # console scripts
             or "_bootstrap" in sys.modules)  # bin/<script>.py
+
+
+def _module_run() -> str:
+    """The module ``python -m`` runs (while it is located, ``sys.argv[0]`` is only "-m"; a
+    user's package that imports retina_tf is not a retina_tf command)."""
+    args = list(getattr(sys, "orig_argv", []))
+    return args[args.index("-m") + 1] if "-m" in args[:-1] else ""
 
 
 def wants_verbose(argv: list[str]) -> bool:

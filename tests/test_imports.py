@@ -135,3 +135,22 @@ print("failed:", " ".join(failed))
                           timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1].strip() == "failed:", proc.stdout[-2000:]
+
+
+def test_only_python_m_retina_tf_is_a_command_not_a_package_that_imports_it(tmp_path):
+    """`python -m svc`, whose __init__ imports retina_tf, set OPENBLAS_NUM_THREADS=1 and
+    TF_CPP_MIN_LOG_LEVEL=3 for the user's whole service: '-m' alone was taken for retina_tf's."""
+    startup = Path(retina_tf.__file__).with_name("_startup.py")
+    probe = ("import importlib.util\n"
+             f"spec = importlib.util.spec_from_file_location('s', {str(startup)!r})\n"
+             "module = importlib.util.module_from_spec(spec)\n"
+             "spec.loader.exec_module(module)\n"
+             "print(module._is_command())\n")
+    said = {}
+    for package in ("svc", "retina_tf"):  # a fake retina_tf: its name is what counts
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(probe)
+        (tmp_path / package / "__main__.py").write_text("")
+        said[package] = subprocess.run([sys.executable, "-m", package], cwd=tmp_path,
+                                       capture_output=True, text=True, check=True).stdout
+    assert said == {"svc": "False\n", "retina_tf": "True\n"}
