@@ -959,7 +959,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             pixel_scores, labels = scores.vessel.scores_and_labels()
             out.save_curves(pixel_scores, labels, result["auc_roc"], result["auc_pr"],
                             title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
-        report = {"dataset": name, "split": cfg.eval_split, "images": len(samples),
+        report = {"run": str(seg.run_dir), "model": seg.run_info.get("model"),
+                  "dataset": name, "split": cfg.eval_split, "images": len(samples),
                   "label_files": None if cfg.dataset else [
                       str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",

@@ -98,6 +98,7 @@ def test_evaluate_prints_the_table_and_writes_metrics_and_pictures(trained, tmp_
     report = json.loads((tmp_path / "metrics.json").read_text())
     m = report["metrics"]
     assert report["images"] == 2 and report["counting"] == "fov"
+    assert (report["run"], report["model"]) == (str(run), "unet")  # what was scored
     assert report["environment"]["tensorflow"] == tf.__version__  # what computed the figures
     assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n_pixels"]
     assert 0.5 < m["auc_roc"] <= 1.0
