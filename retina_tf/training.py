@@ -744,9 +744,10 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
         rows = [(s, d, number) for s, d in zip(samples, datas)]
         train += rows[:len(rows) - n_val]
         val += rows[len(rows) - n_val:]
+    digests = {id(d): pixel_digest(d.image) for _, d, _ in train + val}
     first: dict[str, Path] = {}
     for s, d, _ in train + val:  # the path check of training_sources, by pixels
-        other = first.setdefault(pixel_digest(d.image), Path(s.image))
+        other = first.setdefault(digests[id(d)], Path(s.image))
         if other != Path(s.image):
             raise ConfigError(f"{s.image} has the pixels of {other}: that photograph would be "
                               "trained on twice, or held out and trained on; list it once")
@@ -759,7 +760,7 @@ def load_training_sets(cfg) -> tuple[SegmentationSet, SegmentationSet | None, Pr
 
     def built(rows):
         out = build_set([d for _, d, _ in rows], pre, cfg.task, [s for s, _, _ in rows],
-                        cfg.cache_dir)
+                        cfg.cache_dir, [digests[id(d)] for _, d, _ in rows])
         out.groups = [g for _, _, g in rows]
         return out
 

@@ -210,8 +210,10 @@ def preprocess_cached(sample: Sample, image: np.ndarray, pre: Preprocessor,
 
 def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vessel",
               samples: Sequence[Sample] | None = None,
-              cache_dir: str | os.PathLike | None = None) -> SegmentationSet:
-    """Preprocesses read samples into a :class:`SegmentationSet`."""
+              cache_dir: str | os.PathLike | None = None,
+              digests: Sequence[str] | None = None) -> SegmentationSet:
+    """Preprocesses read samples into a :class:`SegmentationSet`; ``digests``: their
+    :func:`~retina_tf.data.io.pixel_digest`, where the caller has them already."""
     if not datas:
         raise DatasetError("no samples to build a dataset from (empty split)")
     if cache_dir is not None:
@@ -225,7 +227,8 @@ def build_set(datas: Sequence[SampleData], pre: Preprocessor, task: str = "vesse
     return SegmentationSet(names=[d.name for d in datas], images=images,
                            targets=[target_of(d, task) for d in datas],
                            fovs=[d.fov.astype(bool) for d in datas],
-                           digests=[pixel_digest(d.image) for d in datas])
+                           digests=list(digests) if digests is not None else
+                           [pixel_digest(d.image) for d in datas])
 
 
 def _stack(seg: SegmentationSet, height: int, width: int, offset: int = 0) -> np.ndarray:
