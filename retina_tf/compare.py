@@ -25,17 +25,14 @@ from retina_tf.data.pipeline import target_of
 from retina_tf.errors import ConfigError
 from retina_tf.evaluation import (
     OutputFolder,
+    SeenInTraining,
     SetScores,
-    _pixels_seen_warning,
     _probability_as_planned,
     _test_samples,
-    _trained_on_warning,
     _vote_words,
     _warn,
     _warn_of_estimate,
     data_name,
-    images_seen_in_training,
-    trained_on_by_pixels,
 )
 from retina_tf.inference import Segmenter, resolve_threshold, run_inference
 from retina_tf.run_folder import find_run, reading_run
@@ -60,8 +57,7 @@ class _Run:
     picture: np.ndarray | None = None   # its errors on the chosen image
     image_f1: float = float("nan")
     image_av_acc: float = float("nan")
-    seen: set[str] = dataclasses.field(default_factory=set)  # scored images trained on, by name
-    twins: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ... by pixels
+    seen: SeenInTraining | None = None  # the scored images it trained on
 
     @property
     def model(self) -> str:
@@ -159,9 +155,8 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
         seg = run.segmenter
         log.info(f"{run.label}: {_computed(seg, task)} in {seg.precision}, threshold "
                  f"{run.threshold:g}; {seg.describe_inference_scale()}")
-        _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
-        run.seen = set(images_seen_in_training(seg.run_info, names, cfg.dataset,
-                                               cfg.eval_split)[0])
+        run.seen = SeenInTraining(seg, names, cfg.dataset, cfg.eval_split)
+        _warn(run.seen.name_warning())
     panels: list[tuple[visualize.Title, np.ndarray]] = []
     for i, sample in enumerate(samples):
         data = read_sample(sample)
@@ -169,9 +164,7 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
         target = target_of(data, task) > 0.5
         for run in runs:
             run.segmenter.check_image_size(data.image, sample.image)
-            if (twin := trained_on_by_pixels(run.segmenter.run_info, data.image)) \
-                    and data.name not in run.seen:
-                run.twins.append((data.name, twin))
+            run.seen.check(data.name, data.image)
             prob, _ = _probability_as_planned(run.segmenter, data, sample.image, run.label,
                                               run.threshold)
             prob = prob[..., -1:] if task == "vessel" else prob
@@ -186,7 +179,7 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
         log.info(f"  {data.name}: " + ", ".join(
             f"{r.label} F1 {r.scores.per_image[-1]['f1']:.4f}" for r in runs))
     for run in runs:
-        _warn(_pixels_seen_warning(run.segmenter, run.twins, len(samples)))
+        _warn(run.seen.pixel_warning())
     rows = [_row(run, task) for run in runs]
     table = markdown_table(rows, task)
     log.info("\n" + table)

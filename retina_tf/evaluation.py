@@ -779,23 +779,6 @@ def _photographs_of(dataset: str) -> str:
     return _SAME_PHOTOGRAPHS.get(key, key)
 
 
-def _trained_on_warning(seg: Segmenter, samples, dataset: str | None = None,
-                        split: str | None = None) -> str | None:
-    """A warning when images to be scored are among those the run trained on or chose its
-    checkpoint and threshold on (:func:`images_seen_in_training`), else None."""
-    seen, half = images_seen_in_training(seg.run_info, [s.name for s in samples], dataset, split)
-    if half:
-        return (f"warning: {seg.run_dir.name} trained on {seg.run_info['dataset']}'s training "
-                f"split, which the '{split}' split includes: its scores do not measure it on "
-                "new images")
-    if seen:
-        listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
-        return (f"warning: {len(seen)} of the {len(samples)} images ({listed}) have the names of "
-                f"images {seg.run_dir.name} trained on or chose its checkpoint and threshold on: "
-                "their scores do not measure it on new images")
-    return None
-
-
 def trained_on_by_pixels(run_info: dict, image: np.ndarray) -> str | None:
     """The name of the image with ``image``'s pixels that a run trained on or chose its
     checkpoint and threshold on (run.json's ``image_digests``,
@@ -805,17 +788,52 @@ def trained_on_by_pixels(run_info: dict, image: np.ndarray) -> str | None:
     return digests.get(pixel_digest(image)) if digests else None
 
 
-def _pixels_seen_warning(seg: Segmenter, twins: list[tuple[str, str]], total: int
-                         ) -> str | None:
-    """A warning of the scored images (name, the name it was trained on as) whose pixels are
-    those of images ``seg``'s run trained on (:func:`trained_on_by_pixels`)."""
-    if not twins:
+class SeenInTraining:
+    """Which of the images to be scored a run trained on or chose its checkpoint and threshold
+    on: by their names before scoring (:func:`images_seen_in_training`), by their pixels as each
+    is read (:meth:`check`, :func:`trained_on_by_pixels`): a test photograph copied into the
+    training data under another name or format."""
+
+    def __init__(self, seg: Segmenter, names: list[str], dataset: str | None = None,
+                 split: str | None = None):
+        self.seg, self.total, self.split = seg, len(names), split
+        self.by_name, self.half = images_seen_in_training(seg.run_info, names, dataset, split)
+        self.twins: list[tuple[str, str]] = []  # (name, the name it was trained on as)
+
+    def name_warning(self) -> str | None:
+        """A warning of the images seen by their names (or the half of an ``all`` split)."""
+        run = self.seg.run_dir.name
+        if self.half:
+            return (f"warning: {run} trained on {self.seg.run_info['dataset']}'s training "
+                    f"split, which the '{self.split}' split includes: its scores do not measure "
+                    "it on new images")
+        return _seen_warning(self.by_name, self.total, "have the names of images "
+                             f"{run} trained on or chose its checkpoint and threshold on")
+
+    def check(self, name: str, image: np.ndarray) -> None:
+        """Notes a read image whose pixels the run trained on under another name."""
+        if name not in self.by_name and (twin := trained_on_by_pixels(self.seg.run_info, image)):
+            self.twins.append((name, twin))
+
+    def pixel_warning(self) -> str | None:
+        """A warning of the images :meth:`check` found, each with the name it was trained on as."""
+        listed = [name if name == twin else f"{name} as {twin}" for name, twin in self.twins]
+        return _seen_warning(listed, self.total, "are, pixel for pixel, photographs "
+                             f"{self.seg.run_dir.name} trained on or chose its checkpoint and "
+                             "threshold on")
+
+    @property
+    def names(self) -> list[str]:
+        """Every image seen, by name or by pixels."""
+        return sorted({*self.by_name, *(name for name, _ in self.twins)})
+
+
+def _seen_warning(listed: list[str], total: int, what: str) -> str | None:
+    if not listed:
         return None
-    listed = ", ".join(name if name == twin else f"{name} as {twin}" for name, twin in twins[:3])
-    listed += f" and {len(twins) - 3} more" if len(twins) > 3 else ""
-    return (f"warning: {len(twins)} of the {total} images ({listed}) are, pixel for pixel, "
-            f"photographs {seg.run_dir.name} trained on or chose its checkpoint "
-            "and threshold on: their scores do not measure it on new images")
+    names = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
+    return (f"warning: {len(listed)} of the {total} images ({names}) {what}: their scores do "
+            "not measure it on new images")
 
 
 def _warn_of_estimate(data, sample) -> None:
@@ -901,10 +919,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     if vessel_channel_only:
         why = f"{name} has no artery/vein labels" if no_av_labels else "--task=vessel"
         log.info(f"{why}: the vessel map of {seg.run_dir.name} is scored")
-    _warn(_trained_on_warning(seg, samples, cfg.dataset, cfg.eval_split))
-    seen = images_seen_in_training(seg.run_info, [s.name for s in samples], cfg.dataset,
-                                   cfg.eval_split)[0]
-    twins: list[tuple[str, str]] = []  # seen by their pixels, not their names
+    seen = SeenInTraining(seg, [s.name for s in samples], cfg.dataset, cfg.eval_split)
+    _warn(seen.name_warning())
     threshold, threshold_source = resolve_threshold(seg, cfg.threshold)
     if line := tta_line(seg, cfg):
         log.info(line)
@@ -919,8 +935,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
             data = read_sample(sample)
             seg.check_image_size(data.image, sample.image)
             _warn_of_estimate(data, sample)
-            if (twin := trained_on_by_pixels(seg.run_info, data.image)) and data.name not in seen:
-                twins.append((data.name, twin))
+            seen.check(data.name, data.image)
             target = target_of(data, task) > 0.5
             # Outside the FOV the prediction is background, as in the shipped masks and papers; a
             # photograph of another scale is resized near the training scale, as predict does.
@@ -934,7 +949,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                 sheet_rows.append(_write_pictures(out, data, prob, target, threshold, task,
                                                   scores.per_image[-1]))
         result = scores.result()
-        _warn(_pixels_seen_warning(seg, twins, len(samples)))
+        _warn(seen.pixel_warning())
         log.info("")
         log.info(format_table(result))
         if scores.av is not None:
@@ -964,7 +979,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                   "label_files": None if cfg.dataset else [
                       str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",
-                  "seen_in_training": sorted({*seen, *(name for name, _ in twins)}),
+                  "seen_in_training": seen.names,
                   "inference": seg.inference, **seg.inference_record(), "tta": seg.tta,
                   "tta_transpose": seg.tta and seg.tta_transpose, "av_vote": seg.av_vote,
                   "av_link": seg.av_link if seg.av_vote else None,

@@ -566,8 +566,11 @@ def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
 def test_images_a_run_was_selected_on_or_trained_on_unrecorded_are_warned_of():
     from types import SimpleNamespace
 
-    from retina_tf.evaluation import _trained_on_warning
+    from retina_tf.evaluation import SeenInTraining
     seg = Segmenter.from_pretrained("unet_drive")  # chose its threshold on 39 and 40
+
+    def _trained_on_warning(seg, samples, dataset=None, split=None):
+        return SeenInTraining(seg, [s.name for s in samples], dataset, split).name_warning()
     images = [SimpleNamespace(name=n) for n in ("39_training", "01_test")]
     assert "1 of the 2 images (39_training) have the names of images unet_drive trained on or " \
         "chose its checkpoint and threshold on" in _trained_on_warning(seg, images)
