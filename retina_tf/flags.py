@@ -478,7 +478,8 @@ def define_train_flags(d: _Definer) -> None:
                          "one pass over the images in whole mode).")
     d.DEFINE_float("time_budget_minutes", 0.0,
                        "Stop training at the end of the epoch in which this many minutes of "
-                       "wall time are used up (0 = no limit).")
+                       "wall time are used up (0 = no limit). A run it stopped keeps its resume "
+                       "state: the same command with a larger budget, or 0, goes on from there.")
     d.DEFINE_enum("optimizer", "adam", list(CHOICES["optimizer"]), "Optimizer.")
     d.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.")
     d.DEFINE_float("weight_decay", 1e-4, "Weight decay (adamw).")

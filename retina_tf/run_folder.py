@@ -316,17 +316,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     write_durably(Path(path), text.encode())
 
 
-def update_metrics_json(run_dir: Path, update: dict[str, Any]) -> dict[str, Any]:
-    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically); two commands
-    merging at once take turns, so neither result is lost."""
+def update_metrics_json(run_dir: Path, update: dict[str, Any], replace: bool = False
+                        ) -> dict[str, Any]:
+    """Merges ``update`` into ``run_dir/metrics.json`` (written atomically; ``replace``: it
+    alone is written) and returns what the file held before; two commands merging at once take
+    turns, so neither result is lost."""
     path = Path(run_dir) / "metrics.json"
     # the lock is on the folder holding the run (its logdir): the run's own is shared by the
     # commands that read it, and a lock file would stay in the run folder
     with taking_turns(Path(run_dir).resolve().parent):
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data.update(update)
-        atomic_write_text(path, to_json(data))
-    return data
+        before = json.loads(path.read_text()) if path.is_file() else {}
+        atomic_write_text(path, to_json(update if replace else {**before, **update}))
+    return before
 
 
 # --- one command writing a run at a time --------------------------------------------------------
@@ -667,7 +668,8 @@ def best_checkpoint_score(run_dir: Path, monitor: str) -> float | None:
 
 def finish_run(run_dir: Path) -> None:
     """Removes the resume state; call only once ``model.keras`` and ``metrics.json`` are on
-    disk, so that a kill at any earlier moment still resumes."""
+    disk, so that a kill at any earlier moment still resumes. A run its time budget stopped
+    keeps it (:func:`budget_stopped`), to go on from with a larger budget."""
     shutil.rmtree(Path(run_dir) / BACKUP_DIR, ignore_errors=True)
 
 
@@ -733,8 +735,8 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
     """Decides what training does with an existing run folder before anything is written.
 
     Returns ``"new"`` (no run there, or ``overwrite``), ``"resume"`` (an interrupted run with
-    the same training flags) or ``"finished"`` (a finished run with the same training flags:
-    nothing to do).
+    the same training flags, or one its time budget stopped, given a larger budget or none) or
+    ``"finished"`` (a finished run with the same training flags: nothing to do).
 
     Raises:
         ConfigError: a finished or interrupted run with other training flags (or ``--noresume``
@@ -746,21 +748,42 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
         return "new"
     interrupted = has_backup(run_dir)
     finished = (run_dir / MODEL_FILE).is_file() and not interrupted
+    stopped = interrupted and budget_stopped(run_dir)  # it keeps its state to go on from
     if not (finished or interrupted):
         return "new"
     old_flags = run_dir / "flags.txt"
     diffs = (flag_differences(parse_flag_lines(old_flags.read_text()),
                               parse_flag_lines(flags_text), parse_flag_lines(defaults_text))
              if old_flags.is_file() else ["(its flags.txt is missing)"])
-    what = "a finished run" if finished else "an interrupted run"
+    what = "a finished run" if finished or stopped else "an interrupted run"
     ways = "add --overwrite to train it again from scratch, or give another --run_name to keep it"
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise ConfigError(f"{run_dir} holds {what} with other training flags ({shown}): {ways}")
+    if stopped:
+        given = {**parse_flag_lines(defaults_text), **parse_flag_lines(flags_text)}
+        budget = float(given.get("time_budget_minutes") or 0)
+        before = float(parse_flag_lines(old_flags.read_text()).get("time_budget_minutes") or 0)
+        if 0 < budget <= before:
+            return "finished"
     if interrupted and not resume:
-        raise ConfigError(f"{run_dir} holds an interrupted run and --noresume was given: run "
-                          f"without --noresume to continue it, or {ways}")
+        what = "a run its time budget stopped" if stopped else "an interrupted run"
+        raise ConfigError(f"{run_dir} holds {what} and --noresume was given: run without "
+                          f"--noresume to continue it, or {ways}")
     return "finished" if finished else "resume"
+
+
+def budget_stopped(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that its time budget stopped before its last epoch, with
+    the state to go on from (``model.keras``, ``metrics.json``'s ``time_budget`` and the
+    backup)."""
+    run_dir = Path(run_dir)
+    if not ((run_dir / MODEL_FILE).is_file() and has_backup(run_dir)):
+        return False
+    try:
+        return "time_budget" in json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 # What makes a folder a run's, for --overwrite: files every run writes first (flags.txt,

@@ -99,6 +99,7 @@ from retina_tf.run_folder import (
     atomic_write_text,
     best_checkpoint,
     best_checkpoint_score,
+    budget_stopped,
     check_run_folder,
     clear_run_folder,
     find_run,
@@ -506,14 +507,17 @@ class TimeBudget(keras.callbacks.Callback):
     counting ``elapsed_seconds`` spent before a restart. When the last epoch's pace says that
     the budget will stop training before its last epoch (a flagfile's budget on a CPU slower
     than the one it was measured on), it says so once, from a process's second epoch on, so that
-    the user can go on without the budget at once. ``clock``: seconds, monotonic."""
+    the user can go on without the budget at once. ``clock``: seconds, monotonic;
+    ``resumable``: the run keeps a backup (``--resume``), so a larger budget goes on from where
+    this one stops."""
 
     def __init__(self, minutes: float, elapsed_seconds: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, resumable: bool = True):
         super().__init__()
         self.seconds = minutes * 60.0
         self.elapsed_seconds = elapsed_seconds
         self.clock = clock
+        self.resumable = resumable
 
     def on_train_begin(self, logs=None):
         self._start = self.clock() - self.elapsed_seconds
@@ -528,9 +532,10 @@ class TimeBudget(keras.callbacks.Callback):
         if elapsed >= self.seconds:
             said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {done}"
             if total and done < total:
-                said += (f" of {total}, before the learning rate schedule ended (a finished "
-                         "run keeps no state to go on from: --overwrite with "
-                         f"--time_budget_minutes=0, or a larger one, trains all {total} anew)")
+                said += (f" of {total}, before the learning rate schedule ended (" + (
+                    "the same command with --time_budget_minutes=0, or a larger one, goes on "
+                    f"from epoch {done}" if self.resumable else "--overwrite with "
+                    f"--time_budget_minutes=0, or a larger one, trains all {total} anew") + ")")
             log.info(said)
             self.model.stop_training = True
         elif self._last_end is not None and total and not self._foretold:
@@ -539,12 +544,15 @@ class TimeBudget(keras.callbacks.Callback):
             if last < total:
                 self._foretold = True
                 per = f"{pace:.0f} s" if pace < 90 else f"{pace / 60:.1f} min"
+                how = ("run the same command with --time_budget_minutes=0 when it stops, or "
+                       "stop it now (Ctrl-C) and do so: it goes on after its last completed "
+                       "epoch" if self.resumable else "stop it (Ctrl-C) and run it again with "
+                       "--overwrite --time_budget_minutes=0")
                 log.info(f"at {per} per epoch the time budget of "
                          f"{self.seconds / 60:.1f} min ends training after about epoch {last} "
                          f"of {total}, before the learning rate schedule ends; to train all "
                          f"{total} (about {(elapsed + (total - done) * pace) / 60:.0f} min in "
-                         "all), stop it (Ctrl-C) and run the same command with "
-                         "--time_budget_minutes=0: it goes on after its last completed epoch")
+                         f"all), {how}")
         self._last_end = now
 
 
@@ -887,6 +895,13 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
         where = run_dir if restored is not None else "the chief's run folder"
         log.info(f"resuming {where} after epoch {state.epoch} "
                  f"({state.elapsed_seconds / 60:.1f} min of training so far)")
+        budget = cfg.time_budget_minutes * 60.0
+        if state.stopped and not 0 < budget <= state.elapsed_seconds:  # only a budget stops
+            state.stopped = False
+            log.info(f"its time budget stopped it after epoch {state.epoch} of {cfg.epochs}: "
+                     + (f"--time_budget_minutes={cfg.time_budget_minutes:g} trains up to "
+                        f"{(budget - state.elapsed_seconds) / 60:.1f} min more" if budget
+                        else "it trains the rest"))
     callbacks: list[keras.callbacks.Callback] = [LearningRateAndSpeed(steps, pixels_per_step)]
     if isinstance(strategy, MultiWorker):
         callbacks.insert(0, SyncStatistics(strategy))
@@ -898,7 +913,8 @@ def fit_run(model: keras.Model, dataset, steps: int, pixels_per_step: int, cfg, 
     # the validation scores the epoch it ends as the last one; the backup records the stop,
     # and is written after the checkpoints of the same epoch.
     follow = [FollowChief(strategy)] if isinstance(strategy, MultiWorker) else []
-    callbacks += [TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds), *follow]
+    callbacks += [TimeBudget(cfg.time_budget_minutes, state.elapsed_seconds,
+                             resumable=bool(cfg.resume)), *follow]
     if validation is not None:
         callbacks += [validation, *([FollowChief(strategy)] if follow else [])]
     callbacks += [
@@ -993,9 +1009,13 @@ def already_trained(cfg, run_dir: Path) -> bool:
     if diverged:
         log.warning(f"warning: {said}, but only {run} of its {cfg.epochs} epochs: {diverged}. "
                     "--overwrite with a lower --learning_rate trains it again.")
-    elif isinstance(run, int) and run < cfg.epochs:  # stopped by --time_budget_minutes
-        log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs, and a "
-                 "finished run keeps no state to go on from: --overwrite with a larger "
+    elif isinstance(run, int) and run < cfg.epochs and budget_stopped(run_dir):
+        log.info(f"{said}; its time budget of {cfg.time_budget_minutes:g} min stopped it after "
+                 f"{run} of {cfg.epochs} epochs: a larger --time_budget_minutes (0: none) goes "
+                 f"on from epoch {run}.")
+    elif isinstance(run, int) and run < cfg.epochs:  # stopped by a budget, no state kept
+        log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs, and it "
+                 "keeps no state to go on from: --overwrite with a larger "
                  f"--time_budget_minutes (0: none) trains all {cfg.epochs}.")
     else:
         log.info(f"{said}; nothing to do. --overwrite trains it again from scratch, another "
@@ -1271,6 +1291,7 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     run_info = {"model": cfg.model, "model_config": model.get_config(),
                 "parameters": int(model.count_params()), **job.run_info,
                 "environment": environment()}
+    went_on = budget_stopped(run_dir)  # a budget stopped it; a larger one goes on
     if has_backup(run_dir):  # a resume: on the data it began with, or not at all
         began = _stored_run_info(run_dir)  # run.json as the run's start wrote it
         _check_same_data(run_dir, began, run_info, job.preprocessor)
@@ -1309,8 +1330,14 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     if job.finish is not None:
         extra, words = job.finish(model)
         metrics.update(extra)
-    update_metrics_json(run_dir, metrics)
-    finish_run(run_dir)
+    # a budget-stopped run gone on from: its earlier model's figures (evaluations, error maps)
+    # are not this one's
+    before = update_metrics_json(run_dir, metrics, replace=went_on)
+    if dropped := sorted(set(before) - set(metrics) - {"time_budget"}) if went_on else []:
+        log.info(f"metrics.json: dropped {', '.join(dropped)} of the model it replaced; "
+                 "evaluate it again")
+    if "time_budget" not in metrics:  # a budget's stop keeps the state to go on from
+        finish_run(run_dir)
     if is_chief(strategy):  # a worker's copy goes with its temporary folder
         log.info(f"saved {run_dir / 'model.keras'} after {minutes:.1f} min{words}")
     if state.diverged is not None:  # the epochs before it are kept, and the command fails

@@ -263,8 +263,8 @@ def test_a_finished_run_is_not_trained_over(synthetic, tmp_path, capsys):
     # stopped early by its time budget: said, with the way to train every epoch
     update_metrics_json(run, {"epochs_run": 1})  # as --time_budget_minutes leaves it
     train(parse_config("train", [f"--flagfile={run / 'flags.txt'}", "--time_budget_minutes=0"]))
-    assert ("its time budget stopped it after 1 of 2 epochs, and a finished run keeps no state "
-            "to go on from") in capsys.readouterr().out
+    assert ("its time budget stopped it after 1 of 2 epochs, and it keeps no state to go on "
+            "from") in capsys.readouterr().out
 
 
 def test_a_finished_fine_tune_whose_source_changed_says_so(synthetic, tmp_path, caplog):
@@ -319,25 +319,55 @@ def test_the_history_has_one_entry_per_epoch_with_validation_every_other(synthet
     assert 0 <= history["val_f1"][1] <= 1 and 0 <= history["val_f1"][2] <= 1
 
 
-def test_the_epoch_a_time_budget_ends_is_validated(synthetic, tmp_path, caplog):
-    """It was not, so a budget-stopped run kept an earlier epoch, or no validated one at all."""
+def test_the_epoch_a_time_budget_ends_is_validated_and_a_larger_budget_goes_on(
+        synthetic, tmp_path, caplog):
+    """The epoch was not validated, so a budget-stopped run kept an earlier epoch, or no
+    validated one at all; and a run its budget stopped kept no state, so training the rest
+    meant training all again."""
+    args = ("--epochs=3", "--validate_every=5")
     with caplog.at_level(logging.INFO, logger="retina_tf"):
-        run = train(tiny_flags(synthetic, tmp_path, "--epochs=3", "--validate_every=5",
-                               "--time_budget_minutes=0.0001"))
+        run = train(tiny_flags(synthetic, tmp_path, *args, "--time_budget_minutes=0.0001"))
     assert ("time budget of 0.0 min reached after epoch 1 of 3, before the learning rate "
-            "schedule ended (a finished run keeps no state to go on from: --overwrite with "
-            "--time_budget_minutes=0, or a larger one, trains all 3 anew)") in caplog.messages
+            "schedule ended (the same command with --time_budget_minutes=0, or a larger one, "
+            "goes on from epoch 1)") in caplog.messages
     metrics = _metrics(run)
     assert metrics["epochs_run"] == 1 and 0 <= metrics["history"]["val_f1"][0] <= 1
     assert metrics["time_budget"] == "0.0001 min reached after epoch 1 of 3"  # what ended it
     assert metrics["best_checkpoint"]["epoch"] == 1
+    first_loss = metrics["history"]["loss"][0]
+    # a usable model, and the state to go on from
+    assert find_run("tiny", tmp_path) == run and (run / "backup").is_dir()
+    # the same budget again: nothing to do, and said how to go on
+    stamp = (run / "model.keras").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        train(tiny_flags(synthetic, tmp_path, *args, "--time_budget_minutes=0.0001"))
+    assert "stopped it after 1 of 3 epochs: a larger --time_budget_minutes (0: none) goes on " \
+        "from epoch 1" in caplog.text
+    assert (run / "model.keras").stat().st_mtime_ns == stamp
+    from retina_tf.run_folder import update_metrics_json
+    update_metrics_json(run, {"eval_drive_test": {"f1": 0.5}})  # the budget-stopped model's
+    with pytest.raises(ConfigError, match="holds a run its time budget stopped and --noresume"):
+        train(tiny_flags(synthetic, tmp_path, *args, "--noresume"))
+    # no budget: it trains epochs 2 and 3 from the state epoch 1 left
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        train(tiny_flags(synthetic, tmp_path, *args, "--time_budget_minutes=0"))
+    assert f"resuming {run} after epoch 1" in caplog.text
+    assert "its time budget stopped it after epoch 1 of 3: it trains the rest" in caplog.text
+    assert "metrics.json: dropped eval_drive_test of the model it replaced" in caplog.text
+    metrics = _metrics(run)
+    assert metrics["epochs_run"] == 3 and len(metrics["history"]["loss"]) == 3
+    assert "time_budget" not in metrics and "eval_drive_test" not in metrics
+    assert metrics["history"]["loss"][0] == first_loss  # epoch 1 was not trained again
+    assert not (run / "backup").exists()  # finished now
 
 
-def _budget_run(minutes, epochs, ends, elapsed=0.0):
+def _budget_run(minutes, epochs, ends, elapsed=0.0, resumable=True):
     """Drives TimeBudget through epochs ending at ``ends`` (seconds on its clock, from 0 at the
     start of training); returns the epoch that stopped training (None: none did)."""
     clock = iter([0.0, *ends])
-    budget = TimeBudget(minutes, elapsed, clock=lambda: next(clock))
+    budget = TimeBudget(minutes, elapsed, clock=lambda: next(clock), resumable=resumable)
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.stop_training = False
     budget.set_model(model)
@@ -359,12 +389,12 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
     said = [m for m in caplog.messages if "budget" in m]
     assert said == [
         "at 34 s per epoch the time budget of 5.0 min ends training after about epoch 9 of "
-        "17, before the learning rate schedule ends; to train all 17 (about 10 min in all), stop "
-        "it (Ctrl-C) and run the same command with --time_budget_minutes=0: it goes on after its "
-        "last completed epoch",
+        "17, before the learning rate schedule ends; to train all 17 (about 10 min in all), run "
+        "the same command with --time_budget_minutes=0 when it stops, or stop it now (Ctrl-C) "
+        "and do so: it goes on after its last completed epoch",
         "time budget of 5.0 min reached after epoch 9 of 17, before the learning rate schedule "
-        "ended (a finished run keeps no state to go on from: --overwrite with "
-        "--time_budget_minutes=0, or a larger one, trains all 17 anew)"]
+        "ended (the same command with --time_budget_minutes=0, or a larger one, goes on from "
+        "epoch 9)"]
     caplog.clear()
     # a budget that holds every epoch says nothing; a resumed run counts the time before and
     # takes no pace from its first (tracing) epoch
@@ -373,8 +403,18 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
         assert _budget_run(5, 17, [10.0, 60.0], elapsed=250.0) == 2
     assert [m for m in caplog.messages if "budget" in m] == [
         "time budget of 5.0 min reached after epoch 2 of 17, before the learning rate schedule "
-        "ended (a finished run keeps no state to go on from: --overwrite with "
-        "--time_budget_minutes=0, or a larger one, trains all 17 anew)"]
+        "ended (the same command with --time_budget_minutes=0, or a larger one, goes on from "
+        "epoch 2)"]
+    # --noresume keeps no state: the ways out say so
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        assert _budget_run(5, 17, ends, resumable=False) == 9
+    assert [m for m in caplog.messages if "budget" in m] == [
+        "at 34 s per epoch the time budget of 5.0 min ends training after about epoch 9 of "
+        "17, before the learning rate schedule ends; to train all 17 (about 10 min in all), "
+        "stop it (Ctrl-C) and run it again with --overwrite --time_budget_minutes=0",
+        "time budget of 5.0 min reached after epoch 9 of 17, before the learning rate schedule "
+        "ended (--overwrite with --time_budget_minutes=0, or a larger one, trains all 17 anew)"]
 
 
 def test_run_json_records_what_was_read(synthetic, tmp_path):
