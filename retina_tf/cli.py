@@ -150,6 +150,10 @@ def _check_label_files(cfg: DataConfig) -> None:
     """Your own label files (docs/data.md): every photograph, label and mask read as training
     and evaluation read them, each bad one listed; with --out_dir, the preprocessing fitted on
     the training split and its previews written there."""
+    if getattr(cfg, "task", None) == "av":  # training and evaluate refuse it: said here first
+        raise ConfigError("--task=av: label files carry vessel labels only; artery/vein labels "
+                          "go in through an A/V dataset's layout (e.g. RITE's: --dataset=rite "
+                          "--data_dir=my_av_data; docs/data.md)")
     files = {}
     if cfg.label_file_path:
         files["training"] = Path(cfg.label_file_path)

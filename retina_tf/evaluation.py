@@ -999,9 +999,12 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                 raise
             log.warning(f"warning: {seg.run_dir} is read-only: this evaluation is not added "
                         f"to its metrics.json ({err.strerror}); it is in {out_dir}")
+    av_words = ("; A/V on the true vessels (_av_errors.png): red artery, blue vein as "
+                "predicted, green the wrong class, white crossing or uncertain"
+                if task == "av" else "")
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
              (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
-              f"blue FN; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"
+              f"blue FN{av_words}; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"
               if cfg.visualize else f" in {out_dir}"))
     return report
 
@@ -1010,7 +1013,7 @@ def _picture_names(name: str, task: str) -> list[str]:
     """The pictures ``evaluate --visualize`` writes for the image ``name``."""
     suffixes = ["_prob.png", "_mask.png", "_overlay.png"]
     if task == "av":
-        suffixes += ["_av.png", "_av_truth.png"]
+        suffixes += ["_av_errors.png", "_av_truth.png"]
     return [name + s for s in suffixes]
 
 
@@ -1065,9 +1068,11 @@ def _sheet_columns(task: str) -> list:
         return ["photograph", visualize.legend(("artery", visualize.ARTERY_COLOUR),
                                                ("vein", visualize.VEIN_COLOUR),
                                                prefix="predicted: "),
-                errors, visualize.legend(("wrong class", visualize.TP_COLOUR),
-                                         ("crossing/uncertain", visualize.UNCERTAIN_COLOUR),
-                                         prefix="true vessels: ")]
+                errors, visualize.legend(("artery", visualize.ARTERY_COLOUR),
+                                         ("vein", visualize.VEIN_COLOUR),
+                                         ("wrong", visualize.TP_COLOUR),
+                                         ("crossing", visualize.UNCERTAIN_COLOUR),
+                                         prefix="A/V: ")]
     return ["photograph", visualize.legend(("vessel", visualize.VESSEL_COLOUR),
                                            prefix="predicted: "), errors]
 
@@ -1086,7 +1091,7 @@ def _write_pictures(out: OutputFolder, data, prob: np.ndarray, target: np.ndarra
     title = f"{data.name}   F1 {scores['f1']:.4f}   AUC-ROC {scores['auc_roc']:.4f}"
     if task == "av":
         av_errors = visualize.av_error_image(prob, target, photo=data.image)
-        out.save_png(f"{data.name}_av.png", av_errors)
+        out.save_png(f"{data.name}_av_errors.png", av_errors)
         out.save_png(f"{data.name}_av_truth.png", visualize.av_label_image(target))
         pictures = [data.image, visualize.av_image(prob, threshold, photo=data.image), errors,
                     av_errors]

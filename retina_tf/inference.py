@@ -1152,8 +1152,9 @@ class Segmenter:
         if swapped:
             log.warning(swapped)
         if self.task == "av" and is_gray(image):
-            log.warning(f"{source} is a gray photograph: telling arteries from veins needs "
-                        "colour, so its artery/vein maps are unreliable (its vessel map is not)")
+            log.warning(f"warning: {source} is a gray photograph: telling arteries from veins "
+                        "needs colour, so its artery/vein maps are unreliable (its vessel map is "
+                        "not)")
 
     def segment(self, image: np.ndarray | str | os.PathLike,
                 fov: np.ndarray | str | os.PathLike | None = None,

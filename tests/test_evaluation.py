@@ -740,6 +740,8 @@ def test_predict_warns_once_of_a_gray_photograph_given_to_an_av_model(tmp_path, 
         predict(PredictConfig(model="ripav_general", input=str(tmp_path / "gray.png"),
                               output_dir=str(tmp_path / "out"), tta=False, av_vote=False))
     assert caplog.text.count("gray.png is a gray photograph: telling arteries from veins") == 1
+    said = [m for m in caplog.messages if "gray photograph" in m]
+    assert said[0].startswith("warning: "), said  # counted among the warnings: so marked
 
 
 def test_predict_names_the_photographs_of_a_folder_it_warned_of(shared_data, tmp_path, caplog):

@@ -147,7 +147,8 @@ def test_rip_av_fine_tunes_from_the_rip_run_and_evaluates(rip_run, tmp_path):
         assert 0.0 <= result[key] <= 1.0, key
     # RIP-AV's own protocol is reported beside the all-pixel figure (NaN only if nothing counts)
     assert "av_acc_ripav" in result and "av_se_ripav" in result
-    assert (out / "01_test_av.png").is_file() and (out / "01_test_av_truth.png").is_file()
+    assert (out / "01_test_av_errors.png").is_file() and (out / "01_test_av_truth.png").is_file()
+    assert not (out / "01_test_av.png").exists()  # predict's A/V map: another picture
     # The thin / thick split partitions the counted pixels, and its accuracies average back.
     thin, thick = result["av_thin_pixels"], result["av_thick_pixels"]
     assert thin > 0 and thick > 0 and thin + thick == result["av_n_pixels"]

@@ -171,6 +171,11 @@ def test_preprocess_cli_checks_your_own_label_files_and_lists_every_bad_one(synt
                            timeout=120)
     assert proc.returncode == 0 and "every file is readable" in proc.stdout, proc.stderr[-2000:]
     assert sorted(tmp_path.iterdir()) == before  # a check writes nothing
+    # artery/vein labels cannot come in so: said here, not first by train.py (it passed)
+    proc = commands.script("preprocess.py", f"--label_file_path={tmp_path / 'training.txt'}",
+                           "--task=av", timeout=120)
+    assert proc.returncode != 0 and "--task=av: label files carry vessel labels only" \
+        in proc.stderr, proc.stderr[-2000:]
     proc = commands.script("preprocess.py", f"--label_file_path={tmp_path / 'training.txt'}",
                            f"--out_dir={tmp_path / 'out'}", "--previews=1", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
