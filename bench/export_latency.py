@@ -71,10 +71,8 @@ def main(_):
     from retina_tf.data.patches import pad_to_multiple
     from retina_tf.data.synthetic import generate_fundus
     from retina_tf.export import export_model
-    from retina_tf.flags import configure_logging
     from retina_tf.inference import Segmenter
 
-    configure_logging()  # the exports' lines as plain lines
     unknown = [f for f in FLAGS.formats if f not in TIMED]
     if unknown:
         raise app.UsageError(f"--formats: unknown format(s) {unknown}")

@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 def main(_):
     import numpy as np
 
-    from bench.matmul_peak import forward_flops, matmul_gflops
+    from bench.matmul_peak import forward_flops, matmul_gflops, over_peak_note
     from retina_tf.data.catalog import list_samples
     from retina_tf.data.io import read_image
     from retina_tf.data.patches import pad_to_multiple
@@ -102,6 +102,8 @@ def main(_):
             print(f"  {gflop:.1f} GFLOP per image ({width}x{height} padded): {rate:.0f} GFLOP/s "
                   f"end to end, {rate / peaks[dtype]:.0%} of this CPU's {dtype} matmul "
                   f"peak ({peaks[dtype]:.0f} GFLOP/s)")
+            if note := over_peak_note([rate / peaks[dtype]]):
+                print("  " + note)
 
 if __name__ == "__main__":
     run_reported(main)

@@ -29,6 +29,16 @@ def vector_extensions() -> str:
     return " ".join(e for e in EXTENSIONS if e in flags) or "unknown"
 
 
+def over_peak_note(shares) -> str:
+    """A line for shares of the matmul peak over 100 %: the peak, measured in moments, was
+    taken while other work ran (the measured figures are a busy machine's too)."""
+    if max(shares, default=0.0) <= 1.0:
+        return ""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"note: over 100 % of the matmul peak: the peak was measured while other work ran "
+            f"(load average {load:.1f} on {os.cpu_count()} cores); measure on an idle machine")
+
+
 def matmul_gflops(n: int = 4096, repeats: int = 5, library: str = "tensorflow",
                   dtype: str = "float32") -> float:
     """Median GFLOP/s of an ``n`` x ``n`` matmul (``2 n^3`` operations) in ``dtype``

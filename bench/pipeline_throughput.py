@@ -131,7 +131,7 @@ def main(_):
     if FLAGS.one_run:
         print(json.dumps(one_run()))
         return
-    from bench.matmul_peak import vector_extensions
+    from bench.matmul_peak import over_peak_note, vector_extensions
 
     args = [sys.executable, os.path.abspath(__file__), "--one_run"] + [
         f"--{name}={getattr(FLAGS, name)}" for name in
@@ -160,6 +160,8 @@ def main(_):
     print(f"training patches/s: median {statistics.median(train):.0f}, "
           f"min {min(train):.0f}, max {max(train):.0f}; share of the matmul peak: median "
           f"{statistics.median(share):.0%}, min {min(share):.0%}, max {max(share):.0%}")
+    if note := over_peak_note(share):
+        print(note)
     headroom = statistics.median(r["pipeline"] for r in runs) / statistics.median(train)
     print(f"pipeline headroom: {headroom:.1f}x faster than training consumes")
 

@@ -874,6 +874,7 @@ def run_reported(main, fv: flags.FlagValues = FLAGS) -> None:
     """``absl.app.run(main)`` with :func:`report_errors` around ``main`` only, for scripts with
     flags and output of their own (``bench/``): a mistyped model or folder in one line."""
     def guarded_main(argv):
+        configure_logging()  # the library's lines plain, not with absl's prefixes
         with report_errors(fv):
             return main(argv)
 

@@ -166,9 +166,14 @@ def find_run(name: str | os.PathLike, logdir: str | None = None, run_name: str |
                              f"{', '.join(missing)}; point {flag} at a run folder that training "
                              "finished (or one written by bin/export_model.py)")
     tried = ", ".join(str(p) for p in dict.fromkeys(places))
+    # a recipe's flagfile gives its architecture as --model and its run as --run_name; the
+    # shipped model of a recipe has that run's name
+    shipped_run = (f", or give {flag}={run_name}, the shipped model of that name"
+                   if run_name and run_name in shipped_models() else "")
     raise ModelFileError(f"{flag}={name}: no trained model found; looked for {MODEL_FILE} in "
                          f"{tried} and among the shipped models "
-                         f"({', '.join(shipped_models()) or 'none'}); train that run first")
+                         f"({', '.join(shipped_models()) or 'none'}); train that run "
+                         f"first{shipped_run}")
 
 
 # --- durable files ---------------------------------------------------------------------------

@@ -667,3 +667,17 @@ def test_an_evaluation_elsewhere_of_a_read_only_run_is_kept(synthetic, tmp_path,
     # its own folder inside the run: an error, as before
     with pytest.raises(OutputError, match="Read-only file system"):
         evaluate(EvalConfig(model=str(run)))
+
+
+def test_a_run_not_found_names_where_it_looked_and_the_shipped_model_of_its_name(tmp_path):
+    """``evaluate --flagfile=configs/drive_unet.cfg`` before training: its --model is the
+    architecture, its --run_name that of the shipped model."""
+    with pytest.raises(ModelFileError, match=rf"--model=unet: no trained model found; looked for "
+                                             rf"model.keras in unet, {tmp_path}/unet, "
+                                             rf"{tmp_path}/unet_drive and among the shipped "
+                                             r"models .*train that run first, or give "
+                                             r"--model=unet_drive, the shipped model of that "
+                                             r"name$"):
+        find_run("unet", tmp_path, "unet_drive")
+    with pytest.raises(ModelFileError, match=r"train that run first$"):
+        find_run("unet", tmp_path, "my_run")
