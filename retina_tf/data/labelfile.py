@@ -11,9 +11,12 @@ file's own folder; every following line names the three files inside them.
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from retina_tf.data.catalog import Sample, list_samples
 from retina_tf.data.fov import estimate_fov
@@ -23,8 +26,11 @@ from retina_tf.data.io import (
     file_stem,
     read_av,
     read_image,
+    read_mask,
     write_image_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 
 def read_label_file(path: str | os.PathLike) -> list[Sample]:
@@ -130,19 +136,26 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
                 fov_files.append(Path(s.fov))
             else:
                 fov_files.append(out_dir / "fov" / f"{s.name}_fov.png")
-                if not fov_files[-1].is_file():  # written by an earlier export
-                    _write_mask(fov_files[-1], estimate_fov(read_image(s.image)))
+                _write_mask(fov_files[-1], estimate_fov(read_image(s.image)), s.image)
             if s.label is not None:
                 label_files.append(Path(s.label))
             else:
                 label_files.append(out_dir / "vessel" / f"{s.name}_vessel.png")
-                if not label_files[-1].is_file():
-                    _write_mask(label_files[-1], read_av(s.av, s.av_format)[..., 2])
+                _write_mask(label_files[-1], read_av(s.av, s.av_format)[..., 2], s.av)
         written[split] = write_label_file(out_dir / f"{split}.txt", samples, fov_files,
                                           label_files)
     return written
 
 
-def _write_mask(path: Path, mask) -> None:
+def _write_mask(path: Path, mask, source) -> None:
+    """Writes a mask derived from ``source`` unless ``path`` (an earlier export's) holds it
+    already: one derived from a photograph or A/V map changed since is written anew, and said."""
+    if path.is_file():
+        try:
+            if np.array_equal(read_mask(path), mask):
+                return
+        except DatasetError:  # unreadable (a killed write): written again
+            pass
+        log.info(f"{path}: written again; it no longer matches {source}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_image_atomic(path, mask.astype("uint8") * 255)

@@ -1,5 +1,6 @@
 """Seed-style label files: round trip, estimated FOV masks, bad input, and the CLI."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_a_hand_written_file_without_masks_gets_estimated_fovs(synthetic_dir, tm
     np.testing.assert_array_equal(data.vessel, read_mask(train / "1st_manual" / labels[0]))
 
 
-def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
+def test_export_estimates_missing_fov_masks(shared_data, tmp_path, caplog):
     files = export_label_files("stare", shared_data / "STARE", tmp_path)
     train = read_label_file(files["training"])
     assert len(train) == 10 and len(read_label_file(files["test"])) == 10
@@ -63,6 +64,16 @@ def test_export_estimates_missing_fov_masks(shared_data, tmp_path):
     # and predict --fov takes that folder (its names: <stem>_fov.png)
     from retina_tf.evaluation import find_fov_mask
     assert find_fov_mask(train[3].image, sorted((tmp_path / "fov").iterdir())) == train[3].fov
+    # exported again after a photograph changed (here: its mask no longer its estimate): that
+    # mask is written anew and said, the others are kept as they are
+    write_image_atomic(train[0].fov, np.zeros((605, 700), np.uint8))
+    kept = train[1].fov.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="retina_tf"):
+        export_label_files("stare", shared_data / "STARE", tmp_path)
+    np.testing.assert_array_equal(read_mask(train[0].fov, what="fov"), fov)
+    assert f"{train[0].fov}: written again; it no longer matches " \
+        f"{(shared_data / 'STARE/stare-images/im0001.ppm.gz')}" in caplog.text
+    assert train[1].fov.stat().st_mtime_ns == kept
 
 
 def test_export_writes_hrf_avs_vessel_labels_from_its_av_maps(shared_data, tmp_path):
