@@ -175,6 +175,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
                 f"TF_CONFIG: {task['type']} {task['index']} cannot listen at {here} "
                 f"(TensorFlow: {str(err.message).strip().splitlines()[0]}): is that port in use, "
                 "or another worker started with the same task index?") from err
+    if (tasks := _cluster_size(os.environ.get("TF_CONFIG"))) > 1:
+        log.warning(f"warning: TF_CONFIG names a cluster of {tasks} tasks, but --strategy={name} "
+                    "trains on this machine alone: give --strategy=multi_worker to every "
+                    "worker to train together")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -208,11 +212,29 @@ def check_tf_config(text: str | None) -> None:
         task_type, index = spec["task"]["type"], int(spec["task"]["index"])
         hosts = spec["cluster"][task_type]
         ok = isinstance(hosts, list) and 0 <= index < len(hosts)
-    except (ValueError, KeyError, TypeError):
+        addresses = [a for tasks in spec["cluster"].values() for a in tasks]
+    except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise ConfigError(f"TF_CONFIG={text}: give the cluster and a task in it, e.g. "
                           f"{TF_CONFIG_EXAMPLE}")
+    for address in addresses:
+        port = str(address).rpartition(":")[2]
+        if not (":" in str(address) and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"TF_CONFIG={text}: {address!r} is not host:port; give each task "
+                              f"its host and a free port, e.g. {TF_CONFIG_EXAMPLE}")
+    if len(addresses) == 1:  # (Keras's logs then hold one value per replica, and fail)
+        raise ConfigError(f"TF_CONFIG={text}: a cluster of one task; on one machine train "
+                          "without TF_CONFIG and --strategy=multi_worker (--strategy=mirrored "
+                          "over its GPUs or --logical_cpus)")
+
+
+def _cluster_size(text: str | None) -> int:
+    """The number of tasks of the cluster ``TF_CONFIG`` names (0: none, or unreadable)."""
+    try:
+        return sum(len(tasks) for tasks in json.loads(text or "")["cluster"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -273,18 +295,39 @@ def check_same_flags(strategy: tf.distribute.Strategy, cfg) -> None:
     """Under ``multi_worker``, raises ConfigError on every worker when the workers were given
     different training flags (a batch size, a model size): their collectives would otherwise
     fail mid-training with TensorFlow's shape errors. Every worker must call it at the same
-    point. Compares a 20-bit hash of the flags by an all-reduce of it and its square."""
+    point."""
     if not isinstance(strategy, MultiWorker):
         return
     flags = {k: v for k, v in parse_flag_lines(to_flag_lines(cfg)).items()
              if k not in FLAGS_NOT_IN_TRAINING | PER_MACHINE_FLAGS}
-    h = float(zlib.crc32(json.dumps(flags, sort_keys=True).encode()) % (1 << 20))
-    total, squares = _all_sum(strategy, "float64")(tf.constant([h, h * h], tf.float64)).numpy()
-    if strategy.num_replicas_in_sync * squares != total * total:  # not all equal
+    if not _same_on_every_worker(strategy, flags):
         leave_together(strategy)
         raise ConfigError("the workers of TF_CONFIG were given different training flags: give "
                           "every worker the same command (only paths such as --data_dir may "
                           "differ between machines)")
+
+
+def check_same_data(strategy: tf.distribute.Strategy, run_info: dict) -> None:
+    """Under ``multi_worker``, raises ConfigError on every worker when the workers read
+    different photographs (their pixel digests, ``run_info``'s ``data.image_digests``): each
+    would train on its own data, and only the chief's would be recorded. Every worker must
+    call it at the same point."""
+    if not isinstance(strategy, MultiWorker):
+        return
+    if not _same_on_every_worker(strategy, sorted((run_info.get("data") or {})
+                                                  .get("image_digests") or {})):
+        leave_together(strategy)
+        raise ConfigError("the workers of TF_CONFIG read different photographs (their pixels "
+                          "differ): give every worker a copy of the same data (--data_dir may "
+                          "name another folder on each machine)")
+
+
+def _same_on_every_worker(strategy: tf.distribute.Strategy, value) -> bool:
+    """Whether ``value`` (JSON) is the same on every worker: a 20-bit hash of it compared by an
+    all-reduce of the hash and its square."""
+    h = float(zlib.crc32(json.dumps(value, sort_keys=True).encode()) % (1 << 20))
+    total, squares = _all_sum(strategy, "float64")(tf.constant([h, h * h], tf.float64)).numpy()
+    return strategy.num_replicas_in_sync * squares == total * total
 
 
 def leave_together(strategy: tf.distribute.Strategy) -> None:
@@ -1273,6 +1316,7 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     """:func:`run_training` from ``prepare`` on, writing ``run_dir`` (a temporary folder on a
     worker other than the chief)."""
     job = prepare(strategy, run_dir)
+    check_same_data(strategy, job.run_info)
     model = job.model
     # flags.txt keeps --max_iters as given; the schedule and fit see the epochs it comes to
     fit_cfg = dataclasses.replace(cfg, epochs=total_epochs(cfg, job.steps))

@@ -3,7 +3,9 @@ worker processes on this machine, CPU only, each with its own TF_CONFIG; a worke
 an epoch; mixed precision and XLA checked on the CPU (docs/scaling.md)."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from retina_tf.data.io import read_image, write_image_atomic
 from retina_tf.errors import ConfigError
 from retina_tf.flags import parse_config
 from retina_tf.inference import load_keras_model
@@ -86,7 +89,7 @@ class Cluster:
             env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "CUDA_VISIBLE_DEVICES": "-1",
                    "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                    "TMPDIR": str(self.tmpdir(index))}
-            cmd = [a.replace("{index}", str(index)) for a in command] + args
+            cmd = [a.replace("{index}", str(index)) for a in command + args]
             self.procs.append(commands.Command(cmd, cwd=self.folder(index), env=env,
                                                log=self.log(index, attempt)))
 
@@ -201,9 +204,26 @@ def test_tf_config_is_checked_before_tensorflow_reads_it():
                         ("{cluster", "give the cluster and a task in it"),
                         ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", '
                          '"index": 1}}', "give the cluster and a task in it"),
-                        ('{"cluster": {"worker": ["a:1"]}}', "give the cluster and a task")]:
+                        ('{"cluster": {"worker": ["a:1"]}}', "give the cluster and a task"),
+                        # TensorFlow's tracebacks before
+                        ('{"cluster": {"worker": ["localhost", "b:2"]}, "task": {"type": '
+                         '"worker", "index": 1}}', "'localhost' is not host:port"),
+                        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", '
+                         '"index": 0}}', "a cluster of one task; on one machine train without "
+                                         "TF_CONFIG")]:
         with pytest.raises(ConfigError, match=words):
             check_tf_config(text)
+
+
+def test_tf_config_of_a_cluster_without_multi_worker_is_warned_of(monkeypatch, caplog):
+    """Each worker trained alone, a model per machine, without a word."""
+    from retina_tf.training import make_strategy
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": '
+                                    '{"type": "worker", "index": 1}}')
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        make_strategy("default")
+    assert "warning: TF_CONFIG names a cluster of 2 tasks, but --strategy=default trains on " \
+        "this machine alone: give --strategy=multi_worker" in caplog.text
 
 
 def test_a_worker_whose_port_is_taken_says_so_in_one_line(tiny_synthetic, tmp_path):
@@ -245,6 +265,29 @@ def test_workers_given_different_flags_are_told_before_training(tiny_synthetic, 
             "give every worker the same command (only paths such as --data_dir may differ "
             "between machines)"), out[-3000:]
         assert not (cluster.folder(index) / "logs").exists()
+
+
+@pytest.mark.slow
+def test_workers_reading_different_photographs_are_told_before_training(tiny_synthetic,
+                                                                        tmp_path):
+    """Each trained on its own data without a word, and only the chief's was recorded: the
+    folders may differ between machines, the pixels may not."""
+    for index in (0, 1):
+        shutil.copytree(tiny_synthetic, tmp_path / f"data{index}")
+    photo = sorted((tmp_path / "data1" / "training" / "images").iterdir())[0]
+    write_image_atomic(photo, read_image(photo)[::-1])  # another photograph, the same size
+    cluster = Cluster(tmp_path, tmp_path / "data{index}")
+    cluster.start([sys.executable, str(REPO / "bin" / "train.py")])
+    try:
+        codes = [cluster.wait(i, timeout=120) for i in (0, 1)]
+    finally:
+        cluster.stop()
+    for index in (0, 1):
+        out = cluster.output(index)
+        assert codes[index] == 2 and out.strip().endswith(
+            "train.py: error: the workers of TF_CONFIG read different photographs (their pixels "
+            "differ): give every worker a copy of the same data (--data_dir may name another "
+            "folder on each machine)"), out[-3000:]
 
 
 def test_logical_cpus_say_what_they_can_and_cannot_do(caplog):
