@@ -732,7 +732,22 @@ def flag_differences(old: dict[str, str], new: dict[str, str],
     return [f"--{name}: {old.get(name, '(unset)')} -> {new.get(name, '(unset)')}"
             for name in sorted(old.keys() | new.keys())
             if name not in FLAGS_NOT_IN_TRAINING and not name.startswith("rip_")
-            and old.get(name) != new.get(name)]
+            and old.get(name) != new.get(name)
+            and not (name in PATH_FLAGS and _same_path(old.get(name), new.get(name)))]
+
+
+# Training flags naming one file or folder: the same one however spelt (a trailing slash, a
+# symlink, ../); its contents are compared by their digests on resume.
+PATH_FLAGS = frozenset({"data_dir", "label_file_path", "pretrained"})
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is gone (or a shipped model's name): by their spelling
+        return os.path.normpath(a) == os.path.normpath(b)
 
 
 def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bool,

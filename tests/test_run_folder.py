@@ -488,6 +488,28 @@ def test_flag_differences_ignore_output_flags_and_read_booleans():
     assert flag_differences(old, old) == []
 
 
+def test_a_folder_spelt_another_way_is_the_same_training_flag(tmp_path, monkeypatch):
+    """A killed run given its --data_dir with a trailing slash, through a symlink or from
+    another folder was "other training flags", and only --overwrite went on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    old = parse_flag_lines(f"--data_dir={data}\n--pretrained=vessel_general\n")
+    for spelt in (f"{data}/", str(tmp_path / "link"), "../data", f"{tmp_path}//data"):
+        new = parse_flag_lines(f"--data_dir={spelt}\n--pretrained=vessel_general\n")
+        assert flag_differences(old, new) == [], spelt
+    other = tmp_path / "other"
+    other.mkdir()
+    assert flag_differences(old, parse_flag_lines(
+        f"--data_dir={other}\n--pretrained=./vessel_general\n")) == [
+        f"--data_dir: {data} -> {other}"]
+    assert flag_differences(old, parse_flag_lines(
+        f"--data_dir={data}\n--pretrained=unet_drive\n")) == [
+        "--pretrained: vessel_general -> unet_drive"]
+
+
 def test_a_flag_added_since_a_run_was_written_reads_as_its_default():
     old = parse_flag_lines("--epochs=2\n")  # written before --mixed_patch_sizes and --rot90
     defaults = parse_flag_lines("--epochs=60\n--mixed_patch_sizes=\n--norot90\n")
