@@ -83,6 +83,8 @@ def preprocess() -> None:
 
 
 def _preprocess(cfg: DataConfig) -> None:
+    if FLAGS.out_dir and Path(FLAGS.out_dir).is_file():
+        raise ConfigError(f"--out_dir={FLAGS.out_dir} is a file, not a folder: give a folder")
     if cfg.label_file_path or cfg.test_label_file_path:
         _check_label_files(cfg)
         return

@@ -61,6 +61,7 @@ class _Checked:
                 object.__setattr__(self, f.name, checked)  # frozen: set once, here
         _check_sources(self)
         _check_combinations(self)
+        _check_folders(self)
 
 
 @dataclasses.dataclass(**_FROZEN)
@@ -471,6 +472,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # A label file and a dataset both say which images to use; with both, one would silently win.
 SOURCES = (("label_file_path", "dataset"), ("label_file_path", "data_dir"),
             ("test_label_file_path", "dataset"), ("test_label_file_path", "data_dir"))
+
+
+# Fields that name a folder: a file there failed later as "File exists" or "no such folder".
+FOLDER_FIELDS = ("data_dir", "logdir", "cache_dir", "output_dir")
+
+
+def _check_folders(cfg: Any) -> None:
+    for name in FOLDER_FIELDS:
+        value = getattr(cfg, name, None)
+        if value and os.path.isfile(os.path.expanduser(str(value))):
+            raise ConfigError(f"--{name}={value} is a file, not a folder: give a folder")
 
 
 def _check_sources(cfg: Any) -> None:

@@ -293,7 +293,15 @@ def _field_value(fv: flags.FlagValues, name: str, kind) -> object:
     if name == "task" and not fv[name].present:
         return None  # the model's own task (rip_av: av), else vessel
     if isinstance(value, list):  # as a flagfile line: one conversion for both
+        value = [_home(v) for v in value]
         return convert_value(name, ",".join(map(str, value)), kind)
+    return _home(value)
+
+
+def _home(value):
+    """``~/...`` as the home folder's: the shell leaves a ``~`` after ``--flag=`` as it is."""
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
     return value
 
 

@@ -189,3 +189,24 @@ def test_a_command_given_another_config_says_which_it_takes():
                           (retina_tf.pretrain_rip, config.MAEConfig())):
         with pytest.raises(ConfigError, match=rf"^{function.__name__}\(\) expects"):
             function(cfg)
+
+
+def test_a_folder_flag_given_a_file_says_so(tmp_path):
+    """It failed later as "cannot write .../x.npy: File exists" or "no such folder"."""
+    from retina_tf.config import EvalConfig, TrainConfig
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for cls, name in ((TrainConfig, "cache_dir"), (TrainConfig, "logdir"),
+                      (TrainConfig, "data_dir"), (EvalConfig, "output_dir")):
+        with pytest.raises(ConfigError, match=rf"--{name}={afile} is a file, not a folder"):
+            cls(**{name: str(afile)})
+    TrainConfig(cache_dir=str(tmp_path), logdir=str(tmp_path / "new"))  # folders, or to be
+
+
+def test_a_home_folder_after_the_equals_sign_is_expanded(monkeypatch, tmp_path):
+    """The shell leaves ``--output_dir=~/out`` as it is: a folder named ~ was made."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_config("predict", ["--input=~/photos", "--output_dir=~/out"])
+    assert (cfg.input, cfg.output_dir) == (f"{tmp_path}/photos", f"{tmp_path}/out")
+    cfg = parse_config("pretrain_mae", ["--pretrain_dirs=~/a,b"])
+    assert list(cfg.pretrain_dirs) == [f"{tmp_path}/a", "b"]

@@ -200,6 +200,11 @@ def test_preprocess_cli_reports_a_wrong_folder(tmp_path):
     assert proc.returncode != 0
     assert str(tmp_path) in proc.stderr and "training" in proc.stderr
     assert not (tmp_path / "out" / "training.txt").exists()
+    (tmp_path / "afile").write_text("")  # it said "cannot write afile/training.txt: File exists"
+    proc = commands.script("preprocess.py", "--dataset=drive", f"--data_dir={tmp_path}",
+                           f"--out_dir={tmp_path / 'afile'}", timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().endswith(
+        f"--out_dir={tmp_path / 'afile'} is a file, not a folder: give a folder"), proc.stderr
 
 
 def test_an_empty_split_stops_before_any_label_file_is_written(tmp_path):
