@@ -83,6 +83,11 @@ def preprocess() -> None:
 
 
 def _preprocess(cfg: DataConfig) -> None:
+    if cfg.task == "av":  # training refused it after preprocess had passed it
+        raise ConfigError("--task=av: label files carry vessel labels only (preprocess writes "
+                          "and checks them); artery/vein labels go in through an A/V dataset's "
+                          "layout, which train and evaluate read as it is (e.g. RITE's: "
+                          "--dataset=rite --data_dir=my_av_data; docs/data.md)")
     if FLAGS.out_dir and Path(FLAGS.out_dir).is_file():
         raise ConfigError(f"--out_dir={FLAGS.out_dir} is a file, not a folder: give a folder")
     if cfg.label_file_path or cfg.test_label_file_path:
@@ -152,10 +157,6 @@ def _check_label_files(cfg: DataConfig) -> None:
     """Your own label files (docs/data.md): every photograph, label and mask read as training
     and evaluation read them, each bad one listed; with --out_dir, the preprocessing fitted on
     the training split and its previews written there."""
-    if getattr(cfg, "task", None) == "av":  # training and evaluate refuse it: said here first
-        raise ConfigError("--task=av: label files carry vessel labels only; artery/vein labels "
-                          "go in through an A/V dataset's layout (e.g. RITE's: --dataset=rite "
-                          "--data_dir=my_av_data; docs/data.md)")
     files = {}
     if cfg.label_file_path:
         files["training"] = Path(cfg.label_file_path)

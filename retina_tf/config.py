@@ -403,6 +403,9 @@ RULES: dict[str, _Rule] = {
                    "(all or none)"),
     "seed": _at_least(0),
     "batch_size": _at_least(1),
+    # "." or ".." put a run's files among the other runs of --logdir, or above it
+    "run_name": (lambda v: v is None or not {".", ".."} & set(v.replace("\\", "/").split("/")),
+                 "must name a folder inside --logdir (no . or .. in it)"),
     "epochs": _at_least(1, "0 would save an untrained model"),
     "max_iters": _at_least(0, "0 = train --epochs epochs"),
     "steps_per_epoch": _at_least(0, "0 = from --patches_per_epoch"),

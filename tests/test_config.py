@@ -210,3 +210,12 @@ def test_a_home_folder_after_the_equals_sign_is_expanded(monkeypatch, tmp_path):
     assert (cfg.input, cfg.output_dir) == (f"{tmp_path}/photos", f"{tmp_path}/out")
     cfg = parse_config("pretrain_mae", ["--pretrain_dirs=~/a,b"])
     assert list(cfg.pretrain_dirs) == [f"{tmp_path}/a", "b"]
+
+
+def test_a_run_name_outside_the_logdir_is_refused():
+    """--run_name=. wrote model.keras and checkpoints/ among the other runs of --logdir."""
+    from retina_tf.config import TrainConfig
+    for name in (".", "..", "a/../..", "./x"):
+        with pytest.raises(ConfigError, match="run_name=.*must name a folder inside --logdir"):
+            TrainConfig(run_name=name)
+    assert TrainConfig(run_name="group/run 1").run_name == "group/run 1"
