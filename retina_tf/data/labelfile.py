@@ -110,7 +110,12 @@ def write_label_file(path: str | os.PathLike, samples: Sequence[Sample],
                                f"{sorted(parents)}")
         folders.append(parents.pop())
     rel = [os.path.relpath(d, path.parent.resolve()) for d in folders]
-    lines = [",".join(rel)] + [",".join(Path(f).name for f in row) for row in zip(*columns)]
+    names = [[Path(f).name for f in row] for row in zip(*columns)]
+    for field in [*rel, *(name for row in names for name in row)]:
+        if "," in field:  # its fields are separated by commas, unquoted
+            raise DatasetError(f"{path}: a label file cannot name {field!r}, which has a comma "
+                               "in it: rename that file or folder")
+    lines = [",".join(rel)] + [",".join(row) for row in names]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 

@@ -213,3 +213,16 @@ def test_an_empty_split_stops_before_any_label_file_is_written(tmp_path):
     with pytest.raises(DatasetError, match="test"):
         export_label_files("synthetic", data, tmp_path / "labels")
     assert not (tmp_path / "labels").exists()
+
+
+def test_a_comma_in_a_folder_name_is_refused_before_a_label_file_is_written(tmp_path,
+                                                                            synthetic_dir):
+    """The label file was written, then read back as a wrong one ("expected
+    'image_dir,label_dir,mask_dir'") and removed, naming the tool's own file."""
+    data = tmp_path / "a,b"
+    shutil.copytree(synthetic_dir, data)
+    with pytest.raises(DatasetError, match=r"training.txt: a label file cannot name '.*a,b/"
+                                           r"training/images', which has a comma in it: "
+                                           "rename that file or folder"):
+        export_label_files("synthetic", data, tmp_path / "labels")
+    assert not (tmp_path / "labels" / "training.txt").exists()
