@@ -222,7 +222,9 @@ def _check_and_fit(cfg: DataConfig, files: dict[str, Path], out: Path | None) ->
         clear_killed_writes(cfg.cache_dir)
         for sample in progress(samples, "preprocess: caching", name=lambda s: s.name):
             preprocess_cached(sample, read_image(sample.image), pre, cfg.cache_dir)
-        print(f"cached preprocessed images in {cfg.cache_dir}")
+        print(f"cached preprocessed images in {cfg.cache_dir} (statistics of every training "
+              "image: training reads them with --val_images=0, and caches its own there "
+              "otherwise)")
 
 
 def make_synthetic() -> None:
