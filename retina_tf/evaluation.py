@@ -1281,11 +1281,26 @@ def _mirrored(fov_arg: str | None, rel: Path) -> str | None:
     return str(Path(fov_arg) / rel)
 
 
-def _fov_for(photo: Photograph, image: np.ndarray, source: Path | list[Path] | None
-             ) -> tuple[np.ndarray, Path | None]:
+def _folder_fov_source(fov_arg: str | None, rel: Path, inputs: list[Path]
+                       ) -> Path | list[Path] | DatasetError | None:
+    """:func:`_fov_source` of the folder ``rel`` under ``--input``; for a subfolder
+    (``--recursive``) whose masks are missing, the error, which its photographs are skipped
+    with (it stopped the whole run before any photograph)."""
+    try:
+        return _fov_source(_mirrored(fov_arg, rel), inputs)
+    except DatasetError as err:
+        if not rel.parts:
+            raise
+        return err
+
+
+def _fov_for(photo: Photograph, image: np.ndarray,
+             source: Path | list[Path] | DatasetError | None) -> tuple[np.ndarray, Path | None]:
     """The FOV of one photograph: the given mask, the matching mask of the ``--fov`` folder (a
     frame of a file of several: one of its own name first, :func:`find_fov_mask`), or an
     estimate (with a warning on stderr when the estimate looks wrong); and its file, if any."""
+    if isinstance(source, DatasetError):  # its folder's masks are missing
+        raise source
     if source is None:
         fov = estimate_fov(image)
         for warning in estimate_warnings(image, fov, photo.label):
@@ -1755,8 +1770,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
     # each file's folder under --input, and so of its outputs under --output_dir
     folder = {p: p.parent.relative_to(root) if cfg.recursive and root.is_dir() else Path()
               for p in files}
-    fov_sources = {rel: _fov_source(_mirrored(cfg.fov, rel), [p for p in files
-                                                              if folder[p] == rel])
+    fov_sources = {rel: _folder_fov_source(cfg.fov, rel, [p for p in files if folder[p] == rel])
                    for rel in set(folder.values())}
     inputs = [photo for path in files for photo in photographs(path)]
     where = {photo: folder[photo.path] for photo in inputs}
@@ -1772,7 +1786,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     reads = {p.resolve(): "--input" for p in files}
     for source in fov_sources.values():
         reads |= {p.resolve(): "--fov" for p in (source if isinstance(source, list)
-                                                 else [source] if source else [])}
+                                                 else [source] if isinstance(source, Path)
+                                                 else [])}
     outs, bases, names = _output_layout(
         where, out, _prediction_suffixes(seg, cfg.save_probabilities, cfg.visualize), reads)
     journal = _Journal(out.path, _journal_settings(cfg, seg, threshold))

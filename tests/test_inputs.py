@@ -338,9 +338,15 @@ def test_predict_recursive_segments_a_folder_tree_into_the_same_tree(tmp_path: P
     _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}", NATIVE)
     b2 = cv2.imread(str(out / "p2" / "b_prob.png"), cv2.IMREAD_UNCHANGED)
     assert b2[:, 64:].max() == 0 and b2[:, :64].max() > 0
+    # (it stopped the whole run, before any photograph): that folder's photographs are skipped
     shutil.rmtree(tmp_path / "fov" / "p1")
-    with pytest.raises(DatasetError, match=r"fov/p1/v1: no such file or folder"):
+    shutil.rmtree(out)
+    with pytest.raises(RetinaTFError, match=r"1 of 3 images failed \(b\.png"):
         _predict(tree, out, "--recursive", f"--fov={tmp_path / 'fov'}", NATIVE)
+    said = capsys.readouterr()
+    assert f"skipped: {tree / 'p1' / 'v1' / 'b.png'}: --fov={tmp_path / 'fov' / 'p1' / 'v1'}: " \
+        "no such file or folder" in said.out + said.err
+    assert (out / "p2" / "b_prob.png").is_file() and not (out / "p1").exists()
 
     # into the tree itself, twice: outputs beside each photograph, never taken for photographs
     for _ in range(2):
