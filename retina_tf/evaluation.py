@@ -1002,6 +1002,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     av_words = ("; A/V on the true vessels (_av_errors.png): red artery, blue vein as "
                 "predicted, green the wrong class, white crossing or uncertain"
                 if task == "av" else "")
+    _warn(_earlier_pictures_warning(out_dir, _evaluation_outputs([s.name for s in samples],
+                                                                 task, cfg.visualize)))
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
              (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
               f"blue FN{av_words}; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"
@@ -1015,6 +1017,26 @@ def _picture_names(name: str, task: str) -> list[str]:
     if task == "av":
         suffixes += ["_av_errors.png", "_av_truth.png"]
     return [name + s for s in suffixes]
+
+
+def _earlier_pictures_warning(out_dir: Path, written: list[str]) -> str | None:
+    """A warning of the pictures an earlier evaluation wrote into ``out_dir`` that this one did
+    not replace (a run without --visualize, other images): beside this one's metrics.json they
+    would pass for its own. Only retina_tf's files (the manifest) are counted; a folder that
+    predict wrote too keeps its photographs' pictures out of it."""
+    listed = read_manifest(out_dir) - set(written)
+    evaluations = ("_av_errors.png", "_av_truth.png") + (
+        () if PREDICTIONS_CSV in listed else ("_prob.png", "_mask.png", "_overlay.png"))
+    stale = sorted(n for n in listed if (n in (CONTACT_SHEET, *CURVE_FILES)
+                                         or n.endswith(evaluations))
+                   and (out_dir / n).is_file())
+    if not stale:
+        return None
+    return (f"warning: {out_dir} also holds {len(stale)} pictures of an earlier evaluation "
+            f"(e.g. {stale[0]}) that this one did not write: "
+            f"{'those of other images, ' if CONTACT_SHEET in written else ''}not of these "
+            "figures; --visualize writes this evaluation's, another --output_dir keeps them "
+            "apart")
 
 
 def _evaluation_outputs(names: list[str], task: str, pictures: bool) -> list[str]:

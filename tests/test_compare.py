@@ -101,7 +101,7 @@ def av_run(tiny_synthetic, tmp_path_factory):
 
 
 def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, av_run,
-                                                                tmp_path):
+                                                                tmp_path, caplog):
     report = evaluate(EvalConfig(model=str(av_run), dataset="synthetic",
                                  data_dir=str(tiny_synthetic), visualize=True,
                                  output_dir=str(tmp_path)))
@@ -127,6 +127,19 @@ def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, a
     assert sheet.shape[1] == 4 * SHEET_ROW_HEIGHT + 3 * GAP  # photo, A/V, errors, A/V errors
     manifest = json.loads((tmp_path / ".retina_tf_outputs.json").read_text())["files"]
     assert {"per_image.csv", "contact_sheet.png"} <= set(manifest)
+    # again without pictures (another threshold): the earlier pictures beside these figures
+    # were taken for theirs without a word
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        evaluate(EvalConfig(model=str(av_run), dataset="synthetic", threshold=0.2,
+                            data_dir=str(tiny_synthetic), output_dir=str(tmp_path)))
+    assert (f"warning: {tmp_path} also holds {5 * len(names) + 3} pictures of an earlier "
+            f"evaluation (e.g. {names[0]}_av_errors.png) that this one did not write: not of "
+            "these figures") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        evaluate(EvalConfig(model=str(av_run), dataset="synthetic", visualize=True,
+                            data_dir=str(tiny_synthetic), output_dir=str(tmp_path)))
+    assert "pictures of an earlier evaluation" not in caplog.text
 
 
 def test_a_bad_image_late_in_the_split_leaves_the_earlier_evaluation_whole(
