@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -324,7 +325,9 @@ def save_curves(scores: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLi
         ax.legend(loc="lower right" if name == "roc_curve.png" else "lower left")
         ax.grid(alpha=0.3)
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
+        with warnings.catch_warnings():  # a title in a script the font lacks (a run's name)
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buffer, format="png", bbox_inches="tight")
         plt.close(fig)
         atomic_write_bytes(out_dir / name, buffer.getvalue())
         written.append(out_dir / name)
