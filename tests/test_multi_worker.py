@@ -248,23 +248,29 @@ def test_a_worker_whose_port_is_taken_says_so_in_one_line(tiny_synthetic, tmp_pa
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.slow
-def test_workers_given_different_flags_are_told_before_training(tiny_synthetic, tmp_path):
-    # one seed per worker (a batch size or a model size would do as well): each would fail
-    # mid-training in a collective of mismatched shapes, with a traceback
-    cluster = Cluster(tmp_path, tiny_synthetic)
-    cluster.start([sys.executable, str(REPO / "bin" / "train.py"), "--seed={index}"])
+def _both_refused(cluster: Cluster, extra: list[str], message: str) -> None:
+    """Both workers of ``cluster`` started with train.py and ``extra`` end with ``message``
+    (exit 2) before any run folder is written."""
+    cluster.start([sys.executable, str(REPO / "bin" / "train.py"), *extra])
     try:
         codes = [cluster.wait(i, timeout=120) for i in (0, 1)]
     finally:
         cluster.stop()
     for index in (0, 1):
         out = cluster.output(index)
-        assert codes[index] == 2 and out.strip().endswith(
-            "train.py: error: the workers of TF_CONFIG were given different training flags: "
-            "give every worker the same command (only paths such as --data_dir may differ "
-            "between machines)"), out[-3000:]
+        assert codes[index] == 2 and out.strip().endswith(f"train.py: error: {message}"), \
+            out[-3000:]
         assert not (cluster.folder(index) / "logs").exists()
+
+
+@pytest.mark.slow
+def test_workers_given_different_flags_are_told_before_training(tiny_synthetic, tmp_path):
+    # one seed per worker (a batch size or a model size would do as well): each would fail
+    # mid-training in a collective of mismatched shapes, with a traceback
+    _both_refused(Cluster(tmp_path, tiny_synthetic), ["--seed={index}"],
+                  "the workers of TF_CONFIG were given different training flags: give every "
+                  "worker the same command (only paths such as --data_dir may differ between "
+                  "machines)")
 
 
 @pytest.mark.slow
@@ -276,18 +282,10 @@ def test_workers_reading_different_photographs_are_told_before_training(tiny_syn
         shutil.copytree(tiny_synthetic, tmp_path / f"data{index}")
     photo = sorted((tmp_path / "data1" / "training" / "images").iterdir())[0]
     write_image_atomic(photo, read_image(photo)[::-1])  # another photograph, the same size
-    cluster = Cluster(tmp_path, tmp_path / "data{index}")
-    cluster.start([sys.executable, str(REPO / "bin" / "train.py")])
-    try:
-        codes = [cluster.wait(i, timeout=120) for i in (0, 1)]
-    finally:
-        cluster.stop()
-    for index in (0, 1):
-        out = cluster.output(index)
-        assert codes[index] == 2 and out.strip().endswith(
-            "train.py: error: the workers of TF_CONFIG read different photographs (their pixels "
-            "differ): give every worker a copy of the same data (--data_dir may name another "
-            "folder on each machine)"), out[-3000:]
+    _both_refused(Cluster(tmp_path, tmp_path / "data{index}"), [],
+                  "the workers of TF_CONFIG read different photographs (their pixels differ): "
+                  "give every worker a copy of the same data (--data_dir may name another "
+                  "folder on each machine)")
 
 
 def test_logical_cpus_say_what_they_can_and_cannot_do(caplog):
