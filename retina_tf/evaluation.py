@@ -37,6 +37,7 @@ from retina_tf.config import (
 from retina_tf.data.catalog import dataset_key
 from retina_tf.data.fov import estimate_fov, estimate_warnings
 from retina_tf.data.io import (
+    IMAGE_SUFFIXES,
     DatasetError,
     atomic_write_bytes,
     clear_killed_writes,
@@ -94,9 +95,6 @@ log = logging.getLogger(__name__)
 # wide vessel measures 4), because thin vessels are where A/V classification fails first.
 THIN_AV_WIDTH = 4.0
 
-# read_image decodes these (and their gzipped forms, as STARE's .ppm.gz)
-IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".ppm", ".pgm",
-                  ".bmp", ".webp", ".dcm", ".dicom")
 
 # Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.

@@ -1235,6 +1235,9 @@ def _run_training(cfg, prepare) -> Path:
     keras.utils.set_random_seed(cfg.seed)
     run_dir = run_dir_of(cfg)
     refuse_shipped_folder(run_dir, "--logdir, --run_name")
+    if run_dir.is_file():  # "cannot write ...: File exists" before
+        raise ConfigError(f"{run_dir} is a file, not a run folder: move it, or give another "
+                          "--run_name")
     strategy = make_strategy(cfg.strategy)
     if (cfg.jit_compile and strategy.num_replicas_in_sync > 1  # (the default has no devices)
             and any(":CPU:" in d.upper() for d in strategy.extended.worker_devices)):

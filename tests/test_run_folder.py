@@ -139,11 +139,17 @@ def test_a_second_training_in_the_same_process_is_refused_while_one_runs(synthet
     assert (done["run"] / "model.keras").is_file() and not (tmp_path / "b").exists()
 
 
-def test_a_logdir_that_is_a_file_is_an_output_error(synthetic, tmp_path):
+def test_a_logdir_or_run_folder_that_is_a_file_is_said_in_one_line(synthetic, tmp_path):
     """From Python it was a NotADirectoryError (the commands map any OSError to two lines)."""
     (tmp_path / "logs").write_text("a file")
-    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'logs' / 'tiny'}: Not a "
-                                          "directory"):
+    with pytest.raises(ConfigError, match=rf"--logdir={tmp_path / 'logs'} is a file, not a "
+                                          "folder: give a folder"):
+        train(tiny_flags(synthetic, tmp_path / "logs"))
+    (tmp_path / "logs").unlink()
+    (tmp_path / "logs").mkdir()  # a file where the run folder goes
+    (tmp_path / "logs" / "tiny").write_text("a file")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'logs' / 'tiny'} is a file, not a run "
+                                          "folder: move it, or give another --run_name"):
         train(tiny_flags(synthetic, tmp_path / "logs"))
 
 

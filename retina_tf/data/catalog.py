@@ -37,12 +37,15 @@ also carries the uncertain pixels, so one file gives the full target.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from retina_tf.config import CHOICES
-from retina_tf.data.io import DatasetError, PathLike
+from retina_tf.data.io import IMAGE_SUFFIXES, DatasetError, PathLike
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("drive", "chase_db1", "stare", "hrf", "rite", "les_av", "hrf_av", "synthetic")
 SPLITS = CHOICES["eval_split"]
@@ -50,8 +53,8 @@ SPLITS = CHOICES["eval_split"]
 _OFFICIAL_NAMES = {"drive": "DRIVE", "chase_db1": "CHASE_DB1", "stare": "STARE", "hrf": "HRF",
                    "rite": "RITE", "les_av": "LES-AV", "hrf_av": "HRF-AV",
                    "synthetic": "synthetic"}
-_IMAGE_SUFFIXES = (".ppm.gz", ".pgm.gz", ".tiff", ".tif", ".jpeg", ".jpg", ".png", ".gif",
-                   ".ppm", ".pgm", ".bmp")
+# (a .jfif or .webp photograph was left out of its split without a word)
+_IMAGE_SUFFIXES = (".ppm.gz", ".pgm.gz", *IMAGE_SUFFIXES)
 # The 20 labelled STARE images (Hoover et al., IEEE TMI 2000); the usual split trains on the
 # first ten.
 STARE_TRAINING = ("im0001", "im0002", "im0003", "im0004", "im0005", "im0044", "im0077", "im0081",
@@ -184,12 +187,21 @@ def _stare(root: Path) -> list[Sample]:
     samples = []
     # Only 20 of STARE's 400 images are labelled; the labels decide which images are samples.
     for label_stem, label in labels.items():
-        stem = label_stem.removesuffix(".ah")
-        image = images.get(stem)
-        if image is None:
+        stem = re.sub(r"\.ah$", "", label_stem, flags=re.I)
+        if re.search(r"\.vk$", stem, flags=re.I):
+            raise DatasetError(f"{label} is the second observer's label (.vk): it belongs in "
+                               f"{root / 'labels-vk'}, not in labels-ah/")
+        try:  # in any case: IM0001.PPM
+            image = _lookup(images, stem, root / "stare-images", label, "image")
+        except DatasetError:
             raise DatasetError(f"label {label} has no image: expected "
-                               f"{root / 'stare-images' / stem}.ppm.gz")
-        samples.append(Sample("stare", stem, image, label))
+                               f"{root / 'stare-images' / stem}.ppm.gz") from None
+        samples.append(Sample("stare", _stem(image), image, label))
+    found = {s.name.lower() for s in samples}
+    if missing := [name for name in STARE_TRAINING if name not in found]:
+        log.warning(f"warning: {root / 'labels-ah'} has no label of {', '.join(missing)}, "
+                    f"of STARE's training split ({len(STARE_TRAINING) - len(missing)} of its "
+                    f"{len(STARE_TRAINING)} images)")
     return samples
 
 
@@ -335,7 +347,7 @@ def _list(name: str, root: Path, split: str) -> tuple[list[Sample], Path]:
                          lambda s: _number(s.name) <= _CHASE_TRAINING_MAX), root
     if name == "stare":
         return _split_by(_stare(root), split,
-                         lambda s: s.name in STARE_TRAINING), root / "labels-ah"
+                         lambda s: s.name.lower() in STARE_TRAINING), root / "labels-ah"
     if name == "hrf":
         return _split_by(_hrf(root), split,
                          lambda s: _number(s.name) <= _HRF_TRAINING_MAX), root / "images"

@@ -562,6 +562,11 @@ def _gray_levels(array: np.ndarray) -> np.ndarray:
     return np.where(brightest > levels[0], np.uint8(255), np.uint8(0))
 
 
+# read_image decodes these (and their gzipped forms, as STARE's .ppm.gz)
+IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".jfif", ".png", ".gif", ".ppm", ".pgm",
+                  ".bmp", ".webp", ".dcm", ".dicom")
+
+
 def read_mask(path: PathLike, what: str = "label") -> np.ndarray:
     """Reads a binary mask (vessel label or FOV mask) as bool.
 

@@ -1,5 +1,6 @@
 """Tests for retina_tf.data.catalog: official layouts, splits, and every format read end to end."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -252,3 +253,44 @@ def test_chase_db1_names_in_any_case_and_one_folder_deeper(shared_data: Path, tm
     with pytest.raises(DatasetError, match=r"is empty; did you mean "
                                            r"data_dir=.*nested/CHASE_DB1\?"):
         list_samples("chase_db1", nested, "all")
+
+
+def test_stare_copies_in_capitals_with_a_label_missing_or_misplaced(shared_data: Path,
+                                                                   tmp_path: Path, caplog):
+    """IM0001.PPM put every labelled image in the test split; a missing training label left
+    nine without a word; a .vk label in labels-ah/ was 'a label with no image'."""
+    import gzip
+    stare = shared_data / "STARE"
+    for sub in ("stare-images", "labels-ah"):
+        (tmp_path / sub).mkdir()
+    for name in (*STARE_TRAINING, "im0162", "im0163"):
+        for sub, suffix in (("stare-images", ".ppm.gz"), ("labels-ah", ".ah.ppm.gz")):
+            if sub == "labels-ah" and name == "im0002":
+                continue
+            data = gzip.decompress((stare / sub / f"{name}{suffix}").read_bytes())
+            (tmp_path / sub / f"{name.upper()}{suffix[:-3].upper()}").write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        training = list_samples("stare", tmp_path, "training")
+    assert [s.name for s in training] == [n.upper() for n in STARE_TRAINING if n != "im0002"]
+    assert [s.name for s in list_samples("stare", tmp_path, "test")] == ["IM0162", "IM0163"]
+    assert f"warning: {tmp_path / 'labels-ah'} has no label of im0002, of STARE's training " \
+        "split (9 of its 10 images)" in caplog.text
+    np.testing.assert_array_equal(read_sample(training[0]).image,
+                                  read_sample(list_samples("stare", stare, "training")[0]).image)
+    shutil.copy(stare / "labels-vk" / "im0001.vk.ppm.gz", tmp_path / "labels-ah")
+    with pytest.raises(DatasetError, match=r"im0001.vk.ppm.gz is the second observer's label "
+                                           r"\(.vk\): it belongs in .*labels-vk, not in "
+                                           r"labels-ah/"):
+        list_samples("stare", tmp_path, "training")
+
+
+def test_photographs_of_every_readable_format_are_listed(tmp_path: Path):
+    """A .jfif or .webp photograph was left out of its split without a word."""
+    _write_drive_like(tmp_path, with_av=False)
+    photo = tmp_path / "training" / "images" / "02_training.tif"
+    image = read_sample(list_samples("drive", tmp_path, "training")[0]).image
+    write_image_atomic(tmp_path / "x.jpg", image)
+    (tmp_path / "x.jpg").rename(photo.with_suffix(".jfif"))  # a JPEG by its other name
+    photo.unlink()
+    assert [s.image.name for s in list_samples("drive", tmp_path, "training")] == [
+        "02_training.jfif"]
