@@ -974,6 +974,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                             title=f"{seg.run_dir.name} on {name} {cfg.eval_split}")
         report = {"run": str(seg.run_dir), "model": seg.run_info.get("model"),
                   "dataset": name, "split": cfg.eval_split, "images": len(samples),
+                  "data_dir": str(cfg.data_dir) if cfg.dataset and cfg.data_dir else None,
                   "label_files": None if cfg.dataset else [
                       str(f) for f in split_label_files(cfg)],
                   "counting": "whole_image" if cfg.whole_image_metrics else "fov",
@@ -987,6 +988,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
                   "metrics": result, "per_image_mean": per_image["mean"],
                   "per_image_std": per_image["std"], "per_image": scores.per_image,
                   "environment": environment()}
+        _warn(_other_data_warning(out.path / "metrics.json", report))
         out.write_text("metrics.json", to_json(report))
     if not is_shipped(seg.run_dir):
         # keyed as its folder eval_<data>_<split>: a training split is not a test
@@ -1015,6 +1017,23 @@ def _picture_names(name: str, task: str) -> list[str]:
     if task == "av":
         suffixes += ["_av_errors.png", "_av_truth.png"]
     return [name + s for s in suffixes]
+
+
+def _other_data_warning(path: Path, report: dict) -> str | None:
+    """A warning when ``path``, the metrics.json this evaluation replaces, scored the same
+    model's split of another copy of the data (two copies of a dataset evaluated into one
+    default folder: the first was replaced without a word)."""
+    try:
+        before = json.loads(path.read_text())
+        old = (before.get("data_dir"), before.get("label_files"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    new = (report["data_dir"], report["label_files"])
+    if old == (None, None) or old == new:
+        return None
+    return (f"warning: {path} held the evaluation of {old[0] or ', '.join(old[1] or [])}; it "
+            f"is replaced by this one of {new[0] or ', '.join(new[1] or [])} (--output_dir "
+            "keeps both)")
 
 
 def _earlier_pictures_warning(out_dir: Path, written: list[str]) -> str | None:

@@ -140,6 +140,15 @@ def test_evaluate_writes_a_per_image_table_and_a_contact_sheet(tiny_synthetic, a
         evaluate(EvalConfig(model=str(av_run), dataset="synthetic", visualize=True,
                             data_dir=str(tiny_synthetic), output_dir=str(tmp_path)))
     assert "pictures of an earlier evaluation" not in caplog.text
+    assert json.loads((tmp_path / "metrics.json").read_text())["data_dir"] == str(tiny_synthetic)
+    # another copy of the data into the same folder: the first evaluation's figures go, said
+    copy = tmp_path.parent / f"{tmp_path.name}_copy"
+    shutil.copytree(tiny_synthetic, copy)
+    with caplog.at_level(logging.WARNING, logger="retina_tf"):
+        evaluate(EvalConfig(model=str(av_run), dataset="synthetic", visualize=True,
+                            data_dir=str(copy), output_dir=str(tmp_path)))
+    assert (f"warning: {tmp_path / 'metrics.json'} held the evaluation of {tiny_synthetic}; it "
+            f"is replaced by this one of {copy} (--output_dir keeps both)") in caplog.text
 
 
 def test_a_bad_image_late_in_the_split_leaves_the_earlier_evaluation_whole(
