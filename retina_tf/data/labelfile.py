@@ -133,6 +133,10 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     out_dir = Path(out_dir)
     # every split listed first: an empty or broken one stops before anything is written
     listed = {split: list_samples(dataset, data_dir, split) for split in splits}
+    # an earlier export's files go first: a kill between two splits' files left a new
+    # training.txt beside the old test.txt of another dataset, which evaluate scored
+    for split in listed:
+        (out_dir / f"{split}.txt").unlink(missing_ok=True)
     written = {}
     for split, samples in listed.items():
         fov_files, label_files = [], []

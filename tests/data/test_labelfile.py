@@ -226,3 +226,29 @@ def test_a_comma_in_a_folder_name_is_refused_before_a_label_file_is_written(tmp_
                                            "rename that file or folder"):
         export_label_files("synthetic", data, tmp_path / "labels")
     assert not (tmp_path / "labels" / "training.txt").exists()
+
+
+
+def test_a_killed_export_never_leaves_one_datasets_test_file_beside_anothers_training_file(
+        tmp_path, synthetic_dir, monkeypatch):
+    """Killed between its two label files, preprocess left the new training.txt beside the
+    test.txt of the dataset exported there before, and evaluate scored that one."""
+    from retina_tf.data import labelfile
+    other = write_synthetic_dataset(tmp_path / "other", num_images=2, num_test=1, seed=9,
+                                    size=(64, 64))
+    out = tmp_path / "labels"
+    export_label_files("synthetic", other, out)
+    write = labelfile.write_label_file
+
+    def killed_at_test(path, *args):
+        if Path(path).name == "test.txt":
+            raise KeyboardInterrupt  # where a kill stopped it
+        return write(path, *args)
+
+    monkeypatch.setattr(labelfile, "write_label_file", killed_at_test)
+    with pytest.raises(KeyboardInterrupt):
+        export_label_files("synthetic", synthetic_dir, out)
+    assert not (out / "test.txt").exists()
+    listed = read_label_file(out / "training.txt")  # the new dataset's
+    assert {s.image.parent.resolve() for s in listed} == {
+        (synthetic_dir / "training" / "images").resolve()}
