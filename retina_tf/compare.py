@@ -190,13 +190,13 @@ def _compare(cfg: CompareConfig, samples, chosen: int, out: OutputFolder,
     figure = visualize.with_caption(visualize.titled_panels(panels, height),
                                     _caption(names[chosen], dataset, cfg.eval_split, task),
                                     height)
-    written = [out.save_png(COMPARE_PNG, figure)]
     header = (f"# {len(runs)} runs on {dataset} {cfg.eval_split} ({len(samples)} images, "
               f"pixels inside the FOV)\n\n")
     text = header + (note + "\n\n" if note else "") + table + (
         f"\n\n{COMPARE_PNG}: image {names[chosen]}, each run's errors over the photograph"
         f"{' (A/V classes on true vessels)' if task == 'av' else ''}.\n")
-    written.append(out.write_text(COMPARE_MD, text))
+    with out.all_or_nothing():  # the picture and the table of one comparison, or neither
+        written = [out.save_png(COMPARE_PNG, figure), out.write_text(COMPARE_MD, text)]
     log.info(f"\nwrote {written[0]} and {written[1]}")
     return {"task": task, "dataset": dataset, "split": cfg.eval_split, "images": len(samples),
             "image": names[chosen], "rows": rows, "files": written}

@@ -100,6 +100,7 @@ THIN_AV_WIDTH = 4.0
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.
 MANIFEST_NAME = ".retina_tf_outputs.json"
 STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
+STAGED_WHOLE = ".whole"  # in a staging folder: its files are complete, to be moved in
 CURVE_FILES = ("roc_curve.png", "pr_curve.png")
 # predict's table of every photograph of a run: what was segmented, how, and what was warned of
 PREDICTIONS_CSV = "predictions.csv"
@@ -160,20 +161,32 @@ class OutputFolder:
         finally:
             staging, self._staging = self._staging, None
         if staging.is_dir():
-            for f in sorted(staging.iterdir()):
+            # from here on a kill is rolled forward by the next run here: the files are whole
+            atomic_write_bytes(staging / STAGED_WHOLE, b"")
+            self._move_in(staging)
+
+    def _move_in(self, staging: Path) -> None:
+        for f in sorted(staging.iterdir()):
+            if f.name != STAGED_WHOLE:
                 os.replace(f, self.path / f.name)
-            fsync_dir(self.path)
-            staging.rmdir()
+        fsync_dir(self.path)
+        (staging / STAGED_WHOLE).unlink(missing_ok=True)
+        staging.rmdir()
 
     def _remove_stale_staging(self) -> None:
-        """Removes what killed processes left here: staging folders and temporary files."""
+        """Removes what killed processes left here: staging folders and temporary files. A
+        process killed while it moved whole staged files in (half of an evaluation's files
+        the new ones, half the old) has the rest moved in."""
         if not self.path.is_dir():
             return
         clear_killed_writes(self.path)
         for folder in self.path.glob(f"{STAGING_PREFIX}*"):
             pid = folder.name.removeprefix(STAGING_PREFIX)
             if pid.isdigit() and not process_exists(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
+                if (folder / STAGED_WHOLE).is_file():
+                    self._move_in(folder)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _file(self, name: str) -> Path:
         """Where ``name`` is written now: in the staging folder inside :meth:`all_or_nothing`."""

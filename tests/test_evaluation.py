@@ -868,3 +868,29 @@ def test_a_runs_own_recorded_stride_is_not_called_unused(caplog):
     assert "unused" not in caplog.text
     Segmenter.from_pretrained("ripav_rite", stride=own + 8)
     assert f"stride={own + 8} (--window, --stride)" in caplog.text
+
+
+def test_files_a_killed_command_had_begun_to_move_in_are_moved_in_by_the_next(tmp_path):
+    """Killed while it moved its staged files in, evaluate left half of them the new
+    evaluation's and half the old one's, and the next command removed the rest."""
+    import subprocess
+
+    from retina_tf.evaluation import STAGED_WHOLE, STAGING_PREFIX, OutputFolder
+    out = OutputFolder(tmp_path)
+    with out.all_or_nothing():
+        out.write_text("metrics.json", "old")
+        out.write_text("per_image.csv", "old")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    moving = tmp_path / f"{STAGING_PREFIX}{dead.pid}"  # killed after per_image.csv went in
+    moving.mkdir()
+    (moving / "metrics.json").write_text("new")
+    (moving / STAGED_WHOLE).write_text("")
+    (tmp_path / "per_image.csv").write_text("new")
+    OutputFolder(tmp_path)
+    assert (tmp_path / "metrics.json").read_text() == "new" and not moving.exists()
+    # one killed while it wrote them: removed, the old files kept
+    moving.mkdir()
+    (moving / "metrics.json").write_text("half")
+    OutputFolder(tmp_path)
+    assert (tmp_path / "metrics.json").read_text() == "new" and not moving.exists()
