@@ -53,6 +53,10 @@ def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no error-map folder; run bin/make_error_maps.py on the "
                            "stage-1 run first")
+    from retina_tf.evaluation import STAGING_PREFIX  # (evaluation imports this module)
+    if any(folder.glob(f"{STAGING_PREFIX}*")):  # killed while it moved its maps in
+        raise DatasetError(f"{folder}: an interrupted bin/make_error_maps.py left these maps "
+                           "part old, part new; run it again")
     record = _record(folder / ERROR_MAPS_JSON)
     if stage1 is not None and _made_by_another_model(record, Path(stage1)):
         raise DatasetError(f"{folder}: error maps of {record.get('run')}'s model, not of the "

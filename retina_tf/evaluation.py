@@ -1942,16 +1942,18 @@ def _write_error_maps(cfg: ErrorMapConfig, seg: Segmenter) -> Path:
         maps[data.name] = error_map(prob, target, data.fov, threshold)
         shares[data.name] = float(maps[data.name].sum() / max(data.fov.sum(), 1))
         log.info(f"  {data.name}: {shares[data.name]:.2%} of the FOV wrong")
-    # written once every image is done: a bad image leaves the maps made before whole
+    # written once every image is done: a bad image leaves the maps made before whole; and
+    # all at once (a kill left some maps of this threshold among those of the last)
     out.claim(names)
-    for name, errors in maps.items():
-        out.save_png(f"{name}.png", visualize.mask_image(errors))
     summary = {"run": str(seg.run_dir), "model_sha256": model_fingerprint(seg.run_dir),
                "threshold": threshold,
                "data": data_key(cfg.dataset, cfg.data_dir, cfg.label_file_path),
                "error_share_in_fov": shares,
                "mean_error_share_in_fov": float(np.mean(list(shares.values())))}
-    out.write_text(ERROR_MAPS_JSON, to_json(summary))
+    with out.all_or_nothing():
+        for name, errors in maps.items():
+            out.save_png(f"{name}.png", visualize.mask_image(errors))
+        out.write_text(ERROR_MAPS_JSON, to_json(summary))
     if not is_shipped(seg.run_dir):
         update_metrics_json(seg.run_dir, {"error_maps": {
             "folder": str(out_dir),
