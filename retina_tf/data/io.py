@@ -9,7 +9,9 @@ labels and masks) as frame stacks, so files are decoded with OpenCV, GIFs with P
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import glob
 import gzip
 import hashlib
@@ -831,6 +833,23 @@ def clear_killed_writes(folder: PathLike, name: str | None = None) -> None:
                 left.unlink()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two folders in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``): no
+    moment without either, as between two renames, where a kill left the old one under a
+    hidden name. False where the system or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextlib.contextmanager
 def atomic_folder(path: PathLike):
     """Yields a new, empty temporary folder beside ``path`` to fill. When the block ends without
@@ -862,10 +881,13 @@ def atomic_folder(path: PathLike):
             for file in [p for p in tmp.rglob("*") if p.is_file()]:
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
-            if os.path.lexists(path):
-                old = tmp.with_suffix(".old")
-                path.rename(old)
-            tmp.rename(path)
+            if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+                old, tmp = tmp, None  # one step: the old folder is where the new one was made
+            else:
+                if os.path.lexists(path):
+                    old = tmp.with_suffix(".old")
+                    path.rename(old)
+                tmp.rename(path)
             fsync_dir(path.parent)
         except OSError as err:
             raise OutputError(err.errno, err.strerror, str(path)) from err

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 from pydicom.uid import JPEGLSLossless
 
+import retina_tf.data.io
 from retina_tf.data.catalog import Sample
 from retina_tf.data.io import (
     DatasetError,
@@ -406,6 +407,8 @@ def test_a_folder_interrupted_at_any_moment_is_the_old_one_and_nothing_else(tmp_
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask and _folder(out) == {"a.txt": b"old"}
     step = {"made": "mkdir", "block": None, "set aside": "rename"}[moment]
+    if step == "rename":  # two renames where the folders cannot be swapped in one step
+        monkeypatch.setattr(retina_tf.data.io, "_exchange", lambda a, b: False)
     if step:
         original = getattr(Path, step)
 
@@ -431,6 +434,25 @@ def test_a_folder_interrupted_at_any_moment_is_the_old_one_and_nothing_else(tmp_
         "b.txt": b"new"}
 
 
+def test_a_folder_swapped_in_one_step_leaves_no_moment_without_it(tmp_path, monkeypatch):
+    """Between two renames, a kill left the old folder under a hidden name and none at its
+    own: a swap (renameat2) puts the new one in place in one step."""
+    from retina_tf.data.io import _exchange
+    out = tmp_path / "export"
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    (tmp_path / "b").mkdir()
+    if not _exchange(tmp_path / "b", out):
+        pytest.skip("this file system cannot swap two folders in one step")
+    _exchange(tmp_path / "b", out)  # back
+    monkeypatch.setattr(Path, "rename", None)  # never called: one step, no rename
+    with atomic_folder(out) as tmp:
+        (tmp / "b.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "export"]
+    assert _folder(out) == {"b.txt": b"new"}
+
+
 def test_what_a_killed_folder_write_left_is_cleared_by_the_next_one(tmp_path):
     # a process killed between setting the old folder aside and renaming its new one in: the
     # next write of that folder deletes its temporary folder and puts the old one back first;
@@ -440,7 +462,9 @@ def test_what_a_killed_folder_write_left_is_cleared_by_the_next_one(tmp_path):
         (tmp / "a.txt").write_text("old")
     killer = tmp_path / "killed.py"
     killer.write_text(
-        "import os, signal\nfrom pathlib import Path\nfrom retina_tf.data.io import atomic_folder\n"
+        "import os, signal\nfrom pathlib import Path\nimport retina_tf.data.io as io\n"
+        "from retina_tf.data.io import atomic_folder\n"
+        "io._exchange = lambda a, b: False  # two renames, as where a swap cannot be made\n"
         "def rename(self, to):  # SIGKILL right after the old folder is set aside\n"
         "    os.rename(self, to)\n"
         "    if self.name == 'export':\n"
