@@ -279,6 +279,24 @@ def pretrain_rip(cfg: RipPretrainConfig) -> Path:
     return run_training(cfg, lambda strategy, run_dir: _rip_job(cfg, strategy))
 
 
+def rip_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """RIP pre-training's stream: the patches shuffled and, each, flipped and turned by a
+    quarter turn drawn from ``seed`` and its place in the stream, so that a seed gives the
+    same batches (the unseeded random ops gave other ones in every run)."""
+    def augment(index, patch, label):
+        one = tf.stack([tf.cast(seed, tf.int64), index])
+        patch = tf.image.stateless_random_flip_left_right(patch, one)
+        patch = tf.image.stateless_random_flip_up_down(patch, one + [0, 1 << 40])
+        k = tf.random.stateless_uniform([], one + [0, 2 << 40], 0, 4, tf.int32)
+        return tf.image.rot90(patch, k), label
+
+    return without_autotune(
+        tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat()
+        .enumerate().map(lambda i, item: augment(i, *item),
+                         num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
 def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> TrainingJob:
     # one --model_config may serve the classifier and the rip_av run fine-tuned from it:
     # rip_av's other arguments (context, heads) are left out, anything else is an error
@@ -299,16 +317,7 @@ def _rip_job(cfg: RipPretrainConfig, strategy: tf.distribute.Strategy) -> Traini
         model = RIPClassifier(**config)
     steps = epoch_steps(cfg, max(cfg.patches_per_epoch // cfg.batch_size, 1))
 
-    def augment(patch, label):
-        patch = tf.image.random_flip_left_right(tf.image.random_flip_up_down(patch))
-        k = tf.random.uniform([], 0, 4, tf.int32)
-        return tf.image.rot90(patch, k), label
-
-    dataset = without_autotune(
-        tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
-        .shuffle(len(train_idx), seed=cfg.seed).repeat()
-        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    dataset = rip_dataset(x[train_idx], y[train_idx], cfg.batch_size, cfg.seed)
 
     def finish(model: RIPClassifier) -> tuple[dict[str, Any], str]:
         logits = model.predict(
