@@ -60,6 +60,18 @@ def test_guess_dataset_tells_drive_and_chase_db1_from_their_layouts(shared_data,
     assert guess_dataset(shared_data / "samples" / "HRF-AV") == "hrf_av"  # not DRIVE's labels
     for other in (shared_data / "STARE", shared_data / "RITE", shared_data, tmp_path):
         assert guess_dataset(other) is None
+    # mirrors' copies: CHASE_DB1's labels as TIFF, HRF-AV's names in lower case; a folder of
+    # CHASE_DB1's labels alone was taken for the dataset
+    chase, labels = tmp_path / "chase", tmp_path / "labels"
+    for folder in (chase, labels):
+        folder.mkdir()
+        (folder / "Image_01L_1stHO.tif").write_bytes(b"")
+    (chase / "Image_01L.jpg").write_bytes(b"")
+    assert (guess_dataset(chase), guess_dataset(labels)) == ("chase_db1", None)
+    for sub in ("images", "1st_manual", "mask"):
+        (tmp_path / "hrfav" / "training" / sub).mkdir(parents=True)
+    (tmp_path / "hrfav" / "training" / "1st_manual" / "01_h_avmanual.png").write_bytes(b"")
+    assert guess_dataset(tmp_path / "hrfav") == "hrf_av"
 
 
 @pytest.mark.slow

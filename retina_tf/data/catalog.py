@@ -256,11 +256,13 @@ def guess_dataset(data_dir: PathLike) -> str | None:
     root = Path(data_dir)
     training = root / "training"
     if all((training / sub).is_dir() for sub in ("images", "1st_manual", "mask")):
-        av = any(p.name.split(".")[0].endswith("_AVmanual")
+        av = any(p.name.split(".")[0].lower().endswith("_avmanual")
                  for p in (training / "1st_manual").iterdir())
         return "hrf_av" if av else "drive"
-    if root.is_dir() and any(re.fullmatch(r"Image_\d+[LR]_1stHO\.png", p.name, flags=re.I)
-                             for p in root.iterdir()):
+    # photographs and their labels (a folder of labels alone is no dataset), in any format
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    if any(re.fullmatch(r"Image_\d+[LR]_1stHO\.\w+", n, flags=re.I) for n in names) and any(
+            re.fullmatch(r"Image_\d+[LR]\.\w+", n, flags=re.I) for n in names):
         return "chase_db1"
     return None
 
