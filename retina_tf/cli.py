@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from retina_tf.config import DataConfig
-from retina_tf.data.catalog import guess_dataset
+from retina_tf.data.catalog import guess_dataset, list_samples
 from retina_tf.data.io import clear_killed_writes, read_image, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file
 from retina_tf.data.pipeline import preprocess_cached
@@ -144,7 +144,12 @@ def _preprocess_targets(cfg: DataConfig) -> list[tuple[str, Path, Path]]:
 def _preprocess_one(cfg: DataConfig, dataset: str, data_dir: Path, out: Path) -> None:
     for folder in (out, out / "fov", out / "vessel", out / "preview"):
         clear_killed_writes(folder)
-    files = export_label_files(dataset, data_dir, out)
+    splits = ("training", "test")
+    if len(list_samples(dataset, data_dir, "all")) == len(list_samples(dataset, data_dir,
+                                                                       "training")):
+        splits = ("training",)  # a partial copy (the repository's samples/): no test split
+        print(f"{data_dir}: no test split, so training.txt alone")
+    files = export_label_files(dataset, data_dir, out, splits)
     try:
         _check_and_fit(cfg, files, out)
     except DatasetError:  # no label file listing a file that training would refuse

@@ -88,6 +88,13 @@ def test_preprocess_data_dir_writes_label_files_of_a_chase_db1_folder(shared_dat
     assert [s.name for s in test] == ["Image_11L"]
     # CHASE_DB1 ships no FOV masks: estimated ones are written and named in the files
     assert all(s.fov.is_file() and s.fov.parent == chase / "fov" for s in training + test)
+    # without 11L, as shipped: training.txt alone (it was "the 'test' split ... is empty"),
+    # and the test.txt of before goes with it
+    for suffix in (".jpg", "_1stHO.png"):
+        (chase / f"Image_11L{suffix}").unlink()
+    proc = _run(tmp_path, "preprocess.py", "--data_dir=CHASEDB", "--previews=0")
+    assert "CHASEDB: no test split, so training.txt alone" in proc.stdout
+    assert len(read_label_file(chase / "training.txt")) == 2 and not (chase / "test.txt").exists()
 
 
 @pytest.mark.slow

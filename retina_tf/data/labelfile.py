@@ -135,7 +135,7 @@ def export_label_files(dataset: str, data_dir: str | os.PathLike, out_dir: str |
     listed = {split: list_samples(dataset, data_dir, split) for split in splits}
     # an earlier export's files go first: a kill between two splits' files left a new
     # training.txt beside the old test.txt of another dataset, which evaluate scored
-    for split in listed:
+    for split in {"training", "test", *listed}:  # (a partial copy writes training.txt alone)
         (out_dir / f"{split}.txt").unlink(missing_ok=True)
     written = {}
     for split, samples in listed.items():
