@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_tf.data.io import DatasetError, read_mask
+from retina_tf.data.io import STAGING_PREFIX, DatasetError, read_mask
 
 ERROR_MAPS_DIR = "error_maps"
 ERROR_MAPS_JSON = "error_maps.json"  # the run, threshold and data the maps were made from
@@ -53,7 +53,6 @@ def read_error_maps(folder: str | os.PathLike, names: Sequence[str],
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no error-map folder; run bin/make_error_maps.py on the "
                            "stage-1 run first")
-    from retina_tf.evaluation import STAGING_PREFIX  # (evaluation imports this module)
     if any(folder.glob(f"{STAGING_PREFIX}*")):  # killed while it moved its maps in
         raise DatasetError(f"{folder}: an interrupted bin/make_error_maps.py left these maps "
                            "part old, part new; run it again")

@@ -38,6 +38,8 @@ from retina_tf.data.catalog import dataset_key
 from retina_tf.data.fov import estimate_fov, estimate_warnings
 from retina_tf.data.io import (
     IMAGE_SUFFIXES,
+    STAGED_WHOLE,
+    STAGING_PREFIX,
     DatasetError,
     atomic_write_bytes,
     clear_killed_writes,
@@ -99,8 +101,6 @@ THIN_AV_WIDTH = 4.0
 # Lists, in each output folder, the files retina_tf wrote there: re-runs replace those, and
 # anything else is the user's (kept unless --overwrite) and never taken for an input image.
 MANIFEST_NAME = ".retina_tf_outputs.json"
-STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
-STAGED_WHOLE = ".whole"  # in a staging folder: its files are complete, to be moved in
 CURVE_FILES = ("roc_curve.png", "pr_curve.png")
 # predict's table of every photograph of a run: what was segmented, how, and what was warned of
 PREDICTIONS_CSV = "predictions.csv"

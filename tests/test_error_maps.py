@@ -174,7 +174,7 @@ def test_error_maps_of_other_data_are_refused(tmp_path):
     (folder / ERROR_MAPS_JSON).write_text(json.dumps({"data": mine}))
     assert len(read_error_maps(folder, ["a"], [(4, 4)], mine)) == 1
     # make_error_maps killed while it moved its maps in: part old, part new (trained on)
-    from retina_tf.evaluation import STAGING_PREFIX
+    from retina_tf.data.io import STAGING_PREFIX
     (folder / f"{STAGING_PREFIX}999999").mkdir()
     with pytest.raises(DatasetError, match=r"maps: an interrupted bin/make_error_maps.py left "
                                            "these maps part old, part new; run it again"):

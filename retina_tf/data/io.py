@@ -833,6 +833,12 @@ def clear_killed_writes(folder: PathLike, name: str | None = None) -> None:
                 left.unlink()
 
 
+# An output folder's files are written into a hidden folder inside it, then moved in
+# (retina_tf.evaluation.OutputFolder.all_or_nothing)
+STAGING_PREFIX = ".retina_tf_staging-"  # + the writing process's id
+STAGED_WHOLE = ".whole"  # in a staging folder: its files are complete, to be moved in
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps two folders in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``): no
     moment without either, as between two renames, where a kill left the old one under a
