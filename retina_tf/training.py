@@ -573,7 +573,7 @@ class TimeBudget(keras.callbacks.Callback):
         now, total, done = self.clock(), self.params.get("epochs"), epoch + 1
         elapsed = now - self._start
         if elapsed >= self.seconds:
-            said = f"time budget of {self.seconds / 60:.1f} min reached after epoch {done}"
+            said = f"time budget of {self.seconds / 60:g} min reached after epoch {done}"
             if total and done < total:
                 said += (f" of {total}, before the learning rate schedule ended (" + (
                     "the same command with --time_budget_minutes=0, or a larger one, goes on "
@@ -592,7 +592,7 @@ class TimeBudget(keras.callbacks.Callback):
                        "epoch" if self.resumable else "stop it (Ctrl-C) and run it again with "
                        "--overwrite --time_budget_minutes=0")
                 log.info(f"at {per} per epoch the time budget of "
-                         f"{self.seconds / 60:.1f} min ends training after about epoch {last} "
+                         f"{self.seconds / 60:g} min ends training after about epoch {last} "
                          f"of {total}, before the learning rate schedule ends; to train all "
                          f"{total} (about {(elapsed + (total - done) * pace) / 60:.0f} min in "
                          f"all), {how}")

@@ -333,7 +333,7 @@ def test_the_epoch_a_time_budget_ends_is_validated_and_a_larger_budget_goes_on(
     args = ("--epochs=3", "--validate_every=5")
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         run = train(tiny_flags(synthetic, tmp_path, *args, "--time_budget_minutes=0.0001"))
-    assert ("time budget of 0.0 min reached after epoch 1 of 3, before the learning rate "
+    assert ("time budget of 0.0001 min reached after epoch 1 of 3, before the learning rate "
             "schedule ended (the same command with --time_budget_minutes=0, or a larger one, "
             "goes on from epoch 1)") in caplog.messages
     metrics = _metrics(run)
@@ -394,11 +394,11 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
         assert _budget_run(5, 17, ends) == 9
     said = [m for m in caplog.messages if "budget" in m]
     assert said == [
-        "at 34 s per epoch the time budget of 5.0 min ends training after about epoch 9 of "
+        "at 34 s per epoch the time budget of 5 min ends training after about epoch 9 of "
         "17, before the learning rate schedule ends; to train all 17 (about 10 min in all), run "
         "the same command with --time_budget_minutes=0 when it stops, or stop it now (Ctrl-C) "
         "and do so: it goes on after its last completed epoch",
-        "time budget of 5.0 min reached after epoch 9 of 17, before the learning rate schedule "
+        "time budget of 5 min reached after epoch 9 of 17, before the learning rate schedule "
         "ended (the same command with --time_budget_minutes=0, or a larger one, goes on from "
         "epoch 9)"]
     caplog.clear()
@@ -408,7 +408,7 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
         assert _budget_run(5, 8, ends[:8]) is None
         assert _budget_run(5, 17, [10.0, 60.0], elapsed=250.0) == 2
     assert [m for m in caplog.messages if "budget" in m] == [
-        "time budget of 5.0 min reached after epoch 2 of 17, before the learning rate schedule "
+        "time budget of 5 min reached after epoch 2 of 17, before the learning rate schedule "
         "ended (the same command with --time_budget_minutes=0, or a larger one, goes on from "
         "epoch 2)"]
     # --noresume keeps no state: the ways out say so
@@ -416,10 +416,10 @@ def test_a_time_budget_that_will_cut_the_schedule_says_so_early(caplog):
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         assert _budget_run(5, 17, ends, resumable=False) == 9
     assert [m for m in caplog.messages if "budget" in m] == [
-        "at 34 s per epoch the time budget of 5.0 min ends training after about epoch 9 of "
+        "at 34 s per epoch the time budget of 5 min ends training after about epoch 9 of "
         "17, before the learning rate schedule ends; to train all 17 (about 10 min in all), "
         "stop it (Ctrl-C) and run it again with --overwrite --time_budget_minutes=0",
-        "time budget of 5.0 min reached after epoch 9 of 17, before the learning rate schedule "
+        "time budget of 5 min reached after epoch 9 of 17, before the learning rate schedule "
         "ended (--overwrite with --time_budget_minutes=0, or a larger one, trains all 17 anew)"]
 
 
