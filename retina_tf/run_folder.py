@@ -768,7 +768,8 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
         return "new"
     interrupted = has_backup(run_dir)
     finished = (run_dir / MODEL_FILE).is_file() and not interrupted
-    stopped = interrupted and budget_stopped(run_dir)  # it keeps its state to go on from
+    used = budget_stopped(run_dir) if interrupted else None  # it keeps its state to go on from
+    stopped = used is not None
     if not (finished or interrupted):
         return "new"
     old_flags = run_dir / "flags.txt"
@@ -780,11 +781,9 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise ConfigError(f"{run_dir} holds {what} with other training flags ({shown}): {ways}")
-    if stopped:
+    if stopped:  # a budget no larger than the minutes it trained would stop it at once
         given = {**parse_flag_lines(defaults_text), **parse_flag_lines(flags_text)}
-        budget = float(given.get("time_budget_minutes") or 0)
-        before = float(parse_flag_lines(old_flags.read_text()).get("time_budget_minutes") or 0)
-        if 0 < budget <= before:
+        if 0 < float(given.get("time_budget_minutes") or 0) <= used:
             return "finished"
     if interrupted and not resume:
         what = "a run its time budget stopped" if stopped else "an interrupted run"
@@ -793,17 +792,18 @@ def check_run_folder(run_dir: Path, flags_text: str, overwrite: bool, resume: bo
     return "finished" if finished else "resume"
 
 
-def budget_stopped(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that its time budget stopped before its last epoch, with
-    the state to go on from (``model.keras``, ``metrics.json``'s ``time_budget`` and the
-    backup)."""
+def budget_stopped(run_dir: Path) -> float | None:
+    """The minutes of training of the run in ``run_dir`` when its time budget stopped it before
+    its last epoch, with the state to go on from (``model.keras``, ``metrics.json``'s
+    ``time_budget`` and the backup); None otherwise."""
     run_dir = Path(run_dir)
     if not ((run_dir / MODEL_FILE).is_file() and has_backup(run_dir)):
-        return False
+        return None
     try:
-        return "time_budget" in json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        return float(metrics["training_minutes"]) if "time_budget" in metrics else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 # What makes a folder a run's, for --overwrite: files every run writes first (flags.txt,

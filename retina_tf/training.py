@@ -1049,13 +1049,14 @@ def already_trained(cfg, run_dir: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         run = diverged = None
     said = f"{run_dir} is already trained with these flags ({run_dir / 'model.keras'})"
+    used = budget_stopped(run_dir)  # minutes, where a larger budget can go on
     if diverged:
         log.warning(f"warning: {said}, but only {run} of its {cfg.epochs} epochs: {diverged}. "
                     "--overwrite with a lower --learning_rate trains it again.")
-    elif isinstance(run, int) and run < cfg.epochs and budget_stopped(run_dir):
-        log.info(f"{said}; its time budget of {cfg.time_budget_minutes:g} min stopped it after "
-                 f"{run} of {cfg.epochs} epochs: a larger --time_budget_minutes (0: none) goes "
-                 f"on from epoch {run}.")
+    elif isinstance(run, int) and run < cfg.epochs and used is not None:
+        log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs and "
+                 f"{used:g} min: a --time_budget_minutes over {used:g} (0: none) goes on from "
+                 f"epoch {run}.")
     elif isinstance(run, int) and run < cfg.epochs:  # stopped by a budget, no state kept
         log.info(f"{said}; its time budget stopped it after {run} of {cfg.epochs} epochs, and it "
                  "keeps no state to go on from: --overwrite with a larger "
@@ -1338,7 +1339,7 @@ def _train_in(cfg, prepare: Callable[[tf.distribute.Strategy, Path], TrainingJob
     run_info = {"model": cfg.model, "model_config": model.get_config(),
                 "parameters": int(model.count_params()), **job.run_info,
                 "environment": environment()}
-    went_on = budget_stopped(run_dir)  # a budget stopped it; a larger one goes on
+    went_on = budget_stopped(run_dir) is not None  # a budget stopped it; a larger one goes on
     if has_backup(run_dir):  # a resume: on the data it began with, or not at all
         began = _stored_run_info(run_dir)  # run.json as the run's start wrote it
         _check_same_data(run_dir, began, run_info, job.preprocessor)

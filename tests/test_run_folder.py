@@ -348,8 +348,9 @@ def test_the_epoch_a_time_budget_ends_is_validated_and_a_larger_budget_goes_on(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="retina_tf"):
         train(tiny_flags(synthetic, tmp_path, *args, "--time_budget_minutes=0.0001"))
-    assert "stopped it after 1 of 3 epochs: a larger --time_budget_minutes (0: none) goes on " \
-        "from epoch 1" in caplog.text
+    used = _metrics(run)["training_minutes"]
+    assert f"its time budget stopped it after 1 of 3 epochs and {used:g} min: a " \
+        f"--time_budget_minutes over {used:g} (0: none) goes on from epoch 1" in caplog.text
     assert (run / "model.keras").stat().st_mtime_ns == stamp
     from retina_tf.run_folder import update_metrics_json
     update_metrics_json(run, {"eval_drive_test": {"f1": 0.5}})  # the budget-stopped model's
