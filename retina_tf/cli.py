@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_tf.config import DataConfig
+from retina_tf.config import DataConfig, check_folder_flag
 from retina_tf.data.catalog import guess_dataset, list_samples
 from retina_tf.data.io import clear_killed_writes, read_image, read_sample
 from retina_tf.data.labelfile import export_label_files, read_label_file
@@ -88,8 +88,7 @@ def _preprocess(cfg: DataConfig) -> None:
                           "and checks them); artery/vein labels go in through an A/V dataset's "
                           "layout, which train and evaluate read as it is (e.g. RITE's: "
                           "--dataset=rite --data_dir=my_av_data; docs/data.md)")
-    if FLAGS.out_dir and Path(FLAGS.out_dir).is_file():
-        raise ConfigError(f"--out_dir={FLAGS.out_dir} is a file, not a folder: give a folder")
+    check_folder_flag("out_dir", FLAGS.out_dir)
     if cfg.label_file_path or cfg.test_label_file_path:
         _check_label_files(cfg)
         return

@@ -483,9 +483,13 @@ FOLDER_FIELDS = ("data_dir", "logdir", "cache_dir", "output_dir")
 
 def _check_folders(cfg: Any) -> None:
     for name in FOLDER_FIELDS:
-        value = getattr(cfg, name, None)
-        if value and os.path.isfile(os.path.expanduser(str(value))):
-            raise ConfigError(f"--{name}={value} is a file, not a folder: give a folder")
+        check_folder_flag(name, getattr(cfg, name, None))
+
+
+def check_folder_flag(name: str, value: str | None) -> None:
+    """Raises ConfigError when the folder flag ``--name`` names a file."""
+    if value and os.path.isfile(os.path.expanduser(str(value))):
+        raise ConfigError(f"--{name}={value} is a file, not a folder: give a folder")
 
 
 def _check_sources(cfg: Any) -> None:

@@ -922,7 +922,8 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     vessel_channel_only = task == "av" and (cfg.task == "vessel" or no_av_labels)
     if vessel_channel_only:  # an A/V model asked for, or with labels for, vessels only
         task = "vessel"
-    out.check(_evaluation_outputs([s.name for s in samples], task, cfg.visualize))
+    outputs = _evaluation_outputs([s.name for s in samples], task, cfg.visualize)
+    out.check(outputs)
     sheet_rows: list = []
     log.info(f"evaluating {seg.run_dir} on {len(samples)} {name} {cfg.eval_split} images "
              f"({seg.describe_inference()}{_vote_words(seg)}; counting "
@@ -1015,8 +1016,7 @@ def _evaluate(cfg: EvalConfig, seg: Segmenter) -> dict:
     av_words = ("; A/V on the true vessels (_av_errors.png): red artery, blue vein as "
                 "predicted, green the wrong class, white crossing or uncertain"
                 if task == "av" else "")
-    _warn(_earlier_pictures_warning(out_dir, _evaluation_outputs([s.name for s in samples],
-                                                                 task, cfg.visualize)))
+    _warn(_earlier_pictures_warning(out_dir, outputs))
     log.info(f"\nwrote {out_dir / 'metrics.json'}, {PER_IMAGE_CSV}" +
              (f" and pictures (probability, mask, overlay on the photograph: green TP, red FP, "
               f"blue FN{av_words}; {CONTACT_SHEET}, roc_curve.png, pr_curve.png) in {out_dir}"

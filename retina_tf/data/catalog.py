@@ -37,6 +37,7 @@ also carries the uncertain pixels, so one file gives the full target.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -199,10 +200,16 @@ def _stare(root: Path) -> list[Sample]:
         samples.append(Sample("stare", _stem(image), image, label))
     found = {s.name.lower() for s in samples}
     if missing := [name for name in STARE_TRAINING if name not in found]:
-        log.warning(f"warning: {root / 'labels-ah'} has no label of {', '.join(missing)}, "
-                    f"of STARE's training split ({len(STARE_TRAINING) - len(missing)} of its "
-                    f"{len(STARE_TRAINING)} images)")
+        _warn_once(f"warning: {root / 'labels-ah'} has no label of {', '.join(missing)}, "
+                   f"of STARE's training split ({len(STARE_TRAINING) - len(missing)} of its "
+                   f"{len(STARE_TRAINING)} images)")
     return samples
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Says ``message`` once per process: a command lists a dataset's splits several times."""
+    log.warning(message)
 
 
 def _hrf(root: Path) -> list[Sample]:
